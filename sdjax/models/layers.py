@@ -1,0 +1,206 @@
+"""Building blocks shared by the VAE and the UNet (and norms/attention used by CLIP).
+
+Everything is NHWC. Attribute names follow diffusers' module names so the weight mapping
+tables stay readable side by side with the PyTorch checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype
+
+
+def linear(in_features: int, out_features: int, *, dtype: Dtype, rngs: nnx.Rngs,
+           use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                      param_dtype=dtype, rngs=rngs)
+
+
+def conv(in_channels: int, out_channels: int, kernel: int, *, dtype: Dtype, rngs: nnx.Rngs,
+         stride: int = 1, padding: int | tuple = "SAME_AS_TORCH") -> nnx.Conv:
+    if padding == "SAME_AS_TORCH":
+        padding = kernel // 2
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nnx.Conv(in_channels, out_channels, kernel_size=(kernel, kernel),
+                    strides=(stride, stride), padding=padding, dtype=dtype,
+                    param_dtype=dtype, rngs=rngs)
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm whose statistics are always computed in float32 (bf16/fp16 variance
+    underflows on SD activations); the output is cast back to the input dtype."""
+
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5,
+                 dtype: Dtype = jnp.float32):
+        if num_channels % num_groups:
+            raise ValueError(f"{num_channels} channels do not split into {num_groups} groups")
+        self.num_groups = num_groups
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_channels,), dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        g = self.num_groups
+        xf = x.astype(jnp.float32).reshape(shape[0], -1, g, shape[-1] // g)
+        mean = xf.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with float32 statistics."""
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, dtype: Dtype = jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_features,), dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(axis=-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def _use_cudnn(q: jax.Array) -> bool:
+    # cuDNN's fused kernel wants half precision and head sizes it supports; everything
+    # else (CPU, TPU, float32) takes XLA's implementation, which keeps softmax in float32.
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,
+              is_causal: bool = False) -> jax.Array:
+    """Multi-head scaled dot-product attention on (B, T, D) inputs.
+
+    Goes through ``jax.nn.dot_product_attention`` so GPUs get the fused cuDNN kernel; the
+    logits and softmax are float32 in the XLA path, which is also what diffusers'
+    ``upcast_attention``/``upcast_softmax`` ask for.
+    """
+    b, t, d = q.shape
+    s = k.shape[1]
+    q = q.reshape(b, t, heads, d // heads)
+    k = k.reshape(b, s, heads, d // heads)
+    v = v.reshape(b, s, heads, v.shape[-1] // heads)
+    impl = "cudnn" if _use_cudnn(q) else "xla"
+    try:
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=impl)
+    except (ValueError, NotImplementedError, RuntimeError):
+        if impl == "xla":
+            raise
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="xla")
+    return out.reshape(b, t, -1)
+
+
+class Attention(nnx.Module):
+    """diffusers' ``Attention`` (to_q/to_k/to_v/to_out.0) on token sequences (B, T, D).
+
+    ``context_dim`` set = cross-attention; the VAE mid-block uses it with one head and
+    biased projections.
+    """
+
+    def __init__(self, query_dim: int, *, heads: int, head_dim: int,
+                 context_dim: int | None = None, qkv_bias: bool = False,
+                 dtype: Dtype, rngs: nnx.Rngs):
+        inner = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = linear(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_k = linear(context_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_v = linear(context_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_out = linear(inner, query_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out(out)
+
+
+class ResnetBlock2D(nnx.Module):
+    """GroupNorm-SiLU-Conv twice, with an optional time-embedding shift and a 1x1 shortcut
+    when the channel count changes (diffusers' ``ResnetBlock2D``, default options)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None,
+                 groups: int, eps: float, dtype: Dtype, rngs: nnx.Rngs,
+                 output_scale_factor: float = 1.0):
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, dtype=dtype)
+        self.conv1 = conv(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+        self.time_emb_proj = (linear(temb_channels, out_channels, dtype=dtype, rngs=rngs)
+                              if temb_channels else None)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps, dtype=dtype)
+        self.conv2 = conv(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+        self.conv_shortcut = (conv(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
+                              if in_channels != out_channels else None)
+        self.output_scale_factor = output_scale_factor
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None and temb is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nnx.Module):
+    """Stride-2 3x3 conv. ``padding=0`` is the VAE encoder's variant, which pads only the
+    bottom/right edge by one before the conv (as the original LDM code did)."""
+
+    def __init__(self, channels: int, *, padding: int, dtype: Dtype, rngs: nnx.Rngs):
+        pad = ((0, 1), (0, 1)) if padding == 0 else padding
+        self.conv = conv(channels, channels, 3, stride=2, padding=pad, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.conv = conv(channels, channels, 3, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x)
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
+                       freq_shift: float, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (B,) timesteps, computed in float32 (diffusers'
+    ``get_timestep_embedding``)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nnx.Module):
+    """Linear-SiLU-Linear MLP on the sinusoidal embedding."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.linear_1 = linear(in_channels, time_embed_dim, dtype=dtype, rngs=rngs)
+        self.linear_2 = linear(time_embed_dim, time_embed_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))

@@ -1,0 +1,130 @@
+"""One strict loader shared by every network.
+
+A network's weight table is an ordered list of :class:`Rule`: a regular expression over the
+source (PyTorch/diffusers) key, the NNX parameter path it fills, and the transform from the
+source layout to ours. Loading is strict: every source tensor must match exactly one rule and
+land on a parameter that exists, every parameter must be filled exactly once, and shapes must
+agree after the transform. Any violation fails with a :class:`WeightsError` naming the keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdjax.weights.errors import WeightsError
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def dense(x: np.ndarray) -> np.ndarray:
+    """torch Linear (out, in) -> (in, out). A 1x1 conv (out, in, 1, 1) is the same map on NHWC
+    features; SD1 UNets store ``proj_in``/``proj_out`` and old VAEs their attention that way."""
+    if x.ndim == 4 and x.shape[2:] == (1, 1):
+        x = x[:, :, 0, 0]
+    if x.ndim != 2:
+        raise WeightsError(f"expected a linear weight, got shape {x.shape}")
+    return x.T
+
+
+def conv(x: np.ndarray) -> np.ndarray:
+    """torch Conv2d OIHW -> HWIO."""
+    if x.ndim != 4:
+        raise WeightsError(f"expected a conv weight, got shape {x.shape}")
+    return x.transpose(2, 3, 1, 0)
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str          # regex, must match the whole source key
+    target: str           # NNX path template (re.sub syntax, e.g. r"blocks.\1.kernel");
+                          # "" marks a known non-parameter buffer that is read and dropped
+    transform: Transform = identity
+
+    def compiled(self) -> re.Pattern:
+        return re.compile(self.pattern)
+
+
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def map_keys(source_keys: Iterable[str], rules: list[Rule]) -> dict[str, tuple[str, Transform]]:
+    """source key -> (target path, transform). Raises on keys no rule knows."""
+    compiled = [(r.compiled(), r) for r in rules]
+    out: dict[str, tuple[str, Transform]] = {}
+    unknown = []
+    for key in source_keys:
+        for rx, rule in compiled:
+            if rx.fullmatch(key):
+                out[key] = (rx.sub(rule.target, key), rule.transform)
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise WeightsError(_listing("unexpected keys (no rule maps them)", unknown))
+    return out
+
+
+def _listing(what: str, keys: list[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{len(keys)} {what}: {', '.join(keys[:limit])}{more}"
+
+
+def load_state(abstract: nnx.Module, tensors: Mapping[str, np.ndarray], rules: list[Rule],
+               *, what: str = "model",
+               place: Callable[[np.ndarray], jax.Array] | None = None) -> nnx.Module:
+    """Fill ``abstract`` (from ``nnx.eval_shape``) with ``tensors`` mapped through ``rules``.
+
+    Each tensor is read, transformed, cast to the parameter's dtype and placed (``place``,
+    default ``jnp.asarray``) one at a time, so nothing but the final arrays stays alive.
+    """
+    graphdef, state = nnx.split(abstract)
+    targets = {_path_str(path): (path, var) for path, var in nnx.to_flat_state(state)}
+    mapping = map_keys(tensors.keys(), rules)
+
+    by_target: dict[str, list[str]] = {}
+    for key, (tgt, _) in mapping.items():
+        if not tgt:
+            continue
+        by_target.setdefault(tgt, []).append(key)
+    problems = []
+    dupes = [f"{t} <- {srcs}" for t, srcs in by_target.items() if len(srcs) > 1]
+    if dupes:
+        problems.append(_listing("parameters filled twice", dupes))
+    stray = [f"{srcs[0]} -> {t}" for t, srcs in by_target.items() if t not in targets]
+    if stray:
+        problems.append(_listing("keys mapped to no parameter of the model", stray))
+    missing = [t for t in targets if t not in by_target]
+    if missing:
+        problems.append(_listing("parameters missing from the weights", missing))
+    if problems:
+        raise WeightsError(f"{what}: " + "; ".join(problems))
+
+    place = place or jnp.asarray
+    filled = []
+    mismatched = []
+    for tgt, (path, var) in targets.items():
+        key = by_target[tgt][0]
+        _, transform = mapping[key]
+        value = transform(tensors[key])
+        want = var.get_value() if hasattr(var, "get_value") else var.value
+        if tuple(value.shape) != tuple(want.shape):
+            mismatched.append(f"{key} {tuple(value.shape)} vs {tgt} {tuple(want.shape)}")
+            continue
+        arr = place(np.asarray(value).astype(want.dtype))
+        filled.append((path, var.replace(arr)))
+    if mismatched:
+        raise WeightsError(f"{what}: " + _listing("shape mismatches", mismatched))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
