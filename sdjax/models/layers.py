@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Dtype = jnp.dtype
@@ -175,8 +176,15 @@ class Upsample2D(nnx.Module):
     def __init__(self, channels: int, *, dtype: Dtype, rngs: nnx.Rngs):
         self.conv = conv(channels, channels, 3, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+        if output_size is None:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            # An explicit size is how the UNet matches an odd-sized skip connection; torch's
+            # "nearest" then reads source index floor(i * in / out).
+            rows = np.arange(output_size[0]) * x.shape[1] // output_size[0]
+            cols = np.arange(output_size[1]) * x.shape[2] // output_size[1]
+            x = x[:, rows][:, :, cols]
         return self.conv(x)
 
 
