@@ -1,0 +1,87 @@
+"""Writing images: PNGs with an A1111-compatible ``parameters`` text chunk, never overwriting."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+# A1111's names for the samplers, so its UI and tools that read its metadata understand ours.
+SAMPLER_LABELS = {
+    "pndm": "PLMS", "ddim": "DDIM", "ddpm": "DDPM", "lms": "LMS", "euler": "Euler",
+    "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+}
+
+
+def format_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str,
+                      guidance_scale: float, seed: int, width: int, height: int, model: str,
+                      index: int | None = None) -> str:
+    """The ``parameters`` text A1111 writes: prompt, optional negative line, then
+    ``Key: value`` pairs. ``Seed index`` is ours: image i of a run uses (seed, i)."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    pairs = [("Steps", steps), ("Sampler", SAMPLER_LABELS.get(sampler, sampler)),
+             ("CFG scale", f"{guidance_scale:g}"), ("Seed", seed)]
+    if index is not None:
+        pairs.append(("Seed index", index))
+    pairs += [("Size", f"{width}x{height}"), ("Model", model.replace(",", " "))]
+    lines.append(", ".join(f"{k}: {v}" for k, v in pairs))
+    return "\n".join(lines)
+
+
+_PAIR = re.compile(r"\s*([\w ]+):\s*([^,]*)")
+
+
+def parse_parameters(text: str) -> dict:
+    """Inverse of :func:`format_parameters` (also reads A1111's own files)."""
+    lines = text.split("\n")
+    out: dict = {"prompt": "", "negative_prompt": ""}
+    body, settings = lines[:-1], lines[-1]
+    neg = [i for i, line in enumerate(body) if line.startswith("Negative prompt: ")]
+    if neg:
+        out["prompt"] = "\n".join(body[:neg[0]])
+        out["negative_prompt"] = "\n".join(body[neg[0]:])[len("Negative prompt: "):]
+    else:
+        out["prompt"] = "\n".join(body)
+    for key, value in _PAIR.findall(settings):
+        out[key.strip()] = value.strip()
+    return out
+
+
+def next_index(outdir: Path) -> int:
+    """First free running number in ``outdir`` (files are named ``NNNNN-...png``)."""
+    taken = [int(m.group(1)) for p in outdir.glob("*.png")
+             if (m := re.match(r"(\d+)-", p.name))]
+    return max(taken, default=-1) + 1
+
+
+def save_png(image: np.ndarray, path: Path, parameters: str) -> None:
+    """Write atomically (temporary name, then rename) and refuse to replace a file."""
+    if path.exists():
+        raise FileExistsError(f"{path} already exists")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def make_grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """Tile (N, H, W, 3) images into one image, row-major, padding with black."""
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    grid = np.zeros((rows * h, cols * w, c), images.dtype)
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = img
+    return grid

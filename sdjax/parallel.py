@@ -1,0 +1,77 @@
+"""Data parallelism: a 1-D mesh over the chosen devices, replicated params, batches sharded on
+their first axis, padded to a multiple of the device count and trimmed afterwards."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "data"
+# Variables that mean "this process is one of several" (set by launchers such as the tpu/
+# scripts, SLURM-style setups, or by hand); jax.distributed.initialize() reads them itself.
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SDJAX_DISTRIBUTED")
+
+
+def maybe_initialize_distributed() -> None:
+    """Join a multi-host run (TPU pod slice, several GPU hosts) when the environment says this
+    is one; single-host runs never touch jax.distributed."""
+    if not any(os.environ.get(v) for v in _MULTIHOST_ENV):
+        return
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize()
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` devices (all of them when None; under
+    jax.distributed these are the global devices of every process)."""
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    if n < 1:
+        raise ValueError("num_devices must be at least 1")
+    if n > len(devices):
+        raise ValueError(f"num_devices={n} but only {len(devices)} "
+                         f"{devices[0].platform.upper()} device(s) are available")
+    if jax.process_count() > 1 and n != len(devices):
+        raise ValueError("on a multi-host run num_devices must cover every device")
+    return Mesh(np.array(devices[:n]), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(AXIS))
+
+
+def padded_size(n: int, mesh: Mesh, per_device: int | None = None) -> int:
+    """The smallest batch >= n (or exactly per_device * devices) that splits evenly."""
+    d = mesh.size
+    if per_device is not None:
+        return per_device * d
+    return -(-n // d) * d
+
+
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """Pad the first axis to ``size`` by repeating the last row (its outputs are dropped)."""
+    if len(x) == size:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)], axis=0)
+
+
+def put_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Host array (global batch, identical on every process) -> array sharded on axis 0."""
+    sharding = batch_sharded(mesh)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+    """Device array -> host numpy, gathering across processes on multi-host runs."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

@@ -1,0 +1,330 @@
+"""StableDiffusionPipeline: load a model once, then generate batches of images, each batch in
+one compiled call that every device runs on its own shard.
+
+Inside the compiled call: CLIP text encoding of the prompt and negative prompt, the whole
+denoising loop (``jax.lax.fori_loop``) with classifier-free guidance as one 2B batch through the
+UNet, and the VAE decode to uint8 pixels. Prompts (as token ids), seeds and guidance scales are
+runtime arrays, so changing them never recompiles; size, steps, scheduler and batch shape are
+static and each combination is compiled once per process (and cached on disk across processes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from sdjax import parallel
+from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
+from sdjax.weights.diffusers_folder import (
+    check_pipeline_folder,
+    load_network,
+    load_tokenizer,
+    read_config,
+)
+from sdjax.weights.files import read_json
+from sdjax.weights.resolve import resolve_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+CACHE_ENV = "SDJAX_COMPILATION_CACHE"
+
+
+def parse_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    d = jnp.dtype(dtype)
+    if d not in [jnp.dtype(v) for v in DTYPES.values()]:
+        raise ValueError(f"unsupported dtype {d}")
+    return d
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache, so a second process start skips the
+    compile. ``SDJAX_COMPILATION_CACHE`` moves it (a path) or turns it off (``0``/``off``).
+    Returns the directory used, or None when disabled."""
+    setting = path or os.environ.get(CACHE_ENV)
+    if setting and setting.lower() in ("0", "off", "false", "none"):
+        return None
+    if not setting:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+        setting = os.path.join(base, "sdjax", "jax_cache")
+    try:
+        os.makedirs(setting, exist_ok=True)
+    except OSError:
+        return None  # a read-only home must not stop sampling; it only costs the compile
+    jax.config.update("jax_compilation_cache_dir", setting)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return setting
+
+
+@dataclasses.dataclass
+class PipelineOutput:
+    images: np.ndarray  # uint8 (N, H, W, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything that shapes the compiled program; one executable per distinct value."""
+    height: int
+    width: int
+    scheduler: object          # a frozen scheduler dataclass
+    steps: int
+    strength: float
+    per_device: int
+    decode_chunk: int
+    has_latents: bool
+
+
+class StableDiffusionPipeline:
+    """Text-to-image with Stable Diffusion 1.x/2.x-architecture models.
+
+    Build it with :meth:`from_pretrained`; call it with prompts. See DESIGN.md for the contract.
+    """
+
+    def __init__(self, *, text_encoder, vae, unet, tokenizer, scheduler_config: dict,
+                 mesh, dtype, name: str = "", vae_scale_factor: int = 8):
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.mesh = mesh
+        self.dtype = dtype
+        self.name = name
+        self.vae_scale_factor = vae_scale_factor
+        self.unet_config = unet.config
+        self.vae_config = vae.config
+        self._graphdefs = {}
+        self.params = {}
+        for key, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
+            self._graphdefs[key], self.params[key] = nnx.split(module)
+        self._compiled: dict[_Static, object] = {}
+        self.compile_seconds = 0.0
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model: str = "toy", dtype="bfloat16",
+                        num_devices: int | None = None, *, variant: str | None = None,
+                        compilation_cache: str | None = None) -> StableDiffusionPipeline:
+        """``model``: ``"toy"`` | a diffusers folder | a hub id. ``dtype``: compute/param dtype
+        of the networks. ``num_devices``: devices to shard batches over (None = all)."""
+        dtype = parse_dtype(dtype)
+        parallel.maybe_initialize_distributed()
+        enable_compilation_cache(compilation_cache)
+        mesh = parallel.make_mesh(num_devices)
+        folder = resolve_model(model)
+        check_pipeline_folder(folder)
+        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+        replicated = parallel.replicated(mesh)
+
+        def place(a):
+            return jax.device_put(a, replicated)
+
+        vae_cfg = read_config(folder, "vae")
+        # float16 VAEs overflow in the decoder; the reference upcasts them the same way.
+        vae_dtype = jnp.float32 if (dtype == jnp.float16 and vae_cfg.force_upcast) else dtype
+        nets = {
+            "text_encoder": load_network(folder, "text_encoder", dtype=dtype, place=place,
+                                         variant=variant),
+            "vae": load_network(folder, "vae", dtype=vae_dtype, place=place, variant=variant,
+                                config=vae_cfg),
+            "unet": load_network(folder, "unet", dtype=dtype, place=place, variant=variant),
+        }
+        return cls(**nets, tokenizer=load_tokenizer(folder), scheduler_config=scheduler_config,
+                   mesh=mesh, dtype=dtype, name=model,
+                   vae_scale_factor=vae_cfg.downsample_factor)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    @property
+    def default_size(self) -> int:
+        return self.unet_config.sample_size * self.vae_scale_factor
+
+    @property
+    def default_scheduler(self) -> str:
+        return default_scheduler_name(self.scheduler_config)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.tokenizer.model_max_length
+
+    # ------------------------------------------------------------------ host side
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length,
+                             return_tensors="np").input_ids
+        return ids.astype(np.int32)
+
+    def check_size(self, height: int, width: int) -> None:
+        f = self.vae_scale_factor
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v < f or v % f:
+                raise ValueError(f"{name} must be a positive multiple of {f}, got {v}")
+
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
+                 = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 height: int | None = None, width: int | None = None,
+                 num_images_per_prompt: int = 1, seed: int = 0, latents=None,
+                 scheduler: str | None = None, *, seeds: Sequence[int] | None = None,
+                 image_indices: Sequence[int] | None = None,
+                 batch_size_per_device: int | None = None,
+                 decode_chunk: int | None = None) -> PipelineOutput:
+        """Generate ``len(prompt) * num_images_per_prompt`` images.
+
+        Image ``i`` of the call (prompt ``i // num_images_per_prompt``) starts from noise drawn
+        from a key derived only from ``(seed, i)``, so results do not depend on the device
+        count or batch size. ``seeds``/``image_indices`` (one per image) override that pair
+        per image, for tools that generate one dataset over many calls.
+        ``batch_size_per_device`` fixes the compiled batch shape (default: just enough);
+        ``decode_chunk`` caps how many images each device decodes at once.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("no prompt given")
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if num_images_per_prompt < 1:
+            raise ValueError("num_images_per_prompt must be at least 1")
+        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got "
+                             f"{num_inference_steps}")
+        if not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        self.check_size(height, width)
+        sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
+
+        n = len(prompts) * num_images_per_prompt
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
+        if seeds is None:
+            seeds = [seed] * n
+        if image_indices is None:
+            image_indices = range(n)
+        if len(seeds) != n or len(image_indices) != n:
+            raise ValueError(f"seeds and image_indices need one entry per image ({n})")
+        lat_shape = (height // self.vae_scale_factor, width // self.vae_scale_factor,
+                     self.unet_config.in_channels)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (n, *lat_shape):
+                raise ValueError(f"latents must have shape {(n, *lat_shape)} (NHWC), got "
+                                 f"{latents.shape}")
+
+        size = parallel.padded_size(n, self.mesh)
+        if batch_size_per_device is not None:
+            if batch_size_per_device * self.num_devices < n:
+                raise ValueError(f"{n} images do not fit a batch of {batch_size_per_device} "
+                                 f"per device on {self.num_devices} device(s)")
+            size = batch_size_per_device * self.num_devices
+        per_device = size // self.num_devices
+        chunk = min(decode_chunk or per_device, per_device)
+        static = _Static(height, width, sched, int(num_inference_steps), 1.0, per_device, chunk,
+                         latents is not None)
+
+        def pad(x):
+            return parallel.put_batch(parallel.pad_batch(np.asarray(x), size), self.mesh)
+
+        ids = pad(self.tokenize(prompts))
+        neg_ids = pad(self.tokenize(negatives))
+        seed_arr = pad(np.asarray(seeds, np.int64).astype(np.uint32))
+        index_arr = pad(np.asarray(image_indices, np.int64).astype(np.uint32))
+        guidance = pad(np.full((n,), guidance_scale, np.float32))
+        extra = (pad(latents),) if latents is not None else ()
+
+        fn = self._executable(static)
+        images = fn(self.params, ids, neg_ids, guidance, seed_arr, index_arr, *extra)
+        return PipelineOutput(images=parallel.fetch(images)[:n])
+
+    # ------------------------------------------------------------------ compiled part
+    def _executable(self, static: _Static):
+        fn = self._compiled.get(static)
+        if fn is None:
+            fn = self._build(static)
+            self._compiled[static] = fn
+        return fn
+
+    def _build(self, s: _Static):
+        graphdefs = self._graphdefs
+        sched = s.scheduler
+        state0 = sched.set_timesteps(s.steps, strength=s.strength)
+        lat_shape = (s.height // self.vae_scale_factor, s.width // self.vae_scale_factor,
+                     self.unet_config.in_channels)
+        dtype = self.dtype
+        scaling = self.vae_config.scaling_factor
+
+        def per_device(params, ids, neg_ids, guidance, seeds, indices, *init):
+            te = nnx.merge(graphdefs["text_encoder"], params["text_encoder"])
+            unet = nnx.merge(graphdefs["unet"], params["unet"])
+            vae = nnx.merge(graphdefs["vae"], params["vae"])
+            b = ids.shape[0]
+            context = te(jnp.concatenate([neg_ids, ids], axis=0))
+            keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.key(sd), i))(
+                seeds, indices)
+            noise_keys, step_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
+            noise_keys, step_keys = noise_keys[:, 0], step_keys[:, 0]
+            if init:
+                x = init[0].astype(jnp.float32)
+            else:
+                x = jax.vmap(lambda k: jax.random.normal(k, lat_shape, jnp.float32))(noise_keys)
+            x = x * sched.init_noise_sigma(state0)
+            g = guidance.astype(jnp.float32)[:, None, None, None]
+
+            def body(i, carry):
+                x, state = carry
+                t = state.timesteps[i]
+                xin = sched.scale_model_input(state, x, i).astype(dtype)
+                eps = unet(jnp.concatenate([xin, xin], axis=0), jnp.broadcast_to(t, (2 * b,)),
+                           context).astype(jnp.float32)
+                eps_uncond, eps_cond = eps[:b], eps[b:]
+                eps = eps_uncond + g * (eps_cond - eps_uncond)
+                key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
+                       if sched.stochastic else None)
+                return sched.step(state, i, eps, x, key=key)
+
+            x, _ = jax.lax.fori_loop(0, len(state0.timesteps), body, (x, state0))
+            z = (x / scaling).astype(vae.decoder.conv_in.kernel.dtype)
+            # Decoding is the activation-memory peak: map over chunks of the per-device batch.
+            pixels = jax.lax.map(lambda zi: vae.decode(zi[None])[0], z, batch_size=s.decode_chunk)
+            pixels = jnp.clip(pixels.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            return jnp.round(pixels * 255).astype(jnp.uint8)
+
+        batch = P(parallel.AXIS)
+        n_in = 6 + int(s.has_latents)
+        sharded = jax.shard_map(per_device, mesh=self.mesh,
+                                in_specs=(P(),) + (batch,) * (n_in - 1), out_specs=batch,
+                                check_vma=False)
+        jitted = jax.jit(sharded)
+
+        def run(*args):
+            # jit compiles on the first call; split that out so the CLI can report it.
+            nonlocal compiled
+            if compiled is None:
+                t0 = time.perf_counter()
+                compiled = jitted.lower(*args).compile()
+                self.compile_seconds += time.perf_counter() - t0
+            return compiled(*args)
+
+        compiled = None
+        return run
+
+
+__all__ = ["StableDiffusionPipeline", "PipelineOutput", "SCHEDULER_NAMES", "parse_dtype"]

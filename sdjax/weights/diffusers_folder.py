@@ -1,0 +1,86 @@
+"""Loading a diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``) into our networks."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+from sdjax.models.vae import AutoencoderKL, VAEConfig
+from sdjax.weights import table_clip, table_unet, table_vae
+from sdjax.weights.errors import WeightsError
+from sdjax.weights.files import open_component_weights, read_json
+from sdjax.weights.loader import Rule, load_state
+
+Place = Callable[[np.ndarray], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    config: Any
+    model: Any
+    rules: list[Rule]
+
+
+NETWORKS = {
+    "text_encoder": _Kind(CLIPTextConfig, CLIPTextModel, table_clip.RULES),
+    "vae": _Kind(VAEConfig, AutoencoderKL, table_vae.RULES),
+    "unet": _Kind(UNetConfig, UNet2DConditionModel, table_unet.RULES),
+}
+
+
+def read_config(folder: Path, component: str):
+    """The frozen config of ``folder/component`` (no weights read)."""
+    raw = read_json(folder / component / "config.json")
+    try:
+        return NETWORKS[component].config.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{folder / component / 'config.json'}: {e}") from None
+
+
+def load_network(folder: Path, component: str, *, dtype=jnp.float32, place: Place | None = None,
+                 variant: str | None = None, config=None) -> nnx.Module:
+    """Build ``component`` abstractly (nothing random is initialised) and fill it from its
+    weight files, tensor by tensor."""
+    kind = NETWORKS[component]
+    cfg = config if config is not None else read_config(folder, component)
+    abstract = nnx.eval_shape(lambda: kind.model(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    tensors = open_component_weights(folder / component, variant)
+    return load_state(abstract, tensors, kind.rules, what=str(folder / component), place=place)
+
+
+def load_tokenizer(folder: Path):
+    """transformers' CLIPTokenizer from ``tokenizer/``; its own config decides the padding
+    token (SD2's is ``!``)."""
+    from transformers import CLIPTokenizer
+
+    path = folder / "tokenizer"
+    if not (path / "vocab.json").exists() or not (path / "merges.txt").exists():
+        raise WeightsError(f"missing tokenizer files (vocab.json, merges.txt) in {path}")
+    try:
+        return CLIPTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot load the tokenizer ({e})") from None
+
+
+def check_pipeline_folder(folder: Path) -> dict:
+    """Fail early, naming what is missing, before any weights are read."""
+    if not folder.is_dir():
+        raise WeightsError(f"model folder not found: {folder}")
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").exists() \
+        else {}
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if not (folder / c).is_dir()]
+    if missing:
+        raise WeightsError(f"{folder} is not a complete diffusers folder: missing "
+                           f"{', '.join(m + '/' for m in missing)}")
+    return index

@@ -1,0 +1,107 @@
+"""Finding and opening the weight files of one component folder (``unet/``, ``vae/``, …)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from sdjax.weights.errors import WeightsError
+from sdjax.weights.safetensors_io import SafetensorsFile
+
+_STEMS = ("diffusion_pytorch_model", "model")
+
+
+class _Merged(Mapping[str, np.ndarray]):
+    """Several shard files seen as one mapping (sharded checkpoints)."""
+
+    def __init__(self, parts: list[Mapping[str, np.ndarray]]):
+        self._where: dict[str, Mapping[str, np.ndarray]] = {}
+        for part in parts:
+            for key in part:
+                if key in self._where:
+                    raise WeightsError(f"tensor {key!r} appears in two shard files")
+                self._where[key] = part
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _torch_bin(path: Path) -> Mapping[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(
+            f"{path} is a PyTorch .bin file; install torch (pip install 'sdjax[torch]') to "
+            "read it, or convert the folder to safetensors") from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a bad pickle; report them the same
+        raise WeightsError(f"{path}: cannot read PyTorch weights ({e})") from None
+    sd = sd.get("state_dict", sd)
+
+    def to_numpy(t):
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    return {k: to_numpy(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def open_component_weights(folder: Path, variant: str | None = None) -> Mapping[str, np.ndarray]:
+    """The tensors of one component folder, lazily. Prefers safetensors over .bin, and the
+    ``variant`` (e.g. ``fp16``) file when it exists."""
+    if not folder.is_dir():
+        raise WeightsError(f"missing component folder: {folder}")
+    suffixes = ([f".{variant}"] if variant else []) + [""]
+    for ext in (".safetensors", ".bin"):
+        for stem in _STEMS:
+            for suffix in suffixes:
+                single = folder / f"{stem}{suffix}{ext}"
+                index = folder / f"{stem}{ext}.index{suffix}.json"
+                if not index.exists():
+                    index = folder / f"{stem}{suffix}{ext}.index.json"
+                if single.exists():
+                    return SafetensorsFile(single) if ext == ".safetensors" else _torch_bin(single)
+                if index.exists():
+                    return _open_sharded(index, ext)
+    # Files saved with variant only (e.g. just model.fp16.safetensors) when no variant was asked.
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return SafetensorsFile(found[0])
+    raise WeightsError(f"no weights file in {folder} (looked for "
+                       f"{' or '.join(s + '.safetensors' for s in _STEMS)})")
+
+
+def _open_sharded(index: Path, ext: str) -> Mapping[str, np.ndarray]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise WeightsError(f"{index}: unreadable shard index ({e})") from None
+    files = sorted(set(weight_map.values()))
+    opener = SafetensorsFile if ext == ".safetensors" else _torch_bin
+    missing = [f for f in files if not (index.parent / f).exists()]
+    if missing:
+        raise WeightsError(f"{index.parent}: shard files missing: {', '.join(missing)}")
+    return _Merged([opener(index.parent / f) for f in files])
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise WeightsError(f"missing {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return data

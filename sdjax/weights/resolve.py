@@ -1,0 +1,56 @@
+"""Turning what a user passes as ``model`` into a local diffusers folder."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sdjax.weights.errors import WeightsError
+
+TOY = "toy"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Only what the pipeline reads: configs, tokenizer, and safetensors weights (with .bin as a
+# fallback for old repos); never the duplicate full-precision .ckpt files some repos carry.
+_ALLOW = ["model_index.json", "scheduler/*.json", "tokenizer/*", "*/config.json",
+          "unet/*.safetensors*", "vae/*.safetensors*", "text_encoder/*.safetensors*"]
+
+
+def toy_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "toy"
+
+
+def resolve_model(model: str) -> Path:
+    """``"toy"`` | a local diffusers folder | a hub id (downloaded when online) -> folder."""
+    if model == TOY:
+        path = toy_path()
+        if not (path / "model_index.json").exists():
+            raise WeightsError(f"the bundled toy model is missing from this install ({path})")
+        return path
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        raise WeightsError(f"{model} is a single file; sdjax loads diffusers folders "
+                           "(model_index.json, unet/, vae/, …) for now")
+    if _HUB_ID.match(model) and not model.startswith((".", "/")):
+        return _download(model)
+    raise WeightsError(f"model not found: {model} (expected 'toy', a diffusers folder or a "
+                       "hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5)")
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise WeightsError("huggingface_hub is needed to download hub models") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_ALLOW))
+    except Exception as e:  # hub errors span requests/httpx/hub classes; one message for all
+        name = type(e).__name__
+        # LocalEntryNotFoundError is the hub's "offline and not cached", not "no such repo".
+        if name in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+            raise WeightsError(f"{repo_id}: not found on the Hugging Face Hub or not "
+                               f"accessible ({name})") from None
+        raise WeightsError(f"cannot download {repo_id}: no connection to the Hugging Face Hub "
+                           f"({name}). Pass a local diffusers folder with --model PATH, or "
+                           "use the bundled 'toy' model.") from None

@@ -1,0 +1,21 @@
+import os
+
+# Multi-device behaviour is tested on fake CPU devices; this must be set before jax starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("SDJAX_COMPILATION_CACHE", "off")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import save_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd1") / "model", "sd1")
+
+
+@pytest.fixture(scope="session")
+def sd2_folder(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd2") / "model", "sd2", seed=1)

@@ -1,0 +1,131 @@
+"""Tiny random Stable Diffusion models built with diffusers/transformers (PyTorch), the
+oracle of the tests. Nothing is downloaded: the tokenizer vocabulary is written here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None,
+}
+SD21_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None,
+}
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes (printable latin-1 bytes map
+    to themselves, the rest to code points from 256 up)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + \
+        list(range(0xAE, 0x100))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
+WORDS = ["a", "red", "green", "blue", "circle", "square", "on", "background", "cat", "photo"]
+
+
+def write_clip_tokenizer(folder: Path, *, pad_token: str = "<|endoftext|>") -> int:
+    """A byte-level CLIP vocabulary with whole-word merges for WORDS; returns its size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_alphabet()
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for w in WORDS:
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            if parts[0] not in vocab:
+                vocab.append(parts[0])
+    merges = list(dict.fromkeys(merges))
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": pad_token, "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": pad_token}))
+    return len(vocab)
+
+
+def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """diffusers zero-initialises output convs; perturb every parameter so nothing is
+    trivially zero and every weight matters to the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def tiny_components(kind: str = "sd1", seed: int = 0):
+    """(unet, vae, text_encoder) torch modules shaped like SD1 or SD2, but tiny."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    sd2 = kind == "sd2"
+    ctx = 48 if sd2 else 32
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=ctx, norm_num_groups=8,
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2, upcast_attention=sd2)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=16)
+    te = CLIPTextModel(CLIPTextConfig(
+        vocab_size=_vocab_size(), hidden_size=ctx, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu", bos_token_id=_vocab_size() - 2,
+        eos_token_id=_vocab_size() - 1, pad_token_id=1))
+    for i, m in enumerate((unet, vae, te)):
+        randomize_(m, seed * 10 + i)
+        m.eval()
+    return unet, vae, te
+
+
+def _vocab_size() -> int:
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        return write_clip_tokenizer(Path(d))
+
+
+def save_tiny_pipeline(folder: Path, kind: str = "sd1", seed: int = 0) -> Path:
+    """A complete diffusers folder as StableDiffusionPipeline.save_pretrained writes it."""
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    unet, vae, te = tiny_components(kind, seed)
+    tok_dir = folder.parent / f"{folder.name}-tokenizer-src"
+    write_clip_tokenizer(tok_dir, pad_token="!" if kind == "sd2" else "<|endoftext|>")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    scheduler = (DDIMScheduler.from_config(SD21_SCHEDULER) if kind == "sd2"
+                 else PNDMScheduler.from_config(SD15_SCHEDULER))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    return folder
