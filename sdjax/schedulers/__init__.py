@@ -1,0 +1,89 @@
+"""Diffusion schedulers as pure functions over a pytree state, by name.
+
+    sched = get_scheduler("dpmpp_2m_karras", scheduler_config)   # frozen, hashable
+    state = sched.set_timesteps(25, sample_shape=latents.shape)  # host-side tables
+    x = latents * sched.init_noise_sigma(state)
+
+    def body(i, carry):
+        x, state = carry
+        eps = unet(sched.scale_model_input(state, x, i), state.timesteps[i], ...)
+        return sched.step(state, i, eps, x, key=keys_for_step_i)
+
+    x, state = jax.lax.fori_loop(0, sched.num_evaluations(state), body, (x, state))
+
+Every scheduler reproduces the diffusers class of the same family built with
+`Cls.from_config(scheduler_config)`: timesteps, model-input scaling and every intermediate
+sample. img2img: `set_timesteps(n, strength)` keeps only the remaining evaluations, and
+`add_noise_for_start(state, x0_latents, noise)` makes the starting latents (instead of
+multiplying noise by init_noise_sigma).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sdjax.schedulers.common import NoiseSchedule, Scheduler
+from sdjax.schedulers.ddim import DDIM
+from sdjax.schedulers.ddpm import DDPM
+from sdjax.schedulers.dpm_solver import DPMSolverMultistep
+from sdjax.schedulers.euler import Euler, EulerAncestral
+from sdjax.schedulers.heun import Heun
+from sdjax.schedulers.lms import LMS
+from sdjax.schedulers.pndm import PNDM
+
+# name -> (class, options forced on top of the model's config)
+_REGISTRY: dict[str, tuple[type[Scheduler], dict[str, Any]]] = {
+    "pndm": (PNDM, {}),
+    "ddim": (DDIM, {}),
+    "ddpm": (DDPM, {}),
+    "lms": (LMS, {}),
+    "euler": (Euler, {}),
+    "euler_a": (EulerAncestral, {}),
+    "heun": (Heun, {}),
+    "dpmpp_2m": (
+        DPMSolverMultistep,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
+    ),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistep,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+}
+SCHEDULER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+_BY_DIFFUSERS_CLASS = {
+    "PNDMScheduler": "pndm",
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "LMSDiscreteScheduler": "lms",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "HeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+}
+
+
+def get_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
+    """The scheduler `name` configured from a parsed scheduler_config.json."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    cls, forced = _REGISTRY[name]
+    return cls.from_config(config, **forced)
+
+
+def default_scheduler_name(config: Mapping[str, Any]) -> str:
+    """The name matching the config's diffusers class (`pndm` when unknown)."""
+    name = _BY_DIFFUSERS_CLASS.get(config.get("_class_name", ""), "pndm")
+    if name == "dpmpp_2m" and config.get("use_karras_sigmas"):
+        return "dpmpp_2m_karras"
+    return name
+
+
+__all__ = [
+    "SCHEDULER_NAMES",
+    "NoiseSchedule",
+    "Scheduler",
+    "default_scheduler_name",
+    "get_scheduler",
+]
