@@ -1,3 +1,14 @@
 """sdjax: Stable Diffusion in JAX and Flax NNX."""
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
+__all__ = ["StableDiffusionPipeline", "PipelineOutput"]
+
+
+def __getattr__(name: str):
+    # Lazy, so `python -m sdjax.sample --help` answers without importing JAX.
+    if name in __all__:
+        from sdjax import pipeline
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'sdjax' has no attribute {name!r}")

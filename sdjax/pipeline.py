@@ -84,6 +84,7 @@ class _Static:
     per_device: int
     decode_chunk: int
     has_latents: bool
+    output_type: str
 
 
 class StableDiffusionPipeline:
@@ -148,8 +149,13 @@ class StableDiffusionPipeline:
         return self.mesh.size
 
     @property
-    def default_size(self) -> int:
-        return self.unet_config.sample_size * self.vae_scale_factor
+    def default_hw(self) -> tuple[int, int]:
+        """(height, width) the model was trained at: the UNet's sample size in pixels."""
+        size = self.unet_config.sample_size
+        if size is None:
+            return (512, 512)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (h * self.vae_scale_factor, w * self.vae_scale_factor)
 
     @property
     def default_scheduler(self) -> str:
@@ -179,7 +185,7 @@ class StableDiffusionPipeline:
                  scheduler: str | None = None, *, seeds: Sequence[int] | None = None,
                  image_indices: Sequence[int] | None = None,
                  batch_size_per_device: int | None = None,
-                 decode_chunk: int | None = None) -> PipelineOutput:
+                 decode_chunk: int | None = None, output_type: str = "uint8") -> PipelineOutput:
         """Generate ``len(prompt) * num_images_per_prompt`` images.
 
         Image ``i`` of the call (prompt ``i // num_images_per_prompt``) starts from noise drawn
@@ -188,7 +194,12 @@ class StableDiffusionPipeline:
         per image, for tools that generate one dataset over many calls.
         ``batch_size_per_device`` fixes the compiled batch shape (default: just enough);
         ``decode_chunk`` caps how many images each device decodes at once.
+        ``output_type="float"`` returns float32 pixels in [0, 1] instead of uint8 (diffusers'
+        ``output_type="np"``), ``"latent"`` the final latents (NHWC, unscaled by the VAE).
         """
+        if output_type not in ("uint8", "float", "latent"):
+            raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
+                             f"{output_type!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
@@ -207,8 +218,8 @@ class StableDiffusionPipeline:
                              f"{num_inference_steps}")
         if not np.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        height = self.default_size if height is None else height
-        width = self.default_size if width is None else width
+        height = self.default_hw[0] if height is None else height
+        width = self.default_hw[1] if width is None else width
         self.check_size(height, width)
         sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
 
@@ -238,7 +249,7 @@ class StableDiffusionPipeline:
         per_device = size // self.num_devices
         chunk = min(decode_chunk or per_device, per_device)
         static = _Static(height, width, sched, int(num_inference_steps), 1.0, per_device, chunk,
-                         latents is not None)
+                         latents is not None, output_type)
 
         def pad(x):
             return parallel.put_batch(parallel.pad_batch(np.asarray(x), size), self.mesh)
@@ -265,9 +276,10 @@ class StableDiffusionPipeline:
     def _build(self, s: _Static):
         graphdefs = self._graphdefs
         sched = s.scheduler
-        state0 = sched.set_timesteps(s.steps, strength=s.strength)
         lat_shape = (s.height // self.vae_scale_factor, s.width // self.vae_scale_factor,
                      self.unet_config.in_channels)
+        state0 = sched.set_timesteps(s.steps, strength=s.strength,
+                                     sample_shape=(s.per_device, *lat_shape))
         dtype = self.dtype
         scaling = self.vae_config.scaling_factor
 
@@ -300,11 +312,15 @@ class StableDiffusionPipeline:
                        if sched.stochastic else None)
                 return sched.step(state, i, eps, x, key=key)
 
-            x, _ = jax.lax.fori_loop(0, len(state0.timesteps), body, (x, state0))
+            x, _ = jax.lax.fori_loop(0, sched.num_evaluations(state0), body, (x, state0))
+            if s.output_type == "latent":
+                return x
             z = (x / scaling).astype(vae.decoder.conv_in.kernel.dtype)
             # Decoding is the activation-memory peak: map over chunks of the per-device batch.
             pixels = jax.lax.map(lambda zi: vae.decode(zi[None])[0], z, batch_size=s.decode_chunk)
             pixels = jnp.clip(pixels.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            if s.output_type == "float":
+                return pixels
             return jnp.round(pixels * 255).astype(jnp.uint8)
 
         batch = P(parallel.AXIS)

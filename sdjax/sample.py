@@ -126,8 +126,8 @@ def run(args) -> int:
 
     pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype,
                                                    num_devices=args.num_devices)
-    height = args.height or pipe.default_size
-    width = args.width or pipe.default_size
+    height = args.height or pipe.default_hw[0]
+    width = args.width or pipe.default_hw[1]
     pipe.check_size(height, width)
     scheduler = args.scheduler or pipe.default_scheduler
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]

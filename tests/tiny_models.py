@@ -129,3 +129,23 @@ def save_tiny_pipeline(folder: Path, kind: str = "sd1", seed: int = 0) -> Path:
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder))
     return folder
+
+
+def diffusers_scheduler(name: str, config: dict):
+    """The diffusers scheduler that our scheduler ``name`` reproduces, from ``config``."""
+    import diffusers
+
+    classes = {
+        "pndm": ("PNDMScheduler", {}), "ddim": ("DDIMScheduler", {}),
+        "ddpm": ("DDPMScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
+        "euler": ("EulerDiscreteScheduler", {}),
+        "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+        "heun": ("HeunDiscreteScheduler", {}),
+        "dpmpp_2m": ("DPMSolverMultistepScheduler",
+                     {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                            {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                             "use_karras_sigmas": True}),
+    }
+    cls, extra = classes[name]
+    return getattr(diffusers, cls).from_config(config, **extra)

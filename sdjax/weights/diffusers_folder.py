@@ -64,8 +64,10 @@ def load_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
     path = folder / "tokenizer"
-    if not (path / "vocab.json").exists() or not (path / "merges.txt").exists():
-        raise WeightsError(f"missing tokenizer files (vocab.json, merges.txt) in {path}")
+    slow_files = (path / "vocab.json").exists() and (path / "merges.txt").exists()
+    if not slow_files and not (path / "tokenizer.json").exists():
+        raise WeightsError(f"missing tokenizer files in {path} (vocab.json and merges.txt, "
+                           "or tokenizer.json)")
     try:
         return CLIPTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
