@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,15 +96,17 @@ def _check_args(args) -> None:
 
 
 def _check_outdir(outdir: Path) -> None:
-    """Fail before the model loads if we could not write the results."""
-    if outdir.exists() and not outdir.is_dir():
-        raise UsageError(f"--outdir {outdir} exists and is not a folder")
-    probe_dir = outdir
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    import os
-    if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise UsageError(f"--outdir {outdir} is not writable")
+    """Fail before the model loads if the results could not be written."""
+    existing = outdir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--outdir {outdir}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError:
+        raise UsageError(f"--outdir {outdir} is not writable") from None
 
 
 def run(args) -> int:
@@ -172,9 +175,8 @@ def run(args) -> int:
 
     compile_s = pipe.compile_seconds - compile_before
     gen_s = max(t_gen - compile_s, 1e-9)
-    print(f"wrote {len(jobs)} image(s) to {args.outdir}/ "
-          f"({written[0].name} … {written[-1].name})" if len(written) > 1 else
-          f"wrote {written[0]}")
+    print(f"wrote {len(written)} file(s) to {args.outdir}/: {written[0].name}"
+          + (f" … {written[-1].name}" if len(written) > 1 else ""))
     print(f"devices: {pipe.num_devices} x {jax.devices()[0].platform}, batch {batch} "
           f"({per_device}/device), {dtype}, {scheduler}, {args.steps} steps, {width}x{height}")
     print(f"compile: {compile_s:.1f}s  generation: {gen_s:.2f}s  "
