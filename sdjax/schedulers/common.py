@@ -126,10 +126,15 @@ def leading_trailing_linspace(
         return t.astype(np.float32).astype(np.float64)[::-1].copy()
     if spacing == "leading":
         ratio = num_train // n
-        return (np.arange(0, n) * ratio).round()[::-1] + steps_offset
+        return (np.arange(0, n) * ratio).round()[::-1].astype(np.float64) + steps_offset
     if spacing == "trailing":
         return np.round(np.arange(num_train, 0, -num_train / n)) - 1
     raise ValueError(f"timestep_spacing {spacing!r} is not supported; use one of {SPACINGS}")
+
+
+def check_steps(num_inference_steps: int, num_train_timesteps: int) -> None:
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}]")
 
 
 def start_index(num_inference_steps: int, strength: float) -> int:

@@ -10,7 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers.common import Scheduler, f32, leading_trailing_linspace, start_index
+from sdjax.schedulers.common import (
+    Scheduler,
+    check_steps,
+    f32,
+    leading_trailing_linspace,
+    start_index,
+)
 
 
 @flax.struct.dataclass
@@ -64,8 +70,7 @@ class DDIM(Scheduler):
         sample_shape: tuple[int, ...] | None = None,
     ) -> DDIMState:
         n = num_inference_steps
-        if not 1 <= n <= self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in [1, {self.num_train_timesteps}]")
+        check_steps(n, self.num_train_timesteps)
         t = leading_trailing_linspace(
             self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset,
             round_linspace=True,

@@ -12,6 +12,7 @@ import numpy as np
 
 from sdjax.schedulers.common import (
     Scheduler,
+    check_steps,
     f32,
     leading_trailing_linspace,
     normal_like,
@@ -72,8 +73,7 @@ class DDPM(Scheduler):
         sample_shape: tuple[int, ...] | None = None,
     ) -> DDPMState:
         n = num_inference_steps
-        if not 1 <= n <= self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in [1, {self.num_train_timesteps}]")
+        check_steps(n, self.num_train_timesteps)
         full = leading_trailing_linspace(
             self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset,
             round_linspace=True,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers import sigmas as sig
-from sdjax.schedulers.common import Scheduler, check_history, f32, history, start_index
+from sdjax.schedulers.common import Scheduler, check_history, check_steps, f32, history, start_index
 
 # The reference drops to first order at the end of short schedules.
 LOWER_ORDER_FINAL_BELOW = 15
@@ -118,7 +118,7 @@ class DPMSolverMultistep(Scheduler):
         sample_shape: tuple[int, ...] | None = None,
     ) -> DPMState:
         n = num_inference_steps
-        sig.check_steps(self, n)
+        check_steps(n, self.num_train_timesteps)
         ac = self.schedule.alphas_cumprod
         if self.schedule.rescale_betas_zero_snr:
             ac = ac.copy()

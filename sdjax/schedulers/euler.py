@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers import sigmas as sig
-from sdjax.schedulers.common import f32, normal_like, start_index, torch_linspace_f32
+from sdjax.schedulers.common import check_steps, f32, normal_like, start_index, torch_linspace_f32
 
 
 @flax.struct.dataclass
@@ -103,7 +103,7 @@ class Euler(sig.SigmaScheduler):
         *,
         sample_shape: tuple[int, ...] | None = None,
     ) -> EulerState:
-        sig.check_steps(self, num_inference_steps)
+        check_steps(num_inference_steps, self.num_train_timesteps)
         timesteps, sigmas = self.sigma_schedule(num_inference_steps)
         begin = start_index(num_inference_steps, strength)
         m = len(timesteps) - begin
@@ -141,7 +141,7 @@ class EulerAncestral(sig.SigmaScheduler):
         sample_shape: tuple[int, ...] | None = None,
     ) -> EulerState:
         n = num_inference_steps
-        sig.check_steps(self, n)
+        check_steps(n, self.num_train_timesteps)
         timesteps = sig.k_timesteps(
             self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset
         )

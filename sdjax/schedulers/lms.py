@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers import sigmas as sig
-from sdjax.schedulers.common import check_history, f32, history, start_index
+from sdjax.schedulers.common import check_history, check_steps, f32, history, start_index
 
 LMS_ORDER = 4
 
@@ -62,7 +62,7 @@ class LMS(sig.SigmaScheduler):
         sample_shape: tuple[int, ...] | None = None,
     ) -> LMSState:
         n = num_inference_steps
-        sig.check_steps(self, n)
+        check_steps(n, self.num_train_timesteps)
         timesteps = sig.k_timesteps(
             self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset
         )

@@ -19,6 +19,7 @@ import numpy as np
 from sdjax.schedulers.common import (
     Scheduler,
     check_history,
+    check_steps,
     f32,
     history,
     leading_trailing_linspace,
@@ -92,8 +93,7 @@ class PNDM(Scheduler):
         sample_shape: tuple[int, ...] | None = None,
     ) -> PNDMState:
         n = num_inference_steps
-        if not 1 <= n <= self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in [1, {self.num_train_timesteps}]")
+        check_steps(n, self.num_train_timesteps)
         full, prk = self._evaluation_timesteps(n)
         passed = full[start_index(n, strength) :]  # img2img restarts the counter here
         stride = self.num_train_timesteps // n

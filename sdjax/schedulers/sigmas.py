@@ -1,6 +1,7 @@
 """What the sigma-parameterised (K-diffusion style) schedulers share: sigma = sqrt((1 - a) / a)
 over the training timesteps, interpolation at inference timesteps, the Karras et al. (2022)
-spacing, and the inverse map from sigma back to a (fractional) training timestep."""
+spacing, the inverse map from sigma back to a (fractional) training timestep, the per-step
+input scaling and x0 estimate, and the base class that rescales the UNet input."""
 
 from __future__ import annotations
 
@@ -127,8 +128,3 @@ def common_fields(
         "sigma": jnp.asarray(here),
         "v": jnp.asarray(v_coefs(here)),
     }
-
-
-def check_steps(sched: Scheduler, n: int) -> None:
-    if not 1 <= n <= sched.num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be in [1, {sched.num_train_timesteps}]")
