@@ -70,7 +70,17 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
 
 @dataclasses.dataclass
 class PipelineOutput:
-    images: np.ndarray  # uint8 (N, H, W, 3)
+    images: np.ndarray  # uint8 (N, H, W, 3); float32 or latents for other output types
+
+
+class PendingImages:
+    """A batch the devices are still computing."""
+
+    def __init__(self, array: jax.Array, n: int):
+        self._array, self._n = array, n
+
+    def result(self) -> PipelineOutput:
+        return PipelineOutput(images=parallel.fetch(self._array)[:self._n])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,15 +188,22 @@ class StableDiffusionPipeline:
             if not isinstance(v, (int, np.integer)) or v < f or v % f:
                 raise ValueError(f"{name} must be a positive multiple of {f}, got {v}")
 
-    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
+    def __call__(self, *args, **kwargs) -> PipelineOutput:
+        """Generate images; the arguments are those of :meth:`submit`."""
+        return self.submit(*args, **kwargs).result()
+
+    def submit(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
                  = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, seed: int = 0, latents=None,
                  scheduler: str | None = None, *, seeds: Sequence[int] | None = None,
                  image_indices: Sequence[int] | None = None,
                  batch_size_per_device: int | None = None,
-                 decode_chunk: int | None = None, output_type: str = "uint8") -> PipelineOutput:
-        """Generate ``len(prompt) * num_images_per_prompt`` images.
+                 decode_chunk: int | None = None, output_type: str = "uint8") -> PendingImages:
+        """Start generating ``len(prompt) * num_images_per_prompt`` images and return at once
+        (JAX dispatches asynchronously); ``.result()`` waits and brings them to the host.
+        Submitting the next batch before taking this one's result keeps the devices busy
+        while the host encodes and writes.
 
         Image ``i`` of the call (prompt ``i // num_images_per_prompt``) starts from noise drawn
         from a key derived only from ``(seed, i)``, so results do not depend on the device
@@ -247,7 +264,11 @@ class StableDiffusionPipeline:
                                  f"per device on {self.num_devices} device(s)")
             size = batch_size_per_device * self.num_devices
         per_device = size // self.num_devices
-        chunk = min(decode_chunk or per_device, per_device)
+        if decode_chunk is None:
+            # The VAE decoder's full-resolution activations dwarf the UNet's per image; decode
+            # about four 512x512 images' worth at a time so the UNet sets the batch limit.
+            decode_chunk = 4 * 512 * 512 // (height * width)
+        chunk = max(1, min(decode_chunk, per_device))
         static = _Static(height, width, sched, int(num_inference_steps), 1.0, per_device, chunk,
                          latents is not None, output_type)
 
@@ -263,7 +284,7 @@ class StableDiffusionPipeline:
 
         fn = self._executable(static)
         images = fn(self.params, ids, neg_ids, guidance, seed_arr, index_arr, *extra)
-        return PipelineOutput(images=parallel.fetch(images)[:n])
+        return PendingImages(images, n)
 
     # ------------------------------------------------------------------ compiled part
     def _executable(self, static: _Static):
@@ -343,4 +364,5 @@ class StableDiffusionPipeline:
         return run
 
 
-__all__ = ["StableDiffusionPipeline", "PipelineOutput", "SCHEDULER_NAMES", "parse_dtype"]
+__all__ = ["StableDiffusionPipeline", "PipelineOutput", "PendingImages", "SCHEDULER_NAMES",
+           "parse_dtype"]

@@ -110,3 +110,25 @@ def test_bad_arguments(ours):
         pipe("a", guidance_scale=-1)
     with pytest.raises(ValueError, match="unknown|scheduler"):
         pipe("a", scheduler="nope")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_and_stays_close(references, ours, dtype):
+    folder = references["sd2"][0]
+    half = StableDiffusionPipeline.from_pretrained(str(folder), dtype=dtype, num_devices=1)
+    latents = np.random.RandomState(1).randn(2, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    kwargs = dict(num_inference_steps=STEPS, latents=latents, output_type="float", height=SIZE,
+                  width=SIZE)
+    ref = ours["sd2"](["a red circle", "a cat"], **kwargs).images
+    out = half(["a red circle", "a cat"], **kwargs).images
+    assert np.isfinite(out).all()
+    err = np.abs(out - ref)
+    print(f"{dtype}: mean abs pixel error {err.mean():.3e}, max {err.max():.3e}")
+    assert err.mean() < 2e-2 and err.max() < 0.2
+
+
+def test_decode_chunks_do_not_change_the_images(ours):
+    pipe = ours["sd1"]
+    a = pipe(["a cat"] * 3, num_inference_steps=2, decode_chunk=1, output_type="float").images
+    b = pipe(["a cat"] * 3, num_inference_steps=2, decode_chunk=3, output_type="float").images
+    np.testing.assert_allclose(a, b, atol=1e-5)

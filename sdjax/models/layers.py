@@ -94,6 +94,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,
     q = q.reshape(b, t, heads, d // heads)
     k = k.reshape(b, s, heads, d // heads)
     v = v.reshape(b, s, heads, v.shape[-1] // heads)
+    dtype = q.dtype
+    if dtype == jnp.float16 and jax.default_backend() == "cpu":
+        # XLA:CPU has no float16 x float16 -> float32 dot, which the XLA path asks for.
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     impl = "cudnn" if _use_cudnn(q) else "xla"
     try:
         out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=impl)
@@ -101,7 +105,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,
         if impl == "xla":
             raise
         out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation="xla")
-    return out.reshape(b, t, -1)
+    return out.reshape(b, t, -1).astype(dtype)
 
 
 class Attention(nnx.Module):
