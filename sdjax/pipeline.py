@@ -175,6 +175,11 @@ class StableDiffusionPipeline:
     def max_prompt_tokens(self) -> int:
         return self.tokenizer.model_max_length
 
+    def network(self, name: str) -> nnx.Module:
+        """``"text_encoder"``, ``"unet"`` or ``"vae"`` as an NNX module over this pipeline's
+        parameters, for tools that run or analyse one network alone."""
+        return nnx.merge(self._graphdefs[name], self.params[name])
+
     # ------------------------------------------------------------------ host side
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
@@ -192,15 +197,13 @@ class StableDiffusionPipeline:
         """Generate images; the arguments are those of :meth:`submit`."""
         return self.submit(*args, **kwargs).result()
 
-    def submit(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
-                 = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 height: int | None = None, width: int | None = None,
-                 num_images_per_prompt: int = 1, seed: int = 0, latents=None,
-                 scheduler: str | None = None, *, seeds: Sequence[int] | None = None,
-                 image_indices: Sequence[int] | None = None,
-                 batch_size_per_device: int | None = None,
-                 decode_chunk: int | None = None, output_type: str = "uint8") -> PendingImages:
-        """Start generating ``len(prompt) * num_images_per_prompt`` images and return at once
+    def submit(self, *args, **kwargs) -> PendingImages:
+        """``submit(prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5,
+        height=None, width=None, num_images_per_prompt=1, seed=0, latents=None,
+        scheduler=None, *, seeds=None, image_indices=None, batch_size_per_device=None,
+        decode_chunk=None, output_type="uint8")`` (see :meth:`_prepare` for the types).
+
+        Start generating ``len(prompt) * num_images_per_prompt`` images and return at once
         (JAX dispatches asynchronously); ``.result()`` waits and brings them to the host.
         Submitting the next batch before taking this one's result keeps the devices busy
         while the host encodes and writes.
@@ -214,6 +217,27 @@ class StableDiffusionPipeline:
         ``output_type="float"`` returns float32 pixels in [0, 1] instead of uint8 (diffusers'
         ``output_type="np"``), ``"latent"`` the final latents (NHWC, unscaled by the VAE).
         """
+        fn, call_args, n = self._prepare(*args, **kwargs)
+        return PendingImages(fn(*call_args), n)
+
+    def compile(self, *args, **kwargs) -> jax.stages.Compiled:
+        """The compiled sampler that :meth:`submit` with the same arguments runs, compiled now
+        if this process has not yet (the time counts in ``compile_seconds``); nothing runs.
+        For tools: XLA's ``cost_analysis()`` and ``memory_analysis()`` of the whole call, or
+        checking that a batch fits before running it."""
+        fn, call_args, _ = self._prepare(*args, **kwargs)
+        return fn.compile(*call_args)
+
+    def _prepare(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
+                 = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 height: int | None = None, width: int | None = None,
+                 num_images_per_prompt: int = 1, seed: int = 0, latents=None,
+                 scheduler: str | None = None, *, seeds: Sequence[int] | None = None,
+                 image_indices: Sequence[int] | None = None,
+                 batch_size_per_device: int | None = None,
+                 decode_chunk: int | None = None, output_type: str = "uint8"):
+        """Validate and place the arguments of :meth:`submit`; returns (executable, its
+        arguments, image count)."""
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
                              f"{output_type!r}")
@@ -282,9 +306,8 @@ class StableDiffusionPipeline:
         guidance = pad(np.full((n,), guidance_scale, np.float32))
         extra = (pad(latents),) if latents is not None else ()
 
-        fn = self._executable(static)
-        images = fn(self.params, ids, neg_ids, guidance, seed_arr, index_arr, *extra)
-        return PendingImages(images, n)
+        return (self._executable(static),
+                (self.params, ids, neg_ids, guidance, seed_arr, index_arr, *extra), n)
 
     # ------------------------------------------------------------------ compiled part
     def _executable(self, static: _Static):
@@ -349,19 +372,26 @@ class StableDiffusionPipeline:
         sharded = jax.shard_map(per_device, mesh=self.mesh,
                                 in_specs=(P(),) + (batch,) * (n_in - 1), out_specs=batch,
                                 check_vma=False)
-        jitted = jax.jit(sharded)
+        return _Executable(jax.jit(sharded), self)
 
-        def run(*args):
-            # jit compiles on the first call; split that out so the CLI can report it.
-            nonlocal compiled
-            if compiled is None:
-                t0 = time.perf_counter()
-                compiled = jitted.lower(*args).compile()
-                self.compile_seconds += time.perf_counter() - t0
-            return compiled(*args)
 
-        compiled = None
-        return run
+class _Executable:
+    """One static config's sampler: compiled on first use, with the time split out so the
+    CLI and the benchmarks can report it."""
+
+    def __init__(self, jitted, owner: StableDiffusionPipeline):
+        self._jitted, self._owner = jitted, owner
+        self._compiled: jax.stages.Compiled | None = None
+
+    def compile(self, *args) -> jax.stages.Compiled:
+        if self._compiled is None:
+            t0 = time.perf_counter()
+            self._compiled = self._jitted.lower(*args).compile()
+            self._owner.compile_seconds += time.perf_counter() - t0
+        return self._compiled
+
+    def __call__(self, *args) -> jax.Array:
+        return self.compile(*args)(*args)
 
 
 __all__ = ["StableDiffusionPipeline", "PipelineOutput", "PendingImages", "SCHEDULER_NAMES",
