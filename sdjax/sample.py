@@ -15,39 +15,45 @@ from pathlib import Path
 MAX_PROMPTS = 10_000  # beyond this, a dataset job: python -m sdjax.generate
 
 
+def add_flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
+    """``--name`` with a hyphenated alias (``--num-devices``) when the name has underscores."""
+    p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []),
+                   **kw)
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, sampling and device flags that sdjax.sample and sdjax.generate share."""
+    add_flag(p, "model", default="toy", help="'toy' (the small bundled demo model), a diffusers "
+             "folder, or a Hugging Face hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+    add_flag(p, "negative_prompt", default="", help="what the images should not show")
+    add_flag(p, "num_devices", type=int, default=None, help="devices to use (default: all)")
+    add_flag(p, "batch_size", type=int, default=None,
+             help="images per device per compiled call (default: just enough for one call, at "
+                  "most 8)")
+    add_flag(p, "steps", type=int, default=50, help="denoising steps")
+    add_flag(p, "guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add_flag(p, "scheduler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, heun, "
+             "dpmpp_2m, dpmpp_2m_karras (default: the model's own)")
+    add_flag(p, "seed", type=int, default=0, help="image i of the run uses noise from (seed, i)")
+    add_flag(p, "height", type=int, default=None, help="pixels, a multiple of the VAE factor "
+             "(default: the model's size)")
+    add_flag(p, "width", type=int, default=None, help="pixels (default: the model's size)")
+    add_flag(p, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+             help="compute dtype; auto = float32 on CPU, bfloat16 on TPU/GPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sdjax.sample",
         description="Generate images from text prompts with Stable Diffusion in JAX. "
                     "Every device produces its share of each batch in one compiled call.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def add(name, **kw):
-        p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []),
-                       **kw)
-
-    add("model", default="toy", help="'toy' (the small bundled demo model), a diffusers "
-        "folder, or a Hugging Face hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
-    add("prompt", action="append", default=None, help="a prompt; repeat for several")
-    add("prompts_file", type=Path, help="a text file with one prompt per line")
-    add("negative_prompt", default="", help="what the images should not show")
-    add("num_images", type=int, default=1, help="images per prompt")
-    add("num_devices", type=int, default=None, help="devices to use (default: all)")
-    add("batch_size", type=int, default=None,
-        help="images per device per compiled call (default: just enough for one call, at "
-             "most 8)")
-    add("steps", type=int, default=50, help="denoising steps")
-    add("guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
-    add("scheduler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, heun, "
-        "dpmpp_2m, dpmpp_2m_karras (default: the model's own)")
-    add("seed", type=int, default=0, help="image i of the run uses noise from (seed, i)")
-    add("height", type=int, default=None, help="pixels, a multiple of the VAE factor "
-        "(default: the model's size)")
-    add("width", type=int, default=None, help="pixels (default: the model's size)")
-    add("dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-        help="compute dtype; auto = float32 on CPU, bfloat16 on TPU/GPU")
-    add("outdir", type=Path, default=Path("outputs"), help="where the PNGs go")
-    add("grid", action="store_true", help="also write a grid of all images")
+    add_common_arguments(p)
+    add_flag(p, "prompt", action="append", default=None, help="a prompt; repeat for several")
+    add_flag(p, "prompts_file", type=Path, help="a text file with one prompt per line")
+    add_flag(p, "num_images", type=int, default=1, help="images per prompt")
+    add_flag(p, "outdir", type=Path, default=Path("outputs"), help="where the PNGs go")
+    add_flag(p, "grid", action="store_true", help="also write a grid of all images")
     return p
 
 
@@ -73,11 +79,10 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
-def _check_args(args) -> None:
+def check_common_args(args: argparse.Namespace) -> None:
+    """Validate the flags of :func:`add_common_arguments` before anything loads."""
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.num_images < 1:
-        raise UsageError(f"--num_images must be at least 1, got {args.num_images}")
     if args.guidance_scale < 0:
         raise UsageError(f"--guidance_scale must not be negative, got {args.guidance_scale}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -95,7 +100,21 @@ def _check_args(args) -> None:
                              f"{', '.join(SCHEDULER_NAMES)}")
 
 
-def _check_outdir(outdir: Path) -> None:
+def resolve_dtype(dtype: str) -> str:
+    """``auto`` -> float32 on CPU (bfloat16 is slow there), bfloat16 on accelerators."""
+    if dtype != "auto":
+        return dtype
+    import jax
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def _check_args(args) -> None:
+    check_common_args(args)
+    if args.num_images < 1:
+        raise UsageError(f"--num_images must be at least 1, got {args.num_images}")
+
+
+def check_outdir(outdir: Path) -> None:
     """Fail before the model loads if the results could not be written."""
     existing = outdir
     while not existing.exists():
@@ -119,13 +138,11 @@ def run(args) -> int:
 
     _check_args(args)
     prompts = _prompts(args)
-    _check_outdir(args.outdir)
+    check_outdir(args.outdir)
     if args.model == "toy":
         print("Using the bundled toy model (shapes and colours only); pass --model for real "
               "Stable Diffusion weights.", file=sys.stderr)
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    dtype = resolve_dtype(args.dtype)
 
     pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype,
                                                    num_devices=args.num_devices)
