@@ -25,17 +25,18 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
+def make_mesh(num_devices: int | None = None, *, local: bool = False) -> Mesh:
     """A 1-D mesh over the first ``num_devices`` devices (all of them when None; under
-    jax.distributed these are the global devices of every process)."""
-    devices = jax.devices()
+    jax.distributed these are the global devices of every process). ``local=True`` uses only
+    this process's devices, for tools whose processes work independently (sdjax.generate)."""
+    devices = jax.local_devices() if local else jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if n < 1:
         raise ValueError("num_devices must be at least 1")
     if n > len(devices):
         raise ValueError(f"num_devices={n} but only {len(devices)} "
                          f"{devices[0].platform.upper()} device(s) are available")
-    if jax.process_count() > 1 and n != len(devices):
+    if not local and jax.process_count() > 1 and n != len(devices):
         raise ValueError("on a multi-host run num_devices must cover every device")
     return Mesh(np.array(devices[:n]), (AXIS,))
 
@@ -71,7 +72,7 @@ def put_batch(x: np.ndarray, mesh: Mesh) -> jax.Array:
 
 def fetch(x: jax.Array) -> np.ndarray:
     """Device array -> host numpy, gathering across processes on multi-host runs."""
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)

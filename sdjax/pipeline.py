@@ -124,13 +124,16 @@ class StableDiffusionPipeline:
     @classmethod
     def from_pretrained(cls, model: str = "toy", dtype="bfloat16",
                         num_devices: int | None = None, *, variant: str | None = None,
-                        compilation_cache: str | None = None) -> StableDiffusionPipeline:
+                        compilation_cache: str | None = None,
+                        local_devices: bool = False) -> StableDiffusionPipeline:
         """``model``: ``"toy"`` | a diffusers folder | a hub id. ``dtype``: compute/param dtype
-        of the networks. ``num_devices``: devices to shard batches over (None = all)."""
+        of the networks. ``num_devices``: devices to shard batches over (None = all).
+        ``local_devices``: on a multi-host run, use only this process's devices, so each
+        process generates on its own (no collective with the other hosts)."""
         dtype = parse_dtype(dtype)
         parallel.maybe_initialize_distributed()
         enable_compilation_cache(compilation_cache)
-        mesh = parallel.make_mesh(num_devices)
+        mesh = parallel.make_mesh(num_devices, local=local_devices)
         folder = resolve_model(model)
         check_pipeline_folder(folder)
         scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
