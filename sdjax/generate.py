@@ -1,0 +1,373 @@
+"""python -m sdjax.generate: a dataset of (prompt, image) pairs in webdataset shards.
+
+    python -m sdjax.generate --prompts prompts.jsonl --outdir data/ --images_per_prompt 4
+
+Sample ``i = row * K + k`` (row of the prompt file, k < K = --images_per_prompt) starts from
+noise keyed by (--seed, i) only, or by (seed, k) when its row gives its own seed (so such a row
+reproduces ``sdjax.sample --prompt P --seed S --num_images K``); the pixels therefore do not
+depend on the device count, the job split or on when a shard is made. Shards appear only when
+complete, a re-run with the same settings fills in the missing ones, and ``--num_jobs N
+--job_index i`` (or the processes of a jax.distributed run) split the shards without a
+coordinator. While the devices compute batch k+1, host threads encode and write batch k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from sdjax.dataset import manifest
+from sdjax.dataset.prompts import MAX_SEED, PromptsInfo, Row, read_rows, scan
+from sdjax.dataset.shards import (
+    IMAGE_FORMATS,
+    Layout,
+    encode_image,
+    shard_file_index,
+    shard_index,
+)
+from sdjax.dataset.storage import Store, is_url
+from sdjax.dataset.writer import AsyncShardWriter
+from sdjax.sample import (
+    UsageError,
+    add_common_arguments,
+    add_flag,
+    check_common_args,
+    check_outdir,
+    resolve_dtype,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sdjax.generate",
+        description="Generate a dataset of (prompt, image) pairs as resumable webdataset "
+                    "shards; devices compute while host threads encode and write.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_arguments(p)
+    add_flag(p, "prompts", required=True, help="prompt file: .txt (one a line), or .jsonl/.csv/"
+             ".parquet with a 'prompt' or 'caption' column and optional 'negative_prompt' and "
+             "'seed'; a local path or an fsspec URL")
+    add_flag(p, "outdir", required=True, help="dataset folder (local path, or gs://, s3://… "
+             "through fsspec)")
+    add_flag(p, "images_per_prompt", type=int, default=1, help="samples per prompt row (K)")
+    add_flag(p, "samples_per_shard", type=int, default=1000, help="samples per .tar shard")
+    add_flag(p, "format", default="png", choices=sorted(IMAGE_FORMATS), help="image format")
+    add_flag(p, "quality", type=int, default=None, help="jpg/webp quality 1-100 (default 95)")
+    add_flag(p, "num_jobs", type=int, default=1, help="independent jobs sharing the dataset; "
+             "job i makes every N-th shard")
+    add_flag(p, "job_index", type=int, default=0, help="this job's index, 0 <= i < num_jobs")
+    add_flag(p, "overwrite", action="store_true", help="replace this job's existing shards "
+             "even if they were made with other settings")
+    add_flag(p, "encode_threads", type=int, default=None,
+             help="host threads encoding images (default: CPU count, at most 16)")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything that decides a sample's bytes (the manifest compares these on re-runs)."""
+    model: str
+    dtype: str
+    steps: int
+    scheduler: str
+    guidance_scale: float
+    height: int
+    width: int
+    seed: int
+    negative_prompt: str
+    image_format: str
+    quality: int | None
+
+    def manifest(self, layout: Layout, prompts: PromptsInfo) -> dict:
+        return {**dataclasses.asdict(self), "images_per_prompt": layout.images_per_prompt,
+                "samples_per_shard": layout.samples_per_shard, "prompt_rows": prompts.num_rows,
+                "prompts_sha256": prompts.sha256}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    index: int
+    row: int
+    k: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    seed_index: int
+
+
+def plan_samples(rows: Iterable[Row], layout: Layout, shards: Iterable[int],
+                 settings: Settings) -> Iterator[Sample]:
+    """The samples of ``shards``, in index order, streaming ``rows``; reading stops after the
+    last row those shards need."""
+    todo = set(shards)
+    if not todo:
+        return
+    last = layout.samples_in(max(todo)).stop - 1
+    k_max = layout.images_per_prompt
+    for r, row in enumerate(rows):
+        if r * k_max > last:
+            return
+        for k in range(k_max):
+            i = r * k_max + k
+            if layout.shard_of(i) not in todo:
+                continue
+            own_seed = row.seed is not None
+            yield Sample(i, r, k, row.prompt,
+                         settings.negative_prompt if row.negative_prompt is None
+                         else row.negative_prompt,
+                         row.seed if own_seed else settings.seed, k if own_seed else i)
+
+
+def _batches(items: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+def sample_files(sample: Sample, key: str, image: np.ndarray,
+                 settings: Settings) -> dict[str, bytes]:
+    """The files of one webdataset sample: image, caption, metadata."""
+    from sdjax.images import format_parameters
+    meta = {"key": key, "index": sample.index, "row": sample.row, "k": sample.k,
+            "prompt": sample.prompt, "negative_prompt": sample.negative_prompt,
+            "seed": sample.seed, "seed_index": sample.seed_index, "steps": settings.steps,
+            "scheduler": settings.scheduler, "guidance_scale": settings.guidance_scale,
+            "width": settings.width, "height": settings.height, "model": settings.model,
+            "dtype": settings.dtype}
+    parameters = format_parameters(
+        prompt=sample.prompt, negative_prompt=sample.negative_prompt, steps=settings.steps,
+        sampler=settings.scheduler, guidance_scale=settings.guidance_scale, seed=sample.seed,
+        index=sample.seed_index, width=settings.width, height=settings.height,
+        model=settings.model)
+    image_bytes = encode_image(image, settings.image_format, settings.quality, parameters)
+    return {settings.image_format: image_bytes, "txt": sample.prompt.encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+
+
+def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[Sample],
+                    store: Store, *, per_device: int, encode_threads: int,
+                    shard_stats: dict | None = None,
+                    on_written: Callable[[int], None] | None = None,
+                    on_compiled: Callable[[], None] | None = None) -> list[dict]:
+    """Generate and write the given samples (whole shards, in index order); returns the stats
+    of the shards written. Batch k+1 is submitted before batch k's images are taken, so the
+    devices never wait while the host encodes and writes. ``on_compiled`` is called once the
+    first batch is dispatched (its compilation, if any, is over)."""
+    def encode(sample: Sample, image: np.ndarray) -> dict[str, bytes]:
+        return sample_files(sample, layout.key(sample.index), image, settings)
+
+    writer = AsyncShardWriter(store, layout, encode, threads=encode_threads,
+                              shard_stats=shard_stats, on_written=on_written)
+    batch_size = per_device * pipe.num_devices
+    pending = None
+    try:
+        for batch in _batches(samples, batch_size):
+            handle = pipe.submit(
+                [s.prompt for s in batch], negative_prompt=[s.negative_prompt for s in batch],
+                num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                height=settings.height, width=settings.width, scheduler=settings.scheduler,
+                seeds=[s.seed for s in batch], image_indices=[s.seed_index for s in batch],
+                batch_size_per_device=per_device)
+            if pending is not None:
+                writer.put(pending[0], pending[1].result().images)
+            elif on_compiled is not None:
+                on_compiled()
+            pending = (batch, handle)
+        if pending is not None:
+            writer.put(pending[0], pending[1].result().images)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.shards_written
+
+
+def _check_args(args) -> None:
+    check_common_args(args)
+    for name in ("images_per_prompt", "samples_per_shard", "num_jobs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.job_index < args.num_jobs:
+        raise UsageError(f"--job_index must be in [0, {args.num_jobs}), got {args.job_index}")
+    if not 0 <= args.seed < MAX_SEED:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.quality is not None:
+        if args.format == "png":
+            raise UsageError("--quality applies to --format jpg and webp (PNG is lossless)")
+        if not 1 <= args.quality <= 100:
+            raise UsageError(f"--quality must be in [1, 100], got {args.quality}")
+    if args.format == "webp":
+        from PIL import features
+        if not features.check("webp"):
+            raise UsageError("this Pillow build cannot write WebP; use --format png or jpg")
+    if args.encode_threads is not None and args.encode_threads < 1:
+        raise UsageError("--encode_threads must be at least 1")
+
+
+def load_pipeline(model: str, dtype: str, num_devices: int | None, local_devices: bool):
+    """The pipeline a run uses (a separate function so tests can share one across runs)."""
+    from sdjax.pipeline import StableDiffusionPipeline
+    return StableDiffusionPipeline.from_pretrained(model, dtype=dtype, num_devices=num_devices,
+                                                   local_devices=local_devices)
+
+
+def _job_split(num_jobs: int, job_index: int) -> tuple[int, int]:
+    """(jobs, this job) counting every process of every job: process p of job j of N takes
+    the shards s with s % (N * P) == j + N * p, which together are exactly job j's."""
+    import jax
+
+    from sdjax import parallel
+    parallel.maybe_initialize_distributed()
+    p, count = jax.process_index(), jax.process_count()
+    return num_jobs * count, job_index + num_jobs * p
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    started_at = _now()
+    _check_args(args)
+    outdir = str(args.outdir)
+    if not is_url(outdir):
+        check_outdir(Path(outdir))
+    store = Store(outdir)
+    prompts = scan(str(args.prompts))
+    layout = Layout(prompts.num_rows, args.images_per_prompt, args.samples_per_shard)
+    if layout.num_samples >= MAX_SEED:
+        raise UsageError(f"{layout.num_samples} samples is more than one run can index (2**32)")
+
+    num_jobs, job = _job_split(args.num_jobs, args.job_index)
+    import jax
+    if args.model == "toy":
+        print("Using the bundled toy model (shapes and colours only); pass --model for real "
+              "Stable Diffusion weights.", file=sys.stderr)
+    dtype = resolve_dtype(args.dtype)
+    t_load = time.perf_counter()
+    # Each process of a multi-host run makes its own shards on its own devices.
+    pipe = load_pipeline(args.model, dtype, args.num_devices, jax.process_count() > 1)
+    load_s = time.perf_counter() - t_load
+    height = args.height or pipe.default_hw[0]
+    width = args.width or pipe.default_hw[1]
+    pipe.check_size(height, width)
+    settings = Settings(
+        model=args.model, dtype=dtype, steps=args.steps,
+        scheduler=args.scheduler or pipe.default_scheduler,
+        guidance_scale=args.guidance_scale, height=height, width=width, seed=args.seed,
+        negative_prompt=args.negative_prompt, image_format=args.format,
+        quality=None if args.format == "png" else (args.quality or 95))
+    run_settings = settings.manifest(layout, prompts)
+    manifest.check(store, run_settings, overwrite=args.overwrite)
+
+    # From here on the folder is ours to write.
+    store.create()
+    mine = range(job, layout.num_shards, num_jobs)
+    for name in store.partial_names():  # left by a killed run of this job
+        if (s := shard_file_index(name)) is not None and s % num_jobs == job:
+            store.remove(f".{name}.partial")
+    if args.overwrite:
+        for name in store.names():
+            if (s := shard_file_index(name)) is not None and s % num_jobs == job:
+                store.remove(name)
+    manifest.write(store, run_settings, {"prompts_file": str(args.prompts)})
+    done = {s for n in store.names() if (s := shard_index(n)) is not None}
+    todo = [s for s in mine if s not in done]
+    n_todo = sum(len(layout.samples_in(s)) for s in todo)
+
+    per_device = args.batch_size or min(8, -(-layout.num_samples // pipe.num_devices))
+    threads = args.encode_threads or min(16, os.cpu_count() or 1)
+    platform = jax.devices()[0].platform
+    job_text = f"job {job}/{num_jobs}: " if num_jobs > 1 else ""
+    print(f"{job_text}{layout.num_samples} samples in {layout.num_shards} shard(s) of "
+          f"{layout.samples_per_shard}; {len(mine) - len(todo)} of this job's {len(mine)} "
+          f"already complete, {n_todo} samples to make")
+    compile_before = pipe.compile_seconds
+    t_gen = time.perf_counter()
+    written: list[dict] = []
+    if todo:
+        rows = read_rows(str(args.prompts))
+        with tqdm(total=n_todo, unit="img", desc="generating", mininterval=1.0,
+                  smoothing=0.05, dynamic_ncols=True) as bar:
+            written = generate_shards(
+                pipe, settings, layout, plan_samples(rows, layout, todo, settings), store,
+                per_device=per_device, encode_threads=threads, on_written=bar.update,
+                on_compiled=bar.reset,  # restart the clock: compile time is not throughput
+                shard_stats={"job_index": job, "num_jobs": num_jobs,
+                             "host": socket.gethostname(), "devices": pipe.num_devices,
+                             "platform": platform, "batch_size_per_device": per_device})
+    compile_s = pipe.compile_seconds - compile_before
+    gen_s = max(time.perf_counter() - t_gen - compile_s, 1e-9)
+    made = sum(s["count"] for s in written)
+
+    this_run = {"job_index": job, "num_jobs": num_jobs, "samples_generated": made,
+                "shards_written": len(written), "shards_skipped": len(mine) - len(todo),
+                "load_seconds": round(load_s, 3), "compile_seconds": round(compile_s, 3),
+                "generation_seconds": round(gen_s, 3),
+                "images_per_second": round(made / gen_s, 3) if made else None,
+                "seconds": round(time.perf_counter() - t_start, 3), "started_at": started_at,
+                "finished_at": _now(), "host": socket.gethostname(),
+                "devices": pipe.num_devices, "platform": platform,
+                "batch_size_per_device": per_device}
+    _write_run_stats(store, layout, this_run, num_jobs, job)
+    store.close()
+
+    print(f"wrote {len(written)} shard(s), {made} samples to {outdir}")
+    print(f"devices: {pipe.num_devices} x {platform}, batch {per_device * pipe.num_devices} "
+          f"({per_device}/device), {dtype}, {settings.scheduler}, {settings.steps} steps, "
+          f"{width}x{height}")
+    rate = f"{made / gen_s:.2f} images/s" if made else "nothing to generate"
+    print(f"compile: {compile_s:.1f}s  generation: {gen_s:.2f}s  {rate}")
+    return 0
+
+
+def _write_run_stats(store: Store, layout: Layout, this_run: dict, num_jobs: int,
+                     job: int) -> None:
+    """``stats.json``: the dataset's completeness plus each job's latest run. Split runs also
+    keep one file per job, from which every job refreshes ``stats.json`` as it finishes."""
+    jobs = [this_run]
+    if num_jobs > 1:
+        width = len(str(num_jobs - 1))
+        store.write_text(f"stats_job{job:0{width}d}-of-{num_jobs}.json",
+                         json.dumps(this_run, indent=1) + "\n")
+        names = sorted(n for n in store.names()
+                       if n.startswith("stats_job") and n.endswith(f"-of-{num_jobs}.json"))
+        jobs = [json.loads(store.read_text(n) or "null") for n in names]
+        jobs = [j for j in jobs if j]
+    complete = {s for n in store.names() if (s := shard_index(n)) is not None
+                and s < layout.num_shards}
+    stats = {"complete": len(complete) == layout.num_shards,
+             "samples": layout.num_samples, "shards": layout.num_shards,
+             "samples_complete": sum(len(layout.samples_in(s)) for s in complete),
+             "shards_complete": len(complete), "jobs": jobs}
+    store.write_text("stats.json", json.dumps(stats, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sdjax.weights.errors import WeightsError
+    try:
+        return run(args)
+    except (UsageError, WeightsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
