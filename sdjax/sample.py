@@ -175,6 +175,8 @@ def run(args) -> int:
                    height=height, width=width, seed=args.seed, scheduler=scheduler,
                    image_indices=range(b0, b0 + len(chunk)), batch_size_per_device=per_device)
         t_gen += time.perf_counter() - t0
+        if jax.process_index() != 0:
+            continue  # multi-host: every process holds all images; the first writes them
         for j, ((prompt, _), image) in enumerate(zip(chunk, out.images, strict=True)):
             i = b0 + j
             path = args.outdir / f"{start + i:05d}-{args.seed}-{i}.png"
@@ -190,6 +192,8 @@ def run(args) -> int:
         save_png(make_grid(np.concatenate(all_images)), grid_path, f"grid of {len(jobs)}")
         written.append(grid_path)
 
+    if jax.process_index() != 0:
+        return 0
     compile_s = pipe.compile_seconds - compile_before
     gen_s = max(t_gen - compile_s, 1e-9)
     print(f"wrote {len(written)} file(s) to {args.outdir}/: {written[0].name}"
