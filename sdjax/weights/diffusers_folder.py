@@ -47,13 +47,29 @@ def read_config(folder: Path, component: str):
         raise WeightsError(f"{folder / component / 'config.json'}: {e}") from None
 
 
+class _ShapeOnlyRngs:
+    """Stands in for ``nnx.Rngs`` while a network is built abstractly: every stream hands out
+    the same key, since only shapes and dtypes survive (the loader then fills every parameter).
+    A real ``Rngs`` counts each draw in a traced variable, and with flax 0.12 / jax 0.10 each
+    such update scans the whole trace so far: quadratic, 4.4 s of an SD 1.5 UNet's build
+    against 0.8 s with this."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __call__(self) -> jax.Array:
+        return jax.random.key(0)
+
+
 def load_network(folder: Path, component: str, *, dtype=jnp.float32, place: Place | None = None,
                  variant: str | None = None, config=None) -> nnx.Module:
     """Build ``component`` abstractly (nothing random is initialised) and fill it from its
     weight files, tensor by tensor."""
     kind = NETWORKS[component]
     cfg = config if config is not None else read_config(folder, component)
-    abstract = nnx.eval_shape(lambda: kind.model(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: kind.model(cfg, dtype=dtype, rngs=_ShapeOnlyRngs()))
     tensors = open_component_weights(folder / component, variant)
     return load_state(abstract, tensors, kind.rules, what=str(folder / component), place=place)
 
