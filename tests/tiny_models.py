@@ -3,10 +3,11 @@ oracle of the tests. Nothing is downloaded: the tokenizer vocabulary is written 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from sdjax.train.tokenizer import write_clip_tokenizer as _write_clip_tokenizer
 
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -22,49 +23,12 @@ SD21_SCHEDULER = {
 }
 
 
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for bytes (printable latin-1 bytes map
-    to themselves, the rest to code points from 256 up)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + \
-        list(range(0xAE, 0x100))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return [out[b] for b in range(256)]
-
-
 WORDS = ["a", "red", "green", "blue", "circle", "square", "on", "background", "cat", "photo"]
 
 
 def write_clip_tokenizer(folder: Path, *, pad_token: str = "<|endoftext|>") -> int:
     """A byte-level CLIP vocabulary with whole-word merges for WORDS; returns its size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = _byte_alphabet()
-    vocab = chars + [c + "</w>" for c in chars]
-    merges = []
-    for w in WORDS:
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            if parts[0] not in vocab:
-                vocab.append(parts[0])
-    merges = list(dict.fromkeys(merges))
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": pad_token, "do_lower_case": True,
-        "tokenizer_class": "CLIPTokenizer"}))
-    (folder / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": pad_token}))
-    return len(vocab)
+    return _write_clip_tokenizer(folder, WORDS, pad_token=pad_token)
 
 
 def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:

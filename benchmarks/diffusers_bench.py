@@ -1,0 +1,95 @@
+"""Child process: the same workload in diffusers (PyTorch), from the same folder. Prints one
+JSON line and saves the last call's pixels for the parity check.
+
+    python -m benchmarks.diffusers_bench --workload JSON --repeats 5 --out pixels.npy
+
+Float32 on CPU and float16 with PyTorch's SDPA attention on CUDA, as the issue asks; it runs
+apart from the JAX process so neither library's idle worker threads take cores from the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+from benchmarks.workload import Workload
+
+# sdjax scheduler name -> (diffusers class, options), as sdjax.schedulers documents them.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "pndm": ("PNDMScheduler", {}), "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler",
+                 {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                         "use_karras_sigmas": True}),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workload", required=True)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--dtype", default=None, help="default: float32 on CPU, float16 on CUDA")
+    p.add_argument("--out", default=None, help="where to save the last call's pixels (.npy)")
+    a = p.parse_args(argv)
+
+    import diffusers
+    import torch
+
+    w = Workload.from_json(a.workload)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, a.dtype or ("float16" if cuda else "float32"))
+    t0 = time.perf_counter()
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        w.folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipe = pipe.to(device)
+    load_s = time.perf_counter() - t0
+    if w.scheduler:
+        cls, extra = SCHEDULERS[w.scheduler]
+        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.from_numpy(w.latents().transpose(0, 3, 1, 2).copy()).to(device, dtype)
+
+    def call() -> np.ndarray:
+        with torch.inference_mode():
+            out = pipe(w.prompts(), negative_prompt=[""] * w.batch, latents=latents,
+                       num_inference_steps=w.steps, guidance_scale=w.guidance,
+                       height=w.height, width=w.width, output_type="np").images
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    t0 = time.perf_counter()
+    call()  # first call: allocator warm-up, kernel selection
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        images = call()
+        times.append(time.perf_counter() - t0)
+    if a.out:
+        np.save(a.out, images.astype(np.float32))
+    attn = type(pipe.unet.attn_processors[next(iter(pipe.unet.attn_processors))]).__name__
+    print(json.dumps({
+        "load_s": load_s, "first_call_s": first, "times_s": times,
+        "s_per_batch": statistics.median(times), "device": device,
+        "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "attention": attn, "torch": torch.__version__,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Benchmark model shapes, written once as random-weight diffusers folders.
+
+Speed does not depend on the weights' values, so nothing is downloaded: each shape is built
+with diffusers/transformers (PyTorch) at its default initialisation and saved with
+``save_pretrained``; sdjax and diffusers then both load that same folder. Building runs in a
+child process (``python -m benchmarks.models --shape mid``) so the process that times JAX
+never imports torch and never shares the cores with torch's idle OpenMP threads.
+
+Shapes:
+  tiny  the tests' tiny SD1 layout (2 levels, 32/64 channels); seconds end to end
+  toy   sdjax's bundled toy model (``sdjax/assets/toy``), real trained weights
+  mid   SD 1.5 layout (4 levels, 2 resnets each, 8 transformer blocks, VAE with 4 levels)
+        at ~0.3x the channels (96/192/384/384, head width 48) and a 6-layer 384-wide CLIP
+  sd15  SD 1.5 (860M UNet, ViT-L/14 text, the SD VAE)
+  sd21  SD 2.1 (865M UNet with per-level heads and linear projections, OpenCLIP ViT-H text)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from sdjax.models.clip_text import CLIPTextConfig
+from sdjax.models.unet import UNetConfig
+from sdjax.models.vae import VAEConfig
+
+VERSION = "v1"  # bump when a shape changes, so stale cached folders are not reused
+WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "circle", "square", "on", "the",
+         "green", "background", "painting", "city", "at", "night"]
+
+_SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "trained_betas": None,
+}
+_SD2_SCHEDULER = {**_SD1_SCHEDULER, "_class_name": "DDIMScheduler",
+                  "prediction_type": "v_prediction"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    unet: UNetConfig
+    vae: VAEConfig
+    text: CLIPTextConfig
+    scheduler: dict
+    sd2_tokenizer: bool = False  # SD2 pads with "!" instead of the end token
+
+
+_TINY_UNET = UNetConfig(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
+_TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                      sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2)
+
+SHAPES: dict[str, Shape] = {
+    "tiny": Shape(_TINY_UNET, _TINY_VAE,
+                  CLIPTextConfig(vocab_size=1024, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4),
+                  _SD1_SCHEDULER),
+    "mid": Shape(UNetConfig(sample_size=32, block_out_channels=(96, 192, 384, 384),
+                            attention_head_dim=(2, 4, 8, 8), cross_attention_dim=384),
+                 VAEConfig(block_out_channels=(32, 64, 128, 128), sample_size=256),
+                 CLIPTextConfig(vocab_size=1024, hidden_size=384, intermediate_size=1536,
+                                num_hidden_layers=6, num_attention_heads=6),
+                 _SD1_SCHEDULER),
+    "sd15": Shape(UNetConfig.sd15(), VAEConfig.sd15(), CLIPTextConfig.sd15(), _SD1_SCHEDULER),
+    "sd21": Shape(UNetConfig.sd21(), VAEConfig.sd21(), CLIPTextConfig.sd21(), _SD2_SCHEDULER,
+                  sd2_tokenizer=True),
+}
+NAMES = ("toy", *SHAPES)
+
+
+def default_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "sdjax" / "benchmark_models"
+
+
+def ensure_folder(shape: str, root: Path | None = None) -> Path:
+    """The diffusers folder of ``shape``, built (in a child process) on first use."""
+    if shape == "toy":
+        from sdjax.weights.resolve import resolve_model
+        return resolve_model("toy")
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(NAMES)}")
+    root = root or default_root()
+    folder = root / f"{shape}-{VERSION}"
+    if not (folder / "model_index.json").exists():
+        subprocess.run([sys.executable, "-m", "benchmarks.models", "--shape", shape,
+                        "--root", str(root)], check=True)
+    return folder
+
+
+def _kwargs(cfg) -> dict:
+    # sdjax's config fields carry diffusers' names; None means "diffusers' default".
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+
+
+def build(shape: str, folder: Path) -> None:
+    """Write ``folder`` as ``StableDiffusionPipeline.save_pretrained`` does (random weights)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline as TorchPipeline
+    from transformers import CLIPTextConfig as HFTextConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sdjax.train.tokenizer import write_clip_tokenizer
+
+    spec = SHAPES[shape]
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vocab = write_clip_tokenizer(tmp / "tokenizer-src", WORDS,
+                                 pad_token="!" if spec.sd2_tokenizer else "<|endoftext|>")
+    torch.manual_seed(0)
+    text = spec.text
+    te = CLIPTextModel(HFTextConfig(
+        vocab_size=max(vocab, text.vocab_size),
+        hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        max_position_embeddings=text.max_position_embeddings, hidden_act=text.hidden_act,
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=1))
+    scheduler_cls = DDIMScheduler if spec.scheduler["_class_name"] == "DDIMScheduler" \
+        else PNDMScheduler
+    pipe = TorchPipeline(
+        vae=AutoencoderKL(**_kwargs(spec.vae)), text_encoder=te,
+        tokenizer=CLIPTokenizer.from_pretrained(str(tmp / "tokenizer-src")),
+        unet=UNet2DConditionModel(**_kwargs(spec.unet)),
+        scheduler=scheduler_cls.from_config(spec.scheduler), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(tmp))
+    shutil.rmtree(tmp / "tokenizer-src")
+    # Rename last: a folder with model_index.json is always complete.
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Write a random-weight benchmark model folder.")
+    p.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    p.add_argument("--root", type=Path, default=default_root())
+    a = p.parse_args(argv)
+    a.root.mkdir(parents=True, exist_ok=True)
+    folder = a.root / f"{a.shape}-{VERSION}"
+    build(a.shape, folder)
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()

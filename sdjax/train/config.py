@@ -1,0 +1,181 @@
+"""Typed training recipes: frozen dataclasses, read from a Python file (``config()`` or
+``CONFIG``) or a JSON file, with dotted command-line overrides. No global config object:
+every function gets the recipe it needs passed in."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+TASKS = ("unet", "vae", "clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "shapes"        # "shapes" (synthetic, on the fly) | "folder" | "webdataset"
+    path: str | None = None       # folder of images + .txt captions, or .tar shards (dir/glob)
+    resolution: int = 32          # square training size in pixels
+    center_crop: bool = True      # False: random crop after resizing the short side
+    random_flip: bool = False
+    prefetch: int = 2             # batches prepared ahead on a host thread
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-4
+    schedule: str = "constant"    # after warm-up: "constant" | "cosine" | "linear"
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.0  # cosine/linear end at learning_rate * this
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    grad_clip_norm: float | None = 1.0
+    accumulate_steps: int = 1     # micro-batches per optimizer step (optax.MultiSteps)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """task="unet": denoising loss on VAE latents."""
+    prediction_type: str | None = None  # "epsilon" | "v_prediction"; None: the scheduler's
+    min_snr_gamma: float | None = None  # Hang et al. 2023 loss weighting, e.g. 5.0
+    train_text_encoder: bool = False
+    caption_dropout: float = 0.0        # share of captions replaced by "" (for guidance)
+    # scheduler_config.json contents; None: the pretrained folder's. Its noise schedule is
+    # the training one and it is what the export writes.
+    scheduler: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderConfig:
+    """task="vae": reconstruction + KL."""
+    mse_weight: float = 1.0
+    l1_weight: float = 0.0
+    kl_weight: float = 1e-6
+    # Batches whose latent spread sets the exported scaling_factor (1 / std, as SD's 0.18215
+    # was chosen); 0 keeps the configured value.
+    scaling_batches: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveConfig:
+    """task="clip": the text encoder against a small image tower, CLIP's symmetric loss."""
+    projection_dim: int = 64
+    image_channels: tuple[int, ...] = (32, 64, 128)  # one stride-2 conv stage each
+    init_logit_scale: float = 2.6592  # log(1 / 0.07), CLIP's initial temperature
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """A fresh byte-level BPE vocabulary in which each of ``words`` is one token."""
+    words: tuple[str, ...] = ()
+    model_max_length: int = 77
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    task: str = "unet"
+    output_dir: str = "runs/train"      # checkpoints/, log.jsonl, export/
+    # Diffusers folder, "toy" or hub id: frozen components and the starting point of the
+    # trained ones (unless a config dict below asks for a fresh network).
+    pretrained: str | None = None
+    unet: Mapping[str, Any] | None = None          # config.json-style dicts: build this
+    vae: Mapping[str, Any] | None = None           # network from scratch (random init)
+    text_encoder: Mapping[str, Any] | None = None  # instead of loading it
+    tokenizer: TokenizerConfig | None = None       # None: the pretrained folder's
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    contrastive: ContrastiveConfig = ContrastiveConfig()
+    batch_size: int = 32          # global images per micro-step, split over the devices
+    steps: int = 1000             # optimizer steps
+    seed: int = 0
+    ema_decay: float | None = None
+    compute_dtype: str = "float32"  # "bfloat16": bf16 compute, float32 master weights
+    remat_policy: str | None = None  # a jax.checkpoint_policies name, e.g. "dots_saveable"
+    num_devices: int | None = None  # None: all
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    export_dir: str | None = None   # default: output_dir/export
+    export_ema: bool = True         # export the EMA weights when there are any
+    progress: bool = True           # tqdm bar
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError("compute_dtype must be 'float32' or 'bfloat16'")
+        if self.batch_size < 1 or self.steps < 1:
+            raise ValueError("batch_size and steps must be at least 1")
+
+
+def from_dict(cls: type, d: Mapping[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors (a typo in a
+    recipe should not silently train something else)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    for opt in options:
+        if dataclasses.is_dataclass(opt) and isinstance(value, Mapping):
+            return from_dict(opt, value, where)
+        if typing.get_origin(opt) is tuple and isinstance(value, (list, tuple)):
+            return tuple(value)
+    return value
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """A recipe file: ``.py`` defining ``config() -> TrainConfig`` (or ``CONFIG``), or
+    ``.json`` with TrainConfig's fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix == ".json":
+        return from_dict(TrainConfig, json.loads(path.read_text()), path.name)
+    if path.suffix != ".py":
+        raise ValueError(f"config must be a .py or .json file, got {path}")
+    spec = importlib.util.spec_from_file_location(f"sdjax_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.config() if hasattr(module, "config") else getattr(module, "CONFIG", None)
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"{path} must define config() returning a TrainConfig (or CONFIG)")
+    return cfg
+
+
+def override(cfg: Any, dotted: Mapping[str, Any]) -> Any:
+    """``override(cfg, {"optim.learning_rate": 3e-4, "steps": 10})``."""
+    for key, value in dotted.items():
+        head, _, rest = key.partition(".")
+        if head not in {f.name for f in dataclasses.fields(cfg)}:
+            raise ValueError(f"unknown config key {key!r}")
+        if rest:
+            value = override(getattr(cfg, head), {rest: value})
+        else:
+            value = _coerce(typing.get_type_hints(type(cfg))[head], value, key)
+        cfg = dataclasses.replace(cfg, **{head: value})
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-ready dict of a recipe (written next to the checkpoints and the log)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=dict))

@@ -1,0 +1,128 @@
+"""task="unet": the latent-diffusion objective. Images go through the frozen VAE encoder to
+latents, get noise at a random training timestep, and the UNet, conditioned on the text
+encoder's states through cross-attention, learns to predict the noise (or the velocity)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdjax.schedulers import Scheduler, default_scheduler_name, get_scheduler
+from sdjax.train import components
+from sdjax.train.config import TrainConfig
+from sdjax.train.data import to_unit_range
+from sdjax.train.task import Metrics, Setup, remat
+from sdjax.weights import export
+from sdjax.weights.files import read_json
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionTask:
+    unet: nnx.GraphDef
+    vae: nnx.GraphDef
+    text_encoder: nnx.GraphDef
+    scheduler: Scheduler
+    prediction_type: str
+    min_snr_gamma: float | None
+    scaling_factor: float
+    dtype: str
+    remat_policy: str | None
+
+    def loss(self, params, frozen, batch, key) -> tuple[jax.Array, Metrics]:
+        nets = {**frozen, **components.cast(params, jnp.dtype(self.dtype))}
+        vae = nnx.merge(self.vae, nets["vae"])
+        k_latent, k_noise, k_t = jax.random.split(key, 3)
+        mean, logvar = vae.encode(batch["pixels"].astype(self.dtype))
+        mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+        latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)
+        latents = jax.lax.stop_gradient(latents * self.scaling_factor)
+        b = latents.shape[0]
+        noise = jax.random.normal(k_noise, latents.shape)
+        t = jax.random.randint(k_t, (b,), 0, self.scheduler.num_train_timesteps)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+
+        def forward(unet_params, te_params, noisy, t, ids):
+            context = nnx.merge(self.text_encoder, te_params)(ids)
+            return nnx.merge(self.unet, unet_params)(noisy, t, context)
+
+        pred = remat(forward, self.remat_policy)(nets["unet"], nets["text_encoder"], noisy, t,
+                                                 batch["input_ids"]).astype(jnp.float32)
+        target = (noise if self.prediction_type == "epsilon"
+                  else self.scheduler.get_velocity(latents, noise, t))
+        per_sample = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+        mse = jnp.mean(per_sample)
+        if self.min_snr_gamma is None:
+            return mse, {"mse": mse}
+        # Min-SNR-gamma: clamp each timestep's weight at gamma so the easy, low-noise
+        # timesteps stop dominating; expressed for the chosen target (Hang et al. 2023).
+        snr = self.scheduler.snr(t)
+        clamped = jnp.minimum(snr, self.min_snr_gamma)
+        weight = clamped / snr if self.prediction_type == "epsilon" else clamped / (snr + 1)
+        return jnp.mean(per_sample * weight), {"mse": mse}
+
+
+def scheduler_config(cfg: TrainConfig) -> dict:
+    """The recipe's scheduler config (else the pretrained one's), with the recipe's
+    prediction type written in, since the export must tell samplers what the UNet predicts."""
+    d = cfg.diffusion
+    if d.scheduler is not None:
+        conf = dict(d.scheduler)
+    else:
+        folder = components.pretrained_folder(cfg)
+        if folder is None:
+            raise ValueError("task 'unet' needs diffusion.scheduler or a pretrained folder")
+        conf = read_json(folder / "scheduler" / "scheduler_config.json")
+    conf["prediction_type"] = d.prediction_type or conf.get("prediction_type", "epsilon")
+    if conf["prediction_type"] not in ("epsilon", "v_prediction"):
+        raise ValueError("diffusion.prediction_type must be 'epsilon' or 'v_prediction'")
+    return conf
+
+
+def setup(cfg: TrainConfig, place) -> Setup:
+    sched_conf = scheduler_config(cfg)
+    sched = get_scheduler(default_scheduler_name(sched_conf), sched_conf)
+    tok = components.tokenizer(cfg)
+    train_te = cfg.diffusion.train_text_encoder
+    te = components.network(cfg, "text_encoder", trainable=train_te, place=place,
+                            overrides=components.text_encoder_overrides(tok), seed_offset=1)
+    vae = components.network(cfg, "vae", trainable=False, place=place)
+    unet = components.network(cfg, "unet", trainable=True, place=place, seed_offset=2)
+    if unet.config.cross_attention_dim != te.config.hidden_size:
+        raise ValueError(f"unet cross_attention_dim {unet.config.cross_attention_dim} != text "
+                         f"encoder hidden_size {te.config.hidden_size}")
+    task = DiffusionTask(unet=unet.graphdef, vae=vae.graphdef, text_encoder=te.graphdef,
+                         scheduler=sched, prediction_type=sched_conf["prediction_type"],
+                         min_snr_gamma=cfg.diffusion.min_snr_gamma,
+                         scaling_factor=float(vae.config.scaling_factor),
+                         dtype=cfg.compute_dtype, remat_policy=cfg.remat_policy)
+    trained = {"unet": unet.params} | ({"text_encoder": te.params} if train_te else {})
+    frozen = {"vae": vae.params} | ({} if train_te else {"text_encoder": te.params})
+    dropout = cfg.diffusion.caption_dropout
+
+    def prepare(images: np.ndarray, captions: list[str], index: np.ndarray):
+        # Dropping a caption is decided by (seed, sample index), like everything else about
+        # a sample, so a resumed run drops the same ones.
+        if dropout > 0:
+            u = np.array([np.random.default_rng([cfg.seed, int(i), 2]).random() for i in index])
+            captions = ["" if drop else c for c, drop in zip(captions, u < dropout,
+                                                                strict=True)]
+        return {"pixels": to_unit_range(images), "input_ids": tok(captions)}
+
+    def export_to(params: dict, folder: Path) -> None:
+        f32 = jnp.float32
+        nets = {"text_encoder": te, "vae": vae, "unet": unet}
+        modules = {}
+        for name, net in nets.items():
+            p = params.get(name, net.params)
+            modules[name] = nnx.merge(components.graph_of(name, net.config, f32),
+                                      components.cast(p, f32))
+        export.save_pipeline(folder, unet=modules["unet"], vae=modules["vae"],
+                             text_encoder=modules["text_encoder"], tokenizer_dir=tok.folder,
+                             scheduler_config=sched_conf, tokenizer=tok.tokenizer)
+
+    return Setup(task=task, params=trained, frozen=frozen, prepare=prepare, export=export_to)

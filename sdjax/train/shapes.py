@@ -1,0 +1,121 @@
+"""The toy model's data: one flat-coloured shape on a plain background, with its caption,
+drawn on the fly; and the pixel-statistics classifier that checks generated images.
+
+Sample ``i`` of seed ``s`` depends on ``(s, i)`` only, so a training run can resume at any
+sample position and get the same stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
+    "yellow": (255, 255, 0), "white": (255, 255, 255), "black": (0, 0, 0),
+}
+SHAPES = ("circle", "square", "triangle")
+VOCABULARY = ("a", "on", "background", *COLOURS, *SHAPES)
+_SUPERSAMPLE = 4  # sub-pixels per side: anti-aliased edges, as a real photo of a shape has
+_PALETTE = np.array(list(COLOURS.values()), np.float32)
+_NAMES = list(COLOURS)
+
+
+def caption(colour: str, shape: str, background: str) -> str:
+    return f"a {colour} {shape} on a {background} background"
+
+
+def shape_mask(shape: str, size: int, cx: float, cy: float, side: float) -> np.ndarray:
+    """Coverage in [0, 1] of each pixel of a ``size``x``size`` image by the shape whose
+    bounding box is a ``side`` square centred at (cx, cy) (pixel units)."""
+    n = size * _SUPERSAMPLE
+    c = (np.arange(n) + 0.5) / _SUPERSAMPLE
+    x, y = c[None, :] - cx, c[:, None] - cy
+    h = side / 2
+    if shape == "circle":
+        inside = x * x + y * y <= h * h
+    elif shape == "square":
+        inside = (np.abs(x) <= h) & (np.abs(y) <= h)
+    elif shape == "triangle":
+        # Apex up, base down; width grows linearly from the apex, so it fills half its box.
+        t = (y + h) / side
+        inside = (t >= 0) & (t <= 1) & (np.abs(x) <= h * t)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
+    return inside.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def render(colour: str, shape: str, background: str, *, size: int, cx: float, cy: float,
+           side: float) -> np.ndarray:
+    """uint8 (size, size, 3)."""
+    m = shape_mask(shape, size, cx, cy, side)[..., None]
+    fg, bg = np.array(COLOURS[colour], np.float32), np.array(COLOURS[background], np.float32)
+    return np.round(m * fg + (1 - m) * bg).astype(np.uint8)
+
+
+def sample(seed: int, index: int, size: int) -> tuple[np.ndarray, str]:
+    """Sample ``index`` of the stream ``seed``: (uint8 image, caption). Side 35-60% of the
+    image, centre jittered by up to 10% of the image side."""
+    rng = np.random.default_rng([seed, index])
+    colour, background = rng.choice(len(_NAMES), size=2, replace=False)
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    side = rng.uniform(0.35, 0.60) * size
+    cx, cy = size / 2 + rng.uniform(-0.1, 0.1, size=2) * size
+    fg, bg = _NAMES[colour], _NAMES[background]
+    return render(fg, shape, bg, size=size, cx=cx, cy=cy, side=side), caption(fg, shape, bg)
+
+
+def classify(image: np.ndarray) -> tuple[str, str, str]:
+    """(shape colour, shape, background colour) of a uint8 RGB image from plain pixel
+    statistics: the border's colour is the background, the most frequent other palette
+    colour is the shape's, and how much of its bounding box the shape fills tells the shape
+    (square 1, circle pi/4, triangle 1/2)."""
+    img = np.asarray(image, np.float32)
+    nearest = np.argmin(((img[..., None, :] - _PALETTE) ** 2).sum(-1), axis=-1)
+    border = np.concatenate([nearest[0], nearest[-1], nearest[1:-1, 0], nearest[1:-1, -1]])
+    bg = int(np.bincount(border, minlength=len(_NAMES)).argmax())
+    counts = np.bincount(nearest.ravel(), minlength=len(_NAMES))
+    counts[bg] = 0
+    fg = int(counts.argmax())
+    mask = nearest == fg
+    if not mask.any():
+        return _NAMES[fg], "none", _NAMES[bg]
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+    fill = mask.sum() / box
+    shape = "square" if fill > 0.89 else "circle" if fill > 0.64 else "triangle"
+    return _NAMES[fg], shape, _NAMES[bg]
+
+
+def parse_caption(text: str) -> tuple[str, str, str]:
+    """Inverse of :func:`caption`."""
+    words = text.split()
+    return words[1], words[2], words[5]
+
+
+def prompt_grid(n: int = 24) -> list[str]:
+    """``n`` captions covering every colour as shape and as background, and every shape,
+    in a fixed order (for evaluating prompt following)."""
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        fg = _NAMES[i % len(_NAMES)]
+        bg = _NAMES[(i // len(_NAMES) + 1 + i) % len(_NAMES)]
+        if bg == fg:
+            bg = _NAMES[(_NAMES.index(bg) + 1) % len(_NAMES)]
+        out.append(caption(fg, SHAPES[(i + i // len(_NAMES)) % len(SHAPES)], bg))
+        i += 1
+    return out
+
+
+def accuracy(images: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, float]:
+    """Fraction of images whose classified colours/shape match their prompt: ``colour``
+    counts both colours (shape and background) right, ``shape`` the shape."""
+    colour = shape = 0
+    for img, p in zip(images, prompts, strict=True):
+        want, got = parse_caption(p), classify(img)
+        colour += (want[0], want[2]) == (got[0], got[2])
+        shape += want[1] == got[1]
+    n = len(prompts)
+    return {"colour": colour / n, "shape": shape / n}

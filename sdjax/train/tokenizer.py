@@ -1,0 +1,96 @@
+"""A small byte-level BPE vocabulary written in CLIPTokenizer's on-disk format.
+
+The toy model (and the tests' tiny models) need a CLIP tokenizer without downloading OpenAI's
+49k-token vocabulary. Like CLIP's, the vocabulary starts with the 256 byte symbols, then the
+same symbols with the end-of-word marker ``</w>``, then one token per merge, then the two
+special tokens; any text still tokenises (unknown words fall apart into bytes). The merges
+are built so that every word of ``words`` becomes exactly one token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes (printable latin-1 bytes map
+    to themselves, the rest to code points from 256 up), in byte order."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE of one (already byte-mapped) word: repeatedly merge the adjacent pair with
+    the lowest rank until none of the pairs is a known merge."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = {(a, b) for a, b in zip(parts, parts[1:], strict=False)}
+        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+def build_merges(words: Sequence[str]) -> list[tuple[str, str]]:
+    """Merges that turn each word into a single token.
+
+    Each new merge is appended last (lowest priority), so it only acts after every earlier
+    merge has been exhausted: a word that already ends as one token is never disturbed, and
+    a word that earlier merges split unexpectedly gets glued from the pieces it ends up with.
+    """
+    alphabet = byte_alphabet()
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for raw in dict.fromkeys(words):
+        word = "".join(alphabet[b] for b in raw.lower().encode("utf-8"))
+        if not word:
+            continue
+        while len(parts := bpe(word, ranks)) > 1:
+            pair = (parts[0], parts[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+    return merges
+
+
+def write_clip_tokenizer(folder: str | Path, words: Sequence[str], *,
+                         pad_token: str = EOS, model_max_length: int = 77) -> int:
+    """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json that
+    transformers' ``CLIPTokenizer.from_pretrained(folder)`` reads; returns the vocabulary
+    size (what the text encoder's ``vocab_size`` must be)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = byte_alphabet()
+    merges = build_merges(words)
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    vocab += [a + b for a, b in merges]
+    vocab = list(dict.fromkeys(vocab)) + [BOS, EOS]
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)},
+                                                  ensure_ascii=False))
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"model_max_length": model_max_length, "do_lower_case": True,
+         "tokenizer_class": "CLIPTokenizer", **special}, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return len(vocab)

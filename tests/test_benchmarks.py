@@ -1,0 +1,56 @@
+"""Smoke test of the benchmark entry point on the tiny model: it runs, prints every field and
+appends a row. No timing thresholds: speed is recorded in benchmarks/RESULTS.md, not tested."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.report import FIELDS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fields(stdout: str) -> dict[str, str]:
+    """``label  value`` lines back into {label: value} (labels may contain single spaces)."""
+    out = {}
+    labels = sorted((label for _, label in FIELDS), key=len, reverse=True)
+    for line in stdout.splitlines():
+        for label in labels:
+            if line.startswith(label + "  "):
+                out[label] = line[len(label):].strip()
+                break
+    return out
+
+
+def test_throughput_runs_on_the_tiny_model_and_records_a_row(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    # A subprocess, as users run it: the benchmark turns on a persistent compilation cache
+    # and changes JAX settings that must not leak into the other tests of this process.
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--model", "tiny", "--models_dir",
+         str(tmp_path / "models"), "--size", "32", "--steps", "2", "--repeats", "2",
+         "--num_devices", "1", "--no-warm_start", "--results", str(results),
+         "--note", "smoke test"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fields = _fields(proc.stdout)
+    assert set(fields) == {label for _, label in FIELDS}, proc.stdout
+
+    assert fields["model"] == "tiny" and fields["image size"] == "32x32"
+    assert fields["UNet evaluations per call"] == "3"  # PNDM: one extra evaluation
+    assert fields["warm start s (fresh process to first image)"] == "n/a"  # switched off
+    for label in ("cold compile s", "s/batch (median)", "images/s", "UNet steps/s",
+                  "GFLOP/image", "diffusers s/batch (median)", "sdjax speedup vs diffusers"):
+        assert float(fields[label]) > 0, label
+    assert len(fields["s/batch runs"].split()) == 2
+    # Both libraries ran the same workload on the same weights: the same pixels.
+    assert float(fields["max |pixel| diff vs diffusers"]) < 1e-4
+    # CPU: no allocator counters, so no peak memory, batch search or MFU without a peak.
+    assert fields["peak device memory"] == fields["max batch per device"] == "n/a"
+    assert fields["MFU"] == "n/a"
+
+    row = results.read_text().splitlines()[-1]
+    assert row.startswith("| ") and "--model tiny" in row and "smoke test" in row
+    assert results.read_text().count("| date |") == 1

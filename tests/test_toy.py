@@ -1,0 +1,59 @@
+"""The bundled toy model follows its prompts: 24 prompts covering every colour (as shape and
+as background) and every shape, each image classified by plain pixel statistics (border
+colour = background, most frequent other colour = shape colour, fill ratio of the shape's
+bounding box = shape)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sdjax.pipeline import StableDiffusionPipeline
+from sdjax.train import shapes
+from sdjax.weights.resolve import toy_path
+
+PROMPTS = shapes.prompt_grid(24)
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return StableDiffusionPipeline.from_pretrained("toy", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def images(pipe):
+    # One compiled program serves both: the guidance scale is a runtime input.
+    return {g: pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=g, seed=0).images
+            for g in (7.5, 1.0)}
+
+
+def test_prompts_cover_every_colour_and_shape():
+    parsed = [shapes.parse_caption(p) for p in PROMPTS]
+    assert {c for c, _, _ in parsed} == {b for _, _, b in parsed} == set(shapes.COLOURS)
+    assert {s for _, s, _ in parsed} == set(shapes.SHAPES)
+
+
+def test_follows_prompts(images):
+    acc = shapes.accuracy(images[7.5], PROMPTS)
+    # "colour" counts an image right only when both the shape's and the background's are.
+    assert acc["colour"] >= 0.9, acc
+    assert acc["shape"] >= 0.75, acc
+
+
+def test_guidance_helps(images):
+    strong = shapes.accuracy(images[7.5], PROMPTS)
+    weak = shapes.accuracy(images[1.0], PROMPTS)
+    assert strong["colour"] + strong["shape"] > weak["colour"] + weak["shape"], (strong, weak)
+
+
+def test_default_size_and_footprint(pipe, images):
+    assert pipe.default_hw == (32, 32)
+    assert images[7.5].shape == (24, 32, 32, 3) and images[7.5].dtype == np.uint8
+    folder = toy_path()
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 20 * 2**20, size
+    summary = json.loads((folder / "training" / "summary.json").read_text())
+    assert summary["train_s_total"] < 3600

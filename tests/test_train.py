@@ -1,0 +1,221 @@
+"""The trainer on tiny recipes: loss goes down, resuming is bitwise identical to not
+stopping, every task trains and exports, and the export loads in diffusers with the same
+images as sdjax."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from sdjax.models.vae import AutoencoderKL, VAEConfig
+from sdjax.train import shapes
+from sdjax.train.config import (
+    AutoencoderConfig,
+    ContrastiveConfig,
+    DataConfig,
+    DiffusionConfig,
+    OptimConfig,
+    TokenizerConfig,
+    TrainConfig,
+    load_config,
+    override,
+)
+from sdjax.train.data import make_source
+from sdjax.train.loop import train
+from sdjax.train.tokenizer import bpe, build_merges, write_clip_tokenizer
+from sdjax.weights import export
+
+RES = 16  # pixels; the tiny VAE has factor 2, so latents are 8x8
+DDIM = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "clip_sample": False,
+        "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon"}
+TINY_UNET = {"sample_size": 8, "block_out_channels": [16, 32], "layers_per_block": 1,
+             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32,
+             "attention_head_dim": 2, "norm_num_groups": 8}
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2}
+TINY_VAE = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+            "sample_size": RES, "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2}
+
+
+@pytest.fixture(scope="module")
+def frozen_parts(tmp_path_factory):
+    """A folder with a random text encoder, VAE and tokenizer, written by sdjax's export:
+    what a UNet run starts from."""
+    folder = tmp_path_factory.mktemp("parts")
+    n = write_clip_tokenizer(folder / "tokenizer", shapes.VOCABULARY, model_max_length=12)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=n, max_position_embeddings=12, **TINY_TEXT),
+                       rngs=nnx.Rngs(0))
+    vae = AutoencoderKL(VAEConfig.from_dict(TINY_VAE), rngs=nnx.Rngs(1))
+    export.save_network(folder / "text_encoder", te,
+                        {"bos_token_id": n - 2, "eos_token_id": n - 1, "pad_token_id": n - 1})
+    export.save_network(folder / "vae", vae)
+    return folder
+
+
+def unet_recipe(out, parts, **kw) -> TrainConfig:
+    cfg = TrainConfig(
+        task="unet", output_dir=str(out), pretrained=str(parts), unet=TINY_UNET,
+        diffusion=DiffusionConfig(scheduler=DDIM, caption_dropout=0.1, min_snr_gamma=5.0),
+        data=DataConfig(source="shapes", resolution=RES, prefetch=1),
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=4, schedule="cosine",
+                          accumulate_steps=2),
+        batch_size=8, steps=30, seed=0, ema_decay=0.9, num_devices=2, checkpoint_every=15,
+        log_every=1, progress=False)
+    return override(cfg, kw)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, frozen_parts):
+    return train(unet_recipe(tmp_path_factory.mktemp("a"), frozen_parts))
+
+
+def test_loss_goes_down(uninterrupted):
+    losses = [r["loss"] for r in uninterrupted.history]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_resume_is_bitwise_identical(tmp_path, frozen_parts, uninterrupted):
+    cfg = unet_recipe(tmp_path, frozen_parts)
+    first = train(cfg, stop_at=15)
+    assert first.export_dir is None and first.step == 15
+    resumed = train(cfg)  # picks up the step-15 checkpoint (weights, EMA, Adam, data position)
+    assert resumed.step == 30
+    for got, want in ((resumed.params, uninterrupted.params), (resumed.ema, uninterrupted.ema)):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    # The log of the resumed output folder is one curve, equal to the uninterrupted one.
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in uninterrupted.history]
+
+
+def test_export_loads_in_diffusers_with_the_same_images(uninterrupted):
+    import torch
+    from diffusers import StableDiffusionPipeline as TorchPipeline
+
+    from sdjax.pipeline import StableDiffusionPipeline
+
+    folder = uninterrupted.export_dir
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())[
+        "_class_name"] == "DDIMScheduler"
+    ref = TorchPipeline.from_pretrained(str(folder), safety_checker=None,
+                                        requires_safety_checker=False)
+    ours = StableDiffusionPipeline.from_pretrained(str(folder), dtype="float32", num_devices=1)
+    prompts = ["a red circle on a blue background", "a white square on a black background"]
+    latents = np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32)
+    with torch.no_grad():
+        want = ref(prompts, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+                   num_inference_steps=4, guidance_scale=5.0, output_type="np").images
+    got = ours(prompts, latents=latents, num_inference_steps=4, guidance_scale=5.0,
+               output_type="float").images
+    assert got.shape == want.shape == (2, RES, RES, 3)
+    assert np.abs(got - want).max() < 2e-4  # float32 both sides; measured ~3e-6
+
+
+def test_vae_and_clip_tasks_train_and_export(tmp_path):
+    """Both other tasks, each also exercising an option: the VAE in bfloat16 compute with
+    float32 master weights, CLIP with rematerialisation."""
+    data = DataConfig(source="shapes", resolution=RES, prefetch=0)
+    optim = OptimConfig(learning_rate=3e-3, warmup_steps=2)
+    vae = train(TrainConfig(
+        task="vae", output_dir=str(tmp_path / "vae"), vae=TINY_VAE, data=data, optim=optim,
+        autoencoder=AutoencoderConfig(kl_weight=1e-4, scaling_batches=2),
+        compute_dtype="bfloat16", batch_size=8, steps=20, log_every=1, progress=False,
+        num_devices=1, export_dir=str(tmp_path / "model")))
+    clip = train(TrainConfig(
+        task="clip", output_dir=str(tmp_path / "clip"),
+        tokenizer=TokenizerConfig(words=shapes.VOCABULARY, model_max_length=12),
+        text_encoder=TINY_TEXT, contrastive=ContrastiveConfig(image_channels=(8, 16)),
+        data=data, optim=optim, remat_policy="dots_saveable", batch_size=16, steps=20,
+        log_every=1, progress=False, num_devices=1, export_dir=str(tmp_path / "model")))
+    for result in (vae, clip):
+        losses = [r["loss"] for r in result.history]
+        assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(vae.params))
+
+    from sdjax.weights.diffusers_folder import load_network, load_tokenizer, read_config
+
+    folder = tmp_path / "model"
+    vae_cfg = read_config(folder, "vae")
+    assert vae_cfg.scaling_factor != VAEConfig().scaling_factor  # measured from the latents
+    load_network(folder, "vae")
+    te = load_network(folder, "text_encoder")
+    ids = load_tokenizer(folder)(["a red circle"], padding="max_length",
+                                 max_length=12, return_tensors="np").input_ids
+    assert te(jnp.asarray(ids)).shape == (1, 12, 32)
+
+
+def test_tokenizer_makes_each_word_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    words = ["red", "green", "greener", "reed", "background", "a"]
+    ranks = {m: i for i, m in enumerate(build_merges(words))}
+    assert all(len(bpe(w, ranks)) == 1 for w in words)
+    write_clip_tokenizer(tmp_path, words, model_max_length=10)
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path))
+    ids = tok("a greener reed, red!").input_ids
+    assert tok.convert_ids_to_tokens(ids)[1:5] == ["a</w>", "greener</w>", "reed</w>", ",</w>"]
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_folder_and_webdataset_sources(tmp_path):
+    images = [np.full((20, 24, 3), 10 * i, np.uint8) for i in range(5)]
+    (tmp_path / "folder").mkdir()
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for i, img in enumerate(images):
+            (tmp_path / "folder" / f"{i}.png").write_bytes(_png(img))
+            (tmp_path / "folder" / f"{i}.txt").write_text(f"caption {i}\n")
+            for name, data in ((f"s{i}.png", _png(img)), (f"s{i}.txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    for source, path in (("folder", tmp_path / "folder"), ("webdataset", tmp_path)):
+        src = make_source(DataConfig(source=source, path=str(path), resolution=16), seed=3)
+        assert len(src) == 5
+        epoch = [src.get(i) for i in range(5)]
+        # Each epoch is a permutation; images are resized+cropped and match their caption.
+        assert sorted(c for _, c in epoch) == [f"caption {i}" for i in range(5)]
+        for img, cap in epoch:
+            assert img.shape == (16, 16, 3) and img[0, 0, 0] == 10 * int(cap.split()[1])
+        again = make_source(DataConfig(source=source, path=str(path), resolution=16), seed=3)
+        assert [again.get(i)[1] for i in (7, 2, 9)] == [src.get(i)[1] for i in (7, 2, 9)]
+
+
+def test_recipes_load_and_override(tmp_path):
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for stage in ("clip", "vae", "unet"):
+        cfg = load_config(configs / f"toy_{stage}.py")
+        assert cfg.task == stage
+    cfg = override(cfg, {"optim.learning_rate": 5e-4, "steps": 7})
+    assert cfg.optim.learning_rate == 5e-4 and cfg.steps == 7
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"task": "vae", "data": {"resolution": 64},
+                                "contrastive": {"image_channels": [4, 8]}}))
+    cfg = load_config(path)
+    assert cfg.data.resolution == 64 and cfg.contrastive.image_channels == (4, 8)
+    path.write_text(json.dumps({"task": "vae", "optim": {"learning_rat": 1}}))
+    with pytest.raises(ValueError, match="learning_rat"):
+        load_config(path)
+
+
+def test_shapes_classifier_reads_the_training_images():
+    for i in range(200):
+        img, cap = shapes.sample(7, i, 32)
+        assert shapes.classify(img) == shapes.parse_caption(cap), cap
