@@ -1,4 +1,4 @@
-"""Toy model, stage 1 of 3: a small CLIP text encoder with its own vocabulary, trained
+"""Toy model, stage 1 of 4: a small CLIP text encoder with its own vocabulary, trained
 contrastively against a small image tower on the synthetic shapes.
 
     python -m sdjax.train --config configs/toy_clip.py
@@ -13,7 +13,7 @@ from sdjax.train.config import (
 )
 from sdjax.train.shapes import VOCABULARY
 
-MODEL_DIR = "runs/toy/model"  # the three stages assemble one diffusers folder here
+MODEL_DIR = "runs/toy/model"  # the four stages assemble one diffusers folder here
 
 
 def config() -> TrainConfig:

@@ -1,4 +1,4 @@
-"""Toy model, stage 3 of 3: the UNet, on latents of the stage-2 VAE, conditioned on the
+"""Toy model, stage 3 of 4: the UNet, on latents of the stage-2 VAE, conditioned on the
 stage-1 text encoder (both frozen), with 10% empty captions for classifier-free guidance.
 
     python -m sdjax.train --config configs/toy_unet.py
@@ -18,6 +18,11 @@ SCHEDULER = {
     "prediction_type": "epsilon",
     "timestep_spacing": "linspace",
     "steps_offset": 1,
+    # Read by the other samplers built from this file (as in SD's own configs): without them
+    # DDIM would clip its x0 estimate to [-1, 1] and PNDM would run its slow Runge-Kutta warm-up.
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
     "solver_order": 2,
     "algorithm_type": "dpmsolver++",
     "solver_type": "midpoint",

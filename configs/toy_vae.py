@@ -1,4 +1,4 @@
-"""Toy model, stage 2 of 3: a small AutoencoderKL, 32x32 RGB <-> 8x8x4 latents (factor 4).
+"""Toy model, stage 2 of 4: a small AutoencoderKL, 32x32 RGB <-> 8x8x4 latents (factor 4).
 
     python -m sdjax.train --config configs/toy_vae.py
 """

@@ -3,7 +3,7 @@ encoder frozen (or the text encoder trained too), a VAE on images, a CLIP text e
 contrastively; EMA, checkpoints that resume on the same loss curve, export to diffusers.
 
     python -m sdjax.train --config configs/toy_unet.py
-    python -m sdjax.train.toy      # the bundled toy model, all three stages
+    python -m sdjax.train.toy      # the bundled toy model, all four stages
 """
 
 from __future__ import annotations

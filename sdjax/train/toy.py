@@ -1,9 +1,9 @@
 """Rebuild the bundled toy model from scratch: ``python -m sdjax.train.toy``.
 
-Runs the three recipes in configs/ (toy_clip.py, toy_vae.py, toy_unet.py) with the trainer,
-each stage adding its part to one diffusers folder, then measures prompt following on the
-evaluation prompts and installs the folder, with the training logs and a summary, as
-``sdjax/assets/toy``. An interrupted run resumes from the stage's last checkpoint.
+Runs the four recipes in configs/ (toy_clip.py, toy_vae.py, toy_unet.py, toy_unet_tune.py)
+with the trainer, each stage adding its part to one diffusers folder, then measures prompt
+following on the evaluation prompts and installs the folder, with the training logs and a
+summary, as ``sdjax/assets/toy``. An interrupted run resumes from the stage's last checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("clip", "vae", "unet")
+STAGES = ("clip", "vae", "unet", "unet_tune")
 REPO = Path(__file__).resolve().parents[2]
 EVAL_STEPS = 20
 
