@@ -25,7 +25,7 @@ from benchmarks import models
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # Environment that changes what XLA or the libraries do; recorded with the command.
-_ENV_PREFIXES = ("XLA_", "JAX_", "SDJAX_", "OMP_", "MKL_", "TF_")
+_ENV_PREFIXES = ("XLA_", "JAX_", "SDJAX_", "OMP_", "MKL_", "TF_CPP_")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
