@@ -17,20 +17,7 @@ import time
 import numpy as np
 
 from benchmarks.workload import Workload
-
-# sdjax scheduler name -> (diffusers class, options), as sdjax.schedulers documents them.
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "pndm": ("PNDMScheduler", {}), "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler",
-                 {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                         "use_karras_sigmas": True}),
-}
+from sdjax.schedulers import diffusers_equivalent
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe = pipe.to(device)
     load_s = time.perf_counter() - t0
     if w.scheduler:
-        cls, extra = SCHEDULERS[w.scheduler]
+        cls, extra = diffusers_equivalent(w.scheduler)
         pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
     latents = torch.from_numpy(w.latents().transpose(0, 3, 1, 2).copy()).to(device, dtype)

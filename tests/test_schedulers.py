@@ -18,8 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
+from sdjax.schedulers import (
+    SCHEDULER_NAMES,
+    default_scheduler_name,
+    diffusers_equivalent,
+    get_scheduler,
+)
 from sdjax.schedulers.common import NoiseSchedule
+from tests.tiny_models import diffusers_scheduler
 
 # diffusers (with numpy 2) warns about __array__ copy semantics on every set_timesteps.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -28,17 +34,6 @@ REL_TOL = 1e-5
 SHAPE = (2, 4, 4, 3)  # NHWC; the scheduler maths is elementwise so torch gets the same array
 STEPS = (1, 2, 5, 25, 50)
 
-REFERENCE = {
-    "pndm": "PNDMScheduler",
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
-}
 # The hub's runwayml/stable-diffusion-v1-5 scheduler_config.json: no timestep_spacing key.
 SD15 = {
     "_class_name": "PNDMScheduler",
@@ -57,12 +52,7 @@ SD21 = {**SD15, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction
 
 
 def reference(name: str, config: dict):
-    cls = getattr(diffusers, REFERENCE[name])
-    extra = {}
-    if name.startswith("dpmpp_2m"):
-        extra = {"algorithm_type": "dpmsolver++", "solver_order": 2}
-        extra["use_karras_sigmas"] = name.endswith("_karras")
-    return cls.from_config(config, **extra)
+    return diffusers_scheduler(name, config)
 
 
 def rel_err(ours, ref) -> float:
@@ -219,7 +209,8 @@ def test_noise_schedule_matches_diffusers():
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_defaults_are_the_diffusers_class_defaults(name):
     cls = type(get_scheduler(name, {}))
-    signature = inspect.signature(getattr(diffusers, REFERENCE[name]).__init__).parameters
+    ref_cls = getattr(diffusers, diffusers_equivalent(name)[0])
+    signature = inspect.signature(ref_cls.__init__).parameters
     for key, value in cls.defaults.items():
         assert signature[key].default == value, key
     # The SD 1.5 file has no timestep_spacing: each class keeps its own default.

@@ -99,17 +99,7 @@ def diffusers_scheduler(name: str, config: dict):
     """The diffusers scheduler that our scheduler ``name`` reproduces, from ``config``."""
     import diffusers
 
-    classes = {
-        "pndm": ("PNDMScheduler", {}), "ddim": ("DDIMScheduler", {}),
-        "ddpm": ("DDPMScheduler", {}), "lms": ("LMSDiscreteScheduler", {}),
-        "euler": ("EulerDiscreteScheduler", {}),
-        "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-        "heun": ("HeunDiscreteScheduler", {}),
-        "dpmpp_2m": ("DPMSolverMultistepScheduler",
-                     {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-        "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                            {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                             "use_karras_sigmas": True}),
-    }
-    cls, extra = classes[name]
+    from sdjax.schedulers import diffusers_equivalent
+
+    cls, extra = diffusers_equivalent(name)
     return getattr(diffusers, cls).from_config(config, **extra)

@@ -32,44 +32,50 @@ from sdjax.schedulers.heun import Heun
 from sdjax.schedulers.lms import LMS
 from sdjax.schedulers.pndm import PNDM
 
-# name -> (class, options forced on top of the model's config)
-_REGISTRY: dict[str, tuple[type[Scheduler], dict[str, Any]]] = {
-    "pndm": (PNDM, {}),
-    "ddim": (DDIM, {}),
-    "ddpm": (DDPM, {}),
-    "lms": (LMS, {}),
-    "euler": (Euler, {}),
-    "euler_a": (EulerAncestral, {}),
-    "heun": (Heun, {}),
+# name -> (our class, the diffusers class it reproduces, options forced on top of the model's
+# config: ours take them, and so does the diffusers class when built as the reference).
+_REGISTRY: dict[str, tuple[type[Scheduler], str, dict[str, Any]]] = {
+    "pndm": (PNDM, "PNDMScheduler", {}),
+    "ddim": (DDIM, "DDIMScheduler", {}),
+    "ddpm": (DDPM, "DDPMScheduler", {}),
+    "lms": (LMS, "LMSDiscreteScheduler", {}),
+    "euler": (Euler, "EulerDiscreteScheduler", {}),
+    "euler_a": (EulerAncestral, "EulerAncestralDiscreteScheduler", {}),
+    "heun": (Heun, "HeunDiscreteScheduler", {}),
     "dpmpp_2m": (
         DPMSolverMultistep,
+        "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
     ),
     "dpmpp_2m_karras": (
         DPMSolverMultistep,
+        "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
-_BY_DIFFUSERS_CLASS = {
-    "PNDMScheduler": "pndm",
-    "DDIMScheduler": "ddim",
-    "DDPMScheduler": "ddpm",
-    "LMSDiscreteScheduler": "lms",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-}
+# A model's diffusers class -> our name (the first registered, so DPMSolver -> dpmpp_2m).
+_BY_DIFFUSERS_CLASS: dict[str, str] = {}
+for _name, (_, _cls, _) in _REGISTRY.items():
+    _BY_DIFFUSERS_CLASS.setdefault(_cls, _name)
 
 
 def get_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
     """The scheduler `name` configured from a parsed scheduler_config.json."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
-    cls, forced = _REGISTRY[name]
+    cls, _, forced = _REGISTRY[name]
     return cls.from_config(config, **forced)
+
+
+def diffusers_equivalent(name: str) -> tuple[str, dict[str, Any]]:
+    """(diffusers class name, ``from_config`` options) of the scheduler that ``name``
+    reproduces: the tests' oracle and the benchmarks' peer."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    _, cls, forced = _REGISTRY[name]
+    return cls, dict(forced)
 
 
 def default_scheduler_name(config: Mapping[str, Any]) -> str:
@@ -85,5 +91,6 @@ __all__ = [
     "NoiseSchedule",
     "Scheduler",
     "default_scheduler_name",
+    "diffusers_equivalent",
     "get_scheduler",
 ]
