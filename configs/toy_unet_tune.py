@@ -2,9 +2,10 @@
 third of the captions empty.
 
 Why a stage of its own: after stage 3 the unconditional model (trained on 10% of the samples)
-still draws blends of the three shapes, so classifier-free guidance at 7.5, which pushes away
-from it, exaggerates corners into stars. More unconditional training makes it recognise a
-shape once one has formed, so guidance fades in the late steps instead of distorting them.
+still draws blends of the three shapes, and classifier-free guidance at 7.5, which pushes away
+from it, exaggerates square corners into stars. This stage moved shape accuracy at guidance 7.5
+from 0.625 to 0.667 (24 prompts, 20 steps); 50% empty captions instead of 30% made it worse
+(0.54), so the gap to the 0.75 target is not only the unconditional model.
 
     python -m sdjax.train --config configs/toy_unet_tune.py
 """
