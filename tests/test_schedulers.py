@@ -51,10 +51,6 @@ SD15 = {
 SD21 = {**SD15, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
 
 
-def reference(name: str, config: dict):
-    return diffusers_scheduler(name, config)
-
-
 def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
@@ -73,7 +69,7 @@ def compare_run(name: str, config: dict, n: int, strength: float = 1.0, seed: in
     """Run ours and the reference side by side (img2img as diffusers' pipeline does it when
     strength < 1); return the worst relative error over inputs, scalings and samples."""
     rng = np.random.default_rng(seed)
-    ref = reference(name, config)
+    ref = diffusers_scheduler(name, config)
     ref.set_timesteps(n)
     t_start = max(n - min(int(n * strength), n), 0)
     ref_timesteps = ref.timesteps[t_start * ref.order :]
@@ -340,7 +336,7 @@ def test_added_noise_statistics(name):
     n_steps, i, draws = 10, 4, 4096
     sched = get_scheduler(name, SD15)
     state = sched.set_timesteps(n_steps)
-    ref = reference(name, SD15)
+    ref = diffusers_scheduler(name, SD15)
     ref.set_timesteps(n_steps)
     if name == "ddpm":
         expected_std = float(ref._get_variance(ref.timesteps[i]) ** 0.5)

@@ -12,10 +12,12 @@ import pytest
 
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.train import shapes
+from sdjax.train.toy import EVAL_PROMPTS, EVAL_STEPS
 from sdjax.weights.resolve import toy_path
 
-PROMPTS = shapes.prompt_grid(24)
-STEPS = 20
+# What `python -m sdjax.train.toy` measured into the summary, measured again here.
+PROMPTS = shapes.prompt_grid(EVAL_PROMPTS)
+STEPS = EVAL_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def test_guidance_helps(images):
 
 def test_default_size_and_footprint(pipe, images):
     assert pipe.default_hw == (32, 32)
-    assert images[7.5].shape == (24, 32, 32, 3) and images[7.5].dtype == np.uint8
+    assert images[7.5].shape == (len(PROMPTS), 32, 32, 3) and images[7.5].dtype == np.uint8
     folder = toy_path()
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert size < 20 * 2**20, size

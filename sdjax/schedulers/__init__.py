@@ -61,20 +61,22 @@ for _name, (_, _cls, _) in _REGISTRY.items():
     _BY_DIFFUSERS_CLASS.setdefault(_cls, _name)
 
 
-def get_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
-    """The scheduler `name` configured from a parsed scheduler_config.json."""
+def _entry(name: str) -> tuple[type[Scheduler], str, dict[str, Any]]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
-    cls, _, forced = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def get_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
+    """The scheduler `name` configured from a parsed scheduler_config.json."""
+    cls, _, forced = _entry(name)
     return cls.from_config(config, **forced)
 
 
 def diffusers_equivalent(name: str) -> tuple[str, dict[str, Any]]:
     """(diffusers class name, ``from_config`` options) of the scheduler that ``name``
     reproduces: the tests' oracle and the benchmarks' peer."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
-    _, cls, forced = _REGISTRY[name]
+    _, cls, forced = _entry(name)
     return cls, dict(forced)
 
 

@@ -19,15 +19,16 @@ from pathlib import Path
 STAGES = ("clip", "vae", "unet", "unet_tune")
 REPO = Path(__file__).resolve().parents[2]
 EVAL_STEPS = 20
+EVAL_PROMPTS = 24  # shapes.prompt_grid(EVAL_PROMPTS): every colour both ways, every shape
 
 
 def evaluate(folder: Path, steps: int = EVAL_STEPS, seed: int = 0) -> dict:
-    """Prompt following on the 24 evaluation prompts at guidance 7.5 and 1."""
+    """Prompt following on the EVAL_PROMPTS evaluation prompts at guidance 7.5 and 1."""
     from sdjax.pipeline import StableDiffusionPipeline
     from sdjax.train import shapes
 
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype="float32")
-    prompts = shapes.prompt_grid(24)
+    prompts = shapes.prompt_grid(EVAL_PROMPTS)
     out = {}
     for g in (7.5, 1.0):
         images = pipe(prompts, num_inference_steps=steps, guidance_scale=g, seed=seed).images
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
               f"final loss {last['loss']:.4f}", flush=True)
     summary["train_s_total"] = round(sum(s["train_s"] for s in summary["stages"].values()), 1)
     summary["accuracy"] = evaluate(model)
-    summary["eval"] = {"prompts": 24, "steps": EVAL_STEPS, "seed": 0}
+    summary["eval"] = {"prompts": EVAL_PROMPTS, "steps": EVAL_STEPS, "seed": 0}
     summary["wall_s_total_this_invocation"] = round(time.perf_counter() - start, 1)
     print(f"[toy] prompt following: {json.dumps(summary['accuracy'])}", flush=True)
     if args.no_install:
