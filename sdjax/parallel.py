@@ -41,6 +41,18 @@ def make_mesh(num_devices: int | None = None, *, local: bool = False) -> Mesh:
     return Mesh(np.array(devices[:n]), (AXIS,))
 
 
+# XLA:CPU hands convolutions and dots to YNNPACK by default (jaxlib 0.10); at the UNet and
+# VAE shapes XLA's own kernels are faster (UNet about 1.2x on the project's 2-core benchmark
+# machine: python -m benchmarks.cpu_ops), so our CPU executables turn the hand-off off.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options(mesh: Mesh) -> dict[str, str] | None:
+    """XLA options for the executables sdjax compiles over ``mesh`` (None: XLA's defaults).
+    Passed per executable, so the user's own JAX code in the process is left as it is."""
+    return dict(_CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

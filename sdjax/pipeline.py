@@ -375,7 +375,8 @@ class StableDiffusionPipeline:
         sharded = jax.shard_map(per_device, mesh=self.mesh,
                                 in_specs=(P(),) + (batch,) * (n_in - 1), out_specs=batch,
                                 check_vma=False)
-        return _Executable(jax.jit(sharded), self)
+        options = parallel.compiler_options(self.mesh)
+        return _Executable(jax.jit(sharded, compiler_options=options), self)
 
 
 class _Executable:

@@ -132,3 +132,10 @@ def test_decode_chunks_do_not_change_the_images(ours):
     a = pipe(["a cat"] * 3, num_inference_steps=2, decode_chunk=1, output_type="float").images
     b = pipe(["a cat"] * 3, num_inference_steps=2, decode_chunk=3, output_type="float").images
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cpu_sampler_keeps_convolutions_and_dots_in_xla(ours):
+    """parallel.compiler_options reaches the compiled sampler: on CPU, no YNNPACK fusions."""
+    hlo = ours["sd1"].compile(["a cat"], num_inference_steps=2).as_text()
+    assert "convolution(" in hlo and " dot(" in hlo
+    assert "ynn_fusion" not in hlo

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from sdjax import parallel
@@ -59,15 +60,16 @@ def _step(spec: StepSpec, state: dict, frozen: dict, batch: dict) -> tuple[dict,
     return new, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr}
 
 
-_COMPILED: dict[StepSpec, Callable] = {}
+_COMPILED: dict[tuple[StepSpec, Mesh], Callable] = {}
 
 
-def compiled_step(spec: StepSpec) -> Callable:
-    """The jitted step for ``spec`` (one per distinct spec per process; the spec is hashed
-    once here rather than on every call as a static argument would be)."""
-    if spec not in _COMPILED:
-        _COMPILED[spec] = jax.jit(lambda s, f, b: _step(spec, s, f, b), donate_argnums=0)
-    return _COMPILED[spec]
+def compiled_step(spec: StepSpec, mesh: Mesh) -> Callable:
+    """The jitted step for ``spec`` on ``mesh`` (one per distinct pair per process; the spec
+    is hashed once here rather than on every call as a static argument would be)."""
+    if (spec, mesh) not in _COMPILED:
+        _COMPILED[spec, mesh] = jax.jit(lambda s, f, b: _step(spec, s, f, b), donate_argnums=0,
+                                        compiler_options=parallel.compiler_options(mesh))
+    return _COMPILED[spec, mesh]
 
 
 @dataclasses.dataclass
@@ -142,7 +144,7 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     end = min(cfg.steps, stop_at if stop_at is not None else cfg.steps)
 
     spec = StepSpec(setup.task, cfg.optim, cfg.steps, cfg.ema_decay, cfg.seed)
-    step_fn = compiled_step(spec)
+    step_fn = compiled_step(spec, mesh)
     stream = batches(make_source(cfg.data, cfg.seed), cfg.batch_size, position,
                      setup.prepare, cfg.data.prefetch)
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, unit="step",
