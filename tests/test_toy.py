@@ -44,8 +44,8 @@ def test_follows_colour_prompts(images):
     assert acc["colour"] >= 0.9, acc
 
 
-# Issue 5's targets that the bundled model does not reach yet (measured: shape 0.67 at guidance
-# 7.5 against 0.71 at guidance 1; guidance exaggerates the corners of squares into stars).
+# Issue 5's targets that the bundled model does not reach (measured: shape 0.71 at guidance 7.5
+# against 0.88 at guidance 1; guidance pushes the corners of squares out into stars).
 # Strict: the day a retrained model reaches them these fail, and the markers must go.
 _SHAPE_GAP = pytest.mark.xfail(strict=True, reason="toy model: shape accuracy under guidance "
                                "7.5 below issue 5's target; see configs/toy_unet_tune.py")
