@@ -49,7 +49,7 @@ class GroupNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # Reduce over space per channel first, then over each group's channels: XLA:CPU runs
         # this up to 4x faster than one reduction over (space, group channels) at UNet/VAE
-        # shapes, and never slower (python -m benchmarks.cpu_ops).
+        # shapes, and about as fast at the others (python -m benchmarks.cpu_ops).
         b, c, g = x.shape[0], x.shape[-1], self.num_groups
         xf = x.astype(jnp.float32).reshape(b, -1, c)
         n = xf.shape[1] * (c // g)
