@@ -10,14 +10,13 @@ Prints median milliseconds for:
 - the model's UNet (batch 2, one evaluation) and VAE decode (batch 1) compiled with XLA's
   default options and with sdjax's (parallel.compiler_options: no YNNPACK hand-off), and in
   diffusers.
-torch runs in this process with as many threads as there are cores (as in throughput.py's
-diffusers peer). Differences under ~10% are within this machine's run-to-run noise; rerun.
+torch runs in this process with one thread per core this process may use (as throughput.py's
+diffusers peer does). Differences under ~10% are within this machine's run-to-run noise; rerun.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import hardware
 from benchmarks.models import ensure_folder
 from sdjax import parallel
 from sdjax.models.layers import GroupNorm, attention
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=9)
     args = p.parse_args(argv)
     import torch
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(hardware.cpu_count())
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads")
     ops(args.repeats)
