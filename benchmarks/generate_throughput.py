@@ -58,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import jax
 
+    from sdjax.cli_args import resolve_dtype
     from sdjax.dataset.prompts import Row
     from sdjax.dataset.shards import Layout
     from sdjax.dataset.storage import Store
     from sdjax.generate import Settings, generate_shards, plan_samples
     from sdjax.pipeline import StableDiffusionPipeline
-    from sdjax.sample import resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
     pipe = StableDiffusionPipeline.from_pretrained(_folder(args.model), dtype=dtype,

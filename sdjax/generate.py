@@ -14,6 +14,7 @@ coordinator. While the devices compute batch k+1, host threads encode and write 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -27,8 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
+from sdjax.cli_args import (
+    Parser,
+    UsageError,
+    add_common_arguments,
+    add_flag,
+    check_common_args,
+    check_outdir,
+    image_size,
+    resolve_dtype,
+)
 from sdjax.dataset import manifest
-from sdjax.dataset.prompts import MAX_SEED, PromptsInfo, Row, read_rows, scan
+from sdjax.dataset.prompts import PromptsInfo, Row, read_rows, scan
 from sdjax.dataset.shards import (
     IMAGE_FORMATS,
     Layout,
@@ -38,22 +49,14 @@ from sdjax.dataset.shards import (
 )
 from sdjax.dataset.storage import Store, is_url
 from sdjax.dataset.writer import AsyncShardWriter
-from sdjax.sample import (
-    UsageError,
-    add_common_arguments,
-    add_flag,
-    check_common_args,
-    check_outdir,
-    resolve_dtype,
-)
+from sdjax.validation import MAX_SEED
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m sdjax.generate",
         description="Generate a dataset of (prompt, image) pairs as resumable webdataset "
-                    "shards; devices compute while host threads encode and write.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "shards; devices compute while host threads encode and write.")
     add_common_arguments(p)
     add_flag(p, "prompts", required=True, help="prompt file: .txt (one a line), or .jsonl/.csv/"
              ".parquet with a 'prompt' or 'caption' column and optional 'negative_prompt' and "
@@ -193,14 +196,13 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
 
 
 def _check_args(args) -> None:
-    check_common_args(args)
+    # No random seed: a dataset is resumed by re-running the same command.
+    check_common_args(args, allow_random_seed=False)
     for name in ("images_per_prompt", "samples_per_shard", "num_jobs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.job_index < args.num_jobs:
         raise UsageError(f"--job_index must be in [0, {args.num_jobs}), got {args.job_index}")
-    if not 0 <= args.seed < MAX_SEED:
-        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.quality is not None:
         if args.format == "png":
             raise UsageError("--quality applies to --format jpg and webp (PNG is lossless)")
@@ -236,6 +238,23 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+@contextlib.contextmanager
+def _cleaned_up_on_failure(store: Store) -> Iterator[None]:
+    """Create the dataset folder; if the run then fails before any shard exists, remove what
+    it wrote (the manifest, and the folder if this run made it): a failed first attempt
+    leaves nothing that looks like a dataset."""
+    existed = store.exists()
+    store.create()
+    try:
+        yield
+    except BaseException:
+        if not any(shard_index(n) is not None for n in store.names()):
+            store.remove(manifest.MANIFEST)
+            if not existed:
+                store.remove_empty_folder()
+        raise
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -261,9 +280,7 @@ def run(args) -> int:
     # Each process of a multi-host run makes its own shards on its own devices.
     pipe = load_pipeline(args.model, dtype, args.num_devices, jax.process_count() > 1)
     load_s = time.perf_counter() - t_load
-    height = args.height or pipe.default_hw[0]
-    width = args.width or pipe.default_hw[1]
-    pipe.check_size(height, width)
+    height, width = image_size(args, pipe)
     settings = Settings(
         model=args.model, dtype=dtype, steps=args.steps,
         scheduler=args.scheduler or pipe.default_scheduler,
@@ -274,56 +291,56 @@ def run(args) -> int:
     manifest.check(store, run_settings, overwrite=args.overwrite)
 
     # From here on the folder is ours to write.
-    store.create()
-    mine = range(job, layout.num_shards, num_jobs)
-    for name in store.partial_names():  # left by a killed run of this job
-        if (s := shard_file_index(name)) is not None and s % num_jobs == job:
-            store.remove(f".{name}.partial")
-    if args.overwrite:
-        for name in store.names():
+    with _cleaned_up_on_failure(store):
+        mine = range(job, layout.num_shards, num_jobs)
+        for name in store.partial_names():  # left by a killed run of this job
             if (s := shard_file_index(name)) is not None and s % num_jobs == job:
-                store.remove(name)
-    manifest.write(store, run_settings, {"prompts_file": str(args.prompts)})
-    done = {s for n in store.names() if (s := shard_index(n)) is not None}
-    todo = [s for s in mine if s not in done]
-    n_todo = sum(len(layout.samples_in(s)) for s in todo)
+                store.remove(f".{name}.partial")
+        if args.overwrite:
+            for name in store.names():
+                if (s := shard_file_index(name)) is not None and s % num_jobs == job:
+                    store.remove(name)
+        manifest.write(store, run_settings, {"prompts_file": str(args.prompts)})
+        done = {s for n in store.names() if (s := shard_index(n)) is not None}
+        todo = [s for s in mine if s not in done]
+        n_todo = sum(len(layout.samples_in(s)) for s in todo)
 
-    per_device = args.batch_size or min(8, -(-layout.num_samples // pipe.num_devices))
-    threads = args.encode_threads or min(16, os.cpu_count() or 1)
-    platform = jax.devices()[0].platform
-    job_text = f"job {job}/{num_jobs}: " if num_jobs > 1 else ""
-    print(f"{job_text}{layout.num_samples} samples in {layout.num_shards} shard(s) of "
-          f"{layout.samples_per_shard}; {len(mine) - len(todo)} of this job's {len(mine)} "
-          f"already complete, {n_todo} samples to make")
-    compile_before = pipe.compile_seconds
-    t_gen = time.perf_counter()
-    written: list[dict] = []
-    if todo:
-        rows = read_rows(str(args.prompts))
-        with tqdm(total=n_todo, unit="img", desc="generating", mininterval=1.0,
-                  smoothing=0.05, dynamic_ncols=True) as bar:
-            written = generate_shards(
-                pipe, settings, layout, plan_samples(rows, layout, todo, settings), store,
-                per_device=per_device, encode_threads=threads, on_written=bar.update,
-                on_compiled=bar.reset,  # restart the clock: compile time is not throughput
-                shard_stats={"job_index": job, "num_jobs": num_jobs,
-                             "host": socket.gethostname(), "devices": pipe.num_devices,
-                             "platform": platform, "batch_size_per_device": per_device})
-    compile_s = pipe.compile_seconds - compile_before
-    gen_s = max(time.perf_counter() - t_gen - compile_s, 1e-9)
-    made = sum(s["count"] for s in written)
+        per_device = args.batch_size or min(8, -(-layout.num_samples // pipe.num_devices))
+        threads = args.encode_threads or min(16, os.cpu_count() or 1)
+        platform = jax.devices()[0].platform
+        job_text = f"job {job}/{num_jobs}: " if num_jobs > 1 else ""
+        print(f"{job_text}{layout.num_samples} samples in {layout.num_shards} shard(s) of "
+              f"{layout.samples_per_shard}; {len(mine) - len(todo)} of this job's {len(mine)} "
+              f"already complete, {n_todo} samples to make")
+        compile_before = pipe.compile_seconds
+        t_gen = time.perf_counter()
+        written: list[dict] = []
+        if todo:
+            rows = read_rows(str(args.prompts))
+            with tqdm(total=n_todo, unit="img", desc="generating", mininterval=1.0,
+                      smoothing=0.05, dynamic_ncols=True) as bar:
+                written = generate_shards(
+                    pipe, settings, layout, plan_samples(rows, layout, todo, settings), store,
+                    per_device=per_device, encode_threads=threads, on_written=bar.update,
+                    on_compiled=bar.reset,  # restart the clock: compile time is not throughput
+                    shard_stats={"job_index": job, "num_jobs": num_jobs,
+                                 "host": socket.gethostname(), "devices": pipe.num_devices,
+                                 "platform": platform, "batch_size_per_device": per_device})
+        compile_s = pipe.compile_seconds - compile_before
+        gen_s = max(time.perf_counter() - t_gen - compile_s, 1e-9)
+        made = sum(s["count"] for s in written)
 
-    this_run = {"job_index": job, "num_jobs": num_jobs, "samples_generated": made,
-                "shards_written": len(written), "shards_skipped": len(mine) - len(todo),
-                "load_seconds": round(load_s, 3), "compile_seconds": round(compile_s, 3),
-                "generation_seconds": round(gen_s, 3),
-                "images_per_second": round(made / gen_s, 3) if made else None,
-                "seconds": round(time.perf_counter() - t_start, 3), "started_at": started_at,
-                "finished_at": _now(), "host": socket.gethostname(),
-                "devices": pipe.num_devices, "platform": platform,
-                "batch_size_per_device": per_device}
-    _write_run_stats(store, layout, this_run, num_jobs, job)
-    store.close()
+        this_run = {"job_index": job, "num_jobs": num_jobs, "samples_generated": made,
+                    "shards_written": len(written), "shards_skipped": len(mine) - len(todo),
+                    "load_seconds": round(load_s, 3), "compile_seconds": round(compile_s, 3),
+                    "generation_seconds": round(gen_s, 3),
+                    "images_per_second": round(made / gen_s, 3) if made else None,
+                    "seconds": round(time.perf_counter() - t_start, 3), "started_at": started_at,
+                    "finished_at": _now(), "host": socket.gethostname(),
+                    "devices": pipe.num_devices, "platform": platform,
+                    "batch_size_per_device": per_device}
+        _write_run_stats(store, layout, this_run, num_jobs, job)
+        store.close()
 
     print(f"wrote {len(written)} shard(s), {made} samples to {outdir}")
     print(f"devices: {pipe.num_devices} x {platform}, batch {per_device * pipe.num_devices} "
@@ -365,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: complete shards are kept and partial ones removed; run the same "
+              "command again to resume", file=sys.stderr)
         return 130
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sdjax import parallel
+from sdjax import parallel, validation
 from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
 from sdjax.weights.diffusers_folder import (
     check_pipeline_folder,
@@ -71,16 +71,18 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
 @dataclasses.dataclass
 class PipelineOutput:
     images: np.ndarray  # uint8 (N, H, W, 3); float32 or latents for other output types
+    # The seed each image's noise came from: what reproduces it (seed=-1 picks a random one).
+    seeds: list[int] = dataclasses.field(default_factory=list)
 
 
 class PendingImages:
     """A batch the devices are still computing."""
 
-    def __init__(self, array: jax.Array, n: int):
-        self._array, self._n = array, n
+    def __init__(self, array: jax.Array, n: int, seeds: Sequence[int] = ()):
+        self._array, self._n, self._seeds = array, n, [int(s) for s in seeds]
 
     def result(self) -> PipelineOutput:
-        return PipelineOutput(images=parallel.fetch(self._array)[:self._n])
+        return PipelineOutput(images=parallel.fetch(self._array)[:self._n], seeds=self._seeds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,10 +193,8 @@ class StableDiffusionPipeline:
         return ids.astype(np.int32)
 
     def check_size(self, height: int, width: int) -> None:
-        f = self.vae_scale_factor
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, (int, np.integer)) or v < f or v % f:
-                raise ValueError(f"{name} must be a positive multiple of {f}, got {v}")
+            validation.check_size(v, name, self.vae_scale_factor)
 
     def __call__(self, *args, **kwargs) -> PipelineOutput:
         """Generate images; the arguments are those of :meth:`submit`."""
@@ -214,21 +214,24 @@ class StableDiffusionPipeline:
         Image ``i`` of the call (prompt ``i // num_images_per_prompt``) starts from noise drawn
         from a key derived only from ``(seed, i)``, so results do not depend on the device
         count or batch size. ``seeds``/``image_indices`` (one per image) override that pair
-        per image, for tools that generate one dataset over many calls.
+        per image, for tools that generate one dataset over many calls. ``seed=-1`` picks a
+        random seed (as the WebUI does); the output's ``seeds`` say which seed each image
+        used. Wrong argument types raise ``TypeError`` and wrong values ``ValueError``,
+        naming the argument, before anything compiles.
         ``batch_size_per_device`` fixes the compiled batch shape (default: just enough);
         ``decode_chunk`` caps how many images each device decodes at once.
         ``output_type="float"`` returns float32 pixels in [0, 1] instead of uint8 (diffusers'
         ``output_type="np"``), ``"latent"`` the final latents (NHWC, unscaled by the VAE).
         """
-        fn, call_args, n = self._prepare(*args, **kwargs)
-        return PendingImages(fn(*call_args), n)
+        fn, call_args, n, seeds = self._prepare(*args, **kwargs)
+        return PendingImages(fn(*call_args), n, seeds)
 
     def compile(self, *args, **kwargs) -> jax.stages.Compiled:
         """The compiled sampler that :meth:`submit` with the same arguments runs, compiled now
         if this process has not yet (the time counts in ``compile_seconds``); nothing runs.
         For tools: XLA's ``cost_analysis()`` and ``memory_analysis()`` of the whole call, or
         checking that a batch fits before running it."""
-        fn, call_args, _ = self._prepare(*args, **kwargs)
+        fn, call_args, _, _ = self._prepare(*args, **kwargs)
         return fn.compile(*call_args)
 
     def _prepare(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
@@ -240,49 +243,31 @@ class StableDiffusionPipeline:
                  batch_size_per_device: int | None = None,
                  decode_chunk: int | None = None, output_type: str = "uint8"):
         """Validate and place the arguments of :meth:`submit`; returns (executable, its
-        arguments, image count)."""
+        arguments, image count, the seed of each image)."""
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
                              f"{output_type!r}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("no prompt given")
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        elif isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * len(prompts)
-        else:
-            negatives = list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        if num_images_per_prompt < 1:
-            raise ValueError("num_images_per_prompt must be at least 1")
-        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got "
-                             f"{num_inference_steps}")
-        if not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        prompts, negatives, seeds = validation.check_call(
+            prompt=prompt, negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            height=height, width=width, num_images_per_prompt=num_images_per_prompt, seed=seed,
+            seeds=seeds, image_indices=image_indices, scheduler=scheduler,
+            scheduler_names=SCHEDULER_NAMES, factor=self.vae_scale_factor)
         height = self.default_hw[0] if height is None else height
         width = self.default_hw[1] if width is None else width
-        self.check_size(height, width)
         sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
 
         n = len(prompts) * num_images_per_prompt
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
         if seeds is None:
-            seeds = [seed] * n
+            seeds = [validation.resolve_seed(seed)] * n
         if image_indices is None:
             image_indices = range(n)
-        if len(seeds) != n or len(image_indices) != n:
-            raise ValueError(f"seeds and image_indices need one entry per image ({n})")
         lat_shape = (height // self.vae_scale_factor, width // self.vae_scale_factor,
                      self.unet_config.in_channels)
         if latents is not None:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape != (n, *lat_shape):
-                raise ValueError(f"latents must have shape {(n, *lat_shape)} (NHWC), got "
-                                 f"{latents.shape}")
+            latents = validation.check_latents(latents, (n, *lat_shape))
 
         size = parallel.padded_size(n, self.mesh)
         if batch_size_per_device is not None:
@@ -310,7 +295,8 @@ class StableDiffusionPipeline:
         extra = (pad(latents),) if latents is not None else ()
 
         return (self._executable(static),
-                (self.params, ids, neg_ids, guidance, seed_arr, index_arr, *extra), n)
+                (self.params, ids, neg_ids, guidance, seed_arr, index_arr, *extra), n,
+                list(seeds))
 
     # ------------------------------------------------------------------ compiled part
     def _executable(self, static: _Static):

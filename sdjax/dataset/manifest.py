@@ -27,12 +27,13 @@ def check(store: Store, settings: dict, *, overwrite: bool) -> None:
     unknown origin) and ``overwrite`` is off."""
     if overwrite:
         return
+    has_shards = any(shard_file_index(n) is not None for n in store.names())
+    if not has_shards:
+        return  # a manifest alone (a run that failed before its first shard) is replaced
     text = store.read_text(MANIFEST)
     if text is None:
-        if any(shard_file_index(n) is not None for n in store.names()):
-            raise ManifestError(f"{store.location} already holds shards but no {MANIFEST}; "
-                                "pass --overwrite to replace them, or choose another --outdir")
-        return
+        raise ManifestError(f"{store.location} already holds shards but no {MANIFEST}; "
+                            "pass --overwrite to replace them, or choose another --outdir")
     try:
         old = json.loads(text)["settings"]
     except (ValueError, KeyError, TypeError):
@@ -49,8 +50,9 @@ def check(store: Store, settings: dict, *, overwrite: bool) -> None:
 def write(store: Store, settings: dict, info: dict) -> None:
     """``settings`` are compared on re-runs; ``info`` (where the prompts file was, …) is not.
     Every job of a run writes the same bytes, so concurrent jobs cannot disagree."""
+    # allow_nan=False: the manifest is read by other tools, and NaN is not JSON.
     store.write_text(MANIFEST, json.dumps({"format": FORMAT, "settings": settings, **info},
-                                          indent=1, ensure_ascii=False) + "\n")
+                                          indent=1, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def _show(value) -> str:

@@ -16,10 +16,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import PurePosixPath
 
 from sdjax.dataset.storage import open_input
+from sdjax.validation import MAX_SEED
 
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 PROMPT_COLUMNS = ("prompt", "caption")
-MAX_SEED = 2**32  # the sampler's PRNG seeds are uint32; larger ones would alias smaller ones
 
 
 class PromptFileError(ValueError):
@@ -138,7 +138,8 @@ def _csv_rows(path: str, lines: Iterable[tuple[int, str]]) -> Iterator[Row]:
             line_no[0] = number
             yield line
 
-    reader = csv.DictReader(text())
+    # strict: an unterminated quote is an error, not a prompt that swallows the lines after it.
+    reader = csv.DictReader(text(), strict=True)
     try:
         if reader.fieldnames is None:
             return  # an empty file; scan() reports it
@@ -161,7 +162,9 @@ def _csv_rows(path: str, lines: Iterable[tuple[int, str]]) -> Iterator[Row]:
                       "negative_prompt": record.get("negative_prompt") or None}
             yield _row(path, f"line {line_no[0]}", record)
     except csv.Error as e:
-        raise PromptFileError(f"{path} line {line_no[0]}: {e}") from None
+        reason = ("a quoted field is never closed (unterminated \")"
+                  if "unexpected end of data" in str(e) else str(e))
+        raise PromptFileError(f"{path} line {line_no[0]}: {reason}") from None
 
 
 def _parquet_rows(path: str) -> Iterator[Row]:

@@ -64,6 +64,18 @@ class Store:
         else:
             self._fs.makedirs(self._root, exist_ok=True)  # a no-op on object stores
 
+    def exists(self) -> bool:
+        """Whether the folder is there (an object store prefix exists once it holds files)."""
+        return self._root.is_dir() if self.is_local else bool(self.names())
+
+    def remove_empty_folder(self) -> None:
+        """Remove the local folder if it is empty (object stores have no empty folders)."""
+        if self.is_local:
+            try:
+                self._root.rmdir()
+            except OSError:
+                pass
+
     def names(self) -> set[str]:
         """File names in the folder (empty if it does not exist yet)."""
         if self.is_local:

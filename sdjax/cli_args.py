@@ -1,0 +1,157 @@
+"""The flags that ``sdjax.sample``, ``sdjax.generate`` (and the server) share, their help text
+and their checks, written once.
+
+Every check here runs before the model loads, so a wrong flag costs nothing and leaves nothing
+behind; what only the loaded model can tell (its VAE factor, its default size) is checked by
+:func:`image_size` right after loading, before anything compiles. Value rules come from
+:mod:`sdjax.validation`, which the Python API uses too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import NoReturn
+
+from sdjax import validation
+
+# Larger sizes belong to upscalers, and a mistyped --height 100000 should be refused rather
+# than run out of memory after a long compile. 2048x2048 leaves room for SDXL (1024x1024
+# native) and its 1.5-2x "hires" passes.
+DEFAULT_MAX_PIXELS = 2048 * 2048
+# The schedulers' noise schedules have 1000 training timesteps; more steps than that cannot be
+# placed on them.
+MAX_STEPS = 1000
+# No Stable Diffusion model makes images narrower than this, so a side given alone that
+# needs less than this of the other to fit --max_pixels is refused before the model loads.
+MIN_SIDE = 64
+
+
+class UsageError(Exception):
+    """A flag (or a file it names) that cannot be used; the message is the whole report."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where the help text does not already say the default and
+    there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (``error: …``) and exit 2, like
+    every other bad input, instead of the usage block."""
+
+    def __init__(self, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kw)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
+    """``--name`` with a hyphenated alias (``--num-devices``) when the name has underscores."""
+    p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []),
+                   **kw)
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, sampling and device flags of every sdjax command that generates images."""
+    add_flag(p, "model", default="toy", help="'toy' (the small bundled demo model), a diffusers "
+             "folder, or a Hugging Face hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+    add_flag(p, "negative_prompt", default="", help="what the images should not show")
+    add_flag(p, "num_devices", type=int, default=None, help="devices to use (default: all)")
+    add_flag(p, "batch_size", type=int, default=None,
+             help="images per device per compiled call (default: just enough for one call, at "
+                  "most 8)")
+    add_flag(p, "steps", type=int, default=50, help=f"denoising steps, 1 to {MAX_STEPS}")
+    add_flag(p, "guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add_flag(p, "scheduler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, heun, "
+             "dpmpp_2m, dpmpp_2m_karras (default: the model's own)")
+    add_flag(p, "seed", type=int, default=0, help="image i of the run uses noise from (seed, i); "
+             "0 to 2**32-1, or -1 for a random seed (reported and written in the metadata)")
+    add_flag(p, "height", type=int, default=None, help="pixels, a multiple of the VAE factor "
+             "(default: the model's size)")
+    add_flag(p, "width", type=int, default=None, help="pixels (default: the model's size)")
+    add_flag(p, "max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+             help="refuse a height x width above this many pixels")
+    add_flag(p, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+             help="compute dtype; auto = float32 on CPU, bfloat16 on TPU/GPU")
+
+
+def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = True) -> None:
+    """Validate the flags of :func:`add_common_arguments` before anything loads."""
+    from sdjax.schedulers import SCHEDULER_NAMES
+
+    try:
+        validation.check_int(args.steps, "--steps", minimum=1, maximum=MAX_STEPS)
+        validation.check_number(args.guidance_scale, "--guidance_scale", minimum=0)
+        for name in ("batch_size", "num_devices"):
+            if getattr(args, name) is not None:
+                validation.check_int(getattr(args, name), f"--{name}", minimum=1)
+        validation.check_seed(args.seed, "--seed", allow_random=allow_random_seed)
+        validation.check_int(args.max_pixels, "--max_pixels", minimum=1)
+        for name in ("height", "width"):
+            if getattr(args, name) is not None:
+                validation.check_int(getattr(args, name), f"--{name}", minimum=1)
+        # The model's VAE factor is checked once it has loaded (image_size); the pixel budget
+        # now, as far as the flags tell it.
+        if args.height is not None and args.width is not None:
+            validation.check_pixels(args.height, args.width, args.max_pixels)
+        for name in ("height", "width"):
+            v = getattr(args, name)
+            if v is not None and v * MIN_SIDE > args.max_pixels:
+                raise ValueError(f"--{name} {v} is too large: even {MIN_SIDE} pixels the "
+                                 f"other way exceed --max_pixels {args.max_pixels}")
+        validation.check_choice(args.scheduler, "--scheduler", SCHEDULER_NAMES, allow_none=True)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def image_size(args: argparse.Namespace, pipe) -> tuple[int, int]:
+    """(height, width) of the run: the flags or the model's size, checked against the loaded
+    model's VAE factor and ``--max_pixels``."""
+    height = args.height or pipe.default_hw[0]
+    width = args.width or pipe.default_hw[1]
+    try:
+        for name, v in (("--height", height), ("--width", width)):
+            validation.check_size(v, name, pipe.vae_scale_factor)
+        validation.check_pixels(height, width, args.max_pixels)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return height, width
+
+
+def check_outdir(outdir: Path, flag: str = "--outdir") -> None:
+    """Fail before the model loads if the results could not be written (nothing is created)."""
+    existing = outdir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {outdir}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError:
+        raise UsageError(f"{flag} {outdir} is not writable") from None
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``auto`` -> float32 on CPU (bfloat16 is slow there), bfloat16 on accelerators."""
+    if dtype != "auto":
+        return dtype
+    import jax
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def report_seed(requested: int, used: int) -> None:
+    """The WebUI prints the seed a random request got: it is the one that reproduces."""
+    if requested == validation.RANDOM_SEED:
+        print(f"seed: {used} (random)", file=sys.stderr)

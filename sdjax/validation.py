@@ -1,0 +1,171 @@
+"""What each user-supplied value must be, checked in one place before anything loads or compiles.
+
+The Python API, the CLIs (through :mod:`sdjax.cli_args`) and the server call these, so a wrong
+value gets the same one-line message wherever it comes from, naming the argument and what it
+should be. Wrong types raise ``TypeError``, wrong values ``ValueError``. Nothing here imports
+JAX: the CLIs check their flags before paying for it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+# The sampler's PRNG seeds are uint32: larger values would silently alias smaller ones
+# (2**32 would give seed 0's pixels while the metadata says otherwise), so they are refused.
+MAX_SEED = 2**32
+RANDOM_SEED = -1  # the WebUI's convention: pick a random seed and report it
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{text} ({type(value).__name__})" if not isinstance(value, (int, float)) \
+        or isinstance(value, bool) else text
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """An integer (numpy integers included, bools and floats refused) in [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {_show(value)}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value}")
+    return value
+
+
+def check_number(value: Any, name: str, *, minimum: float | None = None) -> float:
+    """A finite real number (ints accepted, bools and strings refused), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {_show(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if minimum is not None and value < minimum:
+        bound = "negative" if minimum == 0 else f"below {minimum:g}"
+        raise ValueError(f"{name} must not be {bound}, got {value:g}")
+    return value
+
+
+def check_seed(value: Any, name: str = "seed", *, allow_random: bool = True) -> int:
+    """An integer in [0, 2**32), or -1 (random) where ``allow_random``."""
+    seed = check_int(value, name)
+    if allow_random and seed == RANDOM_SEED:
+        return seed
+    if not 0 <= seed < MAX_SEED:
+        also = " or -1 for a random seed" if allow_random else ""
+        raise ValueError(f"{name} must be in [0, 2**32){also}, got {seed}")
+    return seed
+
+
+def resolve_seed(seed: int) -> int:
+    """``seed``, or a fresh random one for -1 (the caller reports it: it is what reproduces)."""
+    return random.SystemRandom().randrange(MAX_SEED) if seed == RANDOM_SEED else seed
+
+
+def check_size(value: Any, name: str, factor: int = 1) -> int:
+    """A height or width: a positive integer multiple of the model's VAE factor."""
+    v = check_int(value, name)
+    if v < factor or v % factor:
+        raise ValueError(f"{name} must be a positive multiple of {factor}, got {v}")
+    return v
+
+
+def check_pixels(height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise ValueError(f"{width}x{height} is {height * width} pixels, more than the limit of "
+                         f"{max_pixels} (max_pixels)")
+
+
+def check_prompts(value: Any, name: str = "prompt", *, allow_none: bool = False,
+                  count: int | None = None) -> list[str] | None:
+    """A string or a non-empty list of strings -> a list; ``count`` fixes its length."""
+    if value is None and allow_none:
+        return None
+    what = "a string or a list of strings" + (" (or None)" if allow_none else "")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, bytearray)) or not isinstance(value, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be {what}, got {_show(value)}")
+    items = list(value)
+    for i, p in enumerate(items):
+        if not isinstance(p, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {_show(p)}")
+    if not items:
+        raise ValueError(f"{name} is an empty list; give at least one prompt")
+    if count is not None and len(items) != count:
+        raise ValueError(f"{len(items)} entries in {name} for {count} prompts")
+    return items
+
+
+def check_latents(value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Initial noise: a float array of exactly ``shape`` (NHWC), every value finite."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"latents must be a float array of shape {shape}") from None
+    if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        raise TypeError(f"latents must be a float array of shape {shape}, got dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise ValueError(f"latents must have shape {shape} (NHWC), got {arr.shape}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError("latents contain NaN or infinite values")
+    return arr
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str], *,
+                 allow_none: bool = False) -> str | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+def check_call(*, prompt: Any, negative_prompt: Any, num_inference_steps: Any,
+               guidance_scale: Any, height: Any, width: Any, num_images_per_prompt: Any,
+               seed: Any, seeds: Any, image_indices: Any, scheduler: Any,
+               scheduler_names: Sequence[str], factor: int
+               ) -> tuple[list[str], list[str], list[int] | None]:
+    """The checks of one pipeline call, in argument order. Returns (prompts, negative prompts,
+    explicit per-image seeds or None); raises TypeError/ValueError naming the argument."""
+    prompts = check_prompts(prompt)
+    negatives = check_prompts(negative_prompt, "negative_prompt", allow_none=True,
+                              count=None if isinstance(negative_prompt, str) else len(prompts))
+    if negatives is None:
+        negatives = [""] * len(prompts)
+    elif len(negatives) == 1 and isinstance(negative_prompt, str):
+        negatives = negatives * len(prompts)
+    check_int(num_inference_steps, "num_inference_steps", minimum=1)
+    check_number(guidance_scale, "guidance_scale", minimum=0)
+    for name, v in (("height", height), ("width", width)):
+        if v is not None:
+            check_size(v, name, factor)
+    n = len(prompts) * check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
+    check_seed(seed)
+    per_image = None
+    if seeds is not None:
+        per_image = [check_seed(s, f"seeds[{i}]", allow_random=False)
+                     for i, s in enumerate(_sequence(seeds, "seeds", n))]
+    if image_indices is not None:
+        for i, k in enumerate(_sequence(image_indices, "image_indices", n)):
+            check_int(k, f"image_indices[{i}]", minimum=0, maximum=MAX_SEED - 1)
+    check_choice(scheduler, "scheduler", scheduler_names, allow_none=True)
+    return prompts, negatives, per_image
+
+
+def _sequence(value: Any, name: str, n: int) -> list:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, range, np.ndarray)):
+        raise TypeError(f"{name} must be a list with one entry per image, got {_show(value)}")
+    items = list(value)
+    if len(items) != n:
+        raise ValueError(f"{name} needs one entry per image ({n}), got {len(items)}")
+    return items
