@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -131,16 +130,10 @@ def image_size(args: argparse.Namespace, pipe) -> tuple[int, int]:
 
 def check_outdir(outdir: Path, flag: str = "--outdir") -> None:
     """Fail before the model loads if the results could not be written (nothing is created)."""
-    existing = outdir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {outdir}: {existing} is not a folder")
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError:
-        raise UsageError(f"{flag} {outdir} is not writable") from None
+        validation.check_output_folder(outdir, flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def resolve_dtype(dtype: str) -> str:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,6 +84,20 @@ def check_pixels(height: int, width: int, max_pixels: int) -> None:
     if height * width > max_pixels:
         raise ValueError(f"{width}x{height} is {height * width} pixels, more than the limit of "
                          f"{max_pixels} (max_pixels)")
+
+
+def check_output_folder(path: Path, name: str) -> None:
+    """``path`` is, or can become, a writable folder; nothing is created to find out."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name} {path}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError:
+        raise ValueError(f"{name} {path} is not writable") from None
 
 
 def check_prompts(value: Any, name: str = "prompt", *, allow_none: bool = False,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
+
+from sdjax.cli_args import Parser
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -15,7 +17,7 @@ def parse_sets(items: list[str]) -> dict:
     for item in items:
         key, eq, raw = item.partition("=")
         if not eq:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -24,9 +26,9 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sdjax.train",
-                                description="Train a UNet, VAE or CLIP text encoder from a "
-                                "recipe; resumes from the output folder's checkpoints.")
+    p = Parser(prog="python -m sdjax.train",
+               description="Train a UNet, VAE or CLIP text encoder from a recipe; resumes from "
+               "the output folder's checkpoints.")
     p.add_argument("--config", required=True, type=Path, help="recipe (.py or .json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set steps=100 --set "
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from sdjax.train.config import load_config, override
+    from sdjax.train.validate import check_config
+    from sdjax.weights.errors import WeightsError
 
     try:
         cfg = load_config(args.config)
@@ -44,19 +48,42 @@ def main(argv: list[str] | None = None) -> int:
         if args.output_dir:
             sets["output_dir"] = args.output_dir
         cfg = override(cfg, sets)
-    except (OSError, ValueError, TypeError) as e:
+        check_config(cfg, stop_at=args.stop_at)
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     from sdjax.train.loop import train
 
-    result = train(cfg, stop_at=args.stop_at)
+    out = Path(cfg.output_dir)
+    existed = out.exists()
+    try:
+        result = train(cfg, stop_at=args.stop_at)
+    except (WeightsError, ValueError, OSError) as e:
+        _remove_if_unused(out, existed)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _remove_if_unused(out, existed)
+        print(f"interrupted; {out} keeps the last checkpoint, if any: run the same command to "
+              "resume", file=sys.stderr)
+        return 130
     last = result.history[-1] if result.history else {}
     print(f"step {result.step}/{cfg.steps}, loss {last.get('loss', float('nan')):.4f}, "
           f"log {Path(cfg.output_dir) / 'log.jsonl'}")
     if result.export_dir is not None:
         print(f"exported to {result.export_dir}")
     return 0
+
+
+def _remove_if_unused(out: Path, existed: bool) -> None:
+    """A run that this invocation started in a new folder and that stopped before its first
+    checkpoint leaves nothing worth keeping: remove the folder rather than leave junk (a
+    config.json and an empty log) that looks like a run."""
+    checkpoints = out / "checkpoints"
+    saved = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    if not existed and out.is_dir() and not saved:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ from typing import Any
 TASKS = ("unet", "vae", "clip")
 
 
+class ConfigError(ValueError):
+    """A recipe that cannot be run; the message names the field (sdjax.train.validate checks
+    the whole recipe)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "shapes"        # "shapes" (synthetic, on the fly) | "folder" | "webdataset"
@@ -107,19 +112,17 @@ class TrainConfig:
     export_dir: str | None = None   # default: output_dir/export
     export_ema: bool = True         # export the EMA weights when there are any
     progress: bool = True           # tqdm bar
-
-    def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError("compute_dtype must be 'float32' or 'bfloat16'")
-        if self.batch_size < 1 or self.steps < 1:
-            raise ValueError("batch_size and steps must be at least 1")
+    # Types, ranges and paths are checked as a whole by sdjax.train.validate.check_config
+    # (train() calls it first), not here: a value of the wrong type must get a message, not
+    # a comparison error from a half-built recipe.
 
 
 def from_dict(cls: type, d: Mapping[str, Any], where: str = "config") -> Any:
     """Build dataclass ``cls`` from a nested dict; unknown keys are errors (a typo in a
     recipe should not silently train something else)."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where} must be an object of {cls.__name__} keys, got "
+                          f"{type(d).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
@@ -130,12 +133,16 @@ def from_dict(cls: type, d: Mapping[str, Any], where: str = "config") -> Any:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """JSON shapes -> the field's: objects to sections, lists to tuples, integers to floats.
+    Values of the wrong type are left for the validation to name."""
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
     for opt in options:
         if dataclasses.is_dataclass(opt) and isinstance(value, Mapping):
             return from_dict(opt, value, where)
         if typing.get_origin(opt) is tuple and isinstance(value, (list, tuple)):
             return tuple(value)
+        if opt is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
     return value
 
 
@@ -150,15 +157,22 @@ def load_config(path: str | Path) -> TrainConfig:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix == ".json":
-        return from_dict(TrainConfig, json.loads(path.read_text()), path.name)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return from_dict(TrainConfig, raw, path.name)
     if path.suffix != ".py":
-        raise ValueError(f"config must be a .py or .json file, got {path}")
+        raise ConfigError(f"config must be a .py or .json file, got {path}")
     spec = importlib.util.spec_from_file_location(f"sdjax_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.config() if hasattr(module, "config") else getattr(module, "CONFIG", None)
+    try:
+        spec.loader.exec_module(module)
+        cfg = module.config() if hasattr(module, "config") else getattr(module, "CONFIG", None)
+    except Exception as e:  # a recipe is the user's code: any error in it is theirs to fix
+        raise ConfigError(f"{path}: the recipe failed ({type(e).__name__}: {e})") from None
     if not isinstance(cfg, TrainConfig):
-        raise ValueError(f"{path} must define config() returning a TrainConfig (or CONFIG)")
+        raise ConfigError(f"{path} must define config() returning a TrainConfig (or CONFIG)")
     return cfg
 
 
@@ -167,9 +181,19 @@ def override(cfg: Any, dotted: Mapping[str, Any]) -> Any:
     for key, value in dotted.items():
         head, _, rest = key.partition(".")
         if head not in {f.name for f in dataclasses.fields(cfg)}:
-            raise ValueError(f"unknown config key {key!r}")
+            raise ConfigError(f"unknown config key {key!r}")
         if rest:
-            value = override(getattr(cfg, head), {rest: value})
+            section = getattr(cfg, head)
+            if section is None:  # an optional section not given yet: start from its defaults
+                hint = typing.get_type_hints(type(cfg))[head]
+                kinds = [o for o in typing.get_args(hint) if dataclasses.is_dataclass(o)]
+                section = kinds[0]() if kinds else None
+            if not dataclasses.is_dataclass(section):
+                raise ConfigError(f"unknown config key {key!r}: {head} has no keys of its own")
+            try:
+                value = override(section, {rest: value})
+            except ConfigError as e:
+                raise ConfigError(str(e).replace(repr(rest), repr(key))) from None
         else:
             value = _coerce(typing.get_type_hints(type(cfg))[head], value, key)
         cfg = dataclasses.replace(cfg, **{head: value})

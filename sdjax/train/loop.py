@@ -25,6 +25,7 @@ from sdjax.train.config import OptimConfig, TrainConfig, to_dict
 from sdjax.train.data import batches, make_source
 from sdjax.train.optim import applied_update, ema_update, learning_rate, optimizer
 from sdjax.train.task import Setup
+from sdjax.train.validate import check_config
 
 SETUPS: dict[str, Callable[[TrainConfig, Callable], Setup]] = {
     "unet": diffusion.setup, "vae": autoencoder.setup, "clip": contrastive.setup,
@@ -112,7 +113,10 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
 def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     """Run (or resume, when ``output_dir`` has checkpoints) the recipe ``cfg``. ``stop_at``
     ends this invocation after that many optimizer steps (a checkpoint is written there),
-    as an interruption would; the export happens only when ``cfg.steps`` is reached."""
+    as an interruption would; the export happens only when ``cfg.steps`` is reached.
+    The whole recipe is checked first (:class:`~sdjax.train.validate.ConfigError`), before
+    anything is created."""
+    check_config(cfg, stop_at=stop_at)
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(cfg.num_devices)
     if cfg.batch_size % mesh.size:
