@@ -88,3 +88,15 @@ def fetch(x: jax.Array) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def random_seed(requested: int) -> int:
+    """``requested``, or for -1 a random seed that every process of a multi-host run shares
+    (process 0's): each process draws its own, and mixed seeds would mix the batch."""
+    from sdjax.validation import RANDOM_SEED, resolve_seed
+
+    seed = resolve_seed(requested)
+    if requested == RANDOM_SEED and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        seed = int(multihost_utils.broadcast_one_to_all(np.uint32(seed)))
+    return seed

@@ -261,7 +261,7 @@ class StableDiffusionPipeline:
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
         if seeds is None:
-            seeds = [validation.resolve_seed(seed)] * n
+            seeds = [parallel.random_seed(seed)] * n
         if image_indices is None:
             image_indices = range(n)
         lat_shape = (height // self.vae_scale_factor, width // self.vae_scale_factor,

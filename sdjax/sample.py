@@ -25,7 +25,6 @@ from sdjax.cli_args import (  # noqa: F401
     report_seed,
     resolve_dtype,
 )
-from sdjax.validation import resolve_seed
 
 MAX_PROMPTS = 10_000  # beyond this, a dataset job: python -m sdjax.generate
 MAX_IMAGES = 10_000   # prompts x --num_images, for the same reason
@@ -110,6 +109,7 @@ def run(args, written: list[Path]) -> int:
     from tqdm import tqdm
 
     from sdjax.images import format_parameters, make_grid, next_index, save_png
+    from sdjax.parallel import random_seed
     from sdjax.pipeline import StableDiffusionPipeline
 
     _check_args(args)
@@ -119,11 +119,11 @@ def run(args, written: list[Path]) -> int:
         print("Using the bundled toy model (shapes and colours only); pass --model for real "
               "Stable Diffusion weights.", file=sys.stderr)
     dtype = resolve_dtype(args.dtype)
-    seed = resolve_seed(args.seed)
-    report_seed(args.seed, seed)
 
     pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype,
                                                    num_devices=args.num_devices)
+    seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
+    report_seed(args.seed, seed)
     height, width = image_size(args, pipe)
     scheduler = args.scheduler or pipe.default_scheduler
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
