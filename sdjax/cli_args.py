@@ -38,7 +38,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "(default" in text or action.default in (None, False, argparse.SUPPRESS):
+        default = action.default
+        # Nothing to show for unset, empty or off (False, but not 0) defaults.
+        if ("(default" in text or default is None or default is False
+                or default in ("", [], argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
 
