@@ -459,7 +459,8 @@ def test_help_states_each_default_once(parser):
     from sdjax import sample
 
     text = {"sample": sample, "generate": generate}[parser].build_parser().format_help()
-    assert "(default: None)" not in text
+    assert "(default: None)" not in text and "(default: )" not in text
+    assert "(default: 0)" in text  # the seed's: a zero default is still shown
     flat = " ".join(text.split())
     for chunk in flat.split(" --"):
         assert chunk.count("(default") <= 1, chunk
