@@ -178,6 +178,12 @@ class StableDiffusionPipeline:
     def max_prompt_tokens(self) -> int:
         return self.tokenizer.model_max_length
 
+    @property
+    def compile_count(self) -> int:
+        """Sampler executables this pipeline has compiled: one per static shape (size, steps,
+        scheduler, batch), never more for new prompts, seeds or guidance scales."""
+        return sum(fn.is_compiled for fn in self._compiled.values())
+
     def network(self, name: str) -> nnx.Module:
         """``"text_encoder"``, ``"unet"`` or ``"vae"`` as an NNX module over this pipeline's
         parameters, for tools that run or analyse one network alone."""
@@ -393,6 +399,10 @@ class _Executable:
             self._compiled = self._jitted.lower(*args).compile()
             self._owner.compile_seconds += time.perf_counter() - t0
         return self._compiled
+
+    @property
+    def is_compiled(self) -> bool:
+        return self._compiled is not None
 
     def __call__(self, *args) -> jax.Array:
         return self.compile(*args)(*args)

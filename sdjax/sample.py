@@ -134,11 +134,13 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from sdjax.images import format_parameters, make_grid, next_index, save_png
+    from sdjax.parallel import maybe_initialize_distributed
     from sdjax.pipeline import StableDiffusionPipeline
 
     _check_args(args)
     prompts = _prompts(args)
     check_outdir(args.outdir)
+    maybe_initialize_distributed()  # before resolve_dtype() asks JAX for its backend
     if args.model == "toy":
         print("Using the bundled toy model (shapes and colours only); pass --model for real "
               "Stable Diffusion weights.", file=sys.stderr)
@@ -160,7 +162,8 @@ def run(args) -> int:
             print(f"warning: prompt truncated to {pipe.max_prompt_tokens} tokens: {p[:60]}…",
                   file=sys.stderr)
 
-    args.outdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # multi-host: the first process alone writes
+        args.outdir.mkdir(parents=True, exist_ok=True)
     start = next_index(args.outdir)
     written = []
     t_gen = 0.0
