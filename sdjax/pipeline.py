@@ -100,7 +100,7 @@ class _Static:
 class StableDiffusionPipeline:
     """Text-to-image with Stable Diffusion 1.x/2.x-architecture models.
 
-    Build it with :meth:`from_pretrained`; call it with prompts. See DESIGN.md for the contract.
+    Build it with :meth:`from_pretrained`; call it with prompts. See docs/python-api.md.
     """
 
     def __init__(self, *, text_encoder, vae, unet, tokenizer, scheduler_config: dict,
