@@ -190,7 +190,7 @@ def run(args) -> int:
             written.append(path)
         if args.grid:
             all_images.append(out.images)
-    if args.grid:
+    if args.grid and jax.process_index() == 0:
         grid_path = args.outdir / f"{start:05d}-grid.png"
         save_png(make_grid(np.concatenate(all_images)), grid_path, f"grid of {len(jobs)}")
         written.append(grid_path)

@@ -103,7 +103,8 @@ def test_two_processes_sample_the_single_process_images(sd1_folder, reference, t
     cwds = [tmp_path / "host0", tmp_path / "host1"]
     for c in cwds:
         c.mkdir()
-    argv = ["--model", str(sd1_folder), "--num_images", str(K), "--outdir", "out", *SAMPLING]
+    argv = ["--model", str(sd1_folder), "--num_images", str(K), "--outdir", "out", "--grid",
+            *SAMPLING]
     for p in PROMPTS:
         argv += ["--prompt", p]
     (_, out0, _), (_, out1, _) = _run_two_processes("sdjax.sample", argv, cwds)
@@ -111,8 +112,9 @@ def test_two_processes_sample_the_single_process_images(sd1_folder, reference, t
     assert "devices: 4 x cpu" in out0  # one global mesh over both processes' devices
     assert "wrote" not in out1
     assert not (cwds[1] / "out").exists()
-    files = sorted((cwds[0] / "out").iterdir())
-    assert [f.name for f in files] == [f"{i:05d}-3-{i}.png" for i in range(len(PROMPTS) * K)]
+    pngs = [f"{i:05d}-3-{i}.png" for i in range(len(PROMPTS) * K)]
+    assert sorted(p.name for p in (cwds[0] / "out").iterdir()) == sorted(pngs + ["00000-grid.png"])
+    files = [cwds[0] / "out" / name for name in pngs]
     expected = _images(reference)
     for f, want in zip(files, expected, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(f)), want, err_msg=f.name)
