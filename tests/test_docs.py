@@ -33,9 +33,19 @@ def test_no_page_points_outside_the_repository():
     for path in [*PAGES, ROOT / "tpu" / "README.md", ROOT / "CHANGELOG.md"]:
         text = path.read_text(encoding="utf-8")
         assert "../shared" not in text and "DESIGN.md" not in text, path.name
-        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
-            if "://" not in target:
-                assert (path.parent / target).exists(), f"{path.name}: broken link {target}"
+        for target, anchor in re.findall(r"\]\(([^)#]*)(?:#([^)]*))?\)", text):
+            if "://" in target:
+                continue
+            linked = path.parent / target if target else path
+            assert linked.exists(), f"{path.name}: broken link {target}"
+            if anchor:
+                assert anchor in _anchors(linked), f"{path.name}: no #{anchor} in {target}"
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
 @pytest.mark.parametrize("path", PAGES_WITH_BLOCKS, ids=lambda p: p.name)
