@@ -4,9 +4,9 @@ describes starts them (JAX_COORDINATOR_ADDRESS, SDJAX_NUM_PROCESSES, SDJAX_PROCE
 
 Both CLIs must produce what one process on one device produces: sdjax.sample the same pixels,
 written by the first process only; sdjax.generate the same shard bytes. The reference is one
-single-process sdjax.generate run; sample's image i and generate's sample i share their prompt and
-their noise key (seed, i), and every run uses 2 images per device per call, so the pixels are
-comparable bit for bit.
+single-process sdjax.generate run, started together with the two-process runs; sample's image
+i and generate's sample i share their prompt and their noise key (seed, i), and every run
+uses 2 images per device per call, so the pixels are comparable bit for bit.
 """
 
 import io
@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,25 +35,68 @@ _ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS"
 
 
 @pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return path
+def runs(sd1_folder, tmp_path_factory):
+    """Start the single-process reference and both two-process runs at once, then wait for
+    all: they are independent, and a process spends part of its time waiting (start-up, its
+    peer), so together they take far less than one after another. Returns the folder and
+    {run: [(returncode, stdout, stderr) per process]}."""
+    tmp = tmp_path_factory.mktemp("multihost")
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    model = ["--model", str(sd1_folder)]
+    generate = [*model, "--prompts", str(prompts), *GENERATE]
+    # Separate working folders stand for two hosts' disks: only the first may be written.
+    hosts = [tmp / "host0", tmp / "host1"]
+    for h in hosts:
+        h.mkdir()
+    sample = [*model, "--num_images", str(K), "--outdir", "out", "--grid", *SAMPLING]
+    for prompt in PROMPTS:
+        sample += ["--prompt", prompt]
+    # The reference is a subprocess like the others: XLA:CPU's code in a process of 8 fake
+    # devices (pytest's) can differ in the last bit from that in a process of 2, and this test
+    # is about processes, not that.
+    started = {
+        "reference": [_start("sdjax.generate", [*generate, "--outdir", str(tmp / "reference"),
+                                                "--num_devices", "1"], tmp, {})],
+        "sample": _start_pair("sdjax.sample", sample, hosts),
+        "generate": _start_pair("sdjax.generate", [*generate, "--outdir", str(tmp / "data")],
+                                [tmp, tmp]),
+    }
+    results = {}
+    try:
+        for name, procs in started.items():
+            results[name] = [(*p.communicate(timeout=TIMEOUT_S), p.returncode) for p in procs]
+    finally:
+        for p in (p for procs in started.values() for p in procs):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return tmp, {name: [(rc, out, err) for out, err, rc in r] for name, r in results.items()}
 
 
-@pytest.fixture(scope="module")
-def reference(sd1_folder, prompts_file, tmp_path_factory):
-    """The dataset of one process on one device: {shard name: tar bytes}. A subprocess like the
-    others: XLA:CPU's code for a process of 8 fake devices (this one's) can differ from that
-    for 2 in the last bit, and this test is about processes, not that."""
-    out = tmp_path_factory.mktemp("reference") / "data"
-    r = subprocess.run([sys.executable, "-m", "sdjax.generate", "--model", str(sd1_folder),
-                        "--prompts", str(prompts_file), "--outdir", str(out),
-                        "--num_devices", "1", *GENERATE],
-                       env={**os.environ, **_ENV}, capture_output=True, text=True,
-                       timeout=TIMEOUT_S)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+def _start(module: str, argv: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *argv], cwd=cwd,
+                            env={**os.environ, **_ENV, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _start_pair(module: str, argv: list[str], cwds: list[Path]) -> list[subprocess.Popen]:
+    """``python -m module argv`` as processes 0 and 1 of one jax.distributed run."""
+    port = _free_port()
+    return [_start(module, argv, cwd, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                       "SDJAX_NUM_PROCESSES": "2", "SDJAX_PROCESS_ID": str(i)})
+            for i, cwd in enumerate(cwds)]
+
+
+def _outputs(runs, name: str) -> list[str]:
+    """The run's stdout per process, after checking that every process succeeded."""
+    for rc, _, err in runs[1][name]:
+        assert rc == 0, f"{name}: {err[-3000:]}"
+    return [out for _, out, _ in runs[1][name]]
+
+
+def _tars(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
 
 
 def _images(tars: dict[str, bytes]) -> list[np.ndarray]:
@@ -73,67 +117,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(module: str, argv: list[str], cwds) -> list[tuple[int, str, str]]:
-    """Run ``python -m module argv`` as processes 0 and 1 of one jax.distributed run."""
-    port = _free_port()
-    procs = []
-    for pid, cwd in enumerate(cwds):
-        env = {**os.environ, **_ENV, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-               "SDJAX_NUM_PROCESSES": "2", "SDJAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], cwd=cwd, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT_S)
-            results.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rc, _, err in results:
-        assert rc == 0, err[-3000:]
-    return results
-
-
-def test_two_processes_sample_the_single_process_images(sd1_folder, reference, tmp_path):
-    # Separate working folders stand for two hosts' disks: only the first may be written.
-    cwds = [tmp_path / "host0", tmp_path / "host1"]
-    for c in cwds:
-        c.mkdir()
-    argv = ["--model", str(sd1_folder), "--num_images", str(K), "--outdir", "out", "--grid",
-            *SAMPLING]
-    for p in PROMPTS:
-        argv += ["--prompt", p]
-    (_, out0, _), (_, out1, _) = _run_two_processes("sdjax.sample", argv, cwds)
-
+def test_two_processes_sample_the_single_process_images(runs):
+    _outputs(runs, "reference")
+    out0, out1 = _outputs(runs, "sample")
+    tmp = runs[0]
     assert "devices: 4 x cpu" in out0  # one global mesh over both processes' devices
     assert "wrote" not in out1
-    assert not (cwds[1] / "out").exists()
+    assert not (tmp / "host1" / "out").exists()
     pngs = [f"{i:05d}-3-{i}.png" for i in range(len(PROMPTS) * K)]
-    assert sorted(p.name for p in (cwds[0] / "out").iterdir()) == sorted(pngs + ["00000-grid.png"])
-    files = [cwds[0] / "out" / name for name in pngs]
-    expected = _images(reference)
-    for f, want in zip(files, expected, strict=True):
-        np.testing.assert_array_equal(np.asarray(Image.open(f)), want, err_msg=f.name)
+    written = sorted(p.name for p in (tmp / "host0" / "out").iterdir())
+    assert written == sorted(pngs + ["00000-grid.png"])
+    expected = _images(_tars(tmp / "reference"))
+    assert len(expected) == len(pngs)
+    for name, want in zip(pngs, expected, strict=True):
+        got = np.asarray(Image.open(tmp / "host0" / "out" / name))
+        np.testing.assert_array_equal(got, want, err_msg=name)
 
 
-def test_two_processes_make_the_single_process_shards(sd1_folder, prompts_file, reference,
-                                                      tmp_path):
-    out = tmp_path / "data"
-    argv = ["--model", str(sd1_folder), "--prompts", str(prompts_file), "--outdir", str(out),
-            *GENERATE]
-    (_, out0, _), (_, out1, _) = _run_two_processes("sdjax.generate", argv, [tmp_path] * 2)
-
+def test_two_processes_make_the_single_process_shards(runs):
+    _outputs(runs, "reference")
+    out0, out1 = _outputs(runs, "generate")
+    tmp = runs[0]
     # Each process makes its own shards on its own two devices: 0 and 2 here, 1 there.
     assert "wrote 2 shard(s)" in out0 and "wrote 1 shard(s)" in out1
-    made = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
-    assert made.keys() == reference.keys()
+    made, reference = _tars(tmp / "data"), _tars(tmp / "reference")
+    assert made.keys() == reference.keys() == {"00000.tar", "00001.tar", "00002.tar"}
     for name in made:
         assert made[name] == reference[name], name
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads((tmp / "data" / "stats.json").read_text())
     assert stats["complete"] and sorted(j["job_index"] for j in stats["jobs"]) == [0, 1]
 
 
