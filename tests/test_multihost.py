@@ -173,3 +173,16 @@ def test_distributed_arguments(env, expected):
 def test_bad_process_descriptions_are_one_line_errors(env, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         distributed_arguments(env)
+
+
+def test_a_bad_process_description_is_a_one_line_cli_error(tmp_path, monkeypatch, capsys):
+    from sdjax import sample
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.delenv("SDJAX_DISTRIBUTED", raising=False)
+    monkeypatch.setenv("SDJAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("SDJAX_PROCESS_ID", "0")
+    assert sample.main(["--outdir", str(tmp_path / "out"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: SDJAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
