@@ -351,6 +351,17 @@ def run(args) -> int:
     return 0
 
 
+def _wait_for_other_processes() -> bool:
+    """On a multi-process run, wait until every process has written its shards and job file;
+    True on the processes that leave the summary to the first one (which then sees them all)."""
+    import jax
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("sdjax.generate: every process's shards written")
+    return jax.process_index() != 0
+
+
 def _write_run_stats(store: Store, layout: Layout, this_run: dict, num_jobs: int,
                      job: int) -> None:
     """``stats.json``: the dataset's completeness plus each job's latest run. Split runs also
@@ -360,6 +371,8 @@ def _write_run_stats(store: Store, layout: Layout, this_run: dict, num_jobs: int
         width = len(str(num_jobs - 1))
         store.write_text(f"stats_job{job:0{width}d}-of-{num_jobs}.json",
                          json.dumps(this_run, indent=1) + "\n")
+        if _wait_for_other_processes():
+            return
         names = sorted(n for n in store.names()
                        if n.startswith("stats_job") and n.endswith(f"-of-{num_jobs}.json"))
         jobs = [json.loads(store.read_text(n) or "null") for n in names]

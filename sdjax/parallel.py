@@ -4,25 +4,64 @@ their first axis, padded to a multiple of the device count and trimmed afterward
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "data"
-# Variables that mean "this process is one of several" (set by launchers such as the tpu/
-# scripts, SLURM-style setups, or by hand); jax.distributed.initialize() reads them itself.
+# Variables that mean "this process is one of several". Launchers (Cloud TPU, SLURM, Open MPI,
+# Kubernetes' JobSet) describe the run to jax.distributed.initialize() themselves; the first two
+# ask for that. A cluster no launcher describes gives the coordinator's host:port plus the
+# process count and this process's index (the SDJAX_* pair, passed on explicitly).
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SDJAX_DISTRIBUTED")
+NUM_PROCESSES_ENV = "SDJAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "SDJAX_PROCESS_ID"
+
+
+def distributed_arguments(environ: Mapping[str, str] | None = None) -> dict | None:
+    """The keyword arguments of ``jax.distributed.initialize`` that the environment asks for,
+    or None on a single-process run. Raises ValueError (a one-line message) on a half-given or
+    malformed process description."""
+    env = os.environ if environ is None else environ
+    explicit = [v for v in (NUM_PROCESSES_ENV, PROCESS_ID_ENV) if env.get(v)]
+    if not any(env.get(v) for v in _MULTIHOST_ENV):
+        if explicit:
+            raise ValueError(f"{explicit[0]} is set but JAX_COORDINATOR_ADDRESS (host:port of "
+                             "process 0) is not")
+        return None
+    if not explicit:
+        return {}  # the launcher's environment says the rest; JAX detects it
+    if len(explicit) == 1:
+        raise ValueError(f"set both {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV}, or neither")
+    if not env.get("JAX_COORDINATOR_ADDRESS"):
+        raise ValueError(f"{NUM_PROCESSES_ENV}/{PROCESS_ID_ENV} need JAX_COORDINATOR_ADDRESS "
+                         "(host:port of process 0)")
+    try:
+        num, pid = int(env[NUM_PROCESSES_ENV]), int(env[PROCESS_ID_ENV])
+    except ValueError:
+        raise ValueError(f"{NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} must be integers, got "
+                         f"{env[NUM_PROCESSES_ENV]!r} and {env[PROCESS_ID_ENV]!r}") from None
+    if num < 1 or not 0 <= pid < num:
+        raise ValueError(f"{PROCESS_ID_ENV} must be in [0, {NUM_PROCESSES_ENV}), got "
+                         f"{pid} of {num}")
+    return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"], "num_processes": num,
+            "process_id": pid}
 
 
 def maybe_initialize_distributed() -> None:
-    """Join a multi-host run (TPU pod slice, several GPU hosts) when the environment says this
-    is one; single-host runs never touch jax.distributed."""
-    if not any(os.environ.get(v) for v in _MULTIHOST_ENV):
+    """Join a multi-host run (TPU pod slice, several GPU hosts, CPU processes) when the
+    environment says this is one; single-host runs never touch jax.distributed."""
+    kwargs = distributed_arguments()
+    if kwargs is None or jax.distributed.is_initialized():
         return
-    if jax.distributed.is_initialized():
-        return
-    jax.distributed.initialize()
+    # CPU processes exchange data (the final gather of images) through a collectives library;
+    # older JAX defaults to none, which fails at the first cross-process transfer. Gloo needs
+    # only TCP. A choice the user made (e.g. "mpi") is kept; accelerators ignore the setting.
+    if jax.config.values.get("jax_cpu_collectives_implementation") in (None, "none", ""):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(num_devices: int | None = None, *, local: bool = False) -> Mesh:

@@ -102,7 +102,7 @@ class _Static:
 class StableDiffusionPipeline:
     """Text-to-image with Stable Diffusion 1.x/2.x-architecture models.
 
-    Build it with :meth:`from_pretrained`; call it with prompts. See DESIGN.md for the contract.
+    Build it with :meth:`from_pretrained`; call it with prompts. See docs/python-api.md.
     """
 
     def __init__(self, *, text_encoder, vae, unet, tokenizer, scheduler_config: dict,
@@ -179,6 +179,12 @@ class StableDiffusionPipeline:
     @property
     def max_prompt_tokens(self) -> int:
         return self.tokenizer.model_max_length
+
+    @property
+    def compile_count(self) -> int:
+        """Sampler executables this pipeline has compiled: one per static shape (size, steps,
+        scheduler, batch), never more for new prompts, seeds or guidance scales."""
+        return sum(fn.is_compiled for fn in self._compiled.values())
 
     def network(self, name: str) -> nnx.Module:
         """``"text_encoder"``, ``"unet"`` or ``"vae"`` as an NNX module over this pipeline's
@@ -379,6 +385,10 @@ class _Executable:
             self._compiled = self._jitted.lower(*args).compile()
             self._owner.compile_seconds += time.perf_counter() - t0
         return self._compiled
+
+    @property
+    def is_compiled(self) -> bool:
+        return self._compiled is not None
 
     def __call__(self, *args) -> jax.Array:
         return self.compile(*args)(*args)

@@ -109,12 +109,13 @@ def run(args, written: list[Path]) -> int:
     from tqdm import tqdm
 
     from sdjax.images import format_parameters, make_grid, next_index, save_png
-    from sdjax.parallel import random_seed
+    from sdjax.parallel import maybe_initialize_distributed, random_seed
     from sdjax.pipeline import StableDiffusionPipeline
 
     _check_args(args)
     prompts = _prompts(args)
     check_outdir(args.outdir)
+    maybe_initialize_distributed()  # before resolve_dtype() asks JAX for its backend
     if args.model == "toy":
         print("Using the bundled toy model (shapes and colours only); pass --model for real "
               "Stable Diffusion weights.", file=sys.stderr)

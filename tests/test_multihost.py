@@ -1,0 +1,188 @@
+"""Multi-host runs for real: two processes joined by jax.distributed (a localhost coordinator,
+gloo collectives, 2 fake CPU devices each), started the way a cluster that no launcher
+describes starts them (JAX_COORDINATOR_ADDRESS, SDJAX_NUM_PROCESSES, SDJAX_PROCESS_ID).
+
+Both CLIs must produce what one process on one device produces: sdjax.sample the same pixels,
+written by the first process only; sdjax.generate the same shard bytes. The reference is one
+single-process sdjax.generate run, started together with the two-process runs; sample's image
+i and generate's sample i share their prompt and their noise key (seed, i), and every run
+uses 2 images per device per call, so the pixels are comparable bit for bit.
+"""
+
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax.parallel import distributed_arguments
+
+PROMPTS = ["a red circle", "a blue square", "a green cat", "a photo", "a cat on a blue background"]
+K = 2  # images per prompt
+SAMPLING = ["--steps", "2", "--batch_size", "2", "--seed", "3"]
+GENERATE = ["--images_per_prompt", str(K), "--samples_per_shard", "4", *SAMPLING]
+TIMEOUT_S = 300  # a hang (a process waiting for its peer forever) fails the test instead
+_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+        "SDJAX_COMPILATION_CACHE": "off"}
+
+
+@pytest.fixture(scope="module")
+def runs(sd1_folder, tmp_path_factory):
+    """Start the single-process reference and both two-process runs at once, then wait for
+    all: they are independent, and a process spends part of its time waiting (start-up, its
+    peer), so together they take far less than one after another. Returns the folder and
+    {run: [(returncode, stdout, stderr) per process]}."""
+    tmp = tmp_path_factory.mktemp("multihost")
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    model = ["--model", str(sd1_folder)]
+    generate = [*model, "--prompts", str(prompts), *GENERATE]
+    # Separate working folders stand for two hosts' disks: only the first may be written.
+    hosts = [tmp / "host0", tmp / "host1"]
+    for h in hosts:
+        h.mkdir()
+    sample = [*model, "--num_images", str(K), "--outdir", "out", "--grid", *SAMPLING]
+    for prompt in PROMPTS:
+        sample += ["--prompt", prompt]
+    # The reference is a subprocess like the others: XLA:CPU's code in a process of 8 fake
+    # devices (pytest's) can differ in the last bit from that in a process of 2, and this test
+    # is about processes, not that.
+    started = {
+        "reference": [_start("sdjax.generate", [*generate, "--outdir", str(tmp / "reference"),
+                                                "--num_devices", "1"], tmp, {})],
+        "sample": _start_pair("sdjax.sample", sample, hosts),
+        "generate": _start_pair("sdjax.generate", [*generate, "--outdir", str(tmp / "data")],
+                                [tmp, tmp]),
+    }
+    results = {}
+    try:
+        for name, procs in started.items():
+            results[name] = [(*p.communicate(timeout=TIMEOUT_S), p.returncode) for p in procs]
+    finally:
+        for p in (p for procs in started.values() for p in procs):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return tmp, {name: [(rc, out, err) for out, err, rc in r] for name, r in results.items()}
+
+
+def _start(module: str, argv: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *argv], cwd=cwd,
+                            env={**os.environ, **_ENV, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _start_pair(module: str, argv: list[str], cwds: list[Path]) -> list[subprocess.Popen]:
+    """``python -m module argv`` as processes 0 and 1 of one jax.distributed run."""
+    port = _free_port()
+    return [_start(module, argv, cwd, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                       "SDJAX_NUM_PROCESSES": "2", "SDJAX_PROCESS_ID": str(i)})
+            for i, cwd in enumerate(cwds)]
+
+
+def _outputs(runs, name: str) -> list[str]:
+    """The run's stdout per process, after checking that every process succeeded."""
+    for rc, _, err in runs[1][name]:
+        assert rc == 0, f"{name}: {err[-3000:]}"
+    return [out for _, out, _ in runs[1][name]]
+
+
+def _tars(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def _images(tars: dict[str, bytes]) -> list[np.ndarray]:
+    """The dataset's images in sample order."""
+    images = {}
+    for data in tars.values():
+        with tarfile.open(fileobj=io.BytesIO(data)) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".png"):
+                    images[int(m.name.split(".")[0])] = np.asarray(
+                        Image.open(io.BytesIO(t.extractfile(m).read())))
+    return [images[i] for i in sorted(images)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_sample_the_single_process_images(runs):
+    _outputs(runs, "reference")
+    out0, out1 = _outputs(runs, "sample")
+    tmp = runs[0]
+    assert "devices: 4 x cpu" in out0  # one global mesh over both processes' devices
+    assert "wrote" not in out1
+    assert not (tmp / "host1" / "out").exists()
+    pngs = [f"{i:05d}-3-{i}.png" for i in range(len(PROMPTS) * K)]
+    written = sorted(p.name for p in (tmp / "host0" / "out").iterdir())
+    assert written == sorted(pngs + ["00000-grid.png"])
+    expected = _images(_tars(tmp / "reference"))
+    assert len(expected) == len(pngs)
+    for name, want in zip(pngs, expected, strict=True):
+        got = np.asarray(Image.open(tmp / "host0" / "out" / name))
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_two_processes_make_the_single_process_shards(runs):
+    _outputs(runs, "reference")
+    out0, out1 = _outputs(runs, "generate")
+    tmp = runs[0]
+    # Each process makes its own shards on its own two devices: 0 and 2 here, 1 there.
+    assert "wrote 2 shard(s)" in out0 and "wrote 1 shard(s)" in out1
+    made, reference = _tars(tmp / "data"), _tars(tmp / "reference")
+    assert made.keys() == reference.keys() == {"00000.tar", "00001.tar", "00002.tar"}
+    for name in made:
+        assert made[name] == reference[name], name
+    stats = json.loads((tmp / "data" / "stats.json").read_text())
+    assert stats["complete"] and sorted(j["job_index"] for j in stats["jobs"]) == [0, 1]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"SDJAX_DISTRIBUTED": "1"}, {}),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"}, {}),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "SDJAX_NUM_PROCESSES": "4",
+      "SDJAX_PROCESS_ID": "3"},
+     {"coordinator_address": "10.0.0.2:1234", "num_processes": 4, "process_id": 3}),
+])
+def test_distributed_arguments(env, expected):
+    assert distributed_arguments(env) == expected
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SDJAX_NUM_PROCESSES": "2", "SDJAX_PROCESS_ID": "0"}, "JAX_COORDINATOR_ADDRESS"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "SDJAX_NUM_PROCESSES": "2"}, "set both"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "SDJAX_NUM_PROCESSES": "two", "SDJAX_PROCESS_ID": "0"},
+     "must be integers"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "SDJAX_NUM_PROCESSES": "2", "SDJAX_PROCESS_ID": "2"},
+     "must be in [0, SDJAX_NUM_PROCESSES)"),
+    ({"SDJAX_DISTRIBUTED": "1", "SDJAX_NUM_PROCESSES": "2", "SDJAX_PROCESS_ID": "0"},
+     "need JAX_COORDINATOR_ADDRESS"),
+])
+def test_bad_process_descriptions_are_one_line_errors(env, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        distributed_arguments(env)
+
+
+def test_a_bad_process_description_is_a_one_line_cli_error(tmp_path, monkeypatch, capsys):
+    from sdjax import sample
+
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.delenv("SDJAX_DISTRIBUTED", raising=False)
+    monkeypatch.setenv("SDJAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("SDJAX_PROCESS_ID", "0")
+    assert sample.main(["--outdir", str(tmp_path / "out"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: SDJAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
