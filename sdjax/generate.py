@@ -39,6 +39,7 @@ from sdjax.dataset.shards import (
 from sdjax.dataset.storage import Store, is_url
 from sdjax.dataset.writer import AsyncShardWriter
 from sdjax.sample import (
+    ModelOptions,
     UsageError,
     add_common_arguments,
     add_flag,
@@ -214,11 +215,13 @@ def _check_args(args) -> None:
         raise UsageError("--encode_threads must be at least 1")
 
 
-def load_pipeline(model: str, dtype: str, num_devices: int | None, local_devices: bool):
+def load_pipeline(model: str, dtype: str, num_devices: int | None, local_devices: bool,
+                  options: ModelOptions | None = None):
     """The pipeline a run uses (a separate function so tests can share one across runs)."""
     from sdjax.pipeline import StableDiffusionPipeline
     return StableDiffusionPipeline.from_pretrained(model, dtype=dtype, num_devices=num_devices,
-                                                   local_devices=local_devices)
+                                                   local_devices=local_devices,
+                                                   **(options or ModelOptions()).kwargs())
 
 
 def _job_split(num_jobs: int, job_index: int) -> tuple[int, int]:
@@ -259,7 +262,10 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype)
     t_load = time.perf_counter()
     # Each process of a multi-host run makes its own shards on its own devices.
-    pipe = load_pipeline(args.model, dtype, args.num_devices, jax.process_count() > 1)
+    pipe = load_pipeline(args.model, dtype, args.num_devices, jax.process_count() > 1,
+                         ModelOptions.from_args(args))
+    if pipe.note:
+        print(pipe.note, file=sys.stderr)
     load_s = time.perf_counter() - t_load
     height = args.height or pipe.default_hw[0]
     width = args.width or pipe.default_hw[1]

@@ -216,13 +216,15 @@ def text_encoder_token_ids(tokenizer) -> dict[str, int]:
 
 def save_tokenizer(folder: str | Path, tokenizer_dir: str | Path | None,
                    pad_token: str = EOS) -> Path:
-    """Copy the CLIPTokenizer files (vocab.json, merges.txt, configs); without a
+    """Copy the CLIPTokenizer files (vocab.json + merges.txt or tokenizer.json, configs); without a
     ``tokenizer_dir``, write the bundled CLIP vocabulary (single-file models)."""
     if tokenizer_dir is None:
         return write_clip_vocabulary(folder, pad_token=pad_token)
     folder, src = Path(folder), Path(tokenizer_dir)
-    if not (src / "vocab.json").exists() or not (src / "merges.txt").exists():
-        raise WeightsError(f"{src} has no vocab.json/merges.txt to export")
+    slow_files = (src / "vocab.json").exists() and (src / "merges.txt").exists()
+    if not slow_files and not (src / "tokenizer.json").exists():
+        raise WeightsError(f"{src} has no tokenizer files to export (vocab.json and "
+                           "merges.txt, or tokenizer.json)")
     folder.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and f.resolve() != (folder / f.name).resolve():
