@@ -19,3 +19,18 @@ def sd1_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd2_folder(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("sd2") / "model", "sd2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def single_files(tmp_path_factory):
+    """kind -> (diffusers folder, the same model as a CompVis single .safetensors written by
+    sdjax): tiny SD1.x/SD2.x-style models with the full SD block structure."""
+    from sdjax.pipeline import StableDiffusionPipeline
+    root = tmp_path_factory.mktemp("single")
+    out = {}
+    for seed, kind in enumerate(("sd1", "sd2")):
+        folder = save_tiny_pipeline(root / kind, kind, seed=10 + seed, full=True)
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype="float32",
+                                                       num_devices=1)
+        out[kind] = (folder, pipe.save_single_file(root / f"{kind}.safetensors"))
+    return out

@@ -160,6 +160,12 @@ class Renamed(Mapping[str, np.ndarray]):
         rows = value.shape[0] // s.parts
         return value[s.part * rows:(s.part + 1) * rows]
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Without reading the tensor (the source must answer ``shape`` too)."""
+        s = self._sources[key]
+        shape = tuple(self._tensors.shape(s.key))
+        return shape if s.parts == 1 else (shape[0] // s.parts, *shape[1:])
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._sources)
 
