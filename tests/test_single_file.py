@@ -61,13 +61,11 @@ def test_diffusers_loads_our_single_file_as_the_folder(single_files, kind):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), net
     assert from_file.scheduler.config.prediction_type == ref.scheduler.config.prediction_type
 
-    ours_folder = StableDiffusionPipeline.from_pretrained(str(folder), dtype="float32",
-                                                          num_devices=1)
     ours = StableDiffusionPipeline.from_pretrained(str(file), config=str(folder),
                                                    dtype="float32", num_devices=1)
     # Identical parameters: the single file and the folder give the same images bit for bit.
     for net in ("unet", "vae", "text_encoder"):
-        assert _same_params(ours.params[net], ours_folder.params[net]), net
+        assert _same_params(ours.params[net], single_files.params[kind][net]), net
 
 
 def test_single_file_images_match_diffusers(single_files):
@@ -100,10 +98,9 @@ def test_ckpt_gives_identical_parameters_and_ema_choice(single_files, tmp_path):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": {**tensors, **ema, **extra}, "global_step": 10}, ckpt)
 
-    from_file = load_single_file(file, config=folder)
     trained = load_single_file(ckpt, config=folder)
     for net in ("unet", "vae", "text_encoder"):
-        assert _same_params(getattr(trained, net), getattr(from_file, net)), net
+        assert _same_params(getattr(trained, net), single_files.params["sd1"][net]), net
     assert "not the EMA copy" in trained.note and "--ema" in trained.note
     chosen = load_single_file(ckpt, config=folder, ema=True)
     got = np.asarray(chosen.unet.conv_in.bias[...])
@@ -245,7 +242,7 @@ def test_bundled_tokenizer_is_clips():
     for text in ["an astronaut riding a horse, 4k, trending on artstation",
                  "café déjà vu: (emphasis:1.2) [less] 日本語 🐱"]:
         ids = tok(text).input_ids
-        assert ids[0] == 49406 and ids[-1] == 49407 and max(ids) < 49406
+        assert ids[0] == 49406 and ids[-1] == 49407 and max(ids[1:-1]) < 49406
         assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == \
             text.lower().replace(" ", "")
     sd2 = bundled_clip_tokenizer("!")
@@ -282,9 +279,8 @@ def test_convert_cli_both_ways(single_files, tmp_path, capsys):
     back = tmp_path / "back"
     assert convert.main([str(file), str(back), "--config", str(folder)]) == 0
     ours = StableDiffusionPipeline.from_pretrained(str(back), dtype="float32", num_devices=1)
-    ref = load_single_file(file, config=folder)
     for net in ("unet", "vae", "text_encoder"):
-        assert _same_params(ours.params[net], getattr(ref, net)), net
+        assert _same_params(ours.params[net], single_files.params["sd1"][net]), net
     capsys.readouterr()
     before = half.read_bytes()
     assert convert.main([str(folder), str(half)]) == 2
