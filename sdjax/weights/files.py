@@ -39,12 +39,6 @@ class _Merged(Mapping[str, np.ndarray]):
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def _torch_bin(path: Path) -> Mapping[str, np.ndarray]:
-    """A ``torch.save`` file, read by our restricted unpickler: no torch needed, and nothing
-    in the file is run."""
-    return TorchCheckpoint(path)
-
-
 def open_tensor_file(path: str | Path) -> Mapping[str, np.ndarray]:
     """One weights file, lazily: ``.safetensors``, or a PyTorch ``.ckpt``/``.pt``/``.bin``.
     The mapping also answers ``shape(name)`` without reading the tensor."""
@@ -73,7 +67,7 @@ def open_component_weights(folder: Path, variant: str | None = None) -> Mapping[
                 if not index.exists():
                     index = folder / f"{stem}{suffix}{ext}.index.json"
                 if single.exists():
-                    return SafetensorsFile(single) if ext == ".safetensors" else _torch_bin(single)
+                    return open_tensor_file(single)
                 if index.exists():
                     return _open_sharded(index, ext)
     # Files saved with variant only (e.g. just model.fp16.safetensors) when no variant was asked.
@@ -90,7 +84,8 @@ def _open_sharded(index: Path, ext: str) -> Mapping[str, np.ndarray]:
     except (OSError, ValueError, KeyError) as e:
         raise WeightsError(f"{index}: unreadable shard index ({e})") from None
     files = sorted(set(weight_map.values()))
-    opener = SafetensorsFile if ext == ".safetensors" else _torch_bin
+    # .bin files are read by our restricted unpickler: no torch needed, nothing in them runs.
+    opener = SafetensorsFile if ext == ".safetensors" else TorchCheckpoint
     missing = [f for f in files if not (index.parent / f).exists()]
     if missing:
         raise WeightsError(f"{index.parent}: shard files missing: {', '.join(missing)}")

@@ -8,7 +8,9 @@ strict tables as a diffusers folder. What the file lacks comes from its family
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -41,6 +43,7 @@ from sdjax.weights.families import PREDICTION_TYPES, PRESETS, describe, detect
 from sdjax.weights.files import open_component_weights, open_tensor_file, read_json
 
 _EMA = "model_ema."
+_NETS = ("text_encoder", "vae", "unet")
 # Buffers of the original LatentDiffusion module: the noise schedule it derives from its
 # config (the scheduler config holds the same), and EMA bookkeeping. Read and dropped.
 _LDM_BUFFERS = {
@@ -98,38 +101,53 @@ def _check_unknown(tensors) -> None:
                            f"Stable Diffusion checkpoint: {', '.join(stray[:8])}{more}")
 
 
-def _resolve_config(config, tensors, explicit: str | None, from_yaml: str | None):
-    """(family or None, config folder or None, prediction type, where that came from, where
-    the configs came from)."""
-    if config is not None and str(config) in PRESETS:
-        family = PRESETS[str(config)]
-        how = f"--config {config}"
-        source = "family default"
-    elif config is not None:
+@dataclasses.dataclass
+class _Completion:
+    """What the file lacks, and from where: network configs, tokenizer, scheduler."""
+    configs: dict[str, Any]
+    tokenizer: Any
+    tokenizer_dir: Path | None       # None: the bundled CLIP vocabulary
+    scheduler_config: dict
+    label: str                       # what the file is, for the loading line
+    prediction_source: str           # where its prediction type came from
+
+
+def _prediction(explicit: str | None, from_yaml: str | None, default: str,
+                default_source: str) -> tuple[str, str]:
+    """An explicit argument wins over the .yaml beside the file, which wins over the default."""
+    if explicit:
+        return explicit, "as asked"
+    if from_yaml:
+        return from_yaml, "from the .yaml beside the file"
+    return default, default_source
+
+
+def _complete(config, tensors, explicit: str | None, from_yaml: str | None) -> _Completion:
+    if config is not None and str(config) not in PRESETS:
         folder = Path(config).expanduser()
         if not folder.is_dir():
             raise WeightsError(f"config {config!r} is neither a preset ({', '.join(PRESETS)}) "
                                "nor a diffusers folder")
         check_pipeline_folder(folder)
         sched = read_json(folder / "scheduler" / "scheduler_config.json")
-        pt = explicit or from_yaml or sched.get("prediction_type", "epsilon")
-        source = "as asked" if explicit else "from the .yaml" if from_yaml else \
-            f"from {folder}/scheduler"
-        return None, folder, pt, source, f"configs from {folder}"
+        pt, why = _prediction(explicit, from_yaml, sched.get("prediction_type", "epsilon"),
+                              f"from {folder / 'scheduler'}")
+        return _Completion({c: read_config(folder, c) for c in _NETS}, load_tokenizer(folder),
+                           folder / "tokenizer", {**sched, "prediction_type": pt},
+                           f"Stable Diffusion (configs from {folder})", why)
+    if config is not None:
+        family, how, default_why = PRESETS[str(config)], f"--config {config}", "family default"
     else:
-        family = detect(tensors)
-        how = "detected from the tensors"
-        source = "family default"
+        family, how, default_why = detect(tensors), "detected from the tensors", "family default"
         if family.openclip and family.unet.in_channels == 4 and \
                 getattr(tensors, "extras", {}).get("global_step") == 875000:
-            # diffusers' rule for SD 2.x: the 512 base model stopped at step 875000.
-            family, source = PRESETS["sd21"], "the SD 2 base model's global_step"
-    pt = explicit or from_yaml or family.prediction_type
-    if explicit:
-        source = "as asked"
-    elif from_yaml:
-        source = "from the .yaml beside the file"
-    return family.for_prediction(pt), None, pt, source, how
+            # diffusers' rule: the SD 2 512 base model (epsilon) stopped at step 875000.
+            family, default_why = PRESETS["sd21"], "global_step 875000: the SD 2 base model"
+    pt, why = _prediction(explicit, from_yaml, family.prediction_type, default_why)
+    family = family.for_prediction(pt)
+    configs = {"unet": family.unet, "vae": family.vae, "text_encoder": family.text_encoder}
+    return _Completion(configs, bundled_clip_tokenizer(family.pad_token), None,
+                       family.scheduler_config(pt), f"{family.label} ({how})", why)
 
 
 def load_single_file(path: Path, *, config=None, prediction_type: str | None = None,
@@ -145,21 +163,10 @@ def load_single_file(path: Path, *, config=None, prediction_type: str | None = N
     if what is not None:
         raise WeightsError(f"{path}: {what}")
     _check_unknown(tensors)
-    family, folder, pt, pt_source, how = _resolve_config(config, tensors, prediction_type,
-                                                         _yaml_prediction(path))
-    openclip = any(k.startswith(OPENCLIP_PREFIX) for k in tensors)
-    if folder is not None:
-        cfgs = {c: read_config(folder, c) for c in ("unet", "vae", "text_encoder")}
-        tokenizer, tokenizer_dir = load_tokenizer(folder), folder / "tokenizer"
-        scheduler_config = {**read_json(folder / "scheduler" / "scheduler_config.json"),
-                            "prediction_type": pt}
-        label = "Stable Diffusion"
-    else:
-        cfgs = {"unet": family.unet, "vae": family.vae, "text_encoder": family.text_encoder}
-        tokenizer, tokenizer_dir = bundled_clip_tokenizer(family.pad_token), None
-        scheduler_config = family.scheduler_config(pt)
-        label = family.label
     unet_keys, ema_note = _unet_keys(tensors, ema)
+    done = _complete(config, tensors, prediction_type, _yaml_prediction(path))
+    cfgs = done.configs
+    openclip = any(k.startswith(OPENCLIP_PREFIX) for k in tensors)
     views = {
         "unet": unet_from_compvis(tensors, cfgs["unet"], unet_keys),
         "vae": vae_from_compvis(tensors, cfgs["vae"]),
@@ -168,11 +175,13 @@ def load_single_file(path: Path, *, config=None, prediction_type: str | None = N
     }
     nets = {c: build_network(c, cfgs[c], views[c], dtype=network_dtype(c, cfgs[c], dtype),
                              place=place, what=f"{path} ({c}, keys renamed from CompVis)")
-            for c in ("text_encoder", "vae", "unet")}
-    note = (f"{path.name}: {label} ({how}); {ema_note}; prediction type {pt} ({pt_source}; "
-            "--prediction_type / prediction_type= to change)")
-    return PipelineParts(**nets, tokenizer=tokenizer, scheduler_config=scheduler_config,
-                         tokenizer_dir=tokenizer_dir, note=note)
+            for c in _NETS}
+    pt = done.scheduler_config["prediction_type"]
+    note = (f"{path.name}: {done.label}; {ema_note}; prediction type {pt} "
+            f"({done.prediction_source}; --prediction_type / prediction_type= to change)")
+    return PipelineParts(**nets, tokenizer=done.tokenizer,
+                         scheduler_config=done.scheduler_config,
+                         tokenizer_dir=done.tokenizer_dir, note=note)
 
 
 def load_vae(source: str | Path, cfg: VAEConfig, *, dtype=jnp.float32,
