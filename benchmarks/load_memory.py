@@ -9,7 +9,8 @@ loads them in a fresh process with sdjax and reports that process's peak RSS (ru
 RSS just before loading (imports), the bytes of the loaded parameters and the load time.
 ``--source unet`` (default) loads a diffusers UNet alone; ``folder`` the whole pipeline from a
 diffusers folder; ``single`` the same weights from one CompVis-layout ``.safetensors`` (as
-A1111 users hold them; written from the folder by ``python -m sdjax.convert``).
+A1111 users hold them; written from the folder by ``python -m sdjax.convert``); ``ckpt`` the
+same as a ``torch.save({"state_dict": ...})`` pickle, read by sdjax's restricted unpickler.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def _measure(folder: Path, dtype: str, source: str) -> dict:
         from flax import nnx
         state = nnx.state(unet, nnx.Param)
     else:
-        path = folder if source == "folder" else folder.with_suffix(".safetensors")
+        path = folder if source == "folder" else folder.with_suffix(
+            ".ckpt" if source == "ckpt" else ".safetensors")
         state = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype,
                                                         num_devices=1).params
     seconds = time.perf_counter() - t0
@@ -87,7 +89,7 @@ def main() -> None:
     p.add_argument("--shape", default="sd15", choices=["sd15", "sd21"])
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/sdjax-bench-unet"))
-    p.add_argument("--source", default="unet", choices=["unet", "folder", "single"])
+    p.add_argument("--source", default="unet", choices=["unet", "folder", "single", "ckpt"])
     p.add_argument("--child", choices=["write", "write_pipeline", "measure"],
                    help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -114,9 +116,14 @@ def main() -> None:
     if a.source != "unet" and not (folder / "model_index.json").exists():
         child("write_pipeline")
     single = folder.with_suffix(".safetensors")
-    if a.source == "single" and not single.exists():
+    if a.source in ("single", "ckpt") and not single.exists():
         subprocess.run([sys.executable, "-m", "sdjax.convert", str(folder), str(single)],
                        check=True, capture_output=True)
+    if a.source == "ckpt" and not folder.with_suffix(".ckpt").exists():
+        subprocess.run([sys.executable, "-c", "import sys, torch; from safetensors.torch import "
+                        "load_file; torch.save({'state_dict': load_file(sys.argv[1])}, "
+                        "sys.argv[2])", str(single), str(folder.with_suffix(".ckpt"))],
+                       check=True)
     print(child("measure").strip().splitlines()[-1])
 
 
