@@ -48,12 +48,12 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
              "VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
     add_flag(g, "config", default=None, help="single files: a preset (sd15, sd15-inpainting, "
              "sd21, sd21-v, sd2-inpainting) or a diffusers folder whose configs, tokenizer and "
-             "scheduler to use (default: detected from the tensors)")
+             "scheduler to use; unset, the family is detected from the tensors")
     add_flag(g, "prediction_type", default=None, choices=["epsilon", "v_prediction"],
-             help="override the model's (default: its scheduler config, a single file's "
-                  ".yaml, or its family's)")
+             help="override the model's; unset, its scheduler config decides (single files: "
+                  "a .yaml of the same name beside the file, else the family's)")
     add_flag(g, "ema", action="store_true", help="single files with trained and EMA UNet "
-             "weights: load the EMA copy (default: the trained ones, as diffusers does)")
+             "weights: load the EMA copy instead of the trained weights (diffusers' choice)")
 
 
 @dataclasses.dataclass(frozen=True)
