@@ -138,7 +138,8 @@ def _complete(config, tensors, explicit: str | None, from_yaml: str | None) -> _
     if config is not None:
         family, how, default_why = PRESETS[str(config)], f"--config {config}", "family default"
     else:
-        family, how, default_why = detect(tensors), "detected from the tensors", "family default"
+        family, default_why = detect(tensors), "family default"
+        how = "detected from the tensors; --config to choose another"
         if family.openclip and family.unet.in_channels == 4 and \
                 getattr(tensors, "extras", {}).get("global_step") == 875000:
             # diffusers' rule: the SD 2 512 base model (epsilon) stopped at step 875000.
