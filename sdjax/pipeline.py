@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from sdjax import parallel
 from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
-from sdjax.weights.diffusers_folder import PipelineParts, load_pipeline_folder
+from sdjax.weights.diffusers_folder import load_pipeline_folder
 from sdjax.weights.families import PREDICTION_TYPES
 from sdjax.weights.resolve import resolve_model
 
@@ -166,14 +166,9 @@ class StableDiffusionPipeline:
             from sdjax.weights.single_file import load_vae
             parts.vae = load_vae(vae, parts.vae.config, dtype=dtype, place=place)
             parts.note += f"{'; ' if parts.note else ''}VAE from {vae}"
-        return cls.from_parts(parts, mesh=mesh, dtype=dtype, name=model)
-
-    @classmethod
-    def from_parts(cls, parts: PipelineParts, *, mesh, dtype, name: str = ""
-                   ) -> StableDiffusionPipeline:
         return cls(text_encoder=parts.text_encoder, vae=parts.vae, unet=parts.unet,
                    tokenizer=parts.tokenizer, scheduler_config=parts.scheduler_config,
-                   mesh=mesh, dtype=dtype, name=name,
+                   mesh=mesh, dtype=dtype, name=model,
                    vae_scale_factor=parts.vae.config.downsample_factor,
                    tokenizer_dir=parts.tokenizer_dir, note=parts.note)
 

@@ -185,11 +185,11 @@ def load_single_file(path: Path, *, config=None, prediction_type: str | None = N
                          tokenizer_dir=done.tokenizer_dir, note=note)
 
 
-def load_vae(source: str | Path, cfg: VAEConfig, *, dtype=jnp.float32,
+def load_vae(source: str | Path, cfg: VAEConfig | None = None, *, dtype=jnp.float32,
              place: Place | None = None) -> nnx.Module:
     """Another VAE: a diffusers VAE folder (``config.json`` + weights), or a single VAE file
     (CompVis ``encoder.*``/``decoder.*`` keys, with or without ``first_stage_model.``; or
-    diffusers names) built with ``cfg``, the model's own VAE config."""
+    diffusers names) built with ``cfg``, the model's own VAE config (default: SD's VAE)."""
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -200,6 +200,7 @@ def load_vae(source: str | Path, cfg: VAEConfig, *, dtype=jnp.float32,
                              dtype=network_dtype("vae", cfg, dtype), place=place, what=str(path))
     if not path.is_file():
         raise WeightsError(f"VAE not found: {source}")
+    cfg = cfg or VAEConfig.sd15()
     tensors = open_tensor_file(path)
     what = describe(tensors)
     if what is None:
