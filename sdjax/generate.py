@@ -89,9 +89,13 @@ class Settings:
     negative_prompt: str
     image_format: str
     quality: int | None
+    model_options: ModelOptions = ModelOptions()
 
     def manifest(self, layout: Layout, prompts: PromptsInfo) -> dict:
-        return {**dataclasses.asdict(self), "images_per_prompt": layout.images_per_prompt,
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "model_options"}
+        # --vae, --config, … join the manifest only when used, so earlier runs still match.
+        options = {k: v for k, v in self.model_options.kwargs().items() if v not in (None, False)}
+        return {**fields, **options, "images_per_prompt": layout.images_per_prompt,
                 "samples_per_shard": layout.samples_per_shard, "prompt_rows": prompts.num_rows,
                 "prompts_sha256": prompts.sha256}
 
@@ -262,8 +266,8 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype)
     t_load = time.perf_counter()
     # Each process of a multi-host run makes its own shards on its own devices.
-    pipe = load_pipeline(args.model, dtype, args.num_devices, jax.process_count() > 1,
-                         ModelOptions.from_args(args))
+    options = ModelOptions.from_args(args)
+    pipe = load_pipeline(args.model, dtype, args.num_devices, jax.process_count() > 1, options)
     if pipe.note:
         print(pipe.note, file=sys.stderr)
     load_s = time.perf_counter() - t_load
@@ -275,7 +279,7 @@ def run(args) -> int:
         scheduler=args.scheduler or pipe.default_scheduler,
         guidance_scale=args.guidance_scale, height=height, width=width, seed=args.seed,
         negative_prompt=args.negative_prompt, image_format=args.format,
-        quality=None if args.format == "png" else (args.quality or 95))
+        quality=None if args.format == "png" else (args.quality or 95), model_options=options)
     run_settings = settings.manifest(layout, prompts)
     manifest.check(store, run_settings, overwrite=args.overwrite)
 
