@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from sdjax import parallel
 from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
 from sdjax.weights.diffusers_folder import load_pipeline_folder
+from sdjax.weights.errors import WeightsError
 from sdjax.weights.families import PREDICTION_TYPES
 from sdjax.weights.resolve import resolve_model
 
@@ -141,6 +142,8 @@ class StableDiffusionPipeline:
         if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
                              f"not {prediction_type!r}")
+        if vae is not None and not Path(vae).expanduser().exists():
+            raise WeightsError(f"VAE not found: {vae}")  # before the model's gigabytes load
         parallel.maybe_initialize_distributed()
         enable_compilation_cache(compilation_cache)
         mesh = parallel.make_mesh(num_devices, local=local_devices)
