@@ -31,6 +31,13 @@ def _embedding(p):
     return p
 
 
+def _embedding_pt(p):
+    import torch
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(2, 768)},
+                "name": "style", "step": 3000}, p)
+    return p
+
+
 def _lone_vae(p, single_files):
     from safetensors.numpy import save_file
     full = SafetensorsFile(single_files["sd1"][1])
@@ -63,6 +70,7 @@ def _not_torch_zip(p):
 MODEL_CASES = {
     "lora": (_lora, [], "a LoRA"),
     "embedding": (_embedding, [], "textual-inversion embedding"),
+    "embedding_pt": (_embedding_pt, [], "textual-inversion embedding"),
     "lone_vae": (_lone_vae, [], "a VAE alone"),
     "zip_not_torch": (_not_torch_zip, [], "not a PyTorch checkpoint"),
     "legacy_torch": (_legacy, [], "pre-1.6 format"),
@@ -90,7 +98,7 @@ MODEL_CASES = {
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
 def test_bad_model_files_through_the_cli(single_files, tmp_path, capsys, case):
     make, extras, message = MODEL_CASES[case]
-    ext = ".pt" if case == "legacy_torch" else ".ckpt" if case in (
+    ext = ".pt" if case in ("legacy_torch", "embedding_pt") else ".ckpt" if case in (
         "zip_not_torch", "hostile") else ".safetensors"
     target = tmp_path / f"model{ext}"
     path = make(target, single_files) if make.__code__.co_argcount == 2 else make(target)

@@ -88,7 +88,7 @@ def describe(tensors) -> str | None:
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k
            or ".lora_B." in k or "lora.down" in k for k in keys):
         return "a LoRA (an add-on to a model, not a model)"
-    if "string_to_param" in keys or "emb_params" in keys or (
+    if "emb_params" in keys or any(k.startswith("string_to_param.") for k in keys) or (
             keys and set(keys) <= {"clip_l", "clip_g", "string_to_token", "name", "step"}):
         return "a textual-inversion embedding, not a model"
     if any(k.startswith(UNET_PREFIX) for k in keys):

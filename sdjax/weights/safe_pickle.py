@@ -221,11 +221,24 @@ def load(path: str | os.PathLike) -> Any:
                            f"{str(e)[:120]})") from None
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict[str, LazyTensor]:
+    """The tensors of nested dicts under dotted names (an A1111 embedding keeps its vectors
+    in ``string_to_param: {"*": tensor}``)."""
+    out: dict[str, LazyTensor] = {}
+    for key, value in tree.items():
+        if isinstance(value, LazyTensor):
+            out[prefix + str(key)] = value
+        elif isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
 class TorchCheckpoint(Mapping[str, np.ndarray]):
     """The tensors of a ``torch.save`` file as a read-only mapping, like
     :class:`~sdjax.weights.safetensors_io.SafetensorsFile`: names and shapes at once, data
     memory-mapped on access. A top-level ``"state_dict"`` (Lightning checkpoints) is opened;
-    non-tensor entries beside it (``global_step``, …) are kept in :attr:`extras`."""
+    non-tensor entries beside it (``global_step``, …) are kept in :attr:`extras`; tensors in
+    nested dicts are named with dots."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -235,8 +248,7 @@ class TorchCheckpoint(Mapping[str, np.ndarray]):
                                "tensors")
         self.extras = {k: v for k, v in obj.items() if not isinstance(v, (LazyTensor, dict))}
         inner = obj.get("state_dict")
-        tensors = inner if isinstance(inner, dict) else obj
-        self._tensors = {str(k): v for k, v in tensors.items() if isinstance(v, LazyTensor)}
+        self._tensors = _flatten(inner if isinstance(inner, dict) else obj)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._tensors[name].numpy()
