@@ -10,6 +10,7 @@ behind; what only the loaded model can tell (its VAE factor, its default size) i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -67,7 +68,8 @@ def add_flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """The model, sampling and device flags of every sdjax command that generates images."""
     add_flag(p, "model", default="toy", help="'toy' (the small bundled demo model), a diffusers "
-             "folder, or a Hugging Face hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+             "folder, a single .safetensors/.ckpt checkpoint (A1111 layout), or a Hugging Face "
+             "hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
     add_flag(p, "negative_prompt", default="", help="what the images should not show")
     add_flag(p, "num_devices", type=int, default=None, help="devices to use (default: all)")
     add_flag(p, "batch_size", type=int, default=None,
@@ -86,6 +88,35 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
              help="refuse a height x width above this many pixels")
     add_flag(p, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
              help="compute dtype; auto = float32 on CPU, bfloat16 on TPU/GPU")
+    g = p.add_argument_group("model files", "single-file checkpoints (.safetensors/.ckpt in "
+                             "the A1111/CompVis layout) and VAE swaps")
+    add_flag(g, "vae", default=None, help="another VAE: a diffusers VAE folder or a single "
+             "VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
+    add_flag(g, "config", default=None, help="single files: a preset (sd15, sd15-inpainting, "
+             "sd21, sd21-v, sd2-inpainting) or a diffusers folder whose configs, tokenizer and "
+             "scheduler to use; unset, the family is detected from the tensors")
+    add_flag(g, "prediction_type", default=None, choices=["epsilon", "v_prediction"],
+             help="override the model's; unset, its scheduler config decides (single files: "
+                  "a .yaml of the same name beside the file, else the family's)")
+    add_flag(g, "ema", action="store_true", help="single files with trained and EMA UNet "
+             "weights: load the EMA copy instead of the trained weights (diffusers' choice)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """The model-file flags, as from_pretrained's keyword arguments (hashable, so callers can
+    cache pipelines by them)."""
+    config: str | None = None
+    vae: str | None = None
+    prediction_type: str | None = None
+    ema: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelOptions:
+        return cls(args.config, args.vae, args.prediction_type, args.ema)
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = True) -> None:

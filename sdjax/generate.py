@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sdjax.cli_args import (
+    ModelOptions,
     Parser,
     UsageError,
     add_common_arguments,
@@ -91,9 +92,13 @@ class Settings:
     negative_prompt: str
     image_format: str
     quality: int | None
+    model_options: ModelOptions = ModelOptions()
 
     def manifest(self, layout: Layout, prompts: PromptsInfo) -> dict:
-        return {**dataclasses.asdict(self), "images_per_prompt": layout.images_per_prompt,
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "model_options"}
+        # --vae, --config, … join the manifest only when used, so earlier runs still match.
+        options = {k: v for k, v in self.model_options.kwargs().items() if v not in (None, False)}
+        return {**fields, **options, "images_per_prompt": layout.images_per_prompt,
                 "samples_per_shard": layout.samples_per_shard, "prompt_rows": prompts.num_rows,
                 "prompts_sha256": prompts.sha256}
 
@@ -216,11 +221,13 @@ def _check_args(args) -> None:
         raise UsageError("--encode_threads must be at least 1")
 
 
-def load_pipeline(model: str, dtype: str, num_devices: int | None, local_devices: bool):
+def load_pipeline(model: str, dtype: str, num_devices: int | None, local_devices: bool,
+                  options: ModelOptions | None = None):
     """The pipeline a run uses (a separate function so tests can share one across runs)."""
     from sdjax.pipeline import StableDiffusionPipeline
     return StableDiffusionPipeline.from_pretrained(model, dtype=dtype, num_devices=num_devices,
-                                                   local_devices=local_devices)
+                                                   local_devices=local_devices,
+                                                   **(options or ModelOptions()).kwargs())
 
 
 def _job_split(num_jobs: int, job_index: int) -> tuple[int, int]:
@@ -278,7 +285,10 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype)
     t_load = time.perf_counter()
     # Each process of a multi-host run makes its own shards on its own devices.
-    pipe = load_pipeline(args.model, dtype, args.num_devices, jax.process_count() > 1)
+    options = ModelOptions.from_args(args)
+    pipe = load_pipeline(args.model, dtype, args.num_devices, jax.process_count() > 1, options)
+    if pipe.note:
+        print(pipe.note, file=sys.stderr)
     load_s = time.perf_counter() - t_load
     height, width = image_size(args, pipe)
     settings = Settings(
@@ -286,7 +296,7 @@ def run(args) -> int:
         scheduler=args.scheduler or pipe.default_scheduler,
         guidance_scale=args.guidance_scale, height=height, width=width, seed=args.seed,
         negative_prompt=args.negative_prompt, image_format=args.format,
-        quality=None if args.format == "png" else (args.quality or 95))
+        quality=None if args.format == "png" else (args.quality or 95), model_options=options)
     run_settings = settings.manifest(layout, prompts)
     manifest.check(store, run_settings, overwrite=args.overwrite)
 

@@ -24,13 +24,9 @@ from jax.sharding import PartitionSpec as P
 
 from sdjax import parallel, validation
 from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
-from sdjax.weights.diffusers_folder import (
-    check_pipeline_folder,
-    load_network,
-    load_tokenizer,
-    read_config,
-)
-from sdjax.weights.files import read_json
+from sdjax.weights.diffusers_folder import load_pipeline_folder
+from sdjax.weights.errors import WeightsError
+from sdjax.weights.families import PREDICTION_TYPES
 from sdjax.weights.resolve import resolve_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -106,8 +102,11 @@ class StableDiffusionPipeline:
     """
 
     def __init__(self, *, text_encoder, vae, unet, tokenizer, scheduler_config: dict,
-                 mesh, dtype, name: str = "", vae_scale_factor: int = 8):
+                 mesh, dtype, name: str = "", vae_scale_factor: int = 8,
+                 tokenizer_dir: Path | None = None, note: str = ""):
         self.tokenizer = tokenizer
+        self.tokenizer_dir = tokenizer_dir  # its files, for saving; None = bundled CLIP BPE
+        self.note = note  # what was loaded and how to change it (single files), for the CLI
         self.scheduler_config = scheduler_config
         self.mesh = mesh
         self.dtype = dtype
@@ -125,38 +124,74 @@ class StableDiffusionPipeline:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model: str = "toy", dtype="bfloat16",
-                        num_devices: int | None = None, *, variant: str | None = None,
-                        compilation_cache: str | None = None,
+                        num_devices: int | None = None, *, config=None, vae=None,
+                        prediction_type: str | None = None, ema: bool = False,
+                        variant: str | None = None, compilation_cache: str | None = None,
                         local_devices: bool = False) -> StableDiffusionPipeline:
-        """``model``: ``"toy"`` | a diffusers folder | a hub id. ``dtype``: compute/param dtype
-        of the networks. ``num_devices``: devices to shard batches over (None = all).
+        """``model``: ``"toy"`` | a diffusers folder | a single ``.safetensors``/``.ckpt``
+        (CompVis/A1111 layout) | a hub id. ``dtype``: compute/param dtype of the networks.
+        ``num_devices``: devices to shard batches over (None = all).
+        ``config`` (single files): None = detect the family from the tensors, a preset name
+        (``sd15``, ``sd21``, ``sd21-v``, …) or a diffusers folder whose configs, tokenizer and
+        scheduler to use. ``vae``: another VAE, a diffusers VAE folder or a single VAE file.
+        ``prediction_type``: ``"epsilon"`` | ``"v_prediction"``, overriding the scheduler
+        config (and a single file's ``.yaml``). ``ema``: single files with both trained and
+        EMA UNet weights load the trained ones by default (as diffusers does), the EMA copy
+        with ``ema=True``.
         ``local_devices``: on a multi-host run, use only this process's devices, so each
         process generates on its own (no collective with the other hosts)."""
         dtype = parse_dtype(dtype)
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                             f"not {prediction_type!r}")
+        if vae is not None and not Path(vae).expanduser().exists():
+            raise WeightsError(f"VAE not found: {vae}")  # before the model's gigabytes load
         parallel.maybe_initialize_distributed()
         enable_compilation_cache(compilation_cache)
         mesh = parallel.make_mesh(num_devices, local=local_devices)
-        folder = resolve_model(model)
-        check_pipeline_folder(folder)
-        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+        source = resolve_model(model)
         replicated = parallel.replicated(mesh)
 
         def place(a):
             return jax.device_put(a, replicated)
 
-        vae_cfg = read_config(folder, "vae")
-        # float16 VAEs overflow in the decoder; the reference upcasts them the same way.
-        vae_dtype = jnp.float32 if (dtype == jnp.float16 and vae_cfg.force_upcast) else dtype
-        nets = {
-            "text_encoder": load_network(folder, "text_encoder", dtype=dtype, place=place,
-                                         variant=variant),
-            "vae": load_network(folder, "vae", dtype=vae_dtype, place=place, variant=variant,
-                                config=vae_cfg),
-            "unet": load_network(folder, "unet", dtype=dtype, place=place, variant=variant),
-        }
-        return cls(**nets, tokenizer=load_tokenizer(folder), scheduler_config=scheduler_config,
+        if source.is_file():
+            from sdjax.weights.single_file import load_single_file
+            parts = load_single_file(source, config=config, prediction_type=prediction_type,
+                                     ema=ema, dtype=dtype, place=place)
+        else:
+            if config is not None or ema:
+                raise ValueError("config= and ema= are for single-file checkpoints; a "
+                                 "diffusers folder brings its own configs and weights")
+            parts = load_pipeline_folder(source, dtype=dtype, place=place, variant=variant)
+            if prediction_type is not None:
+                parts.scheduler_config = {**parts.scheduler_config,
+                                          "prediction_type": prediction_type}
+        if vae is not None:
+            from sdjax.weights.single_file import load_vae
+            parts.vae = load_vae(vae, parts.vae.config, dtype=dtype, place=place)
+            parts.note += f"{'; ' if parts.note else ''}VAE from {vae}"
+        return cls(text_encoder=parts.text_encoder, vae=parts.vae, unet=parts.unet,
+                   tokenizer=parts.tokenizer, scheduler_config=parts.scheduler_config,
                    mesh=mesh, dtype=dtype, name=model,
-                   vae_scale_factor=vae_cfg.downsample_factor)
+                   vae_scale_factor=parts.vae.config.downsample_factor,
+                   tokenizer_dir=parts.tokenizer_dir, note=parts.note)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """A diffusers folder (float32) that diffusers' and sdjax's from_pretrained load."""
+        from sdjax.weights.export import save_pipeline
+        return save_pipeline(folder, unet=self.network("unet"), vae=self.network("vae"),
+                             text_encoder=self.network("text_encoder"),
+                             tokenizer_dir=self.tokenizer_dir, tokenizer=self.tokenizer,
+                             scheduler_config=self.scheduler_config)
+
+    def save_single_file(self, path: str | Path, half: bool = False) -> Path:
+        """A CompVis/A1111-layout ``.safetensors`` (float16 with ``half``) that the WebUI and
+        diffusers' ``from_single_file`` load; written atomically."""
+        from sdjax.weights.export import save_single_file
+        return save_single_file(path, unet=self.network("unet"), vae=self.network("vae"),
+                                text_encoder=self.network("text_encoder"), half=half)
 
     # ------------------------------------------------------------------ properties
     @property

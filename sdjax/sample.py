@@ -15,6 +15,7 @@ from pathlib import Path
 
 # The shared flags live in sdjax.cli_args; these names are re-exported for existing callers.
 from sdjax.cli_args import (  # noqa: F401
+    ModelOptions,
     Parser,
     UsageError,
     add_common_arguments,
@@ -122,7 +123,10 @@ def run(args, written: list[Path]) -> int:
     dtype = resolve_dtype(args.dtype)
 
     pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype,
-                                                   num_devices=args.num_devices)
+                                                   num_devices=args.num_devices,
+                                                   **ModelOptions.from_args(args).kwargs())
+    if pipe.note:
+        print(pipe.note, file=sys.stderr)
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
     height, width = image_size(args, pipe)

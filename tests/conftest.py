@@ -30,3 +30,26 @@ def toy_run_env(tmp_path_factory) -> dict[str, str]:
     return {"SDJAX_COMPILATION_CACHE": str(tmp_path_factory.mktemp("jax_cache")),
             "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
             "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+class SingleFiles(dict):
+    """kind -> (diffusers folder, the same model as a CompVis single .safetensors written by
+    sdjax); ``params[kind]`` holds sdjax's float32 parameters loaded from the folder."""
+    params: dict
+
+
+@pytest.fixture(scope="session")
+def single_files(tmp_path_factory):
+    """Tiny SD1.x/SD2.x-style models with the full SD block structure, as folders and as
+    single files."""
+    from sdjax.pipeline import StableDiffusionPipeline
+    root = tmp_path_factory.mktemp("single")
+    out = SingleFiles()
+    out.params = {}
+    for seed, kind in enumerate(("sd1", "sd2")):
+        folder = save_tiny_pipeline(root / kind, kind, seed=10 + seed, full=True)
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype="float32",
+                                                       num_devices=1)
+        out[kind] = (folder, pipe.save_single_file(root / f"{kind}.safetensors"))
+        out.params[kind] = pipe.params
+    return out

@@ -114,9 +114,11 @@ def test_safetensors_roundtrip_bfloat16(tmp_path):
 def test_resolve_errors_are_one_line(tmp_path):
     with pytest.raises(WeightsError, match="model not found"):
         resolve_model(str(tmp_path / "nope"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(WeightsError, match="not a model"):
+        resolve_model(str(tmp_path / "notes.txt"))
     (tmp_path / "w.safetensors").write_bytes(b"")
-    with pytest.raises(WeightsError, match="single file"):
-        resolve_model(str(tmp_path / "w.safetensors"))
+    assert resolve_model(str(tmp_path / "w.safetensors")) == tmp_path / "w.safetensors"
 
 
 def test_hub_id_offline_says_so(monkeypatch):

@@ -40,26 +40,37 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-def tiny_components(kind: str = "sd1", seed: int = 0):
-    """(unet, vae, text_encoder) torch modules shaped like SD1 or SD2, but tiny."""
+def tiny_components(kind: str = "sd1", seed: int = 0, full: bool = False):
+    """(unet, vae, text_encoder) torch modules shaped like SD1 or SD2, but tiny. ``full``:
+    the whole SD block structure (4 levels, 2 layers per block: every kind of block a
+    single file's layout has) at small channel counts."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     sd2 = kind == "sd2"
     ctx = 48 if sd2 else 32
+    if full:
+        levels = dict(layers_per_block=2, block_out_channels=(16, 32, 32, 32),
+                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                      attention_head_dim=(2, 4, 4, 4) if sd2 else 4)
+        vae_levels = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=2,
+                          down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4)
+    else:
+        levels = dict(layers_per_block=1, block_out_channels=(32, 64),
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                      attention_head_dim=(2, 4) if sd2 else 8)
+        vae_levels = dict(block_out_channels=(16, 32), layers_per_block=1,
+                          down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=ctx, norm_num_groups=8,
-        attention_head_dim=(2, 4) if sd2 else 8,
-        use_linear_projection=sd2, upcast_attention=sd2)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=16)
+        sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=ctx, norm_num_groups=8,
+        use_linear_projection=sd2, upcast_attention=sd2, **levels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                        sample_size=16, **vae_levels)
     te = CLIPTextModel(CLIPTextConfig(
         vocab_size=_vocab_size(), hidden_size=ctx, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77,
@@ -77,12 +88,13 @@ def _vocab_size() -> int:
         return write_clip_tokenizer(Path(d))
 
 
-def save_tiny_pipeline(folder: Path, kind: str = "sd1", seed: int = 0) -> Path:
+def save_tiny_pipeline(folder: Path, kind: str = "sd1", seed: int = 0,
+                       full: bool = False) -> Path:
     """A complete diffusers folder as StableDiffusionPipeline.save_pretrained writes it."""
     from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    unet, vae, te = tiny_components(kind, seed)
+    unet, vae, te = tiny_components(kind, seed, full)
     tok_dir = folder.parent / f"{folder.name}-tokenizer-src"
     write_clip_tokenizer(tok_dir, pad_token="!" if kind == "sd2" else "<|endoftext|>")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))

@@ -9,11 +9,10 @@ are built so that every word of ``words`` becomes exactly one token.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+from sdjax.weights.clip_bpe import EOS, write_vocabulary
 
 
 def byte_alphabet() -> list[str]:
@@ -77,20 +76,5 @@ def write_clip_tokenizer(folder: str | Path, words: Sequence[str], *,
     """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json that
     transformers' ``CLIPTokenizer.from_pretrained(folder)`` reads; returns the vocabulary
     size (what the text encoder's ``vocab_size`` must be)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = byte_alphabet()
-    merges = build_merges(words)
-    vocab = alphabet + [c + "</w>" for c in alphabet]
-    vocab += [a + b for a, b in merges]
-    vocab = list(dict.fromkeys(vocab)) + [BOS, EOS]
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)},
-                                                  ensure_ascii=False))
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"model_max_length": model_max_length, "do_lower_case": True,
-         "tokenizer_class": "CLIPTokenizer", **special}, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    return len(vocab)
+    return write_vocabulary(folder, byte_alphabet(), build_merges(words), pad_token=pad_token,
+                            model_max_length=model_max_length)

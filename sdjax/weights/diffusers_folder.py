@@ -38,11 +38,12 @@ NETWORKS = {
 }
 
 
-def read_config(folder: Path, component: str):
-    """The frozen config of ``folder/component`` (no weights read)."""
+def read_config(folder: Path, component: str, kind: str | None = None):
+    """The frozen config of ``folder/component`` (no weights read); ``kind`` is the network
+    when the folder is not named after it (a VAE folder of any name)."""
     raw = read_json(folder / component / "config.json")
     try:
-        return NETWORKS[component].config.from_dict(raw)
+        return NETWORKS[kind or component].config.from_dict(raw)
     except (TypeError, ValueError) as e:
         raise WeightsError(f"{folder / component / 'config.json'}: {e}") from None
 
@@ -63,15 +64,57 @@ class _ShapeOnlyRngs:
         return jax.random.key(0)
 
 
+def network_dtype(component: str, cfg, dtype):
+    """The dtype a network is built in: float16 VAEs overflow in the decoder, so those that ask
+    for it (``force_upcast``) run in float32, as the reference upcasts them."""
+    if component == "vae" and dtype == jnp.float16 and cfg.force_upcast:
+        return jnp.float32
+    return dtype
+
+
+def build_network(component: str, cfg, tensors, *, dtype=jnp.float32, place: Place | None = None,
+                  what: str = "model") -> nnx.Module:
+    """Build ``component`` abstractly (nothing random is initialised) and fill it from
+    ``tensors`` (diffusers names), tensor by tensor."""
+    kind = NETWORKS[component]
+    abstract = nnx.eval_shape(lambda: kind.model(cfg, dtype=dtype, rngs=_ShapeOnlyRngs()))
+    return load_state(abstract, tensors, kind.rules, what=what, place=place)
+
+
 def load_network(folder: Path, component: str, *, dtype=jnp.float32, place: Place | None = None,
                  variant: str | None = None, config=None) -> nnx.Module:
-    """Build ``component`` abstractly (nothing random is initialised) and fill it from its
-    weight files, tensor by tensor."""
-    kind = NETWORKS[component]
+    """``folder/component`` from its config.json and weight files."""
     cfg = config if config is not None else read_config(folder, component)
-    abstract = nnx.eval_shape(lambda: kind.model(cfg, dtype=dtype, rngs=_ShapeOnlyRngs()))
     tensors = open_component_weights(folder / component, variant)
-    return load_state(abstract, tensors, kind.rules, what=str(folder / component), place=place)
+    return build_network(component, cfg, tensors, dtype=dtype, place=place,
+                         what=str(folder / component))
+
+
+@dataclasses.dataclass
+class PipelineParts:
+    """What a pipeline is built from, whatever the source."""
+    text_encoder: nnx.Module
+    vae: nnx.Module
+    unet: nnx.Module
+    tokenizer: Any
+    scheduler_config: dict
+    tokenizer_dir: Path | None   # its files, for saving; None = the bundled CLIP vocabulary
+    note: str = ""               # the loading line: what was loaded and how to change it
+
+
+def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None = None,
+                         variant: str | None = None) -> PipelineParts:
+    check_pipeline_folder(folder)
+    nets = {}
+    for component in ("text_encoder", "vae", "unet"):
+        cfg = read_config(folder, component)
+        nets[component] = load_network(folder, component, config=cfg, place=place,
+                                       variant=variant,
+                                       dtype=network_dtype(component, cfg, dtype))
+    return PipelineParts(**nets, tokenizer=load_tokenizer(folder),
+                         scheduler_config=read_json(folder / "scheduler" /
+                                                    "scheduler_config.json"),
+                         tokenizer_dir=folder / "tokenizer")
 
 
 def load_tokenizer(folder: Path):

@@ -26,6 +26,13 @@ from sdjax.models.clip_text import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
 from sdjax.weights import table_clip, table_unet, table_vae
+from sdjax.weights.clip_bpe import EOS, write_clip_vocabulary
+from sdjax.weights.compvis_names import (
+    clip_to_compvis,
+    openclip_to_compvis,
+    unet_to_compvis,
+    vae_to_compvis,
+)
 from sdjax.weights.errors import WeightsError
 from sdjax.weights.loader import Rule, map_keys
 from sdjax.weights.safetensors_io import save_safetensors
@@ -207,11 +214,17 @@ def text_encoder_token_ids(tokenizer) -> dict[str, int]:
             int(tokenizer.eos_token_id), "pad_token_id": int(tokenizer.pad_token_id)}
 
 
-def save_tokenizer(folder: str | Path, tokenizer_dir: str | Path) -> Path:
-    """Copy the CLIPTokenizer files (vocab.json, merges.txt, configs)."""
+def save_tokenizer(folder: str | Path, tokenizer_dir: str | Path | None,
+                   pad_token: str = EOS) -> Path:
+    """Copy the CLIPTokenizer files (vocab.json + merges.txt or tokenizer.json, configs); without a
+    ``tokenizer_dir``, write the bundled CLIP vocabulary (single-file models)."""
+    if tokenizer_dir is None:
+        return write_clip_vocabulary(folder, pad_token=pad_token)
     folder, src = Path(folder), Path(tokenizer_dir)
-    if not (src / "vocab.json").exists() or not (src / "merges.txt").exists():
-        raise WeightsError(f"{src} has no vocab.json/merges.txt to export")
+    slow_files = (src / "vocab.json").exists() and (src / "merges.txt").exists()
+    if not slow_files and not (src / "tokenizer.json").exists():
+        raise WeightsError(f"{src} has no tokenizer files to export (vocab.json and "
+                           "merges.txt, or tokenizer.json)")
     folder.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and f.resolve() != (folder / f.name).resolve():
@@ -247,10 +260,11 @@ def save_model_index(folder: str | Path, scheduler_class: str) -> Path:
 
 
 def save_pipeline(folder: str | Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL,
-                  text_encoder: CLIPTextModel, tokenizer_dir: str | Path,
+                  text_encoder: CLIPTextModel, tokenizer_dir: str | Path | None,
                   scheduler_config: Mapping[str, Any], tokenizer=None) -> Path:
     """A complete diffusers Stable Diffusion folder. ``tokenizer`` (a loaded CLIPTokenizer)
-    fills the text encoder's token ids; without it they are read from ``tokenizer_dir``."""
+    fills the text encoder's token ids; without it they are read from ``tokenizer_dir``
+    (None: the bundled CLIP vocabulary, padded as ``tokenizer`` pads)."""
     folder = Path(folder)
     if tokenizer is None:
         from transformers import CLIPTokenizer
@@ -258,7 +272,32 @@ def save_pipeline(folder: str | Path, *, unet: UNet2DConditionModel, vae: Autoen
     save_network(folder / "unet", unet)
     save_network(folder / "vae", vae)
     save_network(folder / "text_encoder", text_encoder, text_encoder_token_ids(tokenizer))
-    save_tokenizer(folder / "tokenizer", tokenizer_dir)
+    save_tokenizer(folder / "tokenizer", tokenizer_dir, pad_token=tokenizer.pad_token)
     save_scheduler(folder / "scheduler", scheduler_config)
     save_model_index(folder, scheduler_config["_class_name"])
     return folder
+
+
+def single_file_tensors(*, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                        text_encoder: CLIPTextModel) -> dict[str, np.ndarray]:
+    """The three networks under CompVis/A1111 single-file names (float32). The text encoder
+    is written the way its family stores it: OpenCLIP (SD 2.x, GELU) with fused q/k/v, or
+    OpenAI CLIP (SD 1.x, quick-GELU) under transformers' names."""
+    openclip = text_encoder.config.hidden_act == "gelu"
+    te = network_tensors(text_encoder)
+    return {**unet_to_compvis(network_tensors(unet), unet.config),
+            **vae_to_compvis(network_tensors(vae), vae.config),
+            **(openclip_to_compvis(te) if openclip else clip_to_compvis(te))}
+
+
+def save_single_file(path: str | Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                     text_encoder: CLIPTextModel, half: bool = False) -> Path:
+    """A CompVis-layout ``.safetensors`` (float16 with ``half``), written atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise WeightsError(f"{path}: single files are written as .safetensors")
+    tensors = single_file_tensors(unet=unet, vae=vae, text_encoder=text_encoder)
+    if half:
+        tensors = {k: v.astype(np.float16) for k, v in tensors.items()}
+    save_safetensors(tensors, path, {"format": "pt"})
+    return path

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sdjax.weights.errors import WeightsError
+from sdjax.weights.safe_pickle import TorchCheckpoint
 from sdjax.weights.safetensors_io import SafetensorsFile
 
 _STEMS = ("diffusion_pytorch_model", "model")
@@ -35,26 +36,21 @@ class _Merged(Mapping[str, np.ndarray]):
         return len(self._where)
 
 
-def _torch_bin(path: Path) -> Mapping[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise WeightsError(
-            f"{path} is a PyTorch .bin file; install torch (pip install 'sdjax[torch]') to "
-            "read it, or convert the folder to safetensors") from None
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for a bad pickle; report them the same
-        raise WeightsError(f"{path}: cannot read PyTorch weights ({e})") from None
-    sd = sd.get("state_dict", sd)
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-    def to_numpy(t):
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
 
-    return {k: to_numpy(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+def open_tensor_file(path: str | Path) -> Mapping[str, np.ndarray]:
+    """One weights file, lazily: ``.safetensors``, or a PyTorch ``.ckpt``/``.pt``/``.bin``.
+    The mapping also answers ``shape(name)`` without reading the tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return TorchCheckpoint(path)
+    raise WeightsError(f"{path}: unknown weights file type (expected .safetensors, "
+                       f"{', '.join(TORCH_SUFFIXES)})")
 
 
 def open_component_weights(folder: Path, variant: str | None = None) -> Mapping[str, np.ndarray]:
@@ -71,7 +67,7 @@ def open_component_weights(folder: Path, variant: str | None = None) -> Mapping[
                 if not index.exists():
                     index = folder / f"{stem}{suffix}{ext}.index.json"
                 if single.exists():
-                    return SafetensorsFile(single) if ext == ".safetensors" else _torch_bin(single)
+                    return open_tensor_file(single)
                 if index.exists():
                     return _open_sharded(index, ext)
     # Files saved with variant only (e.g. just model.fp16.safetensors) when no variant was asked.
@@ -88,7 +84,8 @@ def _open_sharded(index: Path, ext: str) -> Mapping[str, np.ndarray]:
     except (OSError, ValueError, KeyError) as e:
         raise WeightsError(f"{index}: unreadable shard index ({e})") from None
     files = sorted(set(weight_map.values()))
-    opener = SafetensorsFile if ext == ".safetensors" else _torch_bin
+    # .bin files are read by our restricted unpickler: no torch needed, nothing in them runs.
+    opener = SafetensorsFile if ext == ".safetensors" else TorchCheckpoint
     missing = [f for f in files if not (index.parent / f).exists()]
     if missing:
         raise WeightsError(f"{index.parent}: shard files missing: {', '.join(missing)}")

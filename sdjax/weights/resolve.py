@@ -7,6 +7,8 @@ from pathlib import Path
 
 from sdjax.weights.errors import WeightsError
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
 TOY = "toy"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what the pipeline reads: configs, tokenizer, and safetensors weights (with .bin as a
@@ -20,7 +22,8 @@ def toy_path() -> Path:
 
 
 def resolve_model(model: str) -> Path:
-    """``"toy"`` | a local diffusers folder | a hub id (downloaded when online) -> folder."""
+    """``"toy"`` | a local diffusers folder | a single checkpoint file | a hub id (downloaded
+    when online) -> a local folder or file."""
     if model == TOY:
         path = toy_path()
         if not (path / "model_index.json").exists():
@@ -30,12 +33,15 @@ def resolve_model(model: str) -> Path:
     if path.is_dir():
         return path
     if path.is_file():
-        raise WeightsError(f"{model} is a single file; sdjax loads diffusers folders "
-                           "(model_index.json, unet/, vae/, …) for now")
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise WeightsError(f"{model}: not a model (expected a diffusers folder or a "
+                               f"{', '.join(SINGLE_FILE_SUFFIXES)} checkpoint)")
+        return path
     if _HUB_ID.match(model) and not model.startswith((".", "/")):
         return _download(model)
-    raise WeightsError(f"model not found: {model} (expected 'toy', a diffusers folder or a "
-                       "hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    raise WeightsError(f"model not found: {model} (expected 'toy', a diffusers folder, a "
+                       ".safetensors/.ckpt file or a hub id such as "
+                       "stable-diffusion-v1-5/stable-diffusion-v1-5)")
 
 
 def _download(repo_id: str) -> Path:

@@ -26,8 +26,69 @@ _DTYPES = {
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
+def _bad(path: str, what: str) -> WeightsError:
+    return WeightsError(f"{path}: corrupt safetensors header ({what})")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_header(path: str, header, data_size: int) -> tuple[dict, dict]:
+    """(metadata, entries) of a parsed header, after checking every field the reader relies
+    on: the types, a known dtype, a byte range of exactly shape x itemsize inside the data
+    area, and no two tensors sharing bytes."""
+    if not isinstance(header, dict):
+        raise _bad(path, f"a JSON {type(header).__name__} instead of an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise _bad(path, "__metadata__ must map strings to strings")
+    ranges = []
+    for name, e in header.items():
+        if not isinstance(e, dict):
+            raise _bad(path, f"tensor {name!r} is not an object")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in e]
+        if missing:
+            raise _bad(path, f"tensor {name!r} has no {', '.join(missing)}")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype, str):
+            raise _bad(path, f"tensor {name!r}: dtype must be a string, got {dtype!r}")
+        if dtype not in _DTYPES:
+            raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise _bad(path, f"tensor {name!r}: shape must be a list of non-negative "
+                             f"integers, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+                _is_int(o) for o in offsets) and offsets[0] <= offsets[1]):
+            raise _bad(path, f"tensor {name!r}: data_offsets must be [begin, end] with "
+                             f"0 <= begin <= end, got {offsets!r}")
+        start, end = offsets
+        expected = np.dtype(_DTYPES[dtype]).itemsize
+        for d in shape:
+            expected *= d
+        if end - start != expected:
+            raise WeightsError(f"{path}: tensor {name!r} has inconsistent offsets ({end - start} "
+                               f"bytes for shape {shape} of {dtype}, which needs {expected})")
+        if end > data_size:
+            raise WeightsError(f"{path}: file is truncated or offsets are out of range (tensor "
+                               f"{name!r} ends at byte {end} of a {data_size}-byte data area)")
+        ranges.append((start, end, name))
+    ranges.sort()
+    reach, last = 0, None  # the furthest byte any earlier tensor covers, and which one
+    for start, end, name in ranges:
+        if start < reach and start < end:
+            raise _bad(path, f"tensors {last!r} and {name!r} overlap")
+        if end > reach:
+            reach, last = end, name
+    return metadata, header
+
+
 class SafetensorsFile(Mapping[str, np.ndarray]):
-    """A read-only mapping from tensor name to a lazily memory-mapped numpy array."""
+    """A read-only mapping from tensor name to a lazily memory-mapped numpy array.
+
+    The whole header is validated when the file is opened, so a corrupt or hostile file fails
+    here with one line naming it, never later inside numpy or a loader."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -38,26 +99,14 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 raise WeightsError(f"{self.path}: not a safetensors file (too short)")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                raise WeightsError(f"{self.path}: corrupt or truncated safetensors header")
+                raise WeightsError(f"{self.path}: corrupt or truncated safetensors header (its "
+                                   f"length, {n} bytes, runs past the end of the file)")
             try:
                 header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 raise WeightsError(f"{self.path}: corrupt safetensors header ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
         self._base = 8 + n
-        self._entries = header
-        for name, e in header.items():
-            if e.get("dtype") not in _DTYPES:
-                raise WeightsError(f"{self.path}: tensor {name!r} has unsupported dtype "
-                                   f"{e.get('dtype')!r}")
-            start, end = e["data_offsets"]
-            expected = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(
-                _DTYPES[e["dtype"]]).itemsize
-            if end - start != expected:
-                raise WeightsError(f"{self.path}: tensor {name!r} has inconsistent offsets")
-            if self._base + end > size:
-                raise WeightsError(f"{self.path}: file is truncated (tensor {name!r} runs past "
-                                   f"the end; {size} bytes on disk)")
+        self.metadata, self._entries = _check_header(self.path, header, size - self._base)
 
     def __getitem__(self, name: str) -> np.ndarray:
         e = self._entries[name]

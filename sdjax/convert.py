@@ -1,0 +1,100 @@
+"""python -m sdjax.convert SRC DST: a model between the diffusers folder and the single-file
+(CompVis/A1111 ``.safetensors``) layouts.
+
+SRC is anything ``--model`` takes (a folder, a ``.safetensors``/``.ckpt``, a hub id). A DST
+ending in ``.safetensors`` gets a single file, any other DST a diffusers folder. An existing
+DST is never replaced unless ``--overwrite`` is given, and DST appears only once it is
+complete (written under a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from sdjax.sample import ModelOptions, UsageError, add_flag
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sdjax.convert",
+        description="Convert a Stable Diffusion model between a diffusers folder and an "
+                    "A1111/CompVis single .safetensors file.")
+    p.add_argument("src", help="a diffusers folder, a .safetensors/.ckpt checkpoint or a hub id")
+    p.add_argument("dst", type=Path, help="a .safetensors file (single file) or a folder "
+                   "(diffusers layout)")
+    add_flag(p, "half", action="store_true", help="write float16 weights (single files only)")
+    add_flag(p, "overwrite", action="store_true", help="replace an existing DST")
+    add_flag(p, "vae", default=None, help="another VAE to write in the model's place")
+    add_flag(p, "config", default=None, help="single-file SRC: a preset or a diffusers folder "
+             "with its configs (default: detected from the tensors)")
+    add_flag(p, "prediction_type", default=None, choices=["epsilon", "v_prediction"],
+             help="single-file SRC: the prediction type to record in the folder's scheduler")
+    add_flag(p, "ema", action="store_true", help="single-file SRC: take the EMA UNet weights")
+    return p
+
+
+def _check(args) -> None:
+    dst: Path = args.dst
+    if dst.exists() and not args.overwrite:
+        raise UsageError(f"{dst} exists; pass --overwrite to replace it")
+    single = dst.suffix == ".safetensors"
+    if args.half and not single:
+        raise UsageError("--half applies to single-file output (DST ending in .safetensors)")
+    if dst.exists() and single != dst.is_file():
+        raise UsageError(f"{dst} exists and is a {'folder' if dst.is_dir() else 'file'}; "
+                         "--overwrite replaces a file with a file and a folder with a folder")
+    parent = dst.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"{parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{parent} is not writable")
+
+
+def _write_folder(pipe, dst: Path) -> None:
+    """Into a temporary sibling folder, then renamed into place: no half-written DST."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.resolve().parent))
+    try:
+        pipe.save_pretrained(tmp)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def run(args) -> int:
+    _check(args)
+    from sdjax.pipeline import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(args.src, dtype="float32", num_devices=1,
+                                                   **ModelOptions.from_args(args).kwargs())
+    if pipe.note:
+        print(pipe.note, file=sys.stderr)
+    if args.dst.suffix == ".safetensors":
+        pipe.save_single_file(args.dst, half=args.half)
+    else:
+        _write_folder(pipe, args.dst)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sdjax.weights.errors import WeightsError
+    try:
+        return run(args)
+    except (UsageError, WeightsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
