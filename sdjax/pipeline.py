@@ -232,7 +232,8 @@ class StableDiffusionPipeline:
         return fn.compile(*call_args)
 
     def _prepare(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
-                 = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 = None, num_inference_steps: int = 50,
+                 guidance_scale: float | Sequence[float] = 7.5,
                  height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, seed: int = 0, latents=None,
                  scheduler: str | None = None, *, seeds: Sequence[int] | None = None,
@@ -260,8 +261,6 @@ class StableDiffusionPipeline:
         if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got "
                              f"{num_inference_steps}")
-        if not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         height = self.default_hw[0] if height is None else height
         width = self.default_hw[1] if width is None else width
         self.check_size(height, width)
@@ -276,6 +275,15 @@ class StableDiffusionPipeline:
             image_indices = range(n)
         if len(seeds) != n or len(image_indices) != n:
             raise ValueError(f"seeds and image_indices need one entry per image ({n})")
+        # One scale per image is what the compiled call takes anyway; a sequence lets a server
+        # merge requests that differ only in their guidance into one call.
+        guidance = np.asarray(guidance_scale, np.float64)
+        if guidance.ndim == 0:
+            guidance = np.full((n,), guidance)
+        if guidance.shape != (n,):
+            raise ValueError(f"guidance_scale needs one value or one per image ({n})")
+        if not np.all(np.isfinite(guidance)) or np.any(guidance < 0):
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         lat_shape = (height // self.vae_scale_factor, width // self.vae_scale_factor,
                      self.unet_config.in_channels)
         if latents is not None:
@@ -306,7 +314,7 @@ class StableDiffusionPipeline:
         neg_ids = pad(self.tokenize(negatives))
         seed_arr = pad(np.asarray(seeds, np.int64).astype(np.uint32))
         index_arr = pad(np.asarray(image_indices, np.int64).astype(np.uint32))
-        guidance = pad(np.full((n,), guidance_scale, np.float32))
+        guidance = pad(guidance.astype(np.float32))
         extra = (pad(latents),) if latents is not None else ()
 
         return (self._executable(static),
