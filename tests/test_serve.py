@@ -15,46 +15,22 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from sdjax.images import parse_parameters
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.serve.app import create_app
+from sdjax.serve.background import BackgroundServer
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import Limits
 
 SHAPE = {"width": 16, "height": 16, "steps": 2, "sampler_name": "Euler a"}
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on a socket bound here (port 0: no race for a free port)."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=None))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(60)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +67,7 @@ def registry(pipe, sd1_folder):
 @pytest.fixture(scope="module")
 def server(registry, calls):
     app = create_app(registry, window_s=0.05, max_batch=8)
-    s = ServerThread(app)
+    s = BackgroundServer(app)
     s.batcher = app.state.batcher
     s.client = httpx.Client(base_url=s.url, timeout=120)
     yield s
@@ -274,10 +250,27 @@ def test_queue_full_and_interrupt(server):
     assert c.get("/health").json()["queued"] == 0
 
 
+def test_a_client_that_leaves_costs_nothing_and_stops_nobody(server):
+    c, b = server.client, server.batcher
+    images_before = b.images
+    b.window_s = 60
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/sdapi/v1/txt2img", json={**SHAPE, "batch_size": 3}, timeout=0.3)
+        deadline = time.monotonic() + 30
+        while c.get("/health").json()["queued"]:  # its job is dropped, not run
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        b.window_s = 0.05
+    assert len(_txt2img(c, prompt="a cat")["images"]) == 1
+    assert b.images - images_before == 1
+
+
 def test_auth_and_graceful_shutdown(registry):
     app = create_app(registry, window_s=1.0, credentials={"ann": "s3cret"},
                      limits=Limits(max_queue=4))
-    s = ServerThread(app)
+    s = BackgroundServer(app)
     try:
         with httpx.Client(base_url=s.url, timeout=120) as c:
             for path in ("/sdapi/v1/options", "/"):

@@ -20,14 +20,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdjax.images import parse_parameters
-from sdjax.serve.batcher import Batcher, QueueFull, ShuttingDown
+from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.generation import images_response, plan_txt2img, run_call
 from sdjax.serve.limits import BadRequest, Limits
@@ -43,6 +43,7 @@ from sdjax.serve.schemas import (
 log = logging.getLogger("sdjax.serve")
 PAGE = Path(__file__).with_name("static") / "index.html"
 RETRY_AFTER_S = 5
+DISCONNECT_POLL_S = 0.5
 _UNAUTHENTICATED = {"/health"}  # for load balancers and readiness probes
 
 
@@ -172,6 +173,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, f"{where}: {err.get('msg', 'invalid')}"
 
 
+async def _wait(job: Job, request: Request, batcher: Batcher) -> JobResult | None:
+    """The job's result, or None (and the job cancelled) when the client disconnects first,
+    so a client that gives up costs the devices nothing more."""
+    result = asyncio.wrap_future(job.future)
+    while True:
+        done, _ = await asyncio.wait({result}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return result.result()
+        if await request.is_disconnected():
+            batcher.cancel(job)
+            return None
+
+
 def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                window_s: float = 0.03, max_batch: int = 8,
                credentials: dict[str, str] | None = None) -> FastAPI:
@@ -234,7 +248,10 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                           {"Retry-After": str(RETRY_AFTER_S)})
         except ShuttingDown as e:
             return _error(503, str(e))
-        result = await asyncio.wrap_future(job.future)
+        result = await _wait(job, request, batcher)
+        if result is None:
+            request.state.detail = f"job {job.id} given up: the client disconnected"
+            return Response(status_code=499)  # nobody reads it; for the log line
         body = await run_in_threadpool(images_response, req, plan, result)
         s = plan.shape
         request.state.detail = (

@@ -127,6 +127,13 @@ class Batcher:
             self._cond.notify_all()
             return job
 
+    def cancel(self, job: Job) -> None:
+        """Its client has gone: make none of its images that are not on the devices yet."""
+        with self._cond:
+            if job.future.cancel() and job in self._pending:
+                self._pending.remove(job)
+            self._cond.notify_all()
+
     def interrupt(self) -> int:
         """End every job accepted so far: what is on the devices now finishes (a compiled call
         cannot stop half-way) and is returned; nothing more starts for them. Returns how many
@@ -174,9 +181,6 @@ class Batcher:
         for job in list(self._pending):
             if room == 0:
                 break
-            if job.future.cancelled():  # its client has gone: make none of its images
-                self._pending.remove(job)
-                continue
             if job.shape != shape:
                 continue
             stop = min(len(job.specs), job.next + room)
@@ -207,8 +211,6 @@ class Batcher:
                     continue  # interrupted while waiting
                 shape = self._pending[0].shape
                 parts = self._take(shape)
-                if not parts:
-                    continue  # every job of that shape had been given up by its client
                 self.calls += 1
                 call_id = self.calls
                 self._running = [job for job, _, _ in parts]
