@@ -11,9 +11,12 @@ txt2img requests back to back through HTTP:
   batched       the server's default: a 30 ms window, up to one image per device per call
   one at a time ``max_batch=1``: every request is its own call (the WebUI's behaviour)
 
-It reports requests/s, images/s (one image per request, so the same), the mean latency, the
-images per call, and the latency the server adds over ``pipe(...)`` for the same image (one
-client; HTTP, JSON, PNG and base64 encoding, and the batching window).
+It reports requests/s, images/s (one image per request, so the same), the mean latency and
+the images per call. Then the latency the server adds over ``pipe(...)`` for the same image,
+two ways: the median difference over ``--pairs`` alternating (pipe call, request) pairs with
+the real model (one client), and the median request latency against a stand-in model that
+returns its images at once (the server's own cost alone: HTTP, JSON, validation, the queue,
+PNG and base64 encoding, plus the batching window where there is one).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", default="1,4,8", help="concurrent clients, comma-separated")
     p.add_argument("--requests_per_client", type=int, default=4)
     p.add_argument("--window_ms", type=float, default=30.0, help="the batched mode's window")
+    p.add_argument("--pairs", type=int, default=9, help="(pipe, request) latency pairs")
     p.add_argument("--json", default=None, help="also write the result record to this file")
     return p.parse_args(argv)
 
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"--xla_force_host_platform_device_count={args.num_devices}")
     import httpx
     import jax
+    import numpy as np
 
     from sdjax.pipeline import StableDiffusionPipeline
     from sdjax.serve.app import create_app
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps, "sampler_name": args.sampler}
     modes = {"batched": dict(window_s=args.window_ms / 1000, max_batch=pipe.num_devices),
              "one at a time": dict(window_s=0.0, max_batch=1)}
-    rows = []
+    rows, added, overhead = [], {}, {}
     for mode, options in modes.items():
         app = create_app(registry, **options)
         server = BackgroundServer(app)
@@ -109,12 +115,40 @@ def main(argv: list[str] | None = None) -> int:
                                  "median_latency_s": round(statistics.median(latencies), 3),
                                  "calls": calls, "images_per_call": round(n / calls, 2)})
                     print(json.dumps(rows[-1]), file=sys.stderr)
+                # the added latency, pairing each request with a pipe call made just before
+                diffs = []
+                for i in range(args.pairs):
+                    t0 = time.perf_counter()
+                    pipe("a red circle", seed=i, **shape)
+                    t1 = time.perf_counter()
+                    client.post("/sdapi/v1/txt2img", json={**body, "seed": i}).raise_for_status()
+                    diffs.append((time.perf_counter() - t1) - (t1 - t0))
+                added[mode] = round(statistics.median(diffs), 4)
         finally:
             server.stop()
 
-    def added(mode: str) -> float:
-        one = next(r for r in rows if r["mode"] == mode and r["clients"] == 1)
-        return round(one["median_latency_s"] - pipe_s, 3)
+    class InstantPipe:
+        """Stands in for the model: images at once, so only the server's own time is left."""
+        def __init__(self, real):
+            self.check_size, self.num_devices = real.check_size, real.num_devices
+
+        def __call__(self, prompts, **kwargs):
+            return SimpleNamespace(images=np.zeros((len(prompts), kwargs["height"],
+                                                    kwargs["width"], 3), np.uint8))
+
+    instant = ModelRegistry({args.model: args.model}, lambda source: InstantPipe(pipe))
+    for mode, options in modes.items():
+        server = BackgroundServer(create_app(instant, **options))
+        try:
+            with httpx.Client(base_url=server.url, timeout=600) as client:
+                times = []
+                for i in range(20):
+                    t0 = time.perf_counter()
+                    client.post("/sdapi/v1/txt2img", json={**body, "seed": i}).raise_for_status()
+                    times.append(time.perf_counter() - t0)
+                overhead[mode] = round(statistics.median(times[1:]), 4)
+        finally:
+            server.stop()
 
     record = {
         "benchmark": "serve_throughput", "command": " ".join(["python -m benchmarks."
@@ -126,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{jax.devices()[0].device_kind}",
         "cpu_count": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
         "first_call_s": round(compile_s, 2), "pipe_call_median_s": round(pipe_s, 3),
-        "server_added_latency_s": {"batched (window included)": added("batched"),
-                                   "one at a time (no window)": added("one at a time")},
+        "window_ms": args.window_ms,
+        "server_added_latency_s": {"real model, median of paired differences": added,
+                                   "instant model, median request latency": overhead},
         "rows": rows,
     }
     print(json.dumps(record, indent=1))

@@ -278,6 +278,9 @@ def test_auth_and_graceful_shutdown(registry):
                 assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Basic")
             assert c.get("/sdapi/v1/options", auth=("ann", "wrong")).status_code == 401
             assert c.get("/sdapi/v1/options", auth=("bob", "s3cret")).status_code == 401
+            assert c.get("/sdapi/v1/options", auth=("ann", "s3crét")).status_code == 401
+            r = c.get("/sdapi/v1/options", headers={"Authorization": "Basic ???"})
+            assert r.status_code == 401
             assert c.get("/health").status_code == 200
             assert c.get("/sdapi/v1/options", auth=("ann", "s3cret")).status_code == 200
             # stop while a request waits in its batching window: it is still answered

@@ -147,8 +147,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s",
                         stream=sys.stderr)
+    log.setLevel(logging.INFO)  # our request lines; other libraries stay at warnings
     from sdjax.weights.errors import WeightsError
     try:
         return run(args)

@@ -92,9 +92,11 @@ class _Guard:
         except (binascii.Error, UnicodeDecodeError):
             return False
         expected = self.credentials.get(user)
-        # compare_digest on both branches, so timing does not tell which users exist
-        return secrets.compare_digest(password, expected if expected is not None else
-                                      secrets.token_hex(8)) and expected is not None
+        # compare_digest on both branches, so timing does not tell which users exist; bytes,
+        # because it refuses non-ASCII str
+        same = secrets.compare_digest(password.encode(),
+                                      (expected or secrets.token_hex(8)).encode())
+        return same and expected is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
