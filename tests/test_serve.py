@@ -297,6 +297,23 @@ def test_auth_and_graceful_shutdown(registry):
     assert not s.thread.is_alive()
 
 
+def test_models_dir_lists_diffusers_folders(tmp_path, sd1_folder):
+    from sdjax.serve.checkpoints import discover
+    (tmp_path / "models").mkdir()
+    for name in ("b-model", "a-model"):
+        (tmp_path / "models" / name).symlink_to(sd1_folder, target_is_directory=True)
+    (tmp_path / "models" / "notes").mkdir()  # not a model: no model_index.json
+    titles = discover(["toy"], tmp_path / "models")
+    assert list(titles) == ["toy", "a-model", "b-model"]
+    reg = ModelRegistry(titles, load=lambda source: source)
+    assert reg.find("a-model [abc123]") == "a-model" and reg.find(None) == "toy"
+    assert reg.find("c-model") is None
+    with pytest.raises(ValueError, match="both called 'a-model'"):
+        discover([str(tmp_path / "models" / "a-model")], tmp_path / "models")
+    with pytest.raises(ValueError, match="is not a folder"):
+        discover([], tmp_path / "nowhere")
+
+
 def test_command_line_errors(tmp_path, capsys):
     from sdjax.serve.__main__ import main
     with socket.socket() as taken:
