@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sdjax import __version__
 from sdjax.images import parse_parameters
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
@@ -205,7 +206,7 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         log.info("sdjax.serve: stopped after %d call(s), %d image(s)", batcher.calls,
                  batcher.images)
 
-    app = FastAPI(title="sdjax", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="sdjax", version=__version__, lifespan=lifespan)
     app.state.batcher, app.state.registry, app.state.limits = batcher, registry, limits
     # The last added is the outermost: every request is logged, refused ones included.
     app.add_middleware(_Guard, credentials=credentials, max_body=limits.max_body_bytes)
@@ -303,7 +304,7 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         return None
 
     @app.get("/sdapi/v1/progress")
-    async def progress(skip_current_image: bool = False):
+    async def progress(skip_current_image: bool = False):  # accepted; there are no previews
         p = batcher.progress()
         shape = p["shape"]
         jobs = len(p["jobs"]) + p["queued"]
