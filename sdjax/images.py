@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -60,15 +61,22 @@ def next_index(outdir: Path) -> int:
     return max(taken, default=-1) + 1
 
 
+def encode_png(image: np.ndarray, parameters: str) -> bytes:
+    """PNG bytes of a uint8 (H, W, 3) image with its ``parameters`` text chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
 def save_png(image: np.ndarray, path: Path, parameters: str) -> None:
     """Write atomically (temporary name, then rename) and refuse to replace a file."""
     if path.exists():
         raise FileExistsError(f"{path} already exists")
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+        tmp.write_bytes(encode_png(image, parameters))
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -276,7 +276,8 @@ class StableDiffusionPipeline:
         return fn.compile(*call_args)
 
     def _prepare(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
-                 = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 = None, num_inference_steps: int = 50,
+                 guidance_scale: float | Sequence[float] = 7.5,
                  height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, seed: int = 0, latents=None,
                  scheduler: str | None = None, *, seeds: Sequence[int] | None = None,
@@ -288,7 +289,7 @@ class StableDiffusionPipeline:
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
                              f"{output_type!r}")
-        prompts, negatives, seeds = validation.check_call(
+        prompts, negatives, seeds, guidance = validation.check_call(
             prompt=prompt, negative_prompt=negative_prompt,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             height=height, width=width, num_images_per_prompt=num_images_per_prompt, seed=seed,
@@ -332,7 +333,7 @@ class StableDiffusionPipeline:
         neg_ids = pad(self.tokenize(negatives))
         seed_arr = pad(np.asarray(seeds, np.int64).astype(np.uint32))
         index_arr = pad(np.asarray(image_indices, np.int64).astype(np.uint32))
-        guidance = pad(np.full((n,), guidance_scale, np.float32))
+        guidance = pad(guidance.astype(np.float32))
         extra = (pad(latents),) if latents is not None else ()
 
         return (self._executable(static),

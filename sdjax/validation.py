@@ -137,6 +137,19 @@ def check_latents(value: Any, shape: tuple[int, ...]) -> np.ndarray:
     return arr
 
 
+def check_guidance(value: Any, n: int) -> np.ndarray:
+    """One finite, non-negative guidance scale for all ``n`` images, or one per image (how the
+    server merges requests that differ only in their guidance into one call)."""
+    if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
+        items = list(value)
+        if len(items) != n:
+            raise ValueError(f"guidance_scale needs one value or one per image ({n}), got "
+                             f"{len(items)}")
+        return np.array([check_number(v, f"guidance_scale[{i}]", minimum=0)
+                         for i, v in enumerate(items)], np.float32)
+    return np.full((n,), check_number(value, "guidance_scale", minimum=0), np.float32)
+
+
 def check_choice(value: Any, name: str, choices: Sequence[str], *,
                  allow_none: bool = False) -> str | None:
     if value is None and allow_none:
@@ -150,9 +163,10 @@ def check_call(*, prompt: Any, negative_prompt: Any, num_inference_steps: Any,
                guidance_scale: Any, height: Any, width: Any, num_images_per_prompt: Any,
                seed: Any, seeds: Any, image_indices: Any, scheduler: Any,
                scheduler_names: Sequence[str], factor: int
-               ) -> tuple[list[str], list[str], list[int] | None]:
+               ) -> tuple[list[str], list[str], list[int] | None, np.ndarray]:
     """The checks of one pipeline call, in argument order. Returns (prompts, negative prompts,
-    explicit per-image seeds or None); raises TypeError/ValueError naming the argument."""
+    explicit per-image seeds or None, the guidance scale of each image); raises
+    TypeError/ValueError naming the argument."""
     prompts = check_prompts(prompt)
     negatives = check_prompts(negative_prompt, "negative_prompt", allow_none=True,
                               count=None if isinstance(negative_prompt, str) else len(prompts))
@@ -161,11 +175,11 @@ def check_call(*, prompt: Any, negative_prompt: Any, num_inference_steps: Any,
     elif len(negatives) == 1 and isinstance(negative_prompt, str):
         negatives = negatives * len(prompts)
     check_int(num_inference_steps, "num_inference_steps", minimum=1)
-    check_number(guidance_scale, "guidance_scale", minimum=0)
     for name, v in (("height", height), ("width", width)):
         if v is not None:
             check_size(v, name, factor)
     n = len(prompts) * check_int(num_images_per_prompt, "num_images_per_prompt", minimum=1)
+    guidance = check_guidance(guidance_scale, n)
     check_seed(seed)
     per_image = None
     if seeds is not None:
@@ -175,7 +189,7 @@ def check_call(*, prompt: Any, negative_prompt: Any, num_inference_steps: Any,
         for i, k in enumerate(_sequence(image_indices, "image_indices", n)):
             check_int(k, f"image_indices[{i}]", minimum=0, maximum=MAX_SEED - 1)
     check_choice(scheduler, "scheduler", scheduler_names, allow_none=True)
-    return prompts, negatives, per_image
+    return prompts, negatives, per_image, guidance
 
 
 def _sequence(value: Any, name: str, n: int) -> list:

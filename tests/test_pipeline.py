@@ -96,6 +96,10 @@ def test_new_prompt_seed_and_guidance_do_not_recompile(ours):
     n = _count_compiles(lambda: pipe(["a red square", "a photo"], negative_prompt="blue",
                                      num_inference_steps=3, seed=123, guidance_scale=2.0))
     assert n == 0
+    # one guidance scale per image (how sdjax.serve merges requests) is the same program
+    n = _count_compiles(lambda: pipe(["a cat", "a dog"], num_inference_steps=3,
+                                     guidance_scale=[1.0, 9.0]))
+    assert n == 0
     assert _count_compiles(lambda: pipe(["a cat"] * 2, num_inference_steps=4)) > 0
 
 
@@ -108,6 +112,10 @@ def test_bad_arguments(ours):
         pipe("a", num_inference_steps=0)
     with pytest.raises(ValueError, match="guidance_scale"):
         pipe("a", guidance_scale=-1)
+    with pytest.raises(ValueError, match="one value or one per image"):
+        pipe("a", guidance_scale=[7.5, 2.0])
+    with pytest.raises(ValueError, match=r"guidance_scale\[1\] must be a finite number"):
+        pipe(["a", "b"], guidance_scale=[7.5, float("nan")])
     with pytest.raises(ValueError, match="unknown|scheduler"):
         pipe("a", scheduler="nope")
 

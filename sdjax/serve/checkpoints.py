@@ -1,0 +1,85 @@
+"""The models a server offers (``--model``, ``--models_dir``), loaded when first used.
+
+The WebUI names a model by its checkpoint "title"; ours is the name given on the command line
+for ``toy`` and hub ids, and the folder name for local folders.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from sdjax.pipeline import StableDiffusionPipeline
+from sdjax.weights.resolve import TOY, toy_path
+
+Loader = Callable[[str], StableDiffusionPipeline]
+
+
+def _title(source: str) -> str:
+    path = Path(source).expanduser()
+    return path.name if source != TOY and path.is_dir() else source
+
+
+def discover(models: Iterable[str], models_dir: Path | None) -> dict[str, str]:
+    """title -> source, in the order given: every ``--model``, then each diffusers folder
+    directly inside ``models_dir``. Raises ValueError on a title given twice or a
+    ``models_dir`` that is not a folder."""
+    sources = list(models)
+    if models_dir is not None:
+        if not models_dir.is_dir():
+            raise ValueError(f"--models_dir {models_dir} is not a folder")
+        # Diffusers folders only: single-file checkpoints are listed here once the loader
+        # reads them (resolve_model then accepts the same paths).
+        sources += [str(p) for p in sorted(models_dir.iterdir())
+                    if (p / "model_index.json").is_file()]
+    titles: dict[str, str] = {}
+    for source in sources:
+        title = _title(source)
+        if title in titles:
+            raise ValueError(f"two models are both called {title!r}; rename one folder")
+        titles[title] = source
+    if not titles:
+        raise ValueError("no model given: pass --model (or --models_dir with diffusers folders)")
+    return titles
+
+
+class ModelRegistry:
+    """Titles, the current one (``sd_model_checkpoint``) and the pipelines loaded so far.
+    Loaded pipelines stay loaded: switching back costs neither a load nor a compile."""
+
+    def __init__(self, sources: dict[str, str], load: Loader):
+        self.sources = dict(sources)
+        self._load = load
+        self._loaded: dict[str, StableDiffusionPipeline] = {}
+        self._lock = threading.Lock()
+        self.current = next(iter(self.sources))
+
+    def find(self, name: str | None) -> str | None:
+        """The title a client means (a title, its file name, or the WebUI's ``title [hash]``
+        form), or None when there is no such model."""
+        if name is None or name == "":
+            return self.current
+        name = name.split(" [")[0].strip()
+        for title, source in self.sources.items():
+            if name in (title, source, Path(source).name):
+                return title
+        return None
+
+    def get(self, title: str) -> StableDiffusionPipeline:
+        with self._lock:  # one load at a time; a second request for it waits for the first
+            if title not in self._loaded:
+                self._loaded[title] = self._load(self.sources[title])
+            return self._loaded[title]
+
+    def select(self, title: str) -> None:
+        """Make ``title`` the default model, loading it now so errors reach the caller."""
+        self.get(title)
+        self.current = title
+
+    def listing(self) -> list[dict]:
+        """``GET /sdapi/v1/sd-models``: the WebUI's SDModelItem shape."""
+        return [{"title": title, "model_name": title, "hash": None, "sha256": None,
+                 "filename": str(toy_path() if source == TOY else Path(source).expanduser()),
+                 "config": None}
+                for title, source in self.sources.items()]

@@ -1,0 +1,394 @@
+"""python -m sdjax.serve through a real HTTP client: the WebUI API on the toy model, merged
+calls on 8 fake devices, bad input, auth, the queue bound, interrupt, shutdown, the web page.
+
+One server per module (uvicorn on a free localhost port in a thread, sharing the pipeline so
+one shape compiles once); every generation uses SHAPE.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax.images import parse_parameters
+from sdjax.pipeline import StableDiffusionPipeline
+from sdjax.serve.app import create_app
+from sdjax.serve.background import BackgroundServer
+from sdjax.serve.checkpoints import ModelRegistry
+from sdjax.serve.limits import Limits
+
+SHAPE = {"width": 16, "height": 16, "steps": 2, "sampler_name": "Euler a"}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return StableDiffusionPipeline.from_pretrained("toy", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def calls(pipe):
+    """Counts the pipeline's compiled calls (each ``pipe(...)`` is one ``submit``)."""
+    counter = {"n": 0}
+    submit = pipe.submit
+
+    def counting(*a, **k):
+        counter["n"] += 1
+        return submit(*a, **k)
+
+    pipe.submit = counting
+    yield counter
+    del pipe.submit
+
+
+@pytest.fixture(scope="module")
+def registry(pipe, sd1_folder):
+    loaded = {"toy": pipe}
+
+    def load(source):
+        return loaded.get(source) or StableDiffusionPipeline.from_pretrained(
+            source, dtype="float32", num_devices=1)
+
+    return ModelRegistry({"toy": "toy", "tiny": str(sd1_folder)}, load)
+
+
+@pytest.fixture(scope="module")
+def server(registry, calls):
+    app = create_app(registry, window_s=0.05, max_batch=8)
+    s = BackgroundServer(app)
+    s.batcher = app.state.batcher
+    s.client = httpx.Client(base_url=s.url, timeout=120)
+    yield s
+    s.client.close()
+    s.stop()
+
+
+def _decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def _txt2img(client, **fields):
+    r = client.post("/sdapi/v1/txt2img", json={**SHAPE, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_txt2img_matches_sdjax_sample(server, pipe, tmp_path, monkeypatch):
+    from sdjax import sample
+    body = _txt2img(server.client, prompt="a red circle", negative_prompt="green", seed=5,
+                    batch_size=2, cfg_scale=6)
+    assert set(body) == {"images", "parameters", "info"}
+    info = json.loads(body["info"])
+    assert info["seed"] == 5 and info["all_seeds"] == [5, 6]
+    assert info["all_prompts"] == ["a red circle"] * 2 and info["sampler_name"] == "Euler a"
+    assert (info["width"], info["height"], info["steps"], info["cfg_scale"]) == (16, 16, 2, 6)
+    assert body["parameters"]["seed"] == 5 and body["parameters"]["batch_size"] == 2
+    # sdjax.sample with --seed s (the same compiled call: from_pretrained hands it our pipe)
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: pipe))
+    for k, seed in enumerate((5, 6)):
+        out = tmp_path / str(seed)
+        assert sample.main(["--model", "toy", "--prompt", "a red circle", "--negative_prompt",
+                            "green", "--seed", str(seed), "--steps", "2", "--width", "16",
+                            "--height", "16", "--scheduler", "euler_a", "--guidance_scale",
+                            "6", "--outdir", str(out)]) == 0
+        written = Image.open(next(out.glob("*.png")))
+        served = _decode(body["images"][k])
+        np.testing.assert_array_equal(np.asarray(served), np.asarray(written))
+        ours = parse_parameters(served.text["parameters"])
+        theirs = parse_parameters(written.text["parameters"])
+        assert theirs.pop("Seed index") == "0"
+        assert ours == theirs and ours["Seed"] == str(seed)
+        assert served.text["parameters"] == info["infotexts"][k]
+    # PNG Info reads it back with the WebUI's field names
+    r = server.client.post("/sdapi/v1/png-info", json={"image": body["images"][1]})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["info"] == info["infotexts"][1]
+    p = got["parameters"]
+    assert (p["Prompt"], p["Negative prompt"], p["Seed"], p["Sampler"]) == (
+        "a red circle", "green", "6", "Euler a")
+    assert (p["Size-1"], p["Size-2"], p["CFG scale"], p["Steps"]) == ("16", "16", "6", "2")
+
+
+def test_random_seed_is_reported(server):
+    info = json.loads(_txt2img(server.client, prompt="a cat", seed=-1)["info"])
+    assert 0 <= info["seed"] < 2**32 and info["all_seeds"] == [info["seed"]]
+    assert f"Seed: {info['seed']}," in info["infotexts"][0]
+
+
+def test_eight_concurrent_requests_share_one_call(server, pipe, calls):
+    reqs = [{"prompt": p, "negative_prompt": n, "seed": 100 + i, "cfg_scale": 2.0 + i}
+            for i, (p, n) in enumerate([("a red circle", ""), ("a blue square", "red"),
+                                        ("a green cat", ""), ("a photo", "blue"),
+                                        ("red on blue", ""), ("a square", "circle"),
+                                        ("green background", ""), ("a cat photo", "")])]
+    server.batcher.window_s = 60  # the call starts when the 8th image arrives, not on a timer
+    calls_before, batches_before = calls["n"], server.batcher.calls
+    try:
+        with ThreadPoolExecutor(8) as ex:
+            bodies = list(ex.map(lambda r: _txt2img(server.client, **r), reqs))
+    finally:
+        server.batcher.window_s = 0.05
+    assert calls["n"] - calls_before == 1 and server.batcher.calls - batches_before == 1
+    alone = [pipe(r["prompt"], negative_prompt=r["negative_prompt"], num_inference_steps=2,
+                  guidance_scale=r["cfg_scale"], height=16, width=16, scheduler="euler_a",
+                  seed=r["seed"]).images[0] for r in reqs]
+    for r, body, expected in zip(reqs, bodies, alone, strict=True):
+        info = json.loads(body["info"])
+        assert info["all_seeds"] == [r["seed"]] and info["all_prompts"] == [r["prompt"]]
+        assert f"CFG scale: {r['cfg_scale']:g}," in info["infotexts"][0]
+        np.testing.assert_array_equal(np.asarray(_decode(body["images"][0])), expected)
+    # and one of them sent alone through the server gives the same image again
+    again = _txt2img(server.client, **reqs[3])
+    assert again["images"] == bodies[3]["images"]
+
+
+def test_get_endpoints(server):
+    c = server.client
+    samplers = c.get("/sdapi/v1/samplers").json()
+    names = [s["name"] for s in samplers]
+    for name in ("Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "PLMS", "LMS",
+                 "Heun"):
+        assert name in names
+    assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
+    models = c.get("/sdapi/v1/sd-models").json()
+    assert [m["title"] for m in models] == ["toy", "tiny"]
+    assert {"title", "model_name", "hash", "sha256", "filename", "config"} <= set(models[0])
+    assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "toy"
+    prog = c.get("/sdapi/v1/progress").json()
+    assert {"progress", "eta_relative", "state", "current_image", "textinfo"} <= set(prog)
+    assert c.get("/health").json()["status"] == "ok"
+    assert "<html" in c.get("/").text.lower()
+
+
+def test_options_switch_model(server, registry):
+    c = server.client
+    r = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny"})
+    assert r.status_code == 200, r.text
+    try:
+        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny"
+        r = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
+        assert r.status_code == 404 and "'nope' not found" in r.json()["detail"]
+    finally:
+        registry.select("toy")
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ("{not json", 400, "not valid JSON"),
+    ("[1, 2]", 422, "body: Input should be a valid dictionary"),
+    ({"width": 20}, 422, "width must be a positive multiple of 8, got 20"),
+    ({"height": 0}, 422, "height must be a positive multiple of 8"),
+    ({"steps": -3}, 422, "steps must be between 1 and 150, got -3"),
+    ({"steps": "many"}, 422, "steps: Input should be a valid integer"),
+    ({"sampler_name": "Euler b"}, 422, "unknown sampler 'Euler b'"),
+    ({"sampler_name": "Euler", "scheduler": "Karras"}, 422, "has no Karras schedule"),
+    ({"width": 2048, "height": 2048}, 422, "limit of 1048576 pixels"),
+    ({"batch_size": 65}, 422, "limit of 64 images per request"),
+    ({"n_iter": 0}, 422, "batch_size and n_iter must be at least 1"),
+    ({"cfg_scale": -1}, 422, "cfg_scale must be a number >= 0"),
+    ({"seed": 2**40}, 422, "seed must be -1 (random)"),
+    ({"enable_hr": True}, 422, "enable_hr=True is not supported"),
+    ({"override_settings": {"sd_model_checkpoint": "sd-xl"}}, 404, "'sd-xl' not found"),
+])
+def test_bad_requests_get_a_one_line_4xx(server, body, status, message):
+    c = server.client
+    if isinstance(body, str):
+        r = c.post("/sdapi/v1/txt2img", content=body)
+    else:
+        r = c.post("/sdapi/v1/txt2img", json={**SHAPE, **body})
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert message in detail and "\n" not in detail
+
+
+def test_other_bad_input(server):
+    c = server.client
+    r = c.post("/sdapi/v1/txt2img", content=b"{" + b" " * (40 << 20) + b"}")
+    assert r.status_code == 413 and "limit of" in r.json()["detail"]
+    r = c.post("/sdapi/v1/png-info", json={"image": "not base64!"})
+    assert r.status_code == 422 and "not a base64-encoded image" in r.json()["detail"]
+    r = c.post("/sdapi/v1/img2img", json={"prompt": "a cat", "init_images": ["AAAA"]})
+    assert r.status_code == 501 and "img2img is not available" in r.json()["detail"]
+    r = c.post("/sdapi/v1/img2img", json={"prompt": "a cat"})
+    assert r.status_code == 422 and "init_images" in r.json()["detail"]
+    assert c.get("/sdapi/v1/txt2img").status_code == 405
+    # the server still serves after all of that
+    assert c.get("/health").json()["status"] == "ok"
+
+
+def test_queue_full_and_interrupt(server):
+    c, b = server.client, server.batcher
+    b.window_s, b.max_queue = 60, 1
+    try:
+        with ThreadPoolExecutor(1) as ex:
+            waiting = ex.submit(c.post, "/sdapi/v1/txt2img", json={**SHAPE, "batch_size": 2})
+            deadline = time.monotonic() + 30
+            while c.get("/health").json()["queued"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            r = c.post("/sdapi/v1/txt2img", json=SHAPE)
+            assert r.status_code == 503 and r.headers["Retry-After"].isdigit()
+            assert "already waiting" in r.json()["detail"]
+            assert c.post("/sdapi/v1/interrupt").status_code == 200
+            done = waiting.result(30)
+        assert done.status_code == 200 and done.json()["images"] == []
+    finally:
+        b.window_s, b.max_queue = 0.05, 64
+    assert c.get("/health").json()["queued"] == 0
+
+
+def test_a_client_that_leaves_costs_nothing_and_stops_nobody(server):
+    c, b = server.client, server.batcher
+    images_before = b.images
+    b.window_s = 60
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/sdapi/v1/txt2img", json={**SHAPE, "batch_size": 3}, timeout=0.3)
+        deadline = time.monotonic() + 30
+        while c.get("/health").json()["queued"]:  # its job is dropped, not run
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        b.window_s = 0.05
+    assert len(_txt2img(c, prompt="a cat")["images"]) == 1
+    assert b.images - images_before == 1
+
+
+def test_auth_and_graceful_shutdown(registry):
+    app = create_app(registry, window_s=1.0, credentials={"ann": "s3cret"},
+                     limits=Limits(max_queue=4))
+    s = BackgroundServer(app)
+    try:
+        with httpx.Client(base_url=s.url, timeout=120) as c:
+            for path in ("/sdapi/v1/options", "/"):
+                r = c.get(path)
+                assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Basic")
+            assert c.get("/sdapi/v1/options", auth=("ann", "wrong")).status_code == 401
+            assert c.get("/sdapi/v1/options", auth=("bob", "s3cret")).status_code == 401
+            assert c.get("/sdapi/v1/options", auth=("ann", "s3crét")).status_code == 401
+            r = c.get("/sdapi/v1/options", headers={"Authorization": "Basic ???"})
+            assert r.status_code == 401
+            assert c.get("/health").status_code == 200
+            assert c.get("/sdapi/v1/options", auth=("ann", "s3cret")).status_code == 200
+            # stop while a request waits in its batching window: it is still answered
+            with ThreadPoolExecutor(1) as ex:
+                pending = ex.submit(c.post, "/sdapi/v1/txt2img", auth=("ann", "s3cret"),
+                                    json={**SHAPE, "prompt": "a cat"})
+                while c.get("/health").json()["queued"] < 1:
+                    time.sleep(0.02)
+                s.server.should_exit = True
+                r = pending.result(60)
+            assert r.status_code == 200 and len(r.json()["images"]) == 1
+    finally:
+        s.stop()
+    assert not s.thread.is_alive()
+
+
+def test_models_dir_lists_diffusers_folders(tmp_path, sd1_folder):
+    from sdjax.serve.checkpoints import discover
+    (tmp_path / "models").mkdir()
+    for name in ("b-model", "a-model"):
+        (tmp_path / "models" / name).symlink_to(sd1_folder, target_is_directory=True)
+    (tmp_path / "models" / "notes").mkdir()  # not a model: no model_index.json
+    titles = discover(["toy"], tmp_path / "models")
+    assert list(titles) == ["toy", "a-model", "b-model"]
+    reg = ModelRegistry(titles, load=lambda source: source)
+    assert reg.find("a-model [abc123]") == "a-model" and reg.find(None) == "toy"
+    assert reg.find("c-model") is None
+    with pytest.raises(ValueError, match="both called 'a-model'"):
+        discover([str(tmp_path / "models" / "a-model")], tmp_path / "models")
+    with pytest.raises(ValueError, match="is not a folder"):
+        discover([], tmp_path / "nowhere")
+
+
+def test_command_line_errors(tmp_path, capsys):
+    from sdjax.serve.__main__ import main
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for argv, message in ((["--model", str(tmp_path / "no")], "error: model not found"),
+                              (["--port", port], f"cannot listen on 127.0.0.1:{port}"),
+                              (["--api_auth", "nopassword"], "--api_auth takes user:password"),
+                              (["--max_queue", "0"], "--max_queue must be at least 1"),
+                              (["--warmup", "64"], "expected WxH")):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[-1].startswith("error: ") and message in err[-1], err
+            assert not any("Traceback" in line for line in err)
+
+
+def test_real_process_serves_and_stops_gracefully(sd1_folder):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sdjax.serve", "--model", str(sd1_folder),
+                             "--port", str(port), "--num_devices", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        assert health["model"] == "model" and health["calls"] == 0  # nothing compiled yet
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal after its graceful shutdown (older versions exit 0)
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "req 1 GET /health 200" in err
+    assert "stopped after 0 call(s)" in err
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="no chromium installed (.ci/run installs it: apt-get install chromium)")
+def test_web_page_in_a_browser(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        # root in CI containers: chromium's sandbox needs user namespaces it may not have
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
+                                    args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('sampler_name').options.length > 0")
+            assert page.input_value("#model") == "toy"
+            for field, value in (("#width", "16"), ("#height", "16"), ("#steps", "2"),
+                                 ("#seed", "7"), ("#batch_size", "2")):
+                page.fill(field, value)
+            page.select_option("#sampler_name", "Euler a")
+            page.click("#generate")
+            page.wait_for_selector("#gallery img", timeout=120_000)
+            page.wait_for_function("[...document.querySelectorAll('#gallery img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)")
+            sizes = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => "
+                                              "[i.naturalWidth, i.naturalHeight])")
+            assert sizes == [[16, 16], [16, 16]]
+            params = page.inner_text("#parameters")
+            assert "Seed: 7," in params and "Seed: 8," in params
+            assert page.get_attribute("#gallery a", "download") == "sdjax-7.png"
+            assert "2 image(s)" in page.inner_text("#status")
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            browser.close()
+    print(f"screenshot: {tmp_path / 'page.png'}")
+    assert (tmp_path / "page.png").stat().st_size > 0
