@@ -19,3 +19,10 @@ def sd1_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd2_folder(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("sd2") / "model", "sd2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def sd1_inpaint_folder(tmp_path_factory):
+    """A tiny SD1 inpainting model (9-channel UNet)."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd1-inpaint") / "model", "sd1", seed=2,
+                              unet_in_channels=9)

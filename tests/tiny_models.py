@@ -40,8 +40,9 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-def tiny_components(kind: str = "sd1", seed: int = 0):
-    """(unet, vae, text_encoder) torch modules shaped like SD1 or SD2, but tiny."""
+def tiny_components(kind: str = "sd1", seed: int = 0, *, unet_in_channels: int = 4):
+    """(unet, vae, text_encoder) torch modules shaped like SD1 or SD2, but tiny
+    (``unet_in_channels=9``: an inpainting UNet)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -49,7 +50,7 @@ def tiny_components(kind: str = "sd1", seed: int = 0):
     sd2 = kind == "sd2"
     ctx = 48 if sd2 else 32
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=8, in_channels=unet_in_channels, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -77,12 +78,13 @@ def _vocab_size() -> int:
         return write_clip_tokenizer(Path(d))
 
 
-def save_tiny_pipeline(folder: Path, kind: str = "sd1", seed: int = 0) -> Path:
+def save_tiny_pipeline(folder: Path, kind: str = "sd1", seed: int = 0, *,
+                       unet_in_channels: int = 4) -> Path:
     """A complete diffusers folder as StableDiffusionPipeline.save_pretrained writes it."""
     from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    unet, vae, te = tiny_components(kind, seed)
+    unet, vae, te = tiny_components(kind, seed, unet_in_channels=unet_in_channels)
     tok_dir = folder.parent / f"{folder.name}-tokenizer-src"
     write_clip_tokenizer(tok_dir, pad_token="!" if kind == "sd2" else "<|endoftext|>")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))

@@ -174,6 +174,9 @@ class DPMSolverMultistep(Scheduler):
             prev_x0=history(sample_shape, 1),
         )
 
+    def noise_levels(self, state: DPMState) -> np.ndarray:
+        return np.asarray(state.alpha_sigma, np.float32)
+
     def step(
         self,
         state: DPMState,
