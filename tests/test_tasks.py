@@ -73,7 +73,8 @@ def _reference(pipe, state, scheduler, noise, **kwargs):
     state["noise"] = noise
     with torch.no_grad():
         return pipe(PROMPTS, negative_prompt=["low quality"] * 2, num_inference_steps=STEPS,
-                    guidance_scale=7.5, output_type="np", **kwargs).images
+                    guidance_scale=7.5, height=SIZE, width=SIZE, output_type="np",
+                    **kwargs).images
 
 
 @pytest.fixture(scope="module")
