@@ -164,11 +164,13 @@ def to_mask(mask, height: int, width: int) -> np.ndarray:
     return (gray.astype(np.float32) / 255.0 >= 0.5).astype(np.uint8)
 
 
-def resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize like diffusers' processor (PIL, Lanczos); masks are rebinarised afterwards."""
+def resize(a: np.ndarray, height: int, width: int,
+           resample: Image.Resampling = Image.Resampling.LANCZOS) -> np.ndarray:
+    """Resize like diffusers' processors (PIL; Lanczos, the upscaler's bicubic); masks are
+    rebinarised afterwards."""
     if a.shape[:2] == (height, width):
         return a
-    return np.asarray(Image.fromarray(a).resize((width, height), Image.Resampling.LANCZOS))
+    return np.asarray(Image.fromarray(a).resize((width, height), resample))
 
 
 def as_list(images) -> list:
