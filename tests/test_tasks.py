@@ -130,8 +130,96 @@ def test_inpainting_model_matches_diffusers(sd1_inpaint, patched_diffusers, sche
     assert max(errors.values()) < TOL, errors
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+# The ordinary-model path differs from img2img only by the blend, whose noise levels come in
+# three kinds (discrete alphas, sigmas, DPM-Solver's alpha/sigma): one scheduler of each.
+@pytest.mark.parametrize("scheduler", ["pndm", "euler", "dpmpp_2m"])
 def test_inpainting_ordinary_model_matches_diffusers(sd1, patched_diffusers, scheduler):
     ours, _, ref = sd1
     errors = _errors(ours, ref, patched_diffusers, scheduler, mask_image=_mask())
     assert max(errors.values()) < TOL, errors
+
+
+def _call(pipe, scheduler="pndm", **kwargs):
+    """The parity tests' call shape, so the 1-device executable is shared with them."""
+    args = dict(negative_prompt="low quality", num_inference_steps=STEPS, guidance_scale=7.5,
+                latents=_noise(0), scheduler=scheduler, image=[_image(1), _image(2)],
+                strength=0.75, output_type="float")
+    args.update(kwargs)
+    return pipe(PROMPTS, **args).images
+
+
+@pytest.mark.parametrize("which", ["img2img", "inpainting model", "ordinary inpainting"])
+def test_eight_devices_give_the_one_device_images(sd1, sd1_inpaint, sd1_folder,
+                                                  sd1_inpaint_folder, which):
+    """A batch of different init images, sharded over 8 fake devices (6 of them padding)."""
+    folder, one = ((sd1_inpaint_folder, sd1_inpaint[0]) if which == "inpainting model"
+                   else (sd1_folder, sd1[0]))
+    eight = StableDiffusionPipeline.from_pretrained(str(folder), dtype="float32",
+                                                    num_devices=8)
+    task = {} if which == "img2img" else {"mask_image": _mask()}
+    a, b = _call(one, **task), _call(eight, **task)
+    assert np.abs(a[0] - a[1]).max() > 0.05  # the two init images give two results
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_strength_does_not_recompile_and_changes_the_result(sd1):
+    ours = sd1[0]
+    from tests.test_pipeline import _count_compiles
+    _call(ours, strength=0.75)
+    results = {}
+    assert _count_compiles(lambda: results.update(
+        {s: _call(ours, strength=s) for s in (0.2, 0.5, 1.0)})) == 0
+    assert np.abs(results[0.2] - results[1.0]).max() > 0.05
+
+
+def test_seeded_noise_is_deterministic(sd1):
+    ours = sd1[0]
+    run = {s: _call(ours, scheduler="euler_a", latents=None, seed=s) for s in (7, 7, 8)}
+    again = _call(ours, scheduler="euler_a", latents=None, seed=7)
+    np.testing.assert_array_equal(run[7], again)
+    assert np.abs(run[7] - run[8]).max() > 0.05
+
+
+def test_nonfinite_results_are_refused(sd1):
+    """NaN weights end in a clear error naming the network, not in black images."""
+    import jax
+
+    from sdjax.pipeline import NonFiniteError
+    ours = sd1[0]
+    clean = ours.params
+
+    def nan_under(prefix):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, a: a * np.nan if jax.tree_util.keystr(path).startswith(prefix) else a,
+            clean)
+    try:
+        ours.params = {**clean, "unet": nan_under("['unet']")["unet"]}
+        with pytest.raises(NonFiniteError, match="UNet for image\\(s\\) 0, 1"):
+            _call(ours)
+        ours.params = {**clean, "vae": nan_under("['vae']['decoder']")["vae"]}
+        with pytest.raises(NonFiniteError, match="VAE decoder"):
+            _call(ours)
+        out = _call(ours, nan_check=False)  # the check off: the images come back as they are
+        assert out.shape == (2, SIZE, SIZE, 3)
+    finally:
+        ours.params = clean
+
+
+def test_bad_task_arguments(sd1, sd1_inpaint):
+    ours, inpaint_model = sd1[0], sd1_inpaint[0]
+    image = _image(1)
+    for strength in (0.0, -0.5, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="strength"):
+            ours("a cat", image=image, strength=strength)
+    with pytest.raises(ValueError, match="leaves no denoising step"):
+        ours("a cat", image=image, strength=0.1, num_inference_steps=5)
+    with pytest.raises(ValueError, match="needs an image"):
+        ours("a cat", mask_image=_mask())
+    with pytest.raises(ValueError, match="strength needs an image"):
+        ours("a cat", strength=0.5)
+    with pytest.raises(ValueError, match="inpainting model"):
+        inpaint_model("a cat", image=image)
+    with pytest.raises(ValueError, match="3 images for 2 prompt"):
+        ours(PROMPTS, image=[image] * 3)
+    with pytest.raises(ValueError, match="uint8"):
+        ours("a cat", image=image.astype(np.float32))
