@@ -80,15 +80,17 @@ class NonFiniteError(ValueError):
 class PendingImages:
     """A batch the devices are still computing."""
 
-    def __init__(self, array, n: int):
+    def __init__(self, array, n: int, finish=None):
         # With the NaN check on, the compiled call returns (images, one status per image).
         self._array, self._status = array if isinstance(array, tuple) else (array, None)
-        self._n = n
+        self._n, self._finish = n, finish
 
     def result(self) -> PipelineOutput:
         images = parallel.fetch(self._array)[:self._n]
         if self._status is not None:
             _raise_if_nonfinite(parallel.fetch(self._status)[:self._n])
+        if self._finish is not None:  # host-side post-processing (inpainting's paste-back)
+            images = self._finish(images)
         return PipelineOutput(images=images)
 
 
@@ -237,15 +239,15 @@ class StableDiffusionPipeline:
         ``nan_check`` (default on) fails with :class:`NonFiniteError` instead of returning
         images from NaN/inf latents or pixels.
         """
-        fn, call_args, n = self._prepare(*args, **kwargs)
-        return PendingImages(fn(*call_args), n)
+        fn, call_args, n, finish = self._prepare(*args, **kwargs)
+        return PendingImages(fn(*call_args), n, finish)
 
     def compile(self, *args, **kwargs) -> jax.stages.Compiled:
         """The compiled sampler that :meth:`submit` with the same arguments runs, compiled now
         if this process has not yet (the time counts in ``compile_seconds``); nothing runs.
         For tools: XLA's ``cost_analysis()`` and ``memory_analysis()`` of the whole call, or
         checking that a batch fits before running it."""
-        fn, call_args, _ = self._prepare(*args, **kwargs)
+        fn, call_args, _, _ = self._prepare(*args, **kwargs)
         return fn.compile(*call_args)
 
     def _prepare(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
@@ -259,7 +261,7 @@ class StableDiffusionPipeline:
                  decode_chunk: int | None = None, output_type: str = "uint8",
                  nan_check: bool = True, **task_kwargs):
         """Validate and place the arguments of :meth:`submit`; returns (executable, its
-        arguments, image count)."""
+        arguments, image count, host post-processing of the images or None)."""
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
                              f"{output_type!r}")
@@ -283,9 +285,12 @@ class StableDiffusionPipeline:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
         n = len(prompts) * num_images_per_prompt
-        task, inputs, start, (height, width) = self._task_inputs(
+        task, inputs, start, (height, width), finish = self._task_inputs(
             image, mask_image, strength, len(prompts), num_images_per_prompt,
             int(num_inference_steps), height, width, **task_kwargs)
+        if finish is not None and output_type != "uint8":
+            raise ValueError("padding_mask_crop pastes uint8 images back: output_type must be "
+                             "'uint8'")
         self.check_size(height, width)
 
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -330,7 +335,8 @@ class StableDiffusionPipeline:
         start_arr = jax.device_put(np.int32(start), parallel.replicated(self.mesh))
         placed = {k: pad(v) for k, v in inputs.items()}
         return (self._executable(spec),
-                (self.params, ids, neg_ids, guidance, seed_arr, index_arr, start_arr, placed), n)
+                (self.params, ids, neg_ids, guidance, seed_arr, index_arr, start_arr, placed), n,
+                finish)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(h, w, channels) of the latents the UNet denoises for an image of this size."""
@@ -338,9 +344,15 @@ class StableDiffusionPipeline:
         return (height // f, width // f, self.vae_config.latent_channels)
 
     def _task_inputs(self, image, mask_image, strength, n_prompts: int, per_prompt: int,
-                     steps: int, height: int | None, width: int | None):
-        """(task, host arrays, start step, (height, width)) for text-to-image, img2img or
-        inpainting, from the user's images."""
+                     steps: int, height: int | None, width: int | None, *,
+                     mask_blur: float = 0, padding_mask_crop: int | None = None):
+        """(task, host arrays, start step, (height, width), post-processing or None) for
+        text-to-image, img2img or inpainting, from the user's images.
+
+        ``mask_blur`` (pixels) softens the mask before it is binarised and, with
+        ``padding_mask_crop``, is the feathered edge of the paste-back. ``padding_mask_crop``
+        is the WebUI's "only masked" inpainting: the mask's bounding box plus this many
+        pixels is generated at the full ``height`` x ``width`` and pasted back."""
         if image is None:
             if mask_image is not None:
                 raise ValueError("mask_image needs an image to inpaint")
@@ -352,10 +364,12 @@ class StableDiffusionPipeline:
                                  "mask_image=")
             height = self.default_hw[0] if height is None else height
             width = self.default_hw[1] if width is None else width
-            return tasks.TXT2IMG, {}, 0, (height, width)
+            return tasks.TXT2IMG, {}, 0, (height, width), None
         if mask_image is None and self.unet_config.in_channels != \
                 self.vae_config.latent_channels:
             raise ValueError("this is an inpainting model: pass mask_image= with image=")
+        if mask_image is None and padding_mask_crop is not None:
+            raise ValueError("padding_mask_crop needs a mask_image")
         strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
                 or not 0.0 < strength <= 1.0:
@@ -367,13 +381,39 @@ class StableDiffusionPipeline:
         height = default[0] if height is None else height
         width = default[1] if width is None else width
         self.check_size(height, width)
-        inputs = {"image": np.stack([tasks.resize(x, height, width) for x in rgb])}
         if mask_image is None:
-            return tasks.IMG2IMG, inputs, start, (height, width)
-        masks = [tasks.to_mask(m, height, width) for m in tasks.as_list(mask_image)]
-        inputs["mask"] = np.stack(tasks.per_image(masks, n_prompts, per_prompt, "mask"))
+            inputs = {"image": np.stack([tasks.resize(x, height, width) for x in rgb])}
+            return tasks.IMG2IMG, inputs, start, (height, width), None
+        grays = [tasks.to_gray(m) for m in tasks.as_list(mask_image)]
+        grays = tasks.per_image(grays, n_prompts, per_prompt, "mask")
+        if mask_blur:
+            grays = [np.round(tasks.blur_mask(g, mask_blur) * 255).astype(np.uint8)
+                     for g in grays]
+        finish = None
+        if padding_mask_crop is not None:
+            finish, rgb, grays = self._only_masked(rgb, grays, padding_mask_crop, height,
+                                                   width)
+        inputs = {"image": np.stack([tasks.resize(x, height, width) for x in rgb]),
+                  "mask": np.stack([tasks.binarize(g, height, width) for g in grays])}
         task = tasks.inpainting(self.unet_config.in_channels, self.vae_config.latent_channels)
-        return task, inputs, start, (height, width)
+        return task, inputs, start, (height, width), finish
+
+    @staticmethod
+    def _only_masked(rgb, grays, padding, height, width):
+        """Crop each image and (already blurred) mask to its region; the paste-back that
+        undoes it through the mask."""
+        if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) \
+                or padding < 0:
+            raise ValueError(f"padding_mask_crop must be an integer >= 0, got {padding!r}")
+        if any(x.shape[:2] != rgb[0].shape[:2] or g.shape != x.shape[:2]
+               for x, g in zip(rgb, grays, strict=True)):
+            raise ValueError("padding_mask_crop needs every image and mask at one size")
+        boxes = [tasks.crop_region(g >= 128, padding, height, width) for g in grays]
+        alphas = np.stack([tasks.blur_mask(g, 0) for g in grays])
+        finish = tasks.OnlyMasked(np.stack(rgb), alphas, boxes).paste
+        rgb = [x[t:b, l:r] for x, (t, l, b, r) in zip(rgb, boxes, strict=True)]
+        grays = [g[t:b, l:r] for g, (t, l, b, r) in zip(grays, boxes, strict=True)]
+        return finish, rgb, grays
 
     # ------------------------------------------------------------------ compiled part
     def _executable(self, spec: sampling.CoreSpec) -> sampling.Executable:

@@ -146,20 +146,23 @@ def to_rgb(image) -> tuple[np.ndarray, str | None]:
     return a, note
 
 
-def to_mask(mask, height: int, width: int) -> np.ndarray:
-    """PIL image or array -> uint8 (height, width) of 0/1, 1 = repaint: grayscale as PIL's
-    "L", resized, then binarised at 0.5, as diffusers' mask processor does."""
+def to_gray(mask) -> np.ndarray:
+    """PIL image or array -> uint8 (H, W), grayscale as PIL's "L" (white = repaint)."""
     if isinstance(mask, Image.Image):
-        gray = np.asarray(mask.convert("L"), np.uint8)
-    else:
-        a = np.asarray(mask)
-        if a.dtype == bool:
-            a = a.astype(np.uint8) * 255
-        if a.dtype != np.uint8:
-            raise ValueError(f"a mask array must be uint8 or bool, got {a.dtype}")
-        if a.ndim == 3 and a.shape[-1] == 1:
-            a = a[..., 0]
-        gray = a if a.ndim == 2 else np.asarray(Image.fromarray(a[..., :3]).convert("L"))
+        return np.asarray(mask.convert("L"), np.uint8)
+    a = np.asarray(mask)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.dtype != np.uint8:
+        raise ValueError(f"a mask array must be uint8 or bool, got {a.dtype}")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    return a if a.ndim == 2 else np.asarray(Image.fromarray(a[..., :3]).convert("L"))
+
+
+def binarize(gray: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 grayscale mask -> uint8 (height, width) of 0/1: resized, then binarised at 0.5,
+    as diffusers' mask processor does."""
     gray = resize(gray, height, width)
     return (gray.astype(np.float32) / 255.0 >= 0.5).astype(np.uint8)
 
@@ -202,3 +205,54 @@ def default_size(image: np.ndarray, factor: int) -> tuple[int, int]:
     """The image's size rounded down to the VAE factor (diffusers' default for image input)."""
     h, w = image.shape[:2]
     return (h // factor * factor, w // factor * factor)
+
+
+def blur_mask(mask: np.ndarray, radius: float) -> np.ndarray:
+    """uint8 (H, W) 0/255 -> float32 [0, 1], Gaussian-blurred by ``radius`` pixels (the
+    WebUI's "mask blur": a soft edge for pasting back; the model still sees it binarised)."""
+    from PIL import ImageFilter
+    if radius <= 0:
+        return mask.astype(np.float32) / 255.0
+    soft = Image.fromarray(mask).filter(ImageFilter.GaussianBlur(radius))
+    return np.asarray(soft, np.float32) / 255.0
+
+
+def crop_region(mask: np.ndarray, padding: int, height: int, width: int
+                ) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the region the WebUI's "only masked" mode generates: the
+    mask's bounding box grown by ``padding`` pixels, then widened (or heightened) to the
+    generation's aspect ratio, kept inside the image."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        raise ValueError("the mask is empty: nothing to inpaint")
+    h_img, w_img = mask.shape
+    top, bottom = max(rows[0] - padding, 0), min(rows[-1] + 1 + padding, h_img)
+    left, right = max(cols[0] - padding, 0), min(cols[-1] + 1 + padding, w_img)
+    target = width / height
+    h, w = bottom - top, right - left
+    if w / h < target:  # too tall: widen around the centre, then shift inside the image
+        w = min(round(h * target), w_img)
+        left = min(max((left + right - w) // 2, 0), w_img - w)
+        right = left + w
+    else:
+        h = min(round(w / target), h_img)
+        top = min(max((top + bottom - h) // 2, 0), h_img - h)
+        bottom = top + h
+    return int(top), int(left), int(bottom), int(right)
+
+
+class OnlyMasked(NamedTuple):
+    """Host-side state of the "only masked" mode: where each image's region came from."""
+
+    originals: np.ndarray  # (N, H, W, 3) uint8
+    alphas: np.ndarray  # (N, H, W) float32, the blurred masks
+    boxes: list[tuple[int, int, int, int]]
+
+    def paste(self, generated: np.ndarray) -> np.ndarray:
+        """Generated regions back into the originals, through the feathered masks."""
+        out = self.originals.astype(np.float32).copy()
+        for i, (top, left, bottom, right) in enumerate(self.boxes):
+            region = resize(generated[i], bottom - top, right - left).astype(np.float32)
+            a = self.alphas[i, top:bottom, left:right, None]
+            out[i, top:bottom, left:right] = a * region + (1 - a) * out[i, top:bottom, left:right]
+        return np.round(out).astype(np.uint8)

@@ -95,4 +95,4 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
                 raise ValueError(f"image_noise must have shape {(n, h, w, 3)}, got "
                                  f"{image_noise.shape}")
             inputs["image_noise"] = image_noise
-        return tasks.upscaling(self.low_res_scheduler), inputs, 0, (h * f, w * f)
+        return tasks.upscaling(self.low_res_scheduler), inputs, 0, (h * f, w * f), None
