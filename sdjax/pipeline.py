@@ -332,7 +332,9 @@ class StableDiffusionPipeline:
         seed_arr = pad(np.asarray(seeds, np.int64).astype(np.uint32))
         index_arr = pad(np.asarray(image_indices, np.int64).astype(np.uint32))
         guidance = pad(np.full((n,), guidance_scale, np.float32))
-        start_arr = jax.device_put(np.int32(start), parallel.replicated(self.mesh))
+        # Built per shard like the batch, so multi-host runs never put to another host's device.
+        start_arr = jax.make_array_from_callback((), parallel.replicated(self.mesh),
+                                                 lambda _: np.int32(start))
         placed = {k: pad(v) for k, v in inputs.items()}
         return (self._executable(spec),
                 (self.params, ids, neg_ids, guidance, seed_arr, index_arr, start_arr, placed), n,
