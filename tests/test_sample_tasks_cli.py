@@ -31,17 +31,6 @@ def files(tmp_path_factory):
     return d
 
 
-def test_img2img_writes_the_image_size_and_strength(sd1_folder, files, tmp_path, capsys):
-    rc, out, err = _run(capsys, "--model", sd1_folder, "--prompt", "a cat", "--steps", "3",
-                        "--num_devices", "1", "--image", files / "in.png", "--strength", "0.6",
-                        "--outdir", tmp_path)
-    assert rc == 0, err
-    [png] = tmp_path.glob("*.png")
-    meta = parse_parameters(Image.open(png).text["parameters"])
-    assert meta["Denoising strength"] == "0.6" and meta["Size"] == "32x32"
-    assert Image.open(png).size == (32, 32)
-
-
 def test_only_masked_inpainting_keeps_everything_outside_the_region(sd1_folder, files,
                                                                     tmp_path, capsys):
     rc, _, err = _run(capsys, "--model", sd1_folder, "--prompt", "a cat", "--steps", "3",
