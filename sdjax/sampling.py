@@ -59,7 +59,8 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
     guidance, seeds, indices, start, inputs)``: every array batched on its first axis except
     ``params`` (replicated) and ``start`` (a scalar: the first step of the schedule, a
     runtime input for tasks that cut it by strength); ``inputs`` is the task's dict of
-    batched arrays (``tasks.Task.input_names``), plus ``latents`` when ``spec.has_latents``."""
+    batched arrays (``tasks.Task.input_names``, ``image_noise`` for the upscaler when given),
+    plus ``latents`` when the caller gives the noise; ``spec.inputs`` names them."""
     sched, task = spec.scheduler, spec.task
     lat_shape = spec.latent_shape
     sample_shape = (spec.per_device, *lat_shape)
