@@ -166,5 +166,9 @@ class Executable:
                 self._on_compile(time.perf_counter() - t0)
         return self._compiled
 
+    def eval_shape(self, *args):
+        """Shapes and dtypes of what the call returns: traced, never compiled."""
+        return jax.eval_shape(self._jitted, *args)
+
     def __call__(self, *args):
         return self.compile(*args)(*args)

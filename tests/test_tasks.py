@@ -17,13 +17,14 @@ from tests.tiny_models import diffusers_scheduler
 
 SCHEDULERS = ["pndm", "ddim", "euler", "lms", "dpmpp_2m"]
 # Every scheduler's mid-schedule start is checked by img2img. Inpainting adds the mask inputs
-# (scheduler-independent but for the initial sigma) and, for ordinary models, the blend, whose
-# noise levels come in three kinds (discrete alphas, sigmas, DPM-Solver's alpha/sigma): one
-# scheduler of each kind keeps the suite's compiles few. SDJAX_PARITY_SCHEDULERS=all runs
-# every task with all five (docs/sampling-core.md has that run's table).
+# (scheduler-independent but for the initial sigma: 1 for pndm, above 1 for euler) and, for
+# ordinary models, the blend, whose noise levels are the sigma and DPM-Solver overrides
+# (euler, dpmpp_2m) or the base alphas (test_start_table). Few schedulers keep the suite's
+# compiles few; SDJAX_PARITY_SCHEDULERS=all runs every task with all five
+# (docs/sampling-core.md has that run's table).
 _ALL = os.environ.get("SDJAX_PARITY_SCHEDULERS") == "all"
 INPAINT_MODEL_SCHEDULERS = SCHEDULERS if _ALL else ["pndm", "euler"]
-ORDINARY_INPAINT_SCHEDULERS = SCHEDULERS if _ALL else ["pndm", "euler", "dpmpp_2m"]
+ORDINARY_INPAINT_SCHEDULERS = SCHEDULERS if _ALL else ["euler", "dpmpp_2m"]
 STRENGTHS = [0.3, 0.75, 1.0]
 TOL = 2e-4  # max abs difference of [0, 1] pixels, as text-to-image's parity
 STEPS = 5
@@ -207,10 +208,14 @@ def test_nonfinite_results_are_refused(sd1):
         ours.params = {**clean, "vae": nan_under("['vae']['decoder']")["vae"]}
         with pytest.raises(NonFiniteError, match="VAE decoder"):
             _call(ours)
-        out = _call(ours, nan_check=False)  # the check off: the images come back as they are
-        assert out.shape == (2, SIZE, SIZE, 3)
     finally:
         ours.params = clean
+    # The check off: the program returns the images alone, no status to refuse them by
+    # (traced, not compiled, to spare the suite a compile).
+    fn, args, _, _ = ours._prepare(PROMPTS, num_inference_steps=STEPS, latents=_noise(0),
+                                   image=[_image(1), _image(2)], nan_check=False)
+    out = fn.eval_shape(*args)
+    assert isinstance(out, jax.ShapeDtypeStruct) and out.shape == (2, SIZE, SIZE, 3)
 
 
 def test_bad_task_arguments(sd1, sd1_inpaint):
