@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["StableDiffusionPipeline", "PipelineOutput"]
+__all__ = ["StableDiffusionPipeline", "StableDiffusionUpscalePipeline", "PipelineOutput"]
 
 
 def __getattr__(name: str):
     # Lazy, so `python -m sdjax.sample --help` answers without importing JAX.
+    if name == "StableDiffusionUpscalePipeline":
+        from sdjax import upscale
+        return upscale.StableDiffusionUpscalePipeline
     if name in __all__:
         from sdjax import pipeline
         return getattr(pipeline, name)

@@ -20,9 +20,11 @@ SAMPLER_LABELS = {
 
 def format_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str,
                       guidance_scale: float, seed: int, width: int, height: int, model: str,
-                      index: int | None = None) -> str:
+                      index: int | None = None, extra: dict[str, object] | None = None) -> str:
     """The ``parameters`` text A1111 writes: prompt, optional negative line, then
-    ``Key: value`` pairs. ``Seed index`` is ours: image i of a run uses (seed, i)."""
+    ``Key: value`` pairs. ``Seed index`` is ours: image i of a run uses (seed, i). ``extra``
+    pairs follow, as the WebUI's img2img fields do (``Denoising strength: 0.6``,
+    ``Mask blur: 4``, ...)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
@@ -31,6 +33,7 @@ def format_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler:
     if index is not None:
         pairs.append(("Seed index", index))
     pairs += [("Size", f"{width}x{height}"), ("Model", model.replace(",", " "))]
+    pairs += [(k, str(v).replace(",", " ")) for k, v in (extra or {}).items()]
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs))
     return "\n".join(lines)
 

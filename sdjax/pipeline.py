@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
-from sdjax import parallel, validation
+from sdjax import parallel, sampling, tasks, validation
 from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
+from sdjax.schedulers.common import start_index
 from sdjax.weights.diffusers_folder import load_pipeline_folder
 from sdjax.weights.errors import WeightsError
 from sdjax.weights.families import PREDICTION_TYPES
@@ -71,28 +71,39 @@ class PipelineOutput:
     seeds: list[int] = dataclasses.field(default_factory=list)
 
 
+class NonFiniteError(ValueError):
+    """The sampler produced NaN or infinite numbers (the WebUI's "A tensor with all NaNs was
+    produced"): NaN weights or inputs, or a float16 overflow."""
+
+
 class PendingImages:
     """A batch the devices are still computing."""
 
-    def __init__(self, array: jax.Array, n: int, seeds: Sequence[int] = ()):
-        self._array, self._n, self._seeds = array, n, [int(s) for s in seeds]
+    def __init__(self, array, n: int, finish=None, seeds: Sequence[int] = ()):
+        # With the NaN check on, the compiled call returns (images, one status per image).
+        self._array, self._status = array if isinstance(array, tuple) else (array, None)
+        self._n, self._finish, self._seeds = n, finish, [int(s) for s in seeds]
 
     def result(self) -> PipelineOutput:
-        return PipelineOutput(images=parallel.fetch(self._array)[:self._n], seeds=self._seeds)
+        images = parallel.fetch(self._array)[:self._n]
+        if self._status is not None:
+            _raise_if_nonfinite(parallel.fetch(self._status)[:self._n])
+        if self._finish is not None:  # host-side post-processing (inpainting's paste-back)
+            images = self._finish(images)
+        return PipelineOutput(images=images, seeds=self._seeds)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything that shapes the compiled program; one executable per distinct value."""
-    height: int
-    width: int
-    scheduler: object          # a frozen scheduler dataclass
-    steps: int
-    strength: float
-    per_device: int
-    decode_chunk: int
-    has_latents: bool
-    output_type: str
+def _raise_if_nonfinite(status: np.ndarray) -> None:
+    bad = np.flatnonzero(status)
+    if not len(bad):
+        return
+    where = ("the VAE decoder" if (status[bad] == sampling.NONFINITE_PIXELS).all()
+             else "the UNet")
+    listed = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
+    raise NonFiniteError(
+        f"a tensor with NaN/inf values was produced in {where} for image(s) {listed} of "
+        f"the batch: NaN weights or inputs, or a float16 overflow (try dtype float32 or "
+        f"bfloat16); nan_check=False (--no_nan_check) keeps such images")
 
 
 class StableDiffusionPipeline:
@@ -118,7 +129,7 @@ class StableDiffusionPipeline:
         self.params = {}
         for key, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
             self._graphdefs[key], self.params[key] = nnx.split(module)
-        self._compiled: dict[_Static, object] = {}
+        self._compiled: dict[sampling.CoreSpec, sampling.Executable] = {}
         self.compile_seconds = 0.0
 
     # ------------------------------------------------------------------ loading
@@ -244,8 +255,9 @@ class StableDiffusionPipeline:
     def submit(self, *args, **kwargs) -> PendingImages:
         """``submit(prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5,
         height=None, width=None, num_images_per_prompt=1, seed=0, latents=None,
-        scheduler=None, *, seeds=None, image_indices=None, batch_size_per_device=None,
-        decode_chunk=None, output_type="uint8")`` (see :meth:`_prepare` for the types).
+        scheduler=None, *, image=None, mask_image=None, strength=None, seeds=None,
+        image_indices=None, batch_size_per_device=None, decode_chunk=None,
+        output_type="uint8", nan_check=True)`` (see :meth:`_prepare` for the types).
 
         Start generating ``len(prompt) * num_images_per_prompt`` images and return at once
         (JAX dispatches asynchronously); ``.result()`` waits and brings them to the host.
@@ -263,16 +275,24 @@ class StableDiffusionPipeline:
         ``decode_chunk`` caps how many images each device decodes at once.
         ``output_type="float"`` returns float32 pixels in [0, 1] instead of uint8 (diffusers'
         ``output_type="np"``), ``"latent"`` the final latents (NHWC, unscaled by the VAE).
+
+        ``image`` (PIL image, uint8 (H, W, 3) array, or a list / (N, H, W, 3) array: one for
+        all images, one per prompt or one per image) turns the call into img2img, and with
+        ``mask_image`` (white = repaint) into inpainting; ``strength`` (0, 1] is the share of
+        the schedule that runs (default 0.8 for img2img, 1.0 for inpainting), a runtime input:
+        changing it does not recompile. ``latents`` is then the noise mixed into the image.
+        ``nan_check`` (default on) fails with :class:`NonFiniteError` instead of returning
+        images from NaN/inf latents or pixels.
         """
-        fn, call_args, n, seeds = self._prepare(*args, **kwargs)
-        return PendingImages(fn(*call_args), n, seeds)
+        fn, call_args, n, finish, seeds = self._prepare(*args, **kwargs)
+        return PendingImages(fn(*call_args), n, finish, seeds)
 
     def compile(self, *args, **kwargs) -> jax.stages.Compiled:
         """The compiled sampler that :meth:`submit` with the same arguments runs, compiled now
         if this process has not yet (the time counts in ``compile_seconds``); nothing runs.
         For tools: XLA's ``cost_analysis()`` and ``memory_analysis()`` of the whole call, or
         checking that a batch fits before running it."""
-        fn, call_args, _, _ = self._prepare(*args, **kwargs)
+        fn, call_args, *_ = self._prepare(*args, **kwargs)
         return fn.compile(*call_args)
 
     def _prepare(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
@@ -280,12 +300,15 @@ class StableDiffusionPipeline:
                  guidance_scale: float | Sequence[float] = 7.5,
                  height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, seed: int = 0, latents=None,
-                 scheduler: str | None = None, *, seeds: Sequence[int] | None = None,
+                 scheduler: str | None = None, *, image=None, mask_image=None,
+                 strength: float | None = None, seeds: Sequence[int] | None = None,
                  image_indices: Sequence[int] | None = None,
                  batch_size_per_device: int | None = None,
-                 decode_chunk: int | None = None, output_type: str = "uint8"):
+                 decode_chunk: int | None = None, output_type: str = "uint8",
+                 nan_check: bool = True, **task_kwargs):
         """Validate and place the arguments of :meth:`submit`; returns (executable, its
-        arguments, image count, the seed of each image)."""
+        arguments, image count, host post-processing of the images or None, the seed of each
+        image)."""
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
                              f"{output_type!r}")
@@ -295,21 +318,25 @@ class StableDiffusionPipeline:
             height=height, width=width, num_images_per_prompt=num_images_per_prompt, seed=seed,
             seeds=seeds, image_indices=image_indices, scheduler=scheduler,
             scheduler_names=SCHEDULER_NAMES, factor=self.vae_scale_factor)
-        height = self.default_hw[0] if height is None else height
-        width = self.default_hw[1] if width is None else width
         sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
-
         n = len(prompts) * num_images_per_prompt
+        task, inputs, start, (height, width), finish = self._task_inputs(
+            image, mask_image, strength, len(prompts), num_images_per_prompt,
+            int(num_inference_steps), height, width, **task_kwargs)
+        if finish is not None and output_type != "uint8":
+            raise ValueError("padding_mask_crop pastes uint8 images back: output_type must be "
+                             "'uint8'")
+        self.check_size(height, width)
+
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
         if seeds is None:
             seeds = [parallel.random_seed(seed)] * n
         if image_indices is None:
             image_indices = range(n)
-        lat_shape = (height // self.vae_scale_factor, width // self.vae_scale_factor,
-                     self.unet_config.in_channels)
+        lat_shape = self.latent_shape(height, width)
         if latents is not None:
-            latents = validation.check_latents(latents, (n, *lat_shape))
+            inputs["latents"] = validation.check_latents(latents, (n, *lat_shape))
 
         size = parallel.padded_size(n, self.mesh)
         if batch_size_per_device is not None:
@@ -323,8 +350,8 @@ class StableDiffusionPipeline:
             # about four 512x512 images' worth at a time so the UNet sets the batch limit.
             decode_chunk = 4 * 512 * 512 // (height * width)
         chunk = max(1, min(decode_chunk, per_device))
-        static = _Static(height, width, sched, int(num_inference_steps), 1.0, per_device, chunk,
-                         latents is not None, output_type)
+        spec = sampling.CoreSpec(lat_shape, sched, int(num_inference_steps), per_device, chunk,
+                                 output_type, task, tuple(sorted(inputs)), bool(nan_check))
 
         def pad(x):
             return parallel.put_batch(parallel.pad_batch(np.asarray(x), size), self.mesh)
@@ -333,102 +360,107 @@ class StableDiffusionPipeline:
         neg_ids = pad(self.tokenize(negatives))
         seed_arr = pad(np.asarray(seeds, np.int64).astype(np.uint32))
         index_arr = pad(np.asarray(image_indices, np.int64).astype(np.uint32))
-        guidance = pad(guidance.astype(np.float32))
-        extra = (pad(latents),) if latents is not None else ()
+        guidance = pad(guidance)
+        # Built per shard like the batch, so multi-host runs never put to another host's device.
+        start_arr = jax.make_array_from_callback((), parallel.replicated(self.mesh),
+                                                 lambda _: np.int32(start))
+        placed = {k: pad(v) for k, v in inputs.items()}
+        return (self._executable(spec),
+                (self.params, ids, neg_ids, guidance, seed_arr, index_arr, start_arr, placed), n,
+                finish, list(seeds))
 
-        return (self._executable(static),
-                (self.params, ids, neg_ids, guidance, seed_arr, index_arr, *extra), n,
-                list(seeds))
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(h, w, channels) of the latents the UNet denoises for an image of this size."""
+        f = self.vae_scale_factor
+        return (height // f, width // f, self.vae_config.latent_channels)
+
+    def _task_inputs(self, image, mask_image, strength, n_prompts: int, per_prompt: int,
+                     steps: int, height: int | None, width: int | None, *,
+                     mask_blur: float = 0, padding_mask_crop: int | None = None):
+        """(task, host arrays, start step, (height, width), post-processing or None) for
+        text-to-image, img2img or inpainting, from the user's images.
+
+        ``mask_blur`` (pixels) softens the mask before it is binarised and, with
+        ``padding_mask_crop``, is the feathered edge of the paste-back. ``padding_mask_crop``
+        is the WebUI's "only masked" inpainting: the mask's bounding box plus this many
+        pixels is generated at the full ``height`` x ``width`` and pasted back."""
+        if image is None:
+            if mask_image is not None:
+                raise ValueError("mask_image needs an image to inpaint")
+            if strength is not None:
+                raise ValueError("strength needs an image (img2img or inpainting)")
+            if self.unet_config.in_channels != self.vae_config.latent_channels:
+                raise ValueError(f"this UNet takes {self.unet_config.in_channels} input "
+                                 "channels: it is an inpainting model; pass image= and "
+                                 "mask_image=")
+            height = self.default_hw[0] if height is None else height
+            width = self.default_hw[1] if width is None else width
+            return tasks.TXT2IMG, {}, 0, (height, width), None
+        if mask_image is None and self.unet_config.in_channels != \
+                self.vae_config.latent_channels:
+            raise ValueError("this is an inpainting model: pass mask_image= with image=")
+        if mask_image is None and padding_mask_crop is not None:
+            raise ValueError("padding_mask_crop needs a mask_image")
+        strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
+                or not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+        start = start_index(steps, float(strength))
+        rgb = [tasks.to_rgb(x)[0] for x in tasks.as_list(image)]
+        rgb = tasks.per_image(rgb, n_prompts, per_prompt, "image")
+        default = tasks.default_size(rgb[0], self.vae_scale_factor)
+        height = default[0] if height is None else height
+        width = default[1] if width is None else width
+        self.check_size(height, width)
+        if mask_image is None:
+            inputs = {"image": np.stack([tasks.resize(x, height, width) for x in rgb])}
+            return tasks.IMG2IMG, inputs, start, (height, width), None
+        grays = [tasks.to_gray(m) for m in tasks.as_list(mask_image)]
+        grays = tasks.per_image(grays, n_prompts, per_prompt, "mask")
+        if mask_blur:
+            grays = [np.round(tasks.blur_mask(g, mask_blur) * 255).astype(np.uint8)
+                     for g in grays]
+        finish = None
+        if padding_mask_crop is not None:
+            finish, rgb, grays = self._only_masked(rgb, grays, padding_mask_crop, height,
+                                                   width)
+        inputs = {"image": np.stack([tasks.resize(x, height, width) for x in rgb]),
+                  "mask": np.stack([tasks.binarize(g, height, width) for g in grays])}
+        task = tasks.inpainting(self.unet_config.in_channels, self.vae_config.latent_channels)
+        return task, inputs, start, (height, width), finish
+
+    @staticmethod
+    def _only_masked(rgb, grays, padding, height, width):
+        """Crop each image and (already blurred) mask to its region; the paste-back that
+        undoes it through the mask."""
+        if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) \
+                or padding < 0:
+            raise ValueError(f"padding_mask_crop must be an integer >= 0, got {padding!r}")
+        if any(x.shape[:2] != rgb[0].shape[:2] or g.shape != x.shape[:2]
+               for x, g in zip(rgb, grays, strict=True)):
+            raise ValueError("padding_mask_crop needs every image and mask at one size")
+        boxes = [tasks.crop_region(g >= 128, padding, height, width) for g in grays]
+        alphas = np.stack([tasks.blur_mask(g, 0) for g in grays])
+        finish = tasks.OnlyMasked(np.stack(rgb), alphas, boxes).paste
+        rgb = [x[t:b, l:r] for x, (t, l, b, r) in zip(rgb, boxes, strict=True)]
+        grays = [g[t:b, l:r] for g, (t, l, b, r) in zip(grays, boxes, strict=True)]
+        return finish, rgb, grays
 
     # ------------------------------------------------------------------ compiled part
-    def _executable(self, static: _Static):
-        fn = self._compiled.get(static)
+    def _executable(self, spec: sampling.CoreSpec) -> sampling.Executable:
+        fn = self._compiled.get(spec)
         if fn is None:
-            fn = self._build(static)
-            self._compiled[static] = fn
+            nets = sampling.Networks(self._graphdefs, self.dtype,
+                                     self.vae_config.scaling_factor)
+            t0 = time.perf_counter()  # host-side tables (every start's schedule) count too
+            fn = sampling.build(spec, nets, self.mesh, on_compile=self._count_compile)
+            self._count_compile(time.perf_counter() - t0)
+            self._compiled[spec] = fn
         return fn
 
-    def _build(self, s: _Static):
-        graphdefs = self._graphdefs
-        sched = s.scheduler
-        lat_shape = (s.height // self.vae_scale_factor, s.width // self.vae_scale_factor,
-                     self.unet_config.in_channels)
-        state0 = sched.set_timesteps(s.steps, strength=s.strength,
-                                     sample_shape=(s.per_device, *lat_shape))
-        dtype = self.dtype
-        scaling = self.vae_config.scaling_factor
-
-        def per_device(params, ids, neg_ids, guidance, seeds, indices, *init):
-            te = nnx.merge(graphdefs["text_encoder"], params["text_encoder"])
-            unet = nnx.merge(graphdefs["unet"], params["unet"])
-            vae = nnx.merge(graphdefs["vae"], params["vae"])
-            b = ids.shape[0]
-            context = te(jnp.concatenate([neg_ids, ids], axis=0))
-            keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.key(sd), i))(
-                seeds, indices)
-            noise_keys, step_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
-            noise_keys, step_keys = noise_keys[:, 0], step_keys[:, 0]
-            if init:
-                x = init[0].astype(jnp.float32)
-            else:
-                x = jax.vmap(lambda k: jax.random.normal(k, lat_shape, jnp.float32))(noise_keys)
-            x = x * sched.init_noise_sigma(state0)
-            g = guidance.astype(jnp.float32)[:, None, None, None]
-
-            def body(i, carry):
-                x, state = carry
-                t = state.timesteps[i]
-                xin = sched.scale_model_input(state, x, i).astype(dtype)
-                eps = unet(jnp.concatenate([xin, xin], axis=0), jnp.broadcast_to(t, (2 * b,)),
-                           context).astype(jnp.float32)
-                eps_uncond, eps_cond = eps[:b], eps[b:]
-                eps = eps_uncond + g * (eps_cond - eps_uncond)
-                key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
-                       if sched.stochastic else None)
-                return sched.step(state, i, eps, x, key=key)
-
-            x, _ = jax.lax.fori_loop(0, sched.num_evaluations(state0), body, (x, state0))
-            if s.output_type == "latent":
-                return x
-            z = (x / scaling).astype(vae.decoder.conv_in.kernel.dtype)
-            # Decoding is the activation-memory peak: map over chunks of the per-device batch.
-            pixels = jax.lax.map(lambda zi: vae.decode(zi[None])[0], z, batch_size=s.decode_chunk)
-            pixels = jnp.clip(pixels.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-            if s.output_type == "float":
-                return pixels
-            return jnp.round(pixels * 255).astype(jnp.uint8)
-
-        batch = P(parallel.AXIS)
-        n_in = 6 + int(s.has_latents)
-        sharded = jax.shard_map(per_device, mesh=self.mesh,
-                                in_specs=(P(),) + (batch,) * (n_in - 1), out_specs=batch,
-                                check_vma=False)
-        options = parallel.compiler_options(self.mesh)
-        return _Executable(jax.jit(sharded, compiler_options=options), self)
+    def _count_compile(self, seconds: float) -> None:
+        self.compile_seconds += seconds
 
 
-class _Executable:
-    """One static config's sampler: compiled on first use, with the time split out so the
-    CLI and the benchmarks can report it."""
-
-    def __init__(self, jitted, owner: StableDiffusionPipeline):
-        self._jitted, self._owner = jitted, owner
-        self._compiled: jax.stages.Compiled | None = None
-
-    def compile(self, *args) -> jax.stages.Compiled:
-        if self._compiled is None:
-            t0 = time.perf_counter()
-            self._compiled = self._jitted.lower(*args).compile()
-            self._owner.compile_seconds += time.perf_counter() - t0
-        return self._compiled
-
-    @property
-    def is_compiled(self) -> bool:
-        return self._compiled is not None
-
-    def __call__(self, *args) -> jax.Array:
-        return self.compile(*args)(*args)
-
-
-__all__ = ["StableDiffusionPipeline", "PipelineOutput", "PendingImages", "SCHEDULER_NAMES",
-           "parse_dtype"]
+__all__ = ["StableDiffusionPipeline", "PipelineOutput", "PendingImages", "NonFiniteError",
+           "SCHEDULER_NAMES", "parse_dtype"]

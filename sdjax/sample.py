@@ -1,4 +1,5 @@
-"""python -m sdjax.sample: text-to-image from the command line.
+"""python -m sdjax.sample: text-to-image, img2img (--image), inpainting (--image --mask) and
+x4 upscaling (an upscaler --model with --image) from the command line.
 
 Writes one PNG per image (with A1111-style ``parameters`` metadata) to --outdir and reports
 compile time, generation time and images/s. Bad input gets one line on stderr and exit code 2.
@@ -42,7 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "num_images", type=int, default=1, help="images per prompt")
     add_flag(p, "outdir", type=Path, default=Path("outputs"), help="where the PNGs go")
     add_flag(p, "grid", action="store_true", help="also write a grid of all images")
+    add_image_arguments(p)
     return p
+
+
+def add_image_arguments(p: argparse.ArgumentParser) -> None:
+    """img2img, inpainting and upscaling flags, and the output check."""
+    add_flag(p, "image", type=Path, help="init image: img2img, inpainting with --mask, or the "
+             "low-resolution input of an upscaler model")
+    add_flag(p, "mask", type=Path, help="inpainting mask, the size of --image (white = repaint)")
+    add_flag(p, "strength", type=float, help="share of the schedule that runs from the image, "
+             "in (0, 1] (default: 0.8 for img2img, 1.0 for inpainting)")
+    add_flag(p, "mask_blur", type=float, default=0, help="inpainting: blur the mask edge by "
+             "this many pixels")
+    add_flag(p, "only_masked_padding", type=int, help="inpainting: generate only the mask's "
+             "bounding box plus this many pixels at full size and paste it back (the WebUI's "
+             "'only masked')")
+    add_flag(p, "noise_level", type=int, default=20, help="upscaler models: noise added to "
+             "the low-resolution input")
+    add_flag(p, "no_nan_check", action="store_true", help="keep images whose latents or pixels "
+             "hold NaN/inf instead of failing")
 
 
 def _prompts(args) -> list[str]:
@@ -75,6 +95,51 @@ def _check_args(args) -> None:
     check_common_args(args)
     if args.num_images < 1:
         raise UsageError(f"--num_images must be at least 1, got {args.num_images}")
+    if args.image is None:
+        for flag in ("mask", "strength", "only_masked_padding"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} needs an --image")
+    elif args.mask is None and args.only_masked_padding is not None:
+        raise UsageError("--only_masked_padding needs a --mask")
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
+        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.mask_blur < 0 or (args.only_masked_padding or 0) < 0:
+        raise UsageError("--mask_blur and --only_masked_padding must not be negative")
+
+
+def _open_image(path: Path, flag: str):
+    """A PIL image read whole now (so a broken file fails before the model loads)."""
+    from PIL import Image, UnidentifiedImageError
+    if not path.is_file():
+        raise UsageError(f"--{flag} {path}: file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"--{flag} {path}: not a readable image ({e})") from None
+
+
+def _load_images(args):
+    """(init image as RGB, mask or None), refused or converted (and said so) before loading."""
+    if args.image is None:
+        return None, None
+    image = _open_image(args.image, "image")
+    if image.mode != "RGB":
+        print(f"note: --image {args.image} is {image.mode}; converted to RGB", file=sys.stderr)
+        image = image.convert("RGB")
+    mask = None
+    if args.mask is not None:
+        mask = _open_image(args.mask, "mask")
+        if mask.size != image.size:
+            raise UsageError(f"--mask is {mask.size[0]}x{mask.size[1]} but --image is "
+                             f"{image.size[0]}x{image.size[1]}")
+    return image, mask
+
+
+def _is_upscaler(model: str) -> bool:
+    from sdjax.weights.resolve import resolve_model
+    return (resolve_model(model) / "low_res_scheduler").is_dir()
 
 
 class _StopAfterBatch:
@@ -117,19 +182,30 @@ def run(args, written: list[Path]) -> int:
     prompts = _prompts(args)
     check_outdir(args.outdir)
     maybe_initialize_distributed()  # before resolve_dtype() asks JAX for its backend
+    image, mask = _load_images(args)
+    upscaler = _is_upscaler(args.model)
+    if upscaler:
+        if image is None:
+            raise UsageError("an upscaler model needs --image (the low-resolution input)")
+        for flag in ("mask", "strength", "height", "width", "only_masked_padding"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} does not apply to an upscaler model")
     if args.model == "toy":
         print("Using the bundled toy model (shapes and colours only); pass --model for real "
               "Stable Diffusion weights.", file=sys.stderr)
     dtype = resolve_dtype(args.dtype)
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype,
-                                                   num_devices=args.num_devices,
-                                                   **ModelOptions.from_args(args).kwargs())
+    if upscaler:
+        from sdjax.upscale import StableDiffusionUpscalePipeline as cls
+    else:
+        cls = StableDiffusionPipeline
+    pipe = cls.from_pretrained(args.model, dtype=dtype, num_devices=args.num_devices,
+                               **ModelOptions.from_args(args).kwargs())
     if pipe.note:
         print(pipe.note, file=sys.stderr)
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
-    height, width = image_size(args, pipe)
+    height, width, task_args, extra = _task_settings(args, pipe, image, mask, upscaler)
     scheduler = args.scheduler or pipe.default_scheduler
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
     per_device = args.batch_size or min(8, -(-len(jobs) // pipe.num_devices))
@@ -156,8 +232,9 @@ def run(args, written: list[Path]) -> int:
             t0 = time.perf_counter()
             out = pipe([p for p, _ in chunk], negative_prompt=args.negative_prompt,
                        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                       height=height, width=width, seed=seed, scheduler=scheduler,
-                       image_indices=range(b0, b0 + len(chunk)), batch_size_per_device=per_device)
+                       seed=seed, scheduler=scheduler, image_indices=range(b0, b0 + len(chunk)),
+                       batch_size_per_device=per_device, nan_check=not args.no_nan_check,
+                       **task_args)
             t_gen += time.perf_counter() - t0
             if jax.process_index() != 0:
                 continue  # multi-host: every process holds all images; the first writes them
@@ -171,7 +248,7 @@ def run(args, written: list[Path]) -> int:
                 save_png(image, path, format_parameters(
                     prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                     sampler=scheduler, guidance_scale=args.guidance_scale, seed=seed,
-                    index=i, width=width, height=height, model=args.model))
+                    index=i, width=width, height=height, model=args.model, extra=extra))
                 written.append(path)
             if args.grid:
                 all_images.append(out.images)
@@ -202,6 +279,51 @@ def _wrote(written: list[Path], outdir: Path) -> str:
         return "wrote nothing"
     return (f"wrote {len(written)} file(s) to {outdir}/: {written[0].name}"
             + (f" … {written[-1].name}" if len(written) > 1 else ""))
+
+
+def _task_settings(args, pipe, image, mask, upscaler: bool):
+    """(height, width, the pipeline's task arguments, the WebUI's metadata fields); the size
+    of what will be made is checked against the model and --max_pixels before compiling."""
+    from sdjax import validation
+    from sdjax.schedulers.common import start_index
+    f = pipe.vae_scale_factor
+    if image is None:
+        height, width = image_size(args, pipe)
+        return height, width, {"height": height, "width": width}, {}
+    w, h = image.size
+    if upscaler:
+        if not 0 <= args.noise_level <= pipe.max_noise_level:
+            raise UsageError(f"--noise_level must be an integer in [0, {pipe.max_noise_level}] "
+                             f"for this model, got {args.noise_level}")
+        if w % f or h % f:
+            print(f"note: --image {w}x{h} is cut down to {w // f * f}x{h // f * f}, a multiple "
+                  f"of {f}", file=sys.stderr)
+        height, width = h // f * f * f, w // f * f * f
+        task = {"image": image, "noise_level": args.noise_level}
+        extra = {"Noise level": args.noise_level}
+    else:
+        height, width = args.height or h // f * f, args.width or w // f * f
+        if (height, width) != (h, w):
+            print(f"note: --image {w}x{h} is resized to {width}x{height} (a multiple of {f})",
+                  file=sys.stderr)
+        strength = args.strength if args.strength is not None else (0.8 if mask is None else 1.0)
+        start_index(args.steps, strength)  # refuses a strength that leaves no step, now
+        task = {"image": image, "height": height, "width": width, "strength": strength}
+        extra = {"Denoising strength": f"{strength:g}"}
+        if mask is not None:
+            task.update(mask_image=mask, mask_blur=args.mask_blur,
+                        padding_mask_crop=args.only_masked_padding)
+            extra["Mask blur"] = f"{args.mask_blur:g}"
+            if args.only_masked_padding is not None:
+                extra.update({"Inpaint area": "Only masked",
+                              "Masked area padding": args.only_masked_padding})
+    try:
+        for name, v in (("height", height), ("width", width)):
+            validation.check_size(v, f"output {name}", f)
+        validation.check_pixels(height, width, args.max_pixels)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return height, width, task, extra
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from tests.tiny_models import save_tiny_pipeline  # noqa: E402
+from tests.tiny_models import save_tiny_pipeline, save_tiny_upscaler  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +53,16 @@ def single_files(tmp_path_factory):
         out[kind] = (folder, pipe.save_single_file(root / f"{kind}.safetensors"))
         out.params[kind] = pipe.params
     return out
+
+
+@pytest.fixture(scope="session")
+def sd1_inpaint_folder(tmp_path_factory):
+    """A tiny SD1 inpainting model (9-channel UNet)."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd1-inpaint") / "model", "sd1", seed=2,
+                              unet_in_channels=9)
+
+
+@pytest.fixture(scope="session")
+def upscaler_folder(tmp_path_factory):
+    """A tiny model in the x4 upscaler layout."""
+    return save_tiny_upscaler(tmp_path_factory.mktemp("upscaler") / "model")

@@ -72,3 +72,22 @@ def test_default_size_and_footprint(pipe, images):
     assert size < 20 * 2**20, size
     summary = json.loads((folder / "training" / "summary.json").read_text())
     assert summary["train_s_total"] < 3600
+
+
+def test_img2img_turns_a_red_circle_green(pipe):
+    """img2img with the toy: a red circle on blue, prompted green at strength 0.5, comes back a
+    green circle on the same blue; prompted red, it stays red (same compiled call)."""
+    red = shapes.render("red", "circle", "blue", size=32, cx=16, cy=16, side=16)
+    inside = shapes.shape_mask("circle", 32, 16, 16, 16) > 0.5
+    results = {}
+    for colour in ("green", "red"):
+        out = pipe([f"a {colour} circle on a blue background"] * 8, image=red, strength=0.5,
+                   num_inference_steps=STEPS, seed=0).images
+        results[colour] = out[:, inside].astype(np.float32).mean(axis=1)  # (8, RGB) in circle
+        classes = [shapes.classify(x) for x in out]
+        assert all(c[0] == colour and c[2] == "blue" for c in classes), classes
+        assert sum(c[1] == "circle" for c in classes) >= 5, classes
+    green, kept = results["green"].mean(0), results["red"].mean(0)
+    print(f"mean RGB inside the circle: prompted green {green.round()}, red {kept.round()}")
+    assert green[1] > 150 and green[0] < 80, green
+    assert kept[0] > 150 and kept[1] < 80, kept

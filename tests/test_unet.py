@@ -248,14 +248,14 @@ def test_sd15_parameter_count():
 
 @pytest.mark.parametrize("key,value", [
     ("class_embed_type", "timestep"),
-    ("num_class_embeds", 10),
+    ("class_embeddings_concat", True),  # num_class_embeds alone is supported (x4 upscaler)
     ("addition_embed_type", "text_time"),
     ("time_cond_proj_dim", 256),
     ("encoder_hid_dim", 1024),
     ("resnet_time_scale_shift", "scale_shift"),
     ("attention_type", "gated"),
     ("time_embedding_type", "fourier"),
-    ("only_cross_attention", True),
+    ("only_cross_attention", [True]),  # one per level, or one bool
     ("dual_cross_attention", True),
     ("transformer_layers_per_block", [1, 2, 10, 10]),
     ("cross_attention_dim", [768, 768, 768, 768]),

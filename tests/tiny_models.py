@@ -40,10 +40,12 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-def tiny_components(kind: str = "sd1", seed: int = 0, full: bool = False):
+def tiny_components(kind: str = "sd1", seed: int = 0, full: bool = False, *,
+                    unet_in_channels: int = 4):
     """(unet, vae, text_encoder) torch modules shaped like SD1 or SD2, but tiny. ``full``:
     the whole SD block structure (4 levels, 2 layers per block: every kind of block a
-    single file's layout has) at small channel counts."""
+    single file's layout has) at small channel counts; ``unet_in_channels=9``: an inpainting
+    UNet."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -67,8 +69,8 @@ def tiny_components(kind: str = "sd1", seed: int = 0, full: bool = False):
                           down_block_types=("DownEncoderBlock2D",) * 2,
                           up_block_types=("UpDecoderBlock2D",) * 2)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=ctx, norm_num_groups=8,
-        use_linear_projection=sd2, upcast_attention=sd2, **levels)
+        sample_size=8, in_channels=unet_in_channels, out_channels=4, cross_attention_dim=ctx,
+        norm_num_groups=8, use_linear_projection=sd2, upcast_attention=sd2, **levels)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
                         sample_size=16, **vae_levels)
     te = CLIPTextModel(CLIPTextConfig(
@@ -89,12 +91,12 @@ def _vocab_size() -> int:
 
 
 def save_tiny_pipeline(folder: Path, kind: str = "sd1", seed: int = 0,
-                       full: bool = False) -> Path:
+                       full: bool = False, *, unet_in_channels: int = 4) -> Path:
     """A complete diffusers folder as StableDiffusionPipeline.save_pretrained writes it."""
     from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    unet, vae, te = tiny_components(kind, seed, full)
+    unet, vae, te = tiny_components(kind, seed, full, unet_in_channels=unet_in_channels)
     tok_dir = folder.parent / f"{folder.name}-tokenizer-src"
     write_clip_tokenizer(tok_dir, pad_token="!" if kind == "sd2" else "<|endoftext|>")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
@@ -115,3 +117,53 @@ def diffusers_scheduler(name: str, config: dict):
 
     cls, extra = diffusers_equivalent(name)
     return getattr(diffusers, cls).from_config(config, **extra)
+
+
+UPSCALER_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction", "set_alpha_to_one": False, "steps_offset": 1,
+}
+UPSCALER_LOW_RES_SCHEDULER = {
+    "_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "scaled_linear",
+    "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000,
+    "variance_type": "fixed_small",
+}
+
+
+def save_tiny_upscaler(folder: Path, seed: int = 3) -> Path:
+    """A tiny model in the stable-diffusion-x4-upscaler layout: a 7-channel UNet with a
+    noise-level class embedding and text-only first attention (only_cross_attention) at its
+    first level, a VAE with factor 4, a low-res DDPM scheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTokenizer
+
+    _, _, te = tiny_components("sd2", seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=7, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48,
+        norm_num_groups=8, attention_head_dim=8, use_linear_projection=True,
+        num_class_embeds=1000, only_cross_attention=(True, False))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.08333)
+    for i, m in enumerate((unet, vae)):
+        randomize_(m, seed * 10 + 5 + i)
+        m.eval()
+    tok_dir = folder.parent / f"{folder.name}-tokenizer-src"
+    write_clip_tokenizer(tok_dir, pad_token="!")
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=te, tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir)),
+        unet=unet, low_res_scheduler=DDPMScheduler.from_config(UPSCALER_LOW_RES_SCHEDULER),
+        scheduler=DDIMScheduler.from_config(UPSCALER_SCHEDULER), max_noise_level=350)
+    pipe.save_pretrained(str(folder))
+    return folder

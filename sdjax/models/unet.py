@@ -36,7 +36,6 @@ MID_CROSS = "UNetMidBlock2DCrossAttn"
 # leave the network exactly as we build it. Any other value changes the math, so it is refused.
 _MUST_BE_DEFAULT: dict[str, tuple] = {
     "class_embed_type": (None,),
-    "num_class_embeds": (None,),
     "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
     "addition_embed_type": (None,),
@@ -53,7 +52,6 @@ _MUST_BE_DEFAULT: dict[str, tuple] = {
     "attention_type": ("default",),
     "cross_attention_norm": (None,),
     "reverse_transformer_layers_per_block": (None,),
-    "mid_block_only_cross_attention": (None, False),
 }
 # Keys that cannot change inference: dropout is off at inference, and the number of heads of
 # the SDXL-only addition embedding is unused without addition_embed_type (refused above).
@@ -61,7 +59,7 @@ _NO_EFFECT = {"dropout", "addition_embed_type_num_heads"}
 # Keys whose None means something other than "use the default"; we do not build those variants.
 _NONE_NOT_SUPPORTED = {"norm_num_groups", "attention_head_dim", "mid_block_type"}
 _TUPLES = ("down_block_types", "up_block_types", "block_out_channels", "attention_head_dim",
-           "num_attention_heads", "sample_size")
+           "num_attention_heads", "sample_size", "only_cross_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +76,10 @@ class UNetConfig:
     down_block_types: tuple[str, ...] = (CROSS_DOWN, CROSS_DOWN, CROSS_DOWN, PLAIN_DOWN)
     mid_block_type: str = MID_CROSS
     up_block_types: tuple[str, ...] = (PLAIN_UP, CROSS_UP, CROSS_UP, CROSS_UP)
-    only_cross_attention: bool = False
+    # True (or per level): the first attention of each transformer block also attends to the
+    # text instead of the image (the x4 upscaler's layout).
+    only_cross_attention: bool | tuple[bool, ...] = False
+    mid_block_only_cross_attention: bool | None = None
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int = 2
     downsample_padding: int = 1
@@ -98,6 +99,9 @@ class UNetConfig:
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    # A learned embedding of an integer class label added to the time embedding (the x4
+    # upscaler's noise level).
+    num_class_embeds: int | None = None
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -115,8 +119,9 @@ class UNetConfig:
         if self.mid_block_type != MID_CROSS:
             raise ValueError(f"UNet mid_block_type {self.mid_block_type!r} is not supported "
                              f"(supported: {MID_CROSS})")
-        _require(not self.only_cross_attention, "only_cross_attention",
-                 "only_cross_attention=True is not supported")
+        if isinstance(self.only_cross_attention, tuple):
+            _require(len(self.only_cross_attention) == levels, "only_cross_attention",
+                     "must be one bool or one per level")
         _require(not self.dual_cross_attention, "dual_cross_attention",
                  "dual_cross_attention=True is not supported")
         _require(self.act_fn in ("silu", "swish"), "act_fn",
@@ -143,6 +148,18 @@ class UNetConfig:
         if isinstance(heads, int):
             heads = (heads,) * len(self.block_out_channels)
         return tuple(heads)
+
+    def only_cross_per_level(self) -> tuple[bool, ...]:
+        """only_cross_attention of each level (down order)."""
+        value = self.only_cross_attention
+        return (value,) * len(self.block_out_channels) if isinstance(value, bool) else value
+
+    @property
+    def mid_only_cross(self) -> bool:
+        """diffusers: the mid block follows a single only_cross_attention bool unless told."""
+        if self.mid_block_only_cross_attention is not None:
+            return self.mid_block_only_cross_attention
+        return self.only_cross_attention if isinstance(self.only_cross_attention, bool) else False
 
     @property
     def time_embed_dim(self) -> int:
@@ -210,9 +227,12 @@ class BasicTransformerBlock(nnx.Module):
     """Pre-norm self-attention, cross-attention on the text, GEGLU MLP; each residual."""
 
     def __init__(self, dim: int, *, heads: int, head_dim: int, context_dim: int, dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, only_cross: bool = False):
+        self.only_cross = only_cross
         self.norm1 = LayerNorm(dim, dtype=dtype)
-        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim, dtype=dtype, rngs=rngs)
+        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim,
+                               context_dim=context_dim if only_cross else None, dtype=dtype,
+                               rngs=rngs)
         self.norm2 = LayerNorm(dim, dtype=dtype)
         self.attn2 = Attention(dim, heads=heads, head_dim=head_dim, context_dim=context_dim,
                                dtype=dtype, rngs=rngs)
@@ -220,7 +240,8 @@ class BasicTransformerBlock(nnx.Module):
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        x = x + self.attn1(self.norm1(x))
+        h = self.norm1(x)
+        x = x + (self.attn1(h, context) if self.only_cross else self.attn1(h))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -232,14 +253,14 @@ class Transformer2DModel(nnx.Module):
     on NHWC both are the same per-pixel linear map, so one layer serves both layouts."""
 
     def __init__(self, channels: int, *, heads: int, context_dim: int, depth: int, groups: int,
-                 dtype, rngs: nnx.Rngs):
+                 dtype, rngs: nnx.Rngs, only_cross: bool = False):
         head_dim = channels // heads
         inner = heads * head_dim
         self.norm = GroupNorm(groups, channels, eps=1e-6, dtype=dtype)
         self.proj_in = linear(channels, inner, dtype=dtype, rngs=rngs)
         self.transformer_blocks = nnx.List([
             BasicTransformerBlock(inner, heads=heads, head_dim=head_dim, context_dim=context_dim,
-                                  dtype=dtype, rngs=rngs)
+                                  dtype=dtype, rngs=rngs, only_cross=only_cross)
             for _ in range(depth)])
         self.proj_out = linear(inner, channels, dtype=dtype, rngs=rngs)
 
@@ -261,11 +282,13 @@ class _LevelSpec:
     heads: int | None  # None: no attention at this level
     context_dim: int
     depth: int
+    only_cross: bool = False
 
 
 def _transformer(channels: int, spec: _LevelSpec, *, dtype, rngs) -> Transformer2DModel:
     return Transformer2DModel(channels, heads=spec.heads, context_dim=spec.context_dim,
-                              depth=spec.depth, groups=spec.groups, dtype=dtype, rngs=rngs)
+                              depth=spec.depth, groups=spec.groups, dtype=dtype, rngs=rngs,
+                              only_cross=spec.only_cross)
 
 
 def _resnet(cin: int, cout: int, spec: _LevelSpec, *, dtype, rngs,
@@ -360,15 +383,21 @@ class UNet2DConditionModel(nnx.Module):
         heads = cfg.heads_per_level()
         levels = len(ch)
 
-        def spec(level: int, cross: bool) -> _LevelSpec:
+        only_cross = cfg.only_cross_per_level()
+
+        def spec(level: int, cross: bool, mid: bool = False) -> _LevelSpec:
             return _LevelSpec(temb=cfg.time_embed_dim, groups=cfg.norm_num_groups,
                               eps=cfg.norm_eps, heads=heads[level] if cross else None,
                               context_dim=cfg.cross_attention_dim,
-                              depth=cfg.transformer_layers_per_block)
+                              depth=cfg.transformer_layers_per_block,
+                              only_cross=cfg.mid_only_cross if mid else only_cross[level])
 
         self.conv_in = conv(cfg.in_channels, ch[0], cfg.conv_in_kernel, dtype=dtype, rngs=rngs)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim, dtype=dtype,
                                                 rngs=rngs)
+        self.class_embedding = (nnx.Embed(cfg.num_class_embeds, cfg.time_embed_dim,
+                                          dtype=dtype, param_dtype=dtype, rngs=rngs)
+                                if cfg.num_class_embeds else None)
 
         # Channel count of every state the down path hands to the up path, in push order.
         skip_channels = [ch[0]]
@@ -381,7 +410,7 @@ class UNet2DConditionModel(nnx.Module):
             skip_channels += [ch[i]] * (cfg.layers_per_block + (0 if last else 1))
         self.down_blocks = nnx.List(down)
 
-        self.mid_block = MidBlock(ch[-1], spec=spec(levels - 1, True),
+        self.mid_block = MidBlock(ch[-1], spec=spec(levels - 1, True, mid=True),
                                   output_scale_factor=cfg.mid_block_scale_factor, dtype=dtype,
                                   rngs=rngs)
 
@@ -401,7 +430,8 @@ class UNet2DConditionModel(nnx.Module):
                              rngs=rngs)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array | float,
-                 encoder_hidden_states: jax.Array) -> jax.Array:
+                 encoder_hidden_states: jax.Array,
+                 class_labels: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         x = sample.astype(self.dtype)
         if cfg.center_input_sample:
@@ -410,6 +440,10 @@ class UNet2DConditionModel(nnx.Module):
         temb = timestep_embedding(t, cfg.block_out_channels[0],
                                   flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
         temb = self.time_embedding(temb.astype(self.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("this UNet has a class embedding: pass class_labels")
+            temb = temb + self.class_embedding(jnp.asarray(class_labels, jnp.int32))
         context = encoder_hidden_states.astype(self.dtype)
 
         x = self.conv_in(x)

@@ -288,3 +288,10 @@ class Scheduler:
         sigma schedulers, the sigma at the begin index)."""
         scale, sigma = state.start_coefs[0], state.start_coefs[1]
         return scale.astype(original.dtype) * original + sigma.astype(original.dtype) * noise
+
+    def noise_levels(self, state: Any) -> np.ndarray:
+        """(M, 2) float32: the (x0 scale, noise scale) of diffusers' ``add_noise`` at each
+        evaluation's timestep: inpainting with ordinary models re-noises the kept region to the
+        next evaluation's level after every step."""
+        ac = self.schedule.alphas_cumprod[np.asarray(state.timesteps)]
+        return f32(np.stack([np.sqrt(ac), np.sqrt(np.float32(1.0) - ac)], axis=1))

@@ -86,7 +86,7 @@ class DDIM(Scheduler):
             [np.sqrt(a_t), np.sqrt(one - a_t), np.sqrt(a_prev), np.sqrt(one - a_prev)], axis=1
         )
         return DDIMState(
-            timesteps=jnp.asarray(t, jnp.int32),
+            timesteps=jnp.asarray(np.asarray(t, np.int32)),
             init_sigma=jnp.float32(1.0),
             start_coefs=jnp.asarray(f32([coefs[0, 0], coefs[0, 1]])),
             coefs=jnp.asarray(f32(coefs)),

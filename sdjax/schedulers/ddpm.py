@@ -100,7 +100,7 @@ class DDPM(Scheduler):
         x_coef = np.sqrt(alpha) * b_prev / b_t
         coefs = np.stack([np.sqrt(a_t), np.sqrt(b_t), x0_coef, x_coef, std], axis=1)
         return DDPMState(
-            timesteps=jnp.asarray(t, jnp.int32),
+            timesteps=jnp.asarray(np.asarray(t, np.int32)),
             init_sigma=jnp.float32(1.0),
             start_coefs=jnp.asarray(f32([coefs[0, 0], coefs[0, 1]])),
             coefs=jnp.asarray(f32(coefs)),

@@ -165,7 +165,7 @@ class DPMSolverMultistep(Scheduler):
         coefs[~second_order, 2:] = 0.0
         alpha_0, sigma_0 = _alpha_sigma(sigmas[begin : begin + 1])
         return DPMState(
-            timesteps=jnp.asarray(timesteps[begin:], jnp.int32),
+            timesteps=jnp.asarray(np.asarray(timesteps[begin:], np.int32)),
             init_sigma=jnp.float32(1.0),
             start_coefs=jnp.asarray(f32([alpha_0[0], sigma_0[0]])),
             alpha_sigma=jnp.asarray(f32(np.stack([alpha_s, sigma_s], axis=1))),
@@ -173,6 +173,9 @@ class DPMSolverMultistep(Scheduler):
             second_order=jnp.asarray(second_order),
             prev_x0=history(sample_shape, 1),
         )
+
+    def noise_levels(self, state: DPMState) -> np.ndarray:
+        return np.asarray(state.alpha_sigma, np.float32)
 
     def step(
         self,

@@ -110,7 +110,7 @@ class Euler(sig.SigmaScheduler):
         return EulerState(
             **sig.common_fields(self.timestep_spacing, timesteps, sigmas, begin),
             dt=jnp.asarray(sigmas[begin + 1 : begin + m + 1] - sigmas[begin : begin + m]),
-            noise_std=jnp.zeros(m, jnp.float32),
+            noise_std=jnp.asarray(np.zeros(m, np.float32)),
         )
 
     def step(

@@ -139,14 +139,14 @@ class PNDM(Scheduler):
         ], axis=1)
         a0 = ac[passed[0]]
         return PNDMState(
-            timesteps=jnp.asarray(passed, jnp.int32),
+            timesteps=jnp.asarray(np.asarray(passed, np.int32)),
             init_sigma=jnp.float32(1.0),
             start_coefs=jnp.asarray(f32([np.sqrt(a0), np.sqrt(one - a0)])),
-            formula=jnp.asarray(formula, jnp.int32),
+            formula=jnp.asarray(np.asarray(formula, np.int32)),
             store=jnp.asarray(store, bool),
             keep_sample=jnp.asarray(keep, bool),
             use_kept=jnp.asarray(use_kept, bool),
-            acc_mode=jnp.asarray(acc_mode, jnp.int32),
+            acc_mode=jnp.asarray(np.asarray(acc_mode, np.int32)),
             coefs=jnp.asarray(f32(coefs)),
             ets=history(sample_shape, 4),
             kept=history(sample_shape, 1)[0],

@@ -111,6 +111,10 @@ class SigmaScheduler(Scheduler):
     def scale_model_input(self, state: Any, sample: jax.Array, i: jax.Array) -> jax.Array:
         return (sample.astype(jnp.float32) / state.input_div[i]).astype(sample.dtype)
 
+    def noise_levels(self, state: Any) -> np.ndarray:
+        sigma = np.asarray(state.sigma, np.float32)
+        return np.stack([np.ones_like(sigma), sigma], axis=1)
+
 
 def common_fields(
     spacing: str, timesteps: np.ndarray, sigmas: np.ndarray, begin: int

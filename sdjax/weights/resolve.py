@@ -13,7 +13,8 @@ TOY = "toy"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what the pipeline reads: configs, tokenizer, and safetensors weights (with .bin as a
 # fallback for old repos); never the duplicate full-precision .ckpt files some repos carry.
-_ALLOW = ["model_index.json", "scheduler/*.json", "tokenizer/*", "*/config.json",
+_ALLOW = ["model_index.json", "scheduler/*.json", "low_res_scheduler/*.json", "tokenizer/*",
+          "*/config.json",
           "unet/*.safetensors*", "vae/*.safetensors*", "text_encoder/*.safetensors*"]
 
 

@@ -1,0 +1,178 @@
+"""The sampling core: the one compiled, sharded call every task runs.
+
+    token ids -> CLIP -> initial latents -> fori_loop(UNet with CFG, scheduler step) -> VAE decode
+
+Each device runs the whole call on its shard of the batch. What differs between text-to-image,
+img2img, inpainting and upscaling is what the task feeds the loop (``sdjax.tasks``): the
+initial latents (noise, or an encoded image noised to the start step), extra UNet input
+channels, class labels, and a blend of kept latents after each step. This module knows nothing
+of files, images on disk or the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from sdjax import parallel, tasks
+from sdjax.schedulers.start import start_table
+
+# Per-image status the compiled call returns when it checks its outputs (one int8 per image).
+FINITE, NONFINITE_LATENTS, NONFINITE_PIXELS = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreSpec:
+    """Everything that shapes the compiled program; one executable per distinct value."""
+
+    latent_shape: tuple[int, int, int]  # (h, w, channels) of the denoised latents
+    scheduler: object  # a frozen scheduler dataclass
+    steps: int
+    per_device: int
+    decode_chunk: int
+    output_type: str  # "uint8" | "float" | "latent"
+    task: tasks.Task
+    inputs: tuple[str, ...]  # names of the batched task inputs (and "latents" if given)
+    nan_check: bool  # return a per-image finite/non-finite status next to the images
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """The graph definitions of a pipeline's networks and what the loop needs to know of
+    them (the parameters themselves are an argument of the call)."""
+
+    graphdefs: Mapping[str, object]
+    dtype: jnp.dtype
+    vae_scaling: float
+
+
+def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
+          on_compile: Callable[[float], None] | None = None) -> Executable:
+    """The sharded, jitted sampler for ``spec``. Its arguments are ``(params, ids, neg_ids,
+    guidance, seeds, indices, start, inputs)``: every array batched on its first axis except
+    ``params`` (replicated) and ``start`` (a scalar: the first step of the schedule, a
+    runtime input for tasks that cut it by strength); ``inputs`` is the task's dict of
+    batched arrays (``tasks.Task.input_names``, ``image_noise`` for the upscaler when given),
+    plus ``latents`` when the caller gives the noise; ``spec.inputs`` names them."""
+    sched, task = spec.scheduler, spec.task
+    lat_shape = spec.latent_shape
+    sample_shape = (spec.per_device, *lat_shape)
+    if task.runtime_start:
+        table = start_table(sched, spec.steps, sample_shape)
+        total = table.num_evaluations
+        noise_levels = jnp.asarray(table.noise_levels)
+    else:
+        state0 = sched.set_timesteps(spec.steps, sample_shape=sample_shape)
+        total = sched.num_evaluations(state0)
+    graphdefs, dtype, scaling = nets.graphdefs, nets.dtype, nets.vae_scaling
+
+    def per_device(params, ids, neg_ids, guidance, seeds, indices, start, inputs):
+        te = nnx.merge(graphdefs["text_encoder"], params["text_encoder"])
+        unet = nnx.merge(graphdefs["unet"], params["unet"])
+        vae = nnx.merge(graphdefs["vae"], params["vae"])
+        b = ids.shape[0]
+        context = te(jnp.concatenate([neg_ids, ids], axis=0))
+        keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.key(sd), i))(seeds, indices)
+        noise_keys, step_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
+        noise_keys, step_keys = noise_keys[:, 0], step_keys[:, 0]
+        if "latents" in inputs:
+            noise = inputs["latents"].astype(jnp.float32)
+        else:
+            noise = jax.vmap(lambda k: jax.random.normal(k, lat_shape, jnp.float32))(noise_keys)
+        feed = tasks.feed(task, vae, scaling, inputs, noise_keys, chunk=spec.decode_chunk)
+
+        if task.runtime_start:
+            state = table.state(start)
+            first = table.first(start)
+        else:
+            state, first = state0, 0
+        x = noise * sched.init_noise_sigma(state)
+        if feed.image_latents is not None:
+            noised = sched.add_noise_for_start(state, feed.image_latents, noise)
+            # Inpainting from strength 1 starts from noise alone (diffusers' is_strength_max);
+            # img2img at strength 1 still mixes the image in at the first timestep.
+            x = jnp.where(start == 0, x, noised) if task.pure_noise_at_full_strength else noised
+        g = guidance.astype(jnp.float32)[:, None, None, None]
+        labels = (None if feed.class_labels is None
+                  else jnp.concatenate([feed.class_labels, feed.class_labels]))
+
+        def body(i, carry):
+            x, state = carry
+            t = state.timesteps[i]
+            xin = sched.scale_model_input(state, x, i).astype(dtype)
+            if feed.extra is not None:
+                xin = jnp.concatenate([xin, feed.extra.astype(dtype)], axis=-1)
+            eps = unet(jnp.concatenate([xin, xin], axis=0), jnp.broadcast_to(t, (2 * b,)),
+                       context, class_labels=labels).astype(jnp.float32)
+            eps_uncond, eps_cond = eps[:b], eps[b:]
+            eps = eps_uncond + g * (eps_cond - eps_uncond)
+            key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
+                   if sched.stochastic else None)
+            x, state = sched.step(state, i, eps, x, key=key)
+            if feed.repaint is not None:
+                # Ordinary models inpaint by putting the kept region back, noised to the
+                # next evaluation's level (clean after the last), as diffusers does.
+                level = noise_levels[jnp.minimum(i + 1, total - 1)]
+                kept = jnp.where(i < total - 1, level[0] * feed.image_latents + level[1] * noise,
+                                 feed.image_latents)
+                x = (1 - feed.repaint) * kept + feed.repaint * x
+            return x, state
+
+        x, _ = jax.lax.fori_loop(first, total, body, (x, state))
+        status = jnp.where(jnp.isfinite(x).all(axis=(1, 2, 3)), FINITE, NONFINITE_LATENTS)
+        if spec.output_type == "latent":
+            return (x, status.astype(jnp.int8)) if spec.nan_check else x
+        z = (x / scaling).astype(vae.decoder.conv_in.kernel.dtype)
+        # Decoding is the activation-memory peak: map over chunks of the per-device batch.
+        pixels = jax.lax.map(lambda zi: vae.decode(zi[None])[0], z, batch_size=spec.decode_chunk)
+        pixels = pixels.astype(jnp.float32)
+        if spec.nan_check:
+            status = jnp.where((status == FINITE) & ~jnp.isfinite(pixels).all(axis=(1, 2, 3)),
+                               NONFINITE_PIXELS, status).astype(jnp.int8)
+        pixels = jnp.clip(pixels / 2 + 0.5, 0.0, 1.0)
+        if spec.output_type == "uint8":
+            pixels = jnp.round(pixels * 255).astype(jnp.uint8)
+        return (pixels, status) if spec.nan_check else pixels
+
+    batch = P(parallel.AXIS)
+    out_specs = (batch, batch) if spec.nan_check else batch
+    sharded = jax.shard_map(per_device, mesh=mesh,
+                            in_specs=(P(), batch, batch, batch, batch, batch, P(), batch),
+                            out_specs=out_specs, check_vma=False)
+    return Executable(jax.jit(sharded, compiler_options=parallel.compiler_options(mesh)),
+                      on_compile)
+
+
+class Executable:
+    """One spec's sampler: compiled on first use, with the compile time kept apart so the
+    CLIs and the benchmarks can report it."""
+
+    def __init__(self, jitted, on_compile: Callable[[float], None] | None = None):
+        self._jitted, self._on_compile = jitted, on_compile
+        self._compiled: jax.stages.Compiled | None = None
+
+    def compile(self, *args) -> jax.stages.Compiled:
+        if self._compiled is None:
+            t0 = time.perf_counter()
+            self._compiled = self._jitted.lower(*args).compile()
+            if self._on_compile is not None:
+                self._on_compile(time.perf_counter() - t0)
+        return self._compiled
+
+    @property
+    def is_compiled(self) -> bool:
+        return self._compiled is not None
+
+    def eval_shape(self, *args):
+        """Shapes and dtypes of what the call returns: traced, never compiled."""
+        return jax.eval_shape(self._jitted, *args)
+
+    def __call__(self, *args):
+        return self.compile(*args)(*args)

@@ -1,0 +1,98 @@
+"""StableDiffusionUpscalePipeline: the x4 upscaler (``stabilityai/stable-diffusion-x4-upscaler``
+layout) on the same sampling core as text-to-image.
+
+The UNet denoises latents the size of the low-resolution image, which it also takes as three
+extra input channels after DDPM noise at ``noise_level`` was added to it (the low-res
+scheduler), with the noise level as its class label; the VAE (factor 4) decodes to 4x the
+input size. Loading is StableDiffusionPipeline's; this class adds the low-res scheduler and
+the task's inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from sdjax import tasks
+from sdjax.pipeline import StableDiffusionPipeline
+from sdjax.schedulers import get_scheduler
+from sdjax.weights.errors import WeightsError
+from sdjax.weights.files import read_json
+from sdjax.weights.resolve import resolve_model
+
+DEFAULT_MAX_NOISE_LEVEL = 350  # diffusers' default when model_index.json does not say
+
+
+class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
+    """``up(prompt, image=low_res, noise_level=20, num_inference_steps=75, guidance_scale=9.0,
+    seed=0)`` -> images 4x the size of ``image``. Other arguments as StableDiffusionPipeline's
+    (no height/width, mask_image or strength)."""
+
+    low_res_scheduler = None
+    max_noise_level = DEFAULT_MAX_NOISE_LEVEL
+
+    @classmethod
+    def from_pretrained(cls, model: str, *args, **kwargs) -> StableDiffusionUpscalePipeline:
+        folder = resolve_model(model)
+        config_path = folder / "low_res_scheduler" / "scheduler_config.json"
+        if not config_path.is_file():
+            raise WeightsError(f"{folder} is not an x4 upscaler folder: missing "
+                               "low_res_scheduler/scheduler_config.json")
+        pipe = super().from_pretrained(model, *args, **kwargs)
+        pipe.low_res_scheduler = get_scheduler("ddpm", read_json(config_path))
+        index = folder / "model_index.json"
+        if index.is_file():
+            pipe.max_noise_level = int(read_json(index).get("max_noise_level",
+                                                            DEFAULT_MAX_NOISE_LEVEL))
+        extra = pipe.unet_config.in_channels - pipe.vae_config.latent_channels
+        if extra != 3 or not pipe.unet_config.num_class_embeds:
+            raise WeightsError(f"{folder}: the UNet is not an x4 upscaler's (it needs "
+                               f"{pipe.vae_config.latent_channels + 3} input channels and a "
+                               "class embedding)")
+        return pipe
+
+    @property
+    def default_hw(self) -> tuple[int, int]:
+        raise ValueError("the upscaler's output size is 4x its input image")
+
+    def _prepare(self, prompt, negative_prompt=None, num_inference_steps: int = 75,
+                 guidance_scale: float = 9.0, *args, noise_level: int = 20,
+                 image_noise=None, **kwargs):
+        """As StableDiffusionPipeline's, with the upscaler's defaults; ``image_noise`` (NHWC
+        float, shaped like the low-res image batch) replaces the noise drawn from (seed, i)
+        for the low-res image."""
+        return super()._prepare(prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                *args, noise_level=noise_level, image_noise=image_noise,
+                                **kwargs)
+
+    def _task_inputs(self, image, mask_image, strength, n_prompts: int, per_prompt: int,
+                     steps: int, height, width, *, noise_level=20, image_noise=None):
+        if image is None:
+            raise ValueError("the upscaler needs an image to upscale (image=)")
+        if mask_image is not None or strength is not None:
+            raise ValueError("the upscaler takes no mask_image or strength")
+        if height is not None or width is not None:
+            raise ValueError("the upscaler takes no height/width: its output is 4x the image")
+        if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)) \
+                or not 0 <= noise_level <= self.max_noise_level:
+            raise ValueError(f"noise_level must be an integer in [0, {self.max_noise_level}], "
+                             f"got {noise_level!r}")
+        rgb = [tasks.to_rgb(x)[0] for x in tasks.as_list(image)]
+        rgb = tasks.per_image(rgb, n_prompts, per_prompt, "image")
+        f = self.vae_scale_factor
+        # Like diffusers' processor, the low-res image is cut down to a multiple of the VAE
+        # factor; its latents have its size and the output is f times larger.
+        h, w = tasks.default_size(rgb[0], f)
+        if h < f or w < f:
+            raise ValueError(f"the image is too small to upscale ({rgb[0].shape[1]}x"
+                             f"{rgb[0].shape[0]}; at least {f}x{f})")
+        low = np.stack([tasks.resize(x, h, w, Image.Resampling.BICUBIC) for x in rgb])
+        n = len(low)
+        inputs = {"image": low, "noise_level": np.full((n,), noise_level, np.int32)}
+        if image_noise is not None:
+            image_noise = np.asarray(image_noise, np.float32)
+            if image_noise.shape != (n, h, w, 3):
+                raise ValueError(f"image_noise must have shape {(n, h, w, 3)}, got "
+                                 f"{image_noise.shape}")
+            inputs["image_noise"] = image_noise
+        return tasks.upscaling(self.low_res_scheduler), inputs, 0, (h * f, w * f), None
