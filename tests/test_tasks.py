@@ -212,8 +212,8 @@ def test_nonfinite_results_are_refused(sd1):
         ours.params = clean
     # The check off: the program returns the images alone, no status to refuse them by
     # (traced, not compiled, to spare the suite a compile).
-    fn, args, _, _ = ours._prepare(PROMPTS, num_inference_steps=STEPS, latents=_noise(0),
-                                   image=[_image(1), _image(2)], nan_check=False)
+    fn, args, *_ = ours._prepare(PROMPTS, num_inference_steps=STEPS, latents=_noise(0),
+                                 image=[_image(1), _image(2)], nan_check=False)
     out = fn.eval_shape(*args)
     assert isinstance(out, jax.ShapeDtypeStruct) and out.shape == (2, SIZE, SIZE, 3)
 
