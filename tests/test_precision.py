@@ -55,3 +55,15 @@ def test_unknown_precision_is_a_clear_error(sd1_folder):
     with pytest.raises(ValueError, match="matmul_precision must be one of"):
         StableDiffusionPipeline.from_pretrained(str(sd1_folder), dtype="float32",
                                                 num_devices=1, matmul_precision="tf32")
+
+
+@pytest.mark.parametrize("argv, expected", [([], None),
+                                            (["--matmul-precision", "default"], "default")])
+def test_cli_flag_reaches_from_pretrained(argv, expected):
+    from sdjax.cli_args import ModelOptions
+    from sdjax.generate import build_parser as generate_parser
+    from sdjax.sample import build_parser as sample_parser
+    sample = sample_parser().parse_args(["--prompt", "x", *argv])
+    generate = generate_parser().parse_args(["--prompts", "p.txt", "--outdir", "o", *argv])
+    for args in (sample, generate):
+        assert ModelOptions.from_args(args).kwargs()["matmul_precision"] == expected
