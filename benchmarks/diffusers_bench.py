@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         cls, extra = diffusers_equivalent(w.scheduler)
         pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
+    if cuda and dtype == torch.float32:
+        # The same float32 as sdjax's: TF32 in both libraries or in neither (torch's default
+        # is TF32 convolutions with full-precision matmuls).
+        torch.backends.cuda.matmul.allow_tf32 = not w.full_float32
+        torch.backends.cudnn.allow_tf32 = not w.full_float32
     latents = torch.from_numpy(w.latents().transpose(0, 3, 1, 2).copy()).to(device, dtype)
 
     def call() -> np.ndarray:
@@ -74,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         "s_per_batch": statistics.median(times), "device": device,
         "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
         "attention": attn, "torch": torch.__version__,
+        "tf32": bool(cuda and dtype == torch.float32 and not w.full_float32),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
     }))
 

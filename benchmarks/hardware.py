@@ -53,15 +53,32 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def default_peak_tflops(dtype: str) -> float | None:
-    """The device's dense peak for ``dtype``, or None where we do not know one (CPUs, and
-    float32, whose effective peak depends on TF32/precision settings)."""
-    if jax.default_backend() == "cpu" or dtype not in ("bfloat16", "float16"):
+# float32 on NVIDIA GPUs: full precision runs on the CUDA cores, TF32 (XLA's "default"
+# precision) on the tensor cores; dense, from the same spec sheets. No TPU figure: there
+# float32 is several bfloat16 passes, as many as the precision asks for.
+PEAK_FLOAT32_TFLOPS: dict[str, float] = {
+    "H100 PCIe": 51.0, "H100": 67.0, "H200": 67.0, "A100": 19.5, "L4": 30.3,
+}
+PEAK_TF32_TFLOPS: dict[str, float] = {
+    "H100 PCIe": 378.0, "H100": 494.7, "H200": 494.7, "A100": 156.0, "L4": 60.0,
+}
+
+
+def default_peak_tflops(dtype: str, full_float32: bool = True) -> float | None:
+    """The device's dense peak for ``dtype`` (float32: at full precision, or TF32 where
+    ``full_float32`` is false), or None where we do not know one (CPUs, TPUs in float32)."""
+    if jax.default_backend() == "cpu":
+        return None
+    if dtype in ("bfloat16", "float16"):
+        table = PEAK_HALF_TFLOPS
+    elif dtype == "float32" and jax.default_backend() == "gpu":
+        table = PEAK_FLOAT32_TFLOPS if full_float32 else PEAK_TF32_TFLOPS
+    else:
         return None
     kind = jax.devices()[0].device_kind
-    for key in sorted(PEAK_HALF_TFLOPS, key=len, reverse=True):
+    for key in sorted(table, key=len, reverse=True):
         if key.lower() in kind.lower():
-            return PEAK_HALF_TFLOPS[key]
+            return table[key]
     return None
 
 

@@ -11,9 +11,10 @@ Rows are appended by `python -m benchmarks.throughput` (see README.md); newest l
 is one run: every figure in it comes from that run, and the speedup is against diffusers
 measured in the same run on the same weights. `s/batch` is the median warm call (prompts in,
 pixels on the host); `UNet steps/s` counts denoising steps, each one UNet evaluation on the
-2B-latent classifier-free-guidance batch; FLOPs are XLA's cost analysis of the networks at
-the run's shapes. `n/a` means not measurable on that device (peak memory, max batch and MFU on
-CPU) or switched off for that run.
+2B-latent classifier-free-guidance batch; FLOPs are counted from the networks traced at the
+run's shapes (benchmarks/flops.py, equal to XLA's count on CPU; rows before 2026-12-01 used
+XLA's cost analysis, which gave none on GPUs). `n/a` means not measurable on that device (peak
+memory, max batch and MFU on CPU) or switched off for that run.
 
 | date | device | load avg | versions | command | workload | cold compile s | warm start s \
 | s/batch | images/s | UNet steps/s | GFLOP/image | MFU | memory/device | max batch/device \
@@ -25,7 +26,8 @@ CPU) or switched off for that run.
 FIELDS: list[tuple[str, str]] = [
     ("model", "model"), ("device", "device"), ("devices", "devices"),
     ("xla_cpu_threads", "XLA:CPU threads"), ("load_avg", "load average (1/5/15 min)"),
-    ("dtype", "dtype"), ("size", "image size"), ("steps", "steps"),
+    ("dtype", "dtype"), ("matmul_precision", "matmul precision"), ("size", "image size"),
+    ("steps", "steps"),
     ("scheduler", "scheduler"), ("unet_evaluations", "UNet evaluations per call"),
     ("batch", "images per call"), ("per_device_batch", "images per device"),
     ("load_s", "weights load s"), ("cold_compile_s", "cold compile s"),
@@ -66,7 +68,12 @@ def append_row(path: Path, fields: dict, *, command: str, versions: dict[str, st
     if not path.exists() or not path.read_text().strip():
         path.write_text(HEADER)
     v = ", ".join(f"{k} {versions[k]}" for k in ("jax", "flax", "torch", "diffusers"))
-    workload = (f"{fields['model']} {fields['dtype']} {fields['size']} {fields['steps']} steps "
+    # The precision is named only where it is not the dtype's own (float32: highest).
+    precision = fields.get("matmul_precision")
+    usual = "highest" if fields["dtype"] == "float32" else "default"
+    dtype = fields["dtype"] + (f" ({precision} matmuls)" if precision not in (None, usual)
+                               else "")
+    workload = (f"{fields['model']} {dtype} {fields['size']} {fields['steps']} steps "
                 f"({fields['scheduler']}, {fields['unet_evaluations']} evals) batch "
                 f"{fields['batch']} on {fields['devices']} device(s)")
     memory = fields.get("peak_memory")

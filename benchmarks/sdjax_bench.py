@@ -1,4 +1,4 @@
-"""The sdjax side of a benchmark run: compile, steady state, FLOPs from XLA, memory."""
+"""The sdjax side of a benchmark run: compile, steady state, FLOPs, memory."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import hardware
+from benchmarks.flops import count_flops
 from benchmarks.workload import Workload
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.schedulers import get_scheduler
@@ -39,7 +40,8 @@ class SdjaxResult:
 def load(w: Workload, cache_dir: str | None) -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(w.folder, dtype=w.dtype,
                                                    num_devices=w.num_devices,
-                                                   compilation_cache=cache_dir)
+                                                   compilation_cache=cache_dir,
+                                                   matmul_precision=w.matmul_precision)
 
 
 def run(w: Workload, *, cache_dir: str | None, repeats: int, search_max_batch: bool,
@@ -85,27 +87,30 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def _lowered_flops(pipe: StableDiffusionPipeline, name: str, method: str | None,
-                   *inputs: jax.ShapeDtypeStruct) -> float:
+def network_flops(pipe: StableDiffusionPipeline, name: str, method: str | None,
+                  *inputs: jax.ShapeDtypeStruct) -> float:
+    """FLOPs of one call of a pipeline network at the given input shapes, counted from its
+    traced program (benchmarks/flops.py): the same figure on every backend, nothing compiled.
+    Traced under the pipeline's matmul precision, as the sampler is."""
     graphdef, state = nnx.split(pipe.network(name))
 
     def apply(state, *args):
         module = nnx.merge(graphdef, state)
         return (getattr(module, method) if method else module)(*args)
 
-    cost = jax.jit(apply).lower(_abstract(state), *inputs).cost_analysis()
-    return float(cost.get("flops", 0.0)) if cost else 0.0
+    with jax.default_matmul_precision(pipe.matmul_precision):
+        return count_flops(apply, _abstract(state), *inputs)
 
 
 def flops_per_call(pipe: StableDiffusionPipeline, w: Workload, per_device: int, evals: int,
                    compiled: jax.stages.Compiled) -> dict[str, float]:
-    """FLOPs of one device's share of one call, from XLA's cost analysis.
+    """FLOPs of one device's share of one call: text encoder on 2B prompts (cond + uncond),
+    UNet on 2B latents times the number of evaluations, VAE decoder on B latents, each counted
+    at the per-device shapes. The scheduler's elementwise update is noise next to these.
 
-    XLA counts a while loop's body once whatever its trip count, so the whole sampler's figure
-    (``whole_program``, kept as a cross-check) holds one UNet evaluation. The total is built
-    from the networks lowered alone at the per-device shapes instead: text encoder on 2B
-    prompts (cond + uncond), UNet on 2B latents times the number of evaluations, VAE decoder
-    on B latents. The scheduler's elementwise update is noise next to these.
+    ``whole_program`` is XLA's cost analysis of the compiled sampler, kept as a cross-check
+    where the backend reports one (0 where it does not): XLA counts a while loop's body once
+    whatever its trip count, so it holds about one UNet evaluation.
     """
     dtype = jnp.dtype(pipe.dtype)
     vae_dtype = pipe.network("vae").decoder.conv_in.kernel.dtype  # float32 for fp16 models
@@ -113,11 +118,11 @@ def flops_per_call(pipe: StableDiffusionPipeline, w: Workload, per_device: int, 
     tokens = pipe.max_prompt_tokens
     ctx = pipe.unet_config.cross_attention_dim
     sds = jax.ShapeDtypeStruct
-    te = _lowered_flops(pipe, "text_encoder", None, sds((2 * per_device, tokens), jnp.int32))
-    unet = _lowered_flops(pipe, "unet", None, sds((2 * per_device, h, wd, c), dtype),
-                          sds((2 * per_device,), jnp.float32),
-                          sds((2 * per_device, tokens, ctx), dtype))
-    vae = _lowered_flops(pipe, "vae", "decode", sds((per_device, h, wd, c), vae_dtype))
+    te = network_flops(pipe, "text_encoder", None, sds((2 * per_device, tokens), jnp.int32))
+    unet = network_flops(pipe, "unet", None, sds((2 * per_device, h, wd, c), dtype),
+                         sds((2 * per_device,), jnp.float32),
+                         sds((2 * per_device, tokens, ctx), dtype))
+    vae = network_flops(pipe, "vae", "decode", sds((per_device, h, wd, c), vae_dtype))
     cost = compiled.cost_analysis()
     whole = float(cost.get("flops", 0.0)) if cost else 0.0
     return {"text_encoder": te, "unet_evaluation": unet, "vae_decode": vae,

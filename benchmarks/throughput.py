@@ -4,8 +4,9 @@
 
 One run measures, for one model shape / dtype / size / steps / batch / device count: the cold
 compile, the warm start of a fresh process through the persistent compilation cache, the
-steady-state seconds per batch (median), images/s and UNet steps/s, FLOPs per image from XLA's
-cost analysis and the MFU against ``--peak_tflops``, device memory and the largest batch per
+steady-state seconds per batch (median), images/s and UNet steps/s, FLOPs per image counted
+from the traced networks (the same on every backend) and the MFU against ``--peak_tflops``,
+device memory and the largest batch per
 device that fits (GPU/TPU), and the same workload in diffusers with the ratio. It prints every
 field and appends a row to benchmarks/RESULTS.md. See benchmarks/README.md.
 """
@@ -56,9 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max_batch", action=argparse.BooleanOptionalAction, default=True,
                    help="search the largest batch per device that fits (GPU/TPU only)")
     p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
-                   help="XLA cost analysis of the networks (lowering only, no compile)")
+                   help="count the networks' FLOPs (traced only, no compile) for MFU")
+    p.add_argument("--matmul_precision", choices=["default", "high", "highest"], default=None,
+                   help="sdjax's matmul_precision (default: highest for float32); "
+                        "diffusers float32 on CUDA gets TF32 unless it is highest")
     p.add_argument("--peak_tflops", type=float, default=None,
-                   help="device peak for MFU (default: known GPUs/TPUs in half precision)")
+                   help="device peak for MFU (default: known GPUs/TPUs in half precision, "
+                        "known GPUs in float32)")
     p.add_argument("--compilation_cache", default=None,
                    help="cache dir (default: a fresh temporary one, so the compile is cold)")
     p.add_argument("--models_dir", type=Path, default=None,
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     width = a.width or a.size or default
     w = Workload(folder=str(folder), dtype=dtype, height=height, width=width, steps=a.steps,
                  batch=a.batch, num_devices=a.num_devices, scheduler=a.scheduler,
-                 guidance=a.guidance_scale)
+                 guidance=a.guidance_scale, matmul_precision=a.matmul_precision)
 
     with tempfile.TemporaryDirectory(prefix="sdjax-bench-") as tmp:
         cache = a.compilation_cache or os.path.join(tmp, "jax_cache")
@@ -136,11 +141,14 @@ def main(argv: list[str] | None = None) -> dict:
     total = res.flops.get("total")
     per_image = total / res.per_device_batch if total else None
     achieved = total / s / 1e12 if total else None  # per device: each runs its own shard
-    peak = a.peak_tflops or hardware.default_peak_tflops(dtype)
+    peak = a.peak_tflops or hardware.default_peak_tflops(dtype, full_float32=w.full_float32)
     fields = {
         "model": a.model, "device": hardware.device_kind(), "devices": devices,
         "xla_cpu_threads": hardware.cpu_count() if cpu else None,
-        "load_avg": hardware.load_average(), "dtype": dtype, "size": f"{width}x{height}",
+        "load_avg": hardware.load_average(), "dtype": dtype,
+        "matmul_precision": a.matmul_precision or ("highest" if dtype == "float32" else
+                                                   "default"),
+        "size": f"{width}x{height}",
         "steps": a.steps, "scheduler": scheduler, "unet_evaluations": res.unet_evaluations,
         "batch": a.batch, "per_device_batch": res.per_device_batch, "load_s": res.load_s,
         "cold_compile_s": res.cold_compile_s,
@@ -163,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         "max_batch_per_device": res.max_batch_per_device,
         "diffusers_s_per_batch": None if ref is None else ref["s_per_batch"],
         "diffusers_setup": None if ref is None else (
-            f"{ref['device']} {ref['dtype']}, {ref['threads']} torch threads, attention "
+            f"{ref['device']} {ref['dtype']}{' (TF32)' if ref.get('tf32') else ''}, "
+            f"{ref['threads']} torch threads, attention "
             f"{ref['attention']}, runs " + " ".join(f"{t:.3f}" for t in ref["times_s"])),
         "speedup": None if ref is None else ref["s_per_batch"] / s,
         "max_pixel_diff": None if ref is None else ref["max_pixel_diff"],

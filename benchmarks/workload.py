@@ -25,6 +25,12 @@ class Workload:
     scheduler: str | None = None    # None: the model's own
     guidance: float = 7.5
     seed: int = 0
+    matmul_precision: str | None = None  # None: sdjax's default for the dtype
+
+    @property
+    def full_float32(self) -> bool:
+        """float32 at full precision (no TF32 or bfloat16 passes), in both libraries."""
+        return self.dtype == "float32" and self.matmul_precision in (None, "highest")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

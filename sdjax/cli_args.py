@@ -88,6 +88,10 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
              help="refuse a height x width above this many pixels")
     add_flag(p, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
              help="compute dtype; auto = float32 on CPU, bfloat16 on TPU/GPU")
+    add_flag(p, "matmul_precision", default=None, choices=["highest", "high", "default"],
+             help="precision of dots and convolutions on TPU/GPU (unset: highest for float32, "
+                  "true float32; XLA's default for bfloat16/float16); 'default' gives float32 "
+                  "TF32 / bfloat16-pass speed")
     g = p.add_argument_group("model files", "single-file checkpoints (.safetensors/.ckpt in "
                              "the A1111/CompVis layout) and VAE swaps")
     add_flag(g, "vae", default=None, help="another VAE: a diffusers VAE folder or a single "
@@ -104,16 +108,19 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    """The model-file flags, as from_pretrained's keyword arguments (hashable, so callers can
-    cache pipelines by them)."""
+    """The model-file flags and ``--matmul_precision``, as from_pretrained's keyword arguments
+    (hashable, so callers can cache pipelines by them)."""
     config: str | None = None
     vae: str | None = None
     prediction_type: str | None = None
     ema: bool = False
+    matmul_precision: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelOptions:
-        return cls(args.config, args.vae, args.prediction_type, args.ema)
+        # Commands without the sampling flags (convert) have no --matmul_precision.
+        return cls(args.config, args.vae, args.prediction_type, args.ema,
+                   getattr(args, "matmul_precision", None))
 
     def kwargs(self) -> dict:
         return dataclasses.asdict(self)

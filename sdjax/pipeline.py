@@ -31,6 +31,10 @@ from sdjax.weights.resolve import resolve_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 CACHE_ENV = "SDJAX_COMPILATION_CACHE"
+# jax.default_matmul_precision's names for float32 dots and convolutions on GPUs and TPUs:
+# "highest" is true float32; "high" and "default" are XLA's faster reduced forms (TF32 on
+# NVIDIA GPUs, bfloat16 passes on TPUs). CPUs compute float32 either way.
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 def parse_dtype(dtype) -> jnp.dtype:
@@ -42,6 +46,18 @@ def parse_dtype(dtype) -> jnp.dtype:
     if d not in [jnp.dtype(v) for v in DTYPES.values()]:
         raise ValueError(f"unsupported dtype {d}")
     return d
+
+
+def resolve_matmul_precision(precision: str | None, dtype: jnp.dtype) -> str | None:
+    """The precision the sampler is compiled with: ``precision`` if given, else "highest" for
+    a float32 pipeline (float32 means float32 on every backend) and None, XLA's own default,
+    for half-precision ones, whose dots take half-precision inputs anyway."""
+    if precision is not None:
+        if precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, "
+                             f"not {precision!r}")
+        return precision
+    return "highest" if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def enable_compilation_cache(path: str | None = None) -> str | None:
@@ -114,13 +130,16 @@ class StableDiffusionPipeline:
 
     def __init__(self, *, text_encoder, vae, unet, tokenizer, scheduler_config: dict,
                  mesh, dtype, name: str = "", vae_scale_factor: int = 8,
-                 tokenizer_dir: Path | None = None, note: str = ""):
+                 tokenizer_dir: Path | None = None, note: str = "",
+                 matmul_precision: str | None = None):
         self.tokenizer = tokenizer
         self.tokenizer_dir = tokenizer_dir  # its files, for saving; None = bundled CLIP BPE
         self.note = note  # what was loaded and how to change it (single files), for the CLI
         self.scheduler_config = scheduler_config
         self.mesh = mesh
         self.dtype = dtype
+        # Fixed at construction: it is traced into every executable this pipeline compiles.
+        self._matmul_precision = resolve_matmul_precision(matmul_precision, dtype)
         self.name = name
         self.vae_scale_factor = vae_scale_factor
         self.unet_config = unet.config
@@ -138,7 +157,8 @@ class StableDiffusionPipeline:
                         num_devices: int | None = None, *, config=None, vae=None,
                         prediction_type: str | None = None, ema: bool = False,
                         variant: str | None = None, compilation_cache: str | None = None,
-                        local_devices: bool = False) -> StableDiffusionPipeline:
+                        local_devices: bool = False,
+                        matmul_precision: str | None = None) -> StableDiffusionPipeline:
         """``model``: ``"toy"`` | a diffusers folder | a single ``.safetensors``/``.ckpt``
         (CompVis/A1111 layout) | a hub id. ``dtype``: compute/param dtype of the networks.
         ``num_devices``: devices to shard batches over (None = all).
@@ -150,8 +170,13 @@ class StableDiffusionPipeline:
         EMA UNet weights load the trained ones by default (as diffusers does), the EMA copy
         with ``ema=True``.
         ``local_devices``: on a multi-host run, use only this process's devices, so each
-        process generates on its own (no collective with the other hosts)."""
+        process generates on its own (no collective with the other hosts).
+        ``matmul_precision``: ``"highest"`` | ``"high"`` | ``"default"``, the precision of the
+        sampler's dots and convolutions on GPUs and TPUs; None = ``"highest"`` for float32 (true
+        float32), XLA's default for bfloat16/float16. ``"default"`` makes a float32 pipeline
+        use TF32 (NVIDIA) or bfloat16 passes (TPU): faster, less exact."""
         dtype = parse_dtype(dtype)
+        matmul_precision = resolve_matmul_precision(matmul_precision, dtype)
         if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
                              f"not {prediction_type!r}")
@@ -186,7 +211,8 @@ class StableDiffusionPipeline:
                    tokenizer=parts.tokenizer, scheduler_config=parts.scheduler_config,
                    mesh=mesh, dtype=dtype, name=model,
                    vae_scale_factor=parts.vae.config.downsample_factor,
-                   tokenizer_dir=parts.tokenizer_dir, note=parts.note)
+                   tokenizer_dir=parts.tokenizer_dir, note=parts.note,
+                   matmul_precision=matmul_precision)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -217,6 +243,12 @@ class StableDiffusionPipeline:
             return (512, 512)
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (h * self.vae_scale_factor, w * self.vae_scale_factor)
+
+    @property
+    def matmul_precision(self) -> str | None:
+        """The ``jax.default_matmul_precision`` the sampler is compiled under (None: XLA's
+        default); set by ``from_pretrained(matmul_precision=...)``."""
+        return self._matmul_precision
 
     @property
     def default_scheduler(self) -> str:
@@ -294,6 +326,12 @@ class StableDiffusionPipeline:
         checking that a batch fits before running it."""
         fn, call_args, *_ = self._prepare(*args, **kwargs)
         return fn.compile(*call_args)
+
+    def lower(self, *args, **kwargs) -> jax.stages.Lowered:
+        """The sampler that :meth:`submit` with the same arguments runs, traced and lowered but
+        not compiled: its StableHLO (``as_text()``) as XLA receives it, in seconds."""
+        fn, call_args, *_ = self._prepare(*args, **kwargs)
+        return fn.lower(*call_args)
 
     def _prepare(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
                  = None, num_inference_steps: int = 50,
@@ -453,7 +491,8 @@ class StableDiffusionPipeline:
             nets = sampling.Networks(self._graphdefs, self.dtype,
                                      self.vae_config.scaling_factor)
             t0 = time.perf_counter()  # host-side tables (every start's schedule) count too
-            fn = sampling.build(spec, nets, self.mesh, on_compile=self._count_compile)
+            fn = sampling.build(spec, nets, self.mesh, on_compile=self._count_compile,
+                                precision=self.matmul_precision)
             self._count_compile(time.perf_counter() - t0)
             self._compiled[spec] = fn
         return fn
@@ -463,4 +502,4 @@ class StableDiffusionPipeline:
 
 
 __all__ = ["StableDiffusionPipeline", "PipelineOutput", "PendingImages", "NonFiniteError",
-           "SCHEDULER_NAMES", "parse_dtype"]
+           "SCHEDULER_NAMES", "MATMUL_PRECISIONS", "parse_dtype"]

@@ -54,7 +54,8 @@ class Networks:
 
 
 def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
-          on_compile: Callable[[float], None] | None = None) -> Executable:
+          on_compile: Callable[[float], None] | None = None,
+          precision: str | None = None) -> Executable:
     """The sharded, jitted sampler for ``spec``. Its arguments are ``(params, ids, neg_ids,
     guidance, seeds, indices, start, inputs)``: every array batched on its first axis except
     ``params`` (replicated) and ``start`` (a scalar: the first step of the schedule, a
@@ -147,21 +148,28 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
                             in_specs=(P(), batch, batch, batch, batch, batch, P(), batch),
                             out_specs=out_specs, check_vma=False)
     return Executable(jax.jit(sharded, compiler_options=parallel.compiler_options(mesh)),
-                      on_compile)
+                      on_compile, precision)
 
 
 class Executable:
     """One spec's sampler: compiled on first use, with the compile time kept apart so the
     CLIs and the benchmarks can report it."""
 
-    def __init__(self, jitted, on_compile: Callable[[float], None] | None = None):
-        self._jitted, self._on_compile = jitted, on_compile
+    def __init__(self, jitted, on_compile: Callable[[float], None] | None = None,
+                 precision: str | None = None):
+        self._jitted, self._on_compile, self._precision = jitted, on_compile, precision
         self._compiled: jax.stages.Compiled | None = None
+
+    def lower(self, *args) -> jax.stages.Lowered:
+        # Tracing happens here, so the precision reaches every dot and convolution of the
+        # sampler; the HLO carries it into compile() (tests/test_precision.py).
+        with jax.default_matmul_precision(self._precision):
+            return self._jitted.lower(*args)
 
     def compile(self, *args) -> jax.stages.Compiled:
         if self._compiled is None:
             t0 = time.perf_counter()
-            self._compiled = self._jitted.lower(*args).compile()
+            self._compiled = self.lower(*args).compile()
             if self._on_compile is not None:
                 self._on_compile(time.perf_counter() - t0)
         return self._compiled
