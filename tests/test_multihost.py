@@ -24,14 +24,15 @@ import pytest
 from PIL import Image
 
 from sdjax.parallel import distributed_arguments
+from tests.conftest import FAST_COMPILE
 
 PROMPTS = ["a red circle", "a blue square", "a green cat", "a photo", "a cat on a blue background"]
 K = 2  # images per prompt
 SAMPLING = ["--steps", "2", "--batch_size", "2", "--seed", "3"]
 GENERATE = ["--images_per_prompt", str(K), "--samples_per_shard", "4", *SAMPLING]
 TIMEOUT_S = 300  # a hang (a process waiting for its peer forever) fails the test instead
-_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-        "SDJAX_COMPILATION_CACHE": "off"}
+_ENV = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
+        "JAX_PLATFORMS": "cpu", "SDJAX_COMPILATION_CACHE": "off"}
 
 
 @pytest.fixture(scope="module")
