@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-
 from tests.tiny_models import save_tiny_pipeline, save_tiny_upscaler  # noqa: E402
 
 
