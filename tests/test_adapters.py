@@ -54,13 +54,22 @@ def write_peft_lora(path, seed: int = 0):
 DIFFUSERS_MISREADS = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
 
 
-def write_kohya_lora(path, seed: int = 1, alpha: float = 2.0, skip: tuple = ()):
+# The same layers under CompVis names (kohya's SDXL scripts, and some SD1 trainers, write these).
+COMPVIS = {"down_blocks.0.attentions.0.": "input_blocks.1.1.",
+           "down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
+           "up_blocks.1.attentions.0.": "output_blocks.2.1."}
+
+
+def write_kohya_lora(path, seed: int = 1, alpha: float = 2.0, skip: tuple = (),
+                     compvis: bool = False):
     """kohya/A1111 layout, renamed as kohya's scripts name diffusers modules."""
     tensors = {}
     for name, (down, up) in _factors(seed).items():
         if name in skip:
             continue
         net, _, module = name.partition(".")
+        for a, b in COMPVIS.items() if compvis else ():
+            module = module.replace(a, b)
         key = ("lora_unet_" if net == "unet" else "lora_te_") + module.replace(".", "_")
         tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
         tensors[f"{key}.alpha"] = np.array(alpha, np.float32)
@@ -112,20 +121,22 @@ def test_lora_matches_diffusers_and_rescales_without_recompiling(ours, reference
     base = _ours(ours)
     compiles = ours.compile_count
 
-    # kohya alone is covered by the stack and by test_kohya_and_peft_names_resolve_alike.
-    for files, scale in (([peft], 0.7), ([peft, kohya], 0.5)):
-        ref = reference()
-        for i, f in enumerate(files):
-            ref.load_lora_weights(str(f), adapter_name=f"a{i}")
-        ref.set_adapters([f"a{i}" for i in range(len(files))])  # the last loaded alone is active
-        ref.fuse_lora(lora_scale=scale)
-        for f in (peft, kohya):  # the other file at scale 0: merged out again, exactly
-            ours.load_lora(f, scale if f in files else 0.0)
-        image = _ours(ours)
-        err = np.abs(image - _theirs(ref)).max()
-        print(f"{[f.stem for f in files]} x{scale}: max abs pixel error {err:.2e}")
-        assert err < TOL
-        assert np.abs(image - base).max() > 100 * TOL  # the LoRA does change the image
+    # One comparison with diffusers, of both dialects stacked (each alone: see
+    # test_kohya_and_peft_names_resolve_alike); peft is merged at 0.9 first, so the stack also
+    # checks that a new scale re-merges from the original weights.
+    ours.load_lora(peft, 0.9)
+    ours.load_lora(peft, 0.5)
+    ours.load_lora(kohya, 0.5)
+    ref = reference()
+    ref.load_lora_weights(str(peft), adapter_name="peft")
+    ref.load_lora_weights(str(kohya), adapter_name="kohya")
+    ref.set_adapters(["peft", "kohya"])  # else the last loaded alone is active
+    ref.fuse_lora(lora_scale=0.5)
+    image = _ours(ours)
+    err = np.abs(image - _theirs(ref)).max()
+    print(f"peft + kohya LoRA x0.5: max abs pixel error {err:.2e}")
+    assert err < TOL
+    assert np.abs(image - base).max() > 100 * TOL  # the LoRAs do change the image
 
     for f in (peft, kohya):
         ours.load_lora(f, 0.0)
@@ -141,11 +152,43 @@ def test_kohya_and_peft_names_resolve_alike(ours, tmp_path):
     peft = read_lora(write_peft_lora(tmp_path / "p.safetensors", seed=5), networks)
     kohya = read_lora(write_kohya_lora(tmp_path / "k.safetensors", seed=5, alpha=1.0),
                       networks)
+    compvis = read_lora(write_kohya_lora(tmp_path / "c.safetensors", seed=5, alpha=1.0,
+                                         compvis=True), networks)
     want = {(la.network, la.path): la.delta() for la in peft.layers}
-    got = {(la.network, la.path): la.delta() for la in kohya.layers}
-    assert len(got) == len(UNET_LAYERS) + len(TE_LAYERS) and got.keys() == want.keys()
-    for k, v in want.items():
-        np.testing.assert_allclose(got[k], v / RANK, rtol=1e-6, err_msg=str(k))
+    assert len(want) == len(UNET_LAYERS) + len(TE_LAYERS)
+    for lora in (kohya, compvis):
+        got = {(la.network, la.path): la.delta() for la in lora.layers}
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            np.testing.assert_allclose(got[k], v / RANK, rtol=1e-6, err_msg=str(k))
+
+
+def test_cli_applies_lora_and_embedding(sd1_folder, tmp_path, capfd, monkeypatch):
+    from sdjax.sample import main
+
+    loaded = []
+    real = StableDiffusionPipeline.from_pretrained.__func__
+
+    def keep(cls, *args, **kw):
+        loaded.append(real(cls, *args, **kw))
+        return loaded[-1]
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(keep))
+    lora = write_peft_lora(tmp_path / "style.safetensors")
+    save_safetensors({"emb_params": np.ones((2, 32), np.float32)}, tmp_path / "glow.safetensors")
+    assert main(["--model", str(sd1_folder), "--prompt", "a glow cat", "--steps", "2",
+                 "--num_devices", "1", "--outdir", str(tmp_path / "out"), "--lora",
+                 f"{lora}:0.5", "--embedding", str(tmp_path / "glow.safetensors")]) == 0
+    err = capfd.readouterr().err
+    assert "LoRA style x0.5" in err and "embedding glow" in err
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    (pipe,) = loaded
+    assert {"glow", "glow_1"} <= set(pipe.tokenizer.get_vocab())
+    fresh = StableDiffusionPipeline.from_pretrained(str(sd1_folder), dtype="float32",
+                                                    num_devices=1)
+    merged, pristine = (p.network("unet").down_blocks[0].attentions[0].transformer_blocks[0]
+                        .attn1.to_q.kernel.get_value() for p in (pipe, fresh))
+    assert np.abs(np.asarray(merged) - np.asarray(pristine)).max() > 1e-3
 
 
 def test_failed_lora_leaves_the_weights_unchanged(ours, tmp_path):
