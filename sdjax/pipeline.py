@@ -260,7 +260,11 @@ class StableDiffusionPipeline:
 
     def save_single_file(self, path: str | Path, half: bool = False) -> Path:
         """A CompVis/A1111-layout ``.safetensors`` (float16 with ``half``) that the WebUI and
-        diffusers' ``from_single_file`` load; written atomically."""
+        diffusers' ``from_single_file`` load; written atomically. LoRAs are saved merged;
+        textual-inversion tokens cannot be (the layout has no tokenizer), so they are refused."""
+        if self._embedding_tokens:
+            raise ValueError(f"embeddings ({', '.join(self._embedding_tokens)}) cannot be saved "
+                             "in a single file; use save_pretrained, or save without them")
         from sdjax.weights.export import save_single_file
         return save_single_file(path, unet=self.network("unet"), vae=self.network("vae"),
                                 text_encoder=self.network("text_encoder"), half=half)

@@ -237,6 +237,16 @@ def test_textual_inversion_matches_diffusers(sd1_folder, reference, tmp_path):
     print(f"textual inversion: max abs pixel error {err:.2e}")
     assert err < TOL
 
+    # Saved as a diffusers folder, the tokens and the grown table travel together.
+    from transformers import CLIPTextModel, CLIPTokenizer
+    pipe.save_pretrained(tmp_path / "saved")
+    saved_tok = CLIPTokenizer.from_pretrained(str(tmp_path / "saved" / "tokenizer"))
+    saved_te = CLIPTextModel.from_pretrained(str(tmp_path / "saved" / "text_encoder"))
+    assert saved_tok.convert_tokens_to_ids("shiny_2") == len(saved_tok) - 2
+    assert saved_te.get_input_embeddings().weight.shape[0] == len(saved_tok)
+    with pytest.raises(ValueError, match="cannot be saved in a single file"):
+        pipe.save_single_file(tmp_path / "single.safetensors")
+
     # Refusals leave the tokenizer and the token table as they were.
     table = _flat(pipe)
     save_safetensors({"emb_params": np.zeros((1, 48), np.float32)}, tmp_path / "wide.safetensors")

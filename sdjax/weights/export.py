@@ -285,6 +285,10 @@ def save_pipeline(folder: str | Path, *, unet: UNet2DConditionModel, vae: Autoen
     save_network(folder / "vae", vae)
     save_network(folder / "text_encoder", text_encoder, text_encoder_token_ids(tokenizer))
     save_tokenizer(folder / "tokenizer", tokenizer_dir, pad_token=tokenizer.pad_token)
+    if len(tokenizer) > tokenizer.vocab_size:
+        # Textual-inversion tokens live in the loaded tokenizer only; the files it came from
+        # lack them, and the text encoder's grown token table needs them.
+        tokenizer.save_pretrained(str(folder / "tokenizer"))
     save_scheduler(folder / "scheduler", scheduler_config)
     save_model_index(folder, scheduler_config["_class_name"])
     return folder
