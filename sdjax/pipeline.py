@@ -192,7 +192,8 @@ class StableDiffusionPipeline:
         from sdjax.weights.lora import NETWORKS, read_lora
 
         scale = validation.check_number(scale, "scale")
-        key = str(Path(path).expanduser().resolve())
+        path = Path(path).expanduser()
+        key = str(path.resolve())
         lora = (self._loras[key][0] if key in self._loras
                 else read_lora(path, {net: self.network(net) for net in NETWORKS}))
         loras = {**self._loras, key: (lora, scale)}
@@ -231,7 +232,7 @@ class StableDiffusionPipeline:
 
         if token is not None and not isinstance(token, str):
             raise TypeError(f"token must be a string, got {type(token).__name__}")
-        token, vectors = read_embedding(path, token)
+        token, vectors = read_embedding(Path(path).expanduser(), token)
         te = self.network("text_encoder")
         table = te.embeddings.token_embedding.embedding
         tokenizer, grown = add_embedding(self.tokenizer, np.asarray(table.get_value(),
