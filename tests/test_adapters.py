@@ -4,6 +4,8 @@ leave the pipeline as it was."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -39,12 +41,19 @@ def _factors(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def write_peft_lora(path, seed: int = 0):
-    """diffusers/PEFT layout: unet.<module>.lora_A/lora_B, no alpha (alpha = rank)."""
+def write_peft_lora(path, seed: int = 0, alpha: float | None = None):
+    """diffusers/PEFT layout: unet.<module>.lora_A/lora_B; alpha, if given, in the metadata
+    as diffusers' save_lora_weights writes it (else alpha = rank)."""
     tensors = {}
     for name, (down, up) in _factors(seed).items():
         tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = down, up
-    save_safetensors(tensors, path)
+    # (PEFT matches names by suffix; transformers 5's CLIPTextModel has no text_model. level)
+    targets = {"unet": list(UNET_LAYERS),
+               "text_encoder": [n.removeprefix("text_model.") for n in TE_LAYERS]}
+    config = {f"{net}.{k}": v for net in targets for k, v in
+              (("r", RANK), ("lora_alpha", alpha), ("target_modules", targets[net]))}
+    save_safetensors(tensors, path, {"format": "pt", "lora_adapter_metadata":
+                                     json.dumps(config)} if alpha is not None else None)
     return path
 
 
@@ -115,7 +124,7 @@ def _flat(pipe) -> dict:
 
 
 def test_lora_matches_diffusers_and_rescales_without_recompiling(ours, reference, tmp_path):
-    peft = write_peft_lora(tmp_path / "peft_style.safetensors")
+    peft = write_peft_lora(tmp_path / "peft_style.safetensors", alpha=8.0)
     kohya = write_kohya_lora(tmp_path / "kohya_style.safetensors", skip=(DIFFUSERS_MISREADS,))
     pristine = _flat(ours)
     base = _ours(ours)
@@ -149,7 +158,7 @@ def test_kohya_and_peft_names_resolve_alike(ours, tmp_path):
     from sdjax.weights.lora import read_lora
 
     networks = {net: ours.network(net) for net in ("unet", "text_encoder")}
-    peft = read_lora(write_peft_lora(tmp_path / "p.safetensors", seed=5), networks)
+    peft = read_lora(write_peft_lora(tmp_path / "p.safetensors", seed=5, alpha=1.0), networks)
     kohya = read_lora(write_kohya_lora(tmp_path / "k.safetensors", seed=5, alpha=1.0),
                       networks)
     compvis = read_lora(write_kohya_lora(tmp_path / "c.safetensors", seed=5, alpha=1.0,
@@ -160,7 +169,7 @@ def test_kohya_and_peft_names_resolve_alike(ours, tmp_path):
         got = {(la.network, la.path): la.delta() for la in lora.layers}
         assert got.keys() == want.keys()
         for k, v in want.items():
-            np.testing.assert_allclose(got[k], v / RANK, rtol=1e-6, err_msg=str(k))
+            np.testing.assert_allclose(got[k], v, rtol=1e-6, err_msg=str(k))
 
 
 def test_cli_applies_lora_and_embedding(sd1_folder, tmp_path, capfd, monkeypatch):

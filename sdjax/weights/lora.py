@@ -18,6 +18,8 @@ are kept (not the full-size deltas): merging is cheap to repeat at another scale
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +47,9 @@ _PARTS = [(re.compile(r"(.+)\." + _DOWN), "down"), (re.compile(r"(.+)\." + _UP),
           (re.compile(r"(.+)\.alpha"), "alpha")]
 # diffusers' attention-processor files: <attention>.processor.to_q_lora.down.weight
 _PROCESSOR = re.compile(r"(.+)\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight")
+# diffusers keeps PEFT's LoraConfig (lora_alpha, alpha_pattern, use_rslora) per network in the
+# safetensors metadata, as "unet.lora_alpha", … ; files without it have alpha = rank.
+_PEFT_METADATA = "lora_adapter_metadata"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +119,32 @@ def _group(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, dict[str, str]]
     return layers, unknown
 
 
+def _peft_configs(tensors: Mapping[str, np.ndarray], path: Path) -> dict[str, dict]:
+    """network -> its LoraConfig fields from a diffusers file's metadata (empty: none)."""
+    raw = (getattr(tensors, "metadata", None) or {}).get(_PEFT_METADATA)
+    if not raw:
+        return {}
+    try:
+        packed = json.loads(raw)
+    except ValueError:
+        raise AdapterError(f"{path}: unreadable {_PEFT_METADATA} metadata") from None
+    out: dict[str, dict] = {}
+    for key, value in packed.items() if isinstance(packed, dict) else ():
+        net, _, field = key.partition(".")
+        out.setdefault(net, {})[field] = value
+    return out
+
+
+def _peft_scale(config: dict, module: str, rank: int) -> float:
+    """alpha / rank as PEFT computes it for ``module`` (alpha_pattern: a name suffix)."""
+    alpha = config.get("lora_alpha", rank)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
 def _listing(keys: list[str], limit: int = 4) -> str:
     keys = sorted(keys)
     more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
@@ -138,6 +169,7 @@ def read_lora(path: str | Path, networks: Mapping[str, nnx.Module]) -> Lora:
             raise AdapterError(f"{path}: an SDXL LoRA (it has {sdxl[0]}); this model is not "
                                "SDXL")
         names = _layer_names(networks)
+        peft = _peft_configs(tensors, path)
         missing = [n for n in layers if n not in names]
         if missing:
             raise AdapterError(f"{path}: {len(missing)} LoRA layers that this model does not "
@@ -154,11 +186,14 @@ def read_lora(path: str | Path, networks: Mapping[str, nnx.Module]) -> Lora:
             target, transform = map_keys([key], _TABLES[net])[key]
             down, up = np.asarray(tensors[parts["down"]]), np.asarray(tensors[parts["up"]])
             rank = down.shape[0]
-            alpha = np.asarray(tensors[parts["alpha"]]) if "alpha" in parts else rank
-            if np.size(alpha) != 1:
-                raise AdapterError(f"{path}: {parts['alpha']} is not a single number")
-            alpha = float(np.reshape(alpha, -1)[0])
-            layer = LoraLayer(net, target, up, down, alpha / rank, transform)
+            if "alpha" in parts:
+                alpha = np.asarray(tensors[parts["alpha"]])
+                if np.size(alpha) != 1:
+                    raise AdapterError(f"{path}: {parts['alpha']} is not a single number")
+                scale = float(np.reshape(alpha, -1)[0]) / rank
+            else:
+                scale = _peft_scale(peft.get(net, {}), key[:-len(".weight")], rank)
+            layer = LoraLayer(net, target, up, down, scale, transform)
             if up.ndim not in (2, 4) or down.ndim != up.ndim or up.shape[1] != rank:
                 misfits.append(f"{name} (up {up.shape}, down {down.shape})")
                 continue
