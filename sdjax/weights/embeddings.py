@@ -33,26 +33,32 @@ def read_embedding(path: str | Path, token: str | None = None) -> tuple[str, np.
     try:
         tensors = open_tensor_file(path)
         keys = [k for k in tensors if not k.startswith(_IGNORED)]
+        key, default = _vectors_key(path, keys)
+        vectors = np.array(tensors[key], np.float32)
+    except AdapterError:
+        raise
     except WeightsError as e:  # missing, unreadable or corrupt file
         raise AdapterError(str(e)) from None
-    if any(k in _SDXL_KEYS for k in keys):
-        raise AdapterError(f"{path}: an SDXL embedding (clip_l/clip_g); this model is not SDXL")
-    webui = [k for k in keys if k.startswith(_WEBUI_KEYS)]
-    if len(webui) == 1:
-        key, default = webui[0], path.stem
-    elif len(keys) == 1 and not webui:
-        key = default = keys[0]
-    else:
-        raise AdapterError(f"{path}: not a textual-inversion embedding (expected one of "
-                           f"string_to_param, emb_params or a single token; found "
-                           f"{', '.join(sorted(keys)[:4]) or 'no tensors'})")
-    vectors = np.asarray(tensors[key], np.float32)
     if vectors.ndim == 1:
         vectors = vectors[None]
     if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise AdapterError(f"{path}: embedding {key} has shape {vectors.shape}, not "
                            "(vectors, width)")
     return (token if token is not None else default), vectors
+
+
+def _vectors_key(path: Path, keys: list[str]) -> tuple[str, str]:
+    """(the key of the vectors, the token they default to)."""
+    if any(k in _SDXL_KEYS for k in keys):
+        raise AdapterError(f"{path}: an SDXL embedding (clip_l/clip_g); this model is not SDXL")
+    webui = [k for k in keys if k.startswith(_WEBUI_KEYS)]
+    if len(webui) == 1:
+        return webui[0], path.stem
+    if len(keys) == 1 and not webui:
+        return keys[0], keys[0]
+    raise AdapterError(f"{path}: not a textual-inversion embedding (expected one of "
+                       f"string_to_param, emb_params or a single token; found "
+                       f"{', '.join(sorted(keys)[:4]) or 'no tensors'})")
 
 
 def token_names(token: str, count: int) -> list[str]:

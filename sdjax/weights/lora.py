@@ -138,11 +138,14 @@ def _peft_configs(tensors: Mapping[str, np.ndarray], path: Path) -> dict[str, di
 def _peft_scale(config: dict, module: str, rank: int) -> float:
     """alpha / rank as PEFT computes it for ``module`` (alpha_pattern: a name suffix)."""
     alpha = config.get("lora_alpha", rank)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
-            break
-    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    try:
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = value
+                break
+        return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    except (re.error, TypeError, ValueError, AttributeError):
+        raise AdapterError(f"unreadable {_PEFT_METADATA} metadata for {module}") from None
 
 
 def _listing(keys: list[str], limit: int = 4) -> str:
@@ -184,7 +187,13 @@ def read_lora(path: str | Path, networks: Mapping[str, nnx.Module]) -> Lora:
                                    f"{'down' if 'down' not in parts else 'up'} weight")
             net, key = names[name]
             target, transform = map_keys([key], _TABLES[net])[key]
-            down, up = np.asarray(tensors[parts["down"]]), np.asarray(tensors[parts["up"]])
+            # Copies, in float32: the file may change on disk while the LoRA stays loaded.
+            down = np.array(tensors[parts["down"]], np.float32)
+            up = np.array(tensors[parts["up"]], np.float32)
+            if (up.ndim not in (2, 4) or down.ndim != up.ndim or down.shape[0] == 0
+                    or up.shape[1] != down.shape[0]):
+                misfits.append(f"{name} (up {up.shape}, down {down.shape})")
+                continue
             rank = down.shape[0]
             if "alpha" in parts:
                 alpha = np.asarray(tensors[parts["alpha"]])
@@ -194,9 +203,6 @@ def read_lora(path: str | Path, networks: Mapping[str, nnx.Module]) -> Lora:
             else:
                 scale = _peft_scale(peft.get(net, {}), key[:-len(".weight")], rank)
             layer = LoraLayer(net, target, up, down, scale, transform)
-            if up.ndim not in (2, 4) or down.ndim != up.ndim or up.shape[1] != rank:
-                misfits.append(f"{name} (up {up.shape}, down {down.shape})")
-                continue
             try:
                 delta_shape = layer.delta().shape
             except WeightsError:
