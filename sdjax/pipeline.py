@@ -189,7 +189,7 @@ class StableDiffusionPipeline:
         loading the same file again changes its scale, re-merged from the original weights.
         Shapes do not change, so nothing recompiles. A file that does not fit this model
         raises ``ValueError`` and leaves the pipeline as it was."""
-        from sdjax.weights.lora import NETWORKS, read_lora
+        from sdjax.weights.lora import NETWORKS, merge_loras, read_lora
 
         scale = validation.check_number(scale, "scale")
         path = Path(path).expanduser()
@@ -197,30 +197,10 @@ class StableDiffusionPipeline:
         lora = (self._loras[key][0] if key in self._loras
                 else read_lora(path, {net: self.network(net) for net in NETWORKS}))
         loras = {**self._loras, key: (lora, scale)}
-        self._merge_loras(loras)
+        self.params, self._pristine = merge_loras(self.params, self._pristine, loras.values(),
+                                                  self._place)
         self._loras = loras
         return lora.name
-
-    def _merge_loras(self, loras: dict[str, tuple]) -> None:
-        """params = pristine + sum of scale * delta, every touched array replaced at once."""
-        flat = {net: dict(nnx.to_flat_state(self.params[net])) for net in self.params}
-        paths = {net: {".".join(map(str, p)): p for p in flat[net]} for net in flat}
-        deltas: dict[tuple[str, tuple], np.ndarray] = {}
-        for lora, scale in loras.values():
-            for layer in lora.layers:
-                k = (layer.network, paths[layer.network][layer.path])
-                d = layer.delta() * np.float32(scale)
-                deltas[k] = deltas[k] + d if k in deltas else d
-        replicated = parallel.replicated(self.mesh)
-        pristine = dict(self._pristine)
-        for net, path in deltas:
-            pristine.setdefault((net, path), flat[net][path].get_value())
-        for (net, path), d in deltas.items():
-            base = pristine[(net, path)]
-            merged = (base.astype(jnp.float32) + d).astype(base.dtype)
-            flat[net][path] = flat[net][path].replace(jax.device_put(merged, replicated))
-        self.params = {net: nnx.from_flat_state(list(flat[net].items())) for net in flat}
-        self._pristine = pristine
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
         """Add a textual-inversion embedding (A1111 ``.pt``/``.safetensors``, diffusers'
@@ -228,27 +208,24 @@ class StableDiffusionPipeline:
         diffusers file holds); returns the token, which prompts then use by name. The token
         table grows, so the next call compiles once for the new size. A file that does not
         fit raises ``ValueError`` and leaves the pipeline as it was."""
-        from sdjax.weights.embeddings import add_embedding, read_embedding, token_names
+        from sdjax.weights import embeddings
 
         if token is not None and not isinstance(token, str):
             raise TypeError(f"token must be a string, got {type(token).__name__}")
-        token, vectors = read_embedding(Path(path).expanduser(), token)
+        token, vectors = embeddings.read_embedding(Path(path).expanduser(), token)
         te = self.network("text_encoder")
-        table = te.embeddings.token_embedding.embedding
-        tokenizer, grown = add_embedding(self.tokenizer, np.asarray(table.get_value(),
-                                                                    np.float32),
-                                         token, vectors, source=str(path))
-        # The table's size is in the module (Embed.num_embeddings, the config), not only in
-        # the array: rebuild it, and drop the executables compiled for the old size.
-        te.embeddings.token_embedding.num_embeddings = grown.shape[0]
-        te.config = dataclasses.replace(te.config, vocab_size=grown.shape[0])
-        table.set_value(jax.device_put(jnp.asarray(grown, table.get_value().dtype),
-                                       parallel.replicated(self.mesh)))
+        tokenizer, table = embeddings.add_embedding(
+            self.tokenizer, embeddings.token_table(te), token, vectors, source=str(path))
+        embeddings.set_token_table(te, table, self._place)
         self._graphdefs["text_encoder"], self.params["text_encoder"] = nnx.split(te)
-        self._compiled.clear()
+        self._compiled.clear()  # compiled for the old table size
         self.tokenizer = tokenizer
-        self._embedding_tokens[token] = token_names(token, vectors.shape[0])
+        self._embedding_tokens[token] = embeddings.token_names(token, vectors.shape[0])
         return token
+
+    def _place(self, array) -> jax.Array:
+        """Where parameters live: replicated on every device of the mesh."""
+        return jax.device_put(array, parallel.replicated(self.mesh))
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, folder: str | Path) -> Path:

@@ -11,11 +11,14 @@ prompt's ``name`` is expanded to all of them, as diffusers does.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from sdjax.weights.errors import AdapterError, WeightsError
 from sdjax.weights.files import open_tensor_file
@@ -91,6 +94,21 @@ def add_embedding(tokenizer, table: np.ndarray, token: str, vectors: np.ndarray,
     new[:table.shape[0]] = table
     new[ids] = vectors
     return grown, new
+
+
+def token_table(text_encoder: nnx.Module) -> np.ndarray:
+    """A CLIP text encoder's token-embedding table (vocab, width), float32 on the host."""
+    return np.asarray(text_encoder.embeddings.token_embedding.embedding.get_value(), np.float32)
+
+
+def set_token_table(text_encoder: nnx.Module, table: np.ndarray, place: Callable) -> None:
+    """Give ``text_encoder`` (changed in place) the token table ``table``. Its size lives in
+    the module too (``Embed.num_embeddings``, the config that a saved folder records)."""
+    embed = text_encoder.embeddings.token_embedding
+    dtype = embed.embedding.get_value().dtype
+    embed.num_embeddings = table.shape[0]
+    text_encoder.config = dataclasses.replace(text_encoder.config, vocab_size=table.shape[0])
+    embed.embedding.set_value(place(jnp.asarray(table, dtype)))
 
 
 def expand_prompt(prompt: str, multi: Mapping[str, list[str]]) -> str:

@@ -21,9 +21,11 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -220,3 +222,28 @@ def read_lora(path: str | Path, networks: Mapping[str, nnx.Module]) -> Lora:
     except WeightsError as e:  # missing, unreadable or corrupt file
         raise AdapterError(str(e)) from None
     return Lora(path.stem, tuple(out))
+
+
+Pristine = dict[tuple[str, tuple], jax.Array]   # (network, parameter path) -> un-merged value
+
+
+def merge_loras(params: Mapping[str, nnx.State], pristine: Pristine,
+                loras: Iterable[tuple[Lora, float]],
+                place: Callable[[jax.Array], jax.Array]) -> tuple[dict[str, nnx.State], Pristine]:
+    """(``params`` with every parameter a LoRA touches = its un-merged value + the sum of
+    ``scale * delta``, cast to its dtype and placed; ``pristine`` with the newly touched
+    parameters' un-merged values added). Nothing is changed in place."""
+    flat = {net: dict(nnx.to_flat_state(state)) for net, state in params.items()}
+    paths = {net: {".".join(map(str, p)): p for p in flat[net]} for net in flat}
+    deltas: dict[tuple[str, tuple], np.ndarray] = {}
+    for lora, scale in loras:
+        for layer in lora.layers:
+            k = (layer.network, paths[layer.network][layer.path])
+            d = layer.delta() * np.float32(scale)
+            deltas[k] = deltas[k] + d if k in deltas else d
+    pristine = dict(pristine)
+    for (net, path), d in deltas.items():
+        base = pristine.setdefault((net, path), flat[net][path].get_value())
+        merged = (base.astype(jnp.float32) + d).astype(base.dtype)
+        flat[net][path] = flat[net][path].replace(place(merged))
+    return {net: nnx.from_flat_state(list(f.items())) for net, f in flat.items()}, pristine
