@@ -104,6 +104,15 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                   "a .yaml of the same name beside the file, else the family's)")
     add_flag(g, "ema", action="store_true", help="single files with trained and EMA UNet "
              "weights: load the EMA copy instead of the trained weights (diffusers' choice)")
+    a = p.add_argument_group("adapters", "LoRA and textual-inversion files, applied after the "
+                             "model loads")
+    add_flag(a, "lora", action="append", default=None, metavar="PATH[:SCALE]",
+             help="a LoRA .safetensors (kohya/A1111 or diffusers), merged into the weights at "
+                  "SCALE (default 1); repeat to stack several")
+    add_flag(a, "embedding", action="append", default=None, metavar="PATH",
+             help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers "
+                  "learned_embeds); prompts use it by its file name (diffusers files: by the "
+                  "token they hold); repeatable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +133,31 @@ class ModelOptions:
 
     def kwargs(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_lora(value: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> (path, scale); a colon not followed by a number is part of the
+    path (``C:\\loras\\x.safetensors``)."""
+    path, sep, tail = value.rpartition(":")
+    if sep and path:
+        try:
+            return path, validation.check_number(float(tail), f"--lora {value}: SCALE")
+        except ValueError as e:
+            if "SCALE" in str(e):
+                raise UsageError(str(e)) from None
+    return value, 1.0
+
+
+def apply_adapters(args: argparse.Namespace, pipe) -> list[str]:
+    """Merge the ``--lora`` files and add the ``--embedding`` tokens to a loaded pipeline;
+    returns a line per file for the log. A file that does not fit stops the run (exit 2)."""
+    done = []
+    for value in args.lora or []:
+        path, scale = parse_lora(value)
+        done.append(f"LoRA {pipe.load_lora(path, scale)} x{scale:g}")
+    for path in args.embedding or []:
+        done.append(f"embedding {pipe.load_textual_inversion(path)}")
+    return done
 
 
 def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = True) -> None:
@@ -151,6 +185,10 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
                 raise ValueError(f"--{name} {v} is too large: even {MIN_SIDE} pixels the "
                                  f"other way exceed --max_pixels {args.max_pixels}")
         validation.check_choice(args.scheduler, "--scheduler", SCHEDULER_NAMES, allow_none=True)
+        for flag, path in ([("--lora", parse_lora(v)[0]) for v in args.lora or []]
+                           + [("--embedding", v) for v in args.embedding or []]):
+            if not Path(path).expanduser().is_file():
+                raise ValueError(f"{flag} file not found: {path}")
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
 

@@ -34,6 +34,7 @@ from sdjax.cli_args import (
     UsageError,
     add_common_arguments,
     add_flag,
+    apply_adapters,
     check_common_args,
     check_outdir,
     image_size,
@@ -93,9 +94,13 @@ class Settings:
     image_format: str
     quality: int | None
     model_options: ModelOptions = ModelOptions()
+    adapters: tuple[str, ...] = ()   # what apply_adapters reported: LoRAs, scales, embeddings
 
     def manifest(self, layout: Layout, prompts: PromptsInfo) -> dict:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "model_options"}
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in ("model_options", "adapters")}
+        if self.adapters:  # only when used, like the model options, so earlier runs match
+            fields["adapters"] = list(self.adapters)
         # --vae, --config, … join the manifest only when used, so earlier runs still match.
         options = {k: v for k, v in self.model_options.kwargs().items() if v not in (None, False)}
         return {**fields, **options, "images_per_prompt": layout.images_per_prompt,
@@ -289,6 +294,9 @@ def run(args) -> int:
     pipe = load_pipeline(args.model, dtype, args.num_devices, jax.process_count() > 1, options)
     if pipe.note:
         print(pipe.note, file=sys.stderr)
+    adapters = tuple(apply_adapters(args, pipe))
+    for line in adapters:
+        print(line, file=sys.stderr)
     load_s = time.perf_counter() - t_load
     height, width = image_size(args, pipe)
     settings = Settings(
@@ -296,7 +304,8 @@ def run(args) -> int:
         scheduler=args.scheduler or pipe.default_scheduler,
         guidance_scale=args.guidance_scale, height=height, width=width, seed=args.seed,
         negative_prompt=args.negative_prompt, image_format=args.format,
-        quality=None if args.format == "png" else (args.quality or 95), model_options=options)
+        quality=None if args.format == "png" else (args.quality or 95), model_options=options,
+        adapters=adapters)
     run_settings = settings.manifest(layout, prompts)
     manifest.check(store, run_settings, overwrite=args.overwrite)
 

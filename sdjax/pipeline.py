@@ -150,6 +150,11 @@ class StableDiffusionPipeline:
             self._graphdefs[key], self.params[key] = nnx.split(module)
         self._compiled: dict[sampling.CoreSpec, sampling.Executable] = {}
         self.compile_seconds = 0.0
+        # LoRAs: file -> (its layers, scale), and the un-merged weights they touch, so a new
+        # scale re-merges exactly from the originals. Embeddings: name -> its tokens.
+        self._loras: dict[str, tuple] = {}
+        self._pristine: dict[tuple[str, tuple], jax.Array] = {}
+        self._embedding_tokens: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -214,6 +219,51 @@ class StableDiffusionPipeline:
                    tokenizer_dir=parts.tokenizer_dir, note=parts.note,
                    matmul_precision=matmul_precision)
 
+    # ------------------------------------------------------------------ adapters
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> str:
+        """Merge a LoRA file (kohya/A1111 or diffusers/PEFT ``.safetensors``) into the UNet and
+        text encoder weights at ``scale``; returns its name (the file's stem). Several stack;
+        loading the same file again changes its scale, re-merged from the original weights.
+        Shapes do not change, so nothing recompiles. A file that does not fit this model
+        raises ``ValueError`` and leaves the pipeline as it was."""
+        from sdjax.weights.lora import NETWORKS, merge_loras, read_lora
+
+        scale = validation.check_number(scale, "scale")
+        path = Path(path).expanduser()
+        key = str(path.resolve())
+        lora = (self._loras[key][0] if key in self._loras
+                else read_lora(path, {net: self.network(net) for net in NETWORKS}))
+        loras = {**self._loras, key: (lora, scale)}
+        self.params, self._pristine = merge_loras(self.params, self._pristine, loras.values(),
+                                                  self._place)
+        self._loras = loras
+        return lora.name
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Add a textual-inversion embedding (A1111 ``.pt``/``.safetensors``, diffusers'
+        ``learned_embeds``) as ``token`` (default: the WebUI file's stem, or the token a
+        diffusers file holds); returns the token, which prompts then use by name. The token
+        table grows, so the next call compiles once for the new size. A file that does not
+        fit raises ``ValueError`` and leaves the pipeline as it was."""
+        from sdjax.weights import embeddings
+
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"token must be a string, got {type(token).__name__}")
+        token, vectors = embeddings.read_embedding(Path(path).expanduser(), token)
+        te = self.network("text_encoder")
+        tokenizer, table = embeddings.add_embedding(
+            self.tokenizer, embeddings.token_table(te), token, vectors, source=str(path))
+        embeddings.set_token_table(te, table, self._place)
+        self._graphdefs["text_encoder"], self.params["text_encoder"] = nnx.split(te)
+        self._compiled.clear()  # compiled for the old table size
+        self.tokenizer = tokenizer
+        self._embedding_tokens[token] = embeddings.token_names(token, vectors.shape[0])
+        return token
+
+    def _place(self, array) -> jax.Array:
+        """Where parameters live: replicated on every device of the mesh."""
+        return jax.device_put(array, parallel.replicated(self.mesh))
+
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, folder: str | Path) -> Path:
         """A diffusers folder (float32) that diffusers' and sdjax's from_pretrained load."""
@@ -225,7 +275,11 @@ class StableDiffusionPipeline:
 
     def save_single_file(self, path: str | Path, half: bool = False) -> Path:
         """A CompVis/A1111-layout ``.safetensors`` (float16 with ``half``) that the WebUI and
-        diffusers' ``from_single_file`` load; written atomically."""
+        diffusers' ``from_single_file`` load; written atomically. LoRAs are saved merged;
+        textual-inversion tokens cannot be (the layout has no tokenizer), so they are refused."""
+        if self._embedding_tokens:
+            raise ValueError(f"embeddings ({', '.join(self._embedding_tokens)}) cannot be saved "
+                             "in a single file; use save_pretrained, or save without them")
         from sdjax.weights.export import save_single_file
         return save_single_file(path, unet=self.network("unet"), vae=self.network("vae"),
                                 text_encoder=self.network("text_encoder"), half=half)
@@ -271,7 +325,10 @@ class StableDiffusionPipeline:
 
     # ------------------------------------------------------------------ host side
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+        from sdjax.weights.embeddings import expand_prompt
+
+        prompts = [expand_prompt(p, self._embedding_tokens) for p in prompts]
+        ids = self.tokenizer(prompts, padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length,
                              return_tensors="np").input_ids
         return ids.astype(np.int32)

@@ -21,6 +21,7 @@ from sdjax.cli_args import (  # noqa: F401
     UsageError,
     add_common_arguments,
     add_flag,
+    apply_adapters,
     check_common_args,
     check_outdir,
     image_size,
@@ -203,6 +204,8 @@ def run(args, written: list[Path]) -> int:
                                **ModelOptions.from_args(args).kwargs())
     if pipe.note:
         print(pipe.note, file=sys.stderr)
+    for line in apply_adapters(args, pipe):
+        print(line, file=sys.stderr)
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
     height, width, task_args, extra = _task_settings(args, pipe, image, mask, upscaler)

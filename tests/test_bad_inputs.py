@@ -121,6 +121,24 @@ CASES: list[Case] = [
        "cannot read --prompts_file"),
     _c(S, "model-missing", ["--model", "{tmp}/nowhere"], "model not found"),
     _c(S, "outdir-under-a-file", ["--outdir", "{in}/file.txt/out"], "is not a folder"),
+    # LoRA and textual-inversion files (written by _write_adapters for the tiny SD1 model)
+    _c(S, "lora-missing", ["--lora", "{in}/nope.safetensors"], "--lora file not found"),
+    _c(S, "lora-scale-nan", ["--lora", "{in}/lora_sd2.safetensors:nan"], "must be a finite"),
+    _c(S, "lora-corrupt", ["--lora", "{in}/corrupt.safetensors"], "not a safetensors file"),
+    _c(S, "lora-unknown-keys", ["--lora", "{in}/lora_unknown.safetensors"],
+       "are not LoRA weights"),
+    _c(S, "lora-sdxl", ["--lora", "{in}/lora_sdxl.safetensors"], "an SDXL LoRA"),
+    _c(S, "lora-sd2-on-sd1", ["--lora", "{in}/lora_sd2.safetensors:0.8"],
+       "do not fit this model's shapes"),
+    _c(S, "lora-missing-layer", ["--lora", "{in}/lora_other.safetensors"],
+       "that this model does not have"),
+    _c(S, "embedding-missing", ["--embedding", "{in}/nope.pt"], "--embedding file not found"),
+    _c(S, "embedding-width", ["--embedding", "{in}/wide.safetensors"], "vectors of width 48"),
+    _c(S, "embedding-collides", ["--embedding", "{in}/cat.safetensors"], "already a word"),
+    _c(S, "embedding-not-one", ["--embedding", "{in}/lora_sd2.safetensors"],
+       "not a textual-inversion embedding"),
+    _c(G, "lora-sd2-on-sd1", ["--lora", "{in}/lora_sd2.safetensors"],
+       "do not fit this model's shapes"),
 
     # --- sdjax.generate (kind 5 and the shared flags)
     _c(G, "guidance-nan", ["--guidance_scale", "nan"], "--guidance_scale must be a finite",
@@ -237,7 +255,28 @@ def _write_inputs(folder: Path) -> None:
     for name, text in texts.items():
         (folder / name).write_text(text)
     (folder / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")
+    _write_adapters(folder)
     (folder / "emptymodel").mkdir(exist_ok=True)
+
+
+def _write_adapters(folder: Path) -> None:
+    """LoRA and embedding files that do not fit the tiny SD1 model (width 32)."""
+    from sdjax.weights.safetensors_io import save_safetensors
+
+    def lora(name: str, n_in: int, n_out: int = 32) -> dict:
+        return {f"{name}.lora_down.weight": np.zeros((4, n_in), np.float32),
+                f"{name}.lora_up.weight": np.zeros((n_out, 4), np.float32)}
+
+    attn2 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    files = {"lora_sd2": lora(attn2, 48),  # SD2's 1024-wide context, in miniature
+             "lora_sdxl": lora("lora_te2_text_model_encoder_layers_0_mlp_fc1", 32),
+             "lora_other": lora("lora_unet_down_blocks_7_attentions_0_proj_in", 32),
+             "lora_unknown": {"model.diffusion_model.conv_in.weight": np.zeros((1,), np.float32)},
+             "wide": {"emb_params": np.zeros((1, 48), np.float32)},
+             "cat": {"emb_params": np.zeros((1, 32), np.float32)}}
+    for name, tensors in files.items():
+        save_safetensors(tensors, folder / f"{name}.safetensors")
+    (folder / "corrupt.safetensors").write_bytes(b"\x10\x00")
 
 
 def _argv(case: Case, tmp: Path, model: str) -> list[str]:

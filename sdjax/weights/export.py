@@ -131,34 +131,46 @@ def _kind(module: nnx.Module) -> tuple[str, list[Out], list[Rule]]:
     raise TypeError(f"cannot export a {type(module).__name__}")
 
 
-def _flat_params(module: nnx.Module) -> dict[str, np.ndarray]:
+def _flat_params(module: nnx.Module, read: bool = True) -> dict[str, np.ndarray | None]:
+    """Path -> value (None without ``read``: the names alone, nothing leaves the device)."""
     state = nnx.state(module, nnx.Param)
-    return {".".join(str(p) for p in path): np.asarray(var.get_value())
+    return {".".join(str(p) for p in path): np.asarray(var.get_value()) if read else None
             for path, var in nnx.to_flat_state(state)}
 
 
-def network_tensors(module: nnx.Module) -> dict[str, np.ndarray]:
-    """Our parameters under diffusers/transformers key names and layouts (float32)."""
-    _, rules, load_rules = _kind(module)
+def parameter_keys(module: nnx.Module) -> dict[str, tuple[str, Inverse]]:
+    """Our parameter path -> (its diffusers/transformers key, the layout change back), for
+    every parameter of ``module``; strict as the export is."""
+    _, rules, _ = _kind(module)
     compiled = [(re.compile(r.pattern), r) for r in rules]
-    params = _flat_params(module)
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, tuple[str, Inverse]] = {}
     source: dict[str, str] = {}
     unmatched = []
-    for path, value in params.items():
+    for path in _flat_params(module, read=False):
         for rx, rule in compiled:
             if rx.fullmatch(path):
                 key = rx.sub(rule.key, path)
-                if key in out:
+                if key in source:
                     raise WeightsError(f"export: {path} and {source[key]} both map to {key}")
-                out[key] = np.ascontiguousarray(rule.transform(value).astype(np.float32))
-                source[key] = path
+                out[path], source[key] = (key, rule.transform), path
                 break
         else:
             unmatched.append(path)
     if unmatched:
         raise WeightsError(f"export: no rule for {len(unmatched)} parameters: "
                            f"{', '.join(sorted(unmatched)[:8])}")
+    return out
+
+
+def network_tensors(module: nnx.Module) -> dict[str, np.ndarray]:
+    """Our parameters under diffusers/transformers key names and layouts (float32)."""
+    _, _, load_rules = _kind(module)
+    params = _flat_params(module)
+    out: dict[str, np.ndarray] = {}
+    source: dict[str, str] = {}
+    for path, (key, transform) in parameter_keys(module).items():
+        out[key] = np.ascontiguousarray(transform(params[path]).astype(np.float32))
+        source[key] = path
     # Read back through the loader's table: the same parameter, the same numbers.
     back = map_keys(out.keys(), load_rules)
     for key, (target, transform) in back.items():
@@ -273,6 +285,10 @@ def save_pipeline(folder: str | Path, *, unet: UNet2DConditionModel, vae: Autoen
     save_network(folder / "vae", vae)
     save_network(folder / "text_encoder", text_encoder, text_encoder_token_ids(tokenizer))
     save_tokenizer(folder / "tokenizer", tokenizer_dir, pad_token=tokenizer.pad_token)
+    if len(tokenizer) > tokenizer.vocab_size:
+        # Textual-inversion tokens live in the loaded tokenizer only; the files it came from
+        # lack them, and the text encoder's grown token table needs them.
+        tokenizer.save_pretrained(str(folder / "tokenizer"))
     save_scheduler(folder / "scheduler", scheduler_config)
     save_model_index(folder, scheduler_config["_class_name"])
     return folder

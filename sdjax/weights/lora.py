@@ -1,0 +1,249 @@
+"""LoRA files (kohya/A1111 and diffusers/PEFT) read and resolved to our parameters.
+
+A LoRA layer is a low-rank update of one weight: ``W += scale * alpha / rank * up @ down``.
+Files name the layer in one of several dialects:
+
+- kohya/A1111: ``lora_unet_<diffusers or CompVis module name, dots as underscores>`` and
+  ``lora_te_<transformers name>``, with ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``;
+- diffusers/PEFT: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` and ``text_encoder.…``;
+  older diffusers files ``<module>.lora.down.weight``, ``…lora_linear_layer.down.weight`` or
+  ``<attention>.processor.to_q_lora.down.weight``.
+
+Every name is resolved against the model's own parameter names (the export table gives each
+parameter's diffusers key, :mod:`sdjax.weights.compvis_names` its CompVis one), so no second
+name table exists and an ambiguous underscore name cannot pick the wrong layer. The factors
+are kept (not the full-size deltas): merging is cheap to repeat at another scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdjax.weights import table_clip, table_unet
+from sdjax.weights.compvis_names import rename_keys, unet_blocks
+from sdjax.weights.errors import AdapterError, WeightsError
+from sdjax.weights.export import parameter_keys
+from sdjax.weights.files import open_tensor_file
+from sdjax.weights.loader import Transform, map_keys
+
+NETWORKS = ("unet", "text_encoder")
+_TABLES = {"unet": table_unet.RULES, "text_encoder": table_clip.RULES}
+_KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+_DOTTED_PREFIX = {"unet.": "unet", "text_encoder.": "text_encoder"}
+# SDXL's kohya files name its two text encoders; no SD1/SD2 model has them.
+_SDXL_PREFIXES = ("lora_te1_", "lora_te2_")
+
+_DOWN = r"(?:lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight"
+_UP = r"(?:lora_up|lora_B|lora\.up|lora_linear_layer\.up)\.weight"
+_PARTS = [(re.compile(r"(.+)\." + _DOWN), "down"), (re.compile(r"(.+)\." + _UP), "up"),
+          (re.compile(r"(.+)\.alpha"), "alpha")]
+# diffusers' attention-processor files: <attention>.processor.to_q_lora.down.weight
+_PROCESSOR = re.compile(r"(.+)\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight")
+# diffusers keeps PEFT's LoraConfig (lora_alpha, alpha_pattern, use_rslora) per network in the
+# safetensors metadata, as "unet.lora_alpha", … ; files without it have alpha = rank.
+_PEFT_METADATA = "lora_adapter_metadata"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraLayer:
+    """One layer's update, in the file's (PyTorch) layout until :meth:`delta`."""
+    network: str        # "unet" | "text_encoder"
+    path: str           # our parameter path in that network
+    up: np.ndarray      # (out, rank) or (out, rank, 1, 1)
+    down: np.ndarray    # (rank, in) or (rank, in, kh, kw)
+    scale: float        # alpha / rank
+    transform: Transform  # the loader's layout change for this parameter
+
+    def delta(self) -> np.ndarray:
+        """``alpha / rank * up @ down`` in our parameter's layout (float32)."""
+        rank = self.down.shape[0]
+        up = self.up.reshape(self.up.shape[0], rank).astype(np.float32)
+        down = self.down.reshape(rank, -1).astype(np.float32)
+        full = (up @ down).reshape(self.up.shape[0], *self.down.shape[1:])
+        return self.transform(full * np.float32(self.scale))
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    name: str                    # the file's stem, as the WebUI names a LoRA
+    layers: tuple[LoraLayer, ...]
+
+
+def _layer_names(networks: Mapping[str, nnx.Module]) -> dict[str, tuple[str, str]]:
+    """Every name a LoRA file may give a layer -> (network, diffusers weight key)."""
+    names: dict[str, tuple[str, str]] = {}
+    for net in NETWORKS:
+        keys = [key for path, (key, _) in parameter_keys(networks[net]).items()
+                if path.endswith(".kernel")]
+        kohya = "lora_unet_" if net == "unet" else "lora_te_"
+        for key in keys:
+            module = key[:-len(".weight")]
+            names[f"{net}.{module}"] = (net, key)
+            names[kohya + module.replace(".", "_")] = (net, key)
+            if net == "text_encoder":  # transformers 5 saves without text_model.
+                names[f"{net}.{module.removeprefix('text_model.')}"] = (net, key)
+            else:  # old diffusers files: UNet names without a prefix
+                names[module] = (net, key)
+        if net == "unet":
+            compvis = rename_keys(keys, unet_blocks(networks[net].config), forward=False)
+            for key, old in compvis.items():
+                names[kohya + old[:-len(".weight")].replace(".", "_")] = (net, key)
+    return names
+
+
+def _group(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """layer name -> {"down"|"up"|"alpha": key}, and the keys no LoRA dialect names."""
+    layers: dict[str, dict[str, str]] = {}
+    unknown = []
+    for key in tensors:
+        m = _PROCESSOR.fullmatch(key)
+        if m:
+            proj = "to_out.0" if m[2] == "to_out" else m[2]
+            layers.setdefault(f"{m[1]}.{proj}", {})[m[3]] = key
+            continue
+        for rx, part in _PARTS:
+            m = rx.fullmatch(key)
+            if m:
+                layers.setdefault(m[1], {})[part] = key
+                break
+        else:
+            unknown.append(key)
+    return layers, unknown
+
+
+def _peft_configs(tensors: Mapping[str, np.ndarray], path: Path) -> dict[str, dict]:
+    """network -> its LoraConfig fields from a diffusers file's metadata (empty: none)."""
+    raw = (getattr(tensors, "metadata", None) or {}).get(_PEFT_METADATA)
+    if not raw:
+        return {}
+    try:
+        packed = json.loads(raw)
+    except ValueError:
+        raise AdapterError(f"{path}: unreadable {_PEFT_METADATA} metadata") from None
+    out: dict[str, dict] = {}
+    for key, value in packed.items() if isinstance(packed, dict) else ():
+        net, _, field = key.partition(".")
+        out.setdefault(net, {})[field] = value
+    return out
+
+
+def _peft_scale(config: dict, module: str, rank: int) -> float:
+    """alpha / rank as PEFT computes it for ``module`` (alpha_pattern: a name suffix)."""
+    alpha = config.get("lora_alpha", rank)
+    try:
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = value
+                break
+        return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    except (re.error, TypeError, ValueError, AttributeError):
+        raise AdapterError(f"unreadable {_PEFT_METADATA} metadata for {module}") from None
+
+
+def _listing(keys: list[str], limit: int = 4) -> str:
+    keys = sorted(keys)
+    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def read_lora(path: str | Path, networks: Mapping[str, nnx.Module]) -> Lora:
+    """The layers of the LoRA file ``path``, resolved to ``networks`` (``"unet"`` and
+    ``"text_encoder"`` modules) and checked against their shapes. Raises
+    :class:`AdapterError` naming what does not fit; nothing is changed."""
+    path = Path(path)
+    try:
+        tensors = open_tensor_file(path)
+        if len(tensors) == 0:
+            raise AdapterError(f"{path}: holds no tensors, not a LoRA file")
+        layers, unknown = _group(tensors)
+        if unknown:
+            raise AdapterError(f"{path}: {len(unknown)} keys are not LoRA weights sdjax "
+                               f"reads: {_listing(unknown)}")
+        sdxl = [n for n in layers if n.startswith(_SDXL_PREFIXES)]
+        if sdxl:
+            raise AdapterError(f"{path}: an SDXL LoRA (it has {sdxl[0]}); this model is not "
+                               "SDXL")
+        names = _layer_names(networks)
+        peft = _peft_configs(tensors, path)
+        missing = [n for n in layers if n not in names]
+        if missing:
+            raise AdapterError(f"{path}: {len(missing)} LoRA layers that this model does not "
+                               f"have (a LoRA for another architecture?): {_listing(missing)}")
+        shapes = {net: {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in
+                        nnx.to_flat_state(nnx.state(networks[net], nnx.Param))}
+                  for net in NETWORKS}
+        out, misfits = [], []
+        for name, parts in sorted(layers.items()):
+            if "down" not in parts or "up" not in parts:
+                raise AdapterError(f"{path}: LoRA layer {name} lacks its "
+                                   f"{'down' if 'down' not in parts else 'up'} weight")
+            net, key = names[name]
+            target, transform = map_keys([key], _TABLES[net])[key]
+            # Copies, in float32: the file may change on disk while the LoRA stays loaded.
+            down = np.array(tensors[parts["down"]], np.float32)
+            up = np.array(tensors[parts["up"]], np.float32)
+            if (up.ndim not in (2, 4) or down.ndim != up.ndim or down.shape[0] == 0
+                    or up.shape[1] != down.shape[0]):
+                misfits.append(f"{name} (up {up.shape}, down {down.shape})")
+                continue
+            rank = down.shape[0]
+            if "alpha" in parts:
+                alpha = np.asarray(tensors[parts["alpha"]])
+                if np.size(alpha) != 1:
+                    raise AdapterError(f"{path}: {parts['alpha']} is not a single number")
+                scale = float(np.reshape(alpha, -1)[0]) / rank
+            else:
+                scale = _peft_scale(peft.get(net, {}), key[:-len(".weight")], rank)
+            layer = LoraLayer(net, target, up, down, scale, transform)
+            try:
+                delta_shape = layer.delta().shape
+            except WeightsError:
+                delta_shape = None
+            if delta_shape != shapes[net][target]:
+                misfits.append(f"{name} (up {up.shape}, down {down.shape})")
+                continue
+            out.append(layer)
+        if misfits:
+            raise AdapterError(f"{path}: {len(misfits)} LoRA layers do not fit this model's "
+                               f"shapes (a LoRA for another architecture, e.g. SD2 on SD1?): "
+                               f"{_listing(misfits, 2)}")
+    except AdapterError:
+        raise
+    except WeightsError as e:  # missing, unreadable or corrupt file
+        raise AdapterError(str(e)) from None
+    return Lora(path.stem, tuple(out))
+
+
+Pristine = dict[tuple[str, tuple], jax.Array]   # (network, parameter path) -> un-merged value
+
+
+def merge_loras(params: Mapping[str, nnx.State], pristine: Pristine,
+                loras: Iterable[tuple[Lora, float]],
+                place: Callable[[jax.Array], jax.Array]) -> tuple[dict[str, nnx.State], Pristine]:
+    """(``params`` with every parameter a LoRA touches = its un-merged value + the sum of
+    ``scale * delta``, cast to its dtype and placed; ``pristine`` with the newly touched
+    parameters' un-merged values added). Nothing is changed in place."""
+    flat = {net: dict(nnx.to_flat_state(state)) for net, state in params.items()}
+    paths = {net: {".".join(map(str, p)): p for p in flat[net]} for net in flat}
+    deltas: dict[tuple[str, tuple], np.ndarray] = {}
+    for lora, scale in loras:
+        for layer in lora.layers:
+            k = (layer.network, paths[layer.network][layer.path])
+            d = layer.delta() * np.float32(scale)
+            deltas[k] = deltas[k] + d if k in deltas else d
+    pristine = dict(pristine)
+    for (net, path), d in deltas.items():
+        base = pristine.setdefault((net, path), flat[net][path].get_value())
+        merged = (base.astype(jnp.float32) + d).astype(base.dtype)
+        flat[net][path] = flat[net][path].replace(place(merged))
+    return {net: nnx.from_flat_state(list(f.items())) for net, f in flat.items()}, pristine
