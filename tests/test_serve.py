@@ -300,7 +300,7 @@ def test_img2img_merges_only_requests_of_one_strength(registry):
 
     assert shape(denoising_strength=0.5) == shape(denoising_strength=0.5, seed=3)
     assert shape(denoising_strength=0.5) != shape(denoising_strength=0.6)
-    masked = {"mask": _b64(_square_mask()), "inpainting_fill": 1}
+    masked = {"mask": _b64(_square_mask()), "inpainting_fill": 1, "mask_blur": 0}
     assert shape(**masked) != shape()  # inpainting and img2img never share a call
 
 
