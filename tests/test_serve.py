@@ -324,6 +324,8 @@ def _too_large_png() -> str:
     ({"batch_size": 2, "init_images": "three"}, "init_images: 3 images for 2 image(s)"),
     ({"mask_blur_x": 2, "mask_blur_y": 6, "mask": _b64(_square_mask()), "inpainting_fill": 1},
      "give mask_blur"),
+    ({"mask_blur": -1, "mask": _b64(_square_mask()), "inpainting_fill": 1},
+     "mask_blur must be >= 0, got -1"),
 ])
 def test_bad_img2img_requests_get_a_one_line_4xx(server, fields, message):
     fields = {"init_images": [_b64(_pictures(1)[0])], **fields}

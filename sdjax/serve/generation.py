@@ -115,9 +115,11 @@ def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
     # The WebUI's mask_blur sets both directions; the pipeline blurs with one radius.
     blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (
         req.mask_blur_x, req.mask_blur_y)
-    if blur_x != blur_y or blur_x < 0:
+    if blur_x != blur_y:
         raise BadRequest(f"mask_blur_x={blur_x} and mask_blur_y={blur_y}: sdjax.serve blurs "
-                         "masks with one radius >= 0; give mask_blur")
+                         "masks with one radius; give mask_blur")
+    if blur_x < 0:
+        raise BadRequest(f"mask_blur must be >= 0, got {blur_x}")
     padding = None
     if req.inpaint_full_res:
         if req.inpaint_full_res_padding < 0:
