@@ -220,13 +220,123 @@ def test_other_bad_input(server):
     assert r.status_code == 413 and "limit of" in r.json()["detail"]
     r = c.post("/sdapi/v1/png-info", json={"image": "not base64!"})
     assert r.status_code == 422 and "not a base64-encoded image" in r.json()["detail"]
-    r = c.post("/sdapi/v1/img2img", json={"prompt": "a cat", "init_images": ["AAAA"]})
-    assert r.status_code == 501 and "img2img is not available" in r.json()["detail"]
     r = c.post("/sdapi/v1/img2img", json={"prompt": "a cat"})
     assert r.status_code == 422 and "init_images" in r.json()["detail"]
     assert c.get("/sdapi/v1/txt2img").status_code == 405
     # the server still serves after all of that
     assert c.get("/health").json()["status"] == "ok"
+
+
+def _b64(image: np.ndarray, fmt: str = "PNG", prefix: bool = False) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, fmt)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f"data:image/{fmt.lower()};base64,{data}" if prefix else data
+
+
+def _pictures(n: int, size: int = 16) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _square_mask(size: int = 16) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4:size // 2, size // 4:size // 2] = 255
+    return mask
+
+
+IMG2IMG = {**SHAPE, "prompt": "a green circle", "cfg_scale": 5, "seed": 7}
+
+
+def test_img2img_matches_the_pipeline(server, pipe):
+    a, b = _pictures(2)
+    jpeg = _b64(b, "JPEG")
+    body = server.client.post("/sdapi/v1/img2img", json={
+        **IMG2IMG, "batch_size": 2, "denoising_strength": 0.6,
+        "init_images": [_b64(a, prefix=True), jpeg]})
+    assert body.status_code == 200, body.text
+    body = body.json()
+    b_decoded = np.asarray(_decode(jpeg).convert("RGB"))  # what the server sees of the JPEG
+    for k, (seed, init) in enumerate([(7, a), (8, b_decoded)]):
+        expected = pipe("a green circle", num_inference_steps=2, guidance_scale=5, height=16,
+                        width=16, scheduler="euler_a", seed=seed, image=init,
+                        strength=0.6).images[0]
+        np.testing.assert_array_equal(np.asarray(_decode(body["images"][k])), expected)
+    info = json.loads(body["info"])
+    assert info["denoising_strength"] == 0.6 and info["all_seeds"] == [7, 8]
+    assert "Denoising strength: 0.6" in info["infotexts"][0]
+    assert parse_parameters(info["infotexts"][1])["Seed"] == "8"
+    assert body["parameters"]["init_images"] is None  # include_init_images is off
+
+
+def test_inpainting_only_masked_matches_the_pipeline(server, pipe):
+    (picture,) = _pictures(1, 32)
+    keep = 255 - _square_mask(32)  # inverted below: the square is repainted
+    r = server.client.post("/sdapi/v1/img2img", json={
+        **IMG2IMG, "denoising_strength": 0.9, "init_images": [_b64(picture)],
+        "mask": _b64(keep, prefix=True), "inpainting_mask_invert": 1, "inpainting_fill": 1,
+        "mask_blur": 2, "inpaint_full_res": True, "inpaint_full_res_padding": 4})
+    assert r.status_code == 200, r.text
+    expected = pipe("a green circle", num_inference_steps=2, guidance_scale=5, height=16,
+                    width=16, scheduler="euler_a", seed=7, image=picture,
+                    mask_image=_square_mask(32), strength=0.9, mask_blur=2,
+                    padding_mask_crop=4).images[0]
+    served = np.asarray(_decode(r.json()["images"][0]))
+    assert served.shape == (32, 32, 3)  # pasted back into the full image
+    np.testing.assert_array_equal(served, expected)
+    text = json.loads(r.json()["info"])["infotexts"][0]
+    for pair in ("Denoising strength: 0.9", "Mask blur: 2", "Mask mode: Inpaint not masked",
+                 "Inpaint area: Only masked", "Masked area padding: 4"):
+        assert pair in text
+
+
+def test_img2img_merges_only_requests_of_one_strength(registry):
+    from sdjax.serve.generation import plan_img2img
+    from sdjax.serve.schemas import Img2ImgRequest
+
+    def shape(**fields):
+        req = Img2ImgRequest(**{**IMG2IMG, "init_images": [_b64(_pictures(1)[0])], **fields})
+        return plan_img2img(req, registry, Limits()).shape
+
+    assert shape(denoising_strength=0.5) == shape(denoising_strength=0.5, seed=3)
+    assert shape(denoising_strength=0.5) != shape(denoising_strength=0.6)
+    masked = {"mask": _b64(_square_mask()), "inpainting_fill": 1, "mask_blur": 0}
+    assert shape(**masked) != shape()  # inpainting and img2img never share a call
+
+
+def _too_large_png() -> str:
+    return _b64(np.zeros((1024, 1032, 3), np.uint8))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"init_images": ["not base64!"]}, "init_images[0]: not a base64-encoded image"),
+    ({"init_images": [base64.b64encode(b"just text").decode()]},
+     "init_images[0]: not a base64-encoded image"),
+    ({"init_images": "big"}, "init_images[0]: 1032x1024 is more than this server's limit"),
+    ({"mask": _b64(_square_mask(24)), "inpainting_fill": 1},
+     "mask: 24x24 is not the size of init_images[0] (16x16)"),
+    ({"mask": "AAAA", "inpainting_fill": 1}, "mask: not a base64-encoded image"),
+    ({"mask": _b64(_square_mask())}, "inpainting_fill=0 is not supported"),
+    ({"mask": _b64(np.zeros((16, 16), np.uint8)), "inpainting_fill": 1},
+     "the mask is empty"),
+    ({"resize_mode": 1}, "resize_mode=1 is not supported"),
+    ({"denoising_strength": 0}, "denoising_strength must be in (0, 1], got 0"),
+    ({"batch_size": 2, "init_images": "three"}, "init_images: 3 images for 2 image(s)"),
+    ({"mask_blur_x": 2, "mask_blur_y": 6, "mask": _b64(_square_mask()), "inpainting_fill": 1},
+     "give mask_blur"),
+    ({"mask_blur": -1, "mask": _b64(_square_mask()), "inpainting_fill": 1},
+     "mask_blur must be >= 0, got -1"),
+])
+def test_bad_img2img_requests_get_a_one_line_4xx(server, fields, message):
+    fields = {"init_images": [_b64(_pictures(1)[0])], **fields}
+    if fields["init_images"] == "big":
+        fields["init_images"] = [_too_large_png()]
+    elif fields["init_images"] == "three":
+        fields["init_images"] = [_b64(p) for p in _pictures(3)]
+    r = server.client.post("/sdapi/v1/img2img", json={**IMG2IMG, **fields})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert message in detail and "\n" not in detail
 
 
 def test_queue_full_and_interrupt(server):

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import io
 import itertools
 import json
 import logging
@@ -21,7 +20,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,7 +28,7 @@ from sdjax import __version__
 from sdjax.images import parse_parameters
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
-from sdjax.serve.generation import images_response, plan_txt2img, run_call
+from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
 from sdjax.serve.limits import BadRequest, Limits
 from sdjax.serve.samplers import sampler_list
 from sdjax.serve.schemas import (
@@ -38,8 +36,8 @@ from sdjax.serve.schemas import (
     Img2ImgRequest,
     PngInfoRequest,
     Txt2ImgRequest,
-    unsupported,
 )
+from sdjax.serve.uploads import open_image
 
 log = logging.getLogger("sdjax.serve")
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -241,9 +239,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                 "running": p["running"], "calls": batcher.calls, "images": batcher.images}
 
     # ------------------------------------------------------------------ generation
-    @app.post("/sdapi/v1/txt2img", response_model=ImagesResponse)
-    async def txt2img(req: Txt2ImgRequest, request: Request):
-        plan = await run_in_threadpool(plan_txt2img, req, registry, limits)
+    async def generate(req: Txt2ImgRequest | Img2ImgRequest, request: Request, plan_for):
+        plan = await run_in_threadpool(plan_for, req, registry, limits)
         try:
             job = batcher.submit(plan.shape, plan.specs)
         except QueueFull as e:
@@ -256,24 +253,23 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
             request.state.detail = f"job {job.id} given up: the client disconnected"
             return Response(status_code=499)  # nobody reads it; for the log line
         body = await run_in_threadpool(images_response, req, plan, result)
-        s = plan.shape
+        s, t = plan.shape, plan.shape.image_task
+        kind = "" if t is None else (
+            f" {'inpainting' if t.inpaint else 'img2img'} strength {t.strength:g}")
         request.state.detail = (
-            f"job {job.id} {s.width}x{s.height} {s.steps} steps {s.scheduler} {s.model}: "
+            f"job {job.id} {s.width}x{s.height} {s.steps} steps {s.scheduler} {s.model}{kind}: "
             f"{len(result.images)} image(s) in call(s) "
             + ", ".join(f"#{c} ({n} images)" for c, n in result.calls)
             + (" (interrupted)" if result.interrupted else ""))
         return JSONResponse(body)
 
+    @app.post("/sdapi/v1/txt2img", response_model=ImagesResponse)
+    async def txt2img(req: Txt2ImgRequest, request: Request):
+        return await generate(req, request, plan_txt2img)
+
     @app.post("/sdapi/v1/img2img", response_model=ImagesResponse)
-    async def img2img(req: Img2ImgRequest):
-        # The request is parsed and checked in full, so wiring the image tasks in is small.
-        reason = unsupported(req)
-        if reason:
-            raise BadRequest(reason)
-        if not req.init_images:
-            raise BadRequest("init_images: give at least one base64 image")
-        return _error(501, "img2img is not available in this sdjax version yet; "
-                           "use /sdapi/v1/txt2img")
+    async def img2img(req: Img2ImgRequest, request: Request):
+        return await generate(req, request, plan_img2img)
 
     # ------------------------------------------------------------------ state and settings
     @app.get("/sdapi/v1/samplers")
@@ -323,13 +319,7 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
 
     @app.post("/sdapi/v1/png-info")
     async def png_info(req: PngInfoRequest):
-        data = req.image.strip()
-        if data.startswith("data:"):
-            data = data.partition(",")[2]
-        try:
-            image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-        except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
-            raise BadRequest("image: not a base64-encoded image") from None
+        image = open_image(req.image, "image")
         items = {k: v for k, v in image.info.items() if isinstance(v, str)}
         text = items.pop("parameters", "")
         params = parse_parameters(text) if text else {}

@@ -1,8 +1,9 @@
 """Merging concurrent requests into compiled calls.
 
-Requests that share a compiled shape (model, size, steps, sampler) and arrive within a short
-window run as one sharded call over all devices, up to ``max_batch`` images. Each image carries
-its own prompt, negative prompt, seed and guidance scale: those are runtime inputs of the
+Requests that share a compiled shape (model, size, steps, sampler, and for img2img and
+inpainting the task and its per-call settings) and arrive within a short window run as one
+sharded call over all devices, up to ``max_batch`` images. Each image carries its own prompt,
+negative prompt, seed, guidance scale and input images: those are runtime inputs of the
 compiled call, so merging never recompiles and never changes an image. One worker thread owns
 the devices; the HTTP side only enqueues and waits on a future.
 """
@@ -28,22 +29,39 @@ class ShuttingDown(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageTask:
+    """img2img / inpainting settings that the pipeline takes once per call: requests merge
+    only when these are equal. ``strength`` is a runtime input of the compiled program, but
+    one value for the whole call."""
+    inpaint: bool
+    strength: float
+    mask_blur: int = 0
+    padding: int | None = None                # "only masked" inpainting (padding_mask_crop)
+    source_size: tuple[int, int] | None = None  # only masked: one image size per call
+
+
+@dataclasses.dataclass(frozen=True)
 class Shape:
-    """What fixes the compiled program (with the per-device batch, which the pipeline picks)."""
+    """What fixes the compiled program (with the per-device batch, which the pipeline picks)
+    and the settings one call shares; ``image_task`` None is text-to-image."""
     model: str
     height: int
     width: int
     steps: int
     scheduler: str
+    image_task: ImageTask | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:
-    """One image's runtime inputs."""
+    """One image's runtime inputs; ``image`` (uint8 RGB) and ``mask`` (uint8 gray, white =
+    repaint) only for img2img / inpainting."""
     prompt: str
     negative_prompt: str
     seed: int
     guidance_scale: float
+    image: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    mask: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""From a WebUI txt2img request to batcher work, and from its images back to the WebUI's
+"""From a WebUI txt2img or img2img request to batcher work, and from its images back to the WebUI's
 response: base64 PNGs with their ``parameters`` chunk, the request echoed, and ``info``.
 
 A WebUI batch's image k has seed ``seed + k`` and is made exactly as ``sdjax.sample --seed
@@ -16,11 +16,14 @@ import numpy as np
 
 from sdjax import __version__, validation
 from sdjax.images import SAMPLER_LABELS, encode_png, format_parameters
-from sdjax.serve.batcher import ImageSpec, JobResult, Shape
+from sdjax.serve import uploads
+from sdjax.serve.batcher import ImageSpec, ImageTask, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest, Limits, check_generation
 from sdjax.serve.samplers import scheduler_for
-from sdjax.serve.schemas import Txt2ImgRequest, unsupported
+from sdjax.serve.schemas import Img2ImgRequest, Txt2ImgRequest, unsupported
+
+INPAINTING_FILL_ORIGINAL = 1  # the WebUI's "original": the only masked-content mode we do
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +31,11 @@ class Plan:
     shape: Shape
     specs: list[ImageSpec]
     seed: int               # the batch's first seed (-1 already replaced)
+    extra: dict = dataclasses.field(default_factory=dict)  # img2img's infotext pairs
 
 
-def plan_txt2img(req: Txt2ImgRequest, registry: ModelRegistry, limits: Limits) -> Plan:
+def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
+                 limits: Limits) -> Plan:
     """Validate ``req`` and say what to generate; raises BadRequest. May load a model."""
     reason = unsupported(req)
     if reason:
@@ -58,31 +63,137 @@ def plan_txt2img(req: Txt2ImgRequest, registry: ModelRegistry, limits: Limits) -
     return Plan(Shape(title, req.height, req.width, req.steps, scheduler), specs, seed)
 
 
+def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -> Plan:
+    """Validate an img2img / inpainting request (every txt2img check, then the images) and
+    say what to generate; raises BadRequest. May load a model."""
+    plan = plan_txt2img(req, registry, limits)
+    if req.resize_mode != 0:
+        raise BadRequest(f"resize_mode={req.resize_mode} is not supported by sdjax.serve: "
+                         "only 0 (just resize)")
+    if req.initial_noise_multiplier not in (None, 1, 1.0):
+        raise BadRequest(f"initial_noise_multiplier={req.initial_noise_multiplier!r} is not "
+                         "supported by sdjax.serve")
+    if not 0 < req.denoising_strength <= 1:  # 0 would run no step at all
+        raise BadRequest("denoising_strength must be in (0, 1], got "
+                         f"{req.denoising_strength}")
+    if not req.init_images:
+        raise BadRequest("init_images: give at least one base64 image")
+    n = len(plan.specs)
+    if len(req.init_images) not in (1, n):
+        raise BadRequest(f"init_images: {len(req.init_images)} images for {n} image(s) to "
+                         "make: give one, or one per image (batch_size * n_iter)")
+    images = [uploads.decode(d, f"init_images[{i}]", limits.max_pixels)
+              for i, d in enumerate(req.init_images)]
+    mask, task, extra = None, None, {"Denoising strength": f"{req.denoising_strength:g}"}
+    if req.mask:
+        mask, task = _mask_task(req, images, limits)
+        extra.update(_mask_infotext(req, task))
+    else:
+        task = ImageTask(inpaint=False, strength=req.denoising_strength)
+    images = images * n if len(images) == 1 else images
+    _check_task(registry.get(plan.shape.model), plan.shape, task, images, mask)
+    specs = [dataclasses.replace(s, image=im, mask=mask)
+             for s, im in zip(plan.specs, images, strict=True)]
+    shape = dataclasses.replace(plan.shape, image_task=task)
+    return Plan(shape, specs, plan.seed, extra)
+
+
+def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
+               ) -> tuple[np.ndarray, ImageTask]:
+    """The mask as the pipeline takes it (white = repaint) and the call's inpainting
+    settings, in the WebUI's field names."""
+    if req.inpainting_fill != INPAINTING_FILL_ORIGINAL:
+        raise BadRequest(f"inpainting_fill={req.inpainting_fill} is not supported by "
+                         "sdjax.serve: only 1 (original)")
+    mask = uploads.decode(req.mask, "mask", limits.max_pixels, mask=True)
+    for i, im in enumerate(images):
+        if im.shape[:2] != mask.shape:
+            raise BadRequest(f"mask: {mask.shape[1]}x{mask.shape[0]} is not the size of "
+                             f"init_images[{i}] ({im.shape[1]}x{im.shape[0]})")
+    if req.inpainting_mask_invert:
+        mask = 255 - mask
+    # The WebUI's mask_blur sets both directions; the pipeline blurs with one radius.
+    blur_x, blur_y = (req.mask_blur, req.mask_blur) if req.mask_blur is not None else (
+        req.mask_blur_x, req.mask_blur_y)
+    if blur_x != blur_y:
+        raise BadRequest(f"mask_blur_x={blur_x} and mask_blur_y={blur_y}: sdjax.serve blurs "
+                         "masks with one radius; give mask_blur")
+    if blur_x < 0:
+        raise BadRequest(f"mask_blur must be >= 0, got {blur_x}")
+    padding = None
+    if req.inpaint_full_res:
+        if req.inpaint_full_res_padding < 0:
+            raise BadRequest("inpaint_full_res_padding must be >= 0, got "
+                             f"{req.inpaint_full_res_padding}")
+        padding = req.inpaint_full_res_padding
+    size = mask.shape if padding is not None else None
+    return mask, ImageTask(inpaint=True, strength=req.denoising_strength, mask_blur=blur_x,
+                           padding=padding, source_size=size)
+
+
+def _mask_infotext(req: Img2ImgRequest, task: ImageTask) -> dict:
+    """The WebUI's infotext pairs for inpainting."""
+    extra: dict = {"Mask blur": task.mask_blur}
+    if req.inpainting_mask_invert:
+        extra["Mask mode"] = "Inpaint not masked"
+    extra["Masked content"] = "original"
+    if task.padding is not None:
+        extra["Inpaint area"] = "Only masked"
+        extra["Masked area padding"] = task.padding
+    return extra
+
+
+def _check_task(pipe, shape: Shape, task: ImageTask, images: list[np.ndarray],
+                mask: np.ndarray | None) -> None:
+    """Run the pipeline's own checks of the image inputs now, on this request alone, so that
+    a bad one (strength out of range, an empty mask, a model that needs a mask) is this
+    request's 422 and never fails a merged call."""
+    try:
+        pipe._task_inputs(images, None if mask is None else [mask] * len(images),
+                          task.strength, len(images), 1, shape.steps, shape.height,
+                          shape.width, **_task_kwargs(task))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+def _task_kwargs(task: ImageTask) -> dict:
+    return {"mask_blur": task.mask_blur, "padding_mask_crop": task.padding} if task.inpaint \
+        else {}
+
+
 def run_call(registry: ModelRegistry):
     """The batcher's ``run``: one compiled call for images of one shape."""
     def run(shape: Shape, specs: list[ImageSpec]) -> np.ndarray:
         pipe = registry.get(shape.model)
+        task, images = shape.image_task, {}
+        if task is not None:
+            images = {"image": [s.image for s in specs], "strength": task.strength,
+                      **_task_kwargs(task)}
+            if task.inpaint:
+                images["mask_image"] = [s.mask for s in specs]
         return pipe([s.prompt for s in specs],
                     negative_prompt=[s.negative_prompt for s in specs],
                     num_inference_steps=shape.steps,
                     guidance_scale=[s.guidance_scale for s in specs],
                     height=shape.height, width=shape.width, scheduler=shape.scheduler,
-                    seeds=[s.seed for s in specs], image_indices=[0] * len(specs)).images
+                    seeds=[s.seed for s in specs], image_indices=[0] * len(specs),
+                    **images).images
     return run
 
 
-def infotext(spec: ImageSpec, shape: Shape) -> str:
+def infotext(spec: ImageSpec, shape: Shape, extra: dict | None = None) -> str:
     return format_parameters(prompt=spec.prompt, negative_prompt=spec.negative_prompt,
                              steps=shape.steps, sampler=shape.scheduler,
                              guidance_scale=spec.guidance_scale, seed=spec.seed,
-                             width=shape.width, height=shape.height, model=shape.model)
+                             width=shape.width, height=shape.height, model=shape.model,
+                             extra=extra)
 
 
-def images_response(req: Txt2ImgRequest, plan: Plan, result: JobResult) -> dict:
-    """The WebUI's TextToImageResponse for a finished job (PNG encoding happens here, so call
-    it off the event loop)."""
+def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: JobResult) -> dict:
+    """The WebUI's TextToImageResponse (or ImageToImageResponse) for a finished job (PNG
+    encoding happens here, so call it off the event loop)."""
     shape = plan.shape
-    texts = [infotext(spec, shape) for spec in result.specs]
+    texts = [infotext(spec, shape, plan.extra) for spec in result.specs]
     images = [base64.b64encode(encode_png(im, text)).decode("ascii")
               for im, text in zip(result.images, texts, strict=True)] if req.send_images else []
     seeds = [s.seed for s in result.specs] or [plan.seed]
@@ -106,4 +217,8 @@ def images_response(req: Txt2ImgRequest, plan: Plan, result: JobResult) -> dict:
         "clip_skip": 1, "is_using_inpainting_conditioning": False,
         "version": f"sdjax {__version__}",
     }
-    return {"images": images, "parameters": req.model_dump(), "info": json.dumps(info)}
+    parameters = req.model_dump()
+    if isinstance(req, Img2ImgRequest) and not req.include_init_images:
+        # as the WebUI: the inputs are not sent back unless asked for
+        parameters["init_images"], parameters["mask"] = None, None
+    return {"images": images, "parameters": parameters, "info": json.dumps(info)}
