@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -227,3 +228,20 @@ def report_seed(requested: int, used: int) -> None:
     """The WebUI prints the seed a random request got: it is the one that reproduces."""
     if requested == validation.RANDOM_SEED:
         print(f"seed: {used} (random)", file=sys.stderr)
+
+
+def run_main(body: Callable[[], int], interrupted: Callable[[], str | None] = lambda: None) -> int:
+    """A CLI's body, with the exits every sdjax command shares: bad input (a flag, a file, the
+    weights) is one ``error:`` line and status 2, never a traceback; Ctrl-C is status 130 after
+    the line ``interrupted()`` gives, if any."""
+    from sdjax.weights.errors import WeightsError
+    try:
+        return body()
+    except (UsageError, WeightsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        message = interrupted()
+        if message:
+            print(message, file=sys.stderr)
+        return 130

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sdjax.sample import ModelOptions, UsageError, add_flag
+from sdjax.cli_args import ModelOptions, UsageError, add_flag, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,15 +85,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sdjax.weights.errors import WeightsError
-    try:
-        return run(args)
-    except (UsageError, WeightsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_main(lambda: run(args), lambda: "interrupted")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from sdjax.cli_args import (
     check_outdir,
     image_size,
     resolve_dtype,
+    run_main,
 )
 from sdjax.dataset import manifest
 from sdjax.dataset.prompts import PromptsInfo, Row, read_rows, scan
@@ -407,16 +408,9 @@ def _write_run_stats(store: Store, layout: Layout, this_run: dict, num_jobs: int
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sdjax.weights.errors import WeightsError
-    try:
-        return run(args)
-    except (UsageError, WeightsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: complete shards are kept and partial ones removed; run the same "
-              "command again to resume", file=sys.stderr)
-        return 130
+    return run_main(lambda: run(args), lambda: (
+        "interrupted: complete shards are kept and partial ones removed; run the same command "
+        "again to resume"))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from sdjax.cli_args import (  # noqa: F401
     image_size,
     report_seed,
     resolve_dtype,
+    run_main,
 )
 
 MAX_PROMPTS = 10_000  # beyond this, a dataset job: python -m sdjax.generate
@@ -331,16 +332,9 @@ def _task_settings(args, pipe, image, mask, upscaler: bool):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sdjax.weights.errors import WeightsError
     written: list[Path] = []
-    try:
-        return run(args, written)
-    except (UsageError, WeightsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {_wrote(written, args.outdir)}", file=sys.stderr)
-        return 130
+    return run_main(lambda: run(args, written),
+                    lambda: f"interrupted: {_wrote(written, args.outdir)}")
 
 
 if __name__ == "__main__":

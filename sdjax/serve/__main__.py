@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from sdjax.cli_args import UsageError, add_flag, resolve_dtype
+from sdjax.cli_args import UsageError, add_flag, resolve_dtype, run_main
 
 log = logging.getLogger("sdjax.serve")
 
@@ -150,14 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s",
                         stream=sys.stderr)
     log.setLevel(logging.INFO)  # our request lines; other libraries stay at warnings
-    from sdjax.weights.errors import WeightsError
-    try:
-        return run(args)
-    except (UsageError, WeightsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_main(lambda: run(args))
 
 
 if __name__ == "__main__":
