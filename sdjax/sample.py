@@ -246,10 +246,10 @@ def run(args, written: list[Path]) -> int:
                 # Made only now, so a run that fails before its first image leaves no folder.
                 args.outdir.mkdir(parents=True, exist_ok=True)
                 start = next_index(args.outdir)
-            for j, ((prompt, _), image) in enumerate(zip(chunk, out.images, strict=True)):
+            for j, ((prompt, _), pixels) in enumerate(zip(chunk, out.images, strict=True)):
                 i = b0 + j
                 path = args.outdir / f"{start + i:05d}-{seed}-{i}.png"
-                save_png(image, path, format_parameters(
+                save_png(pixels, path, format_parameters(
                     prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                     sampler=scheduler, guidance_scale=args.guidance_scale, seed=seed,
                     index=i, width=width, height=height, model=args.model, extra=extra))
