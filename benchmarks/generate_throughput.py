@@ -18,13 +18,14 @@ from benchmarks.models (tiny, mid, sd15, sd21: random weights), ``toy`` or a dif
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+
+from benchmarks import report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -126,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": {"sampler": [round(x, 3) for x in sampler],
                    "generate": [round(x, 3) for x in generate]},
     }
-    print(json.dumps(record, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+    report.emit_json(record, args.json)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 
 HEADER = """# Benchmark results
@@ -91,3 +92,10 @@ def append_row(path: Path, fields: dict, *, command: str, versions: dict[str, st
     ]
     with path.open("a") as f:
         f.write("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |\n")
+
+
+def emit_json(record: dict, path: str | None) -> None:
+    """Print a run's record as JSON, and save it to ``path`` when one is given."""
+    print(json.dumps(record, indent=1))
+    if path:
+        Path(path).write_text(json.dumps(record, indent=1))

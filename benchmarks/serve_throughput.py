@@ -30,6 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+from benchmarks import report
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_throughput",
@@ -165,15 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "instant model, median request latency": overhead},
         "rows": rows,
     }
-    print(json.dumps(record, indent=1))
+    report.emit_json(record, args.json)
     print("\n| mode | clients | requests/s | images/s | mean latency s | images/call |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['clients']} | {r['requests_per_s']} | {r['images_per_s']} "
               f"| {r['mean_latency_s']} | {r['images_per_call']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
     return 0
 
 

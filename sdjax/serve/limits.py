@@ -6,7 +6,6 @@ Every check gives a one-line reason; the HTTP layer turns :class:`BadRequest` in
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from sdjax import validation
 
@@ -35,10 +34,15 @@ class Limits:
 
 def check_generation(*, width: int, height: int, steps: int, batch_size: int, n_iter: int,
                      cfg_scale: float, seed: int, limits: Limits) -> None:
-    """The numeric fields of a txt2img/img2img request."""
-    for name, v in (("width", width), ("height", height)):
-        if v < 8 or v % 8:
-            raise BadRequest(f"{name} must be a positive multiple of 8, got {v}")
+    """The numeric fields of a txt2img/img2img request: the value rules every entry point
+    shares (sdjax.validation), then this server's own limits."""
+    try:
+        for name, v in (("width", width), ("height", height)):
+            validation.check_size(v, name, 8)
+        validation.check_number(cfg_scale, "cfg_scale", minimum=0)
+        validation.check_seed(seed)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(str(e)) from None
     if width * height > limits.max_pixels:
         raise BadRequest(f"{width}x{height} is more than this server's limit of "
                          f"{limits.max_pixels} pixels per image")
@@ -50,9 +54,4 @@ def check_generation(*, width: int, height: int, steps: int, batch_size: int, n_
     if batch_size * n_iter > limits.max_images:
         raise BadRequest(f"batch_size * n_iter = {batch_size * n_iter} is more than this "
                          f"server's limit of {limits.max_images} images per request")
-    if not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise BadRequest(f"cfg_scale must be a number >= 0, got {cfg_scale}")
-    try:
-        validation.check_seed(seed)
-    except (TypeError, ValueError) as e:
-        raise BadRequest(str(e)) from None
+
