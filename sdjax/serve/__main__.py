@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from sdjax.cli_args import UsageError, add_flag, resolve_dtype, run_main
+from sdjax.cli_args import Parser, UsageError, add_flag, resolve_dtype, run_main
 
 log = logging.getLogger("sdjax.serve")
 
@@ -22,11 +22,10 @@ log = logging.getLogger("sdjax.serve")
 def build_parser() -> argparse.ArgumentParser:
     from sdjax.serve.limits import Limits
     d = Limits()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m sdjax.serve",
         description="Serve the AUTOMATIC1111 WebUI's HTTP API (/sdapi/v1/...) and a web page, "
-                    "merging concurrent requests into one compiled call over all devices.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "merging concurrent requests into one compiled call over all devices.")
     add_flag(p, "model", action="append", default=None,
              help="'toy', a diffusers folder or a hub id; repeat to offer several (the first "
                   "is the default; clients switch with sd_model_checkpoint)")
