@@ -12,6 +12,7 @@ of files, images on disk or the CLI.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 
@@ -21,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sdjax import parallel, tasks
+from sdjax import parallel, tasks, vae_tiling
 from sdjax.schedulers.start import start_table
 
 # Per-image status the compiled call returns when it checks its outputs (one int8 per image).
@@ -132,7 +133,11 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             return (x, status.astype(jnp.int8)) if spec.nan_check else x
         z = (x / scaling).astype(vae.decoder.conv_in.kernel.dtype)
         # Decoding is the activation-memory peak: map over chunks of the per-device batch.
-        pixels = jax.lax.map(lambda zi: vae.decode(zi[None])[0], z, batch_size=spec.decode_chunk)
+        decode = vae.decode
+        if task.decode_tiles is not None:
+            decode = functools.partial(vae_tiling.tiled_decode, vae.decode,
+                                       tiling=task.decode_tiles)
+        pixels = jax.lax.map(lambda zi: decode(zi[None])[0], z, batch_size=spec.decode_chunk)
         pixels = pixels.astype(jnp.float32)
         if spec.nan_check:
             status = jnp.where((status == FINITE) & ~jnp.isfinite(pixels).all(axis=(1, 2, 3)),

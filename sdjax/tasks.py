@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from sdjax.vae_tiling import VaeTiling
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -36,6 +38,7 @@ class Task:
     mask_channels: bool = False  # 9-channel inpainting UNet: mask + masked-image latents
     blend: bool = False  # 4-channel inpainting: kept latents put back after each step
     low_res: Any = None  # the upscaler's low-res noise scheduler (a frozen DDPM)
+    decode_tiles: VaeTiling | None = None  # decode in overlapping tiles (sdjax.vae_tiling)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -67,8 +70,8 @@ def inpainting(unet_in_channels: int, latent_channels: int) -> Task:
                      "inpainting model)")
 
 
-def upscaling(low_res_scheduler) -> Task:
-    return Task("upscale", low_res=low_res_scheduler)
+def upscaling(low_res_scheduler, decode_tiles: VaeTiling | None = None) -> Task:
+    return Task("upscale", low_res=low_res_scheduler, decode_tiles=decode_tiles)
 
 
 class Feed(NamedTuple):

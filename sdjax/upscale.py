@@ -16,11 +16,16 @@ from PIL import Image
 from sdjax import tasks
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.schedulers import get_scheduler
+from sdjax.vae_tiling import VaeTiling
 from sdjax.weights.errors import WeightsError
 from sdjax.weights.files import read_json
 from sdjax.weights.resolve import resolve_model
 
 DEFAULT_MAX_NOISE_LEVEL = 350  # diffusers' default when model_index.json does not say
+# vae_tiling=None decodes in tiles above this many output pixels: a 256x256 input (1024x1024
+# out) still decodes whole, a 512x512 one (2048x2048 out, whose whole decode needs its
+# mid-block attention over 512x512 latents) in tiles.
+TILED_DECODE_ABOVE = 1024 * 1024
 
 
 class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
@@ -30,6 +35,10 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
 
     low_res_scheduler = None
     max_noise_level = DEFAULT_MAX_NOISE_LEVEL
+    # What sdjax.sample runs when --steps / --guidance_scale are not given (diffusers' defaults
+    # for this pipeline).
+    default_steps = 75
+    default_guidance = 9.0
 
     @classmethod
     def from_pretrained(cls, model: str, *args, **kwargs) -> StableDiffusionUpscalePipeline:
@@ -57,16 +66,19 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
 
     def _prepare(self, prompt, negative_prompt=None, num_inference_steps: int = 75,
                  guidance_scale: float = 9.0, *args, noise_level: int = 20,
-                 image_noise=None, **kwargs):
+                 image_noise=None, vae_tiling: bool | None = None, **kwargs):
         """As StableDiffusionPipeline's, with the upscaler's defaults; ``image_noise`` (NHWC
         float, shaped like the low-res image batch) replaces the noise drawn from (seed, i)
-        for the low-res image."""
+        for the low-res image. ``vae_tiling``: decode in overlapping tiles as diffusers'
+        ``enable_vae_tiling`` does (True), whole (False), or tiles only above
+        ``TILED_DECODE_ABOVE`` output pixels (None)."""
         return super()._prepare(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                 *args, noise_level=noise_level, image_noise=image_noise,
-                                **kwargs)
+                                vae_tiling=vae_tiling, **kwargs)
 
     def _task_inputs(self, image, mask_image, strength, n_prompts: int, per_prompt: int,
-                     steps: int, height, width, *, noise_level=20, image_noise=None):
+                     steps: int, height, width, *, noise_level=20, image_noise=None,
+                     vae_tiling=None):
         if image is None:
             raise ValueError("the upscaler needs an image to upscale (image=)")
         if mask_image is not None or strength is not None:
@@ -95,4 +107,18 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
                 raise ValueError(f"image_noise must have shape {(n, h, w, 3)}, got "
                                  f"{image_noise.shape}")
             inputs["image_noise"] = image_noise
-        return tasks.upscaling(self.low_res_scheduler), inputs, 0, (h * f, w * f), None
+        tiles = decode_tiling(self.vae_config, h, w, vae_tiling)
+        return tasks.upscaling(self.low_res_scheduler, tiles), inputs, 0, (h * f, w * f), None
+
+
+def decode_tiling(vae_config, h: int, w: int, vae_tiling: bool | None) -> VaeTiling | None:
+    """How the upscaler decodes (h, w) latents: diffusers' tiles when ``vae_tiling`` is True,
+    or None and the output exceeds ``TILED_DECODE_ABOVE`` pixels; None (a whole decode)
+    otherwise, and for latents within one tile, as diffusers' tiled decode."""
+    if vae_tiling not in (None, True, False):
+        raise ValueError(f"vae_tiling must be None, True or False, got {vae_tiling!r}")
+    f = vae_config.downsample_factor
+    if vae_tiling is False or (vae_tiling is None and h * w * f * f <= TILED_DECODE_ABOVE):
+        return None
+    tiling = VaeTiling.for_vae(vae_config)
+    return tiling if tiling.applies(h, w) else None
