@@ -166,8 +166,11 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
     from sdjax.schedulers import SCHEDULER_NAMES
 
     try:
-        validation.check_int(args.steps, "--steps", minimum=1, maximum=MAX_STEPS)
-        validation.check_number(args.guidance_scale, "--guidance_scale", minimum=0)
+        # None: the pipeline's default, filled in later (sdjax.sample).
+        if args.steps is not None:
+            validation.check_int(args.steps, "--steps", minimum=1, maximum=MAX_STEPS)
+        if args.guidance_scale is not None:
+            validation.check_number(args.guidance_scale, "--guidance_scale", minimum=0)
         for name in ("batch_size", "num_devices"):
             if getattr(args, name) is not None:
                 validation.check_int(getattr(args, name), f"--{name}", minimum=1)

@@ -128,6 +128,10 @@ class StableDiffusionPipeline:
     Build it with :meth:`from_pretrained`; call it with prompts. See docs/python-api.md.
     """
 
+    # What sdjax.sample runs when --steps / --guidance_scale are not given.
+    default_steps = 50
+    default_guidance = 7.5
+
     def __init__(self, *, text_encoder, vae, unet, tokenizer, scheduler_config: dict,
                  mesh, dtype, name: str = "", vae_scale_factor: int = 8,
                  tokenizer_dir: Path | None = None, note: str = "",

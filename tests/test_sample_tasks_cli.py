@@ -50,13 +50,32 @@ def test_only_masked_inpainting_keeps_everything_outside_the_region(sd1_folder, 
 
 
 def test_upscaler_writes_four_times_the_input(upscaler_folder, files, tmp_path, capsys):
+    # No --guidance_scale: the upscaler's own 9 runs and is recorded (--steps 2 keeps it cheap;
+    # test_upscaler_defaults_are_the_pipelines checks the 75 steps).
     rc, _, err = _run(capsys, "--model", upscaler_folder, "--prompt", "a cat", "--steps", "2",
                       "--num_devices", "1", "--image", files / "low.png", "--noise_level",
                       "30", "--outdir", tmp_path)
     assert rc == 0, err
     [png] = tmp_path.glob("*.png")
     assert Image.open(png).size == (32, 32)
-    assert parse_parameters(Image.open(png).text["parameters"])["Noise level"] == "30"
+    params = parse_parameters(Image.open(png).text["parameters"])
+    assert params["Noise level"] == "30"
+    assert (params["CFG scale"], params["Steps"]) == ("9", "2")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {"upscaler": (75, 9.0), "sd": (50, 7.5)}),
+    (["--steps", "20", "--guidance_scale", "4"], {"upscaler": (20, 4.0), "sd": (20, 4.0)}),
+])
+def test_upscaler_defaults_are_the_pipelines(argv, expected):
+    from sdjax.pipeline import StableDiffusionPipeline
+    from sdjax.sample import build_parser, pipeline_defaults
+    from sdjax.upscale import StableDiffusionUpscalePipeline
+    for kind, cls in (("upscaler", StableDiffusionUpscalePipeline),
+                      ("sd", StableDiffusionPipeline)):
+        args = build_parser().parse_args(["--prompt", "x", *argv])
+        pipeline_defaults(args, cls)
+        assert (args.steps, args.guidance_scale) == expected[kind]
 
 
 @pytest.mark.parametrize("args, message", [
