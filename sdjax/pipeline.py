@@ -475,14 +475,17 @@ class StableDiffusionPipeline:
 
     def _task_inputs(self, image, mask_image, strength, n_prompts: int, per_prompt: int,
                      steps: int, height: int | None, width: int | None, *,
-                     mask_blur: float = 0, padding_mask_crop: int | None = None):
+                     mask_blur: float = 0, padding_mask_crop: int | None = None,
+                     masked_content: str = "original"):
         """(task, host arrays, start step, (height, width), post-processing or None) for
         text-to-image, img2img or inpainting, from the user's images.
 
         ``mask_blur`` (pixels) softens the mask before it is binarised and, with
         ``padding_mask_crop``, is the feathered edge of the paste-back. ``padding_mask_crop``
         is the WebUI's "only masked" inpainting: the mask's bounding box plus this many
-        pixels is generated at the full ``height`` x ``width`` and pasted back."""
+        pixels is generated at the full ``height`` x ``width`` and pasted back.
+        ``masked_content`` is the WebUI's (``tasks.MASKED_CONTENT``): what the masked region
+        starts from; diffusers' "original" by default."""
         if image is None:
             if mask_image is not None:
                 raise ValueError("mask_image needs an image to inpaint")
@@ -500,6 +503,10 @@ class StableDiffusionPipeline:
             raise ValueError("this is an inpainting model: pass mask_image= with image=")
         if mask_image is None and padding_mask_crop is not None:
             raise ValueError("padding_mask_crop needs a mask_image")
+        if masked_content not in tasks.MASKED_CONTENT or (
+                mask_image is None and masked_content != "original"):
+            raise ValueError(f"masked_content must be one of {', '.join(tasks.MASKED_CONTENT)} "
+                             f"with a mask_image, got {masked_content!r}")
         strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
                 or not 0.0 < strength <= 1.0:
@@ -523,9 +530,14 @@ class StableDiffusionPipeline:
         if padding_mask_crop is not None:
             finish, rgb, grays = self._only_masked(rgb, grays, padding_mask_crop, height,
                                                    width)
-        inputs = {"image": np.stack([tasks.resize(x, height, width) for x in rgb]),
+        images = [tasks.resize(x, height, width) for x in rgb]
+        if masked_content != "original":  # the WebUI fills for every other choice
+            images = [tasks.fill_masked(x, tasks.resize(g, height, width))
+                      for x, g in zip(images, grays, strict=True)]
+        inputs = {"image": np.stack(images),
                   "mask": np.stack([tasks.binarize(g, height, width) for g in grays])}
-        task = tasks.inpainting(self.unet_config.in_channels, self.vae_config.latent_channels)
+        task = tasks.inpainting(self.unet_config.in_channels, self.vae_config.latent_channels,
+                                masked_content)
         return task, inputs, start, (height, width), finish
 
     @staticmethod
@@ -538,7 +550,7 @@ class StableDiffusionPipeline:
         if any(x.shape[:2] != rgb[0].shape[:2] or g.shape != x.shape[:2]
                for x, g in zip(rgb, grays, strict=True)):
             raise ValueError("padding_mask_crop needs every image and mask at one size")
-        boxes = [tasks.crop_region(g >= 128, padding, height, width) for g in grays]
+        boxes = [tasks.only_masked_box(g, padding, height, width) for g in grays]
         alphas = np.stack([tasks.blur_mask(g, 0) for g in grays])
         finish = tasks.OnlyMasked(np.stack(rgb), alphas, boxes).paste
         rgb = [x[t:b, l:r] for x, (t, l, b, r) in zip(rgb, boxes, strict=True)]

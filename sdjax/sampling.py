@@ -88,7 +88,8 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             noise = inputs["latents"].astype(jnp.float32)
         else:
             noise = jax.vmap(lambda k: jax.random.normal(k, lat_shape, jnp.float32))(noise_keys)
-        feed = tasks.feed(task, vae, scaling, inputs, noise_keys, chunk=spec.decode_chunk)
+        feed = tasks.feed(task, vae, scaling, inputs, noise_keys, chunk=spec.decode_chunk,
+                          noise=noise)
 
         if task.runtime_start:
             state = table.state(start)

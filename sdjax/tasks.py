@@ -39,6 +39,7 @@ class Task:
     blend: bool = False  # 4-channel inpainting: kept latents put back after each step
     low_res: Any = None  # the upscaler's low-res noise scheduler (a frozen DDPM)
     decode_tiles: VaeTiling | None = None  # decode in overlapping tiles (sdjax.vae_tiling)
+    latent_fill: str | None = None  # inpainting: "noise" | "zero" start latents under the mask
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -53,18 +54,27 @@ class Task:
         return tuple(names)
 
 
+# The WebUI's "Masked content" choices for inpainting, in the order of its API's
+# inpainting_fill (0-3). All but "original" first paint the masked region with colours of
+# the kept one (fill_masked); "latent noise" / "latent nothing" then replace the masked
+# region's start latents with the call's noise / zeros.
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+_LATENT_FILL = {"latent noise": "noise", "latent nothing": "zero"}
+
 TXT2IMG = Task("txt2img")
 IMG2IMG = Task("img2img", encodes_image=True, runtime_start=True)
 
 
-def inpainting(unet_in_channels: int, latent_channels: int) -> Task:
+def inpainting(unet_in_channels: int, latent_channels: int,
+               masked_content: str = "original") -> Task:
     """The inpainting task for a UNet with ``unet_in_channels`` inputs."""
+    fill = _LATENT_FILL.get(masked_content)
     if unet_in_channels == 2 * latent_channels + 1:
         return Task("inpaint", encodes_image=True, runtime_start=True,
-                    pure_noise_at_full_strength=True, mask_channels=True)
+                    pure_noise_at_full_strength=True, mask_channels=True, latent_fill=fill)
     if unet_in_channels == latent_channels:
         return Task("inpaint", encodes_image=True, runtime_start=True,
-                    pure_noise_at_full_strength=True, blend=True)
+                    pure_noise_at_full_strength=True, blend=True, latent_fill=fill)
     raise ValueError(f"this UNet takes {unet_in_channels} input channels: inpainting needs "
                      f"{latent_channels} (any model) or {2 * latent_channels + 1} (an "
                      "inpainting model)")
@@ -98,8 +108,9 @@ def encode(vae, pixels: jax.Array, scaling: float, chunk: int) -> jax.Array:
 
 
 def feed(task: Task, vae, scaling: float, inputs: Mapping[str, jax.Array],
-         noise_keys: jax.Array, *, chunk: int) -> Feed:
-    """Inside the compiled call: the task's arrays -> what the loop consumes."""
+         noise_keys: jax.Array, *, chunk: int, noise: jax.Array | None = None) -> Feed:
+    """Inside the compiled call: the task's arrays -> what the loop consumes. ``noise`` is
+    the call's latent noise ("latent noise" inpainting starts from it under the mask)."""
     image_latents = extra = labels = repaint = None
     if task.encodes_image:
         pixels = _signed(inputs["image"])
@@ -110,6 +121,11 @@ def feed(task: Task, vae, scaling: float, inputs: Mapping[str, jax.Array],
             # nearest-neighbour resize, which diffusers uses, at an integer factor.
             f = mask.shape[1] // image_latents.shape[1]
             small = mask[:, ::f, ::f]
+            if task.latent_fill is not None:
+                # The WebUI's "latent noise" / "latent nothing": the masked region starts from
+                # the seed's noise (the same draw as the start noise, as the WebUI's) or zeros.
+                under = noise if task.latent_fill == "noise" else 0.0
+                image_latents = (1 - small) * image_latents + small * under
             if task.mask_channels:
                 masked = encode(vae, pixels * (mask < 0.5), scaling, chunk)
                 extra = jnp.concatenate([small, masked], axis=-1)
@@ -218,6 +234,34 @@ def blur_mask(mask: np.ndarray, radius: float) -> np.ndarray:
         return mask.astype(np.float32) / 255.0
     soft = Image.fromarray(mask).filter(ImageFilter.GaussianBlur(radius))
     return np.asarray(soft, np.float32) / 255.0
+
+
+# The WebUI's "fill": (blur radius, times composited) from the blurriest layer up; the last,
+# unblurred layer puts the kept region back exactly.
+FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
+
+
+def fill_masked(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) image, uint8 (H, W) mask (white = repaint) -> the image with the
+    masked region painted from the kept region's colours, as the WebUI's "fill" does: the
+    kept region (alpha = 255 - mask, premultiplied) blurred ever less and composited layer
+    over layer."""
+    from PIL import ImageFilter
+    kept = Image.fromarray(np.dstack([image, 255 - mask]), "RGBA").convert("RGBa")
+    out = Image.new("RGBA", kept.size)
+    for radius, times in FILL_LAYERS:
+        layer = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            out.alpha_composite(layer)
+    return np.asarray(out.convert("RGB"))
+
+
+def only_masked_box(gray: np.ndarray, padding: int, height: int, width: int
+                    ) -> tuple[int, int, int, int]:
+    """The "only masked" region of a uint8 (blurred) mask: like the WebUI (its
+    get_crop_region takes the bounding box of every non-zero pixel), a blurred edge too faint
+    to be repainted still widens the region, so the paste-back's feather fits inside it."""
+    return crop_region(gray > 0, padding, height, width)
 
 
 def crop_region(mask: np.ndarray, padding: int, height: int, width: int

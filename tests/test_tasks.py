@@ -236,3 +236,86 @@ def test_bad_task_arguments(sd1, sd1_inpaint):
         ours(PROMPTS, image=[image] * 3)
     with pytest.raises(ValueError, match="uint8"):
         ours("a cat", image=image.astype(np.float32))
+    with pytest.raises(ValueError, match="masked_content"):
+        ours("a cat", image=image, mask_image=_mask(), masked_content="blur")
+    with pytest.raises(ValueError, match="masked_content"):
+        ours("a cat", image=image, masked_content="fill")
+
+
+def test_inpainting_makes_the_images_size(sd1):
+    """The default size of inpainting (and img2img) is the image's, rounded down to the VAE
+    factor, as the WebUI's users expect (diffusers' inpainting pipeline uses the model's);
+    a size given differently resizes image and mask (docs/python-api.md)."""
+    ours = sd1[0]
+    assert ours.default_hw != (24, 40)
+    image = np.zeros((25, 41, 3), np.uint8)
+    mask = np.zeros((25, 41), np.uint8)
+    mask[:, 20:] = 255
+
+    def size(**kw):
+        _, inputs, _, hw, _ = ours._task_inputs(image, mask, None, 1, 1, STEPS, **kw)
+        assert inputs["image"].shape == (1, *hw, 3) and inputs["mask"].shape == (1, *hw)
+        return hw, inputs["mask"][0]
+
+    (hw, m) = size(height=None, width=None)
+    assert hw == (24, 40)
+    (hw, m) = size(height=32, width=16)
+    assert hw == (32, 16) and m[:, :7].max() == 0 and m[:, 9:].min() == 1  # resized, kept
+
+
+def test_only_masked_region_holds_every_blurred_pixel(sd1):
+    """A thin stroke blurred by --mask_blur stays below 128 everywhere: the WebUI's region is
+    the bounding box of every non-zero pixel, so it is cropped, not refused, and the
+    paste-back's whole feather lies inside the region."""
+    from sdjax import tasks
+    stroke = np.zeros((64, 64), np.uint8)
+    stroke[30, 20:28] = 255
+    soft = np.round(tasks.blur_mask(stroke, 3) * 255).astype(np.uint8)
+    assert 0 < soft.max() < 128
+    top, left, bottom, right = tasks.only_masked_box(soft, 0, 32, 32)
+    outside = soft.copy()
+    outside[top:bottom, left:right] = 0
+    assert outside.max() == 0 and (bottom - top) * (right - left) < 64 * 64 // 2
+    image = np.zeros((64, 64, 3), np.uint8)
+    *_, finish = sd1[0]._task_inputs(image, stroke, None, 1, 1, STEPS, 32, 32, mask_blur=3,
+                                     padding_mask_crop=0)
+    assert finish is not None
+
+
+def test_fill_paints_the_masked_region_from_the_kept_one():
+    from sdjax import tasks
+    image = np.zeros((48, 48, 3), np.uint8)
+    image[:, :24] = (200, 30, 30)  # kept: red on the left
+    image[:, 24:] = (0, 0, 255)  # masked: blue on the right, to be painted over
+    mask = np.zeros((48, 48), np.uint8)
+    mask[:, 24:] = 255
+    filled = tasks.fill_masked(image, mask).astype(int)
+    np.testing.assert_array_equal(filled[:, :24], image[:, :24])
+    # Red spread over the masked half (premultiplied alpha rounds a little), no blue left.
+    assert np.abs(filled[:, 24:] - (200, 30, 30)).max() <= 4
+
+
+def test_masked_content_sets_the_start_latents(sd1):
+    """The WebUI's latent noise / latent nothing: the masked latent cells start from the
+    call's noise / zeros, the kept ones from the image's latents, as in "original"."""
+    import jax
+
+    from sdjax import tasks
+    ours = sd1[0]
+    vae, lat = ours.network("vae"), ours.vae_config.latent_channels
+    mask = _mask()
+    inputs = {"image": _image(1)[None], "mask": (mask[None] > 0).astype(np.uint8)}
+    noise = _noise(0)[:1]
+    keys = jax.random.split(jax.random.key(0), 1)
+
+    def latents(content):
+        task = tasks.inpainting(lat, lat, content)
+        return np.asarray(tasks.feed(task, vae, ours.vae_config.scaling_factor, inputs, keys,
+                                     chunk=1, noise=noise).image_latents)[0]
+    original = latents("original")
+    under = mask[::2, ::2] > 0  # the latent grid (factor 2) samples the mask
+    assert under.any() and (~under).any() and np.abs(original[under]).mean() > 0.01
+    for content, expected in (("latent noise", noise[0]), ("latent nothing", 0 * noise[0])):
+        got = latents(content)
+        np.testing.assert_array_equal(got[~under], original[~under])
+        np.testing.assert_allclose(got[under], expected[under], atol=1e-6)

@@ -38,6 +38,7 @@ class ImageTask:
     mask_blur: int = 0
     padding: int | None = None                # "only masked" inpainting (padding_mask_crop)
     source_size: tuple[int, int] | None = None  # only masked: one image size per call
+    masked_content: str = "original"          # the WebUI's inpainting_fill, by name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,7 @@ from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest, Limits, check_generation
 from sdjax.serve.samplers import scheduler_for
 from sdjax.serve.schemas import Img2ImgRequest, Txt2ImgRequest, unsupported
-
-INPAINTING_FILL_ORIGINAL = 1  # the WebUI's "original": the only masked-content mode we do
+from sdjax.tasks import MASKED_CONTENT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +101,10 @@ def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
                ) -> tuple[np.ndarray, ImageTask]:
     """The mask as the pipeline takes it (white = repaint) and the call's inpainting
     settings, in the WebUI's field names."""
-    if req.inpainting_fill != INPAINTING_FILL_ORIGINAL:
-        raise BadRequest(f"inpainting_fill={req.inpainting_fill} is not supported by "
-                         "sdjax.serve: only 1 (original)")
+    if not 0 <= req.inpainting_fill < len(MASKED_CONTENT):
+        choices = ", ".join(f"{k} ({name})" for k, name in enumerate(MASKED_CONTENT))
+        raise BadRequest(f"inpainting_fill must be one of {choices}; got "
+                         f"{req.inpainting_fill}")
     mask = uploads.decode(req.mask, "mask", limits.max_pixels, mask=True)
     for i, im in enumerate(images):
         if im.shape[:2] != mask.shape:
@@ -128,7 +128,8 @@ def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
         padding = req.inpaint_full_res_padding
     size = mask.shape if padding is not None else None
     return mask, ImageTask(inpaint=True, strength=req.denoising_strength, mask_blur=blur_x,
-                           padding=padding, source_size=size)
+                           padding=padding, source_size=size,
+                           masked_content=MASKED_CONTENT[req.inpainting_fill])
 
 
 def _mask_infotext(req: Img2ImgRequest, task: ImageTask) -> dict:
@@ -136,7 +137,7 @@ def _mask_infotext(req: Img2ImgRequest, task: ImageTask) -> dict:
     extra: dict = {"Mask blur": task.mask_blur}
     if req.inpainting_mask_invert:
         extra["Mask mode"] = "Inpaint not masked"
-    extra["Masked content"] = "original"
+    extra["Masked content"] = task.masked_content
     if task.padding is not None:
         extra["Inpaint area"] = "Only masked"
         extra["Masked area padding"] = task.padding
@@ -157,8 +158,8 @@ def _check_task(pipe, shape: Shape, task: ImageTask, images: list[np.ndarray],
 
 
 def _task_kwargs(task: ImageTask) -> dict:
-    return {"mask_blur": task.mask_blur, "padding_mask_crop": task.padding} if task.inpaint \
-        else {}
+    return {"mask_blur": task.mask_blur, "padding_mask_crop": task.padding,
+            "masked_content": task.masked_content} if task.inpaint else {}
 
 
 def run_call(registry: ModelRegistry):
