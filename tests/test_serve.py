@@ -290,6 +290,35 @@ def test_inpainting_only_masked_matches_the_pipeline(server, pipe):
         assert pair in text
 
 
+def test_inpainting_fill_matches_the_pipeline(server, pipe):
+    """inpainting_fill 0 (the WebUI's default, "fill"), in the only-masked call's shape."""
+    (picture,) = _pictures(1, 32)
+    r = server.client.post("/sdapi/v1/img2img", json={
+        **IMG2IMG, "denoising_strength": 0.9, "init_images": [_b64(picture)],
+        "mask": _b64(_square_mask(32)), "mask_blur": 2, "inpaint_full_res": True,
+        "inpaint_full_res_padding": 4})
+    assert r.status_code == 200, r.text
+    args = dict(num_inference_steps=2, guidance_scale=5, height=16, width=16,
+                scheduler="euler_a", seed=7, image=picture, mask_image=_square_mask(32),
+                strength=0.9, mask_blur=2, padding_mask_crop=4)
+    expected = pipe("a green circle", masked_content="fill", **args).images[0]
+    original = pipe("a green circle", **args).images[0]
+    served = np.asarray(_decode(r.json()["images"][0]))
+    np.testing.assert_array_equal(served, expected)
+    assert np.abs(served.astype(int) - original).max() > 0  # the fill changed the start
+    assert "Masked content: fill" in json.loads(r.json()["info"])["infotexts"][0]
+
+
+@pytest.mark.parametrize("fill, content", [(0, "fill"), (1, "original"), (2, "latent noise"),
+                                           (3, "latent nothing")])
+def test_inpainting_fill_reaches_the_call(registry, fill, content):
+    from sdjax.serve.generation import plan_img2img
+    from sdjax.serve.schemas import Img2ImgRequest
+    req = Img2ImgRequest(**{**IMG2IMG, "init_images": [_b64(_pictures(1)[0])],
+                            "mask": _b64(_square_mask()), "inpainting_fill": fill})
+    assert plan_img2img(req, registry, Limits()).shape.image_task.masked_content == content
+
+
 def test_img2img_merges_only_requests_of_one_strength(registry):
     from sdjax.serve.generation import plan_img2img
     from sdjax.serve.schemas import Img2ImgRequest
@@ -316,7 +345,9 @@ def _too_large_png() -> str:
     ({"mask": _b64(_square_mask(24)), "inpainting_fill": 1},
      "mask: 24x24 is not the size of init_images[0] (16x16)"),
     ({"mask": "AAAA", "inpainting_fill": 1}, "mask: not a base64-encoded image"),
-    ({"mask": _b64(_square_mask())}, "inpainting_fill=0 is not supported"),
+    ({"mask": _b64(_square_mask()), "inpainting_fill": 4}, "inpainting_fill must be one of 0 "
+     "(fill), 1 (original), 2 (latent noise), 3 (latent nothing); got 4"),
+    ({"mask": _b64(_square_mask()), "inpainting_fill": -1}, "got -1"),
     ({"mask": _b64(np.zeros((16, 16), np.uint8)), "inpainting_fill": 1},
      "the mask is empty"),
     ({"resize_mode": 1}, "resize_mode=1 is not supported"),
