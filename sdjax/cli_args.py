@@ -79,7 +79,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "steps", type=int, default=50, help=f"denoising steps, 1 to {MAX_STEPS}")
     add_flag(p, "guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
     add_flag(p, "scheduler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, heun, "
-             "dpmpp_2m, dpmpp_2m_karras (default: the model's own)")
+             "dpmpp_2m, dpmpp_2m_karras, lcm (default: the model's sdjax.json, else its scheduler "
+             "config)")
     add_flag(p, "seed", type=int, default=0, help="image i of the run uses noise from (seed, i); "
              "0 to 2**32-1, or -1 for a random seed (reported and written in the metadata)")
     add_flag(p, "height", type=int, default=None, help="pixels, a multiple of the VAE factor "

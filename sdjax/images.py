@@ -14,7 +14,7 @@ from PIL import Image, PngImagePlugin
 SAMPLER_LABELS = {
     "pndm": "PLMS", "ddim": "DDIM", "ddpm": "DDPM", "lms": "LMS", "euler": "Euler",
     "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM",
 }
 
 
