@@ -22,6 +22,7 @@ from sdjax.cli_args import (  # noqa: F401
     add_common_arguments,
     add_flag,
     apply_adapters,
+    apply_sampling_defaults,
     check_common_args,
     check_outdir,
     image_size,
@@ -207,9 +208,11 @@ def run(args, written: list[Path]) -> int:
         print(pipe.note, file=sys.stderr)
     for line in apply_adapters(args, pipe):
         print(line, file=sys.stderr)
+    print(apply_sampling_defaults(args, pipe), file=sys.stderr)
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
     height, width, task_args, extra = _task_settings(args, pipe, image, mask, upscaler)
+    extra = {**_guidance_fields(args), **extra}
     scheduler = args.scheduler or pipe.default_scheduler
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
     per_device = args.batch_size or min(8, -(-len(jobs) // pipe.num_devices))
@@ -238,7 +241,8 @@ def run(args, written: list[Path]) -> int:
                        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                        seed=seed, scheduler=scheduler, image_indices=range(b0, b0 + len(chunk)),
                        batch_size_per_device=per_device, nan_check=not args.no_nan_check,
-                       **task_args)
+                       guidance_rescale=args.guidance_rescale,
+                       guidance_interval=args.guidance_interval, **task_args)
             t_gen += time.perf_counter() - t0
             if jax.process_index() != 0:
                 continue  # multi-host: every process holds all images; the first writes them
@@ -271,8 +275,8 @@ def run(args, written: list[Path]) -> int:
     gen_s = max(t_gen - compile_s, 1e-9)
     print(_wrote(written, args.outdir))
     print(f"devices: {pipe.num_devices} x {jax.devices()[0].platform}, batch {batch} "
-          f"({per_device}/device), {dtype}, {scheduler}, {args.steps} steps, {width}x{height}, "
-          f"seed {seed}")
+          f"({per_device}/device), {dtype}, {scheduler}, {args.steps} steps, guidance "
+          f"{args.guidance_scale:g}, {width}x{height}, seed {seed}")
     print(f"compile: {compile_s:.1f}s  generation: {gen_s:.2f}s  "
           f"{len(jobs) / gen_s:.2f} images/s")
     return 0
@@ -283,6 +287,16 @@ def _wrote(written: list[Path], outdir: Path) -> str:
         return "wrote nothing"
     return (f"wrote {len(written)} file(s) to {outdir}/: {written[0].name}"
             + (f" … {written[-1].name}" if len(written) > 1 else ""))
+
+
+def _guidance_fields(args) -> dict[str, str]:
+    """The metadata of the guidance options a run used (none for plain guidance)."""
+    fields = {}
+    if args.guidance_rescale:
+        fields["Guidance rescale"] = f"{args.guidance_rescale:g}"
+    if args.guidance_interval is not None:
+        fields["Guidance interval"] = ",".join(f"{v:g}" for v in args.guidance_interval)
+    return fields
 
 
 def _task_settings(args, pipe, image, mask, upscaler: bool):

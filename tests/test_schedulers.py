@@ -152,7 +152,8 @@ EXTRA_CONFIGS = [
     ("dpmpp_2m_karras", {**SD15, "beta_schedule": "squaredcos_cap_v2"}),
     ("lcm", {**SD15, "original_inference_steps": 100, "timestep_scaling": 4.0,
              "set_alpha_to_one": False}),
-    ("lcm", {**SD21, "clip_sample": True, "clip_sample_range": 0.5, "original_inference_steps": 25}),
+    ("lcm", {**SD21, "clip_sample": True, "clip_sample_range": 0.5,
+             "original_inference_steps": 25}),
 ]
 
 
