@@ -308,7 +308,7 @@ def run(args) -> int:
     adapters = tuple(apply_adapters(args, pipe))
     for line in adapters:
         print(line, file=sys.stderr)
-    print(apply_sampling_defaults(args, pipe), file=sys.stderr)
+    sampling = apply_sampling_defaults(args, pipe)
     load_s = time.perf_counter() - t_load
     height, width = image_size(args, pipe)
     settings = Settings(
@@ -321,6 +321,7 @@ def run(args) -> int:
         guidance_interval=args.guidance_interval)
     run_settings = settings.manifest(layout, prompts)
     manifest.check(store, run_settings, overwrite=args.overwrite)
+    print(sampling, file=sys.stderr)
 
     # From here on the folder is ours to write.
     with _cleaned_up_on_failure(store):

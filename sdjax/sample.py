@@ -208,11 +208,12 @@ def run(args, written: list[Path]) -> int:
         print(pipe.note, file=sys.stderr)
     for line in apply_adapters(args, pipe):
         print(line, file=sys.stderr)
-    print(apply_sampling_defaults(args, pipe), file=sys.stderr)
+    sampling = apply_sampling_defaults(args, pipe)
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
     height, width, task_args, extra = _task_settings(args, pipe, image, mask, upscaler)
     extra = {**_guidance_fields(args), **extra}
+    print(sampling, file=sys.stderr)  # once the run's settings have all passed their checks
     scheduler = args.scheduler or pipe.default_scheduler
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
     per_device = args.batch_size or min(8, -(-len(jobs) // pipe.num_devices))
@@ -295,7 +296,8 @@ def _guidance_fields(args) -> dict[str, str]:
     if args.guidance_rescale:
         fields["Guidance rescale"] = f"{args.guidance_rescale:g}"
     if args.guidance_interval is not None:
-        fields["Guidance interval"] = ",".join(f"{v:g}" for v in args.guidance_interval)
+        # "LO HI": the parameters line separates its fields with commas.
+        fields["Guidance interval"] = " ".join(f"{v:g}" for v in args.guidance_interval)
     return fields
 
 

@@ -225,3 +225,31 @@ def test_combine_guidance_is_diffusers_rescale():
     ref = rescale_noise_cfg(guided, torch.from_numpy(cond), guidance_rescale=0.6).numpy()
     np.testing.assert_allclose(out[0], ref[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out[1], cond[1], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_takes_the_folder_defaults_and_records_the_options(turbo_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from sdjax.images import parse_parameters
+    from sdjax.sample import main
+
+    rc = main(["--model", str(turbo_folder), "--prompt", "a red circle", "--num_devices", "1",
+               "--guidance_interval", "1,inf", "--outdir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "sampling: euler_a, 2 steps, guidance 0 in sigma [1, inf]" in err
+    (png,) = tmp_path.glob("*.png")
+    meta = parse_parameters(Image.open(png).text["parameters"])
+    assert (meta["Steps"], meta["Sampler"], meta["CFG scale"]) == ("2", "Euler a", "0")
+    assert meta["Guidance interval"] == "1 inf"
+    for flags, message in [(["--guidance_interval", "3,1"], "sigma_lo <= sigma_hi"),
+                           (["--guidance_interval", "1"], "expected LO,HI"),
+                           (["--guidance_rescale", "2"], "must be in [0, 1]")]:
+        try:
+            rc = main(["--model", str(turbo_folder), "--prompt", "a", *flags,
+                       "--outdir", str(tmp_path / "no")])
+        except SystemExit as e:  # argparse's own usage errors
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "no").exists()
