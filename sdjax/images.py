@@ -38,6 +38,18 @@ def format_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler:
     return "\n".join(lines)
 
 
+def guidance_parameters(rescale: float, interval: tuple[float, float] | None) -> dict[str, str]:
+    """The ``parameters`` fields of the guidance options an image used (none for plain
+    guidance)."""
+    fields = {}
+    if rescale:
+        fields["Guidance rescale"] = f"{rescale:g}"
+    if interval is not None:
+        # "LO HI": the parameters line separates its fields with commas.
+        fields["Guidance interval"] = " ".join(f"{v:g}" for v in interval)
+    return fields
+
+
 _PAIR = re.compile(r"\s*([\w ]+):\s*([^,]*)")
 
 

@@ -177,7 +177,7 @@ def run(args, written: list[Path]) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from sdjax.images import format_parameters, make_grid, next_index, save_png
+    from sdjax.images import format_parameters, guidance_parameters, make_grid, next_index, save_png
     from sdjax.parallel import maybe_initialize_distributed, random_seed
     from sdjax.pipeline import StableDiffusionPipeline
 
@@ -212,7 +212,7 @@ def run(args, written: list[Path]) -> int:
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
     height, width, task_args, extra = _task_settings(args, pipe, image, mask, upscaler)
-    extra = {**_guidance_fields(args), **extra}
+    extra = {**guidance_parameters(args.guidance_rescale, args.guidance_interval), **extra}
     print(sampling, file=sys.stderr)  # once the run's settings have all passed their checks
     scheduler = args.scheduler or pipe.default_scheduler
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
@@ -288,17 +288,6 @@ def _wrote(written: list[Path], outdir: Path) -> str:
         return "wrote nothing"
     return (f"wrote {len(written)} file(s) to {outdir}/: {written[0].name}"
             + (f" … {written[-1].name}" if len(written) > 1 else ""))
-
-
-def _guidance_fields(args) -> dict[str, str]:
-    """The metadata of the guidance options a run used (none for plain guidance)."""
-    fields = {}
-    if args.guidance_rescale:
-        fields["Guidance rescale"] = f"{args.guidance_rescale:g}"
-    if args.guidance_interval is not None:
-        # "LO HI": the parameters line separates its fields with commas.
-        fields["Guidance interval"] = " ".join(f"{v:g}" for v in args.guidance_interval)
-    return fields
 
 
 def _task_settings(args, pipe, image, mask, upscaler: bool):
