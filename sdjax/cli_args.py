@@ -76,10 +76,18 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "batch_size", type=int, default=None,
              help="images per device per compiled call (default: just enough for one call, at "
                   "most 8)")
-    add_flag(p, "steps", type=int, default=50, help=f"denoising steps, 1 to {MAX_STEPS}")
-    add_flag(p, "guidance_scale", type=float, default=7.5, help="classifier-free guidance scale")
+    add_flag(p, "steps", type=int, default=None, help=f"denoising steps, 1 to {MAX_STEPS} "
+             "(default: the model's sdjax.json, else 50)")
+    add_flag(p, "guidance_scale", type=float, default=None, help="classifier-free guidance "
+             "scale; 1 or less turns guidance off (default: the model's sdjax.json, else 7.5)")
+    add_flag(p, "guidance_rescale", type=float, default=None, help="diffusers' CFG rescale, "
+             "0 to 1 (default: the model's sdjax.json, else 0)")
+    add_flag(p, "guidance_interval", type=parse_interval, default=None, metavar="LO,HI",
+             help="guide only the steps whose noise level sigma is in [LO, HI], guidance 1 "
+                  "elsewhere (default: the model's sdjax.json, else every step)")
     add_flag(p, "scheduler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, heun, "
-             "dpmpp_2m, dpmpp_2m_karras (default: the model's own)")
+             "dpmpp_2m, dpmpp_2m_karras, lcm (default: the model's sdjax.json, else its scheduler "
+             "config)")
     add_flag(p, "seed", type=int, default=0, help="image i of the run uses noise from (seed, i); "
              "0 to 2**32-1, or -1 for a random seed (reported and written in the metadata)")
     add_flag(p, "height", type=int, default=None, help="pixels, a multiple of the VAE factor "
@@ -136,6 +144,41 @@ class ModelOptions:
         return dataclasses.asdict(self)
 
 
+def parse_interval(value: str) -> tuple[float, float]:
+    """``LO,HI`` -> (lo, hi) for --guidance_interval (``inf`` allowed for HI)."""
+    try:
+        lo, hi = (float(x) for x in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {value!r}") from None
+    return lo, hi
+
+
+# The flags sdjax.json may set, and the pipeline arguments they are.
+_SETTING_FLAGS = {"steps": "num_inference_steps", "guidance_scale": "guidance_scale",
+                  "guidance_rescale": "guidance_rescale",
+                  "guidance_interval": "guidance_interval", "scheduler": "scheduler"}
+
+
+def apply_sampling_defaults(args: argparse.Namespace, pipe) -> str:
+    """Fill the sampling flags left unset from the loaded model's sdjax.json (else the
+    library's defaults), in place; returns a line saying what the run uses."""
+    settings = pipe.sampling_settings(**{key: getattr(args, flag)
+                                         for flag, key in _SETTING_FLAGS.items()})
+    settings["scheduler"] = settings["scheduler"] or pipe.default_scheduler
+    try:
+        validation.check_int(settings["num_inference_steps"], "steps", maximum=MAX_STEPS)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for flag, key in _SETTING_FLAGS.items():
+        setattr(args, flag, settings[key])
+    interval = settings["guidance_interval"]
+    return (f"sampling: {settings['scheduler']}, {settings['num_inference_steps']} steps, "
+            f"guidance {settings['guidance_scale']:g}"
+            + (f" in sigma [{interval[0]:g}, {interval[1]:g}]" if interval else "")
+            + (f", rescale {settings['guidance_rescale']:g}"
+               if settings["guidance_rescale"] else ""))
+
+
 def parse_lora(value: str) -> tuple[str, float]:
     """``PATH[:SCALE]`` -> (path, scale); a colon not followed by a number is part of the
     path (``C:\\loras\\x.safetensors``)."""
@@ -166,11 +209,15 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
     from sdjax.schedulers import SCHEDULER_NAMES
 
     try:
-        # None: the pipeline's default, filled in later (sdjax.sample).
         if args.steps is not None:
             validation.check_int(args.steps, "--steps", minimum=1, maximum=MAX_STEPS)
         if args.guidance_scale is not None:
             validation.check_number(args.guidance_scale, "--guidance_scale", minimum=0)
+        if args.guidance_rescale is not None:
+            validation.check_guidance_rescale(args.guidance_rescale, 1, "--guidance_rescale")
+        if args.guidance_interval is not None:
+            validation.check_guidance_interval(args.guidance_interval, 1,
+                                               "--guidance_interval")
         for name in ("batch_size", "num_devices"):
             if getattr(args, name) is not None:
                 validation.check_int(getattr(args, name), f"--{name}", minimum=1)

@@ -35,6 +35,7 @@ from sdjax.cli_args import (
     add_common_arguments,
     add_flag,
     apply_adapters,
+    apply_sampling_defaults,
     check_common_args,
     check_outdir,
     image_size,
@@ -96,12 +97,19 @@ class Settings:
     quality: int | None
     model_options: ModelOptions = ModelOptions()
     adapters: tuple[str, ...] = ()   # what apply_adapters reported: LoRAs, scales, embeddings
+    guidance_rescale: float = 0.0
+    guidance_interval: tuple[float, float] | None = None
 
     def manifest(self, layout: Layout, prompts: PromptsInfo) -> dict:
         fields = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in ("model_options", "adapters")}
+                  if k not in ("model_options", "adapters", "guidance_rescale",
+                               "guidance_interval")}
         if self.adapters:  # only when used, like the model options, so earlier runs match
             fields["adapters"] = list(self.adapters)
+        if self.guidance_rescale:
+            fields["guidance_rescale"] = self.guidance_rescale
+        if self.guidance_interval is not None:  # text: JSON has no inf
+            fields["guidance_interval"] = ",".join(f"{v:g}" for v in self.guidance_interval)
         # --vae, --config, … join the manifest only when used, so earlier runs still match.
         options = {k: v for k, v in self.model_options.kwargs().items() if v not in (None, False)}
         return {**fields, **options, "images_per_prompt": layout.images_per_prompt,
@@ -189,6 +197,8 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
             handle = pipe.submit(
                 [s.prompt for s in batch], negative_prompt=[s.negative_prompt for s in batch],
                 num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                guidance_rescale=settings.guidance_rescale,
+                guidance_interval=settings.guidance_interval,
                 height=settings.height, width=settings.width, scheduler=settings.scheduler,
                 seeds=[s.seed for s in batch], image_indices=[s.seed_index for s in batch],
                 batch_size_per_device=per_device)
@@ -298,6 +308,7 @@ def run(args) -> int:
     adapters = tuple(apply_adapters(args, pipe))
     for line in adapters:
         print(line, file=sys.stderr)
+    sampling = apply_sampling_defaults(args, pipe)
     load_s = time.perf_counter() - t_load
     height, width = image_size(args, pipe)
     settings = Settings(
@@ -306,9 +317,11 @@ def run(args) -> int:
         guidance_scale=args.guidance_scale, height=height, width=width, seed=args.seed,
         negative_prompt=args.negative_prompt, image_format=args.format,
         quality=None if args.format == "png" else (args.quality or 95), model_options=options,
-        adapters=adapters)
+        adapters=adapters, guidance_rescale=args.guidance_rescale,
+        guidance_interval=args.guidance_interval)
     run_settings = settings.manifest(layout, prompts)
     manifest.check(store, run_settings, overwrite=args.overwrite)
+    print(sampling, file=sys.stderr)
 
     # From here on the folder is ours to write.
     with _cleaned_up_on_failure(store):

@@ -14,7 +14,7 @@ from PIL import Image, PngImagePlugin
 SAMPLER_LABELS = {
     "pndm": "PLMS", "ddim": "DDIM", "ddpm": "DDPM", "lms": "LMS", "euler": "Euler",
     "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_karras": "DPM++ 2M Karras", "lcm": "LCM",
 }
 
 
@@ -36,6 +36,18 @@ def format_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler:
     pairs += [(k, str(v).replace(",", " ")) for k, v in (extra or {}).items()]
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs))
     return "\n".join(lines)
+
+
+def guidance_parameters(rescale: float, interval: tuple[float, float] | None) -> dict[str, str]:
+    """The ``parameters`` fields of the guidance options an image used (none for plain
+    guidance)."""
+    fields = {}
+    if rescale:
+        fields["Guidance rescale"] = f"{rescale:g}"
+    if interval is not None:
+        # "LO HI": the parameters line separates its fields with commas.
+        fields["Guidance interval"] = " ".join(f"{v:g}" for v in interval)
+    return fields
 
 
 _PAIR = re.compile(r"\s*([\w ]+):\s*([^,]*)")

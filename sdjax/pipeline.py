@@ -13,15 +13,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdjax import parallel, sampling, tasks, validation
+from sdjax import model_defaults, parallel, sampling, tasks, validation
 from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
 from sdjax.schedulers.common import start_index
 from sdjax.weights.diffusers_folder import load_pipeline_folder
@@ -128,9 +129,9 @@ class StableDiffusionPipeline:
     Build it with :meth:`from_pretrained`; call it with prompts. See docs/python-api.md.
     """
 
-    # What sdjax.sample runs when --steps / --guidance_scale are not given.
-    default_steps = 50
-    default_guidance = 7.5
+    # Sampling settings of this kind of model, between a folder's sdjax.json and the library's
+    # (sdjax.model_defaults.resolve).
+    class_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, *, text_encoder, vae, unet, tokenizer, scheduler_config: dict,
                  mesh, dtype, name: str = "", vae_scale_factor: int = 8,
@@ -159,6 +160,8 @@ class StableDiffusionPipeline:
         self._loras: dict[str, tuple] = {}
         self._pristine: dict[tuple[str, tuple], jax.Array] = {}
         self._embedding_tokens: dict[str, list[str]] = {}
+        # The model folder's sdjax.json: what a call uses where its caller gives nothing.
+        self.model_defaults: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -216,12 +219,15 @@ class StableDiffusionPipeline:
             from sdjax.weights.single_file import load_vae
             parts.vae = load_vae(vae, parts.vae.config, dtype=dtype, place=place)
             parts.note += f"{'; ' if parts.note else ''}VAE from {vae}"
-        return cls(text_encoder=parts.text_encoder, vae=parts.vae, unet=parts.unet,
+        pipe = cls(text_encoder=parts.text_encoder, vae=parts.vae, unet=parts.unet,
                    tokenizer=parts.tokenizer, scheduler_config=parts.scheduler_config,
                    mesh=mesh, dtype=dtype, name=model,
                    vae_scale_factor=parts.vae.config.downsample_factor,
                    tokenizer_dir=parts.tokenizer_dir, note=parts.note,
                    matmul_precision=matmul_precision)
+        if source.is_dir():
+            pipe.model_defaults = model_defaults.read(source)
+        return pipe
 
     # ------------------------------------------------------------------ adapters
     def load_lora(self, path: str | Path, scale: float = 1.0) -> str:
@@ -272,10 +278,12 @@ class StableDiffusionPipeline:
     def save_pretrained(self, folder: str | Path) -> Path:
         """A diffusers folder (float32) that diffusers' and sdjax's from_pretrained load."""
         from sdjax.weights.export import save_pipeline
-        return save_pipeline(folder, unet=self.network("unet"), vae=self.network("vae"),
-                             text_encoder=self.network("text_encoder"),
-                             tokenizer_dir=self.tokenizer_dir, tokenizer=self.tokenizer,
-                             scheduler_config=self.scheduler_config)
+        folder = save_pipeline(folder, unet=self.network("unet"), vae=self.network("vae"),
+                               text_encoder=self.network("text_encoder"),
+                               tokenizer_dir=self.tokenizer_dir, tokenizer=self.tokenizer,
+                               scheduler_config=self.scheduler_config)
+        model_defaults.write(folder, self.model_defaults)
+        return folder
 
     def save_single_file(self, path: str | Path, half: bool = False) -> Path:
         """A CompVis/A1111-layout ``.safetensors`` (float16 with ``half``) that the WebUI and
@@ -310,7 +318,16 @@ class StableDiffusionPipeline:
 
     @property
     def default_scheduler(self) -> str:
-        return default_scheduler_name(self.scheduler_config)
+        """The scheduler a call without ``scheduler=`` uses: the model's sdjax.json, else its
+        scheduler config's class."""
+        return (self.sampling_settings()["scheduler"]
+                or default_scheduler_name(self.scheduler_config))
+
+    def sampling_settings(self, **given: Any) -> dict[str, Any]:
+        """The settings a call with these arguments uses (None or absent = not given): each
+        of sdjax.model_defaults.LIBRARY_DEFAULTS from the arguments, else the model's
+        sdjax.json, else the class's defaults, else the library's."""
+        return model_defaults.resolve(given, self.model_defaults, self.class_defaults)
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -346,11 +363,23 @@ class StableDiffusionPipeline:
         return self.submit(*args, **kwargs).result()
 
     def submit(self, *args, **kwargs) -> PendingImages:
-        """``submit(prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5,
-        height=None, width=None, num_images_per_prompt=1, seed=0, latents=None,
-        scheduler=None, *, image=None, mask_image=None, strength=None, seeds=None,
-        image_indices=None, batch_size_per_device=None, decode_chunk=None,
-        output_type="uint8", nan_check=True)`` (see :meth:`_prepare` for the types).
+        """``submit(prompt, negative_prompt=None, num_inference_steps=None,
+        guidance_scale=None, height=None, width=None, num_images_per_prompt=1, seed=0,
+        latents=None, scheduler=None, *, image=None, mask_image=None, strength=None,
+        seeds=None, image_indices=None, batch_size_per_device=None, decode_chunk=None,
+        output_type="uint8", nan_check=True, guidance_rescale=None,
+        guidance_interval=None)`` (see :meth:`_prepare` for the types).
+
+        ``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``guidance_rescale`` and
+        ``guidance_interval`` left at None take the model folder's ``sdjax.json`` values, else
+        the library's (50 steps, guidance 7.5, the model's scheduler config, no rescale, no
+        interval): :meth:`sampling_settings` says which. A guidance scale <= 1 means no
+        guidance, as in diffusers; when no image of the call is guided the UNet runs on the
+        conditional batch alone. ``guidance_rescale`` (in [0, 1]) is diffusers' CFG rescale;
+        ``guidance_interval=(sigma_lo, sigma_hi)`` guides only the steps whose noise level
+        sigma (``sqrt((1 - alphas_cumprod) / alphas_cumprod)`` at the step's timestep) lies
+        in it, and uses guidance 1 elsewhere. Each takes one value for all images or one per
+        image, and none of them recompiles.
 
         Start generating ``len(prompt) * num_images_per_prompt`` images and return at once
         (JAX dispatches asynchronously); ``.result()`` waits and brings them to the host.
@@ -395,8 +424,8 @@ class StableDiffusionPipeline:
         return fn.lower(*call_args)
 
     def _prepare(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None
-                 = None, num_inference_steps: int = 50,
-                 guidance_scale: float | Sequence[float] = 7.5,
+                 = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | Sequence[float] | None = None,
                  height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, seed: int = 0, latents=None,
                  scheduler: str | None = None, *, image=None, mask_image=None,
@@ -404,13 +433,23 @@ class StableDiffusionPipeline:
                  image_indices: Sequence[int] | None = None,
                  batch_size_per_device: int | None = None,
                  decode_chunk: int | None = None, output_type: str = "uint8",
-                 nan_check: bool = True, **task_kwargs):
+                 nan_check: bool = True,
+                 guidance_rescale: float | Sequence[float] | None = None,
+                 guidance_interval: tuple[float, float] | Sequence | None = None,
+                 **task_kwargs):
         """Validate and place the arguments of :meth:`submit`; returns (executable, its
         arguments, image count, host post-processing of the images or None, the seed of each
         image)."""
         if output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
                              f"{output_type!r}")
+        settings = self.sampling_settings(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            scheduler=scheduler, guidance_rescale=guidance_rescale,
+            guidance_interval=guidance_interval)
+        num_inference_steps, guidance_scale = (settings["num_inference_steps"],
+                                               settings["guidance_scale"])
+        scheduler = settings["scheduler"]
         prompts, negatives, seeds, guidance = validation.check_call(
             prompt=prompt, negative_prompt=negative_prompt,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -419,6 +458,8 @@ class StableDiffusionPipeline:
             scheduler_names=SCHEDULER_NAMES, factor=self.vae_scale_factor)
         sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
         n = len(prompts) * num_images_per_prompt
+        guidance, cfg = self._guidance(guidance, settings["guidance_rescale"],
+                                       settings["guidance_interval"], n)
         task, inputs, start, (height, width), finish = self._task_inputs(
             image, mask_image, strength, len(prompts), num_images_per_prompt,
             int(num_inference_steps), height, width, **task_kwargs)
@@ -450,7 +491,8 @@ class StableDiffusionPipeline:
             decode_chunk = 4 * 512 * 512 // (height * width)
         chunk = max(1, min(decode_chunk, per_device))
         spec = sampling.CoreSpec(lat_shape, sched, int(num_inference_steps), per_device, chunk,
-                                 output_type, task, tuple(sorted(inputs)), bool(nan_check))
+                                 output_type, task, tuple(sorted(inputs)), bool(nan_check),
+                                 cfg=cfg)
 
         def pad(x):
             return parallel.put_batch(parallel.pad_batch(np.asarray(x), size), self.mesh)
@@ -467,6 +509,19 @@ class StableDiffusionPipeline:
         return (self._executable(spec),
                 (self.params, ids, neg_ids, guidance, seed_arr, index_arr, start_arr, placed), n,
                 finish, list(seeds))
+
+    @staticmethod
+    def _guidance(scale: np.ndarray, rescale, interval, n: int) -> tuple[np.ndarray, bool]:
+        """(the (n, 4) guidance array of sampling.GUIDANCE_COLUMNS, whether the unconditional
+        pass runs). It runs when any image is guided (scale > 1). Guidance exactly 1 equals
+        the conditional prediction either way, though not bitwise: an image at guidance <= 1
+        batched with guided ones gets uncond + 1 * (cond - uncond)."""
+        rescale = validation.check_guidance_rescale(rescale, n)
+        bounds = validation.check_guidance_interval(interval, n)
+        if bounds is None:
+            bounds = np.tile(np.array([[0.0, np.inf]], np.float32), (n, 1))
+        return (np.concatenate([scale[:, None], rescale[:, None], bounds], axis=1),
+                bool((scale > 1).any()))
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(h, w, channels) of the latents the UNet denoises for an image of this size."""

@@ -22,6 +22,7 @@ from sdjax.cli_args import (  # noqa: F401
     add_common_arguments,
     add_flag,
     apply_adapters,
+    apply_sampling_defaults,
     check_common_args,
     check_outdir,
     image_size,
@@ -39,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sdjax.sample",
         description="Generate images from text prompts with Stable Diffusion in JAX. "
                     "Every device produces its share of each batch in one compiled call. "
-                    "--steps and --guidance_scale default to the pipeline's own: 50 and 7.5, "
-                    "75 and 9 for x4 upscaler models.")
+                    "Unset sampling flags take the model's sdjax.json, else the pipeline's "
+                    "defaults: 50 steps and guidance 7.5, 75 and 9 for x4 upscaler models.")
     add_common_arguments(p)
     add_flag(p, "prompt", action="append", default=None, help="a prompt; repeat for several")
     add_flag(p, "prompts_file", type=Path, help="a text file with one prompt per line")
@@ -48,9 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "outdir", type=Path, default=Path("outputs"), help="where the PNGs go")
     add_flag(p, "grid", action="store_true", help="also write a grid of all images")
     add_image_arguments(p)
-    # Unset, --steps and --guidance_scale are the pipeline class's defaults (the upscaler's
-    # differ), filled in by pipeline_defaults() once the model says which class it is.
-    p.set_defaults(steps=None, guidance_scale=None)
     return p
 
 
@@ -181,7 +179,7 @@ def run(args, written: list[Path]) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from sdjax.images import format_parameters, make_grid, next_index, save_png
+    from sdjax.images import format_parameters, guidance_parameters, make_grid, next_index, save_png
     from sdjax.parallel import maybe_initialize_distributed, random_seed
     from sdjax.pipeline import StableDiffusionPipeline
 
@@ -206,16 +204,18 @@ def run(args, written: list[Path]) -> int:
         from sdjax.upscale import StableDiffusionUpscalePipeline as cls
     else:
         cls = StableDiffusionPipeline
-    pipeline_defaults(args, cls)
     pipe = cls.from_pretrained(args.model, dtype=dtype, num_devices=args.num_devices,
                                **ModelOptions.from_args(args).kwargs())
     if pipe.note:
         print(pipe.note, file=sys.stderr)
     for line in apply_adapters(args, pipe):
         print(line, file=sys.stderr)
+    sampling = apply_sampling_defaults(args, pipe)
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
     height, width, task_args, extra = _task_settings(args, pipe, image, mask, upscaler)
+    extra = {**guidance_parameters(args.guidance_rescale, args.guidance_interval), **extra}
+    print(sampling, file=sys.stderr)  # once the run's settings have all passed their checks
     scheduler = args.scheduler or pipe.default_scheduler
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
     per_device = args.batch_size or min(8, -(-len(jobs) // pipe.num_devices))
@@ -244,7 +244,8 @@ def run(args, written: list[Path]) -> int:
                        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                        seed=seed, scheduler=scheduler, image_indices=range(b0, b0 + len(chunk)),
                        batch_size_per_device=per_device, nan_check=not args.no_nan_check,
-                       **task_args)
+                       guidance_rescale=args.guidance_rescale,
+                       guidance_interval=args.guidance_interval, **task_args)
             t_gen += time.perf_counter() - t0
             if jax.process_index() != 0:
                 continue  # multi-host: every process holds all images; the first writes them
@@ -277,19 +278,11 @@ def run(args, written: list[Path]) -> int:
     gen_s = max(t_gen - compile_s, 1e-9)
     print(_wrote(written, args.outdir))
     print(f"devices: {pipe.num_devices} x {jax.devices()[0].platform}, batch {batch} "
-          f"({per_device}/device), {dtype}, {scheduler}, {args.steps} steps, {width}x{height}, "
-          f"seed {seed}")
+          f"({per_device}/device), {dtype}, {scheduler}, {args.steps} steps, guidance "
+          f"{args.guidance_scale:g}, {width}x{height}, seed {seed}")
     print(f"compile: {compile_s:.1f}s  generation: {gen_s:.2f}s  "
           f"{len(jobs) / gen_s:.2f} images/s")
     return 0
-
-
-def pipeline_defaults(args, cls) -> None:
-    """--steps and --guidance_scale the user did not give: the pipeline class's defaults."""
-    if args.steps is None:
-        args.steps = cls.default_steps
-    if args.guidance_scale is None:
-        args.guidance_scale = cls.default_guidance
 
 
 def _wrote(written: list[Path], outdir: Path) -> str:

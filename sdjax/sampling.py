@@ -42,6 +42,34 @@ class CoreSpec:
     task: tasks.Task
     inputs: tuple[str, ...]  # names of the batched task inputs (and "latents" if given)
     nan_check: bool  # return a per-image finite/non-finite status next to the images
+    # Run the unconditional pass (a 2B UNet batch). False when no image of the call is guided
+    # (every guidance scale <= 1): the UNet then runs on the B conditional latents alone.
+    cfg: bool = True
+
+
+# Columns of the per-image guidance array: scale, diffusers' CFG rescale, and the sigma
+# interval (lo, hi) outside which the scale is 1.
+GUIDANCE_COLUMNS = ("scale", "rescale", "sigma_lo", "sigma_hi")
+
+
+def combine_guidance(uncond: jax.Array, cond: jax.Array, guidance: jax.Array,
+                     sigma: jax.Array) -> jax.Array:
+    """Classifier-free guidance of one step, per image: ``guidance`` is (B, 4) as
+    GUIDANCE_COLUMNS. A scale <= 1 means no guidance (the conditional prediction), as in
+    diffusers, whose pipelines skip the unconditional pass then; outside [sigma_lo, sigma_hi]
+    the scale is 1 (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval").
+    The rescale is diffusers' ``rescale_noise_cfg`` (Lin et al. 2023): the guided prediction
+    scaled to the conditional one's standard deviation over each image, mixed in at that
+    factor."""
+    scale, rescale, lo, hi = (guidance[:, k, None, None, None] for k in range(4))
+    scale = jnp.where((scale > 1) & (sigma >= lo) & (sigma <= hi), scale, 1.0)
+    guided = uncond + scale * (cond - uncond)
+    axes = tuple(range(1, cond.ndim))
+    # ddof=1: torch's std; the where keeps a zero std (padding rows) from making NaNs.
+    ratio = cond.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1,
+                                                                   keepdims=True)
+    rescaled = rescale * (guided * ratio) + (1 - rescale) * guided
+    return jnp.where(rescale > 0, rescaled, guided)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +88,8 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
     """The sharded, jitted sampler for ``spec``. Its arguments are ``(params, ids, neg_ids,
     guidance, seeds, indices, start, inputs)``: every array batched on its first axis except
     ``params`` (replicated) and ``start`` (a scalar: the first step of the schedule, a
-    runtime input for tasks that cut it by strength); ``inputs`` is the task's dict of
+    runtime input for tasks that cut it by strength); ``guidance`` is (B, 4), the columns of
+    GUIDANCE_COLUMNS; ``inputs`` is the task's dict of
     batched arrays (``tasks.Task.input_names``, ``image_noise`` for the upscaler when given),
     plus ``latents`` when the caller gives the noise; ``spec.inputs`` names them."""
     sched, task = spec.scheduler, spec.task
@@ -102,9 +131,14 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             # Inpainting from strength 1 starts from noise alone (diffusers' is_strength_max);
             # img2img at strength 1 still mixes the image in at the first timestep.
             x = jnp.where(start == 0, x, noised) if task.pure_noise_at_full_strength else noised
-        g = guidance.astype(jnp.float32)[:, None, None, None]
-        labels = (None if feed.class_labels is None
-                  else jnp.concatenate([feed.class_labels, feed.class_labels]))
+        guidance = guidance.astype(jnp.float32)
+        labels = feed.class_labels
+        if spec.cfg:
+            labels = None if labels is None else jnp.concatenate([labels, labels])
+        else:
+            # No unconditional pass: the negative prompts' half of the (cheap, once per call)
+            # text encoding goes unused.
+            context = context[b:]
 
         def body(i, carry):
             x, state = carry
@@ -112,10 +146,13 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             xin = sched.scale_model_input(state, x, i).astype(dtype)
             if feed.extra is not None:
                 xin = jnp.concatenate([xin, feed.extra.astype(dtype)], axis=-1)
-            eps = unet(jnp.concatenate([xin, xin], axis=0), jnp.broadcast_to(t, (2 * b,)),
-                       context, class_labels=labels).astype(jnp.float32)
-            eps_uncond, eps_cond = eps[:b], eps[b:]
-            eps = eps_uncond + g * (eps_cond - eps_uncond)
+            if spec.cfg:
+                eps = unet(jnp.concatenate([xin, xin], axis=0), jnp.broadcast_to(t, (2 * b,)),
+                           context, class_labels=labels).astype(jnp.float32)
+                eps = combine_guidance(eps[:b], eps[b:], guidance, sched.step_sigma(state, i))
+            else:
+                eps = unet(xin, jnp.broadcast_to(t, (b,)), context,
+                           class_labels=labels).astype(jnp.float32)
             key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
                    if sched.stochastic else None)
             x, state = sched.step(state, i, eps, x, key=key)

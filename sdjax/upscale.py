@@ -35,10 +35,9 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
 
     low_res_scheduler = None
     max_noise_level = DEFAULT_MAX_NOISE_LEVEL
-    # What sdjax.sample runs when --steps / --guidance_scale are not given (diffusers' defaults
-    # for this pipeline).
-    default_steps = 75
-    default_guidance = 9.0
+    # diffusers' StableDiffusionUpscalePipeline defaults, between a folder's sdjax.json and
+    # the library's (sdjax.model_defaults.resolve).
+    class_defaults = {"num_inference_steps": 75, "guidance_scale": 9.0}
 
     @classmethod
     def from_pretrained(cls, model: str, *args, **kwargs) -> StableDiffusionUpscalePipeline:
@@ -64,8 +63,8 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
     def default_hw(self) -> tuple[int, int]:
         raise ValueError("the upscaler's output size is 4x its input image")
 
-    def _prepare(self, prompt, negative_prompt=None, num_inference_steps: int = 75,
-                 guidance_scale: float = 9.0, *args, noise_level: int = 20,
+    def _prepare(self, prompt, negative_prompt=None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, *args, noise_level: int = 20,
                  image_noise=None, vae_tiling: bool | None = None, **kwargs):
         """As StableDiffusionPipeline's, with the upscaler's defaults; ``image_noise`` (NHWC
         float, shaped like the low-res image batch) replaces the noise drawn from (seed, i)

@@ -150,6 +150,59 @@ def check_guidance(value: Any, n: int) -> np.ndarray:
     return np.full((n,), check_number(value, "guidance_scale", minimum=0), np.float32)
 
 
+def _per_image(value: Any, n: int, name: str) -> list:
+    """``value`` for all ``n`` images, or a list of one per image."""
+    if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes)):
+        items = list(value)
+        if len(items) != n:
+            raise ValueError(f"{name} needs one value or one per image ({n}), got {len(items)}")
+        return items
+    return [value] * n
+
+
+def check_guidance_rescale(value: Any, n: int, name: str = "guidance_rescale") -> np.ndarray:
+    """diffusers' CFG rescale factor in [0, 1], for all ``n`` images or one per image."""
+    items = _per_image(value, n, name)
+    out = np.array([check_number(v, name if len(items) == 1 else f"{name}[{i}]", minimum=0)
+                    for i, v in enumerate(items)], np.float32)
+    if (out > 1).any():
+        raise ValueError(f"{name} must be in [0, 1], got {float(out.max()):g}")
+    return out
+
+
+def _interval(value: Any, name: str) -> tuple[float, float]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)) \
+            or len(value) != 2:
+        raise TypeError(f"{name} must be None or a pair (sigma_lo, sigma_hi), got "
+                        f"{_show(value)}")
+    lo, hi = value
+    for bound in (lo, hi):
+        if isinstance(bound, bool) or not isinstance(bound, (int, float, np.integer,
+                                                              np.floating)):
+            raise TypeError(f"{name} bounds must be numbers, got {_show(bound)}")
+    lo, hi = float(lo), float(hi)  # hi may be inf: "up to the first step"
+    if math.isnan(lo) or math.isnan(hi) or not 0 <= lo <= hi or math.isinf(lo):
+        raise ValueError(f"{name} must be (sigma_lo, sigma_hi) with 0 <= sigma_lo <= "
+                         f"sigma_hi, got ({lo:g}, {hi:g})")
+    return lo, hi
+
+
+def check_guidance_interval(value: Any, n: int, name: str = "guidance_interval"
+                            ) -> np.ndarray | None:
+    """None (guidance at every step), a pair (sigma_lo, sigma_hi) for all ``n`` images, or a
+    list of one pair (or None) per image -> (n, 2) float32 bounds, None for no interval."""
+    if value is None:
+        return None
+    single = (isinstance(value, (Sequence, np.ndarray)) and len(value) == 2
+              and all(not isinstance(v, (Sequence, np.ndarray)) or isinstance(v, str)
+                      for v in value))
+    items = [value] * n if single else _per_image(value, n, name)
+    bounds = [(0.0, math.inf) if v is None else _interval(v, f"{name}[{i}]" if not single
+                                                          else name)
+              for i, v in enumerate(items)]
+    return np.array(bounds, np.float32)
+
+
 def check_choice(value: Any, name: str, choices: Sequence[str], *,
                  allow_none: bool = False) -> str | None:
     if value is None and allow_none:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sdjax.train.toy import SAMPLING_DEFAULTS
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -36,11 +38,12 @@ def test_committed_without_outputs_and_tagged(path):
 def test_runs_top_to_bottom_on_cpu(path, tmp_path, toy_run_env, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     out = tmp_path / "out"
-    # The toy at the README command's shape (50 steps, one image per call, one device): the
-    # docs' and the wheel's runs compile that sampler into the shared cache, and the
-    # notebooks load it from there instead of compiling their own.
+    # The toy at the README command's shape (its sdjax.json's steps, one image per call, one
+    # device): the docs' and the wheel's runs compile that sampler into the shared cache, and
+    # the notebooks load it from there instead of compiling their own.
+    steps = SAMPLING_DEFAULTS["num_inference_steps"]
     overrides = nbformat.v4.new_code_cell(
-        f'MODEL = "toy"\nSTEPS = 50\nIMAGES_PER_DEVICE = 1\nOUTDIR = {str(out)!r}')
+        f'MODEL = "toy"\nSTEPS = {steps}\nIMAGES_PER_DEVICE = 1\nOUTDIR = {str(out)!r}')
     nb.cells.insert(_tagged(nb, "parameters")[0] + 1, overrides)
     del nb.cells[_tagged(nb, "install")[0]]
     for k, v in toy_run_env.items():  # the kernel inherits this environment

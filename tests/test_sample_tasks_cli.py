@@ -68,14 +68,18 @@ def test_upscaler_writes_four_times_the_input(upscaler_folder, files, tmp_path, 
     (["--steps", "20", "--guidance_scale", "4"], {"upscaler": (20, 4.0), "sd": (20, 4.0)}),
 ])
 def test_upscaler_defaults_are_the_pipelines(argv, expected):
+    """Unset --steps/--guidance_scale resolve through the pipeline class's defaults (no
+    sdjax.json here): the upscaler's are diffusers' 75 and 9."""
+    from sdjax.model_defaults import resolve
     from sdjax.pipeline import StableDiffusionPipeline
-    from sdjax.sample import build_parser, pipeline_defaults
+    from sdjax.sample import build_parser
     from sdjax.upscale import StableDiffusionUpscalePipeline
     for kind, cls in (("upscaler", StableDiffusionUpscalePipeline),
                       ("sd", StableDiffusionPipeline)):
         args = build_parser().parse_args(["--prompt", "x", *argv])
-        pipeline_defaults(args, cls)
-        assert (args.steps, args.guidance_scale) == expected[kind]
+        settings = resolve({"num_inference_steps": args.steps,
+                            "guidance_scale": args.guidance_scale}, {}, cls.class_defaults)
+        assert (settings["num_inference_steps"], settings["guidance_scale"]) == expected[kind]
 
 
 @pytest.mark.parametrize("args, message", [

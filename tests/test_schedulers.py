@@ -150,6 +150,10 @@ EXTRA_CONFIGS = [
     ("dpmpp_2m", {**SD21, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}),
     ("dpmpp_2m", {**SD15, "lambda_min_clipped": -5.1}),
     ("dpmpp_2m_karras", {**SD15, "beta_schedule": "squaredcos_cap_v2"}),
+    ("lcm", {**SD15, "original_inference_steps": 100, "timestep_scaling": 4.0,
+             "set_alpha_to_one": False}),
+    ("lcm", {**SD21, "clip_sample": True, "clip_sample_range": 0.5,
+             "original_inference_steps": 25}),
 ]
 
 
@@ -221,7 +225,7 @@ def test_evaluation_counts():
     prk = get_scheduler("pndm", {**SD15, "skip_prk_steps": False}).set_timesteps(n)
     assert len(prk.timesteps) == n + 9  # 12 Runge-Kutta evaluations replace 3 steps
     assert len(get_scheduler("heun", SD15).set_timesteps(n).timesteps) == 2 * n - 1
-    for name in ("ddim", "ddpm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"):
+    for name in ("ddim", "ddpm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm"):
         assert len(get_scheduler(name, SD15).set_timesteps(n).timesteps) == n
 
 
@@ -253,6 +257,8 @@ def test_registry_and_config_errors():
     ]:
         with pytest.raises(ValueError):
             get_scheduler(name, {**SD15, **bad}).set_timesteps(5)
+    with pytest.raises(ValueError, match="original_inference_steps"):
+        get_scheduler("lcm", SD15).set_timesteps(51)  # LCM's steps are a subset of its 50
     with pytest.raises(ValueError, match="at least 4"):
         get_scheduler("pndm", {**SD15, "skip_prk_steps": False}).set_timesteps(3)
     for bad_strength in (0.05, 1.5):

@@ -29,6 +29,7 @@ from sdjax.schedulers.ddpm import DDPM
 from sdjax.schedulers.dpm_solver import DPMSolverMultistep
 from sdjax.schedulers.euler import Euler, EulerAncestral
 from sdjax.schedulers.heun import Heun
+from sdjax.schedulers.lcm import LCM
 from sdjax.schedulers.lms import LMS
 from sdjax.schedulers.pndm import PNDM
 
@@ -52,6 +53,7 @@ _REGISTRY: dict[str, tuple[type[Scheduler], str, dict[str, Any]]] = {
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
+    "lcm": (LCM, "LCMScheduler", {}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 

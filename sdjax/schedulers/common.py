@@ -282,6 +282,19 @@ class Scheduler:
     def scale_model_input(self, state: Any, sample: jax.Array, i: jax.Array) -> jax.Array:
         return sample
 
+    def step_sigma(self, state: Any, i: jax.Array) -> jax.Array:
+        """The noise level sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod) of evaluation
+        ``i`` (what ``guidance_interval`` compares): the sigma schedulers' own sigma, else that
+        of the evaluation's timestep (interpolated linearly at fractional timesteps)."""
+        sigma = getattr(state, "sigma", None)
+        if sigma is not None:
+            return sigma[i]
+        ac = self.schedule.alphas_cumprod
+        with np.errstate(divide="ignore"):  # a zero-terminal-SNR schedule ends at sigma inf
+            table = jnp.asarray(np.sqrt((np.float32(1.0) - ac) / ac))
+        t = state.timesteps[i].astype(jnp.float32)
+        return jnp.interp(t, jnp.arange(len(ac), dtype=jnp.float32), table)
+
     def add_noise_for_start(self, state: Any, original: jax.Array, noise: jax.Array) -> jax.Array:
         """img2img: noise clean latents to the level of the state's first evaluation, as
         diffusers' img2img pipeline does with `add_noise(x0, noise, timesteps[:1])` (and, for

@@ -110,6 +110,9 @@ class DPMSolverMultistep(Scheduler):
             return t + self.steps_offset
         return np.arange(last, 0, -ntt / n).round().astype(np.int64) - 1
 
+    def step_sigma(self, state: DPMState, i: jax.Array) -> jax.Array:
+        return state.alpha_sigma[i, 1] / state.alpha_sigma[i, 0]
+
     def set_timesteps(
         self,
         num_inference_steps: int,

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from sdjax import __version__, validation
-from sdjax.images import SAMPLER_LABELS, encode_png, format_parameters
+from sdjax.images import SAMPLER_LABELS, encode_png, format_parameters, guidance_parameters
 from sdjax.serve import uploads
 from sdjax.serve.batcher import ImageSpec, ImageTask, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
@@ -59,7 +59,10 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     # Seeds past 2**32 - 1 wrap, as the uint32 the sampler takes would.
     specs = [ImageSpec(req.prompt, req.negative_prompt, (seed + k) % validation.MAX_SEED,
                        float(req.cfg_scale)) for k in range(n)]
-    return Plan(Shape(title, req.height, req.width, req.steps, scheduler), specs, seed)
+    # The model's sdjax.json guidance options apply (requests have no fields for them).
+    settings = registry.get(title).sampling_settings()
+    extra = guidance_parameters(settings["guidance_rescale"], settings["guidance_interval"])
+    return Plan(Shape(title, req.height, req.width, req.steps, scheduler), specs, seed, extra)
 
 
 def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -> Plan:
@@ -83,7 +86,8 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -
                          "make: give one, or one per image (batch_size * n_iter)")
     images = [uploads.decode(d, f"init_images[{i}]", limits.max_pixels)
               for i, d in enumerate(req.init_images)]
-    mask, task, extra = None, None, {"Denoising strength": f"{req.denoising_strength:g}"}
+    mask, task = None, None
+    extra = {**plan.extra, "Denoising strength": f"{req.denoising_strength:g}"}
     if req.mask:
         mask, task = _mask_task(req, images, limits)
         extra.update(_mask_infotext(req, task))

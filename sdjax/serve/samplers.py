@@ -14,7 +14,7 @@ from sdjax.images import SAMPLER_LABELS
 _ALIASES = {
     "pndm": ["PNDM", "plms"], "ddim": [], "ddpm": [], "lms": ["k_lms"], "euler": ["k_euler"],
     "euler_a": ["k_euler_a", "k_euler_ancestral"], "heun": ["k_heun"],
-    "dpmpp_2m": ["k_dpmpp_2m"], "dpmpp_2m_karras": ["k_dpmpp_2m_ka"],
+    "dpmpp_2m": ["k_dpmpp_2m"], "dpmpp_2m_karras": ["k_dpmpp_2m_ka"], "lcm": ["k_lcm"],
 }
 
 # Newer WebUI versions send the noise schedule apart from the sampler ("DPM++ 2M" + "Karras").
