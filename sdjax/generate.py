@@ -159,7 +159,7 @@ def _batches(items: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
 def sample_files(sample: Sample, key: str, image: np.ndarray,
                  settings: Settings) -> dict[str, bytes]:
     """The files of one webdataset sample: image, caption, metadata."""
-    from sdjax.images import format_parameters
+    from sdjax.images import format_parameters, guidance_parameters
     meta = {"key": key, "index": sample.index, "row": sample.row, "k": sample.k,
             "prompt": sample.prompt, "negative_prompt": sample.negative_prompt,
             "seed": sample.seed, "seed_index": sample.seed_index, "steps": settings.steps,
@@ -170,7 +170,8 @@ def sample_files(sample: Sample, key: str, image: np.ndarray,
         prompt=sample.prompt, negative_prompt=sample.negative_prompt, steps=settings.steps,
         sampler=settings.scheduler, guidance_scale=settings.guidance_scale, seed=sample.seed,
         index=sample.seed_index, width=settings.width, height=settings.height,
-        model=settings.model)
+        model=settings.model,
+        extra=guidance_parameters(settings.guidance_rescale, settings.guidance_interval))
     image_bytes = encode_image(image, settings.image_format, settings.quality, parameters)
     return {settings.image_format: image_bytes, "txt": sample.prompt.encode("utf-8"),
             "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}

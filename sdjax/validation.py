@@ -193,9 +193,10 @@ def check_guidance_interval(value: Any, n: int, name: str = "guidance_interval"
     list of one pair (or None) per image -> (n, 2) float32 bounds, None for no interval."""
     if value is None:
         return None
+    # A pair of numbers is one interval for every image; anything else is one entry per image.
     single = (isinstance(value, (Sequence, np.ndarray)) and len(value) == 2
-              and all(not isinstance(v, (Sequence, np.ndarray)) or isinstance(v, str)
-                      for v in value))
+              and all(isinstance(v, (int, float, np.integer, np.floating))
+                      and not isinstance(v, bool) for v in value))
     items = [value] * n if single else _per_image(value, n, name)
     bounds = [(0.0, math.inf) if v is None else _interval(v, f"{name}[{i}]" if not single
                                                           else name)
