@@ -11,6 +11,8 @@ Shapes:
   toy   sdjax's bundled toy model (``sdjax/assets/toy``), real trained weights
   mid   SD 1.5 layout (4 levels, 2 resnets each, 8 transformer blocks, VAE with 4 levels)
         at ~0.3x the channels (96/192/384/384, head width 48) and a 6-layer 384-wide CLIP
+  mid8  mid with SD 1.5's head count, 8 heads at every level (head widths 12/24/48): at 512²
+        its first level attends over 4096 tokens with 8 heads, as SD 1.5 does
   sd15  SD 1.5 (860M UNet, ViT-L/14 text, the SD VAE)
   sd21  SD 2.1 (865M UNet with per-level heads and linear projections, OpenCLIP ViT-H text)
 """
@@ -60,17 +62,21 @@ _TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_
                       sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
                       up_block_types=("UpDecoderBlock2D",) * 2)
 
+_MID_UNET = UNetConfig(sample_size=32, block_out_channels=(96, 192, 384, 384),
+                       attention_head_dim=(2, 4, 8, 8), cross_attention_dim=384)
+_MID_VAE = VAEConfig(block_out_channels=(32, 64, 128, 128), sample_size=256)
+_MID_TEXT = CLIPTextConfig(vocab_size=1024, hidden_size=384, intermediate_size=1536,
+                           num_hidden_layers=6, num_attention_heads=6)
+
 SHAPES: dict[str, Shape] = {
     "tiny": Shape(_TINY_UNET, _TINY_VAE,
                   CLIPTextConfig(vocab_size=1024, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=4),
                   _SD1_SCHEDULER),
-    "mid": Shape(UNetConfig(sample_size=32, block_out_channels=(96, 192, 384, 384),
-                            attention_head_dim=(2, 4, 8, 8), cross_attention_dim=384),
-                 VAEConfig(block_out_channels=(32, 64, 128, 128), sample_size=256),
-                 CLIPTextConfig(vocab_size=1024, hidden_size=384, intermediate_size=1536,
-                                num_hidden_layers=6, num_attention_heads=6),
-                 _SD1_SCHEDULER),
+    "mid": Shape(_MID_UNET, _MID_VAE, _MID_TEXT, _SD1_SCHEDULER),
+    # (diffusers' SD1 UNets call their head count attention_head_dim.)
+    "mid8": Shape(dataclasses.replace(_MID_UNET, attention_head_dim=8), _MID_VAE, _MID_TEXT,
+                  _SD1_SCHEDULER),
     "sd15": Shape(UNetConfig.sd15(), VAEConfig.sd15(), CLIPTextConfig.sd15(), _SD1_SCHEDULER),
     "sd21": Shape(UNetConfig.sd21(), VAEConfig.sd21(), CLIPTextConfig.sd21(), _SD2_SCHEDULER,
                   sd2_tokenizer=True),

@@ -54,3 +54,13 @@ def test_throughput_runs_on_the_tiny_model_and_records_a_row(tmp_path):
     row = results.read_text().splitlines()[-1]
     assert row.startswith("| ") and "--model tiny" in row and "smoke test" in row
     assert results.read_text().count("| date |") == 1
+
+
+def test_mid8_is_mid_with_sd15_head_count():
+    from benchmarks.models import SHAPES
+    from sdjax.models.unet import UNetConfig
+    mid, mid8 = SHAPES["mid"].unet, SHAPES["mid8"].unet
+    assert mid8.heads_per_level() == UNetConfig.sd15().heads_per_level() == (8, 8, 8, 8)
+    assert mid.heads_per_level() != mid8.heads_per_level()
+    assert mid8.block_out_channels == mid.block_out_channels
+    assert SHAPES["mid8"].vae == SHAPES["mid"].vae and SHAPES["mid8"].text == SHAPES["mid"].text

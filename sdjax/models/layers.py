@@ -89,33 +89,79 @@ def _use_cudnn(q: jax.Array) -> bool:
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
 
 
-_CPU_QUERY_BLOCK = 256
+# Logit elements per step of the CPU attention: a step's float32 logits (about 2 MB) stay in
+# the cache between the two products and the softmax. Wide heads (the VAE's single 512-wide head)
+# spend more per logit on the products, so their blocks may be 4x larger. Measured at 1024 and
+# 4096 tokens with 1-8 heads of 40-512 (python -m benchmarks.cpu_ops).
+_CPU_BLOCK_ELEMENTS = 1 << 19
+_CPU_WIDE_HEAD = 256
+
+
+def _cpu_blocks(heads: int, t: int, s: int, d: int) -> tuple[int, int]:
+    """(heads per step, queries per block) for :func:`_attention_cpu`."""
+    budget = _CPU_BLOCK_ELEMENTS * (4 if d >= _CPU_WIDE_HEAD else 1)
+    if t * s <= budget:
+        block = t
+    else:
+        block = 64
+        while block * 2 * s <= budget and block * 2 < t:
+            block *= 2
+    # Short sequences (cross-attention, CLIP) batch a few heads per step instead; up to twice
+    # the budget: their steps are short, and fewer of them cost less loop overhead.
+    if block < t:
+        return 1, block
+    group = max(g for g in range(1, heads + 1) if heads % g == 0
+                and (g == 1 or g * t * s <= 2 * budget))
+    return group, block
 
 
 def _attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool) -> jax.Array:
-    """XLA:CPU form of softmax(q k^T / sqrt(d)) v on (B, T, N, D) float inputs: queries in
-    blocks of 256, so one block's logits stay in cache instead of a (B, N, T, S) array in
-    memory, and the softmax normalised after the value product (T*D divisions, not T*S).
-    About 2x faster than jax.nn.dot_product_attention's XLA form at 1024 tokens on 2 cores
-    (python -m benchmarks.cpu_ops). Logits and softmax are float32."""
-    t, s = q.shape[1], k.shape[1]
-    scale = np.float32(1 / math.sqrt(q.shape[-1]))
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, N, T|S, D)
+    """XLA:CPU form of softmax(q k^T / sqrt(d)) v on (B, T, N, D) float inputs.
 
-    def block(start: int) -> jax.Array:
-        qb = q[:, :, start:start + _CPU_QUERY_BLOCK]
-        logits = jnp.einsum("bntd,bnsd->bnts", qb, k, preferred_element_type=jnp.float32)
+    A few heads and one block of queries at a time, in a loop (``lax.map``) rather than all
+    heads batched: batched over SD 1.5's 8 heads at 4096 tokens the logits were 64 MB per
+    block and 3.7x slower than this, which keeps each step's logits in cache. The softmax is
+    normalised after the value product (T*D divisions, not T*S). Logits and softmax are
+    float32."""
+    b, t, n, _ = q.shape
+    s = k.shape[1]
+    scale = np.float32(1 / math.sqrt(q.shape[-1]))
+    group, block = _cpu_blocks(b * n, t, s, q.shape[-1])
+    # (B*N/group, group, T|S, D)
+    q, k, v = (a.transpose(0, 2, 1, 3).reshape(b * n // group, group, a.shape[1], a.shape[3])
+               for a in (q, k, v))
+    whole = t - t % block
+
+    def one_block(qb: jax.Array, start: jax.Array | int, kh: jax.Array,
+                  vh: jax.Array) -> jax.Array:
+        logits = jnp.einsum("gtd,gsd->gts", qb, kh, preferred_element_type=jnp.float32)
         logits = logits * scale
         if is_causal:
-            rows = start + np.arange(qb.shape[2])[:, None]
-            logits = jnp.where(rows >= np.arange(s)[None, :], logits, -jnp.inf)
+            rows = start + jnp.arange(qb.shape[1])[:, None]
+            logits = jnp.where(rows >= jnp.arange(s)[None, :], logits, -jnp.inf)
         weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-        out = jnp.einsum("bnts,bnsd->bntd", weights.astype(v.dtype), v,
+        out = jnp.einsum("gts,gsd->gtd", weights.astype(vh.dtype), vh,
                          preferred_element_type=jnp.float32)
         return out / weights.sum(-1, keepdims=True)
 
-    out = jnp.concatenate([block(i) for i in range(0, t, _CPU_QUERY_BLOCK)], axis=2)
-    return out.transpose(0, 2, 1, 3)
+    def heads_step(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        qh, kh, vh = args
+        if whole == t and block == t:
+            return one_block(qh, 0, kh, vh)
+        parts = []
+        if whole:
+            blocks = qh[:, :whole].reshape(group, whole // block, block, -1).swapaxes(0, 1)
+            out = jax.lax.map(lambda a: one_block(a[0], a[1], kh, vh),
+                              (blocks, jnp.arange(0, whole, block)))
+            parts.append(out.swapaxes(0, 1).reshape(group, whole, -1))
+        if whole < t:
+            parts.append(one_block(qh[:, whole:], whole, kh, vh))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+    steps = q.shape[0]
+    out = heads_step((q[0], k[0], v[0]))[None] if steps == 1 else \
+        jax.lax.map(heads_step, (q, k, v))  # (B*N/group, group, T, Dv)
+    return out.reshape(b, n, t, -1).transpose(0, 2, 1, 3)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,

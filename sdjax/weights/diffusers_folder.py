@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +106,19 @@ class PipelineParts:
 def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None = None,
                          variant: str | None = None) -> PipelineParts:
     check_pipeline_folder(folder)
-    nets = {}
-    for component in ("text_encoder", "vae", "unet"):
-        cfg = read_config(folder, component)
-        nets[component] = load_network(folder, component, config=cfg, place=place,
-                                       variant=variant,
-                                       dtype=network_dtype(component, cfg, dtype))
-    return PipelineParts(**nets, tokenizer=load_tokenizer(folder),
+    configs = {c: read_config(folder, c) for c in ("text_encoder", "vae", "unet")}
+    # The networks and the tokenizer load side by side: building a network abstractly and
+    # importing transformers for the tokenizer hold the GIL, reading and casting tensors
+    # mostly does not, so one's Python overlaps another's reads. Results are taken in the
+    # old order, so the first failing component is still the one reported.
+    with ThreadPoolExecutor(4) as pool:
+        futures = {c: pool.submit(load_network, folder, c, config=cfg, place=place,
+                                  variant=variant, dtype=network_dtype(c, cfg, dtype))
+                   for c, cfg in configs.items()}
+        tokenizer = pool.submit(load_tokenizer, folder)
+        nets = {c: f.result() for c, f in futures.items()}
+        tokenizer = tokenizer.result()
+    return PipelineParts(**nets, tokenizer=tokenizer,
                          scheduler_config=read_json(folder / "scheduler" /
                                                     "scheduler_config.json"),
                          tokenizer_dir=folder / "tokenizer")

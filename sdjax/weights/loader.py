@@ -9,8 +9,10 @@ agree after the transform. Any violation fails with a :class:`WeightsError` nami
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -21,6 +23,8 @@ from flax import nnx
 from sdjax.weights.errors import WeightsError
 
 Transform = Callable[[np.ndarray], np.ndarray]
+
+_LOAD_THREADS = min(8, os.cpu_count() or 1)
 
 
 def identity(x: np.ndarray) -> np.ndarray:
@@ -87,8 +91,10 @@ def load_state(abstract: nnx.Module, tensors: Mapping[str, np.ndarray], rules: l
                place: Callable[[np.ndarray], jax.Array] | None = None) -> nnx.Module:
     """Fill ``abstract`` (from ``nnx.eval_shape``) with ``tensors`` mapped through ``rules``.
 
-    Each tensor is read, transformed, cast to the parameter's dtype and placed (``place``,
-    default ``jnp.asarray``) one at a time, so nothing but the final arrays stays alive.
+    Every shape is checked before any data is read. Then each tensor is read, transformed,
+    cast to the parameter's dtype and placed (``place``, default ``jnp.asarray``) by one of a
+    few threads, one tensor per thread at a time, so nothing but the final arrays and a few
+    tensors in flight stay alive.
     """
     graphdef, state = nnx.split(abstract)
     targets = {_path_str(path): (path, var) for path, var in nnx.to_flat_state(state)}
@@ -113,18 +119,30 @@ def load_state(abstract: nnx.Module, tensors: Mapping[str, np.ndarray], rules: l
         raise WeightsError(f"{what}: " + "; ".join(problems))
 
     place = place or jnp.asarray
-    filled = []
+    jobs = []
     mismatched = []
     for tgt, (path, var) in targets.items():
         key = by_target[tgt][0]
         _, transform = mapping[key]
-        value = transform(tensors[key])
+        # Transforms are views of the memory-mapped tensor: its shape costs no read. The view
+        # is dropped here and taken again in the worker, so mapped pages never pile up.
+        shape = tuple(transform(tensors[key]).shape)
         want = var.get_value() if hasattr(var, "get_value") else var.value
-        if tuple(value.shape) != tuple(want.shape):
-            mismatched.append(f"{key} {tuple(value.shape)} vs {tgt} {tuple(want.shape)}")
+        if shape != tuple(want.shape):
+            mismatched.append(f"{key} {shape} vs {tgt} {tuple(want.shape)}")
             continue
-        arr = place(np.asarray(value).astype(want.dtype))
-        filled.append((path, var.replace(arr)))
+        jobs.append((path, var, key, transform, want.dtype))
     if mismatched:
         raise WeightsError(f"{what}: " + _listing("shape mismatches", mismatched))
+
+    def fill(job: tuple) -> tuple:
+        path, var, key, transform, dtype = job
+        value = np.asarray(transform(tensors[key])).astype(dtype)
+        return path, var.replace(place(value))
+
+    # Page faults, copies and numpy's casts (bfloat16 included) release the GIL, so a few
+    # threads overlap reading the file with casting; each holds one tensor at a time.
+    # python benchmarks/load_memory.py --shape sd15 --dtype bfloat16 --source folder
+    with ThreadPoolExecutor(_LOAD_THREADS) as pool:
+        filled = list(pool.map(fill, jobs))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
