@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import parallel, sampling, tasks, validation
+from sdjax import prompts as prompt_syntax
 from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
 from sdjax.schedulers.common import start_index
 from sdjax.weights.diffusers_folder import load_pipeline_folder
@@ -143,6 +144,7 @@ class StableDiffusionPipeline:
         self.name = name
         self.vae_scale_factor = vae_scale_factor
         self.unet_config = unet.config
+        self.text_encoder_config = text_encoder.config
         self.vae_config = vae.config
         self._graphdefs = {}
         self.params = {}
@@ -324,14 +326,13 @@ class StableDiffusionPipeline:
         return nnx.merge(self._graphdefs[name], self.params[name])
 
     # ------------------------------------------------------------------ host side
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        from sdjax.weights.embeddings import expand_prompt
-
-        prompts = [expand_prompt(p, self._embedding_tokens) for p in prompts]
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length,
-                             return_tensors="np").input_ids
-        return ids.astype(np.int32)
+    def tokenize(self, prompts: Sequence[str],
+                 chunks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids int32, weights float32), each (len(prompts), chunks, 77): the prompts in
+        the WebUI's syntax and 75-token chunks (``sdjax.prompts``), every prompt's chunks
+        repeated to ``chunks`` (default: the bucket these prompts need)."""
+        return prompt_syntax.prompt_arrays(prompts, self.tokenizer, chunks,
+                                           prompt_syntax.expander(self._embedding_tokens))
 
     def check_size(self, height: int, width: int) -> None:
         for name, v in (("height", height), ("width", width)):
@@ -346,7 +347,13 @@ class StableDiffusionPipeline:
         height=None, width=None, num_images_per_prompt=1, seed=0, latents=None,
         scheduler=None, *, image=None, mask_image=None, strength=None, seeds=None,
         image_indices=None, batch_size_per_device=None, decode_chunk=None,
-        output_type="uint8", nan_check=True)`` (see :meth:`_prepare` for the types).
+        output_type="uint8", nan_check=True, clip_skip=1)`` (see :meth:`_prepare` for the
+        types).
+
+        Prompts use the WebUI's syntax (``(word:1.3)``, ``[word]``, ``BREAK``; see
+        docs/python-api.md) and may be longer than 75 tokens. ``clip_skip`` (the WebUI's "Clip
+        skip") takes the text encoder's hidden state ``clip_skip - 1`` layers before the last;
+        it is part of the compiled shape.
 
         Start generating ``len(prompt) * num_images_per_prompt`` images and return at once
         (JAX dispatches asynchronously); ``.result()`` waits and brings them to the host.
@@ -400,7 +407,7 @@ class StableDiffusionPipeline:
                  image_indices: Sequence[int] | None = None,
                  batch_size_per_device: int | None = None,
                  decode_chunk: int | None = None, output_type: str = "uint8",
-                 nan_check: bool = True, **task_kwargs):
+                 nan_check: bool = True, clip_skip: int = 1, **task_kwargs):
         """Validate and place the arguments of :meth:`submit`; returns (executable, its
         arguments, image count, host post-processing of the images or None, the seed of each
         image)."""
@@ -414,6 +421,9 @@ class StableDiffusionPipeline:
             seeds=seeds, image_indices=image_indices, scheduler=scheduler,
             scheduler_names=SCHEDULER_NAMES, factor=self.vae_scale_factor)
         sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
+        clip_skip = validation.check_int(
+            clip_skip, "clip_skip", minimum=1,
+            maximum=self.text_encoder_config.num_hidden_layers)
         n = len(prompts) * num_images_per_prompt
         task, inputs, start, (height, width), finish = self._task_inputs(
             image, mask_image, strength, len(prompts), num_images_per_prompt,
@@ -446,13 +456,16 @@ class StableDiffusionPipeline:
             decode_chunk = 4 * 512 * 512 // (height * width)
         chunk = max(1, min(decode_chunk, per_device))
         spec = sampling.CoreSpec(lat_shape, sched, int(num_inference_steps), per_device, chunk,
-                                 output_type, task, tuple(sorted(inputs)), bool(nan_check))
+                                 output_type, task, tuple(sorted(inputs)), bool(nan_check),
+                                 clip_skip)
 
         def pad(x):
             return parallel.put_batch(parallel.pad_batch(np.asarray(x), size), self.mesh)
 
-        ids = pad(self.tokenize(prompts))
-        neg_ids = pad(self.tokenize(negatives))
+        # One chunk count for prompts and negative prompts alike (sdjax.prompts).
+        text = self.tokenize(prompts + negatives)
+        ids = tuple(pad(a[:n]) for a in text)
+        neg_ids = tuple(pad(a[n:]) for a in text)
         seed_arr = pad(np.asarray(seeds, np.int64).astype(np.uint32))
         index_arr = pad(np.asarray(image_indices, np.int64).astype(np.uint32))
         guidance = pad(guidance)
