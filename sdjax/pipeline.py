@@ -233,6 +233,8 @@ class StableDiffusionPipeline:
         scale = validation.check_number(scale, "scale")
         path = Path(path).expanduser()
         key = str(path.resolve())
+        if key in self._loras and self._loras[key][1] == scale:
+            return self._loras[key][0].name  # already merged at this scale: nothing to do
         lora = (self._loras[key][0] if key in self._loras
                 else read_lora(path, {net: self.network(net) for net in NETWORKS}))
         loras = {**self._loras, key: (lora, scale)}
@@ -240,6 +242,24 @@ class StableDiffusionPipeline:
                                                   self._place)
         self._loras = loras
         return lora.name
+
+    def unload_lora(self, path: str | Path) -> None:
+        """Take a LoRA loaded by :meth:`load_lora` out of the weights (the others stay merged,
+        re-merged from the original weights); a file not loaded is a no-op."""
+        from sdjax.weights.lora import merge_loras, restore_pristine
+
+        key = str(Path(path).expanduser().resolve())
+        if key not in self._loras:
+            return
+        loras = {k: v for k, v in self._loras.items() if k != key}
+        self.params, self._pristine = merge_loras(restore_pristine(self.params, self._pristine),
+                                                  {}, loras.values(), self._place)
+        self._loras = loras
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The LoRA files merged into the weights (resolved paths) and their scales."""
+        return {key: scale for key, (_, scale) in self._loras.items()}
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
         """Add a textual-inversion embedding (A1111 ``.pt``/``.safetensors``, diffusers'
@@ -347,13 +367,13 @@ class StableDiffusionPipeline:
         height=None, width=None, num_images_per_prompt=1, seed=0, latents=None,
         scheduler=None, *, image=None, mask_image=None, strength=None, seeds=None,
         image_indices=None, batch_size_per_device=None, decode_chunk=None,
-        output_type="uint8", nan_check=True, clip_skip=1)`` (see :meth:`_prepare` for the
+        output_type="uint8", nan_check=True, clip_skip=None)`` (see :meth:`_prepare` for the
         types).
 
         Prompts use the WebUI's syntax (``(word:1.3)``, ``[word]``, ``BREAK``; see
         docs/python-api.md) and may be longer than 75 tokens. ``clip_skip`` (the WebUI's "Clip
-        skip") takes the text encoder's hidden state ``clip_skip - 1`` layers before the last;
-        it is part of the compiled shape.
+        skip", None = 1) takes the text encoder's hidden state ``clip_skip - 1`` layers before
+        the last; it is part of the compiled shape.
 
         Start generating ``len(prompt) * num_images_per_prompt`` images and return at once
         (JAX dispatches asynchronously); ``.result()`` waits and brings them to the host.
@@ -407,7 +427,7 @@ class StableDiffusionPipeline:
                  image_indices: Sequence[int] | None = None,
                  batch_size_per_device: int | None = None,
                  decode_chunk: int | None = None, output_type: str = "uint8",
-                 nan_check: bool = True, clip_skip: int = 1, **task_kwargs):
+                 nan_check: bool = True, clip_skip: int | None = None, **task_kwargs):
         """Validate and place the arguments of :meth:`submit`; returns (executable, its
         arguments, image count, host post-processing of the images or None, the seed of each
         image)."""
@@ -422,7 +442,7 @@ class StableDiffusionPipeline:
             scheduler_names=SCHEDULER_NAMES, factor=self.vae_scale_factor)
         sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
         clip_skip = validation.check_int(
-            clip_skip, "clip_skip", minimum=1,
+            1 if clip_skip is None else clip_skip, "clip_skip", minimum=1,
             maximum=self.text_encoder_config.num_hidden_layers)
         n = len(prompts) * num_images_per_prompt
         task, inputs, start, (height, width), finish = self._task_inputs(
