@@ -475,15 +475,15 @@ class StableDiffusionPipeline:
             # about four 512x512 images' worth at a time so the UNet sets the batch limit.
             decode_chunk = 4 * 512 * 512 // (height * width)
         chunk = max(1, min(decode_chunk, per_device))
+        # One chunk count for prompts and negative prompts alike (sdjax.prompts).
+        text = self.tokenize(prompts + negatives)
         spec = sampling.CoreSpec(lat_shape, sched, int(num_inference_steps), per_device, chunk,
                                  output_type, task, tuple(sorted(inputs)), bool(nan_check),
-                                 clip_skip)
+                                 clip_skip, text[0].shape[1])
 
         def pad(x):
             return parallel.put_batch(parallel.pad_batch(np.asarray(x), size), self.mesh)
 
-        # One chunk count for prompts and negative prompts alike (sdjax.prompts).
-        text = self.tokenize(prompts + negatives)
         ids = tuple(pad(a[:n]) for a in text)
         neg_ids = tuple(pad(a[n:]) for a in text)
         seed_arr = pad(np.asarray(seeds, np.int64).astype(np.uint32))

@@ -42,6 +42,7 @@ class CoreSpec:
     inputs: tuple[str, ...]  # names of the batched task inputs (and "latents" if given)
     nan_check: bool  # return a per-image finite/non-finite status next to the images
     clip_skip: int = 1  # the text encoder's layer (the WebUI's "Clip skip"); 1 = the last
+    text_chunks: int = 1  # 77-token chunks of the text context (sdjax.prompts' buckets)
 
 
 @dataclasses.dataclass(frozen=True)
