@@ -86,10 +86,15 @@ class TagLoras:
                 for name, scale in tags.items()}
 
     def use(self, tags: Mapping[str, float]) -> None:
+        """Merge the fixed LoRAs and those of ``tags``, nothing else. A LoRA that does not fit
+        raises ValueError; what is merged then stays consistent for the next call."""
         want = {**self._fixed, **self.files(tags)}
-        for path in self._tagged:
-            if path not in want:
-                self.pipe.unload_lora(path)
+        for path in [p for p in self._tagged if p not in want]:
+            self.pipe.unload_lora(path)
+            del self._tagged[path]
         for path, scale in want.items():
             self.pipe.load_lora(path, scale)  # a no-op where nothing changed
-        self._tagged = {p: s for p, s in want.items() if self._fixed.get(p) != s}
+            if self._fixed.get(path) == scale:
+                self._tagged.pop(path, None)
+            else:
+                self._tagged[path] = scale

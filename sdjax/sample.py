@@ -224,6 +224,8 @@ def run(args, written: list[Path]) -> int:
     for i, (p, _) in enumerate(jobs):
         groups.setdefault(tag_key(split[p][1]), []).append(i)
     batches = [idx[b:b + batch] for idx in groups.values() for b in range(0, len(idx), batch)]
+    for key in groups:  # every tag's LoRA is checked against the model before any image
+        tag_loras.use(dict(key))
     if (args.clip_skip or 1) > 1:
         extra["Clip skip"] = args.clip_skip  # as the WebUI writes it: only when not 1
 

@@ -139,7 +139,7 @@ def _run(pipe, prompt, **kw):
                 **kw).images.astype(np.int16)
 
 
-def test_long_and_weighted_prompts_share_executables(pipe, monkeypatch):
+def test_long_and_weighted_prompts_share_executables(pipe, monkeypatch, capfd):
     plain = _run(pipe, "a red circle")
     base = pipe.compile_count
     # Syntax whose weights are all 1 changes nothing, bit for bit.
@@ -154,6 +154,8 @@ def test_long_and_weighted_prompts_share_executables(pipe, monkeypatch):
     assert prompts.chunk_prompt(long150, pipe.tokenizer).ids.shape[0] == 2
     _run(pipe, long200)
     assert pipe.compile_count == base + 1
+    # Nothing is truncated: no warning of ours, nor transformers' "sequence length" one.
+    assert "Token indices sequence length" not in capfd.readouterr().err
     _run(pipe, long150, negative_prompt="blue")
     assert pipe.compile_count == base + 1  # 150 and 200 tokens: one executable
     # Repeating a prompt's chunks to fill the context is neutral: one chunk repeated 6 times

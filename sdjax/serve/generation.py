@@ -193,7 +193,10 @@ def run_call(registry: ModelRegistry):
         pipe = registry.get(shape.model)
         if shape.model not in loras:
             loras[shape.model] = TagLoras(pipe, registry.lora_dir)
-        loras[shape.model].use(dict(shape.loras))
+        try:
+            loras[shape.model].use(dict(shape.loras))
+        except ValueError as e:  # a LoRA file that does not fit this model: the request's 422
+            raise BadRequest(str(e)) from None
         task, images = shape.image_task, {}
         if task is not None:
             images = {"image": [s.image for s in specs], "strength": task.strength,
