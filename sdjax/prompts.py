@@ -193,7 +193,9 @@ def prompt_arrays(prompts: Sequence[str], tokenizer, chunks: int | None = None,
                   expand: Callable[[str], str] = lambda s: s) -> tuple[np.ndarray, np.ndarray]:
     """(ids, weights), each (len(prompts), chunks, 77): every prompt's chunks repeated to
     ``chunks`` (default: :func:`context_chunks` of these prompts)."""
-    parsed = [chunk_prompt(p, tokenizer, expand) for p in prompts]
+    cache: dict[str, Chunks] = {}  # a call repeats its prompts (images per prompt, negatives)
+    parsed = [cache[p] if p in cache else cache.setdefault(p, chunk_prompt(p, tokenizer, expand))
+              for p in prompts]
     if chunks is None:
         chunks = context_chunks([len(c.ids) for c in parsed])
     ids = np.stack([np.tile(c.ids, (chunks // len(c.ids), 1)) for c in parsed])
