@@ -97,6 +97,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
              help="refuse a height x width above this many pixels")
     add_flag(p, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
              help="compute dtype; auto = float32 on CPU, bfloat16 on TPU/GPU")
+    add_flag(p, "clip_skip", type=int, default=None, help="the WebUI's 'Clip skip': use the "
+             "text encoder's hidden state N-1 layers before the last (default: 1, the last)")
     add_flag(p, "matmul_precision", default=None, choices=["highest", "high", "default"],
              help="precision of dots and convolutions on TPU/GPU (unset: highest for float32, "
                   "true float32; XLA's default for bfloat16/float16); 'default' gives float32 "
@@ -122,6 +124,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
              help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers "
                   "learned_embeds); prompts use it by its file name (diffusers files: by the "
                   "token they hold); repeatable")
+    add_flag(a, "lora_dir", type=Path, default=None, help="where a prompt's <lora:name:weight> "
+             "tags find name.safetensors (here or in a folder below)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +160,8 @@ def parse_interval(value: str) -> tuple[float, float]:
 # The flags sdjax.json may set, and the pipeline arguments they are.
 _SETTING_FLAGS = {"steps": "num_inference_steps", "guidance_scale": "guidance_scale",
                   "guidance_rescale": "guidance_rescale",
-                  "guidance_interval": "guidance_interval", "scheduler": "scheduler"}
+                  "guidance_interval": "guidance_interval", "scheduler": "scheduler",
+                  "clip_skip": "clip_skip"}
 
 
 def apply_sampling_defaults(args: argparse.Namespace, pipe) -> str:
@@ -176,7 +181,8 @@ def apply_sampling_defaults(args: argparse.Namespace, pipe) -> str:
             f"guidance {settings['guidance_scale']:g}"
             + (f" in sigma [{interval[0]:g}, {interval[1]:g}]" if interval else "")
             + (f", rescale {settings['guidance_rescale']:g}"
-               if settings["guidance_rescale"] else ""))
+               if settings["guidance_rescale"] else "")
+            + (f", clip skip {settings['clip_skip']}" if (settings["clip_skip"] or 1) > 1 else ""))
 
 
 def parse_lora(value: str) -> tuple[str, float]:
@@ -236,6 +242,10 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
                 raise ValueError(f"--{name} {v} is too large: even {MIN_SIDE} pixels the "
                                  f"other way exceed --max_pixels {args.max_pixels}")
         validation.check_choice(args.scheduler, "--scheduler", SCHEDULER_NAMES, allow_none=True)
+        if args.clip_skip is not None:
+            validation.check_int(args.clip_skip, "--clip_skip", minimum=1)
+        if args.lora_dir is not None and not args.lora_dir.expanduser().is_dir():
+            raise ValueError(f"--lora_dir folder not found: {args.lora_dir}")
         for flag, path in ([("--lora", parse_lora(v)[0]) for v in args.lora or []]
                            + [("--embedding", v) for v in args.embedding or []]):
             if not Path(path).expanduser().is_file():
@@ -295,3 +305,16 @@ def run_main(body: Callable[[], int], interrupted: Callable[[], str | None] = la
         if message:
             print(message, file=sys.stderr)
         return 130
+
+
+def prompt_loras(prompts: list[str], lora_dir: Path | None) -> list[tuple[str, dict]]:
+    """(text, {LoRA name: multiplier}) per prompt, its ``<lora:…>`` tags taken out; every
+    name is looked up in ``lora_dir`` now, before the model loads."""
+    from sdjax.lora_tags import find_lora, split_tags
+    try:
+        split = [split_tags(p) for p in prompts]
+        for name in sorted({name for _, tags in split for name in tags}):
+            find_lora(name, lora_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return split

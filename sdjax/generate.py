@@ -53,6 +53,7 @@ from sdjax.dataset.shards import (
 )
 from sdjax.dataset.storage import Store, is_url
 from sdjax.dataset.writer import AsyncShardWriter
+from sdjax.lora_tags import TagLoras, split_tags, tag_key
 from sdjax.validation import MAX_SEED
 
 
@@ -99,17 +100,21 @@ class Settings:
     adapters: tuple[str, ...] = ()   # what apply_adapters reported: LoRAs, scales, embeddings
     guidance_rescale: float = 0.0
     guidance_interval: tuple[float, float] | None = None
+    clip_skip: int | None = None
+    lora_dir: str | None = None      # where prompts' <lora:name:w> tags are found
 
     def manifest(self, layout: Layout, prompts: PromptsInfo) -> dict:
+        optional = ("clip_skip", "lora_dir")
         fields = {k: v for k, v in dataclasses.asdict(self).items()
                   if k not in ("model_options", "adapters", "guidance_rescale",
-                               "guidance_interval")}
+                               "guidance_interval", *optional)}
         if self.adapters:  # only when used, like the model options, so earlier runs match
             fields["adapters"] = list(self.adapters)
         if self.guidance_rescale:
             fields["guidance_rescale"] = self.guidance_rescale
         if self.guidance_interval is not None:  # text: JSON has no inf
             fields["guidance_interval"] = ",".join(f"{v:g}" for v in self.guidance_interval)
+        fields.update({k: getattr(self, k) for k in optional if getattr(self, k) is not None})
         # --vae, --config, … join the manifest only when used, so earlier runs still match.
         options = {k: v for k, v in self.model_options.kwargs().items() if v not in (None, False)}
         return {**fields, **options, "images_per_prompt": layout.images_per_prompt,
@@ -192,24 +197,50 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
     writer = AsyncShardWriter(store, layout, encode, threads=encode_threads,
                               shard_stats=shard_stats, on_written=on_written)
     batch_size = per_device * pipe.num_devices
-    pending = None
-    try:
-        for batch in _batches(samples, batch_size):
-            handle = pipe.submit(
-                [s.prompt for s in batch], negative_prompt=[s.negative_prompt for s in batch],
+    tag_loras = TagLoras(pipe, settings.lora_dir)
+
+    def submit(batch: list[Sample]) -> Callable[[], np.ndarray]:
+        # One LoRA set per compiled call: a batch whose prompts' <lora:…> tags differ is one
+        # call per set (image i still uses the noise of (seed, i)).
+        split = [split_tags(s.prompt) for s in batch]
+        groups: dict = {}
+        for j, (_, tags) in enumerate(split):
+            groups.setdefault(tag_key(tags), []).append(j)
+        handles = []
+        for members in groups.values():
+            tag_loras.use(split[members[0]][1])
+            handles.append((members, pipe.submit(
+                [split[j][0] for j in members],
+                negative_prompt=[batch[j].negative_prompt for j in members],
                 num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                 guidance_rescale=settings.guidance_rescale,
                 guidance_interval=settings.guidance_interval,
                 height=settings.height, width=settings.width, scheduler=settings.scheduler,
-                seeds=[s.seed for s in batch], image_indices=[s.seed_index for s in batch],
-                batch_size_per_device=per_device)
+                seeds=[batch[j].seed for j in members],
+                image_indices=[batch[j].seed_index for j in members],
+                batch_size_per_device=per_device, clip_skip=settings.clip_skip)))
+
+        def images() -> np.ndarray:
+            if len(handles) == 1:
+                return handles[0][1].result().images
+            out = [None] * len(batch)
+            for members, handle in handles:
+                for j, image in zip(members, handle.result().images, strict=True):
+                    out[j] = image
+            return np.stack(out)
+        return images
+
+    pending = None
+    try:
+        for batch in _batches(samples, batch_size):
+            images = submit(batch)
             if pending is not None:
-                writer.put(pending[0], pending[1].result().images)
+                writer.put(pending[0], pending[1]())
             elif on_compiled is not None:
                 on_compiled()
-            pending = (batch, handle)
+            pending = (batch, images)
         if pending is not None:
-            writer.put(pending[0], pending[1].result().images)
+            writer.put(pending[0], pending[1]())
         writer.close()
     except BaseException:
         writer.abort()
@@ -319,7 +350,8 @@ def run(args) -> int:
         negative_prompt=args.negative_prompt, image_format=args.format,
         quality=None if args.format == "png" else (args.quality or 95), model_options=options,
         adapters=adapters, guidance_rescale=args.guidance_rescale,
-        guidance_interval=args.guidance_interval)
+        guidance_interval=args.guidance_interval, clip_skip=args.clip_skip,
+        lora_dir=None if args.lora_dir is None else str(args.lora_dir))
     run_settings = settings.manifest(layout, prompts)
     manifest.check(store, run_settings, overwrite=args.overwrite)
     print(sampling, file=sys.stderr)

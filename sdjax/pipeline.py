@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import model_defaults, parallel, sampling, tasks, validation
+from sdjax import prompts as prompt_syntax
 from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
 from sdjax.schedulers.common import start_index
 from sdjax.weights.diffusers_folder import load_pipeline_folder
@@ -148,6 +149,7 @@ class StableDiffusionPipeline:
         self.name = name
         self.vae_scale_factor = vae_scale_factor
         self.unet_config = unet.config
+        self.text_encoder_config = text_encoder.config
         self.vae_config = vae.config
         self._graphdefs = {}
         self.params = {}
@@ -241,6 +243,8 @@ class StableDiffusionPipeline:
         scale = validation.check_number(scale, "scale")
         path = Path(path).expanduser()
         key = str(path.resolve())
+        if key in self._loras and self._loras[key][1] == scale:
+            return self._loras[key][0].name  # already merged at this scale: nothing to do
         lora = (self._loras[key][0] if key in self._loras
                 else read_lora(path, {net: self.network(net) for net in NETWORKS}))
         loras = {**self._loras, key: (lora, scale)}
@@ -248,6 +252,24 @@ class StableDiffusionPipeline:
                                                   self._place)
         self._loras = loras
         return lora.name
+
+    def unload_lora(self, path: str | Path) -> None:
+        """Take a LoRA loaded by :meth:`load_lora` out of the weights (the others stay merged,
+        re-merged from the original weights); a file not loaded is a no-op."""
+        from sdjax.weights.lora import merge_loras, restore_pristine
+
+        key = str(Path(path).expanduser().resolve())
+        if key not in self._loras:
+            return
+        loras = {k: v for k, v in self._loras.items() if k != key}
+        self.params, self._pristine = merge_loras(restore_pristine(self.params, self._pristine),
+                                                  {}, loras.values(), self._place)
+        self._loras = loras
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The LoRA files merged into the weights (resolved paths) and their scales."""
+        return {key: scale for key, (_, scale) in self._loras.items()}
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
         """Add a textual-inversion embedding (A1111 ``.pt``/``.safetensors``, diffusers'
@@ -345,14 +367,13 @@ class StableDiffusionPipeline:
         return nnx.merge(self._graphdefs[name], self.params[name])
 
     # ------------------------------------------------------------------ host side
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        from sdjax.weights.embeddings import expand_prompt
-
-        prompts = [expand_prompt(p, self._embedding_tokens) for p in prompts]
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length,
-                             return_tensors="np").input_ids
-        return ids.astype(np.int32)
+    def tokenize(self, prompts: Sequence[str],
+                 chunks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids int32, weights float32), each (len(prompts), chunks, 77): the prompts in
+        the WebUI's syntax and 75-token chunks (``sdjax.prompts``), every prompt's chunks
+        repeated to ``chunks`` (default: the bucket these prompts need)."""
+        return prompt_syntax.prompt_arrays(prompts, self.tokenizer, chunks,
+                                           prompt_syntax.expander(self._embedding_tokens))
 
     def check_size(self, height: int, width: int) -> None:
         for name, v in (("height", height), ("width", width)):
@@ -368,7 +389,13 @@ class StableDiffusionPipeline:
         latents=None, scheduler=None, *, image=None, mask_image=None, strength=None,
         seeds=None, image_indices=None, batch_size_per_device=None, decode_chunk=None,
         output_type="uint8", nan_check=True, guidance_rescale=None,
-        guidance_interval=None)`` (see :meth:`_prepare` for the types).
+        guidance_interval=None, clip_skip=None)`` (see :meth:`_prepare` for the
+        types).
+
+        Prompts use the WebUI's syntax (``(word:1.3)``, ``[word]``, ``BREAK``; see
+        docs/python-api.md) and may be longer than 75 tokens. ``clip_skip`` (the WebUI's "Clip
+        skip", None = 1) takes the text encoder's hidden state ``clip_skip - 1`` layers before
+        the last; it is part of the compiled shape.
 
         ``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``guidance_rescale`` and
         ``guidance_interval`` left at None take the model folder's ``sdjax.json`` values, else
@@ -436,7 +463,7 @@ class StableDiffusionPipeline:
                  nan_check: bool = True,
                  guidance_rescale: float | Sequence[float] | None = None,
                  guidance_interval: tuple[float, float] | Sequence | None = None,
-                 **task_kwargs):
+                 clip_skip: int | None = None, **task_kwargs):
         """Validate and place the arguments of :meth:`submit`; returns (executable, its
         arguments, image count, host post-processing of the images or None, the seed of each
         image)."""
@@ -446,7 +473,7 @@ class StableDiffusionPipeline:
         settings = self.sampling_settings(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             scheduler=scheduler, guidance_rescale=guidance_rescale,
-            guidance_interval=guidance_interval)
+            guidance_interval=guidance_interval, clip_skip=clip_skip)
         num_inference_steps, guidance_scale = (settings["num_inference_steps"],
                                                settings["guidance_scale"])
         scheduler = settings["scheduler"]
@@ -457,6 +484,9 @@ class StableDiffusionPipeline:
             seeds=seeds, image_indices=image_indices, scheduler=scheduler,
             scheduler_names=SCHEDULER_NAMES, factor=self.vae_scale_factor)
         sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
+        clip_skip = validation.check_int(
+            settings["clip_skip"] or 1, "clip_skip", minimum=1,
+            maximum=self.text_encoder_config.num_hidden_layers)
         n = len(prompts) * num_images_per_prompt
         guidance, cfg = self._guidance(guidance, settings["guidance_rescale"],
                                        settings["guidance_interval"], n)
@@ -490,15 +520,17 @@ class StableDiffusionPipeline:
             # about four 512x512 images' worth at a time so the UNet sets the batch limit.
             decode_chunk = 4 * 512 * 512 // (height * width)
         chunk = max(1, min(decode_chunk, per_device))
+        # One chunk count for prompts and negative prompts alike (sdjax.prompts).
+        text = self.tokenize(prompts + negatives)
         spec = sampling.CoreSpec(lat_shape, sched, int(num_inference_steps), per_device, chunk,
                                  output_type, task, tuple(sorted(inputs)), bool(nan_check),
-                                 cfg=cfg)
+                                 cfg=cfg, clip_skip=clip_skip, text_chunks=text[0].shape[1])
 
         def pad(x):
             return parallel.put_batch(parallel.pad_batch(np.asarray(x), size), self.mesh)
 
-        ids = pad(self.tokenize(prompts))
-        neg_ids = pad(self.tokenize(negatives))
+        ids = tuple(pad(a[:n]) for a in text)
+        neg_ids = tuple(pad(a[n:]) for a in text)
         seed_arr = pad(np.asarray(seeds, np.int64).astype(np.uint32))
         index_arr = pad(np.asarray(image_indices, np.int64).astype(np.uint32))
         guidance = pad(guidance)

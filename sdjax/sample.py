@@ -26,6 +26,7 @@ from sdjax.cli_args import (  # noqa: F401
     check_common_args,
     check_outdir,
     image_size,
+    prompt_loras,
     report_seed,
     resolve_dtype,
     run_main,
@@ -188,6 +189,7 @@ def run(args, written: list[Path]) -> int:
     check_outdir(args.outdir)
     maybe_initialize_distributed()  # before resolve_dtype() asks JAX for its backend
     image, mask = _load_images(args)
+    split = dict(zip(prompts, prompt_loras(prompts, args.lora_dir), strict=True))
     upscaler = _is_upscaler(args.model)
     if upscaler:
         if image is None:
@@ -211,6 +213,8 @@ def run(args, written: list[Path]) -> int:
     for line in apply_adapters(args, pipe):
         print(line, file=sys.stderr)
     sampling = apply_sampling_defaults(args, pipe)
+    from sdjax.lora_tags import TagLoras, tag_key
+    tag_loras = TagLoras(pipe, args.lora_dir)
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
     height, width, task_args, extra = _task_settings(args, pipe, image, mask, upscaler)
@@ -220,32 +224,35 @@ def run(args, written: list[Path]) -> int:
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
     per_device = args.batch_size or min(8, -(-len(jobs) // pipe.num_devices))
     batch = per_device * pipe.num_devices
-
-    for p in prompts:
-        # verbose=False: transformers' own "sequence length is longer" warning would repeat
-        # this one in other words.
-        n_tok = len(pipe.tokenizer(p, verbose=False).input_ids)
-        if n_tok > pipe.max_prompt_tokens:
-            print(f"warning: prompt truncated to {pipe.max_prompt_tokens} tokens: {p[:60]}…",
-                  file=sys.stderr)
+    # One LoRA set per compiled call: prompts with different <lora:…> tags go in different
+    # batches (image i still uses the noise of (seed, i), so grouping changes no image).
+    groups: dict = {}
+    for i, (p, _) in enumerate(jobs):
+        groups.setdefault(tag_key(split[p][1]), []).append(i)
+    batches = [idx[b:b + batch] for idx in groups.values() for b in range(0, len(idx), batch)]
+    for key in groups:  # every tag's LoRA is checked against the model before any image
+        tag_loras.use(dict(key))
+    if (args.clip_skip or 1) > 1:
+        extra["Clip skip"] = args.clip_skip  # as the WebUI writes it: only when not 1
 
     t_gen = 0.0
     compile_before = pipe.compile_seconds
     all_images = []
     start = None
     with _StopAfterBatch() as stop:
-        for b0 in tqdm(range(0, len(jobs), batch), desc="batches", unit="batch",
-                       disable=len(jobs) <= batch):
+        for idx in tqdm(batches, desc="batches", unit="batch", disable=len(batches) <= 1):
             if stop.requested:
                 break
-            chunk = jobs[b0:b0 + batch]
+            chunk = [jobs[i] for i in idx]
             t0 = time.perf_counter()
-            out = pipe([p for p, _ in chunk], negative_prompt=args.negative_prompt,
+            tag_loras.use(split[chunk[0][0]][1])
+            out = pipe([split[p][0] for p, _ in chunk], negative_prompt=args.negative_prompt,
                        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                       seed=seed, scheduler=scheduler, image_indices=range(b0, b0 + len(chunk)),
+                       seed=seed, scheduler=scheduler, image_indices=idx,
                        batch_size_per_device=per_device, nan_check=not args.no_nan_check,
                        guidance_rescale=args.guidance_rescale,
-                       guidance_interval=args.guidance_interval, **task_args)
+                       guidance_interval=args.guidance_interval, clip_skip=args.clip_skip,
+                       **task_args)
             t_gen += time.perf_counter() - t0
             if jax.process_index() != 0:
                 continue  # multi-host: every process holds all images; the first writes them
@@ -253,8 +260,7 @@ def run(args, written: list[Path]) -> int:
                 # Made only now, so a run that fails before its first image leaves no folder.
                 args.outdir.mkdir(parents=True, exist_ok=True)
                 start = next_index(args.outdir)
-            for j, ((prompt, _), pixels) in enumerate(zip(chunk, out.images, strict=True)):
-                i = b0 + j
+            for i, (prompt, _), pixels in zip(idx, chunk, out.images, strict=True):
                 path = args.outdir / f"{start + i:05d}-{seed}-{i}.png"
                 save_png(pixels, path, format_parameters(
                     prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps,

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sdjax import parallel, tasks, vae_tiling
+from sdjax import parallel, prompts, tasks, vae_tiling
 from sdjax.schedulers.start import start_table
 
 # Per-image status the compiled call returns when it checks its outputs (one int8 per image).
@@ -45,6 +45,8 @@ class CoreSpec:
     # Run the unconditional pass (a 2B UNet batch). False when no image of the call is guided
     # (every guidance scale <= 1): the UNet then runs on the B conditional latents alone.
     cfg: bool = True
+    clip_skip: int = 1  # the text encoder's layer (the WebUI's "Clip skip"); 1 = the last
+    text_chunks: int = 1  # 77-token chunks of the text context (sdjax.prompts' buckets)
 
 
 # Columns of the per-image guidance array: scale, diffusers' CFG rescale, and the sigma
@@ -86,7 +88,8 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
           on_compile: Callable[[float], None] | None = None,
           precision: str | None = None) -> Executable:
     """The sharded, jitted sampler for ``spec``. Its arguments are ``(params, ids, neg_ids,
-    guidance, seeds, indices, start, inputs)``: every array batched on its first axis except
+    guidance, seeds, indices, start, inputs)``: ``ids`` and ``neg_ids`` are pairs (token ids,
+    weights), each (B, chunks, 77) (``sdjax.prompts``); every array batched on its first axis except
     ``params`` (replicated) and ``start`` (a scalar: the first step of the schedule, a
     runtime input for tasks that cut it by strength); ``guidance`` is (B, 4), the columns of
     GUIDANCE_COLUMNS; ``inputs`` is the task's dict of
@@ -108,8 +111,10 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         te = nnx.merge(graphdefs["text_encoder"], params["text_encoder"])
         unet = nnx.merge(graphdefs["unet"], params["unet"])
         vae = nnx.merge(graphdefs["vae"], params["vae"])
-        b = ids.shape[0]
-        context = te(jnp.concatenate([neg_ids, ids], axis=0))
+        b = ids[0].shape[0]
+        context = prompts.encode(te, *(jnp.concatenate(pair, axis=0)
+                                       for pair in zip(neg_ids, ids, strict=True)),
+                                 clip_skip=spec.clip_skip)
         keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.key(sd), i))(seeds, indices)
         noise_keys, step_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
         noise_keys, step_keys = noise_keys[:, 0], step_keys[:, 0]

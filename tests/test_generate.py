@@ -170,6 +170,28 @@ def test_per_row_seed_and_negative_prompt(sd1_folder, tmp_path, capsys):
     assert len({s[f"{i:09d}"]["png"] for i in range(6)}) == 6
 
 
+def test_lora_tags_split_a_batch_into_calls(sd1_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from tests.test_adapters import write_kohya_lora
+
+    (tmp_path / "loras").mkdir()
+    write_kohya_lora(tmp_path / "loras" / "glow.safetensors")
+    tagged = ["a cat <lora:glow:0.5>", "a cat"]
+    one = ["--images_per_prompt", "1", "--lora_dir", tmp_path / "loras"]
+    _make(capsys, sd1_folder, _txt(tmp_path / "a.txt", tagged), tmp_path / "a", *one)
+    _make(capsys, sd1_folder, _txt(tmp_path / "b.txt", ["a cat", "a cat"]), tmp_path / "b", *one)
+    a, b = read_dataset(tmp_path / "a"), read_dataset(tmp_path / "b")
+
+    def pixels(sample):
+        return np.asarray(Image.open(io.BytesIO(sample["png"])))
+
+    # One batch of two, two LoRA sets: each image got its own (and the same noise).
+    assert a["000000000"]["txt"].decode() == tagged[0]
+    assert not np.array_equal(pixels(a["000000000"]), pixels(b["000000000"]))
+    assert np.array_equal(pixels(a["000000001"]), pixels(b["000000001"]))
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(sd1_folder, tmp_path, capsys):
     prompts = [f"{PROMPTS[i % 5]} {i}" for i in range(60)]
     txt = _txt(tmp_path / "p.txt", prompts)

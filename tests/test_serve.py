@@ -8,6 +8,7 @@ one shape compiles once); every generation uses SHAPE.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import shutil
@@ -202,6 +203,10 @@ def test_options_switch_model(server, registry):
     ({"seed": 2**40}, 422, "seed must be in [0, 2**32) or -1"),
     ({"enable_hr": True}, 422, "enable_hr=True is not supported"),
     ({"override_settings": {"sd_model_checkpoint": "sd-xl"}}, 404, "'sd-xl' not found"),
+    ({"prompt": "a <lora:style:0.5> cat"}, 422, "<lora:style> needs a LoRA folder"),
+    ({"prompt": "a <lora:style:lots> cat"}, 422, "the multiplier must be a finite number"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, 422,
+     "CLIP_stop_at_last_layers must be at least 1"),
 ])
 def test_bad_requests_get_a_one_line_4xx(server, body, status, message):
     c = server.client
@@ -225,6 +230,53 @@ def test_other_bad_input(server):
     assert c.get("/sdapi/v1/txt2img").status_code == 405
     # the server still serves after all of that
     assert c.get("/health").json()["status"] == "ok"
+
+
+def test_lora_tags_and_clip_skip_decide_the_call(registry, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sdjax.serve.batcher import ImageSpec
+    from sdjax.serve.generation import plan_txt2img, run_call
+    from sdjax.serve.limits import BadRequest
+    from sdjax.serve.schemas import Txt2ImgRequest
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "glow.safetensors").write_bytes(b"")  # found by name, loaded below
+    monkeypatch.setattr(registry, "lora_dir", tmp_path)
+
+    def shape(prompt, **fields):
+        req = Txt2ImgRequest(**{**SHAPE, "prompt": prompt, **fields})
+        return plan_txt2img(req, registry, Limits()).shape
+
+    tagged = shape("a <lora:glow:0.5> cat")
+    assert tagged.loras == (("glow", 0.5),) and tagged == shape("a dog<lora:glow:0.5>")
+    assert tagged != shape("a <lora:glow:0.6> cat") and tagged != shape("a cat")
+    assert shape("a cat", override_settings={"CLIP_stop_at_last_layers": 2}).clip_skip == 2
+    with pytest.raises(BadRequest, match="no nope.safetensors in") as e:
+        shape("a <lora:nope> cat")
+    assert e.value.status == 422
+
+    class Stub:  # what run_call needs of a pipeline, recording the LoRAs of each call
+        def __init__(self):
+            self.loras, self.calls = {}, []
+
+        def load_lora(self, path, scale):
+            self.loras = {**self.loras, path: scale}
+
+        def unload_lora(self, path):
+            self.loras = {k: v for k, v in self.loras.items() if k != path}
+
+        def __call__(self, prompts, **kw):
+            self.calls.append((prompts, dict(self.loras), kw["clip_skip"]))
+            return SimpleNamespace(images=np.zeros((len(prompts), 1, 1, 3), np.uint8))
+
+    stub = Stub()
+    run = run_call(SimpleNamespace(get=lambda title: stub, lora_dir=tmp_path))
+    spec = ImageSpec("a <lora:glow:0.5> cat", "", 0, 7.0)
+    run(tagged, [spec])
+    run(shape("a cat"), [dataclasses.replace(spec, prompt="a cat")])
+    glow = str((tmp_path / "sub" / "glow.safetensors").resolve())
+    assert stub.calls == [(["a  cat"], {glow: 0.5}, 1), (["a cat"], {}, 1)]
 
 
 def _b64(image: np.ndarray, fmt: str = "PNG", prefix: bool = False) -> str:

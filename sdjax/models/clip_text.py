@@ -108,8 +108,9 @@ class CLIPEncoder(nnx.Module):
         self.layers = nnx.List([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs)
                                 for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers:
+    def __call__(self, x: jax.Array, skip: int = 0) -> jax.Array:
+        """The hidden state after all layers but the last ``skip``."""
+        for layer in self.layers[:len(self.layers) - skip]:
             x = layer(x)
         return x
 
@@ -126,5 +127,11 @@ class CLIPTextModel(nnx.Module):
         self.encoder = CLIPEncoder(cfg, dtype=dtype, rngs=rngs)
         self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
-        return self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
+    def __call__(self, input_ids: jax.Array, clip_skip: int = 1) -> jax.Array:
+        """``clip_skip`` > 1 (the WebUI's "Clip skip"): the hidden state ``clip_skip - 1``
+        layers before the last, through the final layer norm (the later layers do not run)."""
+        if not 1 <= clip_skip <= len(self.encoder.layers):
+            raise ValueError(f"clip_skip must be in [1, {len(self.encoder.layers)}] for this "
+                             f"text encoder, got {clip_skip}")
+        hidden = self.encoder(self.embeddings(input_ids), skip=clip_skip - 1)
+        return self.final_layer_norm(hidden)

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "is the default; clients switch with sd_model_checkpoint)")
     add_flag(p, "models_dir", type=Path, default=None,
              help="also offer every diffusers folder inside this folder")
+    add_flag(p, "lora_dir", type=Path, default=None, help="where a prompt's "
+             "<lora:name:weight> tags find name.safetensors (here or in a folder below)")
     add_flag(p, "host", default="127.0.0.1",
              help="address to listen on; 0.0.0.0 exposes the server to the network")
     add_flag(p, "port", type=int, default=7860, help="TCP port")
@@ -119,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
         return StableDiffusionPipeline.from_pretrained(source, dtype=dtype,
                                                        num_devices=args.num_devices)
 
-    registry = ModelRegistry(discover(args.model or ["toy"], args.models_dir), load)
+    if args.lora_dir is not None and not args.lora_dir.expanduser().is_dir():
+        raise UsageError(f"--lora_dir folder not found: {args.lora_dir}")
+    registry = ModelRegistry(discover(args.model or ["toy"], args.models_dir), load,
+                             lora_dir=args.lora_dir)
     pipe = registry.get(registry.current)
     max_batch = args.max_batch or 8 * pipe.num_devices
     if max_batch < 1:

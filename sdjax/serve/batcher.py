@@ -51,6 +51,9 @@ class Shape:
     steps: int
     scheduler: str
     image_task: ImageTask | None = None
+    # The prompt's <lora:name:w> tags: merged into the shared weights, so one set per call.
+    loras: tuple[tuple[str, float], ...] = ()
+    clip_skip: int = 1  # the WebUI's CLIP_stop_at_last_layers: part of the compiled shape
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,8 +48,9 @@ class ModelRegistry:
     """Titles, the current one (``sd_model_checkpoint``) and the pipelines loaded so far.
     Loaded pipelines stay loaded: switching back costs neither a load nor a compile."""
 
-    def __init__(self, sources: dict[str, str], load: Loader):
+    def __init__(self, sources: dict[str, str], load: Loader, lora_dir: Path | None = None):
         self.sources = dict(sources)
+        self.lora_dir = lora_dir  # where prompts' <lora:name:w> tags find their files
         self._load = load
         self._loaded: dict[str, StableDiffusionPipeline] = {}
         self._lock = threading.Lock()

@@ -16,6 +16,7 @@ import numpy as np
 
 from sdjax import __version__, validation
 from sdjax.images import SAMPLER_LABELS, encode_png, format_parameters, guidance_parameters
+from sdjax.lora_tags import TagLoras, find_lora, split_tags, tag_key
 from sdjax.serve import uploads
 from sdjax.serve.batcher import ImageSpec, ImageTask, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
@@ -54,6 +55,7 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
         registry.get(title).check_size(req.height, req.width)
     except ValueError as e:
         raise BadRequest(str(e)) from None
+    loras, clip_skip = _prompt_settings(req, registry, title)
     seed = validation.resolve_seed(req.seed)
     n = req.batch_size * req.n_iter
     # Seeds past 2**32 - 1 wrap, as the uint32 the sampler takes would.
@@ -62,7 +64,31 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     # The model's sdjax.json guidance options apply (requests have no fields for them).
     settings = registry.get(title).sampling_settings()
     extra = guidance_parameters(settings["guidance_rescale"], settings["guidance_interval"])
-    return Plan(Shape(title, req.height, req.width, req.steps, scheduler), specs, seed, extra)
+    if clip_skip > 1:
+        extra["Clip skip"] = clip_skip
+    return Plan(Shape(title, req.height, req.width, req.steps, scheduler, loras=loras,
+                      clip_skip=clip_skip), specs, seed, extra)
+
+
+def _prompt_settings(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
+                     title: str) -> tuple[tuple[tuple[str, float], ...], int]:
+    """(the prompt's <lora:…> tags, each found in the LoRA folder; clip skip from the
+    WebUI's ``CLIP_stop_at_last_layers`` override)."""
+    try:
+        _, tags = split_tags(req.prompt)
+        for name in tags:
+            find_lora(name, registry.lora_dir)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    model_default = registry.get(title).sampling_settings()["clip_skip"] or 1
+    clip_skip = (req.override_settings or {}).get("CLIP_stop_at_last_layers", model_default)
+    layers = registry.get(title).text_encoder_config.num_hidden_layers
+    try:
+        clip_skip = validation.check_int(clip_skip, "CLIP_stop_at_last_layers", minimum=1,
+                                         maximum=layers)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(str(e)) from None
+    return tag_key(tags), clip_skip
 
 
 def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -> Plan:
@@ -98,7 +124,7 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -
     specs = [dataclasses.replace(s, image=im, mask=mask)
              for s, im in zip(plan.specs, images, strict=True)]
     shape = dataclasses.replace(plan.shape, image_task=task)
-    return Plan(shape, specs, plan.seed, extra)
+    return Plan(shape, specs, plan.seed, {**plan.extra, **extra})
 
 
 def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
@@ -168,21 +194,29 @@ def _task_kwargs(task: ImageTask) -> dict:
 
 def run_call(registry: ModelRegistry):
     """The batcher's ``run``: one compiled call for images of one shape."""
+    loras: dict[str, TagLoras] = {}  # per model: its LoRA state across calls
+
     def run(shape: Shape, specs: list[ImageSpec]) -> np.ndarray:
         pipe = registry.get(shape.model)
+        if shape.model not in loras:
+            loras[shape.model] = TagLoras(pipe, registry.lora_dir)
+        try:
+            loras[shape.model].use(dict(shape.loras))
+        except ValueError as e:  # a LoRA file that does not fit this model: the request's 422
+            raise BadRequest(str(e)) from None
         task, images = shape.image_task, {}
         if task is not None:
             images = {"image": [s.image for s in specs], "strength": task.strength,
                       **_task_kwargs(task)}
             if task.inpaint:
                 images["mask_image"] = [s.mask for s in specs]
-        return pipe([s.prompt for s in specs],
+        return pipe([split_tags(s.prompt)[0] for s in specs],
                     negative_prompt=[s.negative_prompt for s in specs],
                     num_inference_steps=shape.steps,
                     guidance_scale=[s.guidance_scale for s in specs],
                     height=shape.height, width=shape.width, scheduler=shape.scheduler,
                     seeds=[s.seed for s in specs], image_indices=[0] * len(specs),
-                    **images).images
+                    clip_skip=shape.clip_skip, **images).images
     return run
 
 
@@ -219,7 +253,7 @@ def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: Jo
         "denoising_strength": getattr(req, "denoising_strength", None),
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts,
         "styles": req.styles or [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-        "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "clip_skip": shape.clip_skip, "is_using_inpainting_conditioning": False,
         "version": f"sdjax {__version__}",
     }
     parameters = req.model_dump()

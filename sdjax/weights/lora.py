@@ -247,3 +247,12 @@ def merge_loras(params: Mapping[str, nnx.State], pristine: Pristine,
         merged = (base.astype(jnp.float32) + d).astype(base.dtype)
         flat[net][path] = flat[net][path].replace(place(merged))
     return {net: nnx.from_flat_state(list(f.items())) for net, f in flat.items()}, pristine
+
+
+def restore_pristine(params: Mapping[str, nnx.State], pristine: Pristine) -> dict[str, nnx.State]:
+    """``params`` with every parameter that ``pristine`` holds back at its un-merged value
+    (what unloading a LoRA re-merges the others from)."""
+    flat = {net: dict(nnx.to_flat_state(state)) for net, state in params.items()}
+    for (net, path), value in pristine.items():
+        flat[net][path] = flat[net][path].replace(value)
+    return {net: nnx.from_flat_state(list(f.items())) for net, f in flat.items()}
