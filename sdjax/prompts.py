@@ -3,9 +3,10 @@ length in 75-token chunks; and their encoding by a CLIP text encoder inside the 
 
 Host side (:func:`parse_attention`, :func:`chunk_prompt`, :func:`prompt_arrays`): the text
 becomes, per prompt, ``n`` chunks of 77 token ids (start, 75 prompt tokens, end, padded as the
-tokenizer pads) and a weight per id. Device side (:func:`encode`): each chunk is encoded on its
-own, its outputs multiplied by the weights and rescaled to the chunk's original mean (the
-WebUI's default "Original" emphasis), and the chunks concatenated along the sequence.
+tokenizer pads; the tokenizer's length where it is not 77) and a weight per id. Device side
+(:func:`encode`): each chunk is encoded on its own, its outputs multiplied by the weights and
+rescaled to the chunk's original mean (the WebUI's default "Original" emphasis), and the
+chunks concatenated along the sequence.
 
 How the chunk count becomes a static shape: a call's prompts and negative prompts may have
 different chunk counts ``n``; each prompt's chunks are *repeated* to the call's context length
@@ -31,7 +32,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-CHUNK_TOKENS = 75        # prompt tokens per chunk; with the start and end tokens, 77
 COMMA_BACKTRACK = 20     # the WebUI's default "comma_padding_backtrack"
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK = -1.0             # the weight that marks a BREAK in parse_attention's output
@@ -52,6 +52,12 @@ _ATTENTION = re.compile(r"""
   | :               # a colon that starts no weight: text
 """, re.X)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def chunk_tokens(tokenizer) -> int:
+    """Prompt tokens per chunk: the tokenizer's length less the start and end tokens; 75 in
+    every Stable Diffusion model (77 positions), fewer in the bundled toy."""
+    return tokenizer.model_max_length - 2
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
@@ -130,6 +136,7 @@ def chunk_prompt(prompt: str, tokenizer, expand: Callable[[str], str] = lambda s
     tokenized = tokenizer(texts, add_special_tokens=False, truncation=False,
                           verbose=False).input_ids
     comma = tokenizer.get_vocab().get(",</w>")
+    size = chunk_tokens(tokenizer)
     chunks: list[tuple[list[int], list[float]]] = []
     toks: list[int] = []
     ws: list[float] = []
@@ -147,14 +154,14 @@ def chunk_prompt(prompt: str, tokenizer, expand: Callable[[str], str] = lambda s
         for tok in ids:
             if tok == comma:
                 last_comma = len(toks)
-            elif (len(toks) == CHUNK_TOKENS and last_comma != -1
+            elif (len(toks) == size and last_comma != -1
                   and len(toks) - last_comma <= COMMA_BACKTRACK):
                 cut = last_comma + 1
                 moved = toks[cut:], ws[cut:]
                 toks, ws = toks[:cut], ws[:cut]
                 close()
                 toks, ws = list(moved[0]), list(moved[1])
-            if len(toks) == CHUNK_TOKENS:
+            if len(toks) == size:
                 close()
             toks.append(tok)
             ws.append(weight)
@@ -164,7 +171,7 @@ def chunk_prompt(prompt: str, tokenizer, expand: Callable[[str], str] = lambda s
 
 
 def _wrap(chunks: Sequence[tuple[list[int], list[float]]], tokenizer) -> Chunks:
-    width = CHUNK_TOKENS + 2
+    width = tokenizer.model_max_length
     ids = np.full((len(chunks), width), tokenizer.pad_token_id, np.int32)
     weights = np.ones((len(chunks), width), np.float32)
     for i, (toks, ws) in enumerate(chunks):
