@@ -485,7 +485,7 @@ class StableDiffusionPipeline:
             scheduler_names=SCHEDULER_NAMES, factor=self.vae_scale_factor)
         sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
         clip_skip = validation.check_int(
-            settings["clip_skip"] or 1, "clip_skip", minimum=1,
+            1 if settings["clip_skip"] is None else settings["clip_skip"], "clip_skip", minimum=1,
             maximum=self.text_encoder_config.num_hidden_layers)
         n = len(prompts) * num_images_per_prompt
         guidance, cfg = self._guidance(guidance, settings["guidance_rescale"],
