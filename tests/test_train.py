@@ -23,7 +23,9 @@ from sdjax.train.config import (
     ContrastiveConfig,
     DataConfig,
     DiffusionConfig,
+    LoraConfig,
     OptimConfig,
+    TextualInversionConfig,
     TokenizerConfig,
     TrainConfig,
     load_config,
@@ -219,3 +221,119 @@ def test_shapes_classifier_reads_the_training_images():
     for i in range(200):
         img, cap = shapes.sample(7, i, 32)
         assert shapes.classify(img) == shapes.parse_caption(cap), cap
+
+
+# ----------------------------------------------------------- textual inversion and LoRA
+# Both start from the exported folder of `uninterrupted` (a tiny model trained above) and
+# learn a new colour word from a folder of magenta shapes.
+NEW_WORD = "<new>"
+ADAPTER_PROMPT = f"a {NEW_WORD} circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def concept(tmp_path_factory):
+    from sdjax.train.concept import write_concept
+
+    folder = tmp_path_factory.mktemp("concept") / "data"
+    write_concept(folder, word=NEW_WORD, count=12, size=RES)
+    return folder
+
+
+def adapter_recipe(task, out, uninterrupted, concept, **kw) -> TrainConfig:
+    cfg = TrainConfig(
+        task=task, output_dir=str(out), pretrained=str(uninterrupted.export_dir),
+        textual_inversion=TextualInversionConfig(token=NEW_WORD, init_word="red", num_vectors=2),
+        lora=LoraConfig(rank=2, alpha=4.0, unet_targets=("to_k", "to_v", "proj_in"),
+                        text_encoder_targets=("q_proj", "fc1")),
+        data=DataConfig(source="folder", path=str(concept), resolution=RES, prefetch=1),
+        optim=OptimConfig(learning_rate=2e-2, weight_decay=0.0), batch_size=8, steps=20,
+        num_devices=2, checkpoint_every=10, log_every=1, progress=False)
+    return override(cfg, kw)
+
+
+@pytest.fixture(scope="module", params=["textual_inversion", "lora"])
+def adapter_run(request, tmp_path_factory, uninterrupted, concept):
+    """(task, uninterrupted result, result of a run stopped at step 10 and resumed)."""
+    task = request.param
+    whole = train(adapter_recipe(task, tmp_path_factory.mktemp(task), uninterrupted, concept))
+    cfg = adapter_recipe(task, tmp_path_factory.mktemp(task + "-resumed"), uninterrupted,
+                         concept)
+    assert train(cfg, stop_at=10).export_dir is None
+    return task, whole, train(cfg)
+
+
+def test_adapter_tasks_learn_resume_exactly_and_train_only_their_part(adapter_run):
+    task, whole, resumed = adapter_run
+    losses = [r["loss"] for r in whole.history]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, whole.params)
+    assert [r["loss"] for r in resumed.history] == losses
+    if task == "textual_inversion":  # the new rows are the only trained parameter
+        assert list(whole.params) == ["vectors"] and whole.params["vectors"].shape == (2, 32)
+    else:  # to_k, to_v in 2 attention blocks, proj_in in 2 (1x1 convs), q_proj and fc1
+        layers = whole.params["layers"]
+        assert len(layers) == 8 and all(f["down"].shape[1] == 2 for f in layers)
+    assert sorted(p.name for p in whole.export_dir.iterdir()) == (
+        ["learned_embeds.safetensors", "new.safetensors"] if task == "textual_inversion"
+        else ["lora.safetensors", "pytorch_lora_weights.safetensors"])
+
+
+def test_exported_adapters_load_in_diffusers_with_the_same_images(adapter_run, uninterrupted):
+    """Each task's diffusers file, loaded by diffusers and by sdjax; the WebUI/kohya file
+    reads back to the same numbers in sdjax; weights the adapter does not touch stay bitwise
+    as they were."""
+    import torch
+    from diffusers import StableDiffusionPipeline as TorchPipeline
+
+    from sdjax.pipeline import StableDiffusionPipeline
+    from sdjax.weights import lora
+    from sdjax.weights.embeddings import read_embedding
+
+    task, whole, _ = adapter_run
+    folder, files = uninterrupted.export_dir, whole.export_dir
+    ref = TorchPipeline.from_pretrained(str(folder), safety_checker=None,
+                                        requires_safety_checker=False)
+    ours = StableDiffusionPipeline.from_pretrained(str(folder), dtype="float32", num_devices=1)
+    latents = np.random.RandomState(1).randn(1, 8, 8, 4).astype(np.float32)
+
+    def images():
+        with torch.no_grad():
+            want = ref(ADAPTER_PROMPT, num_inference_steps=3, guidance_scale=5.0,
+                       latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+                       output_type="np").images
+        got = ours(ADAPTER_PROMPT, num_inference_steps=3, guidance_scale=5.0,
+                   latents=latents, output_type="float").images
+        return got, want
+
+    base, _ = images()
+    before = {(net, p): np.asarray(v.get_value()) for net, state in ours.params.items()
+              for p, v in nnx.to_flat_state(state)}
+    if task == "textual_inversion":
+        ref.load_textual_inversion(str(files / "learned_embeds.safetensors"))
+        assert ours.load_textual_inversion(files / "learned_embeds.safetensors") == NEW_WORD
+        # the WebUI file, named new.safetensors, holds the same vectors
+        token, vectors = read_embedding(files / "new.safetensors", NEW_WORD)
+        np.testing.assert_array_equal(vectors, whole.params["vectors"])
+        changed = {("text_encoder", ("embeddings", "token_embedding", "embedding"))}
+    else:
+        ref.load_lora_weights(str(files / "pytorch_lora_weights.safetensors"))
+        assert ours.load_lora(files / "pytorch_lora_weights.safetensors") == \
+            "pytorch_lora_weights"
+        nets = {net: ours.network(net) for net in lora.NETWORKS}
+        peft, kohya = (lora.read_lora(files / f, nets)
+                       for f in ("pytorch_lora_weights.safetensors", "lora.safetensors"))
+        want = {(la.network, la.path): la.delta() for la in peft.layers}
+        assert {(la.network, la.path): la.delta() for la in kohya.layers}.keys() == want.keys()
+        for la in kohya.layers:
+            np.testing.assert_allclose(la.delta(), want[la.network, la.path], rtol=1e-6)
+        changed = {(net, tuple(int(x) if x.isdigit() else x for x in path.split(".")))
+                   for net, path in want}
+        assert len(changed) == 8
+    after = {(net, p): np.asarray(v.get_value()) for net, state in ours.params.items()
+             for p, v in nnx.to_flat_state(state)}
+    assert {k for k in before if not np.array_equal(before[k], after[k])} == changed
+    got, want = images()
+    err = np.abs(got - want).max()
+    print(f"{task}: max abs pixel error against diffusers {err:.2e}")
+    assert err < 2e-4
+    assert np.abs(got - base).max() > 1e-2  # the trained adapter does change the image
