@@ -1,9 +1,10 @@
-"""A new concept for the toy model: a folder of shapes in a colour it has never seen,
+r"""A new concept for the toy model: a folder of shapes in a colour it has never seen,
 captioned with a new word, to train a textual inversion or a LoRA on; and the measure of
 whether the fine-tuned toy draws that colour.
 
-    python -m sdjax.train.concept write --out runs/magenta/data     # 30 images, "<magenta>"
-    python -m sdjax.train.concept measure --embedding runs/magenta/ti/export/magenta.safetensors
+    python -m sdjax.train.concept write --out runs/orange/data      # 30 images, "<orange>"
+    python -m sdjax.train.concept measure \
+        --embedding runs/orange/ti/export/learned_embeds.safetensors
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from sdjax.cli_args import Parser
 from sdjax.train import shapes
 
 
-def write_concept(folder: Path, *, colour: str = "magenta", word: str = "<magenta>",
+def write_concept(folder: Path, *, colour: str = "orange", word: str = "<orange>",
                   count: int = 30, size: int = 32, seed: int = 0) -> None:
     """``count`` images ``i.png`` of ``colour`` shapes with captions ``i.txt`` naming the
-    colour ``word`` (``a <magenta> circle on a blue background``). Refuses a folder that
+    colour ``word`` (``a <orange> circle on a blue background``). Refuses a folder that
     already holds files rather than mix two concepts."""
     if colour not in shapes.NEW_COLOURS:
         raise ValueError(f"colour must be one of {', '.join(shapes.NEW_COLOURS)} (the toy "
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help="write the training folder")
     w.add_argument("--out", required=True, type=Path, help="a new folder")
-    w.add_argument("--colour", default="magenta")
-    w.add_argument("--word", default="<magenta>", help="the word the captions use")
+    w.add_argument("--colour", default="orange")
+    w.add_argument("--word", default="<orange>", help="the word the captions use")
     w.add_argument("--count", type=int, default=30)
     w.add_argument("--size", type=int, default=32, help="pixels (the toy's 32)")
     w.add_argument("--seed", type=int, default=0)
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--model", default="toy")
     m.add_argument("--embedding", action="append", default=[], help="embedding file(s)")
     m.add_argument("--lora", action="append", default=[], help="LoRA file(s)")
-    m.add_argument("--prompt", default="a <magenta> circle on a blue background")
-    m.add_argument("--colour", default="magenta")
+    m.add_argument("--prompt", default="a <orange> circle on a blue background")
+    m.add_argument("--colour", default="orange")
     m.add_argument("--images", type=int, default=8, help="images (of seed 0)")
     args = p.parse_args(argv)
     try:
