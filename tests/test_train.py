@@ -246,21 +246,21 @@ def adapter_recipe(task, out, uninterrupted, concept, **kw) -> TrainConfig:
         lora=LoraConfig(rank=2, alpha=4.0, unet_targets=("to_k", "to_v", "proj_in"),
                         text_encoder_targets=("q_proj", "fc1")),
         data=DataConfig(source="folder", path=str(concept), resolution=RES, prefetch=1),
-        optim=OptimConfig(learning_rate=2e-2, weight_decay=0.0), batch_size=8, steps=16,
-        num_devices=1, checkpoint_every=8, log_every=1, progress=False)
+        optim=OptimConfig(learning_rate=2e-2, weight_decay=0.0), batch_size=8, steps=12,
+        num_devices=1, checkpoint_every=6, log_every=1, progress=False)
     return override(cfg, kw)
 
 
 @pytest.fixture(scope="module")
 def adapter_runs(tmp_path_factory, uninterrupted, concept):
-    """task -> (uninterrupted result, result of a run stopped at step 8 and resumed)."""
+    """task -> (uninterrupted result, result of a run stopped at step 6 and resumed)."""
     out = {}
     for task in ("textual_inversion", "lora"):
         whole = train(adapter_recipe(task, tmp_path_factory.mktemp(task), uninterrupted,
-                                     concept))
+                                     concept, checkpoint_every=12))
         cfg = adapter_recipe(task, tmp_path_factory.mktemp(task + "-resumed"), uninterrupted,
                              concept)
-        assert train(cfg, stop_at=8).export_dir is None
+        assert train(cfg, stop_at=6).export_dir is None
         out[task] = whole, train(cfg)
     return out
 
