@@ -1,6 +1,7 @@
 """Training with optax and orbax: the UNet on (image, caption) pairs with the VAE and text
 encoder frozen (or the text encoder trained too), a VAE on images, a CLIP text encoder
-contrastively; EMA, checkpoints that resume on the same loss curve, export to diffusers.
+contrastively, and adapters of a frozen model (textual inversion, LoRA); EMA, checkpoints that
+resume on the same loss curve, export to diffusers.
 
     python -m sdjax.train --config configs/toy_unet.py
     python -m sdjax.train.toy      # the bundled toy model, all four stages

@@ -27,8 +27,8 @@ def parse_sets(items: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m sdjax.train",
-               description="Train a UNet, VAE or CLIP text encoder from a recipe; resumes from "
-               "the output folder's checkpoints.")
+               description="Train a UNet, VAE or CLIP text encoder, or a textual inversion or "
+               "LoRA of a model, from a recipe; resumes from the output folder's checkpoints.")
     p.add_argument("--config", required=True, type=Path, help="recipe (.py or .json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set steps=100 --set "

@@ -123,3 +123,16 @@ def tokenizer(cfg: TrainConfig) -> Tokenizer:
 def text_encoder_overrides(tok: Tokenizer) -> dict[str, int]:
     """A fresh text encoder is sized to its vocabulary and prompt length."""
     return {"vocab_size": tok.vocab_size, "max_position_embeddings": tok.max_length}
+
+
+def value_at(tree: Params, path: tuple) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def with_value(tree: Params, path: tuple, value: Any) -> Params:
+    """A copy of the nested dict ``tree`` with ``value`` at ``path``; only the dicts along
+    the path are copied (the arrays are shared), so it is cheap inside a traced loss."""
+    head, *rest = path
+    return {**tree, head: with_value(tree[head], tuple(rest), value) if rest else value}

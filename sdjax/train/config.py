@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-TASKS = ("unet", "vae", "clip")
+TASKS = ("unet", "vae", "clip", "textual_inversion", "lora")
 
 
 class ConfigError(ValueError):
@@ -77,6 +77,26 @@ class ContrastiveConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextualInversionConfig:
+    """task="textual_inversion": new token vectors for a frozen model, nothing else trained."""
+    token: str = "<concept>"      # the new word; a prompt uses it by name
+    init_word: str = "*"          # one existing token whose vector each new one starts from
+    num_vectors: int = 1          # vectors per token: ``token``, ``token_1``, …
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """task="lora": low-rank updates ``W + alpha / rank * up @ down`` of a frozen model's
+    layers, named as PEFT's target_modules are (a diffusers module name or its last parts)."""
+    rank: int = 4
+    alpha: float | None = None    # None: alpha = rank (scale 1)
+    unet_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # e.g. ("q_proj", "k_proj", "v_proj", "out_proj"); empty: the text encoder stays frozen
+    text_encoder_targets: tuple[str, ...] = ()
+    name: str = "lora"            # the kohya file's stem: what <lora:name:w> calls it
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
     """A fresh byte-level BPE vocabulary in which each of ``words`` is one token."""
     words: tuple[str, ...] = ()
@@ -99,6 +119,8 @@ class TrainConfig:
     diffusion: DiffusionConfig = DiffusionConfig()
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     contrastive: ContrastiveConfig = ContrastiveConfig()
+    textual_inversion: TextualInversionConfig = TextualInversionConfig()
+    lora: LoraConfig = LoraConfig()
     batch_size: int = 32          # global images per micro-step, split over the devices
     steps: int = 1000             # optimizer steps
     seed: int = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +15,19 @@ from flax import nnx
 
 from sdjax.schedulers import Scheduler, default_scheduler_name, get_scheduler
 from sdjax.train import components
+from sdjax.train.components import Network, Params, Tokenizer
 from sdjax.train.config import TrainConfig
-from sdjax.train.data import to_unit_range
+from sdjax.train.data import Prepare, to_unit_range
 from sdjax.train.task import Metrics, Setup, remat
 from sdjax.weights import export
 from sdjax.weights.files import read_json
+
+
+class Compose(Protocol):
+    """How an adapter task builds the networks from its trained and frozen weights (hashable:
+    part of the step's static description)."""
+    def __call__(self, params: dict[str, Params], frozen: dict[str, Params]
+                 ) -> dict[str, Params]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +41,15 @@ class DiffusionTask:
     scaling_factor: float
     dtype: str
     remat_policy: str | None
+    # None: the trained networks are ``params`` themselves; adapter tasks (textual inversion,
+    # LoRA) train something smaller and build the networks from it inside the loss.
+    compose: Compose | None = None
 
     def loss(self, params, frozen, batch, key) -> tuple[jax.Array, Metrics]:
-        nets = {**frozen, **components.cast(params, jnp.dtype(self.dtype))}
+        if self.compose is None:
+            nets = {**frozen, **components.cast(params, jnp.dtype(self.dtype))}
+        else:
+            nets = self.compose(components.cast(params, jnp.dtype(self.dtype)), frozen)
         vae = nnx.merge(self.vae, nets["vae"])
         k_latent, k_noise, k_t = jax.random.split(key, 3)
         mean, logvar = vae.encode(batch["pixels"].astype(self.dtype))
@@ -102,16 +117,7 @@ def setup(cfg: TrainConfig, place) -> Setup:
                          dtype=cfg.compute_dtype, remat_policy=cfg.remat_policy)
     trained = {"unet": unet.params} | ({"text_encoder": te.params} if train_te else {})
     frozen = {"vae": vae.params} | ({} if train_te else {"text_encoder": te.params})
-    dropout = cfg.diffusion.caption_dropout
-
-    def prepare(images: np.ndarray, captions: list[str], index: np.ndarray):
-        # Dropping a caption is decided by (seed, sample index), like everything else about
-        # a sample, so a resumed run drops the same ones.
-        if dropout > 0:
-            u = np.array([np.random.default_rng([cfg.seed, int(i), 2]).random() for i in index])
-            captions = ["" if drop else c for c, drop in zip(captions, u < dropout,
-                                                                strict=True)]
-        return {"pixels": to_unit_range(images), "input_ids": tok(captions)}
+    prepare = caption_batch(cfg, tok)
 
     def export_to(params: dict, folder: Path) -> None:
         f32 = jnp.float32
@@ -126,3 +132,51 @@ def setup(cfg: TrainConfig, place) -> Setup:
                              scheduler_config=sched_conf, tokenizer=tok.tokenizer)
 
     return Setup(task=task, params=trained, frozen=frozen, prepare=prepare, export=export_to)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenModel:
+    """A pretrained model that an adapter task keeps fixed: its networks in the compute
+    dtype, its tokenizer and its (training) scheduler."""
+    nets: dict[str, Network]
+    tokenizer: Tokenizer
+    scheduler_config: dict
+
+
+def frozen_model(cfg: TrainConfig, place) -> FrozenModel:
+    """The recipe's pretrained text encoder, VAE and UNet, all frozen."""
+    tok = components.tokenizer(cfg)
+    nets = {name: components.network(cfg, name, trainable=False, place=place)
+            for name in ("text_encoder", "vae", "unet")}
+    return FrozenModel(nets, tok, scheduler_config(cfg))
+
+
+def adapter_task(cfg: TrainConfig, model: FrozenModel, compose: Compose,
+                 text_encoder: nnx.GraphDef | None = None) -> DiffusionTask:
+    """The denoising loss of ``model`` with the networks built by ``compose``
+    (``text_encoder``: a graph other than the model's, e.g. with a grown token table)."""
+    conf = model.scheduler_config
+    nets = model.nets
+    return DiffusionTask(
+        unet=nets["unet"].graphdef, vae=nets["vae"].graphdef,
+        text_encoder=text_encoder or nets["text_encoder"].graphdef,
+        scheduler=get_scheduler(default_scheduler_name(conf), conf),
+        prediction_type=conf["prediction_type"], min_snr_gamma=cfg.diffusion.min_snr_gamma,
+        scaling_factor=float(nets["vae"].config.scaling_factor), dtype=cfg.compute_dtype,
+        remat_policy=cfg.remat_policy, compose=compose)
+
+
+def caption_batch(cfg: TrainConfig, tokenize) -> Prepare:
+    """The host-side batch of the denoising loss: pixels in [-1, 1] and token ids, with
+    ``diffusion.caption_dropout`` of the captions emptied (decided by (seed, sample index),
+    like everything else about a sample, so a resumed run drops the same ones)."""
+    dropout = cfg.diffusion.caption_dropout
+
+    def prepare(images: np.ndarray, captions: list[str], index: np.ndarray):
+        if dropout > 0:
+            u = np.array([np.random.default_rng([cfg.seed, int(i), 2]).random() for i in index])
+            captions = ["" if drop else c for c, drop in zip(captions, u < dropout,
+                                                                strict=True)]
+        return {"pixels": to_unit_range(images), "input_ids": tokenize(captions)}
+
+    return prepare

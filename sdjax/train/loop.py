@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from sdjax import parallel
-from sdjax.train import autoencoder, contrastive, diffusion
+from sdjax.train import autoencoder, contrastive, diffusion, lora, textual_inversion
 from sdjax.train.checkpoint import Checkpoints
 from sdjax.train.config import OptimConfig, TrainConfig, to_dict
 from sdjax.train.data import batches, make_source
@@ -29,6 +29,7 @@ from sdjax.train.validate import check_config
 
 SETUPS: dict[str, Callable[[TrainConfig, Callable], Setup]] = {
     "unet": diffusion.setup, "vae": autoencoder.setup, "clip": contrastive.setup,
+    "textual_inversion": textual_inversion.setup, "lora": lora.setup,
 }
 
 

@@ -15,6 +15,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
     "yellow": (255, 255, 0), "white": (255, 255, 255), "black": (0, 0, 0),
 }
+# A colour the toy never saw in training: the new word that configs/toy_ti.py and
+# configs/toy_lora.py teach it. Not in COLOURS, so the toy's own data and prompts stay as they
+# were. Not magenta: the toy's VAE, trained on COLOURS only, cannot draw it (a magenta shape
+# comes back from encode + decode 151/255 off per channel, orange 25/255), so no adapter of
+# the text encoder or UNet could teach it.
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"orange": (255, 128, 0)}
 SHAPES = ("circle", "square", "triangle")
 VOCABULARY = ("a", "on", "background", *COLOURS, *SHAPES)
 _SUPERSAMPLE = 4  # sub-pixels per side: anti-aliased edges, as a real photo of a shape has
@@ -50,20 +56,24 @@ def render(colour: str, shape: str, background: str, *, size: int, cx: float, cy
            side: float) -> np.ndarray:
     """uint8 (size, size, 3)."""
     m = shape_mask(shape, size, cx, cy, side)[..., None]
-    fg, bg = np.array(COLOURS[colour], np.float32), np.array(COLOURS[background], np.float32)
+    known = {**COLOURS, **NEW_COLOURS}
+    fg, bg = np.array(known[colour], np.float32), np.array(known[background], np.float32)
     return np.round(m * fg + (1 - m) * bg).astype(np.uint8)
 
 
-def sample(seed: int, index: int, size: int) -> tuple[np.ndarray, str]:
+def sample(seed: int, index: int, size: int, *, colour: str | None = None,
+           word: str | None = None) -> tuple[np.ndarray, str]:
     """Sample ``index`` of the stream ``seed``: (uint8 image, caption). Side 35-60% of the
-    image, centre jittered by up to 10% of the image side."""
+    image, centre jittered by up to 10% of the image side. ``colour`` (e.g. one of
+    NEW_COLOURS) replaces the drawn shape colour, and ``word`` names it in the caption."""
     rng = np.random.default_rng([seed, index])
-    colour, background = rng.choice(len(_NAMES), size=2, replace=False)
+    drawn, background = rng.choice(len(_NAMES), size=2, replace=False)
     shape = SHAPES[rng.integers(len(SHAPES))]
     side = rng.uniform(0.35, 0.60) * size
     cx, cy = size / 2 + rng.uniform(-0.1, 0.1, size=2) * size
-    fg, bg = _NAMES[colour], _NAMES[background]
-    return render(fg, shape, bg, size=size, cx=cx, cy=cy, side=side), caption(fg, shape, bg)
+    fg, bg = colour or _NAMES[drawn], _NAMES[background]
+    image = render(fg, shape, bg, size=size, cx=cx, cy=cy, side=side)
+    return image, caption(word or fg, shape, bg)
 
 
 def classify(image: np.ndarray) -> tuple[str, str, str]:
@@ -119,3 +129,13 @@ def accuracy(images: Sequence[np.ndarray], prompts: Sequence[str]) -> dict[str, 
         shape += want[1] == got[1]
     n = len(prompts)
     return {"colour": colour / n, "shape": shape / n}
+
+
+def colour_share(image: np.ndarray, colour: str) -> float:
+    """Fraction of the pixels of a uint8 RGB image nearer to ``colour`` (of COLOURS or
+    NEW_COLOURS) than to any other of those colours."""
+    known = {**COLOURS, **NEW_COLOURS}
+    palette = np.array(list(known.values()), np.float32)
+    img = np.asarray(image, np.float32)
+    nearest = np.argmin(((img[..., None, :] - palette) ** 2).sum(-1), axis=-1)
+    return float(np.mean(nearest == list(known).index(colour)))

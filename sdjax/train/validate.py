@@ -131,7 +131,11 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "contrastive.image_channels": (lambda v: len(v) > 0 and min(v) >= 1,
                                    "a non-empty list of positive integers"),
     "tokenizer.model_max_length": (_at_least(3), "at least 3 (start, a word, end)"),
+    "textual_inversion.num_vectors": (_at_least(1), "at least 1"),
+    "lora.rank": (_at_least(1), "at least 1"),
+    "lora.alpha": (_above(0), "above 0 (or null for alpha = rank)"),
 }
+ADAPTER_TASKS = ("textual_inversion", "lora")  # a pretrained model, frozen, and a small part
 
 
 def _get(cfg: Any, dotted: str) -> tuple[bool, Any]:
@@ -158,8 +162,10 @@ def _sources(cfg: TrainConfig) -> dict[str, str]:
     """Network -> where it comes from: "fresh" (a config dict) or "pretrained"; and which of
     them the task trains, to refuse combinations the task setup would reject later."""
     frozen_te = cfg.task == "unet" and not cfg.diffusion.train_text_encoder
+    frozen_all = {"unet": False, "vae": False, "text_encoder": False}
     needs = {"unet": {"unet": True, "vae": False, "text_encoder": not frozen_te},
-             "vae": {"vae": True}, "clip": {"text_encoder": True}}[cfg.task]
+             "vae": {"vae": True}, "clip": {"text_encoder": True},
+             "textual_inversion": frozen_all, "lora": frozen_all}[cfg.task]
     out = {}
     for name, trainable in needs.items():
         if getattr(cfg, name) is not None:
@@ -172,6 +178,9 @@ def _sources(cfg: TrainConfig) -> dict[str, str]:
                               f"folder) or a `{name}` config dict")
         else:
             out[name] = "pretrained"
+    if cfg.task in ADAPTER_TASKS and cfg.tokenizer is not None:
+        raise ConfigError(f"a {cfg.task!r} run uses the pretrained model's tokenizer; remove "
+                          "`tokenizer`")
     if cfg.task in ("unet", "clip") and cfg.tokenizer is None and cfg.pretrained is None:
         raise ConfigError(f"a {cfg.task!r} run needs a tokenizer: give `pretrained` or "
                           "`tokenizer`")
@@ -197,11 +206,52 @@ def _check_networks(cfg: TrainConfig) -> None:
     except WeightsError as e:
         raise ConfigError(f"pretrained: {e}") from None
     wanted = [n for n, s in sources.items() if s == "pretrained"]
-    if cfg.task in ("unet", "clip") and cfg.tokenizer is None:
+    if cfg.task in ("unet", "clip", *ADAPTER_TASKS) and cfg.tokenizer is None:
         wanted.append("tokenizer")
     for name in wanted:
         if not (folder / name).is_dir():
             raise ConfigError(f"pretrained {cfg.pretrained}: no {name}/ folder in it")
+    if cfg.task == "textual_inversion":
+        _check_textual_inversion(cfg, folder)
+    if cfg.task == "lora":
+        _check_lora(cfg, folder)
+
+
+def _check_textual_inversion(cfg: TrainConfig, folder: Path) -> None:
+    """The new token must be new, the init word one known token (the model's tokenizer)."""
+    import numpy as np
+
+    from sdjax.train.textual_inversion import init_token_id
+    from sdjax.weights.diffusers_folder import load_tokenizer
+    from sdjax.weights.embeddings import add_embedding
+
+    ti = cfg.textual_inversion
+    tokenizer = load_tokenizer(folder)
+    try:
+        init_token_id(tokenizer, ti.init_word)
+        # add_embedding's own refusals (a word of the vocabulary, spaces) on a stand-in table
+        add_embedding(tokenizer, np.zeros((1, 1), np.float32), ti.token,
+                      np.zeros((ti.num_vectors, 1), np.float32), source="textual_inversion.token")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_lora(cfg: TrainConfig, folder: Path) -> None:
+    """At least one layer must match the targets, found on the abstract networks (nothing
+    is loaded or initialised)."""
+    from flax import nnx
+
+    from sdjax.train.lora import find_targets
+    from sdjax.weights.diffusers_folder import NETWORKS, read_config
+
+    def abstract(name: str) -> nnx.Module:
+        config = read_config(folder, name)
+        return nnx.eval_shape(lambda: NETWORKS[name].model(config, rngs=nnx.Rngs(0)))
+
+    try:
+        find_targets({name: abstract(name) for name in ("unet", "text_encoder")}, cfg.lora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_paths(cfg: TrainConfig) -> None:

@@ -79,17 +79,53 @@ class Lora:
     layers: tuple[LoraLayer, ...]
 
 
+def kohya_name(network: str, module: str) -> str:
+    """The kohya/A1111 name of the diffusers/transformers module ``module`` of ``network``
+    (the inverse of what :func:`read_lora` resolves)."""
+    prefix = next(p for p, net in _KOHYA_PREFIX.items() if net == network)
+    return prefix + module.replace(".", "_")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A layer a LoRA can train: our kernel's path and its diffusers/transformers module."""
+    network: str
+    path: tuple         # the kernel's path in nnx.to_flat_state / to_pure_dict
+    module: str         # e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    conv: bool          # a 1x1 convolution in PyTorch (SD1's proj_in/proj_out)
+
+
+def lora_targets(module: nnx.Module, network: str, patterns: Iterable[str]) -> list[Target]:
+    """The linear (and 1x1 conv) layers of ``module`` whose diffusers module name is one of
+    ``patterns`` or ends with ``.pattern``, as PEFT matches ``target_modules``."""
+    patterns = tuple(patterns)
+    flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    paths = {".".join(map(str, p)): p for p in flat}
+    out = []
+    for path, (key, inverse) in parameter_keys(module).items():
+        name = key.removesuffix(".weight")
+        if not path.endswith(".kernel") or not any(
+                name == t or name.endswith("." + t) for t in patterns):
+            continue
+        shape = flat[paths[path]].get_value().shape
+        if len(shape) != 2:  # a 3x3 convolution, not a projection
+            continue
+        conv = inverse(np.zeros(shape, np.float32)).ndim == 4
+        out.append(Target(network, paths[path], name, conv))
+    return sorted(out, key=lambda t: t.module)
+
+
 def _layer_names(networks: Mapping[str, nnx.Module]) -> dict[str, tuple[str, str]]:
     """Every name a LoRA file may give a layer -> (network, diffusers weight key)."""
     names: dict[str, tuple[str, str]] = {}
     for net in NETWORKS:
         keys = [key for path, (key, _) in parameter_keys(networks[net]).items()
                 if path.endswith(".kernel")]
-        kohya = "lora_unet_" if net == "unet" else "lora_te_"
+        kohya = kohya_name(net, "")
         for key in keys:
             module = key[:-len(".weight")]
             names[f"{net}.{module}"] = (net, key)
-            names[kohya + module.replace(".", "_")] = (net, key)
+            names[kohya_name(net, module)] = (net, key)
             if net == "text_encoder":  # transformers 5 saves without text_model.
                 names[f"{net}.{module.removeprefix('text_model.')}"] = (net, key)
             else:  # old diffusers files: UNet names without a prefix
