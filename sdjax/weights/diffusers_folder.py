@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.weights import table_clip, table_unet, table_vae
@@ -33,6 +33,7 @@ class _Kind:
 
 NETWORKS = {
     "text_encoder": _Kind(CLIPTextConfig, CLIPTextModel, table_clip.RULES),
+    "text_encoder_2": _Kind(CLIPTextConfig, CLIPTextModelWithProjection, table_clip.RULES),
     "vae": _Kind(VAEConfig, AutoencoderKL, table_vae.RULES),
     "unet": _Kind(UNetConfig, UNet2DConditionModel, table_unet.RULES),
 }
@@ -100,29 +101,47 @@ class PipelineParts:
     scheduler_config: dict
     tokenizer_dir: Path | None   # its files, for saving; None = the bundled CLIP vocabulary
     note: str = ""               # the loading line: what was loaded and how to change it
+    # SDXL's second encoder and tokenizer, and its pipeline options (force_zeros_for_empty_
+    # prompt): keyword arguments of StableDiffusionXLPipeline; empty for SD 1.x/2.x.
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def is_sdxl_index(index: dict) -> bool:
+    """Whether a model_index.json describes an SDXL pipeline (two text encoders)."""
+    return "text_encoder_2" in index or str(index.get("_class_name", "")).startswith(
+        "StableDiffusionXL")
 
 
 def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None = None,
-                         variant: str | None = None) -> PipelineParts:
-    check_pipeline_folder(folder)
+                         variant: str | None = None, sdxl: bool = False) -> PipelineParts:
+    """The networks, tokenizer(s) and scheduler config of a diffusers folder; ``sdxl``: the
+    caller is the SDXL pipeline (an SDXL folder given to the SD pipeline, or the reverse,
+    fails before any weights are read)."""
+    index = check_pipeline_folder(folder, sdxl=sdxl)
     nets = {}
-    for component in ("text_encoder", "vae", "unet"):
+    for component in ("text_encoder", "vae", "unet") + (("text_encoder_2",) if sdxl else ()):
         cfg = read_config(folder, component)
         nets[component] = load_network(folder, component, config=cfg, place=place,
                                        variant=variant,
                                        dtype=network_dtype(component, cfg, dtype))
+    extra = {}
+    if sdxl:
+        extra = dict(text_encoder_2=nets.pop("text_encoder_2"),
+                     tokenizer_2=load_tokenizer(folder, "tokenizer_2"),
+                     force_zeros_for_empty_prompt=bool(
+                         index.get("force_zeros_for_empty_prompt", True)))
     return PipelineParts(**nets, tokenizer=load_tokenizer(folder),
                          scheduler_config=read_json(folder / "scheduler" /
                                                     "scheduler_config.json"),
-                         tokenizer_dir=folder / "tokenizer")
+                         tokenizer_dir=folder / "tokenizer", extra=extra)
 
 
-def load_tokenizer(folder: Path):
-    """transformers' CLIPTokenizer from ``tokenizer/``; its own config decides the padding
-    token (SD2's is ``!``)."""
+def load_tokenizer(folder: Path, component: str = "tokenizer"):
+    """transformers' CLIPTokenizer from ``tokenizer/`` (or SDXL's ``tokenizer_2/``); its own
+    config decides the padding token (SD2's and SDXL's second are ``!``)."""
     from transformers import CLIPTokenizer
 
-    path = folder / "tokenizer"
+    path = folder / component
     slow_files = (path / "vocab.json").exists() and (path / "merges.txt").exists()
     if not slow_files and not (path / "tokenizer.json").exists():
         raise WeightsError(f"missing tokenizer files in {path} (vocab.json and merges.txt, "
@@ -133,13 +152,20 @@ def load_tokenizer(folder: Path):
         raise WeightsError(f"{path}: cannot load the tokenizer ({e})") from None
 
 
-def check_pipeline_folder(folder: Path) -> dict:
+def check_pipeline_folder(folder: Path, *, sdxl: bool = False) -> dict:
     """Fail early, naming what is missing, before any weights are read."""
     if not folder.is_dir():
         raise WeightsError(f"model folder not found: {folder}")
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").exists() \
         else {}
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    if is_sdxl_index(index) and not sdxl:
+        raise WeightsError(f"{folder} is an SDXL model: load it with "
+                           "sdjax.StableDiffusionXLPipeline")
+    if sdxl and not is_sdxl_index(index):
+        raise WeightsError(f"{folder} is not an SDXL model (its model_index.json names no "
+                           "text_encoder_2): load it with sdjax.StableDiffusionPipeline")
+    needed = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    missing = [c for c in needed + (("text_encoder_2", "tokenizer_2") if sdxl else ())
                if not (folder / c).is_dir()]
     if missing:
         raise WeightsError(f"{folder} is not a complete diffusers folder: missing "
