@@ -128,6 +128,11 @@ class StableDiffusionPipeline:
     Build it with :meth:`from_pretrained`; call it with prompts. See docs/python-api.md.
     """
 
+    # Subclasses with their own conditioning (sdjax.sdxl): the model family they load, and the
+    # keyword arguments of a call that go to :meth:`_conditioning_inputs`.
+    SDXL = False
+    CONDITIONING_ARGS: tuple[str, ...] = ()
+
     def __init__(self, *, text_encoder, vae, unet, tokenizer, scheduler_config: dict,
                  mesh, dtype, name: str = "", vae_scale_factor: int = 8,
                  tokenizer_dir: Path | None = None, note: str = "",
@@ -204,7 +209,8 @@ class StableDiffusionPipeline:
             if config is not None or ema:
                 raise ValueError("config= and ema= are for single-file checkpoints; a "
                                  "diffusers folder brings its own configs and weights")
-            parts = load_pipeline_folder(source, dtype=dtype, place=place, variant=variant)
+            parts = load_pipeline_folder(source, dtype=dtype, place=place, variant=variant,
+                                         sdxl=cls.SDXL)
             if prediction_type is not None:
                 parts.scheduler_config = {**parts.scheduler_config,
                                           "prediction_type": prediction_type}
@@ -217,7 +223,7 @@ class StableDiffusionPipeline:
                    mesh=mesh, dtype=dtype, name=model,
                    vae_scale_factor=parts.vae.config.downsample_factor,
                    tokenizer_dir=parts.tokenizer_dir, note=parts.note,
-                   matmul_precision=matmul_precision)
+                   matmul_precision=matmul_precision, **parts.extra)
 
     # ------------------------------------------------------------------ adapters
     def load_lora(self, path: str | Path, scale: float = 1.0) -> str:
@@ -415,6 +421,7 @@ class StableDiffusionPipeline:
             scheduler_names=SCHEDULER_NAMES, factor=self.vae_scale_factor)
         sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
         n = len(prompts) * num_images_per_prompt
+        conditioning = {k: task_kwargs.pop(k) for k in self.CONDITIONING_ARGS if k in task_kwargs}
         task, inputs, start, (height, width), finish = self._task_inputs(
             image, mask_image, strength, len(prompts), num_images_per_prompt,
             int(num_inference_steps), height, width, **task_kwargs)
@@ -422,6 +429,9 @@ class StableDiffusionPipeline:
             raise ValueError("padding_mask_crop pastes uint8 images back: output_type must be "
                              "'uint8'")
         self.check_size(height, width)
+        inputs.update(self._conditioning_inputs(prompts, negatives, num_images_per_prompt,
+                                                height, width, negative_prompt is None,
+                                                **conditioning))
 
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
@@ -463,6 +473,12 @@ class StableDiffusionPipeline:
         return (self._executable(spec),
                 (self.params, ids, neg_ids, guidance, seed_arr, index_arr, start_arr, placed), n,
                 finish, list(seeds))
+
+    def _conditioning_inputs(self, prompts: list[str], negatives: list[str], per_prompt: int,
+                             height: int, width: int, no_negative: bool) -> dict:
+        """Batched inputs (one row per image) that the conditioning needs besides the token
+        ids; none for SD 1.x/2.x (see sdjax.sdxl)."""
+        return {}
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(h, w, channels) of the latents the UNet denoises for an image of this size."""
@@ -546,13 +562,16 @@ class StableDiffusionPipeline:
         fn = self._compiled.get(spec)
         if fn is None:
             nets = sampling.Networks(self._graphdefs, self.dtype,
-                                     self.vae_config.scaling_factor)
+                                     self.vae_config.scaling_factor, self._encode)
             t0 = time.perf_counter()  # host-side tables (every start's schedule) count too
             fn = sampling.build(spec, nets, self.mesh, on_compile=self._count_compile,
                                 precision=self.matmul_precision)
             self._count_compile(time.perf_counter() - t0)
             self._compiled[spec] = fn
         return fn
+
+    # The conditioning of sampling.Networks.encode; None: one text encoder's last states.
+    _encode = None
 
     def _count_compile(self, seconds: float) -> None:
         self.compile_seconds += seconds

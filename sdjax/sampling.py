@@ -51,6 +51,11 @@ class Networks:
     graphdefs: Mapping[str, object]
     dtype: jnp.dtype
     vae_scaling: float
+    # How the prompts become the UNet's conditioning, for models that do not condition on
+    # one text encoder's last states (SDXL): ``(params, ids, neg_ids, inputs) -> (context,
+    # added)``, both for the 2B batch [negatives; prompts]; ``added`` is the UNet's
+    # ``added_cond``. None: ``context = text_encoder([neg_ids; ids])``, nothing added.
+    encode: Callable | None = None
 
 
 def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
@@ -79,7 +84,10 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         unet = nnx.merge(graphdefs["unet"], params["unet"])
         vae = nnx.merge(graphdefs["vae"], params["vae"])
         b = ids.shape[0]
-        context = te(jnp.concatenate([neg_ids, ids], axis=0))
+        if nets.encode is None:
+            context, added = te(jnp.concatenate([neg_ids, ids], axis=0)), None
+        else:
+            context, added = nets.encode(params, ids, neg_ids, inputs)
         keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.key(sd), i))(seeds, indices)
         noise_keys, step_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
         noise_keys, step_keys = noise_keys[:, 0], step_keys[:, 0]
@@ -111,7 +119,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             if feed.extra is not None:
                 xin = jnp.concatenate([xin, feed.extra.astype(dtype)], axis=-1)
             eps = unet(jnp.concatenate([xin, xin], axis=0), jnp.broadcast_to(t, (2 * b,)),
-                       context, class_labels=labels).astype(jnp.float32)
+                       context, class_labels=labels, added_cond=added).astype(jnp.float32)
             eps_uncond, eps_cond = eps[:b], eps[b:]
             eps = eps_uncond + g * (eps_cond - eps_uncond)
             key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
