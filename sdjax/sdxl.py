@@ -97,9 +97,18 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         original = _pair(original_size, "original_size", (height, width))
         crops = _pair(crops_coords_top_left, "crops_coords_top_left", (0, 0))
         target = _pair(target_size, "target_size", (height, width))
-        neg = (_pair(negative_original_size, "negative_original_size", original)
-               + _pair(negative_crops_coords_top_left, "negative_crops_coords_top_left", crops)
-               + _pair(negative_target_size, "negative_target_size", target))
+        neg = original + crops + target
+        # diffusers uses the negative sizes only when both are given (and then the negative
+        # crop, default (0, 0)); anything less it would ignore, which we refuse instead.
+        if negative_original_size is not None and negative_target_size is not None:
+            neg = (_pair(negative_original_size, "negative_original_size", None)
+                   + _pair(negative_crops_coords_top_left, "negative_crops_coords_top_left",
+                           (0, 0))
+                   + _pair(negative_target_size, "negative_target_size", None))
+        elif (negative_original_size, negative_target_size,
+              negative_crops_coords_top_left) != (None, None, None):
+            raise ValueError("negative_original_size and negative_target_size go together "
+                             "(with negative_crops_coords_top_left optional)")
         time_ids = np.asarray([neg, original + crops + target], np.float32)
 
         def per_image(rows: np.ndarray) -> np.ndarray:
