@@ -577,5 +577,18 @@ class StableDiffusionPipeline:
         self.compile_seconds += seconds
 
 
+def pipeline_class(model: str) -> type[StableDiffusionPipeline]:
+    """The pipeline that loads ``model`` (what the CLIs and the server use): SDXL folders
+    (``text_encoder_2`` in model_index.json) take StableDiffusionXLPipeline."""
+    from sdjax.weights.diffusers_folder import is_sdxl_index
+    from sdjax.weights.files import read_json
+
+    index = resolve_model(model) / "model_index.json"
+    if index.is_file() and is_sdxl_index(read_json(index)):
+        from sdjax.sdxl import StableDiffusionXLPipeline
+        return StableDiffusionXLPipeline
+    return StableDiffusionPipeline
+
+
 __all__ = ["StableDiffusionPipeline", "PipelineOutput", "PendingImages", "NonFiniteError",
-           "SCHEDULER_NAMES", "MATMUL_PRECISIONS", "parse_dtype"]
+           "SCHEDULER_NAMES", "MATMUL_PRECISIONS", "parse_dtype", "pipeline_class"]

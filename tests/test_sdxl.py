@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 
 import sdjax
+from sdjax.pipeline import pipeline_class
 from sdjax.weights.errors import WeightsError
 from sdjax.weights.files import open_tensor_file
 from sdjax.weights.safetensors_io import save_safetensors
@@ -17,7 +18,7 @@ from tests.tiny_models import diffusers_scheduler, tiny_sdxl_components
 
 TOL = 2e-4  # max abs difference of [0, 1] pixels against diffusers in float32
 STEPS = 3
-SIZE = 32  # pixels; latents 16x16
+SIZE = 16  # pixels; latents 8x8
 PROMPTS = ["a red circle", "a blue square on a green background"]
 
 
@@ -174,6 +175,9 @@ def test_bad_sdxl_arguments(pipes):
 
 def test_wrong_pipeline_and_strict_loading_name_the_sdxl_parts(sdxl_folder, sd1_folder,
                                                                 tmp_path):
+    # The CLIs and the server pick the pipeline from the folder.
+    assert pipeline_class(str(sdxl_folder)) is sdjax.StableDiffusionXLPipeline
+    assert pipeline_class(str(sd1_folder)) is sdjax.StableDiffusionPipeline
     with pytest.raises(WeightsError, match="SDXL model: load it with "
                                            "sdjax.StableDiffusionXLPipeline"):
         sdjax.StableDiffusionPipeline.from_pretrained(str(sdxl_folder), num_devices=1)

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"sdjax.serve needs the [serve] extra (pip install 'sdjax[serve]'): "
                          f"{e}") from None
-    from sdjax.pipeline import StableDiffusionPipeline
+    from sdjax.pipeline import StableDiffusionPipeline, pipeline_class
     from sdjax.serve.checkpoints import ModelRegistry, discover
     from sdjax.serve.generation import run_call
     from sdjax.serve.limits import Limits
@@ -116,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
 
     def load(source: str) -> StableDiffusionPipeline:
         log.info("loading %s (%s)", source, dtype)
-        return StableDiffusionPipeline.from_pretrained(source, dtype=dtype,
-                                                       num_devices=args.num_devices)
+        return pipeline_class(source).from_pretrained(source, dtype=dtype,
+                                                      num_devices=args.num_devices)
 
     registry = ModelRegistry(discover(args.model or ["toy"], args.models_dir), load)
     pipe = registry.get(registry.current)
