@@ -51,14 +51,13 @@ class CLIPTextConfig:
     def sd21(cls) -> CLIPTextConfig:
         """OpenCLIP ViT-H/14 text tower as diffusers exports it (last layer dropped)."""
         return cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                   num_attention_heads=16, hidden_act="gelu")
+                   num_attention_heads=16, hidden_act="gelu", projection_dim=512)
 
     @classmethod
     def sdxl_2(cls) -> CLIPTextConfig:
         """OpenCLIP ViT-bigG/14 text tower, SDXL's text_encoder_2 (with its projection)."""
         return cls(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                   num_attention_heads=20, hidden_act="gelu", eos_token_id=49407,
-                   projection_dim=1280)
+                   num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPTextConfig:
