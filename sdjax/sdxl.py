@@ -77,6 +77,13 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                                "use a diffusers folder (model_index.json, text_encoder_2/, ...)")
         return super().from_pretrained(model, *args, **kwargs)
 
+    def save_pretrained(self, folder) -> Path:
+        # The SD writer knows one text encoder; writing half a model would look complete.
+        raise ValueError("saving SDXL pipelines is not supported yet")
+
+    def save_single_file(self, path, half: bool = False) -> Path:
+        raise ValueError("saving SDXL pipelines is not supported yet")
+
     # ------------------------------------------------------------------ host side
     def tokenize_2(self, prompts: Sequence[str]) -> np.ndarray:
         """Token ids of the second tokenizer (SDXL's pads with "!")."""
