@@ -161,6 +161,32 @@ def test_eight_devices(sdxl_folder, pipes, monkeypatch):
     assert np.abs(out - expected).max() < TOL
 
 
+def test_img2img_matches_diffusers(sdxl_folder, pipes, monkeypatch):
+    """The base model's img2img (StableDiffusionXLImg2ImgPipeline without aesthetic scores),
+    with diffusers' noise and VAE posterior sample replaced by ours (tests/test_tasks.py)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline as TorchImg2Img
+    from diffusers.pipelines.stable_diffusion_xl import (
+        pipeline_stable_diffusion_xl_img2img as module,
+    )
+    from PIL import Image
+
+    noise = np.random.RandomState(2).randn(2, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    images = np.random.RandomState(3).randint(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(
+        noise.transpose(0, 3, 1, 2).copy()))
+    monkeypatch.setattr(module, "retrieve_latents", lambda out, **_: out.latent_dist.mean)
+    ref = TorchImg2Img(**pipes[0].components)
+    ref.scheduler = diffusers_scheduler("euler", ref.scheduler.config)
+    with torch.no_grad():
+        expected = ref(PROMPTS, image=[Image.fromarray(x) for x in images], strength=0.6,
+                       num_inference_steps=5, guidance_scale=7.5,
+                       negative_prompt=["blue"] * 2, output_type="np").images
+    out = pipes[1](PROMPTS, image=images, strength=0.6, num_inference_steps=5, latents=noise,
+                   guidance_scale=7.5, negative_prompt="blue", scheduler="euler",
+                   output_type="float").images
+    assert np.abs(out - expected).max() < TOL
+
+
 def test_bad_sdxl_arguments(pipes):
     ours = pipes[1]
     with pytest.raises(ValueError, match="go together"):
