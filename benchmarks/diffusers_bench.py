@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -39,8 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if cuda else "cpu"
     dtype = getattr(torch, a.dtype or ("float16" if cuda else "float32"))
     t0 = time.perf_counter()
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        w.folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if (Path(w.folder) / "text_encoder_2").is_dir():  # SDXL
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(w.folder, torch_dtype=dtype)
+    else:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            w.folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     pipe = pipe.to(device)
     load_s = time.perf_counter() - t0
     if w.scheduler:

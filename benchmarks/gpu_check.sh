@@ -7,6 +7,8 @@
 #   3. SD 1.5 shape, 512x512, 50 steps, batch 16: sdjax bfloat16 against diffusers float16, cold
 #      compile, warm start of a fresh process through the compilation cache, FLOPs and MFU
 #   4. the same at batch 1
+#   5. (XL=1) the MLPerf-like SDXL workload: SDXL base shape, 1024x1024, 20 Euler steps, CFG 8,
+#      sdjax bfloat16 against diffusers float16 ($XL_SHAPE, $XL_SIZE, $XL_STEPS, $XL_BATCH)
 # then prints the table (benchmarks/gpu_table.py). Each step has its own timeout, cut to the
 # time left, and logs to $OUT/all.log, so a step that runs long still leaves the others'
 # figures. The runs append their rows to $OUT/RESULTS.md (copy them into benchmarks/RESULTS.md)
@@ -17,6 +19,7 @@
 # A dry run on a CPU (about 4 minutes on 2 busy cores):
 #   OUT=/tmp/gpucheck SHAPE=tiny SIZE=32 STEPS=2 B16=2 TOY_STEPS=2 TOY_BATCH=2 \
 #       bash benchmarks/gpu_check.sh
+# (add XL=1 XL_SHAPE=sdxl-tiny XL_SIZE=32 XL_STEPS=2 for the SDXL step on a tiny shape)
 set -u
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 OUT=${OUT:-/tmp/gpucheck}; mkdir -p "$OUT"; LOG="$OUT/all.log"
@@ -81,5 +84,15 @@ step 300 "$SHAPE batch $B16" bench --model "$SHAPE" --models_dir "$MODELS" --siz
 step 200 "$SHAPE batch 1" bench --model "$SHAPE" --models_dir "$MODELS" --size "$SIZE" \
   --steps "$STEPS" --batch 1 --dtype bfloat16 --no-max_batch --no-warm_start --repeats 3 \
   --json "$OUT/b1.json" --note "sdjax bf16 vs diffusers fp16, batch 1"
+if [ "${XL:-0}" = 1 ]; then
+  XL_SHAPE=${XL_SHAPE:-sdxl}; XL_SIZE=${XL_SIZE:-1024}; XL_STEPS=${XL_STEPS:-20}
+  XL_BATCH=${XL_BATCH:-1}
+  step 200 "build $XL_SHAPE folder" "$PY" -m benchmarks.models --shape "$XL_SHAPE" \
+    --root "$MODELS" &&
+  step 300 "$XL_SHAPE batch $XL_BATCH" bench --model "$XL_SHAPE" --models_dir "$MODELS" \
+    --size "$XL_SIZE" --steps "$XL_STEPS" --scheduler euler --guidance_scale 8 \
+    --batch "$XL_BATCH" --dtype bfloat16 --no-max_batch --no-warm_start --repeats 3 \
+    --json "$OUT/sdxl.json" --note "MLPerf-like SDXL: sdjax bf16 vs diffusers fp16"
+fi
 log "done; $(left) s of the budget left"
 "$PY" -m benchmarks.gpu_table "$OUT" | tee "$OUT/table.md"

@@ -15,6 +15,8 @@ Shapes:
         its first level attends over 4096 tokens with 8 heads, as SD 1.5 does
   sd15  SD 1.5 (860M UNet, ViT-L/14 text, the SD VAE)
   sd21  SD 2.1 (865M UNet with per-level heads and linear projections, OpenCLIP ViT-H text)
+  sdxl  SDXL 1.0 base (2.6B UNet, ViT-L + OpenCLIP ViT-bigG text, the SDXL VAE)
+  sdxl-tiny  the tests' tiny SDXL layout (3 levels, 16/32/32 channels, two small encoders)
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ _SD1_SCHEDULER = {
 }
 _SD2_SCHEDULER = {**_SD1_SCHEDULER, "_class_name": "DDIMScheduler",
                   "prediction_type": "v_prediction"}
+_SDXL_SCHEDULER = {**_SD1_SCHEDULER, "_class_name": "EulerDiscreteScheduler",
+                   "timestep_spacing": "leading", "interpolation_type": "linear"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Shape:
     text: CLIPTextConfig
     scheduler: dict
     sd2_tokenizer: bool = False  # SD2 pads with "!" instead of the end token
+    text_2: CLIPTextConfig | None = None  # SDXL's second encoder (its tokenizer pads with "!")
 
 
 _TINY_UNET = UNetConfig(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
@@ -80,6 +85,23 @@ SHAPES: dict[str, Shape] = {
     "sd15": Shape(UNetConfig.sd15(), VAEConfig.sd15(), CLIPTextConfig.sd15(), _SD1_SCHEDULER),
     "sd21": Shape(UNetConfig.sd21(), VAEConfig.sd21(), CLIPTextConfig.sd21(), _SD2_SCHEDULER,
                   sd2_tokenizer=True),
+    "sdxl": Shape(UNetConfig.sdxl_base(), VAEConfig.sdxl(), CLIPTextConfig.sd15(),
+                  _SDXL_SCHEDULER, text_2=CLIPTextConfig.sdxl_2()),
+    "sdxl-tiny": Shape(
+        UNetConfig(sample_size=8, layers_per_block=1, block_out_channels=(16, 32, 32),
+                   down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                   up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+                   transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4),
+                   cross_attention_dim=80, norm_num_groups=8, use_linear_projection=True,
+                   addition_embed_type="text_time", addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=24 + 6 * 8),
+        dataclasses.replace(_TINY_VAE, scaling_factor=0.13025),
+        CLIPTextConfig(vocab_size=1024, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=3, num_attention_heads=4),
+        _SDXL_SCHEDULER,
+        text_2=CLIPTextConfig(vocab_size=1024, hidden_size=48, intermediate_size=64,
+                              num_hidden_layers=3, num_attention_heads=4, hidden_act="gelu",
+                              projection_dim=24)),
 }
 NAMES = ("toy", *SHAPES)
 
@@ -112,10 +134,17 @@ def _kwargs(cfg) -> dict:
 def build(shape: str, folder: Path) -> None:
     """Write ``folder`` as ``StableDiffusionPipeline.save_pretrained`` does (random weights)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from diffusers import StableDiffusionPipeline as TorchPipeline
     from transformers import CLIPTextConfig as HFTextConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from sdjax.train.tokenizer import write_clip_tokenizer
 
@@ -125,21 +154,35 @@ def build(shape: str, folder: Path) -> None:
     vocab = write_clip_tokenizer(tmp / "tokenizer-src", WORDS,
                                  pad_token="!" if spec.sd2_tokenizer else "<|endoftext|>")
     torch.manual_seed(0)
-    text = spec.text
-    te = CLIPTextModel(HFTextConfig(
-        vocab_size=max(vocab, text.vocab_size),
-        hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
-        max_position_embeddings=text.max_position_embeddings, hidden_act=text.hidden_act,
-        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=1))
-    scheduler_cls = DDIMScheduler if spec.scheduler["_class_name"] == "DDIMScheduler" \
-        else PNDMScheduler
-    pipe = TorchPipeline(
-        vae=AutoencoderKL(**_kwargs(spec.vae)), text_encoder=te,
-        tokenizer=CLIPTokenizer.from_pretrained(str(tmp / "tokenizer-src")),
-        unet=UNet2DConditionModel(**_kwargs(spec.unet)),
-        scheduler=scheduler_cls.from_config(spec.scheduler), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+
+    def encoder(text: CLIPTextConfig, cls=CLIPTextModel, **extra):
+        return cls(HFTextConfig(
+            vocab_size=max(vocab, text.vocab_size),
+            hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+            num_hidden_layers=text.num_hidden_layers,
+            num_attention_heads=text.num_attention_heads,
+            max_position_embeddings=text.max_position_embeddings, hidden_act=text.hidden_act,
+            bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=1, **extra))
+
+    te = encoder(spec.text)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "tokenizer-src"))
+    vae = AutoencoderKL(**_kwargs(spec.vae))
+    unet = UNet2DConditionModel(**_kwargs(spec.unet))
+    if spec.text_2 is not None:
+        write_clip_tokenizer(tmp / "tokenizer-src", WORDS, pad_token="!")
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
+            text_encoder_2=encoder(spec.text_2, CLIPTextModelWithProjection,
+                                   projection_dim=spec.text_2.projection_dim),
+            tokenizer_2=CLIPTokenizer.from_pretrained(str(tmp / "tokenizer-src")),
+            scheduler=EulerDiscreteScheduler.from_config(spec.scheduler))
+    else:
+        scheduler_cls = DDIMScheduler if spec.scheduler["_class_name"] == "DDIMScheduler" \
+            else PNDMScheduler
+        pipe = TorchPipeline(
+            vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
+            scheduler=scheduler_cls.from_config(spec.scheduler), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(tmp))
     shutil.rmtree(tmp / "tokenizer-src")
     # Rename last: a folder with model_index.json is always complete.

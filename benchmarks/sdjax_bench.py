@@ -14,7 +14,7 @@ from flax import nnx
 from benchmarks import hardware
 from benchmarks.flops import count_flops
 from benchmarks.workload import Workload
-from sdjax.pipeline import StableDiffusionPipeline
+from sdjax.pipeline import StableDiffusionPipeline, pipeline_class
 from sdjax.schedulers import get_scheduler
 
 
@@ -38,10 +38,10 @@ class SdjaxResult:
 
 
 def load(w: Workload, cache_dir: str | None) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline.from_pretrained(w.folder, dtype=w.dtype,
-                                                   num_devices=w.num_devices,
-                                                   compilation_cache=cache_dir,
-                                                   matmul_precision=w.matmul_precision)
+    return pipeline_class(w.folder).from_pretrained(w.folder, dtype=w.dtype,
+                                                    num_devices=w.num_devices,
+                                                    compilation_cache=cache_dir,
+                                                    matmul_precision=w.matmul_precision)
 
 
 def run(w: Workload, *, cache_dir: str | None, repeats: int, search_max_batch: bool,
@@ -118,10 +118,17 @@ def flops_per_call(pipe: StableDiffusionPipeline, w: Workload, per_device: int, 
     tokens = pipe.max_prompt_tokens
     ctx = pipe.unet_config.cross_attention_dim
     sds = jax.ShapeDtypeStruct
-    te = network_flops(pipe, "text_encoder", None, sds((2 * per_device, tokens), jnp.int32))
+    ids = sds((2 * per_device, tokens), jnp.int32)
+    te = network_flops(pipe, "text_encoder", None, ids)
+    added = None
+    if "text_encoder_2" in pipe.params:  # SDXL: the second encoder, the UNet's added inputs
+        te += network_flops(pipe, "text_encoder_2", "penultimate_and_pooled", ids)
+        added = {"text_embeds": sds((2 * per_device, pipe.network("text_encoder_2").config
+                                     .projection_dim), dtype),
+                 "time_ids": sds((2 * per_device, 6), jnp.float32)}
     unet = network_flops(pipe, "unet", None, sds((2 * per_device, h, wd, c), dtype),
                          sds((2 * per_device,), jnp.float32),
-                         sds((2 * per_device, tokens, ctx), dtype))
+                         sds((2 * per_device, tokens, ctx), dtype), None, added)
     vae = network_flops(pipe, "vae", "decode", sds((per_device, h, wd, c), vae_dtype))
     cost = compiled.cost_analysis()
     whole = float(cost.get("flops", 0.0)) if cost else 0.0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["StableDiffusionPipeline", "StableDiffusionUpscalePipeline", "PipelineOutput"]
+__all__ = ["StableDiffusionPipeline", "StableDiffusionUpscalePipeline",
+           "StableDiffusionXLPipeline", "PipelineOutput"]
 
 
 def __getattr__(name: str):
@@ -11,6 +12,9 @@ def __getattr__(name: str):
     if name == "StableDiffusionUpscalePipeline":
         from sdjax import upscale
         return upscale.StableDiffusionUpscalePipeline
+    if name == "StableDiffusionXLPipeline":
+        from sdjax import sdxl
+        return sdxl.StableDiffusionXLPipeline
     if name in __all__:
         from sdjax import pipeline
         return getattr(pipeline, name)

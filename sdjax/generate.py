@@ -272,10 +272,10 @@ def _check_args(args) -> None:
 def load_pipeline(model: str, dtype: str, num_devices: int | None, local_devices: bool,
                   options: ModelOptions | None = None):
     """The pipeline a run uses (a separate function so tests can share one across runs)."""
-    from sdjax.pipeline import StableDiffusionPipeline
-    return StableDiffusionPipeline.from_pretrained(model, dtype=dtype, num_devices=num_devices,
-                                                   local_devices=local_devices,
-                                                   **(options or ModelOptions()).kwargs())
+    from sdjax.pipeline import pipeline_class
+    return pipeline_class(model).from_pretrained(model, dtype=dtype, num_devices=num_devices,
+                                                 local_devices=local_devices,
+                                                 **(options or ModelOptions()).kwargs())
 
 
 def _job_split(num_jobs: int, job_index: int) -> tuple[int, int]:

@@ -133,6 +133,10 @@ class StableDiffusionPipeline:
     # Sampling settings of this kind of model, between a folder's sdjax.json and the library's
     # (sdjax.model_defaults.resolve).
     class_defaults: ClassVar[Mapping[str, Any]] = {}
+    # Subclasses with their own conditioning (sdjax.sdxl): the model family they load, and the
+    # keyword arguments of a call that go to :meth:`_conditioning_inputs`.
+    SDXL = False
+    CONDITIONING_ARGS: tuple[str, ...] = ()
 
     def __init__(self, *, text_encoder, vae, unet, tokenizer, scheduler_config: dict,
                  mesh, dtype, name: str = "", vae_scale_factor: int = 8,
@@ -213,7 +217,8 @@ class StableDiffusionPipeline:
             if config is not None or ema:
                 raise ValueError("config= and ema= are for single-file checkpoints; a "
                                  "diffusers folder brings its own configs and weights")
-            parts = load_pipeline_folder(source, dtype=dtype, place=place, variant=variant)
+            parts = load_pipeline_folder(source, dtype=dtype, place=place, variant=variant,
+                                         sdxl=cls.SDXL)
             if prediction_type is not None:
                 parts.scheduler_config = {**parts.scheduler_config,
                                           "prediction_type": prediction_type}
@@ -226,7 +231,7 @@ class StableDiffusionPipeline:
                    mesh=mesh, dtype=dtype, name=model,
                    vae_scale_factor=parts.vae.config.downsample_factor,
                    tokenizer_dir=parts.tokenizer_dir, note=parts.note,
-                   matmul_precision=matmul_precision)
+                   matmul_precision=matmul_precision, **parts.extra)
         if source.is_dir():
             pipe.model_defaults = model_defaults.read(source)
         return pipe
@@ -490,6 +495,7 @@ class StableDiffusionPipeline:
         n = len(prompts) * num_images_per_prompt
         guidance, cfg = self._guidance(guidance, settings["guidance_rescale"],
                                        settings["guidance_interval"], n)
+        conditioning = {k: task_kwargs.pop(k) for k in self.CONDITIONING_ARGS if k in task_kwargs}
         task, inputs, start, (height, width), finish = self._task_inputs(
             image, mask_image, strength, len(prompts), num_images_per_prompt,
             int(num_inference_steps), height, width, **task_kwargs)
@@ -497,6 +503,12 @@ class StableDiffusionPipeline:
             raise ValueError("padding_mask_crop pastes uint8 images back: output_type must be "
                              "'uint8'")
         self.check_size(height, width)
+        # One chunk count for prompts and negative prompts alike (sdjax.prompts).
+        text = self.tokenize(prompts + negatives)
+        inputs.update(self._conditioning_inputs(prompts, negatives, num_images_per_prompt,
+                                                height, width, negative_prompt is None,
+                                                chunks=text[0].shape[1], **conditioning))
+        text = tuple(np.repeat(a, num_images_per_prompt, axis=0) for a in text)
 
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
@@ -520,8 +532,6 @@ class StableDiffusionPipeline:
             # about four 512x512 images' worth at a time so the UNet sets the batch limit.
             decode_chunk = 4 * 512 * 512 // (height * width)
         chunk = max(1, min(decode_chunk, per_device))
-        # One chunk count for prompts and negative prompts alike (sdjax.prompts).
-        text = self.tokenize(prompts + negatives)
         spec = sampling.CoreSpec(lat_shape, sched, int(num_inference_steps), per_device, chunk,
                                  output_type, task, tuple(sorted(inputs)), bool(nan_check),
                                  cfg=cfg, clip_skip=clip_skip, text_chunks=text[0].shape[1])
@@ -529,7 +539,7 @@ class StableDiffusionPipeline:
         def pad(x):
             return parallel.put_batch(parallel.pad_batch(np.asarray(x), size), self.mesh)
 
-        ids = tuple(pad(a[:n]) for a in text)
+        ids = tuple(pad(a[:n]) for a in text)  # text rows: [prompts; negatives], per image
         neg_ids = tuple(pad(a[n:]) for a in text)
         seed_arr = pad(np.asarray(seeds, np.int64).astype(np.uint32))
         index_arr = pad(np.asarray(image_indices, np.int64).astype(np.uint32))
@@ -554,6 +564,11 @@ class StableDiffusionPipeline:
             bounds = np.tile(np.array([[0.0, np.inf]], np.float32), (n, 1))
         return (np.concatenate([scale[:, None], rescale[:, None], bounds], axis=1),
                 bool((scale > 1).any()))
+    def _conditioning_inputs(self, prompts: list[str], negatives: list[str], per_prompt: int,
+                             height: int, width: int, no_negative: bool, chunks: int) -> dict:
+        """Batched inputs (one row per image) that the conditioning needs besides the token
+        ids; none for SD 1.x/2.x (see sdjax.sdxl)."""
+        return {}
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(h, w, channels) of the latents the UNet denoises for an image of this size."""
@@ -649,7 +664,7 @@ class StableDiffusionPipeline:
         fn = self._compiled.get(spec)
         if fn is None:
             nets = sampling.Networks(self._graphdefs, self.dtype,
-                                     self.vae_config.scaling_factor)
+                                     self.vae_config.scaling_factor, self._encode)
             t0 = time.perf_counter()  # host-side tables (every start's schedule) count too
             fn = sampling.build(spec, nets, self.mesh, on_compile=self._count_compile,
                                 precision=self.matmul_precision)
@@ -657,9 +672,25 @@ class StableDiffusionPipeline:
             self._compiled[spec] = fn
         return fn
 
+    # The conditioning of sampling.Networks.encode; None: one text encoder's last states.
+    _encode = None
+
     def _count_compile(self, seconds: float) -> None:
         self.compile_seconds += seconds
 
 
+def pipeline_class(model: str) -> type[StableDiffusionPipeline]:
+    """The pipeline that loads ``model`` (what the CLIs and the server use): SDXL folders
+    (``text_encoder_2`` in model_index.json) take StableDiffusionXLPipeline."""
+    from sdjax.weights.diffusers_folder import is_sdxl_index
+    from sdjax.weights.files import read_json
+
+    index = resolve_model(model) / "model_index.json"
+    if index.is_file() and is_sdxl_index(read_json(index)):
+        from sdjax.sdxl import StableDiffusionXLPipeline
+        return StableDiffusionXLPipeline
+    return StableDiffusionPipeline
+
+
 __all__ = ["StableDiffusionPipeline", "PipelineOutput", "PendingImages", "NonFiniteError",
-           "SCHEDULER_NAMES", "MATMUL_PRECISIONS", "parse_dtype"]
+           "SCHEDULER_NAMES", "MATMUL_PRECISIONS", "parse_dtype", "pipeline_class"]

@@ -182,7 +182,7 @@ def run(args, written: list[Path]) -> int:
 
     from sdjax.images import format_parameters, guidance_parameters, make_grid, next_index, save_png
     from sdjax.parallel import maybe_initialize_distributed, random_seed
-    from sdjax.pipeline import StableDiffusionPipeline
+    from sdjax.pipeline import pipeline_class
 
     _check_args(args)
     prompts = _prompts(args)
@@ -205,7 +205,7 @@ def run(args, written: list[Path]) -> int:
     if upscaler:
         from sdjax.upscale import StableDiffusionUpscalePipeline as cls
     else:
-        cls = StableDiffusionPipeline
+        cls = pipeline_class(args.model)
     pipe = cls.from_pretrained(args.model, dtype=dtype, num_devices=args.num_devices,
                                **ModelOptions.from_args(args).kwargs())
     if pipe.note:

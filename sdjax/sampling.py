@@ -82,6 +82,12 @@ class Networks:
     graphdefs: Mapping[str, object]
     dtype: jnp.dtype
     vae_scaling: float
+    # How the prompts become the UNet's conditioning, for models that do not condition on
+    # one text encoder's last states (SDXL): ``(params, ids, neg_ids, inputs, clip_skip) ->
+    # (context, added)``, both for the 2B batch [negatives; prompts] (``ids``/``neg_ids`` are
+    # (token ids, weights) pairs, as sdjax.prompts makes them); ``added`` is the UNet's
+    # ``added_cond``. None: ``sdjax.prompts.encode`` of the one text encoder, nothing added.
+    encode: Callable | None = None
 
 
 def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
@@ -112,9 +118,13 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         unet = nnx.merge(graphdefs["unet"], params["unet"])
         vae = nnx.merge(graphdefs["vae"], params["vae"])
         b = ids[0].shape[0]
-        context = prompts.encode(te, *(jnp.concatenate(pair, axis=0)
-                                       for pair in zip(neg_ids, ids, strict=True)),
-                                 clip_skip=spec.clip_skip)
+        if nets.encode is None:
+            context = prompts.encode(te, *(jnp.concatenate(pair, axis=0)
+                                           for pair in zip(neg_ids, ids, strict=True)),
+                                     clip_skip=spec.clip_skip)
+            added = None
+        else:
+            context, added = nets.encode(params, ids, neg_ids, inputs, spec.clip_skip)
         keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.key(sd), i))(seeds, indices)
         noise_keys, step_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
         noise_keys, step_keys = noise_keys[:, 0], step_keys[:, 0]
@@ -144,6 +154,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             # No unconditional pass: the negative prompts' half of the (cheap, once per call)
             # text encoding goes unused.
             context = context[b:]
+            added = None if added is None else {k: v[b:] for k, v in added.items()}
 
         def body(i, carry):
             x, state = carry
@@ -153,11 +164,11 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
                 xin = jnp.concatenate([xin, feed.extra.astype(dtype)], axis=-1)
             if spec.cfg:
                 eps = unet(jnp.concatenate([xin, xin], axis=0), jnp.broadcast_to(t, (2 * b,)),
-                           context, class_labels=labels).astype(jnp.float32)
+                           context, class_labels=labels, added_cond=added).astype(jnp.float32)
                 eps = combine_guidance(eps[:b], eps[b:], guidance, sched.step_sigma(state, i))
             else:
-                eps = unet(xin, jnp.broadcast_to(t, (b,)), context,
-                           class_labels=labels).astype(jnp.float32)
+                eps = unet(xin, jnp.broadcast_to(t, (b,)), context, class_labels=labels,
+                           added_cond=added).astype(jnp.float32)
             key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
                    if sched.stochastic else None)
             x, state = sched.step(state, i, eps, x, key=key)

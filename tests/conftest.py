@@ -14,7 +14,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from tests.tiny_models import save_tiny_pipeline, save_tiny_upscaler  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    save_tiny_pipeline,
+    save_tiny_sdxl,
+    save_tiny_upscaler,
+)
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
@@ -77,3 +81,9 @@ def sd1_inpaint_folder(tmp_path_factory):
 def upscaler_folder(tmp_path_factory):
     """A tiny model in the x4 upscaler layout."""
     return save_tiny_upscaler(tmp_path_factory.mktemp("upscaler") / "model")
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    """A tiny SDXL base model (two text encoders, text_time added conditioning)."""
+    return save_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "model")[0]

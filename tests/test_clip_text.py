@@ -60,6 +60,10 @@ def test_presets_match_the_hub_configs():
                 num_attention_heads=16, num_hidden_layers=23, projection_dim=512)
     assert CLIPTextConfig.from_dict(sd15) == CLIPTextConfig.sd15()
     assert CLIPTextConfig.from_dict(sd21) == CLIPTextConfig.sd21()
+    sdxl_2 = dict(sd15, hidden_act="gelu", hidden_size=1280, intermediate_size=5120,
+                  num_attention_heads=20, num_hidden_layers=32, projection_dim=1280,
+                  eos_token_id=2, architectures=["CLIPTextModelWithProjection"])
+    assert CLIPTextConfig.from_dict(sdxl_2) == CLIPTextConfig.sdxl_2()
     n = sum(x.size for x in jax_leaves(nnx.eval_shape(
         lambda: CLIPTextModel(CLIPTextConfig.sd15(), rngs=nnx.Rngs(0)))))
     assert n == 123_060_480  # transformers' CLIPTextModel for SD 1.5, position_ids excluded

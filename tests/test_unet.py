@@ -246,10 +246,23 @@ def test_sd15_parameter_count():
     assert attn.heads == 8 and attn.to_q.kernel.shape == (320, 320)
 
 
+def test_sdxl_base_parameter_count():
+    """As stabilityai/stable-diffusion-xl-base-1.0's UNet (2.57 B parameters)."""
+    from sdjax.weights.diffusers_folder import _ShapeOnlyRngs  # the loader's fast abstract build
+
+    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.sdxl_base(),
+                                                           rngs=_ShapeOnlyRngs()))
+    assert sum(v.size for v in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == 2_567_463_684
+    mid = abstract.mid_block.attentions[0]
+    assert len(mid.transformer_blocks) == 10 and mid.transformer_blocks[0].attn1.heads == 20
+    assert abstract.add_embedding.linear_1.kernel.shape == (2816, 1280)
+
+
 @pytest.mark.parametrize("key,value", [
     ("class_embed_type", "timestep"),
     ("class_embeddings_concat", True),  # num_class_embeds alone is supported (x4 upscaler)
-    ("addition_embed_type", "text_time"),
+    ("addition_embed_type", "text_image"),
+    ("addition_embed_type", "text_time"),  # without its time-id and projection widths
     ("time_cond_proj_dim", 256),
     ("encoder_hid_dim", 1024),
     ("resnet_time_scale_shift", "scale_shift"),
@@ -257,7 +270,8 @@ def test_sd15_parameter_count():
     ("time_embedding_type", "fourier"),
     ("only_cross_attention", [True]),  # one per level, or one bool
     ("dual_cross_attention", True),
-    ("transformer_layers_per_block", [1, 2, 10, 10]),
+    ("transformer_layers_per_block", [1, 2, 10]),  # one per level
+    ("transformer_layers_per_block", [[1, 1], [2, 2], [10, 10], [10, 10]]),  # per layer
     ("cross_attention_dim", [768, 768, 768, 768]),
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
     ("mid_block_type", None),

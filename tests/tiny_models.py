@@ -167,3 +167,69 @@ def save_tiny_upscaler(folder: Path, seed: int = 3) -> Path:
         scheduler=DDIMScheduler.from_config(UPSCALER_SCHEDULER), max_noise_level=350)
     pipe.save_pretrained(str(folder))
     return folder
+
+
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+
+
+def tiny_sdxl_components(seed: int = 20):
+    """(unet, vae, text_encoder, text_encoder_2) torch modules shaped like SDXL base, tiny: a
+    plain first level then cross-attention levels of different transformer depths, linear
+    projections, the "text_time" added embedding, two CLIP encoders (the second with its
+    text projection) whose penultimate states concatenate into the UNet's context."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    vocab = _vocab_size()
+    te_args = dict(vocab_size=vocab, intermediate_size=64, num_hidden_layers=3,
+                   max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                   pad_token_id=1)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_attention_heads=4,
+                                      hidden_act="quick_gelu", **te_args))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=48, num_attention_heads=4, hidden_act="gelu", projection_dim=24, **te_args))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4),
+        cross_attention_dim=32 + 48, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=24 + 6 * time_dim)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                        sample_size=16, block_out_channels=(16, 32), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=0.13025,
+                        force_upcast=True)
+    for i, m in enumerate((unet, vae, te, te2)):
+        randomize_(m, seed * 10 + i)
+        m.eval()
+    return unet, vae, te, te2
+
+
+def save_tiny_sdxl(folder: Path, seed: int = 20):
+    """A complete tiny SDXL base folder as diffusers' StableDiffusionXLPipeline writes it
+    (the second tokenizer pads with "!", as SDXL's does); returns (folder, the pipeline)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    unet, vae, te, te2 = tiny_sdxl_components(seed)
+    toks = []
+    for i, pad in enumerate(("<|endoftext|>", "!")):
+        tok_dir = folder.parent / f"{folder.name}-tokenizer{i}-src"
+        write_clip_tokenizer(tok_dir, pad_token=pad)
+        toks.append(CLIPTokenizer.from_pretrained(str(tok_dir)))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=toks[0], tokenizer_2=toks[1],
+        unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER))
+    pipe.save_pretrained(str(folder))
+    return folder, pipe

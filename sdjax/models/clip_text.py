@@ -1,4 +1,5 @@
-"""CLIP text transformer (the text tower of CLIP), as used by Stable Diffusion 1.x and 2.x."""
+"""CLIP text transformer (the text tower of CLIP), as used by Stable Diffusion 1.x and 2.x, and
+SDXL's second encoder with its text projection (transformers' CLIPTextModelWithProjection)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # The pooled output reads the first end-of-text token; configs from before transformers
+    # fixed this id (it said 2) meant the highest id, which is where the old code looked.
+    eos_token_id: int = 2
+    projection_dim: int = 768  # width of text_projection (CLIPTextModelWithProjection only)
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -46,7 +51,13 @@ class CLIPTextConfig:
     def sd21(cls) -> CLIPTextConfig:
         """OpenCLIP ViT-H/14 text tower as diffusers exports it (last layer dropped)."""
         return cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                   num_attention_heads=16, hidden_act="gelu")
+                   num_attention_heads=16, hidden_act="gelu", projection_dim=512)
+
+    @classmethod
+    def sdxl_2(cls) -> CLIPTextConfig:
+        """OpenCLIP ViT-bigG/14 text tower, SDXL's text_encoder_2 (with its projection)."""
+        return cls(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                   num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPTextConfig:
@@ -135,3 +146,35 @@ class CLIPTextModel(nnx.Module):
                              f"text encoder, got {clip_skip}")
         hidden = self.encoder(self.embeddings(input_ids), skip=clip_skip - 1)
         return self.final_layer_norm(hidden)
+
+    def hidden_states(self, input_ids: jax.Array) -> list[jax.Array]:
+        """transformers' ``output_hidden_states``: the embeddings, then each layer's output
+        (none layer-normed). SDXL conditions on ``[-2]``; XLA drops the layers after the one
+        used."""
+        states = [self.embeddings(input_ids)]
+        for layer in self.encoder.layers:
+            states.append(layer(states[-1]))
+        return states
+
+    def pool(self, input_ids: jax.Array, last_hidden: jax.Array) -> jax.Array:
+        """(B, D): the layer-normed final state at each sequence's end-of-text token."""
+        eos = self.config.eos_token_id
+        where = (jnp.argmax(input_ids, axis=-1) if eos == 2
+                 else jnp.argmax(input_ids == eos, axis=-1))
+        normed = self.final_layer_norm(last_hidden)
+        return jnp.take_along_axis(normed, where[:, None, None], axis=1)[:, 0]
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIPTextModel plus ``text_projection`` (no bias) of the pooled output: SDXL's second
+    text encoder, whose projected pooled output is the UNet's ``text_embeds``."""
+
+    def __init__(self, cfg: CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(cfg, dtype=dtype, rngs=rngs)
+        self.text_projection = linear(cfg.hidden_size, cfg.projection_dim, use_bias=False,
+                                      dtype=dtype, rngs=rngs)
+
+    def penultimate_and_pooled(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the penultimate layer's states (B, T, D), the projected pooled output (B, P))."""
+        states = self.hidden_states(input_ids)
+        return states[-2], self.text_projection(self.pool(input_ids, states[-1]))

@@ -1,4 +1,4 @@
-"""UNet2DConditionModel of Stable Diffusion 1.x/2.x: the latent-space noise predictor.
+"""UNet2DConditionModel of Stable Diffusion 1.x/2.x and SDXL: the latent-space noise predictor.
 
 NHWC throughout. Module attribute names follow diffusers' so that the weight table
 (``sdjax/weights/table_unet.py``) is a handful of regular expressions.
@@ -36,10 +36,7 @@ MID_CROSS = "UNetMidBlock2DCrossAttn"
 # leave the network exactly as we build it. Any other value changes the math, so it is refused.
 _MUST_BE_DEFAULT: dict[str, tuple] = {
     "class_embed_type": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "time_cond_proj_dim": (None,),
@@ -54,12 +51,14 @@ _MUST_BE_DEFAULT: dict[str, tuple] = {
     "reverse_transformer_layers_per_block": (None,),
 }
 # Keys that cannot change inference: dropout is off at inference, and the number of heads of
-# the SDXL-only addition embedding is unused without addition_embed_type (refused above).
+# the addition embedding belongs to the "text_image" type, which we refuse.
 _NO_EFFECT = {"dropout", "addition_embed_type_num_heads"}
 # Keys whose None means something other than "use the default"; we do not build those variants.
 _NONE_NOT_SUPPORTED = {"norm_num_groups", "attention_head_dim", "mid_block_type"}
 _TUPLES = ("down_block_types", "up_block_types", "block_out_channels", "attention_head_dim",
-           "num_attention_heads", "sample_size", "only_cross_attention")
+           "num_attention_heads", "sample_size", "only_cross_attention",
+           "transformer_layers_per_block")
+TEXT_TIME = "text_time"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +87,8 @@ class UNetConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int = 1280
-    transformer_layers_per_block: int = 1
+    # One int, or one per level (SDXL: 1, 2, 10); the mid block takes the last level's.
+    transformer_layers_per_block: int | tuple[int, ...] = 1
     # diffusers' naming quirk: with num_attention_heads unset, attention_head_dim is the number
     # of heads per level (SD1: 8 heads everywhere; SD2: 5/10/20/20 heads of width 64).
     attention_head_dim: int | tuple[int, ...] = 8
@@ -102,6 +102,12 @@ class UNetConfig:
     # A learned embedding of an integer class label added to the time embedding (the x4
     # upscaler's noise level).
     num_class_embeds: int | None = None
+    # SDXL's added conditioning ("text_time"): the pooled text embedding and the sinusoidal
+    # embeddings (addition_time_embed_dim wide each) of the size/crop/aesthetic "time ids",
+    # through an MLP from projection_class_embeddings_input_dim, added to the time embedding.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -126,12 +132,12 @@ class UNetConfig:
                  "dual_cross_attention=True is not supported")
         _require(self.act_fn in ("silu", "swish"), "act_fn",
                  f"act_fn {self.act_fn!r} is not supported (only silu)")
-        for key in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
+        for key in ("layers_per_block", "cross_attention_dim"):
             value = getattr(self, key)
             _require(isinstance(value, int) and value >= 1, key,
                      f"{key} must be one positive int (per-level lists are not supported), "
                      f"got {value!r}")
-        for key in ("attention_head_dim", "num_attention_heads"):
+        for key in ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block"):
             value = getattr(self, key)
             if isinstance(value, tuple):
                 _require(len(value) == levels and all(isinstance(v, int) for v in value), key,
@@ -140,6 +146,22 @@ class UNetConfig:
             _require(getattr(self, key) % 2 == 1, key, f"{key} must be odd")
         _require(self.downsample_padding in (0, 1), "downsample_padding",
                  "downsample_padding must be 0 or 1")
+        _require(all(d >= 1 for d in self.depth_per_level()), "transformer_layers_per_block",
+                 "must be positive")
+        _require(self.addition_embed_type in (None, TEXT_TIME), "addition_embed_type",
+                 f"{self.addition_embed_type!r} is not supported (supported: None, "
+                 f"{TEXT_TIME!r})")
+        if self.addition_embed_type == TEXT_TIME:
+            _require(bool(self.addition_time_embed_dim) and
+                     bool(self.projection_class_embeddings_input_dim), "addition_embed_type",
+                     "'text_time' needs addition_time_embed_dim and "
+                     "projection_class_embeddings_input_dim")
+
+    def depth_per_level(self) -> tuple[int, ...]:
+        """Transformer blocks per attention at each level (down order); the up path mirrors
+        it and the mid block takes the deepest level's (diffusers' defaults)."""
+        value = self.transformer_layers_per_block
+        return (value,) * len(self.block_out_channels) if isinstance(value, int) else value
 
     def heads_per_level(self) -> tuple[int, ...]:
         """Number of attention heads at each level (down order), diffusers' way: the number of
@@ -177,6 +199,28 @@ class UNetConfig:
                    use_linear_projection=True, upcast_attention=True)
 
     @classmethod
+    def sdxl_base(cls) -> UNetConfig:
+        """SDXL 1.0 base (stabilityai/stable-diffusion-xl-base-1.0)."""
+        return cls(sample_size=128, down_block_types=(PLAIN_DOWN, CROSS_DOWN, CROSS_DOWN),
+                   up_block_types=(CROSS_UP, CROSS_UP, PLAIN_UP),
+                   block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+                   transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                   use_linear_projection=True, addition_embed_type=TEXT_TIME,
+                   addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+    @classmethod
+    def sdxl_refiner(cls) -> UNetConfig:
+        """SDXL 1.0 refiner: four levels, 1280-wide context (text_encoder_2 only), and an
+        aesthetic score in place of the target size among the time ids."""
+        return cls(sample_size=128,
+                   down_block_types=(PLAIN_DOWN, CROSS_DOWN, CROSS_DOWN, PLAIN_DOWN),
+                   up_block_types=(PLAIN_UP, CROSS_UP, CROSS_UP, PLAIN_UP),
+                   block_out_channels=(384, 768, 1536, 1536), cross_attention_dim=1280,
+                   transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24),
+                   use_linear_projection=True, addition_embed_type=TEXT_TIME,
+                   addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
         """Parse a diffusers ``unet/config.json`` dict. Keys for features we do not build raise
         a ValueError naming the key, unless they hold the value that leaves the math as ours."""
@@ -202,6 +246,9 @@ class UNetConfig:
                                  "supported for this key")
             elif isinstance(value, list) and any(v is None for v in value):
                 raise ValueError(f"UNet config {key}={value!r}: None entries are not supported")
+            elif isinstance(value, list) and any(isinstance(v, list) for v in value):
+                raise ValueError(f"UNet config {key}={value!r}: nested per-layer lists are not "
+                                 "supported")
         return config_from_dict(cls, d, tuples=_TUPLES)
 
 
@@ -384,12 +431,13 @@ class UNet2DConditionModel(nnx.Module):
         levels = len(ch)
 
         only_cross = cfg.only_cross_per_level()
+        depth = cfg.depth_per_level()
 
         def spec(level: int, cross: bool, mid: bool = False) -> _LevelSpec:
             return _LevelSpec(temb=cfg.time_embed_dim, groups=cfg.norm_num_groups,
                               eps=cfg.norm_eps, heads=heads[level] if cross else None,
                               context_dim=cfg.cross_attention_dim,
-                              depth=cfg.transformer_layers_per_block,
+                              depth=depth[level],
                               only_cross=cfg.mid_only_cross if mid else only_cross[level])
 
         self.conv_in = conv(cfg.in_channels, ch[0], cfg.conv_in_kernel, dtype=dtype, rngs=rngs)
@@ -398,6 +446,9 @@ class UNet2DConditionModel(nnx.Module):
         self.class_embedding = (nnx.Embed(cfg.num_class_embeds, cfg.time_embed_dim,
                                           dtype=dtype, param_dtype=dtype, rngs=rngs)
                                 if cfg.num_class_embeds else None)
+        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim,
+                                                cfg.time_embed_dim, dtype=dtype, rngs=rngs)
+                              if cfg.addition_embed_type == TEXT_TIME else None)
 
         # Channel count of every state the down path hands to the up path, in push order.
         skip_channels = [ch[0]]
@@ -431,7 +482,9 @@ class UNet2DConditionModel(nnx.Module):
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array | float,
                  encoder_hidden_states: jax.Array,
-                 class_labels: jax.Array | None = None) -> jax.Array:
+                 class_labels: jax.Array | None = None,
+                 added_cond: dict[str, jax.Array] | None = None) -> jax.Array:
+        """``added_cond`` (SDXL): ``text_embeds`` (B, D) pooled text and ``time_ids`` (B, k)."""
         cfg = self.config
         x = sample.astype(self.dtype)
         if cfg.center_input_sample:
@@ -444,6 +497,8 @@ class UNet2DConditionModel(nnx.Module):
             if class_labels is None:
                 raise ValueError("this UNet has a class embedding: pass class_labels")
             temb = temb + self.class_embedding(jnp.asarray(class_labels, jnp.int32))
+        if self.add_embedding is not None:
+            temb = temb + self._added_embedding(added_cond)
         context = encoder_hidden_states.astype(self.dtype)
 
         x = self.conv_in(x)
@@ -462,3 +517,17 @@ class UNet2DConditionModel(nnx.Module):
                 size = None
             x = block(x, taken, temb, context, size)
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+    def _added_embedding(self, added_cond: dict[str, jax.Array] | None) -> jax.Array:
+        """SDXL's "text_time" embedding: [pooled text, sinusoid of each time id] -> MLP."""
+        cfg = self.config
+        if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
+            raise ValueError("this UNet has SDXL's added conditioning: pass added_cond with "
+                             "text_embeds and time_ids")
+        text, ids = added_cond["text_embeds"], added_cond["time_ids"]
+        times = timestep_embedding(jnp.asarray(ids, jnp.float32).reshape(-1),
+                                   cfg.addition_time_embed_dim,
+                                   flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        times = times.reshape(ids.shape[0], -1)
+        return self.add_embedding(jnp.concatenate([text.astype(jnp.float32), times],
+                                                  axis=-1).astype(self.dtype))

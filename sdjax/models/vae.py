@@ -65,6 +65,12 @@ class VAEConfig:
         return cls(sample_size=768)
 
     @classmethod
+    def sdxl(cls) -> VAEConfig:
+        """SDXL's VAE: SD's architecture, its own weights and latent scale. Its float16 decode
+        overflows, hence force_upcast (float16 pipelines run it in float32)."""
+        return cls(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
         return config_from_dict(cls, d, tuples=("block_out_channels", "down_block_types",
                                                 "up_block_types"))

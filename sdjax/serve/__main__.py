@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"sdjax.serve needs the [serve] extra (pip install 'sdjax[serve]'): "
                          f"{e}") from None
-    from sdjax.pipeline import StableDiffusionPipeline
+    from sdjax.pipeline import StableDiffusionPipeline, pipeline_class
     from sdjax.serve.checkpoints import ModelRegistry, discover
     from sdjax.serve.generation import run_call
     from sdjax.serve.limits import Limits
@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
     def load(source: str) -> StableDiffusionPipeline:
         log.info("loading %s (%s)", source, dtype)
-        return StableDiffusionPipeline.from_pretrained(source, dtype=dtype,
-                                                       num_devices=args.num_devices)
+        return pipeline_class(source).from_pretrained(source, dtype=dtype,
+                                                      num_devices=args.num_devices)
 
     if args.lora_dir is not None and not args.lora_dir.expanduser().is_dir():
         raise UsageError(f"--lora_dir folder not found: {args.lora_dir}")

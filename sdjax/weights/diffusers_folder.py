@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.weights import table_clip, table_unet, table_vae
@@ -34,6 +34,7 @@ class _Kind:
 
 NETWORKS = {
     "text_encoder": _Kind(CLIPTextConfig, CLIPTextModel, table_clip.RULES),
+    "text_encoder_2": _Kind(CLIPTextConfig, CLIPTextModelWithProjection, table_clip.RULES),
     "vae": _Kind(VAEConfig, AutoencoderKL, table_vae.RULES),
     "unet": _Kind(UNetConfig, UNet2DConditionModel, table_unet.RULES),
 }
@@ -101,13 +102,27 @@ class PipelineParts:
     scheduler_config: dict
     tokenizer_dir: Path | None   # its files, for saving; None = the bundled CLIP vocabulary
     note: str = ""               # the loading line: what was loaded and how to change it
+    # SDXL's second encoder and tokenizer, and its pipeline options (force_zeros_for_empty_
+    # prompt): keyword arguments of StableDiffusionXLPipeline; empty for SD 1.x/2.x.
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def is_sdxl_index(index: dict) -> bool:
+    """Whether a model_index.json describes an SDXL pipeline (two text encoders)."""
+    return "text_encoder_2" in index or str(index.get("_class_name", "")).startswith(
+        "StableDiffusionXL")
 
 
 def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None = None,
-                         variant: str | None = None) -> PipelineParts:
-    check_pipeline_folder(folder)
-    configs = {c: read_config(folder, c) for c in ("text_encoder", "vae", "unet")}
-    # The networks and the tokenizer load side by side: building a network abstractly and
+                         variant: str | None = None, sdxl: bool = False) -> PipelineParts:
+    """The networks, tokenizer(s) and scheduler config of a diffusers folder; ``sdxl``: the
+    caller is the SDXL pipeline (an SDXL folder given to the SD pipeline, or the reverse,
+    fails before any weights are read)."""
+    index = check_pipeline_folder(folder, sdxl=sdxl)
+    components = ("text_encoder", "vae", "unet") + (("text_encoder_2",) if sdxl else ())
+    configs = {c: read_config(folder, c) for c in components}
+    tokenizers = ("tokenizer",) + (("tokenizer_2",) if sdxl else ())
+    # The networks and the tokenizers load side by side: building a network abstractly and
     # importing transformers for the tokenizer hold the GIL, reading and casting tensors
     # mostly does not, so one's Python overlaps another's reads. Results are taken in the
     # old order, so the first failing component is still the one reported.
@@ -115,21 +130,27 @@ def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None
         futures = {c: pool.submit(load_network, folder, c, config=cfg, place=place,
                                   variant=variant, dtype=network_dtype(c, cfg, dtype))
                    for c, cfg in configs.items()}
-        tokenizer = pool.submit(load_tokenizer, folder)
+        tok_futures = {t: pool.submit(load_tokenizer, folder, t) for t in tokenizers}
         nets = {c: f.result() for c, f in futures.items()}
-        tokenizer = tokenizer.result()
-    return PipelineParts(**nets, tokenizer=tokenizer,
+        toks = {t: f.result() for t, f in tok_futures.items()}
+    extra = {}
+    if sdxl:
+        extra = dict(text_encoder_2=nets.pop("text_encoder_2"),
+                     tokenizer_2=toks["tokenizer_2"],
+                     force_zeros_for_empty_prompt=bool(
+                         index.get("force_zeros_for_empty_prompt", True)))
+    return PipelineParts(**nets, tokenizer=toks["tokenizer"],
                          scheduler_config=read_json(folder / "scheduler" /
                                                     "scheduler_config.json"),
-                         tokenizer_dir=folder / "tokenizer")
+                         tokenizer_dir=folder / "tokenizer", extra=extra)
 
 
-def load_tokenizer(folder: Path):
-    """transformers' CLIPTokenizer from ``tokenizer/``; its own config decides the padding
-    token (SD2's is ``!``)."""
+def load_tokenizer(folder: Path, component: str = "tokenizer"):
+    """transformers' CLIPTokenizer from ``tokenizer/`` (or SDXL's ``tokenizer_2/``); its own
+    config decides the padding token (SD2's and SDXL's second are ``!``)."""
     from transformers import CLIPTokenizer
 
-    path = folder / "tokenizer"
+    path = folder / component
     slow_files = (path / "vocab.json").exists() and (path / "merges.txt").exists()
     if not slow_files and not (path / "tokenizer.json").exists():
         raise WeightsError(f"missing tokenizer files in {path} (vocab.json and merges.txt, "
@@ -140,13 +161,20 @@ def load_tokenizer(folder: Path):
         raise WeightsError(f"{path}: cannot load the tokenizer ({e})") from None
 
 
-def check_pipeline_folder(folder: Path) -> dict:
+def check_pipeline_folder(folder: Path, *, sdxl: bool = False) -> dict:
     """Fail early, naming what is missing, before any weights are read."""
     if not folder.is_dir():
         raise WeightsError(f"model folder not found: {folder}")
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").exists() \
         else {}
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    if is_sdxl_index(index) and not sdxl:
+        raise WeightsError(f"{folder} is an SDXL model: load it with "
+                           "sdjax.StableDiffusionXLPipeline")
+    if sdxl and not is_sdxl_index(index):
+        raise WeightsError(f"{folder} is not an SDXL model (its model_index.json names no "
+                           "text_encoder_2): load it with sdjax.StableDiffusionPipeline")
+    needed = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    missing = [c for c in needed + (("text_encoder_2", "tokenizer_2") if sdxl else ())
                if not (folder / c).is_dir()]
     if missing:
         raise WeightsError(f"{folder} is not a complete diffusers folder: missing "

@@ -82,7 +82,8 @@ def describe(tensors) -> str | None:
     keys = list(tensors)
     if any(k.startswith("conditioner.embedders.") for k in keys) or \
             UNET_PREFIX + "label_emb.0.0.weight" in tensors:
-        return "an SDXL checkpoint, which sdjax does not load from a single file yet"
+        return ("an SDXL checkpoint, which sdjax does not load from a single file yet (use "
+                "its diffusers folder with StableDiffusionXLPipeline)")
     if any(k.startswith("control_model.") for k in keys):
         return "a ControlNet, not a Stable Diffusion model"
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k

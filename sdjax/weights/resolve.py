@@ -15,7 +15,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # fallback for old repos); never the duplicate full-precision .ckpt files some repos carry.
 _ALLOW = ["model_index.json", "scheduler/*.json", "low_res_scheduler/*.json", "tokenizer/*",
           "*/config.json",
-          "unet/*.safetensors*", "vae/*.safetensors*", "text_encoder/*.safetensors*"]
+          "unet/*.safetensors*", "vae/*.safetensors*", "text_encoder/*.safetensors*",
+          "tokenizer_2/*", "text_encoder_2/*.safetensors*"]  # SDXL's second encoder
 
 
 def toy_path() -> Path:

@@ -1,4 +1,4 @@
-"""transformers ``CLIPTextModel`` keys -> our CLIPTextModel.
+"""transformers ``CLIPTextModel``/``CLIPTextModelWithProjection`` keys -> ours.
 
 Hub checkpoints prefix every key with ``text_model.``; transformers 5 saves them flat. The
 optional prefix accepts both. ``position_ids`` is a buffer older checkpoints carry."""
@@ -19,4 +19,6 @@ RULES = [
     Rule(_P + r"encoder\.layers\.(\d+)\.(layer_norm[12])\.bias", r"encoder.layers.\1.\2.bias"),
     Rule(_P + r"final_layer_norm\.weight", "final_layer_norm.scale"),
     Rule(_P + r"final_layer_norm\.bias", "final_layer_norm.bias"),
+    # CLIPTextModelWithProjection (SDXL's text_encoder_2) keeps it outside text_model.
+    Rule(r"text_projection\.weight", "text_projection.kernel", dense),
 ]

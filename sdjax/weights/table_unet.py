@@ -17,8 +17,8 @@ _T = r"\1.attentions.\2.transformer_blocks.\3."
 RULES = [
     Rule(r"conv_(in|out)\.weight", r"conv_\1.kernel", conv),
     Rule(r"conv_(in|out)\.bias", r"conv_\1.bias"),
-    Rule(r"time_embedding\.(linear_[12])\.weight", r"time_embedding.\1.kernel", dense),
-    Rule(r"time_embedding\.(linear_[12])\.bias", r"time_embedding.\1.bias"),
+    Rule(r"(time_embedding|add_embedding)\.(linear_[12])\.weight", r"\1.\2.kernel", dense),
+    Rule(r"(time_embedding|add_embedding)\.(linear_[12])\.bias", r"\1.\2.bias"),
     Rule(r"class_embedding\.weight", "class_embedding.embedding"),
     Rule(r"conv_norm_out\.weight", "conv_norm_out.scale"),
     Rule(r"conv_norm_out\.bias", "conv_norm_out.bias"),

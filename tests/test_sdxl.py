@@ -1,0 +1,221 @@
+"""SDXL: its networks and StableDiffusionXLPipeline against diffusers on a tiny random model."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import sdjax
+from sdjax.pipeline import pipeline_class
+from sdjax.weights.errors import WeightsError
+from sdjax.weights.files import open_tensor_file
+from sdjax.weights.safetensors_io import save_safetensors
+from tests.tiny_models import diffusers_scheduler, tiny_sdxl_components
+
+TOL = 2e-4  # max abs difference of [0, 1] pixels against diffusers in float32
+STEPS = 3
+SIZE = 16  # pixels; latents 8x8
+PROMPTS = ["a red circle", "a blue square on a green background"]
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def test_networks_match_transformers_and_diffusers():
+    """The second text encoder (penultimate states, projected pooled output at the first
+    end-of-text token) and the UNet with per-level depths and the text_time embedding."""
+    from sdjax.models.clip_text import CLIPTextConfig
+    from sdjax.models.unet import UNetConfig
+    from sdjax.weights.diffusers_folder import build_network
+
+    unet, _, _, te2 = tiny_sdxl_components(seed=21)
+    cfg2 = CLIPTextConfig.from_dict(te2.config.to_dict())
+    ours2 = build_network("text_encoder_2", cfg2, _tensors(te2))
+    eos = cfg2.eos_token_id
+    ids = np.array([[eos - 1, 5, 7, eos] + [1] * 73, [eos - 1, 9] + [eos] * 75], np.int64)
+    with torch.no_grad():
+        ref = te2(torch.from_numpy(ids), output_hidden_states=True)
+    # Jitted: op-by-op dispatch of the eager modules costs more on 2 cores than a compile.
+    states, pooled = nnx.jit(lambda m, i: m.penultimate_and_pooled(i))(
+        ours2, jnp.asarray(ids, jnp.int32))
+    np.testing.assert_allclose(states, ref.hidden_states[-2].numpy(), atol=1e-5)
+    np.testing.assert_allclose(pooled, ref.text_embeds.numpy(), atol=1e-5)
+
+    cfg = UNetConfig.from_dict(dict(unet.config))
+    assert cfg.depth_per_level() == (1, 1, 2) and cfg.addition_embed_type == "text_time"
+    ours = build_network("unet", cfg, _tensors(unet))
+    rng = np.random.RandomState(0)
+    x = rng.randn(2, 8, 8, 4).astype(np.float32)
+    context = rng.randn(2, 77, cfg.cross_attention_dim).astype(np.float32)
+    text = rng.randn(2, 24).astype(np.float32)
+    time_ids = np.array([[32, 32, 0, 0, 32, 32], [64, 48, 3, 4, 32, 16]], np.float32)
+    t = np.array([999.0, 500.0], np.float32)
+    with torch.no_grad():
+        ref = unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                   torch.from_numpy(context),
+                   added_cond_kwargs={"text_embeds": torch.from_numpy(text),
+                                      "time_ids": torch.from_numpy(time_ids)}).sample
+    out = nnx.jit(lambda m, *a, **k: m(*a, **k))(
+        ours, jnp.asarray(x), jnp.asarray(t), jnp.asarray(context),
+        added_cond={"text_embeds": jnp.asarray(text), "time_ids": jnp.asarray(time_ids)})
+    np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref.numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="added_cond"):
+        jax.eval_shape(lambda: ours(jnp.asarray(x), jnp.asarray(t), jnp.asarray(context)))
+
+
+@pytest.fixture(scope="module")
+def pipes(sdxl_folder):
+    from diffusers import StableDiffusionXLPipeline as TorchPipeline
+    ref = TorchPipeline.from_pretrained(str(sdxl_folder))
+    one = sdjax.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), dtype="float32",
+                                                         num_devices=1)
+    return ref, one
+
+
+def _our_step_noise(steps: int, n: int, seed: int) -> list[np.ndarray]:
+    """The per-step noise the core draws for images 0..n-1 of a call with ``seed``: the
+    stream of sdjax.sampling (key of (seed, i), split, folded with the step)."""
+    keys = [jax.random.fold_in(jax.random.key(seed), i) for i in range(n)]
+    step_keys = [jax.random.split(k)[1] for k in keys]
+    shape = (SIZE // 2, SIZE // 2, 4)
+    return [np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i), shape))
+                      for k in step_keys]) for i in range(steps)]
+
+
+# Each case also exercises the conditioning: no negative prompt (zero embeddings, diffusers'
+# force_zeros_for_empty_prompt), a negative prompt, and a second prompt with non-default
+# size/crop time ids.
+CASES = {
+    "euler": dict(negative_prompt=None),
+    "dpmpp_2m": dict(negative_prompt="low quality"),
+    "euler_a": dict(negative_prompt="low quality", prompt_2="a photo of a cat",
+                    original_size=(64, 48), crops_coords_top_left=(4, 8)),
+}
+
+
+def _reference(ref, monkeypatch, scheduler: str, prompts: list[str], latents: np.ndarray,
+               seed: int, kwargs: dict) -> np.ndarray:
+    """diffusers' images for our call; for euler_a with the per-step noise our core draws."""
+    if scheduler == "euler_a":
+        from diffusers.schedulers import scheduling_euler_ancestral_discrete as ancestral
+        draws = iter(_our_step_noise(STEPS, len(prompts), seed))
+        monkeypatch.setattr(ancestral, "randn_tensor", lambda shape, **_: torch.from_numpy(
+            next(draws).transpose(0, 3, 1, 2).copy()))
+    ref.scheduler = diffusers_scheduler(scheduler, ref.scheduler.config)
+    # diffusers wants lists as long as the prompts'.
+    kwargs = {k: [v] * len(prompts) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with torch.no_grad():
+        return ref(prompts, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+                   num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
+                   output_type="np", **kwargs).images
+
+
+@pytest.mark.parametrize("scheduler", list(CASES))
+def test_matches_diffusers(pipes, monkeypatch, scheduler):
+    ref, ours = pipes
+    kwargs = CASES[scheduler]
+    latents = np.random.RandomState(0).randn(2, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    expected = _reference(ref, monkeypatch, scheduler, PROMPTS, latents, 0, kwargs)
+    out = ours(PROMPTS, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
+               latents=latents, scheduler=scheduler, output_type="float", seed=0,
+               **kwargs).images
+    assert out.shape == expected.shape == (2, SIZE, SIZE, 3)
+    err = np.abs(out - expected).max()
+    print(f"sdxl {scheduler}: max abs pixel error {err:.2e}")
+    assert err < TOL
+    if scheduler == "euler":
+        # The time ids are runtime inputs: new sizes change the images, not the program.
+        compiled = ours.compile_count
+        moved = ours(PROMPTS, num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                     latents=latents, scheduler=scheduler, output_type="float",
+                     original_size=(512, 512), target_size=(16, 16)).images
+        assert ours.compile_count == compiled
+        assert np.abs(moved - out).max() > 1e-3
+
+
+def test_eight_devices(sdxl_folder, pipes, monkeypatch):
+    """Two images over 8 fake devices (6 of them padding) give the one-device images (the
+    euler_a program of test_matches_diffusers, other seeds). Then, with the same program,
+    negative size time ids against diffusers: one prompt only, because diffusers pairs them
+    with the wrong rows when a batch has several images (it repeats [negative, positive]
+    row pairs where its embeddings are [negatives..., positives...])."""
+    eight = sdjax.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), dtype="float32",
+                                                           num_devices=8)
+    latents = np.random.RandomState(1).randn(2, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    call = dict(num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
+                scheduler="euler_a", output_type="float", seed=7)
+    a = pipes[1](PROMPTS, latents=latents, **call, **CASES["euler_a"]).images
+    b = eight(PROMPTS, latents=latents, **call, **CASES["euler_a"]).images
+    assert np.abs(a[0] - a[1]).max() > 0.01
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+    sizes = dict(negative_original_size=(16, 16), negative_target_size=(32, 24),
+                 negative_crops_coords_top_left=(2, 2), negative_prompt="low quality")
+    out = eight(PROMPTS[:1], latents=latents[:1], **call, **sizes).images
+    expected = _reference(pipes[0], monkeypatch, "euler_a", PROMPTS[:1], latents[:1], 7, sizes)
+    assert np.abs(out - expected).max() < TOL
+
+
+def test_img2img_matches_diffusers(sdxl_folder, pipes, monkeypatch):
+    """The base model's img2img (StableDiffusionXLImg2ImgPipeline without aesthetic scores),
+    with diffusers' noise and VAE posterior sample replaced by ours (tests/test_tasks.py)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline as TorchImg2Img
+    from diffusers.pipelines.stable_diffusion_xl import (
+        pipeline_stable_diffusion_xl_img2img as module,
+    )
+    from PIL import Image
+
+    noise = np.random.RandomState(2).randn(2, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    images = np.random.RandomState(3).randint(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(
+        noise.transpose(0, 3, 1, 2).copy()))
+    monkeypatch.setattr(module, "retrieve_latents", lambda out, **_: out.latent_dist.mean)
+    ref = TorchImg2Img(**pipes[0].components)
+    ref.scheduler = diffusers_scheduler("euler", ref.scheduler.config)
+    with torch.no_grad():
+        expected = ref(PROMPTS, image=[Image.fromarray(x) for x in images], strength=0.6,
+                       num_inference_steps=5, guidance_scale=7.5,
+                       negative_prompt=["blue"] * 2, output_type="np").images
+    out = pipes[1](PROMPTS, image=images, strength=0.6, num_inference_steps=5, latents=noise,
+                   guidance_scale=7.5, negative_prompt="blue", scheduler="euler",
+                   output_type="float").images
+    assert np.abs(out - expected).max() < TOL
+
+
+def test_bad_sdxl_arguments(pipes):
+    ours = pipes[1]
+    with pytest.raises(ValueError, match="go together"):
+        ours("a", negative_original_size=(16, 16))
+    with pytest.raises(ValueError, match="original_size must be a pair"):
+        ours("a", original_size=512)
+    with pytest.raises(ValueError, match=r"crops_coords_top_left\[0\]"):
+        ours("a", crops_coords_top_left=(-1, 0))
+    with pytest.raises(ValueError, match="entries in prompt_2"):
+        ours(["a", "b"], prompt_2=["c", "d", "e"])
+    with pytest.raises(ValueError, match="saving SDXL"):
+        ours.save_pretrained("unused")
+
+
+def test_wrong_pipeline_and_strict_loading_name_the_sdxl_parts(sdxl_folder, sd1_folder,
+                                                                tmp_path):
+    # The CLIs and the server pick the pipeline from the folder.
+    assert pipeline_class(str(sdxl_folder)) is sdjax.StableDiffusionXLPipeline
+    assert pipeline_class(str(sd1_folder)) is sdjax.StableDiffusionPipeline
+    with pytest.raises(WeightsError, match="SDXL model: load it with "
+                                           "sdjax.StableDiffusionXLPipeline"):
+        sdjax.StableDiffusionPipeline.from_pretrained(str(sdxl_folder), num_devices=1)
+    with pytest.raises(WeightsError, match="not an SDXL model"):
+        sdjax.StableDiffusionXLPipeline.from_pretrained(str(sd1_folder), num_devices=1)
+    broken = tmp_path / "model"
+    shutil.copytree(sdxl_folder, broken)
+    weights = broken / "text_encoder_2" / "model.safetensors"
+    tensors = {k: np.array(v) for k, v in open_tensor_file(weights).items()
+               if k != "text_projection.weight"}
+    save_safetensors(tensors, weights)
+    with pytest.raises(WeightsError, match=r"text_encoder_2.*text_projection\.kernel"):
+        sdjax.StableDiffusionXLPipeline.from_pretrained(str(broken), num_devices=1)
