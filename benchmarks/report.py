@@ -90,8 +90,17 @@ def append_row(path: Path, fields: dict, *, command: str, versions: dict[str, st
         fmt(fields.get("max_batch_per_device")), fmt(fields.get("diffusers_s_per_batch")),
         "n/a" if speedup is None else f"{speedup:.2f}x", note or "",
     ]
-    with path.open("a") as f:
-        f.write("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |\n")
+    row = "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |\n"
+    # The rows table comes first; other sections (prose, other tables) may follow it, so the
+    # row goes after the table's last line, not at the end of the file.
+    lines = path.read_text().splitlines(keepends=True)
+    header = next(i for i, line in enumerate(lines) if line.startswith("| date |"))
+    end = header
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    if end and not lines[end - 1].endswith("\n"):
+        lines[end - 1] += "\n"
+    path.write_text("".join(lines[:end] + [row] + lines[end:]))
 
 
 def emit_json(record: dict, path: str | None) -> None:

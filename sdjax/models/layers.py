@@ -106,10 +106,10 @@ def _cpu_blocks(heads: int, t: int, s: int, d: int) -> tuple[int, int]:
         block = 64
         while block * 2 * s <= budget and block * 2 < t:
             block *= 2
-    # Short sequences (cross-attention, CLIP) batch a few heads per step instead; up to twice
-    # the budget: their steps are short, and fewer of them cost less loop overhead.
     if block < t:
         return 1, block
+    # Short sequences (cross-attention, CLIP) batch a few heads per step instead; up to twice
+    # the budget: their steps are short, and fewer of them cost less loop overhead.
     group = max(g for g in range(1, heads + 1) if heads % g == 0
                 and (g == 1 or g * t * s <= 2 * budget))
     return group, block
