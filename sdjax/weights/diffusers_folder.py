@@ -20,7 +20,7 @@ from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.weights import table_clip, table_unet, table_vae
 from sdjax.weights.errors import WeightsError
 from sdjax.weights.files import open_component_weights, read_json
-from sdjax.weights.loader import Rule, load_state
+from sdjax.weights.loader import Rule, load_state, load_threads
 
 Place = Callable[[np.ndarray], jax.Array]
 
@@ -124,9 +124,10 @@ def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None
     tokenizers = ("tokenizer",) + (("tokenizer_2",) if sdxl else ())
     # The networks and the tokenizers load side by side: building a network abstractly and
     # importing transformers for the tokenizer hold the GIL, reading and casting tensors
-    # mostly does not, so one's Python overlaps another's reads. Results are taken in the
-    # old order, so the first failing component is still the one reported.
-    with ThreadPoolExecutor(4) as pool:
+    # mostly does not, so one's Python overlaps another's reads (one thread in multi-process
+    # runs: see load_threads). Results are taken in the old order, so the first failing
+    # component is still the one reported.
+    with ThreadPoolExecutor(load_threads(4)) as pool:
         futures = {c: pool.submit(load_network, folder, c, config=cfg, place=place,
                                   variant=variant, dtype=network_dtype(c, cfg, dtype))
                    for c, cfg in configs.items()}

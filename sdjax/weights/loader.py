@@ -27,6 +27,12 @@ Transform = Callable[[np.ndarray], np.ndarray]
 _LOAD_THREADS = min(8, os.cpu_count() or 1)
 
 
+def load_threads(wanted: int) -> int:
+    """Threads to load with: ``wanted``, or 1 in a multi-process run, where placing an array
+    on the global mesh is a collective that every process must issue in the same order."""
+    return wanted if jax.process_count() == 1 else 1
+
+
 def identity(x: np.ndarray) -> np.ndarray:
     return x
 
@@ -143,6 +149,6 @@ def load_state(abstract: nnx.Module, tensors: Mapping[str, np.ndarray], rules: l
     # Page faults, copies and numpy's casts (bfloat16 included) release the GIL, so a few
     # threads overlap reading the file with casting; each holds one tensor at a time.
     # python benchmarks/load_memory.py --shape sd15 --dtype bfloat16 --source folder
-    with ThreadPoolExecutor(_LOAD_THREADS) as pool:
+    with ThreadPoolExecutor(load_threads(_LOAD_THREADS)) as pool:
         filled = list(pool.map(fill, jobs))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
