@@ -137,6 +137,19 @@ def test_matches_diffusers(pipes, monkeypatch, scheduler):
         assert ours.compile_count == compiled
         assert np.abs(moved - out).max() > 1e-3
 
+        # The WebUI's emphasis reaches SDXL's encoders as runtime weights: a weight changes
+        # its image only, without a recompile; weight 1 is the plain prompt, bit for bit.
+        def run(prompts):
+            return ours(prompts, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE,
+                        width=SIZE, latents=latents, scheduler=scheduler, output_type="float",
+                        seed=0, **kwargs).images
+        weighted = run(["(a red circle:1.4)", PROMPTS[1]])
+        unit = run(["(a red circle:1.0)", PROMPTS[1]])
+        assert ours.compile_count == compiled
+        np.testing.assert_array_equal(unit, out)
+        np.testing.assert_array_equal(weighted[1], out[1])
+        assert np.abs(weighted[0] - out[0]).max() > 1e-3
+
 
 def test_eight_devices(sdxl_folder, pipes, monkeypatch):
     """Two images over 8 fake devices (6 of them padding) give the one-device images (the
