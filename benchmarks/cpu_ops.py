@@ -11,7 +11,7 @@ Prints median milliseconds for:
   (space, group channels), sdjax's (per-channel sums, then per group), torch;
 - the model's UNet (batch 2, one evaluation) and VAE decode (batch 1) at --size pixels,
   compiled with XLA's default options and with sdjax's (parallel.compiler_options: no YNNPACK
-  hand-off), and in diffusers.
+  hand-off up to 256x256 pixels, XLA's defaults above), and in diffusers.
 torch runs in this process with one thread per core this process may use (as throughput.py's
 diffusers peer does). Differences under ~10% are within this machine's run-to-run noise; rerun.
 """
@@ -132,7 +132,7 @@ def networks(model: str, size: int | None, repeats: int) -> None:
     def run_decode(p, z):
         return nnx.merge(vae_g, p).decode(z)
 
-    sdjax_options = parallel.compiler_options(parallel.make_mesh(1))
+    sdjax_options = parallel.compiler_options(parallel.make_mesh(1), side * side)
     for label, options in (("XLA default options", None), ("sdjax options", sdjax_options)):
         u = jax_ms(run_unet, unet_p, z, steps, context, repeats=repeats, options=options)
         dec = jax_ms(run_decode, vae_p, z[:1], repeats=repeats, options=options)

@@ -80,16 +80,25 @@ def make_mesh(num_devices: int | None = None, *, local: bool = False) -> Mesh:
     return Mesh(np.array(devices[:n]), (AXIS,))
 
 
-# XLA:CPU hands convolutions and dots to YNNPACK by default (jaxlib 0.10); at the UNet and
-# VAE shapes XLA's own kernels are faster (UNet about 1.2x on the project's 2-core benchmark
-# machine: python -m benchmarks.cpu_ops), so our CPU executables turn the hand-off off.
+# XLA:CPU hands convolutions and dots to YNNPACK by default (jaxlib 0.10). Which is faster
+# depends on the shapes (python -m benchmarks.cpu_ops --model mid|mid8 --size 256|512): XLA's
+# own kernels win up to 256x256 pixels (the UNet at batch 2: 1.2x on an AMD EPYC, 1.06x on an
+# Intel Xeon), YNNPACK above (512x512 on the Xeon: 1.14x with `mid`, 1.65x with `mid8`'s 8
+# heads). So CPU executables on latent grids up to 32x32 turn the hand-off off.
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_XLA_KERNELS_UP_TO = 32 * 32  # latent cells
 
 
-def compiler_options(mesh: Mesh) -> dict[str, str] | None:
+def compiler_options(mesh: Mesh, latent_cells: int | None = None) -> dict[str, str] | None:
     """XLA options for the executables sdjax compiles over ``mesh`` (None: XLA's defaults).
-    Passed per executable, so the user's own JAX code in the process is left as it is."""
-    return dict(_CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+    ``latent_cells``: height x width of the latent grid the executable works on (None: small,
+    as in training and tests). Passed per executable, so the user's own JAX code in the
+    process is left as it is."""
+    if mesh.devices.flat[0].platform != "cpu":
+        return None
+    if latent_cells is not None and latent_cells > _XLA_KERNELS_UP_TO:
+        return None
+    return dict(_CPU_COMPILER_OPTIONS)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -206,8 +206,8 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
     sharded = jax.shard_map(per_device, mesh=mesh,
                             in_specs=(P(), batch, batch, batch, batch, batch, P(), batch),
                             out_specs=out_specs, check_vma=False)
-    return Executable(jax.jit(sharded, compiler_options=parallel.compiler_options(mesh)),
-                      on_compile, precision)
+    options = parallel.compiler_options(mesh, lat_shape[0] * lat_shape[1])
+    return Executable(jax.jit(sharded, compiler_options=options), on_compile, precision)
 
 
 class Executable:

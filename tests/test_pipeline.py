@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdjax import parallel
 from sdjax.pipeline import StableDiffusionPipeline
 from tests.tiny_models import diffusers_scheduler
 
@@ -147,3 +148,7 @@ def test_cpu_sampler_keeps_convolutions_and_dots_in_xla(ours):
     hlo = ours["sd1"].compile(["a cat"], num_inference_steps=2).as_text()
     assert "convolution(" in hlo and " dot(" in hlo
     assert "ynn_fusion" not in hlo
+    # SD-sized latent grids keep XLA's defaults (YNNPACK), where it is the faster.
+    mesh = parallel.make_mesh(1)
+    assert parallel.compiler_options(mesh, 32 * 32) == parallel.compiler_options(mesh)
+    assert parallel.compiler_options(mesh, 64 * 64) is None
