@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = ["StableDiffusionPipeline", "StableDiffusionUpscalePipeline",
-           "StableDiffusionXLPipeline", "PipelineOutput"]
+           "StableDiffusionXLPipeline", "PipelineOutput", "pipeline_class"]
 
 
 def __getattr__(name: str):
