@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# sdjax.tasks.MASKED_CONTENT with underscores (spelled out here: --help imports no JAX).
+MASKED_CONTENT_FLAGS = ("fill", "original", "latent_noise", "latent_nothing")
+
+
 def add_image_arguments(p: argparse.ArgumentParser) -> None:
     """img2img, inpainting and upscaling flags, and the output check."""
     add_flag(p, "image", type=Path, help="init image: img2img, inpainting with --mask, or the "
@@ -65,6 +69,8 @@ def add_image_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "only_masked_padding", type=int, help="inpainting: generate only the mask's "
              "bounding box plus this many pixels at full size and paste it back (the WebUI's "
              "'only masked')")
+    add_flag(p, "masked_content", choices=MASKED_CONTENT_FLAGS, help="inpainting: what the "
+             "masked region starts from, the WebUI's 'Masked content' (default: original)")
     add_flag(p, "noise_level", type=int, default=20, help="upscaler models: noise added to "
              "the low-resolution input")
     add_flag(p, "no_nan_check", action="store_true", help="keep images whose latents or pixels "
@@ -102,11 +108,13 @@ def _check_args(args) -> None:
     if args.num_images < 1:
         raise UsageError(f"--num_images must be at least 1, got {args.num_images}")
     if args.image is None:
-        for flag in ("mask", "strength", "only_masked_padding"):
+        for flag in ("mask", "strength", "only_masked_padding", "masked_content"):
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag} needs an --image")
-    elif args.mask is None and args.only_masked_padding is not None:
-        raise UsageError("--only_masked_padding needs a --mask")
+    elif args.mask is None:
+        for flag in ("only_masked_padding", "masked_content"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} needs a --mask")
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     if args.mask_blur < 0 or (args.only_masked_padding or 0) < 0:
@@ -194,7 +202,8 @@ def run(args, written: list[Path]) -> int:
     if upscaler:
         if image is None:
             raise UsageError("an upscaler model needs --image (the low-resolution input)")
-        for flag in ("mask", "strength", "height", "width", "only_masked_padding"):
+        for flag in ("mask", "strength", "height", "width", "only_masked_padding",
+                     "masked_content"):
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag} does not apply to an upscaler model")
     if args.model == "toy":
@@ -328,9 +337,11 @@ def _task_settings(args, pipe, image, mask, upscaler: bool):
         task = {"image": image, "height": height, "width": width, "strength": strength}
         extra = {"Denoising strength": f"{strength:g}"}
         if mask is not None:
+            masked = (args.masked_content or "original").replace("_", " ")
             task.update(mask_image=mask, mask_blur=args.mask_blur,
-                        padding_mask_crop=args.only_masked_padding)
+                        padding_mask_crop=args.only_masked_padding, masked_content=masked)
             extra["Mask blur"] = f"{args.mask_blur:g}"
+            extra["Masked content"] = masked
             if args.only_masked_padding is not None:
                 extra.update({"Inpaint area": "Only masked",
                               "Masked area padding": args.only_masked_padding})

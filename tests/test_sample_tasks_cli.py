@@ -36,12 +36,17 @@ def test_only_masked_inpainting_keeps_everything_outside_the_region(sd1_folder, 
     rc, _, err = _run(capsys, "--model", sd1_folder, "--prompt", "a cat", "--steps", "3",
                       "--num_devices", "1", "--image", files / "in.png", "--mask",
                       files / "mask.png", "--only_masked_padding", "2", "--mask_blur", "1",
-                      "--outdir", tmp_path)
+                      "--masked_content", "fill", "--outdir", tmp_path)
     assert rc == 0, err
     [png] = tmp_path.glob("*.png")
     meta = parse_parameters(Image.open(png).text["parameters"])
     assert (meta["Denoising strength"], meta["Mask blur"], meta["Inpaint area"],
-            meta["Masked area padding"]) == ("1", "1", "Only masked", "2")
+            meta["Masked area padding"], meta["Masked content"]) == (
+        "1", "1", "Only masked", "2", "fill")
+    # The flag's choices are the pipeline's masked_content values, spelled with underscores.
+    from sdjax import tasks
+    from sdjax.sample import MASKED_CONTENT_FLAGS
+    assert [c.replace("_", " ") for c in MASKED_CONTENT_FLAGS] == list(tasks.MASKED_CONTENT)
     out = np.asarray(Image.open(png)).astype(int)
     original = np.asarray(Image.open(files / "in.png")).astype(int)
     # Outside the blurred mask the original comes back exactly; inside, new content.
@@ -91,6 +96,7 @@ def test_upscaler_defaults_are_the_pipelines(argv, expected):
     (["--mask", "mask.png"], "--mask needs an --image"),
     (["--strength", "0.5"], "--strength needs an --image"),
     (["--image", "in.png", "--only_masked_padding", "4"], "needs a --mask"),
+    (["--image", "in.png", "--masked_content", "fill"], "--masked_content needs a --mask"),
     (["--image", "in.png", "--mask", "mask.png", "--mask_blur", "-1"], "must not be negative"),
 ])
 def test_bad_image_input(sd1_folder, files, tmp_path, capsys, args, message):
