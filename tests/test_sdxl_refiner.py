@@ -143,3 +143,31 @@ def test_refiner_folder_loading(sdxl_refiner_folder, base, tmp_path):
     shutil.rmtree(broken / "tokenizer_2")
     with pytest.raises(WeightsError, match="missing tokenizer_2/"):
         sdjax.StableDiffusionXLPipeline.from_pretrained(str(broken), num_devices=1)
+
+
+@pytest.mark.parametrize("steps", [7, 10])
+def test_cuts_match_diffusers_for_every_scheduler(steps):
+    """Host side, every scheduler: denoising_start runs exactly the timesteps diffusers'
+    img2img get_timesteps keeps (second-order ones included), and denoising_end stops after
+    as many evaluations as its txt2img loop runs."""
+    import types
+
+    from diffusers import StableDiffusionXLImg2ImgPipeline as TorchImg2Img
+
+    from sdjax.schedulers import SCHEDULER_NAMES, cut, get_scheduler
+    from sdjax.schedulers.start import strength_for_start
+    from tests.tiny_models import SDXL_SCHEDULER
+
+    for name in SCHEDULER_NAMES:
+        ours = get_scheduler(name, SDXL_SCHEDULER)
+        for fraction in (0.3, 0.5, 0.8):
+            ref = diffusers_scheduler(name, SDXL_SCHEDULER)
+            ref.set_timesteps(steps)
+            cutoff = int(round(1000 - fraction * 1000))
+            ran = len([t for t in ref.timesteps if t >= cutoff])
+            assert cut.denoising_end_stop(ours, steps, 0, fraction) == ran, (name, fraction)
+            kept, _ = TorchImg2Img.get_timesteps(types.SimpleNamespace(scheduler=ref), steps,
+                                                 1.0, "cpu", denoising_start=fraction)
+            start = cut.denoising_start_step(ours, steps, fraction)
+            timesteps = ours.set_timesteps(steps, strength_for_start(steps, start)).timesteps
+            np.testing.assert_allclose(timesteps, kept.numpy(), err_msg=f"{name} {fraction}")
