@@ -24,7 +24,7 @@ from flax import nnx
 
 from sdjax import model_defaults, parallel, sampling, tasks, validation
 from sdjax import prompts as prompt_syntax
-from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
+from sdjax.schedulers import SCHEDULER_NAMES, cut, default_scheduler_name, get_scheduler
 from sdjax.schedulers.common import start_index
 from sdjax.weights.diffusers_folder import load_pipeline_folder
 from sdjax.weights.errors import WeightsError
@@ -394,7 +394,8 @@ class StableDiffusionPipeline:
         latents=None, scheduler=None, *, image=None, mask_image=None, strength=None,
         seeds=None, image_indices=None, batch_size_per_device=None, decode_chunk=None,
         output_type="uint8", nan_check=True, guidance_rescale=None,
-        guidance_interval=None, clip_skip=None)`` (see :meth:`_prepare` for the
+        guidance_interval=None, clip_skip=None, denoising_start=None,
+        denoising_end=None)`` (see :meth:`_prepare` for the
         types).
 
         Prompts use the WebUI's syntax (``(word:1.3)``, ``[word]``, ``BREAK``; see
@@ -435,6 +436,14 @@ class StableDiffusionPipeline:
         ``mask_image`` (white = repaint) into inpainting; ``strength`` (0, 1] is the share of
         the schedule that runs (default 0.8 for img2img, 1.0 for inpainting), a runtime input:
         changing it does not recompile. ``latents`` is then the noise mixed into the image.
+        ``image`` may also be latents (float (h, w, C) or (N, h, w, C), as ``output_type=
+        "latent"`` returns them; diffusers takes them the same way), used without the VAE
+        encode. ``denoising_end`` (0-1) stops the schedule where its timesteps pass that
+        fraction of the training timesteps, and ``denoising_start`` (img2img, in place of
+        ``strength``) starts there from ``image`` as it is, without adding noise: diffusers'
+        base→refiner hand-off (``output_type="latent"`` with ``denoising_end=0.8`` on the
+        base, the latents as ``image=`` with ``denoising_start=0.8`` on the refiner). Both
+        are runtime inputs; ``denoising_end`` compiles once per shape for the early stop.
         ``nan_check`` (default on) fails with :class:`NonFiniteError` instead of returning
         images from NaN/inf latents or pixels.
         """
@@ -468,7 +477,8 @@ class StableDiffusionPipeline:
                  nan_check: bool = True,
                  guidance_rescale: float | Sequence[float] | None = None,
                  guidance_interval: tuple[float, float] | Sequence | None = None,
-                 clip_skip: int | None = None, **task_kwargs):
+                 clip_skip: int | None = None, denoising_start: float | None = None,
+                 denoising_end: float | None = None, **task_kwargs):
         """Validate and place the arguments of :meth:`submit`; returns (executable, its
         arguments, image count, host post-processing of the images or None, the seed of each
         image)."""
@@ -496,9 +506,35 @@ class StableDiffusionPipeline:
         guidance, cfg = self._guidance(guidance, settings["guidance_rescale"],
                                        settings["guidance_interval"], n)
         conditioning = {k: task_kwargs.pop(k) for k in self.CONDITIONING_ARGS if k in task_kwargs}
+        if denoising_start is not None:
+            denoising_start = cut.check_fraction(denoising_start, "denoising_start")
+            if image is None or mask_image is not None:
+                raise ValueError("denoising_start is img2img's: pass image= (latents from a "
+                                 "denoising_end call, or an image) and no mask_image")
+            if strength is not None:
+                raise ValueError("strength and denoising_start both say where img2img starts: "
+                                 "give one")
+            if latents is not None:
+                raise ValueError("with denoising_start no noise is added to the image, so "
+                                 "latents= (that noise) does not apply; pass the latents to "
+                                 "start from as image=")
+            strength = 1.0  # a start _task_inputs always accepts; denoising_start moves it
         task, inputs, start, (height, width), finish = self._task_inputs(
             image, mask_image, strength, len(prompts), num_images_per_prompt,
             int(num_inference_steps), height, width, **task_kwargs)
+        if denoising_start is not None:
+            # diffusers' hand-off: the image is the latents another model stopped at (its
+            # denoising_end), already noisy; the run starts at the step where that one ended.
+            start = cut.denoising_start_step(sched, int(num_inference_steps), denoising_start)
+            task = dataclasses.replace(task, noised_start=False)
+        stop = 0  # unused unless the spec stops early
+        if denoising_end is not None:
+            denoising_end = cut.check_fraction(denoising_end, "denoising_end")
+            if denoising_start is not None and denoising_start >= denoising_end:
+                raise ValueError(f"denoising_start ({denoising_start:g}) must be below "
+                                 f"denoising_end ({denoising_end:g})")
+            stop = cut.denoising_end_stop(sched, int(num_inference_steps), start,
+                                          denoising_end)
         if finish is not None and output_type != "uint8":
             raise ValueError("padding_mask_crop pastes uint8 images back: output_type must be "
                              "'uint8'")
@@ -534,7 +570,8 @@ class StableDiffusionPipeline:
         chunk = max(1, min(decode_chunk, per_device))
         spec = sampling.CoreSpec(lat_shape, sched, int(num_inference_steps), per_device, chunk,
                                  output_type, task, tuple(sorted(inputs)), bool(nan_check),
-                                 cfg=cfg, clip_skip=clip_skip, text_chunks=text[0].shape[1])
+                                 cfg=cfg, clip_skip=clip_skip, text_chunks=text[0].shape[1],
+                                 stops_early=denoising_end is not None)
 
         def pad(x):
             return parallel.put_batch(parallel.pad_batch(np.asarray(x), size), self.mesh)
@@ -545,11 +582,11 @@ class StableDiffusionPipeline:
         index_arr = pad(np.asarray(image_indices, np.int64).astype(np.uint32))
         guidance = pad(guidance)
         # Built per shard like the batch, so multi-host runs never put to another host's device.
-        start_arr = jax.make_array_from_callback((), parallel.replicated(self.mesh),
-                                                 lambda _: np.int32(start))
+        span = jax.make_array_from_callback((2,), parallel.replicated(self.mesh),
+                                            lambda idx: np.asarray([start, stop], np.int32)[idx])
         placed = {k: pad(v) for k, v in inputs.items()}
         return (self._executable(spec),
-                (self.params, ids, neg_ids, guidance, seed_arr, index_arr, start_arr, placed), n,
+                (self.params, ids, neg_ids, guidance, seed_arr, index_arr, span, placed), n,
                 finish, list(seeds))
 
     @staticmethod
@@ -614,6 +651,14 @@ class StableDiffusionPipeline:
                 or not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
         start = start_index(steps, float(strength))
+        latents = tasks.as_latents(image, self.vae_config.latent_channels)
+        if latents is not None:
+            if mask_image is not None:
+                raise ValueError("inpainting needs an image, not latents, with mask_image")
+            height, width = self._latent_image_size(latents[0], height, width)
+            inputs = {"image": np.stack(tasks.per_image(latents, n_prompts, per_prompt,
+                                                        "image"))}
+            return tasks.IMG2IMG_LATENTS, inputs, start, (height, width), None
         rgb = [tasks.to_rgb(x)[0] for x in tasks.as_list(image)]
         rgb = tasks.per_image(rgb, n_prompts, per_prompt, "image")
         default = tasks.default_size(rgb[0], self.vae_scale_factor)
@@ -641,6 +686,18 @@ class StableDiffusionPipeline:
         task = tasks.inpainting(self.unet_config.in_channels, self.vae_config.latent_channels,
                                 masked_content)
         return task, inputs, start, (height, width), finish
+
+    def _latent_image_size(self, latents: np.ndarray, height: int | None,
+                           width: int | None) -> tuple[int, int]:
+        """The (height, width) of the images that latents given as ``image`` make; a height or
+        width given too must agree (latents are not resized)."""
+        f = self.vae_scale_factor
+        size = (latents.shape[0] * f, latents.shape[1] * f)
+        if (height or size[0], width or size[1]) != size:
+            raise ValueError(f"latents of {latents.shape[0]}x{latents.shape[1]} make "
+                             f"{size[0]}x{size[1]} images (height x width): leave height and "
+                             "width out or give those")
+        return size
 
     @staticmethod
     def _only_masked(rgb, grays, padding, height, width):

@@ -47,6 +47,9 @@ class CoreSpec:
     cfg: bool = True
     clip_skip: int = 1  # the text encoder's layer (the WebUI's "Clip skip"); 1 = the last
     text_chunks: int = 1  # 77-token chunks of the text context (sdjax.prompts' buckets)
+    # The loop ends at the call's stop evaluation (denoising_end, a runtime input), not at the
+    # schedule's end. False keeps the static trip count of every other call.
+    stops_early: bool = False
 
 
 # Columns of the per-image guidance array: scale, diffusers' CFG rescale, and the sigma
@@ -94,13 +97,14 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
           on_compile: Callable[[float], None] | None = None,
           precision: str | None = None) -> Executable:
     """The sharded, jitted sampler for ``spec``. Its arguments are ``(params, ids, neg_ids,
-    guidance, seeds, indices, start, inputs)``: ``ids`` and ``neg_ids`` are pairs (token ids,
+    guidance, seeds, indices, span, inputs)``: ``ids`` and ``neg_ids`` are pairs (token ids,
     weights), each (B, chunks, 77) (``sdjax.prompts``); every array batched on its first axis except
-    ``params`` (replicated) and ``start`` (a scalar: the first step of the schedule, a
-    runtime input for tasks that cut it by strength); ``guidance`` is (B, 4), the columns of
-    GUIDANCE_COLUMNS; ``inputs`` is the task's dict of
-    batched arrays (``tasks.Task.input_names``, ``image_noise`` for the upscaler when given),
-    plus ``latents`` when the caller gives the noise; ``spec.inputs`` names them."""
+    ``params`` (replicated) and ``span`` (replicated int32 (2,): the first step of the schedule,
+    a runtime input for tasks that cut it by strength or denoising_start, and, with
+    ``spec.stops_early``, the evaluation the loop stops before); ``guidance`` is (B, 4), the
+    columns of GUIDANCE_COLUMNS; ``inputs`` is the task's dict of batched arrays
+    (``tasks.Task.input_names``, ``image_noise`` for the upscaler when given), plus ``latents``
+    when the caller gives the noise; ``spec.inputs`` names them."""
     sched, task = spec.scheduler, spec.task
     lat_shape = spec.latent_shape
     sample_shape = (spec.per_device, *lat_shape)
@@ -113,7 +117,9 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         total = sched.num_evaluations(state0)
     graphdefs, dtype, scaling = nets.graphdefs, nets.dtype, nets.vae_scaling
 
-    def per_device(params, ids, neg_ids, guidance, seeds, indices, start, inputs):
+    def per_device(params, ids, neg_ids, guidance, seeds, indices, span, inputs):
+        start = span[0]
+        end = span[1] if spec.stops_early else total
         te = nnx.merge(graphdefs["text_encoder"], params["text_encoder"])
         unet = nnx.merge(graphdefs["unet"], params["unet"])
         vae = nnx.merge(graphdefs["vae"], params["vae"])
@@ -141,7 +147,9 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         else:
             state, first = state0, 0
         x = noise * sched.init_noise_sigma(state)
-        if feed.image_latents is not None:
+        if feed.image_latents is not None and not task.noised_start:
+            x = feed.image_latents  # another model's denoising_end latents, already noisy
+        elif feed.image_latents is not None:
             noised = sched.add_noise_for_start(state, feed.image_latents, noise)
             # Inpainting from strength 1 starts from noise alone (diffusers' is_strength_max);
             # img2img at strength 1 still mixes the image in at the first timestep.
@@ -174,14 +182,14 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             x, state = sched.step(state, i, eps, x, key=key)
             if feed.repaint is not None:
                 # Ordinary models inpaint by putting the kept region back, noised to the
-                # next evaluation's level (clean after the last), as diffusers does.
+                # next evaluation's level (clean after the last that runs), as diffusers does.
                 level = noise_levels[jnp.minimum(i + 1, total - 1)]
-                kept = jnp.where(i < total - 1, level[0] * feed.image_latents + level[1] * noise,
+                kept = jnp.where(i < end - 1, level[0] * feed.image_latents + level[1] * noise,
                                  feed.image_latents)
                 x = (1 - feed.repaint) * kept + feed.repaint * x
             return x, state
 
-        x, _ = jax.lax.fori_loop(first, total, body, (x, state))
+        x, _ = jax.lax.fori_loop(first, end, body, (x, state))
         status = jnp.where(jnp.isfinite(x).all(axis=(1, 2, 3)), FINITE, NONFINITE_LATENTS)
         if spec.output_type == "latent":
             return (x, status.astype(jnp.int8)) if spec.nan_check else x

@@ -12,6 +12,11 @@ What SDXL changes is the conditioning, so that is all this module adds (as
 - ``force_zeros_for_empty_prompt``: with no negative prompt, the unconditional embeddings are
   zeros (diffusers' rule), not the encoding of "".
 
+The refiner (diffusers' ``StableDiffusionXLImg2ImgPipeline`` with ``requires_aesthetics_score``
+and no ``text_encoder``) is the same class on a folder with one encoder: the UNet attends to
+text_encoder_2's penultimate states alone (of ``prompt``, as diffusers pairs them), and its
+five time ids are ``original_size + crops_coords_top_left + (aesthetic_score,)``.
+
 Everything else (validation, tasks, schedulers, sharding, decode) is StableDiffusionPipeline's.
 """
 
@@ -31,48 +36,81 @@ from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.weights.errors import WeightsError
 
 _SIZES = ("original_size", "crops_coords_top_left", "target_size")
+# diffusers' defaults for the refiner's aesthetic-score time id.
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
-    """Text-to-image (and img2img / inpainting through ``image=``) with SDXL base models.
+    """Text-to-image (and img2img / inpainting through ``image=``) with SDXL base models, and
+    img2img with SDXL refiners.
 
     The call takes StableDiffusionPipeline's arguments plus ``prompt_2``,
     ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``, ``target_size`` and
-    their ``negative_`` forms, with diffusers' meanings and defaults. See docs/python-api.md.
+    their ``negative_`` forms, and for refiners ``aesthetic_score`` and
+    ``negative_aesthetic_score`` in place of the target sizes and second prompts, with
+    diffusers' meanings and defaults. A refiner's one encoder (its folder's
+    ``text_encoder_2``) and tokenizer are this pipeline's ``text_encoder`` and ``tokenizer``,
+    the ones every call encodes ``prompt`` with. See docs/python-api.md.
     """
 
     SDXL = True
     CONDITIONING_ARGS = ("prompt_2", "negative_prompt_2") + _SIZES + tuple(
-        "negative_" + k for k in _SIZES)
+        "negative_" + k for k in _SIZES) + ("aesthetic_score", "negative_aesthetic_score")
 
-    def __init__(self, *, text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt: bool = True,
-                 **kwargs):
+    def __init__(self, *, text_encoder_2=None, tokenizer_2=None,
+                 force_zeros_for_empty_prompt: bool = True,
+                 requires_aesthetics_score: bool = False, **kwargs):
         super().__init__(**kwargs)
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError("text_encoder_2 and tokenizer_2 go together (neither: a refiner, "
+                             "whose one encoder is text_encoder)")
+        # None: the refiner layout, one encoder (in the text_encoder slot).
         self.tokenizer_2 = tokenizer_2
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-        self._graphdefs["text_encoder_2"], self.params["text_encoder_2"] = nnx.split(
-            text_encoder_2)
+        self.requires_aesthetics_score = requires_aesthetics_score
+        projected = self.network("text_encoder").config
+        context = projected.hidden_size
+        if text_encoder_2 is not None:
+            self._graphdefs["text_encoder_2"], self.params["text_encoder_2"] = nnx.split(
+                text_encoder_2)
+            projected = text_encoder_2.config
+            context += projected.hidden_size
         unet = self.unet_config
-        te2 = text_encoder_2.config
         if unet.addition_embed_type != "text_time":
             raise WeightsError("this UNet has no SDXL added conditioning "
                                "(addition_embed_type='text_time'): not an SDXL model")
-        width = unet.addition_time_embed_dim * len(_SIZES) * 2 + te2.projection_dim
+        ids = self.num_time_ids
+        width = unet.addition_time_embed_dim * ids + projected.projection_dim
         if width != unet.projection_class_embeddings_input_dim:
+            # diffusers' hint: one time id too many or too few is the aesthetic-score switch.
+            hint = ""
+            if abs(width - unet.projection_class_embeddings_input_dim) == \
+                    unet.addition_time_embed_dim:
+                hint = (" (model_index.json's requires_aesthetics_score should be "
+                        f"{str(not requires_aesthetics_score).lower()})")
             raise WeightsError(
                 f"the UNet's added embedding takes {unet.projection_class_embeddings_input_dim} "
-                f"values, but 6 time ids and text_encoder_2's projection make {width} (a "
-                "refiner-style model with aesthetic scores is not supported yet)")
-        context = text_encoder_2.config.hidden_size + self.network("text_encoder").config \
-            .hidden_size
+                f"values, but {ids} time ids and the text encoder's projection make "
+                f"{width}{hint}")
         if context != unet.cross_attention_dim:
-            raise WeightsError(f"the two text encoders make {context}-wide states, the UNet "
+            raise WeightsError(f"the text encoders make {context}-wide states, the UNet "
                                f"attends to {unet.cross_attention_dim}")
+
+    @property
+    def is_refiner(self) -> bool:
+        """One text encoder (text_encoder_2 of the refiner's folder) instead of two."""
+        return self.tokenizer_2 is None
+
+    @property
+    def num_time_ids(self) -> int:
+        """Time ids per image: the sizes, or (refiners) sizes and an aesthetic score."""
+        return 5 if self.requires_aesthetics_score else 6
 
     @classmethod
     def from_pretrained(cls, model: str, *args, **kwargs) -> StableDiffusionXLPipeline:
         """As :meth:`StableDiffusionPipeline.from_pretrained`, for SDXL diffusers folders (or hub
-        ids of them): ``model_index.json`` with ``text_encoder_2`` and ``tokenizer_2``."""
+        ids of them): ``model_index.json`` with ``text_encoder_2`` and ``tokenizer_2``, and
+        ``text_encoder``/``tokenizer`` too except in a refiner's (``[null, null]``)."""
         if Path(model).expanduser().is_file():
             raise WeightsError(f"{model}: SDXL single-file checkpoints are not supported yet; "
                                "use a diffusers folder (model_index.json, text_encoder_2/, ...)")
@@ -88,17 +126,68 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     # ------------------------------------------------------------------ host side
     def _conditioning_inputs(self, prompts: list[str], negatives: list[str], per_prompt: int,
                              height: int, width: int, no_negative: bool, chunks: int, *,
-                             prompt_2=None,
-                             negative_prompt_2=None, original_size=None,
-                             crops_coords_top_left=None, target_size=None,
-                             negative_original_size=None, negative_crops_coords_top_left=None,
-                             negative_target_size=None) -> dict:
+                             prompt_2=None, negative_prompt_2=None, **time_args) -> dict:
         n = len(prompts)
+        time_ids = self._time_ids(height, width, **time_args)
+
+        def per_image(rows: np.ndarray) -> np.ndarray:
+            return np.repeat(rows, per_prompt, axis=0)
+
+        zero = no_negative and self.force_zeros_for_empty_prompt
+        inputs = {"time_ids": np.broadcast_to(time_ids, (n * per_prompt, *time_ids.shape)).copy(),
+                  "zero_negative": np.full((n * per_prompt,), zero, np.bool_)}
+        if self.is_refiner:
+            # diffusers pairs its one encoder with `prompt` and ignores these; we refuse them.
+            for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
+                if value is not None:
+                    raise ValueError(f"{name} does not apply to a refiner (one text encoder, "
+                                     "which reads prompt / negative_prompt)")
+            return inputs
         prompts_2 = _texts(prompt_2, "prompt_2", n) or prompts
         # diffusers: negative_prompt_2 defaults to negative_prompt (itself "" when absent).
         negatives_2 = _texts(negative_prompt_2, "negative_prompt_2", n) or negatives
+        # The second encoder's chunks, in the first's count (sdjax.prompts: each prompt's
+        # chunks repeat to fill it, so the count must be one they all divide).
+        ids_2, weights_2 = prompt_syntax.prompt_arrays(prompts_2 + negatives_2, self.tokenizer_2)
+        if chunks % ids_2.shape[1]:
+            raise ValueError(f"prompt_2 / negative_prompt_2 need a context of {ids_2.shape[1]} "
+                             f"chunks of 75 tokens and prompt / negative_prompt {chunks}: "
+                             "make their lengths match, or generate them in separate calls")
+        ids_2, weights_2 = (np.tile(a, (1, chunks // a.shape[1], 1)) for a in (ids_2, weights_2))
+        return {**inputs, "ids_2": per_image(ids_2[:n]), "weights_2": per_image(weights_2[:n]),
+                "neg_ids_2": per_image(ids_2[n:]), "neg_weights_2": per_image(weights_2[n:])}
+
+    def _time_ids(self, height: int, width: int, *, original_size=None,
+                  crops_coords_top_left=None, target_size=None, negative_original_size=None,
+                  negative_crops_coords_top_left=None, negative_target_size=None,
+                  aesthetic_score=None, negative_aesthetic_score=None) -> np.ndarray:
+        """float32 (2, num_time_ids): the [negative, positive] time ids of every image, as
+        diffusers' ``_get_add_time_ids`` makes them."""
         original = _pair(original_size, "original_size", (height, width))
         crops = _pair(crops_coords_top_left, "crops_coords_top_left", (0, 0))
+        if self.requires_aesthetics_score:
+            for name, value in (("target_size", target_size),
+                                ("negative_target_size", negative_target_size)):
+                if value is not None:
+                    raise ValueError(f"{name} does not apply to this model: its time ids hold an "
+                                     "aesthetic score in place of the target size")
+            score = validation.check_number(
+                AESTHETIC_SCORE if aesthetic_score is None else aesthetic_score,
+                "aesthetic_score")
+            negative_score = validation.check_number(
+                NEGATIVE_AESTHETIC_SCORE if negative_aesthetic_score is None
+                else negative_aesthetic_score, "negative_aesthetic_score")
+            # diffusers' img2img: each negative size defaults on its own, the crop to (0, 0)
+            # (not to crops_coords_top_left).
+            neg = (_pair(negative_original_size, "negative_original_size", original)
+                   + _pair(negative_crops_coords_top_left, "negative_crops_coords_top_left",
+                           (0, 0)) + (negative_score,))
+            return np.asarray([neg, original + crops + (score,)], np.float32)
+        for name, value in (("aesthetic_score", aesthetic_score),
+                            ("negative_aesthetic_score", negative_aesthetic_score)):
+            if value is not None:
+                raise ValueError(f"{name} does not apply to this model: its time ids hold no "
+                                 "aesthetic score (refiners' do)")
         target = _pair(target_size, "target_size", (height, width))
         neg = original + crops + target
         # diffusers uses the negative sizes only when both are given (and then the negative
@@ -112,58 +201,50 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
               negative_crops_coords_top_left) != (None, None, None):
             raise ValueError("negative_original_size and negative_target_size go together "
                              "(with negative_crops_coords_top_left optional)")
-        time_ids = np.asarray([neg, original + crops + target], np.float32)
-
-        def per_image(rows: np.ndarray) -> np.ndarray:
-            return np.repeat(rows, per_prompt, axis=0)
-
-        zero = no_negative and self.force_zeros_for_empty_prompt
-        # The second encoder's chunks, in the first's count (sdjax.prompts: each prompt's
-        # chunks repeat to fill it, so the count must be one they all divide).
-        ids_2, weights_2 = prompt_syntax.prompt_arrays(prompts_2 + negatives_2, self.tokenizer_2)
-        if chunks % ids_2.shape[1]:
-            raise ValueError(f"prompt_2 / negative_prompt_2 need a context of {ids_2.shape[1]} "
-                             f"chunks of 75 tokens and prompt / negative_prompt {chunks}: "
-                             "make their lengths match, or generate them in separate calls")
-        ids_2, weights_2 = (np.tile(a, (1, chunks // a.shape[1], 1)) for a in (ids_2, weights_2))
-        return {"ids_2": per_image(ids_2[:n]), "weights_2": per_image(weights_2[:n]),
-                "neg_ids_2": per_image(ids_2[n:]), "neg_weights_2": per_image(weights_2[n:]),
-                "time_ids": np.broadcast_to(time_ids, (n * per_prompt, 2, 6)).copy(),
-                "zero_negative": np.full((n * per_prompt,), zero, np.bool_)}
+        return np.asarray([neg, original + crops + target], np.float32)
 
     # ------------------------------------------------------------------ compiled part
     def _encode(self, params, ids, neg_ids, inputs, clip_skip: int) -> tuple[jax.Array, dict]:
         """sampling.Networks.encode for SDXL: (context, added_cond) of [negatives; prompts].
-        Both encoders' chunks get the WebUI's emphasis (sdjax.prompts.emphasize) each; the
-        pooled output is the first chunk's, as the WebUI takes it."""
+        Each encoder's chunks get the WebUI's emphasis (sdjax.prompts.emphasize); the pooled
+        output is the first chunk's, as the WebUI takes it."""
         if clip_skip != 1:
-            raise ValueError("clip_skip does not apply to SDXL, which conditions on both text "
+            raise ValueError("clip_skip does not apply to SDXL, which conditions on its text "
                              "encoders' penultimate layers")
         te = nnx.merge(self._graphdefs["text_encoder"], params["text_encoder"])
-        te2 = nnx.merge(self._graphdefs["text_encoder_2"], params["text_encoder_2"])
         ids_1, weights_1 = (jnp.concatenate(pair) for pair in zip(neg_ids, ids, strict=True))
-        states = prompt_syntax.emphasize(lambda flat: te.hidden_states(flat)[-2],
-                                         ids_1, weights_1)
-        ids_2 = jnp.concatenate([inputs["neg_ids_2"], inputs["ids_2"]])
-        weights_2 = jnp.concatenate([inputs["neg_weights_2"], inputs["weights_2"]])
-        last = {}
-
-        def forward_2(flat):
-            hidden = te2.hidden_states(flat)
-            last["states"] = hidden[-1]
-            return hidden[-2]
-
-        states_2 = prompt_syntax.emphasize(forward_2, ids_2, weights_2)
-        n, c, t = ids_2.shape
-        first = last["states"].reshape(n, c, t, -1)[:, 0]
-        pooled = te2.text_projection(te2.pool(ids_2[:, 0], first))
-        context = jnp.concatenate([states, states_2.astype(states.dtype)], axis=-1)
+        if self.is_refiner:
+            context, pooled = _projected_states(te, ids_1, weights_1)
+        else:
+            te2 = nnx.merge(self._graphdefs["text_encoder_2"], params["text_encoder_2"])
+            states = prompt_syntax.emphasize(lambda flat: te.hidden_states(flat)[-2],
+                                             ids_1, weights_1)
+            states_2, pooled = _projected_states(
+                te2, jnp.concatenate([inputs["neg_ids_2"], inputs["ids_2"]]),
+                jnp.concatenate([inputs["neg_weights_2"], inputs["weights_2"]]))
+            context = jnp.concatenate([states, states_2.astype(states.dtype)], axis=-1)
         zero = jnp.concatenate([inputs["zero_negative"],
                                 jnp.zeros_like(inputs["zero_negative"])])
         context = jnp.where(zero[:, None, None], 0, context)
         pooled = jnp.where(zero[:, None], 0, pooled)
         time_ids = jnp.concatenate([inputs["time_ids"][:, 0], inputs["time_ids"][:, 1]])
         return context, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def _projected_states(te, ids: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(emphasised penultimate states, projected pooled output of the first chunk) of a
+    CLIPTextModelWithProjection for (N, chunks, 77) token ids and weights."""
+    last = {}
+
+    def forward(flat):
+        hidden = te.hidden_states(flat)
+        last["states"] = hidden[-1]
+        return hidden[-2]
+
+    states = prompt_syntax.emphasize(forward, ids, weights)
+    n, c, t = ids.shape
+    first = last["states"].reshape(n, c, t, -1)[:, 0]
+    return states, te.text_projection(te.pool(ids[:, 0], first))
 
 
 def _texts(value, name: str, n: int) -> list[str] | None:

@@ -1,7 +1,9 @@
 """What each task feeds the sampling core (``sdjax.sampling``).
 
 - txt2img: noise.
-- img2img: the VAE-encoded image (posterior mean), noised to the step ``strength`` starts at.
+- img2img: the VAE-encoded image (posterior mean), noised to the step ``strength`` starts at;
+  or latents given as the image (diffusers' hand-off from another model's ``denoising_end``),
+  which ``denoising_start`` takes as they are, already noisy.
 - inpainting: as img2img, plus the mask. 9-channel inpainting UNets take the downsampled mask
   and the masked image's latents as extra input channels; ordinary 4-channel UNets get the kept
   region's latents blended back after every step.
@@ -33,6 +35,8 @@ class Task:
 
     name: str
     encodes_image: bool = False  # initial latents from the encoded `image` input
+    latent_image: bool = False  # `image` holds those latents (scaled), not pixels: no encode
+    noised_start: bool = True  # noise the image latents to the start step (False: as given)
     runtime_start: bool = False  # `strength` cuts the schedule at a traced start step
     pure_noise_at_full_strength: bool = False  # inpainting's strength 1: noise only
     mask_channels: bool = False  # 9-channel inpainting UNet: mask + masked-image latents
@@ -63,6 +67,7 @@ _LATENT_FILL = {"latent noise": "noise", "latent nothing": "zero"}
 
 TXT2IMG = Task("txt2img")
 IMG2IMG = Task("img2img", encodes_image=True, runtime_start=True)
+IMG2IMG_LATENTS = Task("img2img", encodes_image=True, runtime_start=True, latent_image=True)
 
 
 def inpainting(unet_in_channels: int, latent_channels: int,
@@ -112,7 +117,9 @@ def feed(task: Task, vae, scaling: float, inputs: Mapping[str, jax.Array],
     """Inside the compiled call: the task's arrays -> what the loop consumes. ``noise`` is
     the call's latent noise ("latent noise" inpainting starts from it under the mask)."""
     image_latents = extra = labels = repaint = None
-    if task.encodes_image:
+    if task.latent_image:
+        image_latents = inputs["image"].astype(jnp.float32)
+    elif task.encodes_image:
         pixels = _signed(inputs["image"])
         image_latents = encode(vae, pixels, scaling, chunk)
         if "mask" in inputs:
@@ -163,6 +170,31 @@ def to_rgb(image) -> tuple[np.ndarray, str | None]:
     if a.shape[-1] == 4:
         return np.ascontiguousarray(a[..., :3]), "dropped the alpha channel of an RGBA image"
     return a, note
+
+
+def as_latents(image, channels: int) -> list[np.ndarray] | None:
+    """Latents given as img2img's ``image`` (as diffusers takes an image with the latent
+    channel count): float arrays (h, w, C) or (N, h, w, C), or a list of them -> a list of
+    float32 (h, w, C); None when ``image`` is pixels (PIL images, uint8 arrays)."""
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if any(isinstance(x, Image.Image) for x in items):
+        return None
+    arrays = [np.asarray(x) for x in items]
+    if not arrays or not all(np.issubdtype(a.dtype, np.floating) for a in arrays):
+        return None
+    out = []
+    for a in arrays:
+        if a.ndim not in (3, 4) or a.shape[-1] != channels:
+            raise ValueError(f"an image array must be uint8 (H, W, 3) pixels, or float "
+                             f"(h, w, {channels}) / (N, h, w, {channels}) latents; got "
+                             f"{a.dtype} {a.shape}")
+        out.extend(a if a.ndim == 4 else [a])
+    if any(x.shape != out[0].shape for x in out):
+        raise ValueError(f"latents given as image must share one shape, got "
+                         f"{sorted({x.shape for x in out})}")
+    if not all(np.isfinite(x).all() for x in out):
+        raise ValueError("latents given as image hold NaN or infinite values")
+    return [x.astype(np.float32) for x in out]
 
 
 def to_gray(mask) -> np.ndarray:

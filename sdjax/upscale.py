@@ -65,12 +65,15 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
 
     def _prepare(self, prompt, negative_prompt=None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, *args, noise_level: int = 20,
-                 image_noise=None, vae_tiling: bool | None = None, **kwargs):
+                 image_noise=None, vae_tiling: bool | None = None, denoising_start=None,
+                 **kwargs):
         """As StableDiffusionPipeline's, with the upscaler's defaults; ``image_noise`` (NHWC
         float, shaped like the low-res image batch) replaces the noise drawn from (seed, i)
         for the low-res image. ``vae_tiling``: decode in overlapping tiles as diffusers'
         ``enable_vae_tiling`` does (True), whole (False), or tiles only above
         ``TILED_DECODE_ABOVE`` output pixels (None)."""
+        if denoising_start is not None:
+            raise ValueError("the upscaler has no denoising_start: it starts from noise")
         return super()._prepare(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                 *args, noise_level=noise_level, image_noise=image_noise,
                                 vae_tiling=vae_tiling, **kwargs)

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 from tests.tiny_models import (  # noqa: E402
     save_tiny_pipeline,
     save_tiny_sdxl,
+    save_tiny_sdxl_refiner,
     save_tiny_upscaler,
 )
 
@@ -87,3 +88,10 @@ def upscaler_folder(tmp_path_factory):
 def sdxl_folder(tmp_path_factory):
     """A tiny SDXL base model (two text encoders, text_time added conditioning)."""
     return save_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "model")[0]
+
+
+@pytest.fixture(scope="session")
+def sdxl_refiner_folder(tmp_path_factory):
+    """A tiny SDXL refiner (text_encoder_2 only, aesthetic-score time ids), sharing the VAE and
+    second text encoder of ``sdxl_folder``'s base."""
+    return save_tiny_sdxl_refiner(tmp_path_factory.mktemp("sdxl-refiner") / "model")[0]

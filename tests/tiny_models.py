@@ -233,3 +233,46 @@ def save_tiny_sdxl(folder: Path, seed: int = 20):
         unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER))
     pipe.save_pretrained(str(folder))
     return folder, pipe
+
+
+def tiny_sdxl_refiner_unet(seed: int = 22):
+    """A UNet shaped like the SDXL refiner's, tiny: four levels (plain, cross-attention,
+    cross-attention, plain) of one transformer depth (2) throughout, a context as wide as
+    text_encoder_2's states alone (48), and five time ids (sizes and an aesthetic score)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                          "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=2, attention_head_dim=(2, 2, 4, 4),
+        cross_attention_dim=48, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=24 + 5 * time_dim)
+    randomize_(unet, seed * 10)
+    return unet.eval()
+
+
+def save_tiny_sdxl_refiner(folder: Path, seed: int = 20):
+    """A tiny SDXL refiner folder as diffusers writes one (StableDiffusionXLImg2ImgPipeline
+    without text_encoder/tokenizer, requires_aesthetics_score, no zero negatives). Like the
+    real pair it shares the VAE and text_encoder_2 of save_tiny_sdxl's base of the same
+    ``seed``; returns (folder, the pipeline)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+    from transformers import CLIPTokenizer
+
+    _, vae, _, te2 = tiny_sdxl_components(seed)
+    tok_dir = folder.parent / f"{folder.name}-tokenizer-src"
+    write_clip_tokenizer(tok_dir, pad_token="!")
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None,
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(tok_dir)),
+        unet=tiny_sdxl_refiner_unet(seed + 2),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    pipe.save_pretrained(str(folder))
+    return folder, pipe

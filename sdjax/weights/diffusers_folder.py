@@ -113,15 +113,27 @@ def is_sdxl_index(index: dict) -> bool:
         "StableDiffusionXL")
 
 
+def has_no_first_encoder(index: dict) -> bool:
+    """Whether an SDXL model_index.json lists no ``text_encoder`` (``[null, null]``, as
+    diffusers writes a pipeline built without it): the refiner's layout, text_encoder_2 only."""
+    value = index.get("text_encoder")
+    return isinstance(value, list) and all(v is None for v in value)
+
+
 def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None = None,
                          variant: str | None = None, sdxl: bool = False) -> PipelineParts:
     """The networks, tokenizer(s) and scheduler config of a diffusers folder; ``sdxl``: the
     caller is the SDXL pipeline (an SDXL folder given to the SD pipeline, or the reverse,
-    fails before any weights are read)."""
+    fails before any weights are read). A refiner's one encoder and tokenizer (its
+    ``text_encoder_2``/``tokenizer_2``) come back as ``text_encoder``/``tokenizer``."""
     index = check_pipeline_folder(folder, sdxl=sdxl)
-    components = ("text_encoder", "vae", "unet") + (("text_encoder_2",) if sdxl else ())
+    one_encoder = sdxl and has_no_first_encoder(index)
+    if one_encoder:
+        components, tokenizers = ("text_encoder_2", "vae", "unet"), ("tokenizer_2",)
+    else:
+        components = ("text_encoder", "vae", "unet") + (("text_encoder_2",) if sdxl else ())
+        tokenizers = ("tokenizer",) + (("tokenizer_2",) if sdxl else ())
     configs = {c: read_config(folder, c) for c in components}
-    tokenizers = ("tokenizer",) + (("tokenizer_2",) if sdxl else ())
     # The networks and the tokenizers load side by side: building a network abstractly and
     # importing transformers for the tokenizer hold the GIL, reading and casting tensors
     # mostly does not, so one's Python overlaps another's reads (one thread in multi-process
@@ -134,16 +146,20 @@ def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None
         tok_futures = {t: pool.submit(load_tokenizer, folder, t) for t in tokenizers}
         nets = {c: f.result() for c, f in futures.items()}
         toks = {t: f.result() for t, f in tok_futures.items()}
-    extra = {}
+    extra, first = {}, "tokenizer"
     if sdxl:
-        extra = dict(text_encoder_2=nets.pop("text_encoder_2"),
-                     tokenizer_2=toks["tokenizer_2"],
-                     force_zeros_for_empty_prompt=bool(
-                         index.get("force_zeros_for_empty_prompt", True)))
-    return PipelineParts(**nets, tokenizer=toks["tokenizer"],
+        extra = dict(force_zeros_for_empty_prompt=bool(
+                         index.get("force_zeros_for_empty_prompt", True)),
+                     requires_aesthetics_score=bool(index.get("requires_aesthetics_score",
+                                                              False)))
+    if one_encoder:
+        nets["text_encoder"], first = nets.pop("text_encoder_2"), "tokenizer_2"
+    elif sdxl:
+        extra.update(text_encoder_2=nets.pop("text_encoder_2"), tokenizer_2=toks["tokenizer_2"])
+    return PipelineParts(**nets, tokenizer=toks[first],
                          scheduler_config=read_json(folder / "scheduler" /
                                                     "scheduler_config.json"),
-                         tokenizer_dir=folder / "tokenizer", extra=extra)
+                         tokenizer_dir=folder / first, extra=extra)
 
 
 def load_tokenizer(folder: Path, component: str = "tokenizer"):
@@ -174,7 +190,9 @@ def check_pipeline_folder(folder: Path, *, sdxl: bool = False) -> dict:
     if sdxl and not is_sdxl_index(index):
         raise WeightsError(f"{folder} is not an SDXL model (its model_index.json names no "
                            "text_encoder_2): load it with sdjax.StableDiffusionPipeline")
-    needed = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    needed = ("unet", "vae", "scheduler")
+    if not (sdxl and has_no_first_encoder(index)):
+        needed += ("text_encoder", "tokenizer")
     missing = [c for c in needed + (("text_encoder_2", "tokenizer_2") if sdxl else ())
                if not (folder / c).is_dir()]
     if missing:
