@@ -27,7 +27,7 @@ class LCMState:
     timesteps: jax.Array  # (M,) int32
     init_sigma: jax.Array
     start_coefs: jax.Array
-    # (M, 5): sqrt(a_t), sqrt(1 - a_t), c_skip, c_out, and the noise mix of the next timestep
+    # (M, 6): sqrt(a_t), sqrt(1 - a_t), c_skip, c_out, and the noise mix of the next timestep
     # (sqrt(a_prev), sqrt(1 - a_prev)); the last step keeps (1, 0): no fresh noise.
     coefs: jax.Array  # (M, 6)
 
