@@ -14,8 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-# The shared flags live in sdjax.cli_args; these names are re-exported for existing callers.
-from sdjax.cli_args import (  # noqa: F401
+from sdjax.cli_args import (
     ModelOptions,
     Parser,
     UsageError,
