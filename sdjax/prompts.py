@@ -217,24 +217,24 @@ def expander(multi: Mapping[str, list[str]]) -> Callable[[str], str]:
 
 
 def encode(text_encoder, ids, weights, clip_skip: int = 1):
-    """:func:`emphasize` with ``text_encoder``'s last states (``clip_skip`` > 1: an earlier
-    layer's, through the final layer norm, as the WebUI does)."""
-    def forward(flat):
-        return text_encoder(flat) if clip_skip == 1 else text_encoder(flat, clip_skip=clip_skip)
-    return emphasize(forward, ids, weights)
-
-
-def emphasize(forward: Callable, ids, weights):
     """Text-encoder outputs (N, chunks * 77, D) of ``ids`` (N, chunks, 77), each chunk encoded
-    on its own by ``forward`` ((N * chunks, 77) ids -> (N * chunks, 77, D) states); chunks
-    whose weights are not all 1 get the WebUI's emphasis: ``z *= w`` and
-    ``z *= mean(z before) / mean(z after)`` over the chunk (all its positions and features).
-    Chunks of weight 1 are the encoder's output untouched, bit for bit. Traced (jnp); the
-    weights are a runtime array, so new weights never recompile."""
+    on its own, with the WebUI's emphasis (:func:`emphasize`). ``clip_skip`` > 1: an earlier
+    layer's states, through the final layer norm, as the WebUI does."""
+    flat = ids.reshape(-1, ids.shape[-1])
+    z = text_encoder(flat) if clip_skip == 1 else text_encoder(flat, clip_skip=clip_skip)
+    return emphasize(z, weights)
+
+
+def emphasize(z, weights):
+    """The text encoder's states ``z`` (N * chunks, 77, D) of (N, chunks, 77) token ids, with
+    their ``weights`` (N, chunks, 77) -> (N, chunks * 77, D). Chunks whose weights are not all
+    1 get the WebUI's emphasis: ``z *= w`` and ``z *= mean(z before) / mean(z after)`` over
+    the chunk (all its positions and features). Chunks of weight 1 are the encoder's output
+    untouched, bit for bit. Traced (jnp); the weights are a runtime array, so new weights never
+    recompile."""
     import jax.numpy as jnp
 
-    n, c, t = ids.shape
-    z = forward(ids.reshape(n * c, t))
+    n, c, t = weights.shape
     w = weights.reshape(n * c, t, 1).astype(jnp.float32)
     z32 = z.astype(jnp.float32)
     before = z32.mean(axis=(1, 2), keepdims=True)

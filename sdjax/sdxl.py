@@ -217,8 +217,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             context, pooled = _projected_states(te, ids_1, weights_1)
         else:
             te2 = nnx.merge(self._graphdefs["text_encoder_2"], params["text_encoder_2"])
-            states = prompt_syntax.emphasize(lambda flat: te.hidden_states(flat)[-2],
-                                             ids_1, weights_1)
+            states = prompt_syntax.emphasize(
+                te.hidden_states(ids_1.reshape(-1, ids_1.shape[-1]))[-2], weights_1)
             states_2, pooled = _projected_states(
                 te2, jnp.concatenate([inputs["neg_ids_2"], inputs["ids_2"]]),
                 jnp.concatenate([inputs["neg_weights_2"], inputs["weights_2"]]))
@@ -234,17 +234,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 def _projected_states(te, ids: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(emphasised penultimate states, projected pooled output of the first chunk) of a
     CLIPTextModelWithProjection for (N, chunks, 77) token ids and weights."""
-    last = {}
-
-    def forward(flat):
-        hidden = te.hidden_states(flat)
-        last["states"] = hidden[-1]
-        return hidden[-2]
-
-    states = prompt_syntax.emphasize(forward, ids, weights)
     n, c, t = ids.shape
-    first = last["states"].reshape(n, c, t, -1)[:, 0]
-    return states, te.text_projection(te.pool(ids[:, 0], first))
+    states, pooled = te.penultimate_and_pooled(ids.reshape(n * c, t))
+    return prompt_syntax.emphasize(states, weights), pooled.reshape(n, c, -1)[:, 0]
 
 
 def _texts(value, name: str, n: int) -> list[str] | None:
