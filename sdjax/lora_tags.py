@@ -72,13 +72,11 @@ def find_lora(name: str, lora_dir: str | Path | None) -> Path:
 
 class TagLoras:
     """A pipeline's LoRAs: the fixed ones (``--lora``) plus the tags of the batch in hand.
-    :meth:`use` merges exactly that set, changing only what differs from the batch before
-    (re-merges, never recompiles)."""
+    :meth:`use` merges exactly that set (one re-merge when it changes, never a recompile)."""
 
     def __init__(self, pipe, lora_dir: str | Path | None):
         self.pipe, self.lora_dir = pipe, lora_dir
         self._fixed = dict(pipe.loras)  # what was loaded before tags came into play
-        self._tagged: dict[str, float] = {}
 
     def files(self, tags: Mapping[str, float]) -> dict[str, float]:
         """{resolved path: scale} for ``tags``; raises ValueError for a name not found."""
@@ -87,14 +85,5 @@ class TagLoras:
 
     def use(self, tags: Mapping[str, float]) -> None:
         """Merge the fixed LoRAs and those of ``tags``, nothing else. A LoRA that does not fit
-        raises ValueError; what is merged then stays consistent for the next call."""
-        want = {**self._fixed, **self.files(tags)}
-        for path in [p for p in self._tagged if p not in want]:
-            self.pipe.unload_lora(path)
-            del self._tagged[path]
-        for path, scale in want.items():
-            self.pipe.load_lora(path, scale)  # a no-op where nothing changed
-            if self._fixed.get(path) == scale:
-                self._tagged.pop(path, None)
-            else:
-                self._tagged[path] = scale
+        raises ValueError and leaves the merged set as it was."""
+        self.pipe.set_loras({**self._fixed, **self.files(tags)})

@@ -243,30 +243,37 @@ class StableDiffusionPipeline:
         loading the same file again changes its scale, re-merged from the original weights.
         Shapes do not change, so nothing recompiles. A file that does not fit this model
         raises ``ValueError`` and leaves the pipeline as it was."""
-        from sdjax.weights.lora import NETWORKS, merge_loras, read_lora
-
-        scale = validation.check_number(scale, "scale")
-        path = Path(path).expanduser()
-        key = str(path.resolve())
-        if key in self._loras and self._loras[key][1] == scale:
-            return self._loras[key][0].name  # already merged at this scale: nothing to do
-        lora = (self._loras[key][0] if key in self._loras
-                else read_lora(path, {net: self.network(net) for net in NETWORKS}))
-        loras = {**self._loras, key: (lora, scale)}
-        self.params, self._pristine = merge_loras(self.params, self._pristine, loras.values(),
-                                                  self._place)
-        self._loras = loras
-        return lora.name
+        key = _lora_key(path)
+        self.set_loras({**self.loras, key: scale})
+        return self._loras[key][0].name
 
     def unload_lora(self, path: str | Path) -> None:
         """Take a LoRA loaded by :meth:`load_lora` out of the weights (the others stay merged,
         re-merged from the original weights); a file not loaded is a no-op."""
-        from sdjax.weights.lora import merge_loras, restore_pristine
+        key = _lora_key(path)
+        if key in self._loras:
+            self.set_loras({k: s for k, s in self.loras.items() if k != key})
 
-        key = str(Path(path).expanduser().resolve())
-        if key not in self._loras:
+    def set_loras(self, wanted: Mapping[str | Path, float]) -> None:
+        """Make exactly ``wanted`` ({LoRA file: scale}) the merged LoRAs, in one re-merge from
+        the original weights; files already loaded are not read again, and an unchanged set
+        changes nothing. A file that does not fit raises ``ValueError`` and leaves the
+        pipeline as it was."""
+        from sdjax.weights.lora import NETWORKS, merge_loras, read_lora, restore_pristine
+
+        wanted = {_lora_key(path): validation.check_number(scale, "scale")
+                  for path, scale in wanted.items()}
+        if wanted == self.loras:
             return
-        loras = {k: v for k, v in self._loras.items() if k != key}
+        networks = None  # for the shapes a new file is checked against
+        loras = {}
+        for key, scale in wanted.items():
+            if key in self._loras:
+                lora = self._loras[key][0]
+            else:
+                networks = networks or {net: self.network(net) for net in NETWORKS}
+                lora = read_lora(Path(key), networks)
+            loras[key] = (lora, scale)
         self.params, self._pristine = merge_loras(restore_pristine(self.params, self._pristine),
                                                   {}, loras.values(), self._place)
         self._loras = loras
@@ -405,9 +412,10 @@ class StableDiffusionPipeline:
 
         ``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``guidance_rescale`` and
         ``guidance_interval`` left at None take the model folder's ``sdjax.json`` values, else
-        the library's (50 steps, guidance 7.5, the model's scheduler config, no rescale, no
-        interval): :meth:`sampling_settings` says which. A guidance scale <= 1 means no
-        guidance, as in diffusers; when no image of the call is guided the UNet runs on the
+        the pipeline class's (the upscaler's 75 steps and guidance 9), else the library's (50
+        steps, guidance 7.5, the model's scheduler config, no rescale, no interval):
+        :meth:`sampling_settings` says which. A guidance scale <= 1 means no guidance, as in
+        diffusers; when no image of the call is guided the UNet runs on the
         conditional batch alone. ``guidance_rescale`` (in [0, 1]) is diffusers' CFG rescale;
         ``guidance_interval=(sigma_lo, sigma_hi)`` guides only the steps whose noise level
         sigma (``sqrt((1 - alphas_cumprod) / alphas_cumprod)`` at the step's timestep) lies
@@ -498,7 +506,8 @@ class StableDiffusionPipeline:
             height=height, width=width, num_images_per_prompt=num_images_per_prompt, seed=seed,
             seeds=seeds, image_indices=image_indices, scheduler=scheduler,
             scheduler_names=SCHEDULER_NAMES, factor=self.vae_scale_factor)
-        sched = get_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
+        sched = get_scheduler(scheduler or default_scheduler_name(self.scheduler_config),
+                              self.scheduler_config)
         clip_skip = validation.check_int(
             1 if settings["clip_skip"] is None else settings["clip_skip"], "clip_skip", minimum=1,
             maximum=self.text_encoder_config.num_hidden_layers)
@@ -546,8 +555,6 @@ class StableDiffusionPipeline:
                                                 chunks=text[0].shape[1], **conditioning))
         text = tuple(np.repeat(a, num_images_per_prompt, axis=0) for a in text)
 
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
         if seeds is None:
             seeds = [parallel.random_seed(seed)] * n
         if image_indices is None:
@@ -734,6 +741,11 @@ class StableDiffusionPipeline:
 
     def _count_compile(self, seconds: float) -> None:
         self.compile_seconds += seconds
+
+
+def _lora_key(path: str | Path) -> str:
+    """How the pipeline names a loaded LoRA file: its resolved path."""
+    return str(Path(path).expanduser().resolve())
 
 
 def pipeline_class(model: str) -> type[StableDiffusionPipeline]:

@@ -260,11 +260,8 @@ def test_lora_tags_and_clip_skip_decide_the_call(registry, tmp_path, monkeypatch
         def __init__(self):
             self.loras, self.calls = {}, []
 
-        def load_lora(self, path, scale):
-            self.loras = {**self.loras, path: scale}
-
-        def unload_lora(self, path):
-            self.loras = {k: v for k, v in self.loras.items() if k != path}
+        def set_loras(self, wanted):
+            self.loras = dict(wanted)
 
         def __call__(self, prompts, **kw):
             self.calls.append((prompts, dict(self.loras), kw["clip_skip"]))
