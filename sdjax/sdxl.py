@@ -68,7 +68,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         self.tokenizer_2 = tokenizer_2
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.requires_aesthetics_score = requires_aesthetics_score
-        projected = self.network("text_encoder").config
+        projected = self.text_encoder_config
         context = projected.hidden_size
         if text_encoder_2 is not None:
             self._graphdefs["text_encoder_2"], self.params["text_encoder_2"] = nnx.split(

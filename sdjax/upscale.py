@@ -63,24 +63,20 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
     def default_hw(self) -> tuple[int, int]:
         raise ValueError("the upscaler's output size is 4x its input image")
 
-    def _prepare(self, prompt, negative_prompt=None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, *args, noise_level: int = 20,
-                 image_noise=None, vae_tiling: bool | None = None, denoising_start=None,
-                 **kwargs):
-        """As StableDiffusionPipeline's, with the upscaler's defaults; ``image_noise`` (NHWC
-        float, shaped like the low-res image batch) replaces the noise drawn from (seed, i)
-        for the low-res image. ``vae_tiling``: decode in overlapping tiles as diffusers'
-        ``enable_vae_tiling`` does (True), whole (False), or tiles only above
-        ``TILED_DECODE_ABOVE`` output pixels (None)."""
+    def _prepare(self, *args, denoising_start=None, **kwargs):
+        """As StableDiffusionPipeline's; the upscaler starts from noise, so it has no
+        ``denoising_start``."""
         if denoising_start is not None:
             raise ValueError("the upscaler has no denoising_start: it starts from noise")
-        return super()._prepare(prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                *args, noise_level=noise_level, image_noise=image_noise,
-                                vae_tiling=vae_tiling, **kwargs)
+        return super()._prepare(*args, **kwargs)
 
     def _task_inputs(self, image, mask_image, strength, n_prompts: int, per_prompt: int,
                      steps: int, height, width, *, noise_level=20, image_noise=None,
                      vae_tiling=None):
+        """``image_noise`` (NHWC float, shaped like the low-res image batch) replaces the noise
+        drawn from (seed, i) for the low-res image. ``vae_tiling``: decode in overlapping tiles
+        as diffusers' ``enable_vae_tiling`` does (True), whole (False), or tiles only above
+        ``TILED_DECODE_ABOVE`` output pixels (None)."""
         if image is None:
             raise ValueError("the upscaler needs an image to upscale (image=)")
         if mask_image is not None or strength is not None:

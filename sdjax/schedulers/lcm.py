@@ -121,7 +121,7 @@ class LCM(Scheduler):
         noise: jax.Array | None = None,
     ) -> tuple[jax.Array, LCMState]:
         """One LCM step; ``noise`` (standard normal, like sample) replaces the draw from
-        ``key`` (not drawn at the last step, which adds none)."""
+        ``key`` (drawn at every step; the last step weights it 0)."""
         sqrt_a, sqrt_b, c_skip, c_out, next_a, next_b = (state.coefs[i, k] for k in range(6))
         x = sample.astype(jnp.float32)
         x0, _ = x0_and_eps(self.prediction_type, model_output.astype(jnp.float32), x, sqrt_a,
