@@ -98,7 +98,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
              help="compute dtype; auto = float32 on CPU, bfloat16 on TPU/GPU")
     add_flag(p, "clip_skip", type=int, default=None, help="the WebUI's 'Clip skip': use the "
-             "text encoder's hidden state N-1 layers before the last (default: 1, the last)")
+             "text encoder's hidden state N-1 layers before the last (default: the model's "
+             "sdjax.json, else 1, the last)")
     add_flag(p, "matmul_precision", default=None, choices=["highest", "high", "default"],
              help="precision of dots and convolutions on TPU/GPU (unset: highest for float32, "
                   "true float32; XLA's default for bfloat16/float16); 'default' gives float32 "

@@ -176,7 +176,8 @@ def sample_files(sample: Sample, key: str, image: np.ndarray,
         sampler=settings.scheduler, guidance_scale=settings.guidance_scale, seed=sample.seed,
         index=sample.seed_index, width=settings.width, height=settings.height,
         model=settings.model,
-        extra=guidance_parameters(settings.guidance_rescale, settings.guidance_interval))
+        extra=guidance_parameters(settings.guidance_rescale, settings.guidance_interval,
+                                  settings.clip_skip))
     image_bytes = encode_image(image, settings.image_format, settings.quality, parameters)
     return {settings.image_format: image_bytes, "txt": sample.prompt.encode("utf-8"),
             "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}

@@ -38,10 +38,13 @@ def format_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler:
     return "\n".join(lines)
 
 
-def guidance_parameters(rescale: float, interval: tuple[float, float] | None) -> dict[str, str]:
-    """The ``parameters`` fields of the guidance options an image used (none for plain
-    guidance)."""
+def guidance_parameters(rescale: float, interval: tuple[float, float] | None,
+                        clip_skip: int | None = None) -> dict[str, str]:
+    """The ``parameters`` fields of the guidance options and clip skip an image used (none
+    for plain guidance and the last layer)."""
     fields = {}
+    if (clip_skip or 1) > 1:
+        fields["Clip skip"] = str(clip_skip)  # as the WebUI writes it: only when not 1
     if rescale:
         fields["Guidance rescale"] = f"{rescale:g}"
     if interval is not None:

@@ -63,9 +63,8 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
                        float(req.cfg_scale)) for k in range(n)]
     # The model's sdjax.json guidance options apply (requests have no fields for them).
     settings = registry.get(title).sampling_settings()
-    extra = guidance_parameters(settings["guidance_rescale"], settings["guidance_interval"])
-    if clip_skip > 1:
-        extra["Clip skip"] = clip_skip
+    extra = guidance_parameters(settings["guidance_rescale"], settings["guidance_interval"],
+                                clip_skip)
     return Plan(Shape(title, req.height, req.width, req.steps, scheduler, loras=loras,
                       clip_skip=clip_skip), specs, seed, extra)
 
@@ -124,7 +123,7 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -
     specs = [dataclasses.replace(s, image=im, mask=mask)
              for s, im in zip(plan.specs, images, strict=True)]
     shape = dataclasses.replace(plan.shape, image_task=task)
-    return Plan(shape, specs, plan.seed, {**plan.extra, **extra})
+    return Plan(shape, specs, plan.seed, extra)  # extra starts from plan.extra
 
 
 def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
