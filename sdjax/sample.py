@@ -226,9 +226,10 @@ def run(args, written: list[Path]) -> int:
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
     height, width, task_args, extra = _task_settings(args, pipe, image, mask, upscaler)
-    extra = {**guidance_parameters(args.guidance_rescale, args.guidance_interval), **extra}
+    extra = {**guidance_parameters(args.guidance_rescale, args.guidance_interval,
+                                   args.clip_skip), **extra}
     print(sampling, file=sys.stderr)  # once the run's settings have all passed their checks
-    scheduler = args.scheduler or pipe.default_scheduler
+    scheduler = args.scheduler  # the model's default once apply_sampling_defaults ran
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
     per_device = args.batch_size or min(8, -(-len(jobs) // pipe.num_devices))
     batch = per_device * pipe.num_devices
@@ -240,8 +241,6 @@ def run(args, written: list[Path]) -> int:
     batches = [idx[b:b + batch] for idx in groups.values() for b in range(0, len(idx), batch)]
     for key in groups:  # every tag's LoRA is checked against the model before any image
         tag_loras.use(dict(key))
-    if (args.clip_skip or 1) > 1:
-        extra["Clip skip"] = args.clip_skip  # as the WebUI writes it: only when not 1
 
     t_gen = 0.0
     compile_before = pipe.compile_seconds

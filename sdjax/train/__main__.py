@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from sdjax.train.config import load_config, override
-    from sdjax.train.validate import check_config
     from sdjax.weights.errors import WeightsError
 
     try:
@@ -48,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.output_dir:
             sets["output_dir"] = args.output_dir
         cfg = override(cfg, sets)
-        check_config(cfg, stop_at=args.stop_at)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,7 +52,6 @@ from pathlib import Path
 
 STAGES = ("clip", "vae", "unet", "unet_tune")
 REPO = Path(__file__).resolve().parents[2]
-EVAL_STEPS = 20
 # The toy's sdjax.json (see the table above); guidance stays the library's 7.5.
 SAMPLING_DEFAULTS = {"num_inference_steps": 15, "scheduler": "dpmpp_2m",
                      "guidance_interval": [1.0, 1000.0]}
