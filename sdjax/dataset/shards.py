@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from sdjax.dataset.storage import Store
+from sdjax.images import encode_png
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 _SHARD = re.compile(r"^(\d+)\.tar$")
@@ -78,14 +79,10 @@ def encode_image(image: np.ndarray, fmt: str, quality: int | None,
                  png_parameters: str | None = None) -> bytes:
     """uint8 (H, W, 3) -> file bytes. PNGs carry A1111's ``parameters`` text like
     sdjax.sample's, so image viewers and A1111 tools read the settings."""
-    buf = io.BytesIO()
-    kw = {}
     if fmt == "png" and png_parameters is not None:
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", png_parameters)
-        kw["pnginfo"] = info
-    elif fmt != "png":
-        kw["quality"] = quality
+        return encode_png(image, png_parameters)
+    buf = io.BytesIO()
+    kw = {} if fmt == "png" else {"quality": quality}
     Image.fromarray(image).save(buf, format=IMAGE_FORMATS[fmt], **kw)
     return buf.getvalue()
 
