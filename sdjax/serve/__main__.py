@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--num_devices must be at least 1")
     if args.batch_window_ms < 0:
         raise UsageError("--batch_window_ms must not be negative")
+    if args.max_batch is not None and args.max_batch < 1:  # before any model loads
+        raise UsageError("--max_batch must be at least 1")
     warmups = [parse_warmup(w) for w in args.warmup]
     for _, _, _, sampler in warmups:
         scheduler_for(sampler)
@@ -126,9 +128,7 @@ def run(args: argparse.Namespace) -> int:
     registry = ModelRegistry(discover(args.model or ["toy"], args.models_dir), load,
                              lora_dir=args.lora_dir)
     pipe = registry.get(registry.current)
-    max_batch = args.max_batch or 8 * pipe.num_devices
-    if max_batch < 1:
-        raise UsageError("--max_batch must be at least 1")
+    max_batch = 8 * pipe.num_devices if args.max_batch is None else args.max_batch
     for w, h, steps, sampler in warmups:
         from sdjax.serve.batcher import ImageSpec, Shape
         log.info("warmup: compiling %dx%d, %d steps, %s", w, h, steps, sampler)
