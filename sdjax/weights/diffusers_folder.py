@@ -143,9 +143,12 @@ def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None
         futures = {c: pool.submit(load_network, folder, c, config=cfg, place=place,
                                   variant=variant, dtype=network_dtype(c, cfg, dtype))
                    for c, cfg in configs.items()}
-        tok_futures = {t: pool.submit(load_tokenizer, folder, t) for t in tokenizers}
+        # The tokenizers load one after the other in one thread: transformers' lazy
+        # `from transformers import CLIPTokenizer` is not safe to run in two threads at once
+        # (one of them can fail with ImportError in a fresh process).
+        tok_future = pool.submit(lambda: {t: load_tokenizer(folder, t) for t in tokenizers})
         nets = {c: f.result() for c, f in futures.items()}
-        toks = {t: f.result() for t, f in tok_futures.items()}
+        toks = tok_future.result()
     extra, first = {}, "tokenizer"
     if sdxl:
         extra = dict(force_zeros_for_empty_prompt=bool(
