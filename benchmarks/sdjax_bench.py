@@ -125,7 +125,7 @@ def flops_per_call(pipe: StableDiffusionPipeline, w: Workload, per_device: int, 
         te += network_flops(pipe, "text_encoder_2", "penultimate_and_pooled", ids)
         added = {"text_embeds": sds((2 * per_device, pipe.network("text_encoder_2").config
                                      .projection_dim), dtype),
-                 "time_ids": sds((2 * per_device, 6), jnp.float32)}
+                 "time_ids": sds((2 * per_device, pipe.num_time_ids), jnp.float32)}
     unet = network_flops(pipe, "unet", None, sds((2 * per_device, h, wd, c), dtype),
                          sds((2 * per_device,), jnp.float32),
                          sds((2 * per_device, tokens, ctx), dtype), None, added)
