@@ -18,10 +18,15 @@ _PRECISION = re.compile(r"precision(?:_config)? = \[([^\]]*)\]")
 
 
 def _precisions(pipe: StableDiffusionPipeline) -> dict[str, set[str]]:
+    """The precisions in the lowered sampler; one step, latents out, so it traces in
+    seconds."""
+    return precisions_in(pipe.lower(["a cat"], num_inference_steps=1, height=32, width=32,
+                                    output_type="latent").as_text())
+
+
+def precisions_in(text: str) -> dict[str, set[str]]:
     """{"dot_general"|"convolution": the operand precisions found on those ops ("unset" where
-    an op has none)} in the lowered sampler; one step, latents out, so it traces in seconds."""
-    text = pipe.lower(["a cat"], num_inference_steps=1, height=32, width=32,
-                      output_type="latent").as_text()
+    an op has none)} in a lowered program's StableHLO text."""
     found: dict[str, set[str]] = {}
     for line in text.splitlines():
         op = _OP.search(line)

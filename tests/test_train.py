@@ -4,6 +4,7 @@ images as sdjax."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -99,6 +100,35 @@ def test_resume_is_bitwise_identical(tmp_path, frozen_parts, uninterrupted):
         jax.tree.map(np.testing.assert_array_equal, got, want)
     # The log of the resumed output folder is one curve, equal to the uninterrupted one.
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in uninterrupted.history]
+
+
+def test_float32_training_asks_for_full_precision(tmp_path, frozen_parts, uninterrupted,
+                                                  monkeypatch):
+    """float32 means float32 in training as in sampling: the step's dots and convolutions
+    carry HIGHEST in the HLO every backend compiles (XLA's default on GPUs/TPUs is TF32 /
+    bfloat16 passes); ``matmul_precision: default`` leaves XLA its default. The run reuses
+    ``uninterrupted``'s compiled step (the same recipe, stopped after one step)."""
+    from sdjax.train import loop
+    from tests.test_precision import precisions_in
+
+    lowered = {}
+    real = loop.compiled_step
+
+    def spy(spec, mesh):
+        def call(*args):
+            if not lowered:
+                for precision in (spec.precision, "default"):
+                    fn = real(dataclasses.replace(spec, precision=precision), mesh)
+                    lowered[precision] = precisions_in(fn.lower(*args).as_text())
+            return real(spec, mesh)(*args)
+        return call
+
+    monkeypatch.setattr(loop, "compiled_step", spy)
+    train(unet_recipe(tmp_path, frozen_parts), stop_at=1)
+    assert set(lowered) == {"highest", "default"}
+    assert set(lowered["highest"]) == {"dot_general", "convolution"}, lowered
+    assert all(names == {"HIGHEST"} for names in lowered["highest"].values()), lowered
+    assert not any({"HIGHEST", "HIGH"} & names for names in lowered["default"].values())
 
 
 def test_export_loads_in_diffusers_with_the_same_images(uninterrupted):

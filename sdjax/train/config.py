@@ -126,6 +126,9 @@ class TrainConfig:
     seed: int = 0
     ema_decay: float | None = None
     compute_dtype: str = "float32"  # "bfloat16": bf16 compute, float32 master weights
+    # Dots and convolutions on GPUs/TPUs: null = "highest" for float32 compute (true float32,
+    # as the sampler), XLA's default for bfloat16; "default" lets float32 use TF32/bf16 passes.
+    matmul_precision: str | None = None
     remat_policy: str | None = None  # a jax.checkpoint_policies name, e.g. "dots_saveable"
     num_devices: int | None = None  # None: all
     checkpoint_every: int = 500

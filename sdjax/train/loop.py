@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from sdjax import parallel
+from sdjax.pipeline import resolve_matmul_precision
 from sdjax.train import autoencoder, contrastive, diffusion, lora, textual_inversion
 from sdjax.train.checkpoint import Checkpoints
 from sdjax.train.config import OptimConfig, TrainConfig, to_dict
@@ -41,9 +42,17 @@ class StepSpec:
     total_steps: int
     ema_decay: float | None
     seed: int
+    precision: str | None = None  # of every dot and convolution (resolve_matmul_precision)
 
 
 def _step(spec: StepSpec, state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
+    # The precision applies while the step is traced, so it reaches every dot and
+    # convolution of the forward and backward passes.
+    with jax.default_matmul_precision(spec.precision):
+        return _traced_step(spec, state, frozen, batch)
+
+
+def _traced_step(spec: StepSpec, state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
     tx = optimizer(spec.optim, spec.total_steps)
     k = spec.optim.accumulate_steps
     # Randomness (noise, timesteps, latent samples) is a function of the micro-step, so a
@@ -148,7 +157,8 @@ def train(cfg: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     log = _Log(out / "log.jsonl", start)
     end = min(cfg.steps, stop_at if stop_at is not None else cfg.steps)
 
-    spec = StepSpec(setup.task, cfg.optim, cfg.steps, cfg.ema_decay, cfg.seed)
+    spec = StepSpec(setup.task, cfg.optim, cfg.steps, cfg.ema_decay, cfg.seed,
+                    resolve_matmul_precision(cfg.matmul_precision, cfg.compute_dtype))
     step_fn = compiled_step(spec, mesh)
     stream = batches(make_source(cfg.data, cfg.seed), cfg.batch_size, position,
                      setup.prepare, cfg.data.prefetch)

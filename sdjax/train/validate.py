@@ -101,6 +101,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (_within(0, validation.MAX_SEED, open_high=True), "in [0, 2**32)"),
     "ema_decay": (_within(0, 1, open_high=True), "in [0, 1) (or null for no EMA)"),
     "compute_dtype": (_one_of("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+    "matmul_precision": (_one_of(None, "default", "high", "highest"),
+                         "'default', 'high' or 'highest' (or null for the dtype's)"),
     "num_devices": (_at_least(1), "at least 1 (or null for all)"),
     "checkpoint_every": (_at_least(1), "at least 1"),
     "keep_checkpoints": (_at_least(1), "at least 1"),
