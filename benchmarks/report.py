@@ -6,6 +6,8 @@ import datetime
 import json
 from pathlib import Path
 
+from sdjax.pipeline import resolve_matmul_precision
+
 HEADER = """# Benchmark results
 
 Rows are appended by `python -m benchmarks.throughput` (see README.md); newest last. Each row
@@ -71,7 +73,7 @@ def append_row(path: Path, fields: dict, *, command: str, versions: dict[str, st
     v = ", ".join(f"{k} {versions[k]}" for k in ("jax", "flax", "torch", "diffusers"))
     # The precision is named only where it is not the dtype's own (float32: highest).
     precision = fields.get("matmul_precision")
-    usual = "highest" if fields["dtype"] == "float32" else "default"
+    usual = resolve_matmul_precision(None, fields["dtype"]) or "default"
     dtype = fields["dtype"] + (f" ({precision} matmuls)" if precision not in (None, usual)
                                else "")
     workload = (f"{fields['model']} {dtype} {fields['size']} {fields['steps']} steps "

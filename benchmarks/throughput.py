@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import models
+from sdjax.pipeline import resolve_matmul_precision
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # Environment that changes what XLA or the libraries do; recorded with the command.
@@ -146,8 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": a.model, "device": hardware.device_kind(), "devices": devices,
         "xla_cpu_threads": hardware.cpu_count() if cpu else None,
         "load_avg": hardware.load_average(), "dtype": dtype,
-        "matmul_precision": a.matmul_precision or ("highest" if dtype == "float32" else
-                                                   "default"),
+        "matmul_precision": resolve_matmul_precision(a.matmul_precision, dtype) or "default",
         "size": f"{width}x{height}",
         "steps": a.steps, "scheduler": scheduler, "unet_evaluations": res.unet_evaluations,
         "batch": a.batch, "per_device_batch": res.per_device_batch, "load_s": res.load_s,
