@@ -132,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
     for w, h, steps, sampler in warmups:
         from sdjax.serve.batcher import ImageSpec, Shape
         log.info("warmup: compiling %dx%d, %d steps, %s", w, h, steps, sampler)
-        run_call(registry)(Shape(registry.current, h, w, steps, scheduler_for(sampler)),
-                           [ImageSpec("", "", 0, 7.0)])
+        # The shape a request with no overrides compiles: the model's own clip skip too.
+        clip_skip = pipe.sampling_settings()["clip_skip"] or 1
+        run_call(registry)(Shape(registry.current, h, w, steps, scheduler_for(sampler),
+                                 clip_skip=clip_skip), [ImageSpec("", "", 0, 7.0)])
     app = create_app(registry, limits=limits, window_s=args.batch_window_ms / 1000,
                      max_batch=max_batch, credentials=credentials)
     if not _is_loopback(args.host) and credentials is None:
