@@ -33,7 +33,7 @@ from flax import nnx
 from sdjax import prompts as prompt_syntax
 from sdjax import validation
 from sdjax.pipeline import StableDiffusionPipeline
-from sdjax.weights.errors import WeightsError
+from sdjax.weights.errors import AdapterError, WeightsError
 
 _SIZES = ("original_size", "crops_coords_top_left", "target_size")
 # diffusers' defaults for the refiner's aesthetic-score time id.
@@ -116,6 +116,37 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                                "use a diffusers folder (model_index.json, text_encoder_2/, ...)")
         return super().from_pretrained(model, *args, **kwargs)
 
+    # ------------------------------------------------------------------ adapters
+    @property
+    def lora_prefixes(self):
+        """LoRA files change the UNet and both text encoders (kohya's ``lora_te1_`` /
+        ``lora_te2_``, diffusers' ``text_encoder.`` / ``text_encoder_2.``); a refiner's one
+        encoder is SDXL's second."""
+        from sdjax.weights.lora import REFINER_PREFIXES, SDXL_PREFIXES
+        return REFINER_PREFIXES if self.is_refiner else SDXL_PREFIXES
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Add an SDXL embedding (``clip_l`` and ``clip_g`` vectors, the WebUI's layout) as
+        ``token`` (default: the file's stem) to both text encoders' token tables: clip_l's
+        rows to ``text_encoder``, clip_g's to ``text_encoder_2``, under the same token in both
+        tokenizers (a refiner takes clip_g only). The next call compiles once for the new
+        table size. An SD1.x/SD2.x embedding, or one that does not fit, raises ``ValueError``
+        and leaves the pipeline as it was."""
+        from sdjax.weights import embeddings
+
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"token must be a string, got {type(token).__name__}")
+        token, sets = embeddings.read_sdxl_embedding(Path(path).expanduser(), token)
+        if self.is_refiner:
+            return self._add_tokens(token, [("text_encoder", "tokenizer", sets["clip_g"])],
+                                    f"{path} (clip_g)")
+        if "clip_l" not in sets:
+            raise AdapterError(f"{path}: an SDXL embedding without clip_l vectors (a "
+                               "refiner's?); SDXL base models need clip_l and clip_g")
+        return self._add_tokens(token, [("text_encoder", "tokenizer", sets["clip_l"]),
+                                        ("text_encoder_2", "tokenizer_2", sets["clip_g"])],
+                                str(path))
+
     def save_pretrained(self, folder) -> Path:
         # The SD writer knows one text encoder; writing half a model would look complete.
         raise ValueError("saving SDXL pipelines is not supported yet")
@@ -148,7 +179,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         negatives_2 = _texts(negative_prompt_2, "negative_prompt_2", n) or negatives
         # The second encoder's chunks, in the first's count (sdjax.prompts: each prompt's
         # chunks repeat to fill it, so the count must be one they all divide).
-        ids_2, weights_2 = prompt_syntax.prompt_arrays(prompts_2 + negatives_2, self.tokenizer_2)
+        ids_2, weights_2 = prompt_syntax.prompt_arrays(
+            prompts_2 + negatives_2, self.tokenizer_2,
+            expand=prompt_syntax.expander(self._embedding_tokens))
         if chunks % ids_2.shape[1]:
             raise ValueError(f"prompt_2 / negative_prompt_2 need a context of {ids_2.shape[1]} "
                              f"chunks of 75 tokens and prompt / negative_prompt {chunks}: "
