@@ -81,7 +81,8 @@ def write_peft(path, factors, alpha: float):
 def write_kohya(path, factors, alpha: float, sgm: bool, skip: str | None = None):
     """kohya's layout (lora_unet_/lora_te1_/lora_te2_, lora_down/lora_up, alpha per module):
     SGM UNet names as sd-scripts writes SDXL LoRAs, or diffusers UNet names as LCM-LoRA's
-    pytorch_lora_weights.safetensors has them."""
+    pytorch_lora_weights.safetensors has them (diffusers' consistency-distillation scripts,
+    get_module_kohya_state_dict: PEFT's names with underscores, lora_down/lora_up, alpha)."""
     tensors = {}
     for name, (down, up) in factors.items():
         if skip and skip in name:

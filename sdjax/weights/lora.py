@@ -11,9 +11,9 @@ Files name the layer in one of several dialects:
 
 SDXL files name its two text encoders ``lora_te1_``/``lora_te2_`` (kohya's sd-scripts) or
 ``text_encoder.``/``text_encoder_2.`` (diffusers), and kohya's SDXL UNet names are CompVis
-(``lora_unet_input_blocks_4_1_…``) where other trainers' (LCM-LoRA's) are diffusers names
-(``lora_unet_down_blocks_1_…``). Which prefix names which network is the model's
-:data:`Prefixes` table.
+(``lora_unet_input_blocks_4_1_…``) where other trainers' are diffusers names
+(``lora_unet_down_blocks_1_…``: LCM-LoRA's, whose diffusers distillation scripts turn PEFT keys
+into kohya ones). Which prefix names which network is the model's :data:`Prefixes` table.
 
 Every name is resolved against the model's own parameter names (the export table gives each
 parameter's diffusers key, :mod:`sdjax.weights.compvis_names` its CompVis one), so no second
