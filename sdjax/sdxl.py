@@ -22,7 +22,7 @@ Everything else (validation, tasks, schedulers, sharding, decode) is StableDiffu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -33,7 +33,7 @@ from flax import nnx
 from sdjax import prompts as prompt_syntax
 from sdjax import validation
 from sdjax.pipeline import StableDiffusionPipeline
-from sdjax.weights.errors import AdapterError, WeightsError
+from sdjax.weights.errors import WeightsError
 
 _SIZES = ("original_size", "crops_coords_top_left", "target_size")
 # diffusers' defaults for the refiner's aesthetic-score time id.
@@ -115,37 +115,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             raise WeightsError(f"{model}: SDXL single-file checkpoints are not supported yet; "
                                "use a diffusers folder (model_index.json, text_encoder_2/, ...)")
         return super().from_pretrained(model, *args, **kwargs)
-
-    # ------------------------------------------------------------------ adapters
-    @property
-    def lora_prefixes(self):
-        """LoRA files change the UNet and both text encoders (kohya's ``lora_te1_`` /
-        ``lora_te2_``, diffusers' ``text_encoder.`` / ``text_encoder_2.``); a refiner's one
-        encoder is SDXL's second."""
-        from sdjax.weights.lora import REFINER_PREFIXES, SDXL_PREFIXES
-        return REFINER_PREFIXES if self.is_refiner else SDXL_PREFIXES
-
-    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
-        """Add an SDXL embedding (``clip_l`` and ``clip_g`` vectors, the WebUI's layout) as
-        ``token`` (default: the file's stem) to both text encoders' token tables: clip_l's
-        rows to ``text_encoder``, clip_g's to ``text_encoder_2``, under the same token in both
-        tokenizers (a refiner takes clip_g only). The next call compiles once for the new
-        table size. An SD1.x/SD2.x embedding, or one that does not fit, raises ``ValueError``
-        and leaves the pipeline as it was."""
-        from sdjax.weights import embeddings
-
-        if token is not None and not isinstance(token, str):
-            raise TypeError(f"token must be a string, got {type(token).__name__}")
-        token, sets = embeddings.read_sdxl_embedding(Path(path).expanduser(), token)
-        if self.is_refiner:
-            return self._add_tokens(token, [("text_encoder", "tokenizer", sets["clip_g"])],
-                                    f"{path} (clip_g)")
-        if "clip_l" not in sets:
-            raise AdapterError(f"{path}: an SDXL embedding without clip_l vectors (a "
-                               "refiner's?); SDXL base models need clip_l and clip_g")
-        return self._add_tokens(token, [("text_encoder", "tokenizer", sets["clip_l"]),
-                                        ("text_encoder_2", "tokenizer_2", sets["clip_g"])],
-                                str(path))
 
     def save_pretrained(self, folder) -> Path:
         # The SD writer knows one text encoder; writing half a model would look complete.
@@ -262,6 +231,37 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         pooled = jnp.where(zero[:, None], 0, pooled)
         time_ids = jnp.concatenate([inputs["time_ids"][:, 0], inputs["time_ids"][:, 1]])
         return context, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def lora_prefixes(self) -> Mapping[str, tuple[str, str]]:
+        """LoRA files change the UNet and both text encoders (kohya's ``lora_te1_`` /
+        ``lora_te2_``, diffusers' ``text_encoder.`` / ``text_encoder_2.``); a refiner's one
+        encoder is SDXL's second."""
+        from sdjax.weights.lora import REFINER_PREFIXES, SDXL_PREFIXES
+        return REFINER_PREFIXES if self.is_refiner else SDXL_PREFIXES
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Add an SDXL embedding (``clip_l`` and ``clip_g`` vectors, the WebUI's layout) as
+        ``token`` (default: the file's stem) to both text encoders' token tables: clip_l's
+        rows to ``text_encoder``, clip_g's to ``text_encoder_2``, under the same token in both
+        tokenizers (a refiner takes clip_g only). The next call compiles once for the new
+        table size. An SD1.x/SD2.x embedding, or one that does not fit, raises ``ValueError``
+        and leaves the pipeline as it was."""
+        from sdjax.weights import embeddings
+
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"token must be a string, got {type(token).__name__}")
+        if self.is_refiner:
+            token, sets = embeddings.read_sdxl_embedding(Path(path).expanduser(), token,
+                                                         ("clip_g",))
+            return self._add_tokens(token, [("text_encoder", "tokenizer", sets["clip_g"])],
+                                    f"{path} (clip_g)")
+        token, sets = embeddings.read_sdxl_embedding(Path(path).expanduser(), token)
+        return self._add_tokens(token, [("text_encoder", "tokenizer", sets["clip_l"]),
+                                        ("text_encoder_2", "tokenizer_2", sets["clip_g"])],
+                                str(path))
 
 
 def _projected_states(te, ids: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -41,12 +41,13 @@ def read_embedding(path: str | Path, token: str | None = None) -> tuple[str, np.
     return (token if token is not None else default), _vectors(path, tensors, key)
 
 
-def read_sdxl_embedding(path: str | Path,
-                        token: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
+def read_sdxl_embedding(path: str | Path, token: str | None = None,
+                        needed: tuple[str, ...] = _SDXL_KEYS
+                        ) -> tuple[str, dict[str, np.ndarray]]:
     """(token, {"clip_l": (n, 768), "clip_g": (n, 1280)} float32) of the SDXL embedding
     file ``path``: clip_l's rows are for SDXL's first text encoder, clip_g's for its second
-    (and a refiner's one, so clip_l may be absent); the token defaults to the file's stem, as
-    the WebUI names it."""
+    (and a refiner's one, which ``needed`` = ("clip_g",) asks for alone); the token defaults
+    to the file's stem, as the WebUI names it."""
     path = Path(path)
     tensors = _open(path)
     keys = [k for k in tensors if not k.startswith(_IGNORED)]
@@ -54,10 +55,12 @@ def read_sdxl_embedding(path: str | Path,
         raise AdapterError(f"{path}: not an SDXL embedding (no clip_l/clip_g vectors; found "
                            f"{', '.join(sorted(keys)[:4]) or 'no tensors'}): an SD1.x/SD2.x "
                            "embedding does not fit SDXL's two text encoders")
-    if "clip_g" not in keys:
-        raise AdapterError(f"{path}: an SDXL embedding without its clip_g vectors")
-    sets = {k: _vectors(path, tensors, k) for k in _SDXL_KEYS if k in keys}
-    if "clip_l" in sets and sets["clip_l"].shape[0] != sets["clip_g"].shape[0]:
+    missing = [k for k in needed if k not in keys]
+    if missing:
+        raise AdapterError(f"{path}: an SDXL embedding without its {missing[0]} vectors, "
+                           f"which this model needs ({' and '.join(needed)})")
+    sets = {k: _vectors(path, tensors, k) for k in needed}
+    if len({v.shape[0] for v in sets.values()}) > 1:
         raise AdapterError(f"{path}: clip_l holds {sets['clip_l'].shape[0]} vectors and "
                            f"clip_g {sets['clip_g'].shape[0]}; they must match")
     return (token if token is not None else path.stem), sets
