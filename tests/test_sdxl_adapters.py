@@ -6,6 +6,7 @@ bit for bit as they were."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,3 +270,40 @@ def test_refiner_takes_clip_g_and_lora_te2(sdxl_refiner_folder, tmp_path):
     kernel = refiner.network("text_encoder").encoder.layers[1].mlp.fc1.kernel
     np.testing.assert_allclose(np.asarray(kernel.get_value()) - before, (up @ down).T,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_cli_lora_tag_and_embedding_on_sdxl(sdxl_folder, ours, reference, tmp_path, capfd,
+                                            monkeypatch):
+    """`<lora:name:w>` and --embedding reach SDXL through set_loras and the pipeline's own
+    load_textual_inversion: no CLI code of their own."""
+    from sdjax.sample import main
+
+    loaded = []
+    real = sdjax.StableDiffusionXLPipeline.from_pretrained.__func__
+
+    def keep(cls, *args, **kw):
+        loaded.append(real(cls, *args, **kw))
+        return loaded[-1]
+
+    monkeypatch.setattr(sdjax.StableDiffusionXLPipeline, "from_pretrained", classmethod(keep))
+    (tmp_path / "loras").mkdir()
+    write_kohya(tmp_path / "loras" / "xlstyle.safetensors", _factors(reference(), 4), 2.0,
+                sgm=True)
+    emb, vectors = _embedding(tmp_path, np.random.RandomState(5))
+    assert main(["--model", str(sdxl_folder), "--prompt", "a glowxl cat <lora:xlstyle:0.7>",
+                 "--steps", "2", "--height", "16", "--width", "16", "--num_devices", "1",
+                 "--lora_dir", str(tmp_path / "loras"), "--embedding", str(emb),
+                 "--outdir", str(tmp_path / "out")]) == 0
+    assert "embedding glowxl" in capfd.readouterr().err
+    (png,) = (tmp_path / "out").glob("*.png")
+    from PIL import Image
+    assert Image.open(png).text["parameters"].startswith("a glowxl cat <lora:xlstyle:0.7>")
+    (pipe,) = loaded
+    assert {Path(k).name: s for k, s in pipe.loras.items()} == {"xlstyle.safetensors": 0.7}
+    for tok in (pipe.tokenizer, pipe.tokenizer_2):
+        assert {"glowxl", "glowxl_1"} <= set(tok.get_vocab())
+    # the tag's LoRA is merged into both encoders and the UNet (ours: the pristine weights)
+    merged, pristine = _flat(pipe), _flat(ours)
+    changed = {k[0] for k, v in pristine.items()
+               if "token_embedding" not in str(k[1]) and not np.array_equal(merged[k], v)}
+    assert changed == {"unet", "text_encoder", "text_encoder_2"}
