@@ -259,7 +259,7 @@ class StableDiffusionPipeline:
         the original weights; files already loaded are not read again, and an unchanged set
         changes nothing. A file that does not fit raises ``ValueError`` and leaves the
         pipeline as it was."""
-        from sdjax.weights.lora import NETWORKS, merge_loras, read_lora, restore_pristine
+        from sdjax.weights.lora import merge_loras, read_lora, restore_pristine
 
         wanted = {_lora_key(path): validation.check_number(scale, "scale")
                   for path, scale in wanted.items()}
@@ -271,8 +271,8 @@ class StableDiffusionPipeline:
             if key in self._loras:
                 lora = self._loras[key][0]
             else:
-                networks = networks or {net: self.network(net) for net in NETWORKS}
-                lora = read_lora(Path(key), networks)
+                networks = networks or {net: self.network(net) for net in self.lora_prefixes}
+                lora = read_lora(Path(key), networks, self.lora_prefixes)
             loras[key] = (lora, scale)
         self.params, self._pristine = merge_loras(restore_pristine(self.params, self._pristine),
                                                   {}, loras.values(), self._place)
@@ -282,6 +282,13 @@ class StableDiffusionPipeline:
     def loras(self) -> dict[str, float]:
         """The LoRA files merged into the weights (resolved paths) and their scales."""
         return {key: scale for key, (_, scale) in self._loras.items()}
+
+    @property
+    def lora_prefixes(self) -> Mapping[str, tuple[str, str]]:
+        """The networks a LoRA file may change and the prefixes that name them
+        (:mod:`sdjax.weights.lora`): SD's UNet and text encoder."""
+        from sdjax.weights.lora import SD_PREFIXES
+        return SD_PREFIXES
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
         """Add a textual-inversion embedding (A1111 ``.pt``/``.safetensors``, diffusers'
@@ -294,14 +301,26 @@ class StableDiffusionPipeline:
         if token is not None and not isinstance(token, str):
             raise TypeError(f"token must be a string, got {type(token).__name__}")
         token, vectors = embeddings.read_embedding(Path(path).expanduser(), token)
-        te = self.network("text_encoder")
-        tokenizer, table = embeddings.add_embedding(
-            self.tokenizer, embeddings.token_table(te), token, vectors, source=str(path))
-        embeddings.set_token_table(te, table, self._place)
-        self._graphdefs["text_encoder"], self.params["text_encoder"] = nnx.split(te)
+        return self._add_tokens(token, [("text_encoder", "tokenizer", vectors)], str(path))
+
+    def _add_tokens(self, token: str, tables: Sequence[tuple[str, str, np.ndarray]],
+                    source: str) -> str:
+        """Add ``token``'s vectors to each (text encoder, its tokenizer's attribute, vectors)
+        of ``tables``: all checked before any is changed."""
+        from sdjax.weights import embeddings
+
+        grown = []
+        for net, attr, vectors in tables:
+            te = self.network(net)
+            tokenizer, table = embeddings.add_embedding(
+                getattr(self, attr), embeddings.token_table(te), token, vectors, source=source)
+            grown.append((net, attr, te, tokenizer, table))
+        for net, attr, te, tokenizer, table in grown:
+            embeddings.set_token_table(te, table, self._place)
+            self._graphdefs[net], self.params[net] = nnx.split(te)
+            setattr(self, attr, tokenizer)
         self._compiled.clear()  # compiled for the old table size
-        self.tokenizer = tokenizer
-        self._embedding_tokens[token] = embeddings.token_names(token, vectors.shape[0])
+        self._embedding_tokens[token] = embeddings.token_names(token, tables[0][2].shape[0])
         return token
 
     def _place(self, array) -> jax.Array:

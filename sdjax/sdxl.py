@@ -22,7 +22,7 @@ Everything else (validation, tasks, schedulers, sharding, decode) is StableDiffu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -148,7 +148,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         negatives_2 = _texts(negative_prompt_2, "negative_prompt_2", n) or negatives
         # The second encoder's chunks, in the first's count (sdjax.prompts: each prompt's
         # chunks repeat to fill it, so the count must be one they all divide).
-        ids_2, weights_2 = prompt_syntax.prompt_arrays(prompts_2 + negatives_2, self.tokenizer_2)
+        ids_2, weights_2 = prompt_syntax.prompt_arrays(
+            prompts_2 + negatives_2, self.tokenizer_2,
+            expand=prompt_syntax.expander(self._embedding_tokens))
         if chunks % ids_2.shape[1]:
             raise ValueError(f"prompt_2 / negative_prompt_2 need a context of {ids_2.shape[1]} "
                              f"chunks of 75 tokens and prompt / negative_prompt {chunks}: "
@@ -229,6 +231,37 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         pooled = jnp.where(zero[:, None], 0, pooled)
         time_ids = jnp.concatenate([inputs["time_ids"][:, 0], inputs["time_ids"][:, 1]])
         return context, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def lora_prefixes(self) -> Mapping[str, tuple[str, str]]:
+        """LoRA files change the UNet and both text encoders (kohya's ``lora_te1_`` /
+        ``lora_te2_``, diffusers' ``text_encoder.`` / ``text_encoder_2.``); a refiner's one
+        encoder is SDXL's second."""
+        from sdjax.weights.lora import REFINER_PREFIXES, SDXL_PREFIXES
+        return REFINER_PREFIXES if self.is_refiner else SDXL_PREFIXES
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
+        """Add an SDXL embedding (``clip_l`` and ``clip_g`` vectors, the WebUI's layout) as
+        ``token`` (default: the file's stem) to both text encoders' token tables: clip_l's
+        rows to ``text_encoder``, clip_g's to ``text_encoder_2``, under the same token in both
+        tokenizers (a refiner takes clip_g only). The next call compiles once for the new
+        table size. An SD1.x/SD2.x embedding, or one that does not fit, raises ``ValueError``
+        and leaves the pipeline as it was."""
+        from sdjax.weights import embeddings
+
+        if token is not None and not isinstance(token, str):
+            raise TypeError(f"token must be a string, got {type(token).__name__}")
+        if self.is_refiner:
+            token, sets = embeddings.read_sdxl_embedding(Path(path).expanduser(), token,
+                                                         ("clip_g",))
+            return self._add_tokens(token, [("text_encoder", "tokenizer", sets["clip_g"])],
+                                    f"{path} (clip_g)")
+        token, sets = embeddings.read_sdxl_embedding(Path(path).expanduser(), token)
+        return self._add_tokens(token, [("text_encoder", "tokenizer", sets["clip_l"]),
+                                        ("text_encoder_2", "tokenizer_2", sets["clip_g"])],
+                                str(path))
 
 
 def _projected_states(te, ids: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -3,7 +3,9 @@
 Three file layouts: the WebUI's ``.pt`` (``string_to_param: {"*": (n, D)}``, read with the
 restricted unpickler, never ``torch.load``) and ``.safetensors`` (``emb_params: (n, D)``),
 both named by the file's stem as the WebUI names them; and diffusers' ``learned_embeds``
-(``{token: (D,) or (n, D)}``), named by the token they hold, as diffusers names them. An
+(``{token: (D,) or (n, D)}``), named by the token they hold, as diffusers names them. SDXL
+embeddings (:func:`read_sdxl_embedding`) hold one vector set per text encoder, ``clip_l`` and
+``clip_g``, and are named by the file's stem. An
 embedding of ``n`` vectors becomes the tokens ``name``, ``name_1``, … ``name_{n-1}`` and a
 prompt's ``name`` is expanded to all of them, as diffusers does.
 """
@@ -33,21 +35,56 @@ _SDXL_KEYS = ("clip_l", "clip_g")
 def read_embedding(path: str | Path, token: str | None = None) -> tuple[str, np.ndarray]:
     """(token, vectors (n, D) float32) of the embedding file ``path``."""
     path = Path(path)
+    tensors = _open(path)
+    keys = [k for k in tensors if not k.startswith(_IGNORED)]
+    key, default = _vectors_key(path, keys)
+    return (token if token is not None else default), _vectors(path, tensors, key)
+
+
+def read_sdxl_embedding(path: str | Path, token: str | None = None,
+                        needed: tuple[str, ...] = _SDXL_KEYS
+                        ) -> tuple[str, dict[str, np.ndarray]]:
+    """(token, {"clip_l": (n, 768), "clip_g": (n, 1280)} float32) of the SDXL embedding
+    file ``path``: clip_l's rows are for SDXL's first text encoder, clip_g's for its second
+    (and a refiner's one, which ``needed`` = ("clip_g",) asks for alone); the token defaults
+    to the file's stem, as the WebUI names it."""
+    path = Path(path)
+    tensors = _open(path)
+    keys = [k for k in tensors if not k.startswith(_IGNORED)]
+    if not any(k in _SDXL_KEYS for k in keys):
+        raise AdapterError(f"{path}: not an SDXL embedding (no clip_l/clip_g vectors; found "
+                           f"{', '.join(sorted(keys)[:4]) or 'no tensors'}): an SD1.x/SD2.x "
+                           "embedding does not fit SDXL's two text encoders")
+    missing = [k for k in needed if k not in keys]
+    if missing:
+        raise AdapterError(f"{path}: an SDXL embedding without its {missing[0]} vectors, "
+                           f"which this model needs ({' and '.join(needed)})")
+    sets = {k: _vectors(path, tensors, k) for k in needed}
+    if len({v.shape[0] for v in sets.values()}) > 1:
+        raise AdapterError(f"{path}: clip_l holds {sets['clip_l'].shape[0]} vectors and "
+                           f"clip_g {sets['clip_g'].shape[0]}; they must match")
+    return (token if token is not None else path.stem), sets
+
+
+def _open(path: Path):
     try:
-        tensors = open_tensor_file(path)
-        keys = [k for k in tensors if not k.startswith(_IGNORED)]
-        key, default = _vectors_key(path, keys)
-        vectors = np.array(tensors[key], np.float32)
-    except AdapterError:
-        raise
+        return open_tensor_file(path)
     except WeightsError as e:  # missing, unreadable or corrupt file
+        raise AdapterError(str(e)) from None
+
+
+def _vectors(path: Path, tensors, key: str) -> np.ndarray:
+    """``tensors[key]`` as (n, D) float32 vectors."""
+    try:
+        vectors = np.array(tensors[key], np.float32)
+    except WeightsError as e:  # a corrupt tensor
         raise AdapterError(str(e)) from None
     if vectors.ndim == 1:
         vectors = vectors[None]
     if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise AdapterError(f"{path}: embedding {key} has shape {vectors.shape}, not "
                            "(vectors, width)")
-    return (token if token is not None else default), vectors
+    return vectors
 
 
 def _vectors_key(path: Path, keys: list[str]) -> tuple[str, str]:

@@ -78,6 +78,8 @@ CLIP_OUT = [
     Out(r"encoder\.layers\.(\d+)\.(layer_norm[12])\.bias", r"text_model.encoder.layers.\1.\2.bias"),
     Out(r"final_layer_norm\.scale", "text_model.final_layer_norm.weight"),
     Out(r"final_layer_norm\.bias", "text_model.final_layer_norm.bias"),
+    # CLIPTextModelWithProjection (SDXL's second encoder) keeps it outside text_model.
+    Out(r"text_projection\.kernel", "text_projection.weight", _linear),
 ]
 
 _VAE_ATTN = r"(encoder|decoder)\.mid_block\.attentions\.0\."
@@ -101,7 +103,7 @@ def unet_out(use_linear_projection: bool) -> list[Out]:
     proj = _linear if use_linear_projection else _conv1x1
     return [
         Out(r"conv_(in|out)\.kernel", r"conv_\1.weight", _conv),
-        Out(r"time_embedding\.(linear_[12])\.kernel", r"time_embedding.\1.weight", _linear),
+        Out(r"(time_embedding|add_embedding)\.(linear_[12])\.kernel", r"\1.\2.weight", _linear),
         Out(_BLOCK + r"\.resnets\.(\d+)\.time_emb_proj\.kernel",
             r"\1.resnets.\2.time_emb_proj.weight", _linear),
         Out(_BLOCK + r"\.resnets\.(\d+)\.(conv[12]|conv_shortcut)\.kernel",

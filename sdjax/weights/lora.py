@@ -9,6 +9,12 @@ Files name the layer in one of several dialects:
   older diffusers files ``<module>.lora.down.weight``, ``…lora_linear_layer.down.weight`` or
   ``<attention>.processor.to_q_lora.down.weight``.
 
+SDXL files name its two text encoders ``lora_te1_``/``lora_te2_`` (kohya's sd-scripts) or
+``text_encoder.``/``text_encoder_2.`` (diffusers), and kohya's SDXL UNet names are CompVis
+(``lora_unet_input_blocks_4_1_…``) where other trainers' are diffusers names
+(``lora_unet_down_blocks_1_…``: LCM-LoRA's, whose diffusers distillation scripts turn PEFT keys
+into kohya ones). Which prefix names which network is the model's :data:`Prefixes` table.
+
 Every name is resolved against the model's own parameter names (the export table gives each
 parameter's diffusers key, :mod:`sdjax.weights.compvis_names` its CompVis one), so no second
 name table exists and an ambiguous underscore name cannot pick the wrong layer. The factors
@@ -37,11 +43,20 @@ from sdjax.weights.files import open_tensor_file
 from sdjax.weights.loader import Transform, map_keys
 
 NETWORKS = ("unet", "text_encoder")
-_TABLES = {"unet": table_unet.RULES, "text_encoder": table_clip.RULES}
-_KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-_DOTTED_PREFIX = {"unet.": "unet", "text_encoder.": "text_encoder"}
-# SDXL's kohya files name its two text encoders; no SD1/SD2 model has them.
-_SDXL_PREFIXES = ("lora_te1_", "lora_te2_")
+_TABLES = {"unet": table_unet.RULES, "text_encoder": table_clip.RULES,
+           "text_encoder_2": table_clip.RULES}
+
+# Our network (a key of the pipeline's params) -> (its kohya prefix, its diffusers prefix).
+Prefixes = Mapping[str, tuple[str, str]]
+_UNET = ("lora_unet_", "unet.")
+SD_PREFIXES: Prefixes = {"unet": _UNET, "text_encoder": ("lora_te_", "text_encoder.")}
+SDXL_PREFIXES: Prefixes = {"unet": _UNET, "text_encoder": ("lora_te1_", "text_encoder."),
+                           "text_encoder_2": ("lora_te2_", "text_encoder_2.")}
+# A refiner's one encoder (our text_encoder slot) is SDXL's second.
+REFINER_PREFIXES: Prefixes = {"unet": _UNET, "text_encoder": ("lora_te2_", "text_encoder_2.")}
+# Text-encoder prefixes that tell the family of a file whose layers this model lacks.
+_FAMILY_PREFIXES = {"lora_te_": "an SD1.x/SD2.x LoRA", "lora_te1_": "an SDXL LoRA",
+                    "lora_te2_": "an SDXL LoRA", "text_encoder_2.": "an SDXL LoRA"}
 
 _DOWN = r"(?:lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight"
 _UP = r"(?:lora_up|lora_B|lora\.up|lora_linear_layer\.up)\.weight"
@@ -82,8 +97,7 @@ class Lora:
 def kohya_name(network: str, module: str) -> str:
     """The kohya/A1111 name of the diffusers/transformers module ``module`` of ``network``
     (the inverse of what :func:`read_lora` resolves)."""
-    prefix = next(p for p, net in _KOHYA_PREFIX.items() if net == network)
-    return prefix + module.replace(".", "_")
+    return SD_PREFIXES[network][0] + module.replace(".", "_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,23 +129,26 @@ def lora_targets(module: nnx.Module, network: str, patterns: Iterable[str]) -> l
     return sorted(out, key=lambda t: t.module)
 
 
-def _layer_names(networks: Mapping[str, nnx.Module]) -> dict[str, tuple[str, str]]:
+def _layer_names(networks: Mapping[str, nnx.Module],
+                 prefixes: Prefixes) -> dict[str, tuple[str, str]]:
     """Every name a LoRA file may give a layer -> (network, diffusers weight key)."""
     names: dict[str, tuple[str, str]] = {}
-    for net in NETWORKS:
+    for net, (kohya, dotted) in prefixes.items():
         keys = [key for path, (key, _) in parameter_keys(networks[net]).items()
                 if path.endswith(".kernel")]
-        kohya = kohya_name(net, "")
         for key in keys:
             module = key[:-len(".weight")]
-            names[f"{net}.{module}"] = (net, key)
-            names[kohya_name(net, module)] = (net, key)
-            if net == "text_encoder":  # transformers 5 saves without text_model.
-                names[f"{net}.{module.removeprefix('text_model.')}"] = (net, key)
-            else:  # old diffusers files: UNet names without a prefix
+            names[dotted + module] = (net, key)
+            names[kohya + module.replace(".", "_")] = (net, key)
+            if net == "unet":  # old diffusers files: UNet names without a prefix
                 names[module] = (net, key)
+            else:  # transformers 5 saves without text_model.
+                names[dotted + module.removeprefix("text_model.")] = (net, key)
         if net == "unet":
-            compvis = rename_keys(keys, unet_blocks(networks[net].config), forward=False)
+            # SDXL's added-conditioning MLP keeps its diffusers names only: the LoRAs
+            # trainers write for SDXL leave it alone.
+            compvis = rename_keys([k for k in keys if not k.startswith("add_embedding.")],
+                                  unet_blocks(networks[net].config), forward=False)
             for key, old in compvis.items():
                 names[kohya + old[:-len(".weight")].replace(".", "_")] = (net, key)
     return names
@@ -192,10 +209,12 @@ def _listing(keys: list[str], limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def read_lora(path: str | Path, networks: Mapping[str, nnx.Module]) -> Lora:
-    """The layers of the LoRA file ``path``, resolved to ``networks`` (``"unet"`` and
-    ``"text_encoder"`` modules) and checked against their shapes. Raises
-    :class:`AdapterError` naming what does not fit; nothing is changed."""
+def read_lora(path: str | Path, networks: Mapping[str, nnx.Module],
+              prefixes: Prefixes = SD_PREFIXES) -> Lora:
+    """The layers of the LoRA file ``path``, resolved to ``networks`` (the modules that
+    ``prefixes`` names: SD's ``"unet"`` and ``"text_encoder"``, SDXL's ``"text_encoder_2"``
+    too) and checked against their shapes. Raises :class:`AdapterError` naming what does not
+    fit; nothing is changed."""
     path = Path(path)
     try:
         tensors = open_tensor_file(path)
@@ -205,19 +224,16 @@ def read_lora(path: str | Path, networks: Mapping[str, nnx.Module]) -> Lora:
         if unknown:
             raise AdapterError(f"{path}: {len(unknown)} keys are not LoRA weights sdjax "
                                f"reads: {_listing(unknown)}")
-        sdxl = [n for n in layers if n.startswith(_SDXL_PREFIXES)]
-        if sdxl:
-            raise AdapterError(f"{path}: an SDXL LoRA (it has {sdxl[0]}); this model is not "
-                               "SDXL")
-        names = _layer_names(networks)
+        names = _layer_names(networks, prefixes)
         peft = _peft_configs(tensors, path)
         missing = [n for n in layers if n not in names]
+        _refuse_other_family(path, missing, prefixes)
         if missing:
             raise AdapterError(f"{path}: {len(missing)} LoRA layers that this model does not "
                                f"have (a LoRA for another architecture?): {_listing(missing)}")
         shapes = {net: {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in
                         nnx.to_flat_state(nnx.state(networks[net], nnx.Param))}
-                  for net in NETWORKS}
+                  for net in prefixes}
         out, misfits = [], []
         for name, parts in sorted(layers.items()):
             if "down" not in parts or "up" not in parts:
@@ -258,6 +274,17 @@ def read_lora(path: str | Path, networks: Mapping[str, nnx.Module]) -> Lora:
     except WeightsError as e:  # missing, unreadable or corrupt file
         raise AdapterError(str(e)) from None
     return Lora(path.stem, tuple(out))
+
+
+def _refuse_other_family(path: Path, missing: list[str], prefixes: Prefixes) -> None:
+    """One line naming the mismatch when layers this model lacks are named as another
+    family's text encoder (an SDXL file on SD1, an SD1 file on SDXL or on a refiner)."""
+    for name in missing:
+        family = next((f for p, f in _FAMILY_PREFIXES.items() if name.startswith(p)), None)
+        if family is not None:
+            model = "an SDXL refiner" if prefixes is REFINER_PREFIXES else (
+                "SDXL" if prefixes is SDXL_PREFIXES else "SD1.x/SD2.x")
+            raise AdapterError(f"{path}: {family} (it has {name}); this model is {model}")
 
 
 Pristine = dict[tuple[str, tuple], jax.Array]   # (network, parameter path) -> un-merged value
