@@ -70,8 +70,8 @@ def _write_folder(pipe, dst: Path) -> None:
 
 def run(args) -> int:
     _check(args)
-    from sdjax.pipeline import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(args.src, dtype="float32", num_devices=1,
+    from sdjax.pipeline import pipeline_class
+    pipe = pipeline_class(args.src).from_pretrained(args.src, dtype="float32", num_devices=1,
                                                    **ModelOptions.from_args(args).kwargs())
     if pipe.note:
         print(pipe.note, file=sys.stderr)
