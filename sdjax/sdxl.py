@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdjax import model_defaults, validation
 from sdjax import prompts as prompt_syntax
-from sdjax import validation
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.weights.errors import WeightsError
 
@@ -121,7 +121,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     def save_pretrained(self, folder) -> Path:
         """A diffusers SDXL folder (float32; a refiner's with ``text_encoder``/``tokenizer``
         ``[null, null]``) that diffusers' and sdjax's from_pretrained load."""
-        from sdjax import model_defaults
         from sdjax.weights.export import save_sdxl_pipeline
         folder = save_sdxl_pipeline(
             folder, unet=self.network("unet"), vae=self.network("vae"),
