@@ -4,6 +4,7 @@
 diffusers is the oracle for the layouts: its ``from_single_file`` must read our files, and its
 ``from_pretrained`` our folders, as the weights they came from."""
 
+import dataclasses
 import json
 
 import jax
@@ -222,3 +223,63 @@ def test_convert_both_ways(xl, tmp_path):
     for part in ("unet/diffusion_pytorch_model", "text_encoder_2/model"):
         a, b = (_tensors(f / f"{part}.safetensors") for f in (folder, tmp_path / "xl"))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _distinct(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Small arrays of those shapes whose values tell every tensor and row apart."""
+    out, start = {}, 0
+    for key, shape in shapes.items():
+        size = int(np.prod(shape))
+        out[key] = np.arange(start, start + size, dtype=np.float32).reshape(shape)
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sdxl-refiner"])
+def test_we_read_a_full_size_file_as_diffusers_conversion_does(kind):
+    """At SDXL 1.0's real structure (UNet depth 10, two resnets per level, the 32-layer bigG),
+    a file with every tensor holding distinct values: each of our renamed tensors is the one
+    diffusers' single-file conversion puts under that name (no weights: one value per
+    tensor, and one per row where q/k/v are fused)."""
+    from diffusers.loaders import single_file_utils as dsf
+    from flax import nnx
+
+    from sdjax.models.clip_text import CLIPTextModelWithProjection
+    from sdjax.models.unet import UNet2DConditionModel
+    from sdjax.weights import compvis_names as cn
+    from sdjax.weights.diffusers_folder import _ShapeOnlyRngs
+    from sdjax.weights.export import parameter_keys
+
+    family = PRESETS[kind]
+    unet = nnx.eval_shape(lambda: UNet2DConditionModel(family.unet, rngs=_ShapeOnlyRngs()))
+    names = cn.rename_keys([k for k, _ in parameter_keys(unet).values()],
+                           cn.unet_blocks(family.unet), forward=False)
+    sgm = {cn.UNET_PREFIX + v: (1,) for v in names.values()}
+    bigg = family.text_encoder_2 or family.text_encoder
+    te = nnx.eval_shape(lambda: CLIPTextModelWithProjection(bigg, rngs=_ShapeOnlyRngs()))
+    # A row per hidden unit where q/k/v are fused (diffusers splits them by text_projection's
+    # first dimension, the hidden size), one value elsewhere.
+    h = bigg.hidden_size
+    te_keys = {key: (h, 1) if key.endswith("_proj.weight") else (h,) if key.endswith(
+        "_proj.bias") else (1, h) if key == "text_projection.weight" else (1,)
+        for key, _ in parameter_keys(te).values()}
+    refiner = kind == "sdxl-refiner"
+    prefix = cn.REFINER_OPENCLIP_PREFIX if refiner else cn.SDXL_OPENCLIP_PREFIX
+    sgm.update({k: v.shape for k, v in cn.openclip_to_compvis(
+        {k: np.zeros(s, np.float32) for k, s in te_keys.items()}, prefix).items()})
+    tensors = _distinct(sgm)
+    torch_tensors = {k: torch.from_numpy(v) for k, v in tensors.items()}
+
+    theirs = dsf.convert_ldm_unet_checkpoint(torch_tensors, dataclasses.asdict(family.unet))
+    ours = cn.unet_from_compvis(tensors, family.unet)
+    assert set(ours) == set(theirs) and len(ours) == len(names)
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key].numpy(), err_msg=key)
+
+    theirs = dsf.convert_open_clip_checkpoint(None, torch_tensors, prefix=prefix)
+    ours = cn.openclip_from_compvis(tensors, bigg, prefix, projection=True)
+    assert set(ours) == set(theirs) == {k if k.startswith("text_projection") else
+                                        "text_model." + k.removeprefix("text_model.")
+                                        for k in te_keys}
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key].numpy(), err_msg=key)
