@@ -120,7 +120,19 @@ def test_base_and_refiner_are_told_apart(xl, sd1_folder):
                        unet + "label_emb.0.0.weight": (1536, 2560),
                        "conditioner.embedders.0.model.positional_embedding": (77, 1280)})
     assert detect(base) is PRESETS["sdxl"] and detect(refiner) is PRESETS["sdxl-refiner"]
-    assert PRESETS["sdxl"].scheduler_config("epsilon")["_class_name"] == "EulerDiscreteScheduler"
+    # What such a file lacks comes from the presets: the bundled vocabulary padded as SDXL's
+    # tokenizers pad, stable-diffusion-xl-base-1.0's scheduler, the repositories' options.
+    from sdjax.weights.single_file import _complete
+    done = _complete(None, base, None, None)
+    assert sorted(done.configs) == ["text_encoder", "text_encoder_2", "unet", "vae"]
+    assert (done.tokenizer.pad_token, done.extra["tokenizer_2"].pad_token) == ("<|endoftext|>", "!")
+    assert done.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
+    assert done.extra["force_zeros_for_empty_prompt"] and \
+        not done.extra["requires_aesthetics_score"]
+    done = _complete(None, refiner, None, None)
+    assert sorted(done.configs) == ["text_encoder_2", "unet", "vae"]
+    assert done.tokenizer.pad_token == "!" and done.extra == {
+        "force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
 
     folder, _, path = xl["base"]
     # Tiny shapes are no SDXL 1.0: without config= the message says what to pass.

@@ -159,7 +159,7 @@ def _detect_sdxl(tensors, kind: str) -> Family:
     label = _shape(tensors, UNET_PREFIX + "label_emb.0.0.weight")
     if conv_in is None or label is None or conv_in[0] != width or label[-1] != added:
         raise WeightsError(
-            f"{getattr(tensors, 'path', 'file')}: an SDXL {kind} checkpoint whose shapes match "
+            f"{getattr(tensors, 'path', 'file')}: an SDXL {kind} checkpoint whose shapes are "
             f"not SDXL 1.0's (UNet conv_in {conv_in}, added embedding {label}); pass config= "
             "(--config) a diffusers SDXL folder with the matching configs")
     return PRESETS[name]
