@@ -44,8 +44,7 @@ SDXL_EULER_CONFIG = {
     "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
     "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
 }
-# What a file of each SDXL kind holds besides UNet and VAE: the first is CLIP ViT-L under
-# transformers' names, the OpenCLIP ViT-bigG ones have fused q/k/v.
+# The two kinds of SDXL checkpoint (Family.sdxl, sdxl_kind).
 SDXL_BASE, SDXL_REFINER = "base", "refiner"
 
 
