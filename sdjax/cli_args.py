@@ -109,7 +109,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(g, "vae", default=None, help="another VAE: a diffusers VAE folder or a single "
              "VAE file (e.g. vae-ft-mse-840000-ema-pruned.safetensors)")
     add_flag(g, "config", default=None, help="single files: a preset (sd15, sd15-inpainting, "
-             "sd21, sd21-v, sd2-inpainting) or a diffusers folder whose configs, tokenizer and "
+             "sd21, sd21-v, sd2-inpainting, sdxl, sdxl-refiner) or a diffusers folder whose "
+             "configs, tokenizer and "
              "scheduler to use; unset, the family is detected from the tensors")
     add_flag(g, "prediction_type", default=None, choices=["epsilon", "v_prediction"],
              help="override the model's; unset, its scheduler config decides (single files: "

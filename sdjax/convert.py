@@ -22,8 +22,8 @@ from sdjax.cli_args import ModelOptions, UsageError, add_flag, run_main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sdjax.convert",
-        description="Convert a Stable Diffusion model between a diffusers folder and an "
-                    "A1111/CompVis single .safetensors file.")
+        description="Convert a Stable Diffusion model (SD 1.x/2.x or SDXL) between a diffusers "
+                    "folder and an A1111/CompVis (SDXL: SGM) single .safetensors file.")
     p.add_argument("src", help="a diffusers folder, a .safetensors/.ckpt checkpoint or a hub id")
     p.add_argument("dst", type=Path, help="a .safetensors file (single file) or a folder "
                    "(diffusers layout)")
@@ -70,8 +70,8 @@ def _write_folder(pipe, dst: Path) -> None:
 
 def run(args) -> int:
     _check(args)
-    from sdjax.pipeline import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(args.src, dtype="float32", num_devices=1,
+    from sdjax.pipeline import pipeline_class
+    pipe = pipeline_class(args.src).from_pretrained(args.src, dtype="float32", num_devices=1,
                                                    **ModelOptions.from_args(args).kwargs())
     if pipe.note:
         print(pipe.note, file=sys.stderr)

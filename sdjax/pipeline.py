@@ -212,7 +212,7 @@ class StableDiffusionPipeline:
         if source.is_file():
             from sdjax.weights.single_file import load_single_file
             parts = load_single_file(source, config=config, prediction_type=prediction_type,
-                                     ema=ema, dtype=dtype, place=place)
+                                     ema=ema, dtype=dtype, place=place, sdxl=cls.SDXL)
         else:
             if config is not None or ema:
                 raise ValueError("config= and ema= are for single-file checkpoints; a "
@@ -767,14 +767,28 @@ def _lora_key(path: str | Path) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def _is_sdxl_file(path: Path) -> bool:
+    """Whether a single file is an SDXL checkpoint (from its tensor names); a file that cannot
+    be read is left to from_pretrained, which says why."""
+    from sdjax.weights.families import sdxl_kind
+    from sdjax.weights.files import open_tensor_file
+    try:
+        return sdxl_kind(open_tensor_file(path)) is not None
+    except WeightsError:
+        return False
+
+
 def pipeline_class(model: str) -> type[StableDiffusionPipeline]:
     """The pipeline that loads ``model`` (what the CLIs and the server use): SDXL folders
-    (``text_encoder_2`` in model_index.json) take StableDiffusionXLPipeline."""
+    (``text_encoder_2`` in model_index.json) and SDXL single files (``conditioner.embedders``
+    text encoders) take StableDiffusionXLPipeline."""
     from sdjax.weights.diffusers_folder import is_sdxl_index
     from sdjax.weights.files import read_json
 
-    index = resolve_model(model) / "model_index.json"
-    if index.is_file() and is_sdxl_index(read_json(index)):
+    source = resolve_model(model)
+    index = source / "model_index.json"
+    if (index.is_file() and is_sdxl_index(read_json(index))) or (
+            source.is_file() and _is_sdxl_file(source)):
         from sdjax.sdxl import StableDiffusionXLPipeline
         return StableDiffusionXLPipeline
     return StableDiffusionPipeline

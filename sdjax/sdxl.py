@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdjax import model_defaults, validation
 from sdjax import prompts as prompt_syntax
-from sdjax import validation
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.weights.errors import WeightsError
 
@@ -59,8 +59,10 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     def __init__(self, *, text_encoder_2=None, tokenizer_2=None,
                  force_zeros_for_empty_prompt: bool = True,
-                 requires_aesthetics_score: bool = False, **kwargs):
+                 requires_aesthetics_score: bool = False, tokenizer_2_dir: Path | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.tokenizer_2_dir = tokenizer_2_dir  # for saving; None = the bundled CLIP BPE
         if (text_encoder_2 is None) != (tokenizer_2 is None):
             raise ValueError("text_encoder_2 and tokenizer_2 go together (neither: a refiner, "
                              "whose one encoder is text_encoder)")
@@ -110,18 +112,40 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     def from_pretrained(cls, model: str, *args, **kwargs) -> StableDiffusionXLPipeline:
         """As :meth:`StableDiffusionPipeline.from_pretrained`, for SDXL diffusers folders (or hub
         ids of them): ``model_index.json`` with ``text_encoder_2`` and ``tokenizer_2``, and
-        ``text_encoder``/``tokenizer`` too except in a refiner's (``[null, null]``)."""
-        if Path(model).expanduser().is_file():
-            raise WeightsError(f"{model}: SDXL single-file checkpoints are not supported yet; "
-                               "use a diffusers folder (model_index.json, text_encoder_2/, ...)")
+        ``text_encoder``/``tokenizer`` too except in a refiner's (``[null, null]``); and for
+        SDXL single files (``sd_xl_base_1.0.safetensors``, ``sd_xl_refiner_1.0.safetensors``:
+        base or refiner detected from the tensors; ``config=`` the preset ``sdxl`` /
+        ``sdxl-refiner`` or a diffusers SDXL folder)."""
         return super().from_pretrained(model, *args, **kwargs)
 
     def save_pretrained(self, folder) -> Path:
-        # The SD writer knows one text encoder; writing half a model would look complete.
-        raise ValueError("saving SDXL pipelines is not supported yet")
+        """A diffusers SDXL folder (float32; a refiner's with ``text_encoder``/``tokenizer``
+        ``[null, null]``) that diffusers' and sdjax's from_pretrained load."""
+        from sdjax.weights.export import save_sdxl_pipeline
+        folder = save_sdxl_pipeline(
+            folder, unet=self.network("unet"), vae=self.network("vae"),
+            text_encoder=self.network("text_encoder"), tokenizer=self.tokenizer,
+            tokenizer_dir=self.tokenizer_dir,
+            text_encoder_2=None if self.is_refiner else self.network("text_encoder_2"),
+            tokenizer_2=self.tokenizer_2, tokenizer_2_dir=self.tokenizer_2_dir,
+            scheduler_config=self.scheduler_config,
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+            requires_aesthetics_score=self.requires_aesthetics_score)
+        model_defaults.write(folder, self.model_defaults)
+        return folder
 
     def save_single_file(self, path, half: bool = False) -> Path:
-        raise ValueError("saving SDXL pipelines is not supported yet")
+        """An SGM-layout ``.safetensors`` (as ``sd_xl_base_1.0.safetensors``; float16 with
+        ``half``) that the WebUI and diffusers' ``from_single_file`` load; written atomically."""
+        if self._embedding_tokens:
+            raise ValueError(f"embeddings ({', '.join(self._embedding_tokens)}) cannot be saved "
+                             "in a single file; use save_pretrained, or save without them")
+        from sdjax.weights.export import save_single_file
+        return save_single_file(
+            path, unet=self.network("unet"), vae=self.network("vae"),
+            text_encoder=self.network("text_encoder"),
+            text_encoder_2=None if self.is_refiner else self.network("text_encoder_2"),
+            half=half)
 
     # ------------------------------------------------------------------ host side
     def _conditioning_inputs(self, prompts: list[str], negatives: list[str], per_prompt: int,

@@ -210,8 +210,6 @@ def test_bad_sdxl_arguments(pipes):
         ours("a", crops_coords_top_left=(-1, 0))
     with pytest.raises(ValueError, match="entries in prompt_2"):
         ours(["a", "b"], prompt_2=["c", "d", "e"])
-    with pytest.raises(ValueError, match="saving SDXL"):
-        ours.save_pretrained("unused")
 
 
 def test_wrong_pipeline_and_strict_loading_name_the_sdxl_parts(sdxl_folder, sd1_folder,

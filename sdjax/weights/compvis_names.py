@@ -2,7 +2,9 @@
 
 A single file (``v1-5-pruned-emaonly.safetensors``) holds the three networks under
 ``model.diffusion_model.`` (UNet), ``first_stage_model.`` (VAE) and ``cond_stage_model.``
-(text encoder) in the original latent-diffusion layout. We rename those keys to the names a
+(text encoder) in the original latent-diffusion layout; SDXL's (Stability's "SGM" layout,
+``sd_xl_base_1.0.safetensors``) keep UNet and VAE there and the text encoders under
+``conditioner.embedders.N.``. We rename those keys to the names a
 diffusers folder uses, so the loader's existing ``table_*.py`` rules fill the networks; the
 export goes the other way. The layout depends on the network's shape (a UNet's
 ``input_blocks.N`` index counts resnets, attentions and downsamplers), so the renames are
@@ -20,7 +22,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from sdjax.models.clip_text import CLIPTextConfig
-from sdjax.models.unet import CROSS_DOWN, CROSS_UP, UNetConfig
+from sdjax.models.unet import CROSS_DOWN, CROSS_UP, TEXT_TIME, UNetConfig
 from sdjax.models.vae import VAEConfig
 from sdjax.weights.errors import WeightsError
 
@@ -28,6 +30,11 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."       # SD 1.x: transformers' CLIPTextModel
 OPENCLIP_PREFIX = "cond_stage_model.model."         # SD 2.x: OpenCLIP's text tower
+# SDXL base: CLIP ViT-L (transformers' names) and OpenCLIP ViT-bigG with its projection.
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+# SDXL refiner: OpenCLIP ViT-bigG alone, the first (only) embedder.
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 
 # (CompVis prefix, diffusers prefix, renames of what follows the prefix)
 Block = tuple[str, str, Mapping[str, str]]
@@ -45,7 +52,9 @@ VAE_CONV_ATTENTION = ("q.weight", "k.weight", "v.weight", "proj_out.weight")
 def unet_blocks(cfg: UNetConfig) -> list[Block]:
     """The UNet's CompVis blocks: ``input_blocks`` hold, per level, ``layers_per_block``
     (resnet, attention) pairs then a downsampler; ``output_blocks`` one more pair per level,
-    the upsampler sitting after the attention when there is one."""
+    the upsampler sitting after the attention when there is one. An attention's
+    ``transformer_blocks.N`` (SDXL: several per attention) keep their names inside it, and
+    SDXL's added-conditioning MLP is ``label_emb.0``."""
     n, per = len(cfg.block_out_channels), cfg.layers_per_block
     out: list[Block] = [("time_embed.0.", "time_embedding.linear_1.", {}),
                         ("time_embed.2.", "time_embedding.linear_2.", {}),
@@ -54,6 +63,9 @@ def unet_blocks(cfg: UNetConfig) -> list[Block]:
                         ("middle_block.0.", "mid_block.resnets.0.", _UNET_RESNET),
                         ("middle_block.1.", "mid_block.attentions.0.", {}),
                         ("middle_block.2.", "mid_block.resnets.1.", _UNET_RESNET)]
+    if cfg.addition_embed_type == TEXT_TIME:
+        out += [("label_emb.0.0.", "add_embedding.linear_1.", {}),
+                ("label_emb.0.2.", "add_embedding.linear_2.", {})]
     for i in range(n):
         cross = cfg.down_block_types[i] == CROSS_DOWN
         for j in range(per):
@@ -144,6 +156,7 @@ class _Source:
     key: str
     part: int = 0          # which third of a fused q/k/v tensor, when parts == 3
     parts: int = 1
+    transposed: bool = False   # OpenCLIP's text_projection is (in, out), a torch Linear's T
 
 
 class Renamed(Mapping[str, np.ndarray]):
@@ -155,6 +168,8 @@ class Renamed(Mapping[str, np.ndarray]):
     def __getitem__(self, key: str) -> np.ndarray:
         s = self._sources[key]
         value = self._tensors[s.key]
+        if s.transposed:
+            return value.T
         if s.parts == 1:
             return value
         rows = value.shape[0] // s.parts
@@ -164,6 +179,8 @@ class Renamed(Mapping[str, np.ndarray]):
         """Without reading the tensor (the source must answer ``shape`` too)."""
         s = self._sources[key]
         shape = tuple(self._tensors.shape(s.key))
+        if s.transposed:
+            return shape[::-1]
         return shape if s.parts == 1 else (shape[0] // s.parts, *shape[1:])
 
     def __iter__(self) -> Iterator[str]:
@@ -203,9 +220,10 @@ def under_prefix(tensors: Mapping[str, np.ndarray], prefix: str,
     return Renamed(tensors, {k: _Source(v) for k, v in keys.items()})
 
 
-def clip_from_compvis(tensors: Mapping[str, np.ndarray]) -> Renamed:
-    """SD 1.x: transformers' own names under a prefix (with or without ``text_model.``)."""
-    return under_prefix(tensors, CLIP_PREFIX)
+def clip_from_compvis(tensors: Mapping[str, np.ndarray], prefix: str = CLIP_PREFIX) -> Renamed:
+    """SD 1.x (and SDXL's first encoder, under ``SDXL_CLIP_PREFIX``): transformers' own names
+    under a prefix (with or without ``text_model.``)."""
+    return under_prefix(tensors, prefix)
 
 
 _OPENCLIP_LAYER = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.",
@@ -219,17 +237,24 @@ _OPENCLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
 _OPENCLIP_UNUSED = ("text_projection", "logit_scale")
 
 
-def openclip_from_compvis(tensors: Mapping[str, np.ndarray], cfg: CLIPTextConfig) -> Renamed:
+def openclip_from_compvis(tensors: Mapping[str, np.ndarray], cfg: CLIPTextConfig,
+                          prefix: str = OPENCLIP_PREFIX, projection: bool = False) -> Renamed:
     """SD 2.x: OpenCLIP's text tower under transformers' names. Its fused attention input
     projection becomes q/k/v; the last of its 24 layers, which SD 2.x skips (it conditions on
-    the penultimate layer's output), and the contrastive head are dropped."""
-    keys = strip_prefix(tensors, OPENCLIP_PREFIX, drop=_OPENCLIP_UNUSED)
+    the penultimate layer's output), and the contrastive head are dropped. SDXL
+    (``projection``): all layers are used (the pooled output reads the last), and
+    ``text_projection``, stored (in, out), is CLIPTextModelWithProjection's Linear."""
+    unused = ("logit_scale",) if projection else _OPENCLIP_UNUSED
+    keys = strip_prefix(tensors, prefix, drop=unused)
     sources: dict[str, _Source] = {}
     unknown = []
     skipped = f"transformer.resblocks.{cfg.num_hidden_layers}."
     for short, key in keys.items():
         if short in _OPENCLIP_TOP:
             sources["text_model." + _OPENCLIP_TOP[short]] = _Source(key)
+            continue
+        if short == "text_projection":
+            sources["text_projection.weight"] = _Source(key, transposed=True)
             continue
         if short.startswith(skipped):
             continue
@@ -274,24 +299,30 @@ def vae_to_compvis(tensors: Mapping[str, np.ndarray], cfg: VAEConfig) -> dict[st
     return out
 
 
-def clip_to_compvis(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {CLIP_PREFIX + k: v for k, v in tensors.items()}
+def clip_to_compvis(tensors: Mapping[str, np.ndarray],
+                    prefix: str = CLIP_PREFIX) -> dict[str, np.ndarray]:
+    return {prefix + k: v for k, v in tensors.items()}
 
 
-def openclip_to_compvis(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """transformers' names -> OpenCLIP's, with q/k/v fused back into ``in_proj``."""
+def openclip_to_compvis(tensors: Mapping[str, np.ndarray],
+                        prefix: str = OPENCLIP_PREFIX) -> dict[str, np.ndarray]:
+    """transformers' names -> OpenCLIP's, with q/k/v fused back into ``in_proj`` (and SDXL's
+    ``text_projection`` back to OpenCLIP's (in, out))."""
     top = {"text_model." + v: k for k, v in _OPENCLIP_TOP.items()}
     out: dict[str, np.ndarray] = {}
     fused: dict[str, list] = {}
     for key, value in tensors.items():
         if key in top:
-            out[OPENCLIP_PREFIX + top[key]] = value
+            out[prefix + top[key]] = value
+            continue
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = np.ascontiguousarray(value.T)
             continue
         head, _, rest = key.partition("text_model.encoder.layers.")
         layer, _, leaf = rest.partition(".")
         if head or not layer.isdigit():
             raise WeightsError(f"text encoder export: no OpenCLIP name for {key}")
-        base = f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}."
+        base = f"{prefix}transformer.resblocks.{layer}."
         if leaf.startswith("self_attn.") and leaf.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
             proj, kind = leaf.split(".")[1:3]
             slot = fused.setdefault(f"{base}attn.in_proj_{kind}", [None] * 3)

@@ -120,6 +120,23 @@ def has_no_first_encoder(index: dict) -> bool:
     return isinstance(value, list) and all(v is None for v in value)
 
 
+def folder_layout(sdxl: bool, one_encoder: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(networks, tokenizers) of a pipeline folder: SD's, SDXL base's (both encoders) or an
+    SDXL refiner's (``one_encoder``: text_encoder_2 and tokenizer_2 only)."""
+    if one_encoder:
+        return ("text_encoder_2", "vae", "unet"), ("tokenizer_2",)
+    return (("text_encoder", "vae", "unet") + (("text_encoder_2",) if sdxl else ()),
+            ("tokenizer",) + (("tokenizer_2",) if sdxl else ()))
+
+
+def sdxl_options(index: dict) -> dict:
+    """StableDiffusionXLPipeline's options from an SDXL model_index.json (diffusers' defaults
+    where it says nothing)."""
+    return dict(force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt",
+                                                            True)),
+                requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)))
+
+
 def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None = None,
                          variant: str | None = None, sdxl: bool = False) -> PipelineParts:
     """The networks, tokenizer(s) and scheduler config of a diffusers folder; ``sdxl``: the
@@ -128,11 +145,7 @@ def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None
     ``text_encoder_2``/``tokenizer_2``) come back as ``text_encoder``/``tokenizer``."""
     index = check_pipeline_folder(folder, sdxl=sdxl)
     one_encoder = sdxl and has_no_first_encoder(index)
-    if one_encoder:
-        components, tokenizers = ("text_encoder_2", "vae", "unet"), ("tokenizer_2",)
-    else:
-        components = ("text_encoder", "vae", "unet") + (("text_encoder_2",) if sdxl else ())
-        tokenizers = ("tokenizer",) + (("tokenizer_2",) if sdxl else ())
+    components, tokenizers = folder_layout(sdxl, one_encoder)
     configs = {c: read_config(folder, c) for c in components}
     # The networks and the tokenizers load side by side: building a network abstractly and
     # importing transformers for the tokenizer hold the GIL, reading and casting tensors
@@ -149,16 +162,12 @@ def load_pipeline_folder(folder: Path, *, dtype=jnp.float32, place: Place | None
         tok_future = pool.submit(lambda: {t: load_tokenizer(folder, t) for t in tokenizers})
         nets = {c: f.result() for c, f in futures.items()}
         toks = tok_future.result()
-    extra, first = {}, "tokenizer"
-    if sdxl:
-        extra = dict(force_zeros_for_empty_prompt=bool(
-                         index.get("force_zeros_for_empty_prompt", True)),
-                     requires_aesthetics_score=bool(index.get("requires_aesthetics_score",
-                                                              False)))
+    extra, first = (sdxl_options(index) if sdxl else {}), "tokenizer"
     if one_encoder:
         nets["text_encoder"], first = nets.pop("text_encoder_2"), "tokenizer_2"
     elif sdxl:
-        extra.update(text_encoder_2=nets.pop("text_encoder_2"), tokenizer_2=toks["tokenizer_2"])
+        extra.update(text_encoder_2=nets.pop("text_encoder_2"), tokenizer_2=toks["tokenizer_2"],
+                     tokenizer_2_dir=folder / "tokenizer_2")
     return PipelineParts(**nets, tokenizer=toks[first],
                          scheduler_config=read_json(folder / "scheduler" /
                                                     "scheduler_config.json"),

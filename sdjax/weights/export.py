@@ -28,6 +28,9 @@ from sdjax.models.vae import AutoencoderKL
 from sdjax.weights import table_clip, table_unet, table_vae
 from sdjax.weights.clip_bpe import EOS, write_clip_vocabulary
 from sdjax.weights.compvis_names import (
+    REFINER_OPENCLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
     clip_to_compvis,
     openclip_to_compvis,
     unet_to_compvis,
@@ -256,7 +259,10 @@ def save_scheduler(folder: str | Path, config: Mapping[str, Any]) -> Path:
     return folder
 
 
-def save_model_index(folder: str | Path, scheduler_class: str) -> Path:
+def save_model_index(folder: str | Path, scheduler_class: str,
+                     sdxl: Mapping[str, Any] | None = None) -> Path:
+    """model_index.json of a Stable Diffusion folder, or with ``sdxl`` (the SDXL pipeline's
+    entries: text_encoder_2, tokenizer_2, options) of an SDXL one."""
     index = {
         "_class_name": "StableDiffusionPipeline", **_diffusers_version(),
         "feature_extractor": [None, None], "image_encoder": [None, None],
@@ -267,6 +273,11 @@ def save_model_index(folder: str | Path, scheduler_class: str) -> Path:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    if sdxl is not None:
+        # diffusers' SDXL pipelines have no safety checker.
+        for key in ("requires_safety_checker", "safety_checker"):
+            del index[key]
+        index.update(sdxl)
     path = Path(folder) / "model_index.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(index, indent=2) + "\n")
@@ -280,41 +291,99 @@ def save_pipeline(folder: str | Path, *, unet: UNet2DConditionModel, vae: Autoen
     fills the text encoder's token ids; without it they are read from ``tokenizer_dir``
     (None: the bundled CLIP vocabulary, padded as ``tokenizer`` pads)."""
     folder = Path(folder)
-    if tokenizer is None:
-        from transformers import CLIPTokenizer
-        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     save_network(folder / "unet", unet)
     save_network(folder / "vae", vae)
-    save_network(folder / "text_encoder", text_encoder, text_encoder_token_ids(tokenizer))
-    save_tokenizer(folder / "tokenizer", tokenizer_dir, pad_token=tokenizer.pad_token)
-    if len(tokenizer) > tokenizer.vocab_size:
-        # Textual-inversion tokens live in the loaded tokenizer only; the files it came from
-        # lack them, and the text encoder's grown token table needs them.
-        tokenizer.save_pretrained(str(folder / "tokenizer"))
+    save_text_encoder(folder, "", text_encoder, tokenizer, tokenizer_dir)
     save_scheduler(folder / "scheduler", scheduler_config)
     save_model_index(folder, scheduler_config["_class_name"])
     return folder
 
 
-def single_file_tensors(*, unet: UNet2DConditionModel, vae: AutoencoderKL,
-                        text_encoder: CLIPTextModel) -> dict[str, np.ndarray]:
-    """The three networks under CompVis/A1111 single-file names (float32). The text encoder
-    is written the way its family stores it: OpenCLIP (SD 2.x, GELU) with fused q/k/v, or
-    OpenAI CLIP (SD 1.x, quick-GELU) under transformers' names."""
-    openclip = text_encoder.config.hidden_act == "gelu"
+def save_text_encoder(folder: Path, suffix: str, text_encoder: CLIPTextModel, tokenizer,
+                      tokenizer_dir: str | Path | None) -> None:
+    """``text_encoder{suffix}/`` and ``tokenizer{suffix}/``; ``tokenizer`` (a loaded
+    CLIPTokenizer, or None: read from ``tokenizer_dir``) fills the token ids."""
+    if tokenizer is None:
+        from transformers import CLIPTokenizer
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    save_network(folder / f"text_encoder{suffix}", text_encoder,
+                 text_encoder_token_ids(tokenizer))
+    save_tokenizer(folder / f"tokenizer{suffix}", tokenizer_dir, pad_token=tokenizer.pad_token)
+    if len(tokenizer) > tokenizer.vocab_size:
+        # Textual-inversion tokens live in the loaded tokenizer only; the files it came from
+        # lack them, and the text encoder's grown token table needs them.
+        tokenizer.save_pretrained(str(folder / f"tokenizer{suffix}"))
+
+
+def save_sdxl_pipeline(folder: str | Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                       text_encoder: CLIPTextModel, tokenizer, tokenizer_dir: str | Path | None,
+                       text_encoder_2: CLIPTextModel | None, tokenizer_2,
+                       tokenizer_2_dir: str | Path | None, scheduler_config: Mapping[str, Any],
+                       force_zeros_for_empty_prompt: bool,
+                       requires_aesthetics_score: bool) -> Path:
+    """A complete diffusers SDXL folder. Without ``text_encoder_2`` it is a refiner's: the one
+    encoder (``text_encoder``) goes to ``text_encoder_2/`` and ``text_encoder``/``tokenizer``
+    are ``[null, null]``, as diffusers' StableDiffusionXLImg2ImgPipeline writes it."""
+    folder = Path(folder)
+    refiner = text_encoder_2 is None
+    save_network(folder / "unet", unet)
+    save_network(folder / "vae", vae)
+    if refiner:
+        save_text_encoder(folder, "_2", text_encoder, tokenizer, tokenizer_dir)
+    else:
+        save_text_encoder(folder, "", text_encoder, tokenizer, tokenizer_dir)
+        save_text_encoder(folder, "_2", text_encoder_2, tokenizer_2, tokenizer_2_dir)
+    save_scheduler(folder / "scheduler", scheduler_config)
+    entries: dict[str, Any] = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner
+        else "StableDiffusionXLPipeline",
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt}
+    if refiner:
+        entries.update(text_encoder=[None, None], tokenizer=[None, None],
+                       requires_aesthetics_score=requires_aesthetics_score)
+    save_model_index(folder, scheduler_config["_class_name"], sdxl=entries)
+    return folder
+
+
+def _text_encoders_to_compvis(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                              text_encoder_2: CLIPTextModel | None) -> dict[str, np.ndarray]:
+    """The text encoders under the names their family stores them with: SDXL (a UNet with
+    added conditioning) under ``conditioner.embedders.N.`` (base: CLIP ViT-L then OpenCLIP
+    bigG; refiner: OpenCLIP bigG alone); SD 2.x's OpenCLIP (GELU) with fused q/k/v; SD 1.x's
+    OpenAI CLIP (quick-GELU) under transformers' names."""
     te = network_tensors(text_encoder)
+    if unet.config.addition_embed_type is not None:
+        if text_encoder_2 is None:
+            return openclip_to_compvis(te, REFINER_OPENCLIP_PREFIX)
+        return {**clip_to_compvis(te, SDXL_CLIP_PREFIX),
+                **openclip_to_compvis(network_tensors(text_encoder_2), SDXL_OPENCLIP_PREFIX)}
+    if text_encoder_2 is not None:
+        raise WeightsError("a second text encoder belongs to SDXL models only")
+    return openclip_to_compvis(te) if text_encoder.config.hidden_act == "gelu" \
+        else clip_to_compvis(te)
+
+
+def single_file_tensors(*, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                        text_encoder: CLIPTextModel,
+                        text_encoder_2: CLIPTextModel | None = None) -> dict[str, np.ndarray]:
+    """The networks under CompVis/A1111 (SDXL: SGM) single-file names (float32)."""
     return {**unet_to_compvis(network_tensors(unet), unet.config),
             **vae_to_compvis(network_tensors(vae), vae.config),
-            **(openclip_to_compvis(te) if openclip else clip_to_compvis(te))}
+            **_text_encoders_to_compvis(unet, text_encoder, text_encoder_2)}
 
 
 def save_single_file(path: str | Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL,
-                     text_encoder: CLIPTextModel, half: bool = False) -> Path:
-    """A CompVis-layout ``.safetensors`` (float16 with ``half``), written atomically."""
+                     text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel | None = None,
+                     half: bool = False) -> Path:
+    """A CompVis-layout (SDXL: SGM-layout) ``.safetensors`` (float16 with ``half``), written
+    atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise WeightsError(f"{path}: single files are written as .safetensors")
-    tensors = single_file_tensors(unet=unet, vae=vae, text_encoder=text_encoder)
+    tensors = single_file_tensors(unet=unet, vae=vae, text_encoder=text_encoder,
+                                  text_encoder_2=text_encoder_2)
     if half:
         tensors = {k: v.astype(np.float16) for k, v in tensors.items()}
     save_safetensors(tensors, path, {"format": "pt"})

@@ -1,8 +1,9 @@
 """The Stable Diffusion families a single file can be, and telling which one it is.
 
-A single file carries weights only. Each family here brings what the file lacks: the three
-network configs, the tokenizer's padding token and the scheduler config of the reference
-repository (SD 1.x: stable-diffusion-v1-5; SD 2.x: stable-diffusion-2-1 / -2-base). The
+A single file carries weights only. Each family here brings what the file lacks: the network
+configs, the tokenizers' padding tokens and the scheduler config of the reference repository
+(SD 1.x: stable-diffusion-v1-5; SD 2.x: stable-diffusion-2-1 / -2-base; SDXL:
+stable-diffusion-xl-base-1.0 / -refiner-1.0). The
 family is read from tensor names and shapes (from a safetensors header or a pickle's tensor
 metadata, without reading tensor data), never from the file name.
 """
@@ -14,7 +15,15 @@ import dataclasses
 from sdjax.models.clip_text import CLIPTextConfig
 from sdjax.models.unet import UNetConfig
 from sdjax.models.vae import VAEConfig
-from sdjax.weights.compvis_names import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdjax.weights.compvis_names import (
+    CLIP_PREFIX,
+    OPENCLIP_PREFIX,
+    REFINER_OPENCLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
 from sdjax.weights.errors import WeightsError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -26,6 +35,17 @@ _BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_lin
 PNDM_CONFIG = {"_class_name": "PNDMScheduler", **_BETAS, "prediction_type": "epsilon"}
 # ... and of stabilityai/stable-diffusion-2-1 (the 768 v-prediction model)
 DDIM_V_CONFIG = {"_class_name": "DDIMScheduler", **_BETAS, "prediction_type": "v_prediction"}
+# scheduler/scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0 (the refiner's
+# is the same), without its _diffusers_version.
+SDXL_EULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+# The two kinds of SDXL checkpoint (Family.sdxl, sdxl_kind).
+SDXL_BASE, SDXL_REFINER = "base", "refiner"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +57,10 @@ class Family:
     text_encoder: CLIPTextConfig
     openclip: bool               # SD 2.x: OpenCLIP text tower keys, padding with "!"
     prediction_type: str         # the family's default
+    # SDXL: "base" (text_encoder CLIP ViT-L + text_encoder_2 OpenCLIP bigG) or "refiner"
+    # (``text_encoder`` is OpenCLIP bigG with its projection, the folder's text_encoder_2).
+    sdxl: str | None = None
+    text_encoder_2: CLIPTextConfig | None = None
 
     @property
     def pad_token(self) -> str:
@@ -44,14 +68,16 @@ class Family:
 
     def scheduler_config(self, prediction_type: str) -> dict:
         """The reference repository's scheduler config for that prediction type: DDIM for
-        SD 2.x v-prediction (as stable-diffusion-2-1), PNDM otherwise."""
+        SD 2.x v-prediction (as stable-diffusion-2-1), Euler for SDXL, PNDM otherwise."""
+        if self.sdxl:
+            return {**SDXL_EULER_CONFIG, "prediction_type": prediction_type}
         base = DDIM_V_CONFIG if (self.openclip and prediction_type == "v_prediction") \
             else PNDM_CONFIG
         return {**base, "prediction_type": prediction_type}
 
     def for_prediction(self, prediction_type: str) -> Family:
         """SD 2.x: the v-model is the 768 one (stable-diffusion-2-1), epsilon the 512 base."""
-        if not self.openclip or self.unet.in_channels != 4:
+        if not self.openclip or self.unet.in_channels != 4 or self.sdxl:
             return dataclasses.replace(self, prediction_type=prediction_type)
         return PRESETS["sd21-v" if prediction_type == "v_prediction" else "sd21"]
 
@@ -70,20 +96,36 @@ PRESETS: dict[str, Family] = {f.name: f for f in (
     Family("sd2-inpainting", "SD 2.x inpainting",
             dataclasses.replace(_SD21_UNET, sample_size=64, in_channels=9), VAEConfig.sd15(),
             CLIPTextConfig.sd21(), True, "epsilon"),
+    Family("sdxl", "SDXL base", UNetConfig.sdxl_base(), VAEConfig.sdxl(), CLIPTextConfig.sd15(),
+           False, "epsilon", SDXL_BASE, CLIPTextConfig.sdxl_2()),
+    Family("sdxl-refiner", "SDXL refiner", UNetConfig.sdxl_refiner(), VAEConfig.sdxl(),
+           CLIPTextConfig.sdxl_2(), True, "epsilon", SDXL_REFINER),
 )}
+
+
+SD_PRESETS = [name for name, f in PRESETS.items() if not f.sdxl]
 
 
 def _shape(tensors, key: str) -> tuple[int, ...] | None:
     return tuple(tensors.shape(key)) if key in tensors else None
 
 
-def describe(tensors) -> str | None:
-    """What a file that is not a full SD 1.x/2.x checkpoint is, or None if it may be one."""
+def sdxl_kind(tensors) -> str | None:
+    """"base" or "refiner" for an SDXL checkpoint (from its text encoders' key names), else
+    None."""
     keys = list(tensors)
-    if any(k.startswith("conditioner.embedders.") for k in keys) or \
-            UNET_PREFIX + "label_emb.0.0.weight" in tensors:
-        return ("an SDXL checkpoint, which sdjax does not load from a single file yet (use "
-                "its diffusers folder with StableDiffusionXLPipeline)")
+    if any(k.startswith(SDXL_OPENCLIP_PREFIX) or k.startswith(SDXL_CLIP_PREFIX) for k in keys):
+        return SDXL_BASE
+    if any(k.startswith(REFINER_OPENCLIP_PREFIX) for k in keys):
+        return SDXL_REFINER
+    return None
+
+
+def describe(tensors) -> str | None:
+    """What a file that is not a full SD 1.x/2.x/SDXL checkpoint is, or None if it may be one."""
+    keys = list(tensors)
+    if any(k.startswith("conditioner.embedders.") for k in keys) and sdxl_kind(tensors) is None:
+        return "an SGM checkpoint whose text encoders are neither SDXL base's nor its refiner's"
     if any(k.startswith("control_model.") for k in keys):
         return "a ControlNet, not a Stable Diffusion model"
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k
@@ -106,11 +148,30 @@ def describe(tensors) -> str | None:
     return f"not a Stable Diffusion checkpoint ({len(keys)} tensors, e.g. {example})"
 
 
+# (UNet conv_in width, added-conditioning MLP input width) of the SDXL checkpoints.
+_SDXL_SHAPES = {SDXL_BASE: ("sdxl", 320, 2816), SDXL_REFINER: ("sdxl-refiner", 384, 2560)}
+
+
+def _detect_sdxl(tensors, kind: str) -> Family:
+    name, width, added = _SDXL_SHAPES[kind]
+    conv_in = _shape(tensors, UNET_PREFIX + "input_blocks.0.0.weight")
+    label = _shape(tensors, UNET_PREFIX + "label_emb.0.0.weight")
+    if conv_in is None or label is None or conv_in[0] != width or label[-1] != added:
+        raise WeightsError(
+            f"{getattr(tensors, 'path', 'file')}: an SDXL {kind} checkpoint whose shapes are "
+            f"not SDXL 1.0's (UNet conv_in {conv_in}, added embedding {label}); pass config= "
+            "(--config) a diffusers SDXL folder with the matching configs")
+    return PRESETS[name]
+
+
 def detect(tensors) -> Family:
     """The family of a single file, from its tensor names and shapes."""
     what = describe(tensors)
     if what is not None:
         raise WeightsError(f"{getattr(tensors, 'path', 'file')}: {what}")
+    kind = sdxl_kind(tensors)
+    if kind is not None:
+        return _detect_sdxl(tensors, kind)
     conv_in = _shape(tensors, UNET_PREFIX + "input_blocks.0.0.weight")
     to_k = _shape(tensors, UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     openclip = any(k.startswith(OPENCLIP_PREFIX) for k in tensors)
@@ -127,6 +188,6 @@ def detect(tensors) -> Family:
             f"{getattr(tensors, 'path', 'file')}: a Stable Diffusion checkpoint whose shapes "
             f"match no standard family (UNet conv_in {conv_in}, cross-attention key "
             f"{to_k}, text encoder {'OpenCLIP' if openclip else 'CLIP' if clip else 'none'}); "
-            f"pass config= (--config) a preset ({', '.join(PRESETS)}) or a diffusers folder "
+            f"pass config= (--config) a preset ({', '.join(SD_PRESETS)}) or a diffusers folder "
             "with the matching configs")
     return PRESETS[found]

@@ -1,5 +1,5 @@
-"""Loading a CompVis/A1111 single-file checkpoint (``.safetensors``, ``.ckpt``) as a pipeline,
-and a VAE from a single file or a diffusers VAE folder.
+"""Loading a CompVis/A1111 single-file checkpoint (``.safetensors``, ``.ckpt``; SDXL's in
+Stability's SGM layout) as a pipeline, and a VAE from a single file or a diffusers VAE folder.
 
 The file's keys are renamed to diffusers names (``compvis_names``) and go through the same
 strict tables as a diffusers folder. What the file lacks comes from its family
@@ -20,6 +20,9 @@ from sdjax.weights.clip_bpe import bundled_clip_tokenizer
 from sdjax.weights.compvis_names import (
     CLIP_PREFIX,
     OPENCLIP_PREFIX,
+    REFINER_OPENCLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     clip_from_compvis,
@@ -34,16 +37,26 @@ from sdjax.weights.diffusers_folder import (
     Place,
     build_network,
     check_pipeline_folder,
+    folder_layout,
+    has_no_first_encoder,
+    is_sdxl_index,
     load_tokenizer,
     network_dtype,
     read_config,
+    sdxl_options,
 )
 from sdjax.weights.errors import WeightsError
-from sdjax.weights.families import PREDICTION_TYPES, PRESETS, describe, detect
+from sdjax.weights.families import (
+    PREDICTION_TYPES,
+    PRESETS,
+    SDXL_REFINER,
+    describe,
+    detect,
+    sdxl_kind,
+)
 from sdjax.weights.files import open_component_weights, open_tensor_file, read_json
 
 _EMA = "model_ema."
-_NETS = ("text_encoder", "vae", "unet")
 # Buffers of the original LatentDiffusion module: the noise schedule it derives from its
 # config (the scheduler config holds the same), and EMA bookkeeping. Read and dropped.
 _LDM_BUFFERS = {
@@ -52,6 +65,7 @@ _LDM_BUFFERS = {
     "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "model_ema.decay", "model_ema.num_updates",
+    "denoiser.sigmas",   # SGM (SDXL) files trained with Stability's code: the same schedule
 }
 
 
@@ -93,7 +107,8 @@ def _unet_keys(tensors, ema: bool) -> tuple[dict[str, str], str]:
 
 
 def _check_unknown(tensors) -> None:
-    known = (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPENCLIP_PREFIX, _EMA)
+    known = (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPENCLIP_PREFIX, SDXL_CLIP_PREFIX,
+             SDXL_OPENCLIP_PREFIX, REFINER_OPENCLIP_PREFIX, _EMA)
     stray = sorted(k for k in tensors if not k.startswith(known) and k not in _LDM_BUFFERS)
     if stray:
         more = f" … and {len(stray) - 8} more" if len(stray) > 8 else ""
@@ -104,12 +119,14 @@ def _check_unknown(tensors) -> None:
 @dataclasses.dataclass
 class _Completion:
     """What the file lacks, and from where: network configs, tokenizer, scheduler."""
-    configs: dict[str, Any]
+    configs: dict[str, Any]          # network (a folder's component name) -> config
     tokenizer: Any
     tokenizer_dir: Path | None       # None: the bundled CLIP vocabulary
     scheduler_config: dict
     label: str                       # what the file is, for the loading line
     prediction_source: str           # where its prediction type came from
+    # SDXL: the pipeline's options and tokenizer_2 (+ its dir); text_encoder_2 is added later.
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 def _prediction(explicit: str | None, from_yaml: str | None, default: str,
@@ -122,40 +139,103 @@ def _prediction(explicit: str | None, from_yaml: str | None, default: str,
     return default, default_source
 
 
+def _from_folder(folder: Path, kind: str | None, explicit: str | None,
+                 from_yaml: str | None) -> _Completion:
+    """What a diffusers folder brings: configs, tokenizer(s), scheduler, SDXL options. Its
+    layout must be the file's (SD, SDXL base or SDXL refiner)."""
+    index_path = folder / "model_index.json"
+    if index_path.is_file() and is_sdxl_index(read_json(index_path)) != (kind is not None):
+        raise WeightsError(f"config {folder} is {'not ' if kind else ''}an SDXL folder and the "
+                           f"file {'is' if kind else 'is not'} an SDXL checkpoint")
+    index = check_pipeline_folder(folder, sdxl=kind is not None)
+    refiner = kind is not None and has_no_first_encoder(index)
+    if kind is not None and refiner != (kind == SDXL_REFINER):
+        raise WeightsError(f"config {folder} is an SDXL {'refiner' if refiner else 'base'} "
+                           f"folder, the file an SDXL {kind}")
+    components, tokenizers = folder_layout(kind is not None, refiner)
+    toks = {t: load_tokenizer(folder, t) for t in tokenizers}
+    extra = sdxl_options(index) if kind is not None else {}
+    if kind is not None and not refiner:
+        extra.update(tokenizer_2=toks["tokenizer_2"], tokenizer_2_dir=folder / "tokenizer_2")
+    sched = read_json(folder / "scheduler" / "scheduler_config.json")
+    pt, why = _prediction(explicit, from_yaml, sched.get("prediction_type", "epsilon"),
+                          f"from {folder / 'scheduler'}")
+    what = "Stable Diffusion" if kind is None else f"SDXL {kind}"
+    return _Completion({c: read_config(folder, c) for c in components}, toks[tokenizers[0]],
+                       folder / tokenizers[0], {**sched, "prediction_type": pt},
+                       f"{what} (configs from {folder})", why, extra)
+
+
 def _complete(config, tensors, explicit: str | None, from_yaml: str | None) -> _Completion:
+    kind = sdxl_kind(tensors)
     if config is not None and str(config) not in PRESETS:
         folder = Path(config).expanduser()
         if not folder.is_dir():
             raise WeightsError(f"config {config!r} is neither a preset ({', '.join(PRESETS)}) "
                                "nor a diffusers folder")
-        check_pipeline_folder(folder)
-        sched = read_json(folder / "scheduler" / "scheduler_config.json")
-        pt, why = _prediction(explicit, from_yaml, sched.get("prediction_type", "epsilon"),
-                              f"from {folder / 'scheduler'}")
-        return _Completion({c: read_config(folder, c) for c in _NETS}, load_tokenizer(folder),
-                           folder / "tokenizer", {**sched, "prediction_type": pt},
-                           f"Stable Diffusion (configs from {folder})", why)
+        return _from_folder(folder, kind, explicit, from_yaml)
     if config is not None:
         family, how, default_why = PRESETS[str(config)], f"--config {config}", "family default"
+        if family.sdxl != kind:
+            file_is = f"an SDXL {kind}" if kind else "a Stable Diffusion 1.x/2.x"
+            raise WeightsError(f"--config {config} is for {family.label} models; the file is "
+                               f"{file_is} checkpoint")
     else:
         family, default_why = detect(tensors), "family default"
         how = "detected from the tensors; --config to choose another"
-        if family.openclip and family.unet.in_channels == 4 and \
+        if family.openclip and family.unet.in_channels == 4 and not family.sdxl and \
                 getattr(tensors, "extras", {}).get("global_step") == 875000:
             # diffusers' rule: the SD 2 512 base model (epsilon) stopped at step 875000.
             family, default_why = PRESETS["sd21"], "global_step 875000: the SD 2 base model"
     pt, why = _prediction(explicit, from_yaml, family.prediction_type, default_why)
     family = family.for_prediction(pt)
-    configs = {"unet": family.unet, "vae": family.vae, "text_encoder": family.text_encoder}
+    # A refiner's one encoder is a folder's text_encoder_2 (OpenCLIP with its projection).
+    first = "text_encoder_2" if family.sdxl == SDXL_REFINER else "text_encoder"
+    configs = {"unet": family.unet, "vae": family.vae, first: family.text_encoder}
+    extra: dict[str, Any] = {}
+    if family.sdxl:
+        # stable-diffusion-xl-base-1.0's model_index.json, and -refiner-1.0's.
+        refiner = family.sdxl == SDXL_REFINER
+        extra = dict(force_zeros_for_empty_prompt=not refiner,
+                     requires_aesthetics_score=refiner)
+        if family.text_encoder_2 is not None:
+            configs["text_encoder_2"] = family.text_encoder_2
+            extra.update(tokenizer_2=bundled_clip_tokenizer("!"), tokenizer_2_dir=None)
     return _Completion(configs, bundled_clip_tokenizer(family.pad_token), None,
-                       family.scheduler_config(pt), f"{family.label} ({how})", why)
+                       family.scheduler_config(pt), f"{family.label} ({how})", why, extra)
+
+
+def _text_encoder_views(tensors, kind: str | None, configs: dict) -> dict:
+    """The text encoders of the file under transformers' names, by folder component."""
+    if kind == SDXL_REFINER:
+        return {"text_encoder_2": openclip_from_compvis(
+            tensors, configs["text_encoder_2"], REFINER_OPENCLIP_PREFIX, projection=True)}
+    if kind is not None:
+        return {"text_encoder": clip_from_compvis(tensors, SDXL_CLIP_PREFIX),
+                "text_encoder_2": openclip_from_compvis(
+                    tensors, configs["text_encoder_2"], SDXL_OPENCLIP_PREFIX, projection=True)}
+    if any(k.startswith(OPENCLIP_PREFIX) for k in tensors):
+        return {"text_encoder": openclip_from_compvis(tensors, configs["text_encoder"])}
+    return {"text_encoder": clip_from_compvis(tensors)}
+
+
+def _check_pipeline(path: Path, kind: str | None, sdxl: bool) -> None:
+    """An SDXL file goes to StableDiffusionXLPipeline, any other to StableDiffusionPipeline."""
+    if kind is not None and not sdxl:
+        raise WeightsError(f"{path} is an SDXL {kind} checkpoint: load it with "
+                           "sdjax.StableDiffusionXLPipeline")
+    if kind is None and sdxl:
+        raise WeightsError(f"{path} is not an SDXL checkpoint (no conditioner.embedders.* "
+                           "text encoders): load it with sdjax.StableDiffusionPipeline")
 
 
 def load_single_file(path: Path, *, config=None, prediction_type: str | None = None,
-                     ema: bool = False, dtype=jnp.float32,
-                     place: Place | None = None) -> PipelineParts:
-    """A CompVis/A1111 checkpoint as pipeline parts. ``config``: None (detect the family), a
-    preset name, or a diffusers folder whose configs, tokenizer and scheduler to use."""
+                     ema: bool = False, dtype=jnp.float32, place: Place | None = None,
+                     sdxl: bool = False) -> PipelineParts:
+    """A CompVis/A1111 (SDXL: SGM) checkpoint as pipeline parts. ``config``: None (detect the
+    family), a preset name, or a diffusers folder whose configs, tokenizer(s) and scheduler to
+    use. ``sdxl``: the caller is StableDiffusionXLPipeline (a file of the other kind fails
+    before any weights are read)."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
                          f"not {prediction_type!r}")
@@ -163,26 +243,29 @@ def load_single_file(path: Path, *, config=None, prediction_type: str | None = N
     what = describe(tensors)
     if what is not None:
         raise WeightsError(f"{path}: {what}")
+    kind = sdxl_kind(tensors)
+    _check_pipeline(path, kind, sdxl)
     _check_unknown(tensors)
     unet_keys, ema_note = _unet_keys(tensors, ema)
     done = _complete(config, tensors, prediction_type, _yaml_prediction(path))
     cfgs = done.configs
-    openclip = any(k.startswith(OPENCLIP_PREFIX) for k in tensors)
-    views = {
-        "unet": unet_from_compvis(tensors, cfgs["unet"], unet_keys),
-        "vae": vae_from_compvis(tensors, cfgs["vae"]),
-        "text_encoder": openclip_from_compvis(tensors, cfgs["text_encoder"]) if openclip
-        else clip_from_compvis(tensors),
-    }
+    views = {"unet": unet_from_compvis(tensors, cfgs["unet"], unet_keys),
+             "vae": vae_from_compvis(tensors, cfgs["vae"]),
+             **_text_encoder_views(tensors, kind, cfgs)}
     nets = {c: build_network(c, cfgs[c], views[c], dtype=network_dtype(c, cfgs[c], dtype),
                              place=place, what=f"{path} ({c}, keys renamed from CompVis)")
-            for c in _NETS}
+            for c in cfgs}
+    extra = dict(done.extra)
+    if kind == SDXL_REFINER:
+        nets["text_encoder"] = nets.pop("text_encoder_2")
+    elif kind is not None:
+        extra["text_encoder_2"] = nets.pop("text_encoder_2")
     pt = done.scheduler_config["prediction_type"]
     note = (f"{path.name}: {done.label}; {ema_note}; prediction type {pt} "
             f"({done.prediction_source}; --prediction_type / prediction_type= to change)")
     return PipelineParts(**nets, tokenizer=done.tokenizer,
                          scheduler_config=done.scheduler_config,
-                         tokenizer_dir=done.tokenizer_dir, note=note)
+                         tokenizer_dir=done.tokenizer_dir, note=note, extra=extra)
 
 
 def load_vae(source: str | Path, cfg: VAEConfig | None = None, *, dtype=jnp.float32,
