@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"{args.model} UNet, {args.size}² ({side}x{side} latents), batch {args.batch}, "
           f"{args.runs} profiled runs each; sdjax options: {options or 'XLA defaults'}")
-    print(f"| op class | sdjax ms | diffusers ms | sdjax / diffusers |\n| --- | --- | --- | --- |")
+    print("| op class | sdjax ms | diffusers ms | sdjax / diffusers |\n| --- | --- | --- | --- |")
     for c in CLASSES:
         ratio = f"{ours[c] / theirs[c]:.2f}" if theirs[c] > 0 else "n/a"
         print(f"| {c} | {ours[c]:.1f} | {theirs[c]:.1f} | {ratio} |")
