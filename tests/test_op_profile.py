@@ -47,3 +47,13 @@ def test_torch_op_names_map_to_classes():
     assert torch_class("aten::native_group_norm") == "reduction"
     assert torch_class("aten::cat") == "copy/concat"
     assert torch_class("aten::silu") == torch_class("aten::add") == "elementwise"
+
+
+def test_profile_charges_the_traced_time_to_classes():
+    from benchmarks.op_profile import sdjax_profile
+
+    args = (np.ones((2, 32, 32, 32), np.float32), np.ones((3, 3, 32, 32), np.float32),
+            np.ones((32, 32), np.float32))
+    per_class, wall_ms = sdjax_profile(_conv_dot_loop, args, runs=1, options=None)
+    assert set(per_class) == set(CLASSES) and wall_ms > 0
+    assert per_class["attention"] > 0 and per_class["convolution"] > 0, per_class
