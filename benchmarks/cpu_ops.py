@@ -9,6 +9,9 @@ Prints median milliseconds for:
   sdjax's (layers.attention: heads and query blocks in a loop, late normalisation), torch SDPA;
 - GroupNorm + SiLU at UNet/VAE shapes up to the SD VAE decoder's at 512²: one reduction over
   (space, group channels), sdjax's (per-channel sums, then per group), torch;
+- each level of the model's UNet at --size: its 3x3 convolution and GEGLU projection, with
+  XLA's defaults (YNNPACK), without YNNPACK, and in torch (``benchmarks.op_profile`` splits
+  the whole UNet's time by op class);
 - the model's UNet (batch 2, one evaluation) and VAE decode (batch 1) at --size pixels,
   compiled with XLA's default options and with sdjax's (parallel.compiler_options: no YNNPACK
   hand-off up to 256x256 pixels, XLA's defaults above), and in diffusers.
@@ -110,6 +113,44 @@ def ops(repeats: int) -> None:
               f"sdjax {ours:.2f} ms, torch {ref:.2f} ms", flush=True)
 
 
+def unet_level_ops(model: str, size: int | None, repeats: int) -> None:
+    """Each UNet level's 3x3 convolution (batch 2, channels in = out) and GEGLU projection
+    (dim -> 8 dim over the level's tokens) at --size: XLA's defaults (YNNPACK), XLA's own
+    kernels (YNNPACK off), torch."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    cfg = read_config(ensure_folder(model), "unet")
+    side = (size // 8) if size else cfg.sample_size
+    rng = np.random.default_rng(0)
+    no_ynn = parallel.compiler_options(parallel.make_mesh(1), 1)
+
+    def conv3x3(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    for level, ch in enumerate(cfg.block_out_channels):
+        s = side >> level
+        x = rng.standard_normal((2, s, s, ch), np.float32)
+        w = rng.standard_normal((3, 3, ch, ch), np.float32) * 0.05
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
+        rows = {"XLA defaults": jax_ms(conv3x3, x, w, repeats=repeats),
+                "YNNPACK off": jax_ms(conv3x3, x, w, repeats=repeats, options=no_ynn),
+                "torch": torch_ms(lambda a, b: F.conv2d(a, b, padding=1), xt, wt,
+                                  repeats=repeats)}
+        print(f"conv 3x3 2x{s}x{s}x{ch} -> {ch}: "
+              + ", ".join(f"{label} {ms:.1f} ms" for label, ms in rows.items()), flush=True)
+        tokens = rng.standard_normal((2 * s * s, ch), np.float32)
+        kernel = rng.standard_normal((ch, 8 * ch), np.float32) * 0.05
+        tt, kt = torch.from_numpy(tokens), torch.from_numpy(kernel.T.copy())
+        rows = {"XLA defaults": jax_ms(jnp.dot, tokens, kernel, repeats=repeats),
+                "YNNPACK off": jax_ms(jnp.dot, tokens, kernel, repeats=repeats, options=no_ynn),
+                "torch": torch_ms(F.linear, tt, kt, repeats=repeats)}
+        print(f"GEGLU projection {2 * s * s}x{ch} -> {8 * ch}: "
+              + ", ".join(f"{label} {ms:.1f} ms" for label, ms in rows.items()), flush=True)
+
+
 def networks(model: str, size: int | None, repeats: int) -> None:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -164,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} torch threads")
     if args.only != "networks":
         ops(args.repeats)
+        unet_level_ops(args.model, args.size, args.repeats)
     if args.only != "ops":
         networks(args.model, args.size, args.repeats)
 
