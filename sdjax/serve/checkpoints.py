@@ -48,13 +48,34 @@ class ModelRegistry:
     """Titles, the current one (``sd_model_checkpoint``) and the pipelines loaded so far.
     Loaded pipelines stay loaded: switching back costs neither a load nor a compile."""
 
-    def __init__(self, sources: dict[str, str], load: Loader, lora_dir: Path | None = None):
+    def __init__(self, sources: dict[str, str], load: Loader, lora_dir: Path | None = None,
+                 refiner: str | None = None):
         self.sources = dict(sources)
         self.lora_dir = lora_dir  # where prompts' <lora:name:w> tags find their files
         self._load = load
         self._loaded: dict[str, StableDiffusionPipeline] = {}
         self._lock = threading.Lock()
         self.current = next(iter(self.sources))
+        # The one refiner requests may name (refiner_checkpoint). As in the WebUI it is one
+        # of the checkpoints too: listed, and loaded once for both uses.
+        self.refiner: str | None = None
+        if refiner is not None:
+            title = _title(refiner)
+            if self.sources.setdefault(title, refiner) != refiner:
+                raise ValueError(f"two models are both called {title!r}; rename one folder")
+            self.refiner = title
+
+    def find_refiner(self, name: str | None) -> str | None:
+        """The refiner a request's ``refiner_checkpoint`` names, or None when it names none
+        (absent, empty or the WebUI's "None"); ValueError when it names another model."""
+        if name is None or name.strip() in ("", "None", "none"):
+            return None
+        title = self.find(name)
+        if title is None or title != self.refiner:
+            offered = (f"this server's refiner is {self.refiner!r}" if self.refiner else
+                       "this server has no refiner (python -m sdjax.serve --refiner MODEL)")
+            raise ValueError(f"refiner_checkpoint {name!r} is not a refiner here: {offered}")
+        return title
 
     def find(self, name: str | None) -> str | None:
         """The title a client means (a title, its file name, or the WebUI's ``title [hash]``
