@@ -70,23 +70,24 @@ class ModelRegistry:
         (absent, empty or the WebUI's "None"); ValueError when it names another model."""
         if name is None or name.strip() in ("", "None", "none"):
             return None
-        title = self.find(name)
-        if title is None or title != self.refiner:
+        # The refiner first: a base model's folder may have the same name.
+        if self.refiner is None or not self._names(self.refiner, name):
             offered = (f"this server's refiner is {self.refiner!r}" if self.refiner else
                        "this server has no refiner (python -m sdjax.serve --refiner MODEL)")
             raise ValueError(f"refiner_checkpoint {name!r} is not a refiner here: {offered}")
-        return title
+        return self.refiner
 
     def find(self, name: str | None) -> str | None:
         """The title a client means (a title, its file name, or the WebUI's ``title [hash]``
         form), or None when there is no such model."""
         if name is None or name == "":
             return self.current
-        name = name.split(" [")[0].strip()
-        for title, source in self.sources.items():
-            if name in (title, source, Path(source).name):
-                return title
-        return None
+        return next((title for title in self.sources if self._names(title, name)), None)
+
+    def _names(self, title: str, name: str) -> bool:
+        """Whether ``name`` (a title, a file name, ``title [hash]``) means ``title``."""
+        source = self.sources[title]
+        return name.split(" [")[0].strip() in (title, source, Path(source).name)
 
     def get(self, title: str) -> StableDiffusionPipeline:
         with self._lock:  # one load at a time; a second request for it waits for the first
