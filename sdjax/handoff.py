@@ -71,16 +71,20 @@ def parameters(name: str, switch_at: float) -> dict[str, str]:
 def refine(base, refiner, prompt: str | Sequence[str], *, switch_at: float,
            negative_prompt=None, prompt_2=None, negative_prompt_2=None,
            aesthetic_score: float | None = None, height: int | None = None,
-           width: int | None = None, output_type: str = "uint8", **shared):
+           width: int | None = None, original_size=None, crops_coords_top_left=None,
+           target_size=None, output_type: str = "uint8", **shared):
     """``base`` up to ``switch_at``, then ``refiner`` from there; returns the refiner's
     PipelineOutput. ``shared`` goes to both calls (num_inference_steps, guidance_scale,
     scheduler, seed / seeds, image_indices, batch_size_per_device, nan_check, guidance
     options): the refiner must continue the base's schedule with the same noise stream. The
-    second prompts and the size go to the base, the aesthetic score to the refiner (whose
-    one encoder reads ``prompt``, as diffusers pairs them)."""
+    second prompts, the output size and SDXL's size time ids go to the base (the refiner's
+    time ids default to the image's size, as diffusers' do), the aesthetic score to the
+    refiner, whose one encoder reads ``prompt`` (as diffusers pairs them)."""
     latents = base(prompt, negative_prompt=negative_prompt, prompt_2=prompt_2,
                    negative_prompt_2=negative_prompt_2, height=height, width=width,
-                   denoising_end=switch_at, output_type="latent", **shared).images
+                   original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                   target_size=target_size, denoising_end=switch_at, output_type="latent",
+                   **shared).images
     score = {} if aesthetic_score is None else {"aesthetic_score": aesthetic_score}
     return refiner(prompt, negative_prompt=negative_prompt, image=latents,
                    denoising_start=switch_at, output_type=output_type, **score, **shared)

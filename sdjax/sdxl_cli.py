@@ -27,6 +27,29 @@ def add_sdxl_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(g, "aesthetic_score", type=float, default=None, help="SDXL refiners (--refiner, "
              "or a refiner --model with --image): the aesthetic score the images are "
              "conditioned on (default 6.0)")
+    for name, meaning in SIZE_FLAGS.items():
+        add_flag(g, name, type=parse_pair, default=None, metavar=meaning[0],
+                 help=f"SDXL base models: the {meaning[1]} time ids (diffusers' {name})")
+
+
+# SDXL's size conditioning: flag -> (metavar, what it is, its metadata field).
+SIZE_FLAGS = {
+    "original_size": ("H,W", "original size (default: the output's)", "Original size"),
+    "crops_coords_top_left": ("TOP,LEFT", "crop's top-left corner (default 0,0)",
+                              "Crop top left"),
+    "target_size": ("H,W", "target size (default: the output's)", "Target size"),
+}
+
+
+def parse_pair(value: str) -> tuple[int, int]:
+    """``H,W`` (or ``TOP,LEFT``) -> two non-negative integers."""
+    try:
+        a, b = (int(x) for x in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers A,B, got {value!r}") from None
+    if a < 0 or b < 0:
+        raise argparse.ArgumentTypeError(f"expected two non-negative integers, got {value!r}")
+    return a, b
 
 
 def check_sdxl_args(args: argparse.Namespace) -> None:
@@ -48,11 +71,11 @@ def check_sdxl_args(args: argparse.Namespace) -> None:
 
 def check_sdxl_models(args: argparse.Namespace) -> None:
     """What the models' files tell (model_index.json), before either model loads."""
-    if (args.prompt_2 is not None or args.negative_prompt_2 is not None) \
-            and not handoff.is_sdxl(args.model):
-        flag = "--prompt_2" if args.prompt_2 is not None else "--negative_prompt_2"
-        raise UsageError(f"{flag} is for SDXL models (their second text encoder); "
-                         f"{args.model} is not one")
+    given = [k for k in ("prompt_2", "negative_prompt_2", *SIZE_FLAGS)
+             if getattr(args, k) is not None]
+    if given and not handoff.is_sdxl(args.model):
+        raise UsageError(f"--{given[0]} is for SDXL models (their second text encoder and "
+                         f"size conditioning); {args.model} is not one")
     if args.refiner is not None:
         try:
             handoff.check_pair(args.model, args.refiner)
@@ -62,8 +85,8 @@ def check_sdxl_models(args: argparse.Namespace) -> None:
 
 def base_call_args(args: argparse.Namespace) -> dict:
     """What each call of the --model pipeline adds (or, with a refiner, each hand-off)."""
-    out = {k: getattr(args, k) for k in ("prompt_2", "negative_prompt_2", "aesthetic_score")
-           if getattr(args, k) is not None}
+    out = {k: getattr(args, k) for k in ("prompt_2", "negative_prompt_2", "aesthetic_score",
+                                         *SIZE_FLAGS) if getattr(args, k) is not None}
     if args.refiner is not None:
         out["switch_at"] = args.refiner_switch_at
     return out
@@ -76,4 +99,7 @@ def sdxl_parameters(args: argparse.Namespace) -> dict[str, str]:
         fields.update(handoff.parameters(args.refiner, args.refiner_switch_at))
     if args.aesthetic_score is not None:
         fields["Aesthetic score"] = f"{args.aesthetic_score:g}"
+    for name, (_, _, field) in SIZE_FLAGS.items():
+        if getattr(args, name) is not None:
+            fields[field] = " ".join(map(str, getattr(args, name)))  # no comma: a separator
     return fields

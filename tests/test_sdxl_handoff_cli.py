@@ -62,7 +62,7 @@ def test_cli_handoff_is_the_api_handoff(sdxl_folder, sdxl_refiner_folder, one_de
         "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt_2", "an oil painting",
         "--negative_prompt", "green", "--aesthetic_score", 7, "--steps", 4, "--scheduler",
         "euler_a", "--height", 16, "--width", 16, "--seed", 3, "--num_devices", 1,
-        "--outdir", tmp_path)])
+        "--original_size", "32,24", "--outdir", tmp_path)])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "refiner:" in err
@@ -72,14 +72,17 @@ def test_cli_handoff_is_the_api_handoff(sdxl_folder, sdxl_refiner_folder, one_de
     assert (meta["prompt"], meta["Seed"], meta["Seed index"]) == (PROMPTS[1], "3", "1")
     assert (meta["Refiner"], meta["Refiner switch at"], meta["Aesthetic score"]) == (
         str(sdxl_refiner_folder), "0.5", "7")
+    assert meta["Original size"] == "32 24"
 
     handoff = dict(switch_at=0.5, negative_prompt="green", aesthetic_score=7.0, seed=3, **CALL)
-    expected = refine(base, refiner, PROMPTS, prompt_2="an oil painting", **handoff).images
+    expected = refine(base, refiner, PROMPTS, prompt_2="an oil painting",
+                      original_size=(32, 24), **handoff).images
     np.testing.assert_array_equal(np.stack([np.asarray(Image.open(f)) for f in files]),
                                   expected)
-    # --prompt_2 reached the base's second encoder: without it the images differ.
-    plain = refine(base, refiner, PROMPTS, **handoff).images
-    assert np.abs(plain.astype(int) - expected).max() > 2
+    # --prompt_2 and --original_size reached the base: without either the images differ.
+    for other in (dict(original_size=(32, 24)), dict(prompt_2="an oil painting")):
+        plain = refine(base, refiner, PROMPTS, **other, **handoff).images
+        assert np.abs(plain.astype(int) - expected).max() > 2
 
 
 def test_handoff_from_eight_devices(sdxl_folder, one_device):
@@ -109,6 +112,7 @@ def test_handoff_from_eight_devices(sdxl_folder, one_device):
     (["--refiner_switch_at", "0.5"], "--refiner_switch_at needs a --refiner"),
     (["--refiner", "{ref}", "--image", "{tmp}/in.png"], "does not apply with --image"),
     (["--model", "{sd1}", "--negative_prompt_2", "x"], "--negative_prompt_2 is for SDXL"),
+    (["--model", "{sd1}", "--target_size", "8,8"], "--target_size is for SDXL"),
 ])
 def test_bad_combinations_fail_before_loading(args, message, sdxl_folder, sdxl_refiner_folder,
                                               sd1_folder, tmp_path, capsys):
