@@ -1,6 +1,6 @@
-"""sdjax.sample's SDXL flags: the second prompts, the refiner hand-off and the refiner's
-aesthetic score; their checks (flags first, then the models' kinds, before anything loads)
-and what they add to each call and to the images' metadata.
+"""sdjax.sample's SDXL flags: the second prompts, the refiner hand-off, the refiner's
+aesthetic score and the size time ids; their checks (flags first, then the models' kinds,
+before anything loads) and what they add to each call and to the images' metadata.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from sdjax.cli_args import UsageError, add_flag
 
 def add_sdxl_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SDXL", "second prompts and the base→refiner hand-off")
-    add_flag(g, "prompt_2", default=None, help="SDXL base models: the prompt of the second "
-             "text encoder (default: --prompt)")
-    add_flag(g, "negative_prompt_2", default=None, help="SDXL base models: the second "
-             "encoder's negative prompt (default: --negative_prompt)")
+    add_flag(g, "prompt_2", default=None, metavar="PROMPT",
+             help="SDXL base models: the prompt of the second text encoder (default: --prompt)")
+    add_flag(g, "negative_prompt_2", default=None, metavar="PROMPT",
+             help="SDXL base models: the second encoder's negative prompt (default: "
+                  "--negative_prompt)")
     add_flag(g, "refiner", default=None, metavar="MODEL", help="an SDXL refiner (a diffusers "
              "folder or a hub id such as stabilityai/stable-diffusion-xl-refiner-1.0) that "
              "finishes every image of an SDXL --model (text-to-image only)")
@@ -24,20 +25,19 @@ def add_sdxl_arguments(p: argparse.ArgumentParser) -> None:
              help="share of the schedule the base runs before the refiner takes over, "
                   f"0 < F < 1 (default {handoff.DEFAULT_SWITCH_AT}; diffusers' "
                   "denoising_end / denoising_start, the WebUI's 'Refiner switch at')")
-    add_flag(g, "aesthetic_score", type=float, default=None, help="SDXL refiners (--refiner, "
-             "or a refiner --model with --image): the aesthetic score the images are "
-             "conditioned on (default 6.0)")
-    for name, meaning in SIZE_FLAGS.items():
-        add_flag(g, name, type=parse_pair, default=None, metavar=meaning[0],
-                 help=f"SDXL base models: the {meaning[1]} time ids (diffusers' {name})")
+    add_flag(g, "aesthetic_score", type=float, default=None, metavar="S",
+             help="SDXL refiners (--refiner, or a refiner --model with --image): the "
+                  "aesthetic score the images are conditioned on (default 6.0)")
+    for name, (metavar, default, _) in SIZE_FLAGS.items():
+        add_flag(g, name, type=parse_pair, default=None, metavar=metavar,
+                 help=f"SDXL base models: diffusers' {name} time ids (default: {default})")
 
 
-# SDXL's size conditioning: flag -> (metavar, what it is, its metadata field).
+# SDXL's size conditioning: flag -> (metavar, default, metadata field).
 SIZE_FLAGS = {
-    "original_size": ("H,W", "original size (default: the output's)", "Original size"),
-    "crops_coords_top_left": ("TOP,LEFT", "crop's top-left corner (default 0,0)",
-                              "Crop top left"),
-    "target_size": ("H,W", "target size (default: the output's)", "Target size"),
+    "original_size": ("H,W", "the output's size", "Original size"),
+    "crops_coords_top_left": ("TOP,LEFT", "0,0", "Crop top left"),
+    "target_size": ("H,W", "the output's size", "Target size"),
 }
 
 
