@@ -63,6 +63,20 @@ def check_loaded_pair(base, refiner, flag: str = "--refiner") -> None:
                          f"base on {base.num_devices}; load both with the same num_devices")
 
 
+def check_schedule(base, refiner, scheduler: str, steps: int, switch_at: float,
+                   flag: str = "--refiner_switch_at") -> None:
+    """Refuse, before any call, a switch point that leaves one of the two models no step
+    of this schedule (what the calls would refuse; the server must not fail a merged call)."""
+    from sdjax.schedulers import cut, get_scheduler
+    try:
+        cut.denoising_end_stop(get_scheduler(scheduler, base.scheduler_config), steps, 0,
+                               switch_at)
+        cut.denoising_start_step(get_scheduler(scheduler, refiner.scheduler_config), steps,
+                                 switch_at)
+    except ValueError as e:
+        raise ValueError(f"{flag} {switch_at:g} with {steps} {scheduler} steps: {e}") from None
+
+
 def parameters(name: str, switch_at: float) -> dict[str, str]:
     """The WebUI's infotext fields for a refined image."""
     return {"Refiner": name, "Refiner switch at": f"{switch_at:g}"}

@@ -196,7 +196,7 @@ def run(args, written: list[Path]) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from sdjax.handoff import refine
+    from sdjax.handoff import check_schedule, refine
     from sdjax.images import format_parameters, guidance_parameters, make_grid, next_index, save_png
     from sdjax.parallel import maybe_initialize_distributed, random_seed
     from sdjax.pipeline import pipeline_class
@@ -240,6 +240,8 @@ def run(args, written: list[Path]) -> int:
     height, width, task_args, extra = _task_settings(args, pipe, image, mask, upscaler)
     extra = {**guidance_parameters(args.guidance_rescale, args.guidance_interval,
                                    args.clip_skip), **extra, **sdxl_parameters(args)}
+    if refiner is not None:
+        check_schedule(pipe, refiner, args.scheduler, args.steps, args.refiner_switch_at)
     print(sampling, file=sys.stderr)  # once the run's settings have all passed their checks
     scheduler = args.scheduler  # the model's default once apply_sampling_defaults ran
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]

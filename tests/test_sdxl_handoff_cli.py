@@ -186,6 +186,9 @@ def test_server_refiner_fields(registry, one_device):
         (dict(refiner_checkpoint="nope"), "'nope' is not a refiner here"),
         (dict(refiner_checkpoint="model", refiner_switch_at=1.0), "strictly between 0 and 1"),
         (dict(cls=Img2ImgRequest, refiner_checkpoint="model"), "on txt2img only"),
+        # (SDXL's leading spacing puts a 1-step run's one timestep at 1: no base step.)
+        (dict(refiner_checkpoint="model", steps=1), "refiner_switch_at 0.8 with 1 euler_a "
+         "steps: denoising_end=0.8 stops before the first"),
     ]:
         with pytest.raises(BadRequest, match=message) as e:
             shape(**fields)

@@ -56,7 +56,7 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     except ValueError as e:
         raise BadRequest(str(e)) from None
     loras, clip_skip = _prompt_settings(req, registry, title)
-    refiner, switch_at = _refiner_settings(req, registry, title)
+    refiner, switch_at = _refiner_settings(req, registry, title, scheduler)
     seed = validation.resolve_seed(req.seed)
     n = req.batch_size * req.n_iter
     # Seeds past 2**32 - 1 wrap, as the uint32 the sampler takes would.
@@ -74,7 +74,7 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
 
 
 def _refiner_settings(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
-                      title: str) -> tuple[str | None, float | None]:
+                      title: str, scheduler: str) -> tuple[str | None, float | None]:
     """(the refiner's title, refiner_switch_at) from the WebUI's fields, or (None, None).
     refiner_switch_at alone is ignored, as the WebUI does (its page always sends one)."""
     try:
@@ -86,8 +86,10 @@ def _refiner_settings(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegis
         switch_at = handoff.check_switch_at(
             handoff.DEFAULT_SWITCH_AT if req.refiner_switch_at is None
             else req.refiner_switch_at, "refiner_switch_at")
-        handoff.check_loaded_pair(registry.get(title), registry.get(refiner),
-                                  "refiner_checkpoint")
+        base, refiner_pipe = registry.get(title), registry.get(refiner)
+        handoff.check_loaded_pair(base, refiner_pipe, "refiner_checkpoint")
+        handoff.check_schedule(base, refiner_pipe, scheduler, req.steps, switch_at,
+                               "refiner_switch_at")
     except ValueError as e:
         raise BadRequest(str(e)) from None
     return refiner, switch_at
