@@ -61,7 +61,8 @@ class ModelRegistry:
         self.refiner: str | None = None
         if refiner is not None:
             title = _title(refiner)
-            if self.sources.setdefault(title, refiner) != refiner:
+            listed = self.sources.setdefault(title, refiner)  # --models_dir may hold it too
+            if Path(listed).expanduser().resolve() != Path(refiner).expanduser().resolve():
                 raise ValueError(f"two models are both called {title!r}; rename one folder")
             self.refiner = title
 
