@@ -30,6 +30,13 @@ from sdjax.cli_args import (
     resolve_dtype,
     run_main,
 )
+from sdjax.sdxl_cli import (
+    add_sdxl_arguments,
+    base_call_args,
+    check_sdxl_args,
+    check_sdxl_models,
+    sdxl_parameters,
+)
 
 MAX_PROMPTS = 10_000  # beyond this, a dataset job: python -m sdjax.generate
 MAX_IMAGES = 10_000   # prompts x --num_images, for the same reason
@@ -49,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "outdir", type=Path, default=Path("outputs"), help="where the PNGs go")
     add_flag(p, "grid", action="store_true", help="also write a grid of all images")
     add_image_arguments(p)
+    add_sdxl_arguments(p)
     return p
 
 
@@ -118,6 +126,7 @@ def _check_args(args) -> None:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     if args.mask_blur < 0 or (args.only_masked_padding or 0) < 0:
         raise UsageError("--mask_blur and --only_masked_padding must not be negative")
+    check_sdxl_args(args)
 
 
 def _open_image(path: Path, flag: str):
@@ -187,6 +196,7 @@ def run(args, written: list[Path]) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from sdjax.handoff import check_schedule, refine
     from sdjax.images import format_parameters, guidance_parameters, make_grid, next_index, save_png
     from sdjax.parallel import maybe_initialize_distributed, random_seed
     from sdjax.pipeline import pipeline_class
@@ -205,6 +215,7 @@ def run(args, written: list[Path]) -> int:
                      "masked_content"):
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag} does not apply to an upscaler model")
+    check_sdxl_models(args)  # the refiner's files are found before the base loads
     if args.model == "toy":
         print("Using the bundled toy model (shapes and colours only); pass --model for real "
               "Stable Diffusion weights.", file=sys.stderr)
@@ -218,6 +229,7 @@ def run(args, written: list[Path]) -> int:
                                **ModelOptions.from_args(args).kwargs())
     if pipe.note:
         print(pipe.note, file=sys.stderr)
+    refiner = _load_refiner(args, pipe, dtype)
     for line in apply_adapters(args, pipe):
         print(line, file=sys.stderr)
     sampling = apply_sampling_defaults(args, pipe)
@@ -227,7 +239,9 @@ def run(args, written: list[Path]) -> int:
     report_seed(args.seed, seed)
     height, width, task_args, extra = _task_settings(args, pipe, image, mask, upscaler)
     extra = {**guidance_parameters(args.guidance_rescale, args.guidance_interval,
-                                   args.clip_skip), **extra}
+                                   args.clip_skip), **extra, **sdxl_parameters(args)}
+    if refiner is not None:
+        check_schedule(pipe, refiner, args.scheduler, args.steps, args.refiner_switch_at)
     print(sampling, file=sys.stderr)  # once the run's settings have all passed their checks
     scheduler = args.scheduler  # the model's default once apply_sampling_defaults ran
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
@@ -243,7 +257,7 @@ def run(args, written: list[Path]) -> int:
         tag_loras.use(dict(key))
 
     t_gen = 0.0
-    compile_before = pipe.compile_seconds
+    compile_before = _compile_seconds(pipe, refiner)
     all_images = []
     start = None
     with _StopAfterBatch() as stop:
@@ -253,13 +267,16 @@ def run(args, written: list[Path]) -> int:
             chunk = [jobs[i] for i in idx]
             t0 = time.perf_counter()
             tag_loras.use(split[chunk[0][0]][1])
-            out = pipe([split[p][0] for p, _ in chunk], negative_prompt=args.negative_prompt,
-                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                       seed=seed, scheduler=scheduler, image_indices=idx,
-                       batch_size_per_device=per_device, nan_check=not args.no_nan_check,
-                       guidance_rescale=args.guidance_rescale,
-                       guidance_interval=args.guidance_interval, clip_skip=args.clip_skip,
-                       **task_args)
+            call = dict(negative_prompt=args.negative_prompt,
+                        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                        seed=seed, scheduler=scheduler, image_indices=idx,
+                        batch_size_per_device=per_device, nan_check=not args.no_nan_check,
+                        guidance_rescale=args.guidance_rescale,
+                        guidance_interval=args.guidance_interval, clip_skip=args.clip_skip,
+                        **task_args, **base_call_args(args))
+            texts = [split[p][0] for p, _ in chunk]
+            out = pipe(texts, **call) if refiner is None else refine(pipe, refiner, texts,
+                                                                     **call)
             t_gen += time.perf_counter() - t0
             if jax.process_index() != 0:
                 continue  # multi-host: every process holds all images; the first writes them
@@ -287,7 +304,7 @@ def run(args, written: list[Path]) -> int:
         save_png(make_grid(np.concatenate(all_images)), grid_path, f"grid of {len(jobs)}")
         written.append(grid_path)
 
-    compile_s = pipe.compile_seconds - compile_before
+    compile_s = _compile_seconds(pipe, refiner) - compile_before
     gen_s = max(t_gen - compile_s, 1e-9)
     print(_wrote(written, args.outdir))
     print(f"devices: {pipe.num_devices} x {jax.devices()[0].platform}, batch {batch} "
@@ -296,6 +313,27 @@ def run(args, written: list[Path]) -> int:
     print(f"compile: {compile_s:.1f}s  generation: {gen_s:.2f}s  "
           f"{len(jobs) / gen_s:.2f} images/s")
     return 0
+
+
+def _load_refiner(args, pipe, dtype: str):
+    """The --refiner pipeline on the base's devices, or None."""
+    if args.refiner is None:
+        return None
+    from sdjax.handoff import check_loaded_pair
+    from sdjax.pipeline import pipeline_class
+    refiner = pipeline_class(args.refiner).from_pretrained(
+        args.refiner, dtype=dtype, num_devices=args.num_devices, vae=args.vae,
+        matmul_precision=args.matmul_precision)
+    check_loaded_pair(pipe, refiner)
+    if refiner.note:
+        print(refiner.note, file=sys.stderr)
+    print(f"refiner: {args.refiner} from {args.refiner_switch_at:g} of the schedule",
+          file=sys.stderr)
+    return refiner
+
+
+def _compile_seconds(pipe, refiner) -> float:
+    return pipe.compile_seconds + (refiner.compile_seconds if refiner is not None else 0.0)
 
 
 def _wrote(written: list[Path], outdir: Path) -> str:

@@ -514,6 +514,8 @@ def test_command_line_errors(tmp_path, capsys):
                               (["--port", port], f"cannot listen on 127.0.0.1:{port}"),
                               (["--api_auth", "nopassword"], "--api_auth takes user:password"),
                               (["--max_queue", "0"], "--max_queue must be at least 1"),
+                              (["--refiner", str(tmp_path / "no")],
+                               "--refiner: model not found"),
                               (["--warmup", "64"], "expected WxH")):
             assert main(argv) == 2, argv
             err = capsys.readouterr().err.strip().splitlines()

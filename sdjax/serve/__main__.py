@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
                   "is the default; clients switch with sd_model_checkpoint)")
     add_flag(p, "models_dir", type=Path, default=None,
              help="also offer every diffusers folder inside this folder")
+    add_flag(p, "refiner", default=None, metavar="MODEL",
+             help="an SDXL refiner (diffusers folder or hub id), loaded at start: txt2img "
+                  "requests that name it in refiner_checkpoint (by its title, as "
+                  "/sdapi/v1/sd-models lists it) hand over to it at refiner_switch_at "
+                  "(default 0.8)")
     add_flag(p, "lora_dir", type=Path, default=None, help="where a prompt's "
              "<lora:name:weight> tags find name.safetensors (here or in a folder below)")
     add_flag(p, "host", default="127.0.0.1",
@@ -96,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"sdjax.serve needs the [serve] extra (pip install 'sdjax[serve]'): "
                          f"{e}") from None
+    from sdjax import handoff
     from sdjax.pipeline import StableDiffusionPipeline, pipeline_class
     from sdjax.serve.checkpoints import ModelRegistry, discover
     from sdjax.serve.generation import run_call
@@ -125,9 +131,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.lora_dir is not None and not args.lora_dir.expanduser().is_dir():
         raise UsageError(f"--lora_dir folder not found: {args.lora_dir}")
+    if args.refiner is not None:
+        handoff.check_refiner(args.refiner)  # before the base models load
     registry = ModelRegistry(discover(args.model or ["toy"], args.models_dir), load,
-                             lora_dir=args.lora_dir)
+                             lora_dir=args.lora_dir, refiner=args.refiner)
     pipe = registry.get(registry.current)
+    if registry.refiner is not None:
+        registry.get(registry.refiner)  # loaded once, now: a request never waits for it
     max_batch = 8 * pipe.num_devices if args.max_batch is None else args.max_batch
     for w, h, steps, sampler in warmups:
         from sdjax.serve.batcher import ImageSpec, Shape

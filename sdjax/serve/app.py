@@ -256,6 +256,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         s, t = plan.shape, plan.shape.image_task
         kind = "" if t is None else (
             f" {'inpainting' if t.inpaint else 'img2img'} strength {t.strength:g}")
+        if s.refiner is not None:
+            kind += f" refiner {s.refiner} at {s.refiner_switch_at:g}"
         request.state.detail = (
             f"job {job.id} {s.width}x{s.height} {s.steps} steps {s.scheduler} {s.model}{kind}: "
             f"{len(result.images)} image(s) in call(s) "

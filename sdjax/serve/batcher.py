@@ -54,6 +54,10 @@ class Shape:
     # The prompt's <lora:name:w> tags: merged into the shared weights, so one set per call.
     loras: tuple[tuple[str, float], ...] = ()
     clip_skip: int = 1  # the WebUI's CLIP_stop_at_last_layers: part of the compiled shape
+    # The refiner's title and the share of the schedule before it takes over: one hand-off
+    # per call (a call with a refiner is two compiled calls, base then refiner).
+    refiner: str | None = None
+    refiner_switch_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

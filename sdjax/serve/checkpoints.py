@@ -48,24 +48,47 @@ class ModelRegistry:
     """Titles, the current one (``sd_model_checkpoint``) and the pipelines loaded so far.
     Loaded pipelines stay loaded: switching back costs neither a load nor a compile."""
 
-    def __init__(self, sources: dict[str, str], load: Loader, lora_dir: Path | None = None):
+    def __init__(self, sources: dict[str, str], load: Loader, lora_dir: Path | None = None,
+                 refiner: str | None = None):
         self.sources = dict(sources)
         self.lora_dir = lora_dir  # where prompts' <lora:name:w> tags find their files
         self._load = load
         self._loaded: dict[str, StableDiffusionPipeline] = {}
         self._lock = threading.Lock()
         self.current = next(iter(self.sources))
+        # The one refiner requests may name (refiner_checkpoint). As in the WebUI it is one
+        # of the checkpoints too: listed, and loaded once for both uses.
+        self.refiner: str | None = None
+        if refiner is not None:
+            title = _title(refiner)
+            listed = self.sources.setdefault(title, refiner)  # --models_dir may hold it too
+            if Path(listed).expanduser().resolve() != Path(refiner).expanduser().resolve():
+                raise ValueError(f"two models are both called {title!r}; rename one folder")
+            self.refiner = title
+
+    def find_refiner(self, name: str | None) -> str | None:
+        """The refiner a request's ``refiner_checkpoint`` names, or None when it names none
+        (absent, empty or the WebUI's "None"); ValueError when it names another model."""
+        if name is None or name.strip() in ("", "None", "none"):
+            return None
+        # The refiner first: a base model's folder may have the same name.
+        if self.refiner is None or not self._names(self.refiner, name):
+            offered = (f"this server's refiner is {self.refiner!r}" if self.refiner else
+                       "this server has no refiner (python -m sdjax.serve --refiner MODEL)")
+            raise ValueError(f"refiner_checkpoint {name!r} is not a refiner here: {offered}")
+        return self.refiner
 
     def find(self, name: str | None) -> str | None:
         """The title a client means (a title, its file name, or the WebUI's ``title [hash]``
         form), or None when there is no such model."""
         if name is None or name == "":
             return self.current
-        name = name.split(" [")[0].strip()
-        for title, source in self.sources.items():
-            if name in (title, source, Path(source).name):
-                return title
-        return None
+        return next((title for title in self.sources if self._names(title, name)), None)
+
+    def _names(self, title: str, name: str) -> bool:
+        """Whether ``name`` (a title, a file name, ``title [hash]``) means ``title``."""
+        source = self.sources[title]
+        return name.split(" [")[0].strip() in (title, source, Path(source).name)
 
     def get(self, title: str) -> StableDiffusionPipeline:
         with self._lock:  # one load at a time; a second request for it waits for the first

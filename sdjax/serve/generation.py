@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from sdjax import __version__, validation
+from sdjax import __version__, handoff, validation
 from sdjax.images import SAMPLER_LABELS, encode_png, format_parameters, guidance_parameters
 from sdjax.lora_tags import TagLoras, find_lora, split_tags, tag_key
 from sdjax.serve import uploads
@@ -56,6 +56,7 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     except ValueError as e:
         raise BadRequest(str(e)) from None
     loras, clip_skip = _prompt_settings(req, registry, title)
+    refiner, switch_at = _refiner_settings(req, registry, title, scheduler)
     seed = validation.resolve_seed(req.seed)
     n = req.batch_size * req.n_iter
     # Seeds past 2**32 - 1 wrap, as the uint32 the sampler takes would.
@@ -65,8 +66,33 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     settings = registry.get(title).sampling_settings()
     extra = guidance_parameters(settings["guidance_rescale"], settings["guidance_interval"],
                                 clip_skip)
+    if refiner is not None:
+        extra.update(handoff.parameters(refiner, switch_at))
     return Plan(Shape(title, req.height, req.width, req.steps, scheduler, loras=loras,
-                      clip_skip=clip_skip), specs, seed, extra)
+                      clip_skip=clip_skip, refiner=refiner, refiner_switch_at=switch_at),
+                specs, seed, extra)
+
+
+def _refiner_settings(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
+                      title: str, scheduler: str) -> tuple[str | None, float | None]:
+    """(the refiner's title, refiner_switch_at) from the WebUI's fields, or (None, None).
+    refiner_switch_at alone is ignored, as the WebUI does (its page always sends one)."""
+    try:
+        refiner = registry.find_refiner(req.refiner_checkpoint)
+        if refiner is None:
+            return None, None
+        if isinstance(req, Img2ImgRequest):
+            raise ValueError("refiner_checkpoint: sdjax.serve runs the refiner on txt2img only")
+        switch_at = handoff.check_switch_at(
+            handoff.DEFAULT_SWITCH_AT if req.refiner_switch_at is None
+            else req.refiner_switch_at, "refiner_switch_at")
+        base, refiner_pipe = registry.get(title), registry.get(refiner)
+        handoff.check_loaded_pair(base, refiner_pipe, "refiner_checkpoint")
+        handoff.check_schedule(base, refiner_pipe, scheduler, req.steps, switch_at,
+                               "refiner_switch_at")
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    return refiner, switch_at
 
 
 def _prompt_settings(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
@@ -209,13 +235,17 @@ def run_call(registry: ModelRegistry):
                       **_task_kwargs(task)}
             if task.inpaint:
                 images["mask_image"] = [s.mask for s in specs]
-        return pipe([split_tags(s.prompt)[0] for s in specs],
-                    negative_prompt=[s.negative_prompt for s in specs],
+        prompts = [split_tags(s.prompt)[0] for s in specs]
+        call = dict(negative_prompt=[s.negative_prompt for s in specs],
                     num_inference_steps=shape.steps,
                     guidance_scale=[s.guidance_scale for s in specs],
                     height=shape.height, width=shape.width, scheduler=shape.scheduler,
                     seeds=[s.seed for s in specs], image_indices=[0] * len(specs),
-                    clip_skip=shape.clip_skip, **images).images
+                    clip_skip=shape.clip_skip)
+        if shape.refiner is not None:  # txt2img only (_refiner_settings)
+            return handoff.refine(pipe, registry.get(shape.refiner), prompts,
+                                  switch_at=shape.refiner_switch_at, **call).images
+        return pipe(prompts, **call, **images).images
     return run
 
 

@@ -18,7 +18,7 @@ _MUST_BE_OFF = {
     "enable_hr": (False, None), "restore_faces": (False, None), "tiling": (False, None),
     "subseed_strength": (0, 0.0, None), "script_name": (None, ""), "script_args": ([], None),
     "alwayson_scripts": ({}, None), "save_images": (False, None), "styles": ([], None),
-    "refiner_checkpoint": (None, ""), "firstpass_image": (None, ""),
+    "firstpass_image": (None, ""),
     "seed_resize_from_h": (-1, 0, None), "seed_resize_from_w": (-1, 0, None),
 }
 

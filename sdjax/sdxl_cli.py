@@ -1,0 +1,105 @@
+"""sdjax.sample's SDXL flags: the second prompts, the refiner hand-off, the refiner's
+aesthetic score and the size time ids; their checks (flags first, then the models' kinds,
+before anything loads) and what they add to each call and to the images' metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sdjax import handoff
+from sdjax.cli_args import UsageError, add_flag
+
+
+def add_sdxl_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SDXL", "second prompts and the base→refiner hand-off")
+    add_flag(g, "prompt_2", default=None, metavar="PROMPT",
+             help="SDXL base models: the prompt of the second text encoder (default: --prompt)")
+    add_flag(g, "negative_prompt_2", default=None, metavar="PROMPT",
+             help="SDXL base models: the second encoder's negative prompt (default: "
+                  "--negative_prompt)")
+    add_flag(g, "refiner", default=None, metavar="MODEL", help="an SDXL refiner (a diffusers "
+             "folder or a hub id such as stabilityai/stable-diffusion-xl-refiner-1.0) that "
+             "finishes every image of an SDXL --model (text-to-image only)")
+    add_flag(g, "refiner_switch_at", type=float, default=None, metavar="F",
+             help="share of the schedule the base runs before the refiner takes over, "
+                  f"0 < F < 1 (default {handoff.DEFAULT_SWITCH_AT}; diffusers' "
+                  "denoising_end / denoising_start, the WebUI's 'Refiner switch at')")
+    add_flag(g, "aesthetic_score", type=float, default=None, metavar="S",
+             help="SDXL refiners (--refiner, or a refiner --model with --image): the "
+                  "aesthetic score the images are conditioned on (default 6.0)")
+    for name, (metavar, default, _) in SIZE_FLAGS.items():
+        add_flag(g, name, type=parse_pair, default=None, metavar=metavar,
+                 help=f"SDXL base models: diffusers' {name} time ids (default: {default})")
+
+
+# SDXL's size conditioning: flag -> (metavar, default, metadata field).
+SIZE_FLAGS = {
+    "original_size": ("H,W", "the output's size", "Original size"),
+    "crops_coords_top_left": ("TOP,LEFT", "0,0", "Crop top left"),
+    "target_size": ("H,W", "the output's size", "Target size"),
+}
+
+
+def parse_pair(value: str) -> tuple[int, int]:
+    """``H,W`` (or ``TOP,LEFT``) -> two non-negative integers."""
+    try:
+        a, b = (int(x) for x in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers A,B, got {value!r}") from None
+    if a < 0 or b < 0:
+        raise argparse.ArgumentTypeError(f"expected two non-negative integers, got {value!r}")
+    return a, b
+
+
+def check_sdxl_args(args: argparse.Namespace) -> None:
+    """The flags alone, before anything is read."""
+    if args.refiner is None:
+        if args.refiner_switch_at is not None:
+            raise UsageError("--refiner_switch_at needs a --refiner")
+        return
+    if args.image is not None:
+        raise UsageError("--refiner finishes text-to-image runs; it does not apply with "
+                         "--image (img2img, inpainting, upscaling)")
+    switch_at = handoff.DEFAULT_SWITCH_AT if args.refiner_switch_at is None \
+        else args.refiner_switch_at
+    try:
+        args.refiner_switch_at = handoff.check_switch_at(switch_at, "--refiner_switch_at")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_sdxl_models(args: argparse.Namespace) -> None:
+    """What the models' files tell (model_index.json), before either model loads."""
+    given = [k for k in ("prompt_2", "negative_prompt_2", *SIZE_FLAGS)
+             if getattr(args, k) is not None]
+    if given and not handoff.is_sdxl(args.model):
+        raise UsageError(f"--{given[0]} is for SDXL models (their second text encoder and "
+                         f"size conditioning); {args.model} is not one")
+    if args.refiner is not None:
+        try:
+            handoff.check_pair(args.model, args.refiner)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
+def base_call_args(args: argparse.Namespace) -> dict:
+    """What each call of the --model pipeline adds (or, with a refiner, each hand-off)."""
+    out = {k: getattr(args, k) for k in ("prompt_2", "negative_prompt_2", "aesthetic_score",
+                                         *SIZE_FLAGS) if getattr(args, k) is not None}
+    if args.refiner is not None:
+        out["switch_at"] = args.refiner_switch_at
+    return out
+
+
+def sdxl_parameters(args: argparse.Namespace) -> dict[str, str]:
+    """The metadata fields of these flags (the WebUI's names where it has them)."""
+    fields = {}
+    if args.refiner is not None:
+        fields.update(handoff.parameters(args.refiner, args.refiner_switch_at))
+    if args.aesthetic_score is not None:
+        fields["Aesthetic score"] = f"{args.aesthetic_score:g}"
+    for name, (_, _, field) in SIZE_FLAGS.items():
+        if getattr(args, name) is not None:
+            fields[field] = " ".join(map(str, getattr(args, name)))  # no comma: a separator
+    return fields
