@@ -1,5 +1,6 @@
 """SDXL: its networks and StableDiffusionXLPipeline against diffusers on a tiny random model."""
 
+import importlib
 import shutil
 
 import jax
@@ -98,20 +99,25 @@ CASES = {
 }
 
 
+# The stochastic schedulers' diffusers modules, whose randn_tensor gets our per-step noise.
+_NOISY = {"euler_a": "scheduling_euler_ancestral_discrete", "lcm": "scheduling_lcm"}
+
+
 def _reference(ref, monkeypatch, scheduler: str, prompts: list[str], latents: np.ndarray,
-               seed: int, kwargs: dict) -> np.ndarray:
-    """diffusers' images for our call; for euler_a with the per-step noise our core draws."""
-    if scheduler == "euler_a":
-        from diffusers.schedulers import scheduling_euler_ancestral_discrete as ancestral
+               seed: int, kwargs: dict, guidance: float = 7.5) -> np.ndarray:
+    """diffusers' images for our call; for euler_a and lcm with the per-step noise our core
+    draws."""
+    if scheduler in _NOISY:
+        module = importlib.import_module(f"diffusers.schedulers.{_NOISY[scheduler]}")
         draws = iter(_our_step_noise(STEPS, len(prompts), seed))
-        monkeypatch.setattr(ancestral, "randn_tensor", lambda shape, **_: torch.from_numpy(
+        monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(
             next(draws).transpose(0, 3, 1, 2).copy()))
     ref.scheduler = diffusers_scheduler(scheduler, ref.scheduler.config)
     # diffusers wants lists as long as the prompts'.
     kwargs = {k: [v] * len(prompts) if isinstance(v, str) else v for k, v in kwargs.items()}
     with torch.no_grad():
         return ref(prompts, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
-                   num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
+                   num_inference_steps=STEPS, guidance_scale=guidance, height=SIZE, width=SIZE,
                    output_type="np", **kwargs).images
 
 
@@ -149,6 +155,24 @@ def test_matches_diffusers(pipes, monkeypatch, scheduler):
         np.testing.assert_array_equal(unit, out)
         np.testing.assert_array_equal(weighted[1], out[1])
         assert np.abs(weighted[0] - out[0]).max() > 1e-3
+
+
+def test_lcm_without_guidance_runs_b_latents_and_matches_diffusers(pipes, monkeypatch):
+    """Few-step SDXL as an LCM or Turbo model runs: the lcm scheduler (fresh noise between
+    steps) at guidance 0, where the UNet gets the conditional latents alone (no
+    unconditional pass, as in diffusers, whose reference then runs none either)."""
+    ref, ours = pipes
+    latents = np.random.RandomState(1).randn(2, SIZE // 2, SIZE // 2, 4).astype(np.float32)
+    call = dict(num_inference_steps=STEPS, guidance_scale=0.0, height=SIZE, width=SIZE,
+                latents=latents, scheduler="lcm", seed=0, output_type="float")
+    hlo = ours.lower(PROMPTS, **call).as_text()
+    latent = f"x{SIZE // 2}x{SIZE // 2}x4xf32>"
+    assert f"tensor<2{latent}" in hlo and f"tensor<4{latent}" not in hlo
+    out = ours(PROMPTS, **call).images
+    expected = _reference(ref, monkeypatch, "lcm", PROMPTS, latents, 0, {}, guidance=0.0)
+    err = np.abs(out - expected).max()
+    print(f"sdxl lcm, guidance 0: max abs pixel error {err:.2e}")
+    assert err < TOL
 
 
 def test_eight_devices(sdxl_folder, pipes, monkeypatch):
