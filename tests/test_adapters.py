@@ -69,21 +69,32 @@ COMPVIS = {"down_blocks.0.attentions.0.": "input_blocks.1.1.",
            "up_blocks.1.attentions.0.": "output_blocks.2.1."}
 
 
-def write_kohya_lora(path, seed: int = 1, alpha: float = 2.0, skip: tuple = (),
-                     compvis: bool = False):
-    """kohya/A1111 layout, renamed as kohya's scripts name diffusers modules."""
+def save_kohya(path, factors: dict, alpha: float, prefixes: dict[str, str],
+               renames: dict[str, str] | None = None, skip: tuple = ()):
+    """kohya/A1111 layout of ``factors`` ({"network.module": (down, up)}): the network's
+    prefix + the module name with underscores, lora_down/lora_up and an alpha per module.
+    ``renames``: module-name substitutions (CompVis/SGM names); layers whose name contains
+    one of ``skip`` are left out."""
     tensors = {}
-    for name, (down, up) in _factors(seed).items():
-        if name in skip:
+    for name, (down, up) in factors.items():
+        if any(s in name for s in skip):
             continue
         net, _, module = name.partition(".")
-        for a, b in COMPVIS.items() if compvis else ():
+        for a, b in (renames or {}).items():
             module = module.replace(a, b)
-        key = ("lora_unet_" if net == "unet" else "lora_te_") + module.replace(".", "_")
+        key = prefixes[net] + module.replace(".", "_")
         tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
         tensors[f"{key}.alpha"] = np.array(alpha, np.float32)
     save_safetensors(tensors, path)
     return path
+
+
+def write_kohya_lora(path, seed: int = 1, alpha: float = 2.0, skip: tuple = (),
+                     compvis: bool = False):
+    """kohya/A1111 layout, renamed as kohya's scripts name diffusers modules."""
+    return save_kohya(path, _factors(seed), alpha,
+                      {"unet": "lora_unet_", "text_encoder": "lora_te_"},
+                      COMPVIS if compvis else None, skip)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from flax import nnx
 
 import sdjax
 from sdjax.weights.safetensors_io import save_safetensors
+from tests.test_adapters import save_kohya
 from tests.tiny_models import diffusers_scheduler
 
 TOL = 2e-4   # max abs difference of [0, 1] pixels, as the pipeline's parity tests
@@ -84,18 +85,8 @@ def write_kohya(path, factors, alpha: float, sgm: bool, skip: str | None = None)
     SGM UNet names as sd-scripts writes SDXL LoRAs, or diffusers UNet names as LCM-LoRA's
     pytorch_lora_weights.safetensors has them (diffusers' consistency-distillation scripts,
     get_module_kohya_state_dict: PEFT's names with underscores, lora_down/lora_up, alpha)."""
-    tensors = {}
-    for name, (down, up) in factors.items():
-        if skip and skip in name:
-            continue
-        net, _, module = name.partition(".")
-        for a, b in SGM.items() if sgm else ():
-            module = module.replace(a, b)
-        key = KOHYA[net] + module.replace(".", "_")
-        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
-        tensors[f"{key}.alpha"] = np.array(alpha, np.float32)
-    save_safetensors(tensors, path)
-    return path
+    return save_kohya(path, factors, alpha, KOHYA, SGM if sgm else None,
+                      (skip,) if skip else ())
 
 
 @pytest.fixture(scope="module")
