@@ -30,18 +30,10 @@ def is_sdxl(model: str) -> bool:
     return getattr(pipeline_class(model), "SDXL", False)
 
 
-def check_pair(model: str, refiner: str, flag: str = "--refiner") -> None:
-    """Refuse, before either loads, a hand-off that cannot work: the refiner finishes SDXL
-    latents (SDXL's VAE scaling, 4 channels), so both ends must be SDXL models. Any SDXL
-    model may finish (as the WebUI lets any checkpoint refine); refiner folders are made
-    for it."""
-    if not is_sdxl(model):
-        raise ValueError(f"{flag} needs an SDXL base model; {model} is not an SDXL model")
-    check_refiner(refiner, flag)
-
-
 def check_refiner(refiner: str, flag: str = "--refiner") -> None:
-    """Refuse a refiner that is not an SDXL model (or not there), naming the flag."""
+    """Refuse, before it loads, a refiner that is not an SDXL model (or not there), naming
+    the flag: it finishes SDXL latents (SDXL's VAE scaling, 4 channels). Any SDXL model may
+    finish (as the WebUI lets any checkpoint refine); refiner folders are made for it."""
     from sdjax.weights.errors import WeightsError
     try:
         refiner_is_sdxl = is_sdxl(refiner)

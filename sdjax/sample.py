@@ -215,16 +215,15 @@ def run(args, written: list[Path]) -> int:
                      "masked_content"):
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag} does not apply to an upscaler model")
-    check_sdxl_models(args)  # the refiner's files are found before the base loads
-    if args.model == "toy":
-        print("Using the bundled toy model (shapes and colours only); pass --model for real "
-              "Stable Diffusion weights.", file=sys.stderr)
-    dtype = resolve_dtype(args.dtype)
-
     if upscaler:
         from sdjax.upscale import StableDiffusionUpscalePipeline as cls
     else:
         cls = pipeline_class(args.model)
+    check_sdxl_models(args, cls.SDXL)  # the refiner's files are found before the base loads
+    if args.model == "toy":
+        print("Using the bundled toy model (shapes and colours only); pass --model for real "
+              "Stable Diffusion weights.", file=sys.stderr)
+    dtype = resolve_dtype(args.dtype)
     pipe = cls.from_pretrained(args.model, dtype=dtype, num_devices=args.num_devices,
                                **ModelOptions.from_args(args).kwargs())
     if pipe.note:

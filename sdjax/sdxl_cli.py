@@ -69,16 +69,20 @@ def check_sdxl_args(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from None
 
 
-def check_sdxl_models(args: argparse.Namespace) -> None:
-    """What the models' files tell (model_index.json), before either model loads."""
+def check_sdxl_models(args: argparse.Namespace, sdxl: bool) -> None:
+    """What the models' files tell, before either model loads; ``sdxl``: whether --model
+    loads as an SDXL pipeline."""
     given = [k for k in ("prompt_2", "negative_prompt_2", *SIZE_FLAGS)
              if getattr(args, k) is not None]
-    if given and not handoff.is_sdxl(args.model):
+    if given and not sdxl:
         raise UsageError(f"--{given[0]} is for SDXL models (their second text encoder and "
                          f"size conditioning); {args.model} is not one")
     if args.refiner is not None:
+        if not sdxl:
+            raise UsageError(f"--refiner needs an SDXL base model; {args.model} is not an "
+                             "SDXL model")
         try:
-            handoff.check_pair(args.model, args.refiner)
+            handoff.check_refiner(args.refiner)
         except ValueError as e:
             raise UsageError(str(e)) from None
 
