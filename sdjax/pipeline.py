@@ -295,13 +295,20 @@ class StableDiffusionPipeline:
         ``learned_embeds``) as ``token`` (default: the WebUI file's stem, or the token a
         diffusers file holds); returns the token, which prompts then use by name. The token
         table grows, so the next call compiles once for the new size. A file that does not
-        fit raises ``ValueError`` and leaves the pipeline as it was."""
-        from sdjax.weights import embeddings
-
+        fit raises ``ValueError`` and leaves the pipeline as it was. (SDXL: see
+        StableDiffusionXLPipeline._embedding_tables.)"""
         if token is not None and not isinstance(token, str):
             raise TypeError(f"token must be a string, got {type(token).__name__}")
-        token, vectors = embeddings.read_embedding(Path(path).expanduser(), token)
-        return self._add_tokens(token, [("text_encoder", "tokenizer", vectors)], str(path))
+        token, tables = self._embedding_tables(Path(path).expanduser(), token)
+        return self._add_tokens(token, tables, str(path))
+
+    def _embedding_tables(self, path: Path, token: str | None
+                          ) -> tuple[str, list[tuple[str, str, np.ndarray]]]:
+        """(token, [(text encoder, its tokenizer's attribute, vectors)]) of an embedding
+        file: SD's one encoder takes the file's one vector set."""
+        from sdjax.weights import embeddings
+        token, vectors = embeddings.read_embedding(path, token)
+        return token, [("text_encoder", "tokenizer", vectors)]
 
     def _add_tokens(self, token: str, tables: Sequence[tuple[str, str, np.ndarray]],
                     source: str) -> str:

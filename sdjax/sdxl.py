@@ -256,7 +256,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         time_ids = jnp.concatenate([inputs["time_ids"][:, 0], inputs["time_ids"][:, 1]])
         return context, {"text_embeds": pooled, "time_ids": time_ids}
 
-
     # ------------------------------------------------------------------ adapters
     @property
     def lora_prefixes(self) -> Mapping[str, tuple[str, str]]:
@@ -266,26 +265,20 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         from sdjax.weights.lora import REFINER_PREFIXES, SDXL_PREFIXES
         return REFINER_PREFIXES if self.is_refiner else SDXL_PREFIXES
 
-    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> str:
-        """Add an SDXL embedding (``clip_l`` and ``clip_g`` vectors, the WebUI's layout) as
-        ``token`` (default: the file's stem) to both text encoders' token tables: clip_l's
-        rows to ``text_encoder``, clip_g's to ``text_encoder_2``, under the same token in both
-        tokenizers (a refiner takes clip_g only). The next call compiles once for the new
-        table size. An SD1.x/SD2.x embedding, or one that does not fit, raises ``ValueError``
-        and leaves the pipeline as it was."""
+    def _embedding_tables(self, path: Path, token: str | None
+                          ) -> tuple[str, list[tuple[str, str, np.ndarray]]]:
+        """SDXL embeddings (``clip_l`` and ``clip_g`` vectors, the WebUI's layout; the token
+        defaults to the file's stem): clip_l's rows go to ``text_encoder``, clip_g's to
+        ``text_encoder_2``, under the same token in both tokenizers; a refiner's one encoder
+        takes clip_g. An SD1.x/SD2.x embedding raises ``ValueError``."""
         from sdjax.weights import embeddings
 
-        if token is not None and not isinstance(token, str):
-            raise TypeError(f"token must be a string, got {type(token).__name__}")
         if self.is_refiner:
-            token, sets = embeddings.read_sdxl_embedding(Path(path).expanduser(), token,
-                                                         ("clip_g",))
-            return self._add_tokens(token, [("text_encoder", "tokenizer", sets["clip_g"])],
-                                    f"{path} (clip_g)")
-        token, sets = embeddings.read_sdxl_embedding(Path(path).expanduser(), token)
-        return self._add_tokens(token, [("text_encoder", "tokenizer", sets["clip_l"]),
-                                        ("text_encoder_2", "tokenizer_2", sets["clip_g"])],
-                                str(path))
+            token, sets = embeddings.read_sdxl_embedding(path, token, ("clip_g",))
+            return token, [("text_encoder", "tokenizer", sets["clip_g"])]
+        token, sets = embeddings.read_sdxl_embedding(path, token)
+        return token, [("text_encoder", "tokenizer", sets["clip_l"]),
+                       ("text_encoder_2", "tokenizer_2", sets["clip_g"])]
 
 
 def _projected_states(te, ids: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
