@@ -381,7 +381,7 @@ def test_exported_adapters_load_in_diffusers_with_the_same_images(adapter_runs, 
     peft_file = lo.export_dir / "pytorch_lora_weights.safetensors"
     ref.load_lora_weights(str(peft_file))
     assert ours.load_lora(peft_file) == "pytorch_lora_weights"
-    nets = {net: ours.network(net) for net in lora.NETWORKS}
+    nets = {net: ours.network(net) for net in lora.SD_PREFIXES}
     peft, kohya = (lora.read_lora(lo.export_dir / f, nets)
                    for f in ("pytorch_lora_weights.safetensors", "lora.safetensors"))
     deltas = {(la.network, la.path): la.delta() for la in peft.layers}

@@ -42,7 +42,6 @@ from sdjax.weights.export import parameter_keys
 from sdjax.weights.files import open_tensor_file
 from sdjax.weights.loader import Transform, map_keys
 
-NETWORKS = ("unet", "text_encoder")
 _TABLES = {"unet": table_unet.RULES, "text_encoder": table_clip.RULES,
            "text_encoder_2": table_clip.RULES}
 
