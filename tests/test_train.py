@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 import tarfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ from PIL import Image
 from sdjax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.train import shapes
+from sdjax.train.checkpoint import Checkpoints
 from sdjax.train.config import (
     AutoencoderConfig,
     ContrastiveConfig,
@@ -33,7 +36,7 @@ from sdjax.train.config import (
     override,
 )
 from sdjax.train.data import make_source
-from sdjax.train.loop import train
+from sdjax.train.loop import TrainResult, train
 from sdjax.train.tokenizer import bpe, build_merges, write_clip_tokenizer
 from sdjax.weights import export
 
@@ -90,16 +93,37 @@ def test_loss_goes_down(uninterrupted):
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
 
 
+def interrupted_copy(run: TrainResult, at: int, folder: Path) -> Path:
+    """``run``'s output folder as an interruption soon after its step-``at`` checkpoint
+    leaves it: a copy without the later checkpoints and the export, whose log goes on past
+    ``at``. Resuming it runs only the steps after ``at`` (a run stopped there, then resumed,
+    would run every step twice); ``stop_at`` itself is checked in
+    test_float32_training_asks_for_full_precision."""
+    export = run.export_dir
+    shutil.copytree(export.parent, folder, ignore=lambda d, _: [export.name]
+                    if Path(d) == export.parent else [])
+    ckpt = Checkpoints(folder / "checkpoints", keep=2)
+    for step in ckpt.manager.all_steps():
+        if step > at:
+            ckpt.manager.delete(step)
+    assert ckpt.latest() == at
+    ckpt.close()
+    return folder
+
+
 def test_resume_is_bitwise_identical(tmp_path, frozen_parts, uninterrupted):
-    cfg = unet_recipe(tmp_path, frozen_parts)
-    first = train(cfg, stop_at=15)
-    assert first.export_dir is None and first.step == 15
-    resumed = train(cfg)  # picks up the step-15 checkpoint (weights, EMA, Adam, data position)
+    folder = interrupted_copy(uninterrupted, 15, tmp_path / "run")
+    # picks up the step-15 checkpoint (weights, EMA, Adam, data position)
+    resumed = train(unet_recipe(folder, frozen_parts))
     assert resumed.step == 30
     for got, want in ((resumed.params, uninterrupted.params), (resumed.ema, uninterrupted.ema)):
         jax.tree.map(np.testing.assert_array_equal, got, want)
-    # The log of the resumed output folder is one curve, equal to the uninterrupted one.
+    # The log of the resumed output folder is one curve, equal to the uninterrupted one:
+    # the records the interrupted run wrote after its checkpoint are dropped.
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in uninterrupted.history]
+    # It did resume: the first 15 records are the copied ones, timings and all (a run that
+    # ignored the checkpoint would also end equal, with records of its own).
+    assert resumed.history[:15] == uninterrupted.history[:15]
 
 
 def test_float32_training_asks_for_full_precision(tmp_path, frozen_parts, uninterrupted,
@@ -124,7 +148,9 @@ def test_float32_training_asks_for_full_precision(tmp_path, frozen_parts, uninte
         return call
 
     monkeypatch.setattr(loop, "compiled_step", spy)
-    train(unet_recipe(tmp_path, frozen_parts), stop_at=1)
+    stopped = train(unet_recipe(tmp_path, frozen_parts), stop_at=1)
+    assert stopped.step == 1 and stopped.export_dir is None  # stopped early: no export
+    assert Checkpoints(tmp_path / "checkpoints", keep=2).latest() == 1  # but a checkpoint
     assert set(lowered) == {"highest", "default"}
     assert set(lowered["highest"]) == {"dot_general", "convolution"}, lowered
     assert all(names == {"HIGHEST"} for names in lowered["highest"].values()), lowered
@@ -229,8 +255,6 @@ def test_folder_and_webdataset_sources(tmp_path):
 
 
 def test_recipes_load_and_override(tmp_path):
-    from pathlib import Path
-
     configs = Path(__file__).resolve().parents[1] / "configs"
     for stage in ("clip", "vae", "unet"):
         cfg = load_config(configs / f"toy_{stage}.py")
@@ -286,15 +310,13 @@ def adapter_recipe(task, out, uninterrupted, concept, **kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def adapter_runs(tmp_path_factory, uninterrupted, concept):
-    """task -> (uninterrupted result, result of a run stopped at step 6 and resumed)."""
+    """task -> (uninterrupted result, result of resuming its folder from step 6)."""
     out = {}
     for task in ("textual_inversion", "lora"):
         whole = train(adapter_recipe(task, tmp_path_factory.mktemp(task), uninterrupted,
-                                     concept, checkpoint_every=12))
-        cfg = adapter_recipe(task, tmp_path_factory.mktemp(task + "-resumed"), uninterrupted,
-                             concept)
-        assert train(cfg, stop_at=6).export_dir is None
-        out[task] = whole, train(cfg)
+                                     concept))
+        folder = interrupted_copy(whole, 6, tmp_path_factory.mktemp(task + "-resumed") / "run")
+        out[task] = whole, train(adapter_recipe(task, folder, uninterrupted, concept))
     return out
 
 
@@ -324,6 +346,7 @@ def test_adapter_tasks_learn_resume_exactly_and_train_only_their_part(
     assert after < 0.995 * before
     jax.tree.map(np.testing.assert_array_equal, resumed.params, whole.params)
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
+    assert resumed.history[:6] == whole.history[:6]  # resumed from step 6, not rerun
     if task == "textual_inversion":  # the new rows are the only trained parameter
         assert list(whole.params) == ["vectors"] and whole.params["vectors"].shape == (2, 32)
     else:  # to_k, to_v of attn1 and attn2, and proj_in, in 4 transformers; q_proj and fc1
