@@ -27,6 +27,27 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
+# The test files that take longest, longest first (summed durations of a full run on 2
+# cores). Files go to the workers in this order, then the rest in collection order, so no
+# worker is still in a long file while the others have run out of work. pyproject's addopts
+# turn off xdist's own order (most tests first), which put some of the longest files last.
+# Keep the list roughly right when a file's cost changes a lot; its order is not a contract.
+LONGEST_FILES = (
+    "test_train.py", "test_sdxl.py", "test_tasks.py", "test_sample_cli.py", "test_pipeline.py",
+    "test_guidance.py", "test_upscale.py", "test_multihost.py", "test_toy.py",
+    "test_sdxl_handoff_cli.py", "test_single_file.py", "test_serve.py", "test_notebooks.py",
+    "test_generate.py", "test_sdxl_refiner.py", "test_benchmarks.py", "test_sdxl_adapters.py",
+    "test_unet.py", "test_sample_tasks_cli.py", "test_docs.py", "test_schedulers.py",
+    "test_sdxl_single_file.py", "test_adapters.py", "test_wheel.py",
+    "test_single_file_errors.py",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps the rest
+
+
 @pytest.fixture(scope="session")
 def sd1_folder(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("sd1") / "model", "sd1")

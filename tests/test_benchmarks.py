@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.report import FIELDS
+from tests.conftest import FAST_COMPILE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,8 +27,10 @@ def _fields(stdout: str) -> dict[str, str]:
 def test_throughput_runs_on_the_tiny_model_and_records_a_row(tmp_path):
     results = tmp_path / "RESULTS.md"
     # A subprocess, as users run it: the benchmark turns on a persistent compilation cache
-    # and changes JAX settings that must not leak into the other tests of this process.
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    # and changes JAX settings that must not leak into the other tests of this process. One
+    # device, compiled as fast as the tests' own (conftest.FAST_COMPILE): the smoke test
+    # checks the fields, not the speed, and its compile is most of its time.
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--model", "tiny", "--models_dir",
          str(tmp_path / "models"), "--size", "32", "--steps", "2", "--repeats", "2",
