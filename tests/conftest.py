@@ -6,10 +6,11 @@ import os
 # (tests/test_pipeline.py: 189 s of CPU at the default level, 98 s at 0), and fusions go
 # through XLA:CPU's older LLVM IR emitters instead of its MLIR fusion emitters, which takes
 # 40% off what is left of XLA's compile time (8 tiny SD1 samplers, 3 schedulers and img2img
-# on 1 and 8 devices: 19-22 s of XLA compile -> 12 s). Neither changes what the tests rely on (no fast-math either way;
-# the images move by ~3e-6, far inside the parity tolerances, and the sdjax-vs-sdjax checks
-# compare programs compiled alike); the benchmarks and users compile with XLA's defaults.
-# (Should a jaxlib drop the flag, XLA refuses to start: drop it here too.)
+# on 1 and 8 devices: 19-22 s of XLA compile -> 12 s; tests/test_tasks.py: 101-127 s of CPU ->
+# 75 s). Neither changes what the tests rely on (no fast-math either way; the images move by
+# ~3e-6, far inside the parity tolerances, and the sdjax-vs-sdjax checks compare programs
+# compiled alike); the benchmarks and users compile with XLA's defaults. (Should a jaxlib
+# drop the emitters flag, XLA refuses to start: drop it here too.)
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -150,7 +150,9 @@ def test_float32_training_asks_for_full_precision(tmp_path, frozen_parts, uninte
     monkeypatch.setattr(loop, "compiled_step", spy)
     stopped = train(unet_recipe(tmp_path, frozen_parts), stop_at=1)
     assert stopped.step == 1 and stopped.export_dir is None  # stopped early: no export
-    assert Checkpoints(tmp_path / "checkpoints", keep=2).latest() == 1  # but a checkpoint
+    ckpt = Checkpoints(tmp_path / "checkpoints", keep=2)
+    assert ckpt.latest() == 1  # but a checkpoint to resume from
+    ckpt.close()
     assert set(lowered) == {"highest", "default"}
     assert set(lowered["highest"]) == {"dot_general", "convolution"}, lowered
     assert all(names == {"HIGHEST"} for names in lowered["highest"].values()), lowered
