@@ -224,8 +224,9 @@ def run(args, written: list[Path]) -> int:
         print("Using the bundled toy model (shapes and colours only); pass --model for real "
               "Stable Diffusion weights.", file=sys.stderr)
     dtype = resolve_dtype(args.dtype)
+    # The tensors load while the first batch compiles (or comes out of the compile cache).
     pipe = cls.from_pretrained(args.model, dtype=dtype, num_devices=args.num_devices,
-                               **ModelOptions.from_args(args).kwargs())
+                               background_load=True, **ModelOptions.from_args(args).kwargs())
     if pipe.note:
         print(pipe.note, file=sys.stderr)
     refiner = _load_refiner(args, pipe, dtype)
@@ -322,7 +323,7 @@ def _load_refiner(args, pipe, dtype: str):
     from sdjax.pipeline import pipeline_class
     refiner = pipeline_class(args.refiner).from_pretrained(
         args.refiner, dtype=dtype, num_devices=args.num_devices, vae=args.vae,
-        matmul_precision=args.matmul_precision)
+        matmul_precision=args.matmul_precision, background_load=True)
     check_loaded_pair(pipe, refiner)
     if refiner.note:
         print(refiner.note, file=sys.stderr)
