@@ -78,4 +78,4 @@ def test_a_failed_read_is_raised_where_the_weights_are_needed(sd1_folder, monkey
     with pytest.raises(OSError, match="disk went away"):  # every time, not just once
         pipe(**CALL)
     with pytest.raises(OSError, match="disk went away"):
-        pipe.params
+        pipe.load_lora("never-read.safetensors")  # waits for the weights before the file
