@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -256,9 +256,27 @@ class StableDiffusionPipeline:
         # Only this pipeline's variables: a network replaced after loading (vae=) is not read.
         wanted = [var for state in self._params.values()
                   for _, var in nnx.to_flat_state(state)]
+        self._load_in_background(lambda: deferred.fill(wanted))
+
+    def _load_in_background(self, work: Callable[[], None]) -> None:
         pool = ThreadPoolExecutor(1, thread_name_prefix="sdjax-load")
-        self._loading = pool.submit(deferred.fill, wanted)
+        self._loading = pool.submit(work)
         pool.shutdown(wait=False)
+
+    def _after_weights(self, step: Callable[[], None]) -> None:
+        """Run ``step`` (which changes the weights) once they are read: now, or after the
+        background reads in their thread, so that calls still compile meanwhile."""
+        loading = self._loading
+        if loading is None or loading.done():
+            self.wait_for_weights()  # raises what the reads raised
+            step()
+            return
+
+        def then() -> None:
+            loading.result()
+            step()
+
+        self._load_in_background(then)
 
     def wait_for_weights(self) -> None:
         """Return once the weights are read (at once unless from_pretrained's
@@ -302,7 +320,8 @@ class StableDiffusionPipeline:
         """Make exactly ``wanted`` ({LoRA file: scale}) the merged LoRAs, in one re-merge from
         the original weights; files already loaded are not read again, and an unchanged set
         changes nothing. A file that does not fit raises ``ValueError`` and leaves the
-        pipeline as it was."""
+        pipeline as it was. While the weights still load in the background, the files are
+        read and checked now and merged after the weights, in the loading thread."""
         from sdjax.weights.lora import merge_loras, read_lora, restore_pristine
 
         wanted = {_lora_key(path): validation.check_number(scale, "scale")
@@ -315,11 +334,18 @@ class StableDiffusionPipeline:
             if key in self._loras:
                 lora = self._loras[key][0]
             else:
-                networks = networks or {net: self.network(net) for net in self.lora_prefixes}
+                # Checked against the shapes only: the weights may still be loading.
+                networks = networks or {net: nnx.merge(self._graphdefs[net], self._params[net])
+                                        for net in self.lora_prefixes}
                 lora = read_lora(Path(key), networks, self.lora_prefixes)
             loras[key] = (lora, scale)
-        self.params, self._pristine = merge_loras(restore_pristine(self.params, self._pristine),
-                                                  {}, loras.values(), self._place)
+
+        def merge() -> None:
+            self._params, self._pristine = merge_loras(
+                restore_pristine(self._params, self._pristine), {}, loras.values(),
+                self._place)
+
+        self._after_weights(merge)
         self._loras = loras
 
     @property
@@ -526,11 +552,13 @@ class StableDiffusionPipeline:
         images from NaN/inf latents or pixels.
         """
         fn, call_args, n, finish, seeds = self._prepare(*args, **kwargs)
-        if self._loading is not None and not self._loading.done():
-            # Weights still loading in the background: compile (or fetch from the cache)
-            # against their shapes meanwhile. The parameters are filled in place.
-            fn.compile(*call_args)
-        self.wait_for_weights()
+        if self._loading is not None:
+            if not self._loading.done():
+                # Weights still loading in the background: compile (or fetch from the cache)
+                # against their shapes meanwhile.
+                fn.compile(*call_args)
+            self.wait_for_weights()
+            call_args = (self._params, *call_args[1:])  # as read (and LoRAs merged) since
         return PendingImages(fn(*call_args), n, finish, seeds)
 
     def compile(self, *args, **kwargs) -> jax.stages.Compiled:

@@ -8,15 +8,23 @@ import pytest
 
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.weights import loader
+from tests.test_adapters import write_kohya_lora
 
 CALL = dict(prompt=["a red circle", "a blue square"], num_inference_steps=2, seed=3,
             output_type="latent")  # the UNet's output: no decoder to compile
 
 
 @pytest.fixture(scope="module")
-def plain(sd1_folder):
+def lora_file(tmp_path_factory):
+    return write_kohya_lora(tmp_path_factory.mktemp("lora") / "style.safetensors")
+
+
+@pytest.fixture(scope="module")
+def plain(sd1_folder, lora_file):
+    """A pipeline loaded at once, and its images with the LoRA merged."""
     pipe = StableDiffusionPipeline.from_pretrained(str(sd1_folder), dtype="float32",
                                                    num_devices=1)
+    pipe.load_lora(lora_file, 0.8)
     return pipe, pipe(**CALL).images
 
 
@@ -25,7 +33,7 @@ def _leaves(pipe) -> list:
 
 
 def test_compiles_before_any_tensor_is_read_and_matches_a_plain_load(sd1_folder, plain,
-                                                                      monkeypatch):
+                                                                      lora_file, monkeypatch):
     gate, reads = threading.Event(), []
     read = loader._read
 
@@ -37,12 +45,14 @@ def test_compiles_before_any_tensor_is_read_and_matches_a_plain_load(sd1_folder,
     monkeypatch.setattr(loader, "_read", held_read)
     pipe = StableDiffusionPipeline.from_pretrained(str(sd1_folder), dtype="float32",
                                                    num_devices=1, background_load=True)
-    # Returned, and compiled, with every read still held at the gate.
+    # Returned, LoRA checked (merged later), and compiled, with every read held at the gate.
+    assert pipe.load_lora(lora_file, 0.8) == "style"
     pipe.compile(**CALL)
     assert not reads and pipe.compile_count == 1
     gate.set()
     images = pipe(**CALL).images
-    np.testing.assert_array_equal(images, plain[1])  # same weights, same executable's output
+    # Same weights, LoRA merged, and the same executable's output.
+    np.testing.assert_array_equal(images, plain[1])
     assert pipe.compile_count == 1  # the executable compiled against the shapes was used
     # Every parameter read once, and none left abstract.
     assert len(reads) == len(_leaves(pipe)) == len(_leaves(plain[0]))
@@ -66,7 +76,8 @@ def test_a_network_replaced_after_loading_is_never_read(sd1_folder, monkeypatch)
     assert len(reads) == len(_leaves(pipe))
 
 
-def test_a_failed_read_is_raised_where_the_weights_are_needed(sd1_folder, monkeypatch):
+def test_a_failed_read_is_raised_where_the_weights_are_needed(sd1_folder, lora_file,
+                                                              monkeypatch):
     def failing(*args):
         raise OSError("read failed: the disk went away")
 
@@ -78,4 +89,4 @@ def test_a_failed_read_is_raised_where_the_weights_are_needed(sd1_folder, monkey
     with pytest.raises(OSError, match="disk went away"):  # every time, not just once
         pipe(**CALL)
     with pytest.raises(OSError, match="disk went away"):
-        pipe.load_lora("never-read.safetensors")  # waits for the weights before the file
+        pipe.load_lora(lora_file)  # the merge needs them
