@@ -276,7 +276,6 @@ def load_pipeline(model: str, dtype: str, num_devices: int | None, local_devices
     from sdjax.pipeline import pipeline_class
     return pipeline_class(model).from_pretrained(model, dtype=dtype, num_devices=num_devices,
                                                  local_devices=local_devices,
-                                                 background_load=True,
                                                  **(options or ModelOptions()).kwargs())
 
 
