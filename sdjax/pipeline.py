@@ -164,6 +164,9 @@ class StableDiffusionPipeline:
             self._graphdefs[key], self._params[key] = nnx.split(module)
         self._compiled: dict[sampling.CoreSpec, sampling.Executable] = {}
         self.compile_seconds = 0.0
+        # Time callers spent blocked on background reads (see wait_for_weights), so the CLIs
+        # can keep it out of their generation figures.
+        self.weights_wait_seconds = 0.0
         # LoRAs: file -> (its layers, scale), and the un-merged weights they touch, so a new
         # scale re-merges exactly from the originals. Embeddings: name -> its tokens.
         self._loras: dict[str, tuple] = {}
@@ -283,7 +286,11 @@ class StableDiffusionPipeline:
         ``background_load`` is still reading them); raises what reading them raised."""
         loading = self._loading
         if loading is not None:
-            loading.result()
+            t0 = time.perf_counter()
+            try:
+                loading.result()
+            finally:
+                self.weights_wait_seconds += time.perf_counter() - t0
             self._loading = None
 
     @property
