@@ -35,7 +35,9 @@ from sdjax.sdxl_cli import (
     base_call_args,
     check_sdxl_args,
     check_sdxl_models,
+    load_refiner,
     sdxl_parameters,
+    with_refiner,
 )
 
 MAX_PROMPTS = 10_000  # beyond this, a dataset job: python -m sdjax.generate
@@ -229,7 +231,7 @@ def run(args, written: list[Path]) -> int:
                                background_load=True, **ModelOptions.from_args(args).kwargs())
     if pipe.note:
         print(pipe.note, file=sys.stderr)
-    refiner = _load_refiner(args, pipe, dtype)
+    refiner = load_refiner(args, pipe, dtype, background_load=True)
     for line in apply_adapters(args, pipe):
         print(line, file=sys.stderr)
     sampling = apply_sampling_defaults(args, pipe)
@@ -257,8 +259,8 @@ def run(args, written: list[Path]) -> int:
         tag_loras.use(dict(key))
 
     t_gen = 0.0
-    compile_before = _compile_seconds(pipe, refiner)
-    wait_before = _weights_wait_seconds(pipe, refiner)
+    compile_before = with_refiner("compile_seconds", pipe, refiner)
+    wait_before = with_refiner("weights_wait_seconds", pipe, refiner)
     all_images = []
     start = None
     with _StopAfterBatch() as stop:
@@ -305,9 +307,9 @@ def run(args, written: list[Path]) -> int:
         save_png(make_grid(np.concatenate(all_images)), grid_path, f"grid of {len(jobs)}")
         written.append(grid_path)
 
-    compile_s = _compile_seconds(pipe, refiner) - compile_before
+    compile_s = with_refiner("compile_seconds", pipe, refiner) - compile_before
     # The first batch also waited for whatever of the load its compile did not cover.
-    load_s = _weights_wait_seconds(pipe, refiner) - wait_before
+    load_s = with_refiner("weights_wait_seconds", pipe, refiner) - wait_before
     gen_s = max(t_gen - compile_s - load_s, 1e-9)
     print(_wrote(written, args.outdir))
     print(f"devices: {pipe.num_devices} x {jax.devices()[0].platform}, batch {batch} "
@@ -317,31 +319,6 @@ def run(args, written: list[Path]) -> int:
     print(f"compile: {compile_s:.1f}s  {waited}generation: {gen_s:.2f}s  "
           f"{len(jobs) / gen_s:.2f} images/s")
     return 0
-
-
-def _load_refiner(args, pipe, dtype: str):
-    """The --refiner pipeline on the base's devices, or None."""
-    if args.refiner is None:
-        return None
-    from sdjax.handoff import check_loaded_pair
-    from sdjax.pipeline import pipeline_class
-    refiner = pipeline_class(args.refiner).from_pretrained(
-        args.refiner, dtype=dtype, num_devices=args.num_devices, vae=args.vae,
-        matmul_precision=args.matmul_precision, background_load=True)
-    check_loaded_pair(pipe, refiner)
-    if refiner.note:
-        print(refiner.note, file=sys.stderr)
-    print(f"refiner: {args.refiner} from {args.refiner_switch_at:g} of the schedule",
-          file=sys.stderr)
-    return refiner
-
-
-def _compile_seconds(pipe, refiner) -> float:
-    return pipe.compile_seconds + (refiner.compile_seconds if refiner is not None else 0.0)
-
-
-def _weights_wait_seconds(pipe, refiner) -> float:
-    return pipe.weights_wait_seconds + (refiner.weights_wait_seconds if refiner else 0.0)
 
 
 def _wrote(written: list[Path], outdir: Path) -> str:
