@@ -140,7 +140,6 @@ class Settings:
                 "samples_per_shard": layout.samples_per_shard, "prompt_rows": prompts.num_rows,
                 "prompts_sha256": prompts.sha256}
 
-
     def sdxl_json(self) -> dict:
         """The SDXL flags given, by flag name, as JSON holds them (pairs become lists)."""
         return {"refiner_switch_at" if k == "switch_at" else k:
