@@ -203,9 +203,10 @@ class StableDiffusionPipeline:
         ``background_load``: return once the configs, tokenizers and every tensor's name and
         shape are read and checked, and read the tensors themselves in a background thread;
         the first call compiles meanwhile (or fetches its executable from the compilation
-        cache), and whatever needs the values (calls, LoRAs, saving, :attr:`params`) waits
-        for them. A file that fails while being read raises there. (Multi-process runs load
-        at once: placing weights on a global mesh is a collective.)"""
+        cache), LoRA files are checked at once and merged after the reads, and whatever needs
+        the values (calls, embeddings, saving, :attr:`params`) waits for them. A file that
+        fails while being read raises there. (Multi-process runs load at once: placing
+        weights on a global mesh is a collective.)"""
         dtype = parse_dtype(dtype)
         matmul_precision = resolve_matmul_precision(matmul_precision, dtype)
         if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
