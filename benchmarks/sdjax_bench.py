@@ -37,11 +37,13 @@ class SdjaxResult:
         return statistics.median(self.times_s)
 
 
-def load(w: Workload, cache_dir: str | None) -> StableDiffusionPipeline:
+def load(w: Workload, cache_dir: str | None, *,
+         background_load: bool = False) -> StableDiffusionPipeline:
     return pipeline_class(w.folder).from_pretrained(w.folder, dtype=w.dtype,
                                                     num_devices=w.num_devices,
                                                     compilation_cache=cache_dir,
-                                                    matmul_precision=w.matmul_precision)
+                                                    matmul_precision=w.matmul_precision,
+                                                    background_load=background_load)
 
 
 def run(w: Workload, *, cache_dir: str | None, repeats: int, search_max_batch: bool,

@@ -154,8 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
         "cold_compile_s": res.cold_compile_s,
         "warm_start_s": None if warm is None else warm["done_at"] - warm["started_at"],
         "warm_start_detail": None if warm is None else (
-            f"imports {warm['import_s']:.2f} s, load {warm['load_s']:.2f} s, compile (cache) "
-            f"{warm['compile_s']:.2f} s, first call {warm['first_call_s']:.2f} s, "
+            f"imports {warm['import_s']:.2f} s, configs and shapes {warm['open_s']:.2f} s, "
+            f"compile (cache) while the tensors load {warm['compile_s']:.2f} s, rest of the "
+            f"load {warm['load_wait_s']:.2f} s, first call {warm['first_call_s']:.2f} s, "
             f"cache hits {warm['cache_hits']}, misses {warm['cache_misses']}"),
         "first_call_s": res.first_call_s, "s_per_batch": s,
         "s_per_batch_runs": " ".join(f"{t:.3f}" for t in res.times_s),

@@ -29,14 +29,19 @@ def main(argv: list[str] | None = None) -> None:
     jax.monitoring.register_event_listener(lambda name, **_: events.append(name))
     w = Workload.from_json(a.workload)
     imported = time.time()
-    pipe = load(w, a.cache)
+    # As the CLIs load: the tensors are read while the executable comes out of the cache.
+    pipe = load(w, a.cache, background_load=True)
+    opened = time.time()
+    pipe.compile(w.prompts(), **w.sdjax_kwargs())
+    compiled = time.time()
+    pipe.wait_for_weights()
     loaded = time.time()
     pipe(w.prompts(), **w.sdjax_kwargs())
     done = time.time()
     print(json.dumps({
         "started_at": STARTED, "done_at": done, "import_s": imported - STARTED,
-        "load_s": loaded - imported, "compile_s": pipe.compile_seconds,
-        "first_call_s": done - loaded,
+        "open_s": opened - imported, "compile_s": compiled - opened,
+        "load_wait_s": loaded - compiled, "first_call_s": done - loaded,
         "cache_hits": events.count("/jax/compilation_cache/cache_hits"),
         "cache_misses": events.count("/jax/compilation_cache/cache_misses"),
     }))

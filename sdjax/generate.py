@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,17 @@ from sdjax.dataset.shards import (
 )
 from sdjax.dataset.storage import Store, is_url
 from sdjax.dataset.writer import AsyncShardWriter
+from sdjax.handoff import check_schedule, refine
 from sdjax.lora_tags import TagLoras, split_tags, tag_key
+from sdjax.sdxl_cli import (
+    add_sdxl_arguments,
+    base_call_args,
+    check_sdxl_args,
+    check_sdxl_models,
+    load_refiner,
+    sdxl_parameters,
+    with_refiner,
+)
 from sdjax.validation import MAX_SEED
 
 
@@ -79,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
              "even if they were made with other settings")
     add_flag(p, "encode_threads", type=int, default=None,
              help="host threads encoding images (default: CPU count, at most 16)")
+    add_sdxl_arguments(p)
     return p
 
 
@@ -102,12 +114,16 @@ class Settings:
     guidance_interval: tuple[float, float] | None = None
     clip_skip: int | None = None
     lora_dir: str | None = None      # where prompts' <lora:name:w> tags are found
+    # The SDXL flags: what each call adds (sdxl_cli.base_call_args) and the images' metadata
+    # fields (sdxl_cli.sdxl_parameters: the refiner, its switch point, ...).
+    sdxl_call: tuple[tuple[str, Any], ...] = ()
+    sdxl_fields: tuple[tuple[str, str], ...] = ()
 
     def manifest(self, layout: Layout, prompts: PromptsInfo) -> dict:
         optional = ("clip_skip", "lora_dir")
         fields = {k: v for k, v in dataclasses.asdict(self).items()
                   if k not in ("model_options", "adapters", "guidance_rescale",
-                               "guidance_interval", *optional)}
+                               "guidance_interval", "sdxl_call", "sdxl_fields", *optional)}
         if self.adapters:  # only when used, like the model options, so earlier runs match
             fields["adapters"] = list(self.adapters)
         if self.guidance_rescale:
@@ -115,11 +131,19 @@ class Settings:
         if self.guidance_interval is not None:  # text: JSON has no inf
             fields["guidance_interval"] = ",".join(f"{v:g}" for v in self.guidance_interval)
         fields.update({k: getattr(self, k) for k in optional if getattr(self, k) is not None})
+        fields.update(self.sdxl_json())  # only when used, so earlier runs still match
+        if "Refiner" in dict(self.sdxl_fields):
+            fields["refiner"] = dict(self.sdxl_fields)["Refiner"]
         # --vae, --config, … join the manifest only when used, so earlier runs still match.
         options = {k: v for k, v in self.model_options.kwargs().items() if v not in (None, False)}
         return {**fields, **options, "images_per_prompt": layout.images_per_prompt,
                 "samples_per_shard": layout.samples_per_shard, "prompt_rows": prompts.num_rows,
                 "prompts_sha256": prompts.sha256}
+
+    def sdxl_json(self) -> dict:
+        """The SDXL flags given, by flag name, as JSON holds them (pairs become lists)."""
+        return {"refiner_switch_at" if k == "switch_at" else k:
+                list(v) if isinstance(v, tuple) else v for k, v in self.sdxl_call}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,14 +194,14 @@ def sample_files(sample: Sample, key: str, image: np.ndarray,
             "seed": sample.seed, "seed_index": sample.seed_index, "steps": settings.steps,
             "scheduler": settings.scheduler, "guidance_scale": settings.guidance_scale,
             "width": settings.width, "height": settings.height, "model": settings.model,
-            "dtype": settings.dtype}
+            "dtype": settings.dtype, **settings.sdxl_json()}
     parameters = format_parameters(
         prompt=sample.prompt, negative_prompt=sample.negative_prompt, steps=settings.steps,
         sampler=settings.scheduler, guidance_scale=settings.guidance_scale, seed=sample.seed,
         index=sample.seed_index, width=settings.width, height=settings.height,
         model=settings.model,
-        extra=guidance_parameters(settings.guidance_rescale, settings.guidance_interval,
-                                  settings.clip_skip))
+        extra={**guidance_parameters(settings.guidance_rescale, settings.guidance_interval,
+                                     settings.clip_skip), **dict(settings.sdxl_fields)})
     image_bytes = encode_image(image, settings.image_format, settings.quality, parameters)
     return {settings.image_format: image_bytes, "txt": sample.prompt.encode("utf-8"),
             "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
@@ -187,11 +211,14 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
                     store: Store, *, per_device: int, encode_threads: int,
                     shard_stats: dict | None = None,
                     on_written: Callable[[int], None] | None = None,
-                    on_compiled: Callable[[], None] | None = None) -> list[dict]:
+                    on_compiled: Callable[[], None] | None = None,
+                    refiner=None) -> list[dict]:
     """Generate and write the given samples (whole shards, in index order); returns the stats
     of the shards written. Batch k+1 is submitted before batch k's images are taken, so the
     devices never wait while the host encodes and writes. ``on_compiled`` is called once the
-    first batch is dispatched (its compilation, if any, is over)."""
+    first batch is dispatched (its compilation, if any, is over). ``refiner``: an SDXL
+    refiner that finishes every image (``settings.sdxl_call`` has the switch point); the
+    hand-off brings the base's latents to the host, so those batches run one at a time."""
     def encode(sample: Sample, image: np.ndarray) -> dict[str, bytes]:
         return sample_files(sample, layout.key(sample.index), image, settings)
 
@@ -210,8 +237,8 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
         handles = []
         for members in groups.values():
             tag_loras.use(split[members[0]][1])
-            handles.append((members, pipe.submit(
-                [split[j][0] for j in members],
+            texts = [split[j][0] for j in members]
+            call = dict(
                 negative_prompt=[batch[j].negative_prompt for j in members],
                 num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                 guidance_rescale=settings.guidance_rescale,
@@ -219,7 +246,10 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
                 height=settings.height, width=settings.width, scheduler=settings.scheduler,
                 seeds=[batch[j].seed for j in members],
                 image_indices=[batch[j].seed_index for j in members],
-                batch_size_per_device=per_device, clip_skip=settings.clip_skip)))
+                batch_size_per_device=per_device, clip_skip=settings.clip_skip,
+                **dict(settings.sdxl_call))
+            handles.append((members, pipe.submit(texts, **call) if refiner is None
+                            else _Done(refine(pipe, refiner, texts, **call))))
 
         def images() -> np.ndarray:
             if len(handles) == 1:
@@ -249,9 +279,20 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
     return writer.shards_written
 
 
+class _Done:
+    """A finished call's output where generate_shards expects PendingImages."""
+
+    def __init__(self, output):
+        self._output = output
+
+    def result(self):
+        return self._output
+
+
 def _check_args(args) -> None:
     # No random seed: a dataset is resumed by re-running the same command.
     check_common_args(args, allow_random_seed=False)
+    check_sdxl_args(args)
     for name in ("images_per_prompt", "samples_per_shard", "num_jobs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -331,28 +372,36 @@ def run(args) -> int:
     if args.model == "toy":
         print("Using the bundled toy model (shapes and colours only); pass --model for real "
               "Stable Diffusion weights.", file=sys.stderr)
+    from sdjax.pipeline import pipeline_class
+    check_sdxl_models(args, pipeline_class(args.model).SDXL)  # before either model loads
     dtype = resolve_dtype(args.dtype)
     t_load = time.perf_counter()
     # Each process of a multi-host run makes its own shards on its own devices.
     options = ModelOptions.from_args(args)
-    pipe = load_pipeline(args.model, dtype, args.num_devices, jax.process_count() > 1, options)
+    local = jax.process_count() > 1
+    pipe = load_pipeline(args.model, dtype, args.num_devices, local, options)
     if pipe.note:
         print(pipe.note, file=sys.stderr)
+    refiner = load_refiner(args, pipe, dtype, local_devices=local)
     adapters = tuple(apply_adapters(args, pipe))
     for line in adapters:
         print(line, file=sys.stderr)
     sampling = apply_sampling_defaults(args, pipe)
     load_s = time.perf_counter() - t_load
+    scheduler = args.scheduler or pipe.default_scheduler
+    if refiner is not None:
+        check_schedule(pipe, refiner, scheduler, args.steps, args.refiner_switch_at)
     height, width = image_size(args, pipe)
     settings = Settings(
-        model=args.model, dtype=dtype, steps=args.steps,
-        scheduler=args.scheduler or pipe.default_scheduler,
+        model=args.model, dtype=dtype, steps=args.steps, scheduler=scheduler,
         guidance_scale=args.guidance_scale, height=height, width=width, seed=args.seed,
         negative_prompt=args.negative_prompt, image_format=args.format,
         quality=None if args.format == "png" else (args.quality or 95), model_options=options,
         adapters=adapters, guidance_rescale=args.guidance_rescale,
         guidance_interval=args.guidance_interval, clip_skip=args.clip_skip,
-        lora_dir=None if args.lora_dir is None else str(args.lora_dir))
+        lora_dir=None if args.lora_dir is None else str(args.lora_dir),
+        sdxl_call=tuple(base_call_args(args).items()),
+        sdxl_fields=tuple(sdxl_parameters(args).items()))
     run_settings = settings.manifest(layout, prompts)
     manifest.check(store, run_settings, overwrite=args.overwrite)
     print(sampling, file=sys.stderr)
@@ -379,7 +428,7 @@ def run(args) -> int:
         print(f"{job_text}{layout.num_samples} samples in {layout.num_shards} shard(s) of "
               f"{layout.samples_per_shard}; {len(mine) - len(todo)} of this job's {len(mine)} "
               f"already complete, {n_todo} samples to make")
-        compile_before = pipe.compile_seconds
+        compile_before = with_refiner("compile_seconds", pipe, refiner)
         t_gen = time.perf_counter()
         written: list[dict] = []
         if todo:
@@ -389,11 +438,12 @@ def run(args) -> int:
                 written = generate_shards(
                     pipe, settings, layout, plan_samples(rows, layout, todo, settings), store,
                     per_device=per_device, encode_threads=threads, on_written=bar.update,
+                    refiner=refiner,
                     on_compiled=bar.reset,  # restart the clock: compile time is not throughput
                     shard_stats={"job_index": job, "num_jobs": num_jobs,
                                  "host": socket.gethostname(), "devices": pipe.num_devices,
                                  "platform": platform, "batch_size_per_device": per_device})
-        compile_s = pipe.compile_seconds - compile_before
+        compile_s = with_refiner("compile_seconds", pipe, refiner) - compile_before
         gen_s = max(time.perf_counter() - t_gen - compile_s, 1e-9)
         made = sum(s["count"] for s in written)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -142,6 +143,8 @@ class StableDiffusionPipeline:
                  mesh, dtype, name: str = "", vae_scale_factor: int = 8,
                  tokenizer_dir: Path | None = None, note: str = "",
                  matmul_precision: str | None = None):
+        # Weights still being read (from_pretrained(background_load=True)); see params.
+        self._loading: Future | None = None
         self.tokenizer = tokenizer
         self.tokenizer_dir = tokenizer_dir  # its files, for saving; None = bundled CLIP BPE
         self.note = note  # what was loaded and how to change it (single files), for the CLI
@@ -156,11 +159,14 @@ class StableDiffusionPipeline:
         self.text_encoder_config = text_encoder.config
         self.vae_config = vae.config
         self._graphdefs = {}
-        self.params = {}
+        self._params: dict[str, nnx.State] = {}
         for key, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
-            self._graphdefs[key], self.params[key] = nnx.split(module)
+            self._graphdefs[key], self._params[key] = nnx.split(module)
         self._compiled: dict[sampling.CoreSpec, sampling.Executable] = {}
         self.compile_seconds = 0.0
+        # Time callers spent blocked on background reads (see wait_for_weights), so the CLIs
+        # can keep it out of their generation figures.
+        self.weights_wait_seconds = 0.0
         # LoRAs: file -> (its layers, scale), and the un-merged weights they touch, so a new
         # scale re-merges exactly from the originals. Embeddings: name -> its tokens.
         self._loras: dict[str, tuple] = {}
@@ -176,7 +182,8 @@ class StableDiffusionPipeline:
                         prediction_type: str | None = None, ema: bool = False,
                         variant: str | None = None, compilation_cache: str | None = None,
                         local_devices: bool = False,
-                        matmul_precision: str | None = None) -> StableDiffusionPipeline:
+                        matmul_precision: str | None = None,
+                        background_load: bool = False) -> StableDiffusionPipeline:
         """``model``: ``"toy"`` | a diffusers folder | a single ``.safetensors``/``.ckpt``
         (CompVis/A1111 layout) | a hub id. ``dtype``: compute/param dtype of the networks.
         ``num_devices``: devices to shard batches over (None = all).
@@ -192,7 +199,14 @@ class StableDiffusionPipeline:
         ``matmul_precision``: ``"highest"`` | ``"high"`` | ``"default"``, the precision of the
         sampler's dots and convolutions on GPUs and TPUs; None = ``"highest"`` for float32 (true
         float32), XLA's default for bfloat16/float16. ``"default"`` makes a float32 pipeline
-        use TF32 (NVIDIA) or bfloat16 passes (TPU): faster, less exact."""
+        use TF32 (NVIDIA) or bfloat16 passes (TPU): faster, less exact.
+        ``background_load``: return once the configs, tokenizers and every tensor's name and
+        shape are read and checked, and read the tensors themselves in a background thread;
+        the first call compiles meanwhile (or fetches its executable from the compilation
+        cache), LoRA files are checked at once and merged after the reads, and whatever needs
+        the values (calls, embeddings, saving, :attr:`params`) waits for them. A file that
+        fails while being read raises there. (Multi-process runs load at once: placing
+        weights on a global mesh is a collective.)"""
         dtype = parse_dtype(dtype)
         matmul_precision = resolve_matmul_precision(matmul_precision, dtype)
         if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
@@ -209,6 +223,10 @@ class StableDiffusionPipeline:
         def place(a):
             return jax.device_put(a, replicated)
 
+        deferred = None
+        if background_load and jax.process_count() == 1:
+            from sdjax.weights.loader import DeferredPlace
+            place = deferred = DeferredPlace(place, replicated)
         if source.is_file():
             from sdjax.weights.single_file import load_single_file
             parts = load_single_file(source, config=config, prediction_type=prediction_type,
@@ -234,7 +252,59 @@ class StableDiffusionPipeline:
                    matmul_precision=matmul_precision, **parts.extra)
         if source.is_dir():
             pipe.model_defaults = model_defaults.read(source)
+        if deferred is not None:
+            pipe._fill_in_background(deferred)
         return pipe
+
+    def _fill_in_background(self, deferred) -> None:
+        # Only this pipeline's variables: a network replaced after loading (vae=) is not read.
+        wanted = [var for state in self._params.values()
+                  for _, var in nnx.to_flat_state(state)]
+        self._load_in_background(lambda: deferred.fill(wanted))
+
+    def _load_in_background(self, work: Callable[[], None]) -> None:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="sdjax-load")
+        self._loading = pool.submit(work)
+        pool.shutdown(wait=False)
+
+    def _after_weights(self, step: Callable[[], None]) -> None:
+        """Run ``step`` (which changes the weights) once they are read: now, or after the
+        background reads in their thread, so that calls still compile meanwhile."""
+        loading = self._loading
+        if loading is None or loading.done():
+            self.wait_for_weights()  # raises what the reads raised
+            step()
+            return
+
+        def then() -> None:
+            loading.result()
+            step()
+
+        self._load_in_background(then)
+
+    def wait_for_weights(self) -> None:
+        """Return once the weights are read (at once unless from_pretrained's
+        ``background_load`` is still reading them); raises what reading them raised."""
+        loading = self._loading
+        if loading is not None:
+            t0 = time.perf_counter()
+            try:
+                loading.result()
+            finally:
+                self.weights_wait_seconds += time.perf_counter() - t0
+            self._loading = None
+
+    @property
+    def params(self) -> dict[str, nnx.State]:
+        """The networks' parameters (``{"text_encoder": State, "vae": …, "unet": …}``), once
+        they are read (:meth:`wait_for_weights`)."""
+        self.wait_for_weights()
+        return self._params
+
+    @params.setter
+    def params(self, value: dict[str, nnx.State]) -> None:
+        self.wait_for_weights()
+        self._params = value
 
     # ------------------------------------------------------------------ adapters
     def load_lora(self, path: str | Path, scale: float = 1.0) -> str:
@@ -258,7 +328,8 @@ class StableDiffusionPipeline:
         """Make exactly ``wanted`` ({LoRA file: scale}) the merged LoRAs, in one re-merge from
         the original weights; files already loaded are not read again, and an unchanged set
         changes nothing. A file that does not fit raises ``ValueError`` and leaves the
-        pipeline as it was."""
+        pipeline as it was. While the weights still load in the background, the files are
+        read and checked now and merged after the weights, in the loading thread."""
         from sdjax.weights.lora import merge_loras, read_lora, restore_pristine
 
         wanted = {_lora_key(path): validation.check_number(scale, "scale")
@@ -271,11 +342,18 @@ class StableDiffusionPipeline:
             if key in self._loras:
                 lora = self._loras[key][0]
             else:
-                networks = networks or {net: self.network(net) for net in self.lora_prefixes}
+                # Checked against the shapes only: the weights may still be loading.
+                networks = networks or {net: nnx.merge(self._graphdefs[net], self._params[net])
+                                        for net in self.lora_prefixes}
                 lora = read_lora(Path(key), networks, self.lora_prefixes)
             loras[key] = (lora, scale)
-        self.params, self._pristine = merge_loras(restore_pristine(self.params, self._pristine),
-                                                  {}, loras.values(), self._place)
+
+        def merge() -> None:
+            self._params, self._pristine = merge_loras(
+                restore_pristine(self._params, self._pristine), {}, loras.values(),
+                self._place)
+
+        self._after_weights(merge)
         self._loras = loras
 
     @property
@@ -482,6 +560,13 @@ class StableDiffusionPipeline:
         images from NaN/inf latents or pixels.
         """
         fn, call_args, n, finish, seeds = self._prepare(*args, **kwargs)
+        if self._loading is not None:
+            if not self._loading.done():
+                # Weights still loading in the background: compile (or fetch from the cache)
+                # against their shapes meanwhile.
+                fn.compile(*call_args)
+            self.wait_for_weights()
+            call_args = (self._params, *call_args[1:])  # as read (and LoRAs merged) since
         return PendingImages(fn(*call_args), n, finish, seeds)
 
     def compile(self, *args, **kwargs) -> jax.stages.Compiled:
@@ -619,7 +704,7 @@ class StableDiffusionPipeline:
                                             lambda idx: np.asarray([start, stop], np.int32)[idx])
         placed = {k: pad(v) for k, v in inputs.items()}
         return (self._executable(spec),
-                (self.params, ids, neg_ids, guidance, seed_arr, index_arr, span, placed), n,
+                (self._params, ids, neg_ids, guidance, seed_arr, index_arr, span, placed), n,
                 finish, list(seeds))
 
     @staticmethod

@@ -73,7 +73,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         projected = self.text_encoder_config
         context = projected.hidden_size
         if text_encoder_2 is not None:
-            self._graphdefs["text_encoder_2"], self.params["text_encoder_2"] = nnx.split(
+            self._graphdefs["text_encoder_2"], self._params["text_encoder_2"] = nnx.split(
                 text_encoder_2)
             projected = text_encoder_2.config
             context += projected.hidden_size

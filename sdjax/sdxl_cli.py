@@ -1,11 +1,13 @@
-"""sdjax.sample's SDXL flags: the second prompts, the refiner hand-off, the refiner's
-aesthetic score and the size time ids; their checks (flags first, then the models' kinds,
-before anything loads) and what they add to each call and to the images' metadata.
+"""sdjax.sample's and sdjax.generate's SDXL flags: the second prompts, the refiner hand-off,
+the refiner's aesthetic score and the size time ids; their checks (flags first, then the
+models' kinds, before anything loads), the refiner's loading, and what they add to each call
+and to the images' metadata.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sdjax import handoff
 from sdjax.cli_args import UsageError, add_flag
@@ -58,7 +60,7 @@ def check_sdxl_args(args: argparse.Namespace) -> None:
         if args.refiner_switch_at is not None:
             raise UsageError("--refiner_switch_at needs a --refiner")
         return
-    if args.image is not None:
+    if getattr(args, "image", None) is not None:  # sdjax.generate has no --image
         raise UsageError("--refiner finishes text-to-image runs; it does not apply with "
                          "--image (img2img, inpainting, upscaling)")
     switch_at = handoff.DEFAULT_SWITCH_AT if args.refiner_switch_at is None \
@@ -85,6 +87,30 @@ def check_sdxl_models(args: argparse.Namespace, sdxl: bool) -> None:
             handoff.check_refiner(args.refiner)
         except ValueError as e:
             raise UsageError(str(e)) from None
+
+
+def load_refiner(args: argparse.Namespace, base, dtype: str, *, background_load: bool = False,
+                 local_devices: bool = False):
+    """The --refiner pipeline on the base's devices, or None."""
+    if args.refiner is None:
+        return None
+    from sdjax.pipeline import pipeline_class
+    refiner = pipeline_class(args.refiner).from_pretrained(
+        args.refiner, dtype=dtype, num_devices=args.num_devices, vae=args.vae,
+        matmul_precision=args.matmul_precision, background_load=background_load,
+        local_devices=local_devices)
+    handoff.check_loaded_pair(base, refiner)
+    if refiner.note:
+        print(refiner.note, file=sys.stderr)
+    print(f"refiner: {args.refiner} from {args.refiner_switch_at:g} of the schedule",
+          file=sys.stderr)
+    return refiner
+
+
+def with_refiner(counter: str, base, refiner) -> float:
+    """A pipeline counter (``compile_seconds``, ``weights_wait_seconds``) of the base and, if
+    there is one, the refiner, added."""
+    return getattr(base, counter) + (getattr(refiner, counter) if refiner is not None else 0.0)
 
 
 def base_call_args(args: argparse.Namespace) -> dict:

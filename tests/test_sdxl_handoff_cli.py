@@ -104,6 +104,70 @@ def test_handoff_from_eight_devices(sdxl_folder, one_device):
     assert np.abs(images.astype(int) - expected).max() <= 1  # uint8 may round the other way
 
 
+def test_generate_hands_off_as_the_api_does(sdxl_folder, sdxl_refiner_folder, one_device,
+                                            tmp_path, capsys, monkeypatch):
+    """sdjax.generate --refiner (and the SDXL flags) writes the images refine() makes, records
+    the hand-off in each sample's metadata and in the manifest, and a re-run that changes the
+    switch point is refused. Same pipelines and shapes as the sample test: no new compile."""
+    from sdjax import generate
+    from tests.test_generate import read_dataset
+
+    base, refiner = one_device
+    monkeypatch.setattr(generate, "load_pipeline", lambda *args: base)
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained",
+                        classmethod(lambda cls, model, **kwargs: refiner))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    argv = ["--model", sdxl_folder, "--refiner", sdxl_refiner_folder, "--prompts", prompts,
+            "--outdir", tmp_path / "data", "--prompt_2", "an oil painting",
+            "--negative_prompt", "green", "--aesthetic_score", 7, "--steps", 4,
+            "--scheduler", "euler_a", "--height", 16, "--width", 16, "--seed", 3,
+            "--num_devices", 1, "--batch_size", 2, "--original_size", "32,24"]
+    rc = generate.main([str(a) for a in [*argv, "--refiner_switch_at", 0.5]])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    samples = read_dataset(tmp_path / "data")
+    images = np.stack([np.asarray(Image.open(io.BytesIO(samples[k]["png"])))
+                       for k in sorted(samples)])
+    expected = refine(base, refiner, PROMPTS, switch_at=0.5, prompt_2="an oil painting",
+                      negative_prompt="green", aesthetic_score=7.0, seed=3,
+                      original_size=(32, 24), **CALL).images
+    np.testing.assert_array_equal(images, expected)
+    meta = json.loads(samples["000000001"]["json"])
+    assert (meta["prompt_2"], meta["original_size"], meta["refiner_switch_at"]) == (
+        "an oil painting", [32, 24], 0.5)
+    png = parse_parameters(Image.open(io.BytesIO(samples["000000001"]["png"])).text[
+        "parameters"])
+    assert (png["Refiner"], png["Refiner switch at"]) == (str(sdxl_refiner_folder), "0.5")
+    manifest = json.loads((tmp_path / "data" / "run.json").read_text())["settings"]
+    assert (manifest["refiner_switch_at"], manifest["refiner"], manifest["prompt_2"]) == (
+        0.5, str(sdxl_refiner_folder), "an oil painting")
+
+    rc = generate.main([str(a) for a in [*argv, "--refiner_switch_at", 0.6]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "other settings (refiner_switch_at: 0.5 -> 0.6)" in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{sd1}", "--refiner", "{ref}"], "--refiner needs an SDXL base model"),
+    (["--model", "{sd1}", "--prompt_2", "x"], "--prompt_2 is for SDXL"),
+    (["--refiner", "{ref}", "--refiner_switch_at", "0"], "strictly between 0 and 1"),
+])
+def test_generate_refuses_bad_combinations_before_loading(args, message, sdxl_folder,
+                                                          sdxl_refiner_folder, sd1_folder,
+                                                          tmp_path, capsys):
+    from sdjax import generate
+    subs = {"{sd1}": str(sd1_folder), "{ref}": str(sdxl_refiner_folder)}
+    for k, v in subs.items():
+        args = [a.replace(k, v) for a in args]
+    (tmp_path / "p.txt").write_text("a cat\n")
+    rc = generate.main(["--model", str(sdxl_folder), "--prompts", str(tmp_path / "p.txt"),
+                        "--outdir", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and message in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "{sd1}", "--refiner", "{ref}"], "--refiner needs an SDXL base model"),
     (["--refiner", "{sd1}"], "is not an SDXL model"),

@@ -126,8 +126,10 @@ def run(args: argparse.Namespace) -> int:
 
     def load(source: str) -> StableDiffusionPipeline:
         log.info("loading %s (%s)", source, dtype)
+        # --warmup compiles while the tensors load.
         return pipeline_class(source).from_pretrained(source, dtype=dtype,
-                                                      num_devices=args.num_devices)
+                                                      num_devices=args.num_devices,
+                                                      background_load=True)
 
     if args.lora_dir is not None and not args.lora_dir.expanduser().is_dir():
         raise UsageError(f"--lora_dir folder not found: {args.lora_dir}")
@@ -146,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
         clip_skip = pipe.sampling_settings()["clip_skip"] or 1
         run_call(registry)(Shape(registry.current, h, w, steps, scheduler_for(sampler),
                                  clip_skip=clip_skip), [ImageSpec("", "", 0, 7.0)])
+    for title in (registry.current, registry.refiner):
+        if title is not None:  # a file that fails to read stops the start, not a request
+            registry.get(title).wait_for_weights()
     app = create_app(registry, limits=limits, window_s=args.batch_window_ms / 1000,
                      max_batch=max_batch, credentials=credentials)
     if not _is_loopback(args.host) and credentials is None:

@@ -12,21 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdjax.weights.clip_bpe import EOS, write_vocabulary
-
-
-def byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for bytes (printable latin-1 bytes map
-    to themselves, the rest to code points from 256 up), in byte order."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    out, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
+from sdjax.weights.clip_bpe import EOS, byte_alphabet, write_vocabulary
 
 
 def bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:

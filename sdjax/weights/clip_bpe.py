@@ -22,11 +22,24 @@ BPE_FILE = Path(__file__).resolve().parent.parent / "assets" / "clip" / \
 NUM_MERGES = 49408 - 2 * 256 - 2
 
 
+def byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes (printable latin-1 bytes map
+    to themselves, the rest to code points from 256 up), in byte order."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
 def clip_byte_symbols() -> list[str]:
     """The 256 byte symbols in CLIP's vocabulary order: bytes that are printable latin-1 map
     to themselves and come first, the others map to code points from 256 up and follow;
     that is, ordered by code point."""
-    from sdjax.train.tokenizer import byte_alphabet
     return sorted(byte_alphabet(), key=ord)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -141,10 +142,12 @@ def load_state(abstract: nnx.Module, tensors: Mapping[str, np.ndarray], rules: l
     if mismatched:
         raise WeightsError(f"{what}: " + _listing("shape mismatches", mismatched))
 
+    if isinstance(place, DeferredPlace):
+        return place.defer(graphdef, tensors, jobs)
+
     def fill(job: tuple) -> tuple:
         path, var, key, transform, dtype = job
-        value = np.asarray(transform(tensors[key])).astype(dtype)
-        return path, var.replace(place(value))
+        return path, var.replace(place(_read(tensors, key, transform, dtype)))
 
     # Page faults, copies and numpy's casts (bfloat16 included) release the GIL, so a few
     # threads overlap reading the file with casting; each holds one tensor at a time.
@@ -152,3 +155,55 @@ def load_state(abstract: nnx.Module, tensors: Mapping[str, np.ndarray], rules: l
     with ThreadPoolExecutor(load_threads(_LOAD_THREADS)) as pool:
         filled = list(pool.map(fill, jobs))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def _read(tensors: Mapping[str, np.ndarray], key: str, transform: Transform,
+          dtype) -> np.ndarray:
+    return np.asarray(transform(tensors[key])).astype(dtype)
+
+
+class DeferredPlace:
+    """A ``place`` for :func:`load_state` that reads no tensor data yet.
+
+    :func:`load_state` checks every key and shape as usual, then returns the network with
+    abstract leaves (``jax.ShapeDtypeStruct`` with ``sharding``: all that compiling against
+    it needs) and leaves the reads here; :meth:`fill` does them later, placing each tensor
+    with ``place`` into those same variables. sdjax.pipeline compiles while it runs."""
+
+    def __init__(self, place: Callable[[np.ndarray], jax.Array], sharding: jax.sharding.Sharding):
+        self.place, self.sharding = place, sharding
+        self._pending: list[tuple] = []  # (variable, tensors, key, transform, dtype)
+        self._lock = threading.Lock()     # loaders build their networks in several threads
+
+    def defer(self, graphdef: nnx.GraphDef, tensors: Mapping[str, np.ndarray],
+              jobs: list[tuple]) -> nnx.Module:
+        abstract = nnx.from_flat_state([
+            (path, var.replace(jax.ShapeDtypeStruct(var.get_value().shape, dtype,
+                                                    sharding=self.sharding)))
+            for path, var, _, _, dtype in jobs])
+        module = nnx.merge(graphdef, abstract)
+        # The module's own variables: the pipeline's parameters share them, so filling them
+        # in place fills the pipeline.
+        variables = dict(nnx.to_flat_state(nnx.state(module)))
+        with self._lock:
+            self._pending += [(variables[path], tensors, key, transform, dtype)
+                              for path, _, key, transform, dtype in jobs]
+        return module
+
+    def fill(self, wanted: Sequence[nnx.Variable] | None = None) -> None:
+        """Read, cast and place the deferred tensors: those of the ``wanted`` variables only,
+        when given (a network replaced after loading, as by ``vae=``, is never read)."""
+        with self._lock:
+            jobs, self._pending = self._pending, []
+        if wanted is not None:
+            ids = {id(v) for v in wanted}
+            jobs = [job for job in jobs if id(job[0]) in ids]
+
+        def fill(job: tuple) -> None:
+            var, tensors, key, transform, dtype = job
+            var.set_value(self.place(_read(tensors, key, transform, dtype)))
+
+        # As in load_state: a few threads, one tensor each at a time.
+        with ThreadPoolExecutor(load_threads(_LOAD_THREADS)) as pool:
+            list(pool.map(fill, jobs))
+

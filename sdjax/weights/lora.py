@@ -86,6 +86,14 @@ class LoraLayer:
         full = (up @ down).reshape(self.up.shape[0], *self.down.shape[1:])
         return self.transform(full * np.float32(self.scale))
 
+    def delta_shape(self) -> tuple[int, ...]:
+        """The shape :meth:`delta` returns, without computing it (the transforms are views, so
+        they take a zero-strided stand-in)."""
+        if self.up.shape[2:] not in ((), (1, 1)):
+            raise WeightsError(f"an up weight of shape {self.up.shape}")
+        full = np.broadcast_to(np.float32(0), (self.up.shape[0], *self.down.shape[1:]))
+        return tuple(self.transform(full).shape)
+
 
 @dataclasses.dataclass(frozen=True)
 class Lora:
@@ -257,7 +265,7 @@ def read_lora(path: str | Path, networks: Mapping[str, nnx.Module],
                 scale = _peft_scale(peft.get(net, {}), key[:-len(".weight")], rank)
             layer = LoraLayer(net, target, up, down, scale, transform)
             try:
-                delta_shape = layer.delta().shape
+                delta_shape = layer.delta_shape()
             except WeightsError:
                 delta_shape = None
             if delta_shape != shapes[net][target]:
