@@ -16,11 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sdjax.cli_args import ModelOptions, UsageError, add_flag, run_main
+from sdjax.cli_args import ModelOptions, Parser, UsageError, add_flag, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m sdjax.convert",
         description="Convert a Stable Diffusion model (SD 1.x/2.x or SDXL) between a diffusers "
                     "folder and an A1111/CompVis (SDXL: SGM) single .safetensors file.")

@@ -286,3 +286,14 @@ def test_convert_cli_both_ways(single_files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "exists" in err and "--overwrite" in err and half.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_convert_usage_errors_are_one_line(capsys):
+    """A wrong command line is one ``error:`` line and exit 2, like every other bad input (not
+    argparse's usage block)."""
+    for argv, message in ((["only-src.safetensors"], "dst"), (["a", "b", "--bogus"], "--bogus")):
+        with pytest.raises(SystemExit) as exit_info:
+            convert.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
