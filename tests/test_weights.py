@@ -127,3 +127,24 @@ def test_hub_id_offline_says_so(monkeypatch):
         resolve_model("nobody-here/not-a-real-model-sdjax")
     assert "\n" not in str(e.value)
     assert "no connection" in str(e.value) and "--model" in str(e.value)
+
+
+def test_hub_id_is_asked_for_once_per_process(monkeypatch, tmp_path):
+    """A CLI resolves --model several times; online, each snapshot_download is a hub request."""
+    import huggingface_hub
+
+    from sdjax.weights import resolve
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append(repo_id)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    resolve._download.cache_clear()
+    try:
+        assert resolve_model("someone/a-model") == resolve_model("someone/a-model") == tmp_path
+        resolve_model("someone/another-model")
+        assert calls == ["someone/a-model", "someone/another-model"]
+    finally:
+        resolve._download.cache_clear()

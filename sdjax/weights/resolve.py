@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def resolve_model(model: str) -> Path:
                        "stable-diffusion-v1-5/stable-diffusion-v1-5)")
 
 
+# Once per process and repository: online, every snapshot_download asks the hub for the
+# repository's files, and a CLI resolves its --model more than once (which pipeline, then
+# loading). A failure is not cached, so it is asked again.
+@functools.cache
 def _download(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
