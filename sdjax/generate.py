@@ -132,8 +132,9 @@ class Settings:
             fields["guidance_interval"] = ",".join(f"{v:g}" for v in self.guidance_interval)
         fields.update({k: getattr(self, k) for k in optional if getattr(self, k) is not None})
         fields.update(self.sdxl_json())  # only when used, so earlier runs still match
-        if "Refiner" in dict(self.sdxl_fields):
-            fields["refiner"] = dict(self.sdxl_fields)["Refiner"]
+        refiner = dict(self.sdxl_fields).get("Refiner")
+        if refiner is not None:
+            fields["refiner"] = refiner
         # --vae, --config, … join the manifest only when used, so earlier runs still match.
         options = {k: v for k, v in self.model_options.kwargs().items() if v not in (None, False)}
         return {**fields, **options, "images_per_prompt": layout.images_per_prompt,

@@ -566,7 +566,8 @@ class StableDiffusionPipeline:
                 # against their shapes meanwhile.
                 fn.compile(*call_args)
             self.wait_for_weights()
-            call_args = (self._params, *call_args[1:])  # as read (and LoRAs merged) since
+            # The parameters as they are now: read, and with any pending LoRA merge done.
+            call_args = (self._params, *call_args[1:])
         return PendingImages(fn(*call_args), n, finish, seeds)
 
     def compile(self, *args, **kwargs) -> jax.stages.Compiled:

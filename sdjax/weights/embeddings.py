@@ -35,8 +35,7 @@ _SDXL_KEYS = ("clip_l", "clip_g")
 def read_embedding(path: str | Path, token: str | None = None) -> tuple[str, np.ndarray]:
     """(token, vectors (n, D) float32) of the embedding file ``path``."""
     path = Path(path)
-    tensors = _open(path)
-    keys = [k for k in tensors if not k.startswith(_IGNORED)]
+    tensors, keys = _open(path)
     key, default = _vectors_key(path, keys)
     return (token if token is not None else default), _vectors(path, tensors, key)
 
@@ -49,8 +48,7 @@ def read_sdxl_embedding(path: str | Path, token: str | None = None,
     (and a refiner's one, which ``needed`` = ("clip_g",) asks for alone); the token defaults
     to the file's stem, as the WebUI names it."""
     path = Path(path)
-    tensors = _open(path)
-    keys = [k for k in tensors if not k.startswith(_IGNORED)]
+    tensors, keys = _open(path)
     if not any(k in _SDXL_KEYS for k in keys):
         raise AdapterError(f"{path}: not an SDXL embedding (no clip_l/clip_g vectors; found "
                            f"{', '.join(sorted(keys)[:4]) or 'no tensors'}): an SD1.x/SD2.x "
@@ -66,11 +64,13 @@ def read_sdxl_embedding(path: str | Path, token: str | None = None,
     return (token if token is not None else path.stem), sets
 
 
-def _open(path: Path):
+def _open(path: Path) -> tuple:
+    """(the file's tensors, the names of those that may be vectors)."""
     try:
-        return open_tensor_file(path)
+        tensors = open_tensor_file(path)
     except WeightsError as e:  # missing, unreadable or corrupt file
         raise AdapterError(str(e)) from None
+    return tensors, [k for k in tensors if not k.startswith(_IGNORED)]
 
 
 def _vectors(path: Path, tensors, key: str) -> np.ndarray:

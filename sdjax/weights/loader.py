@@ -190,14 +190,13 @@ class DeferredPlace:
                               for path, _, key, transform, dtype in jobs]
         return module
 
-    def fill(self, wanted: Sequence[nnx.Variable] | None = None) -> None:
-        """Read, cast and place the deferred tensors: those of the ``wanted`` variables only,
-        when given (a network replaced after loading, as by ``vae=``, is never read)."""
+    def fill(self, wanted: Sequence[nnx.Variable]) -> None:
+        """Read, cast and place the deferred tensors of the ``wanted`` variables (a network
+        replaced after loading, as by ``vae=``, is never read)."""
         with self._lock:
             jobs, self._pending = self._pending, []
-        if wanted is not None:
-            ids = {id(v) for v in wanted}
-            jobs = [job for job in jobs if id(job[0]) in ids]
+        ids = {id(v) for v in wanted}
+        jobs = [job for job in jobs if id(job[0]) in ids]
 
         def fill(job: tuple) -> None:
             var, tensors, key, transform, dtype = job
