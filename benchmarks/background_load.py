@@ -22,7 +22,7 @@ import time
 
 def child(folder: str, dtype: str, size: int, steps: int, cache: str, background: bool) -> None:
     from sdjax import StableDiffusionPipeline
-    from sdjax.pipeline import pipeline_class
+    from sdjax.dispatch import pipeline_class
 
     t0 = time.perf_counter()
     cls: type[StableDiffusionPipeline] = pipeline_class(folder)

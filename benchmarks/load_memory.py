@@ -63,7 +63,8 @@ def _write_pipeline(folder: Path, shape: str) -> None:
 def _measure(folder: Path, dtype: str, source: str) -> dict:
     import jax
 
-    from sdjax.pipeline import StableDiffusionPipeline, parse_dtype
+    from sdjax.pipeline import StableDiffusionPipeline
+    from sdjax.runtime import parse_dtype
     from sdjax.weights.diffusers_folder import load_network
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()

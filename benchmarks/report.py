@@ -6,7 +6,7 @@ import datetime
 import json
 from pathlib import Path
 
-from sdjax.pipeline import resolve_matmul_precision
+from sdjax.runtime import resolve_matmul_precision
 
 HEADER = """# Benchmark results
 

@@ -14,7 +14,8 @@ from flax import nnx
 from benchmarks import hardware
 from benchmarks.flops import count_flops
 from benchmarks.workload import Workload
-from sdjax.pipeline import StableDiffusionPipeline, pipeline_class
+from sdjax.dispatch import pipeline_class
+from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.schedulers import get_scheduler
 
 

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import models
-from sdjax.pipeline import resolve_matmul_precision
+from sdjax.runtime import resolve_matmul_precision
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # Environment that changes what XLA or the libraries do; recorded with the command.

@@ -15,6 +15,9 @@ def __getattr__(name: str):
     if name == "StableDiffusionXLPipeline":
         from sdjax import sdxl
         return sdxl.StableDiffusionXLPipeline
+    if name == "pipeline_class":
+        from sdjax import dispatch
+        return dispatch.pipeline_class
     if name in __all__:
         from sdjax import pipeline
         return getattr(pipeline, name)

@@ -70,7 +70,7 @@ def _write_folder(pipe, dst: Path) -> None:
 
 def run(args) -> int:
     _check(args)
-    from sdjax.pipeline import pipeline_class
+    from sdjax.dispatch import pipeline_class
     pipe = pipeline_class(args.src).from_pretrained(args.src, dtype="float32", num_devices=1,
                                                    **ModelOptions.from_args(args).kwargs())
     if pipe.note:

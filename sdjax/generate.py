@@ -315,7 +315,7 @@ def _check_args(args) -> None:
 def load_pipeline(model: str, dtype: str, num_devices: int | None, local_devices: bool,
                   options: ModelOptions | None = None):
     """The pipeline a run uses (a separate function so tests can share one across runs)."""
-    from sdjax.pipeline import pipeline_class
+    from sdjax.dispatch import pipeline_class
     return pipeline_class(model).from_pretrained(model, dtype=dtype, num_devices=num_devices,
                                                  local_devices=local_devices,
                                                  **(options or ModelOptions()).kwargs())
@@ -373,7 +373,7 @@ def run(args) -> int:
     if args.model == "toy":
         print("Using the bundled toy model (shapes and colours only); pass --model for real "
               "Stable Diffusion weights.", file=sys.stderr)
-    from sdjax.pipeline import pipeline_class
+    from sdjax.dispatch import pipeline_class
     check_sdxl_models(args, pipeline_class(args.model).SDXL)  # before either model loads
     dtype = resolve_dtype(args.dtype)
     t_load = time.perf_counter()

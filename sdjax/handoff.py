@@ -26,7 +26,7 @@ def check_switch_at(value, name: str) -> float:
 def is_sdxl(model: str) -> bool:
     """Whether ``model`` (any form from_pretrained takes) loads as an SDXL pipeline; reads
     its model_index.json only (a hub id is fetched, as loading it would)."""
-    from sdjax.pipeline import pipeline_class
+    from sdjax.dispatch import pipeline_class
     return getattr(pipeline_class(model), "SDXL", False)
 
 

@@ -161,11 +161,6 @@ def _load_images(args):
     return image, mask
 
 
-def _is_upscaler(model: str) -> bool:
-    from sdjax.weights.resolve import resolve_model
-    return (resolve_model(model) / "low_res_scheduler").is_dir()
-
-
 class _StopAfterBatch:
     """Ctrl-C during generation: the first finishes and writes the batch in hand, then the
     run stops; a second one stops at once. The flag is ours, so a library that catches
@@ -198,10 +193,11 @@ def run(args, written: list[Path]) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from sdjax.dispatch import pipeline_class
     from sdjax.handoff import check_schedule, refine
     from sdjax.images import format_parameters, guidance_parameters, make_grid, next_index, save_png
     from sdjax.parallel import maybe_initialize_distributed, random_seed
-    from sdjax.pipeline import pipeline_class
+    from sdjax.upscale import StableDiffusionUpscalePipeline
 
     _check_args(args)
     prompts = _prompts(args)
@@ -209,7 +205,8 @@ def run(args, written: list[Path]) -> int:
     maybe_initialize_distributed()  # before resolve_dtype() asks JAX for its backend
     image, mask = _load_images(args)
     split = dict(zip(prompts, prompt_loras(prompts, args.lora_dir), strict=True))
-    upscaler = _is_upscaler(args.model)
+    cls = pipeline_class(args.model)
+    upscaler = cls is StableDiffusionUpscalePipeline
     if upscaler:
         if image is None:
             raise UsageError("an upscaler model needs --image (the low-resolution input)")
@@ -217,10 +214,6 @@ def run(args, written: list[Path]) -> int:
                      "masked_content"):
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag} does not apply to an upscaler model")
-    if upscaler:
-        from sdjax.upscale import StableDiffusionUpscalePipeline as cls
-    else:
-        cls = pipeline_class(args.model)
     check_sdxl_models(args, cls.SDXL)  # the refiner's files are found before the base loads
     if args.model == "toy":
         print("Using the bundled toy model (shapes and colours only); pass --model for real "

@@ -14,15 +14,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sdjax import parallel, prompts, tasks, vae_tiling
+from sdjax import parallel, prompts, tasks, vae_tiling, validation
 from sdjax.schedulers.start import start_table
 
 # Per-image status the compiled call returns when it checks its outputs (one int8 per image).
@@ -57,6 +59,38 @@ class CoreSpec:
 GUIDANCE_COLUMNS = ("scale", "rescale", "sigma_lo", "sigma_hi")
 
 
+def batch_shape(n: int, mesh: Mesh, batch_size_per_device: int | None,
+                decode_chunk: int | None, pixels: int) -> tuple[int, int, int]:
+    """(the padded batch, its per-device share, the decode chunk) for ``n`` images of
+    ``pixels`` pixels each: just enough rows for the devices, or ``batch_size_per_device``."""
+    devices = mesh.size
+    size = parallel.padded_size(n, mesh)
+    if batch_size_per_device is not None:
+        if batch_size_per_device * devices < n:
+            raise ValueError(f"{n} images do not fit a batch of {batch_size_per_device} "
+                             f"per device on {devices} device(s)")
+        size = batch_size_per_device * devices
+    per_device = size // devices
+    if decode_chunk is None:
+        # The VAE decoder's full-resolution activations dwarf the UNet's per image; decode
+        # about four 512x512 images' worth at a time so the UNet sets the batch limit.
+        decode_chunk = 4 * 512 * 512 // pixels
+    return size, per_device, max(1, min(decode_chunk, per_device))
+
+
+def guidance_array(scale: np.ndarray, rescale, interval, n: int) -> tuple[np.ndarray, bool]:
+    """(the (n, 4) guidance array of sampling.GUIDANCE_COLUMNS, whether the unconditional
+    pass runs). It runs when any image is guided (scale > 1). Guidance exactly 1 equals
+    the conditional prediction either way, though not bitwise: an image at guidance <= 1
+    batched with guided ones gets uncond + 1 * (cond - uncond)."""
+    rescale = validation.check_guidance_rescale(rescale, n)
+    bounds = validation.check_guidance_interval(interval, n)
+    if bounds is None:
+        bounds = np.tile(np.array([[0.0, np.inf]], np.float32), (n, 1))
+    return (np.concatenate([scale[:, None], rescale[:, None], bounds], axis=1),
+            bool((scale > 1).any()))
+
+
 def combine_guidance(uncond: jax.Array, cond: jax.Array, guidance: jax.Array,
                      sigma: jax.Array) -> jax.Array:
     """Classifier-free guidance of one step, per image: ``guidance`` is (B, 4) as
@@ -77,10 +111,44 @@ def combine_guidance(uncond: jax.Array, cond: jax.Array, guidance: jax.Array,
     return jnp.where(rescale > 0, rescaled, guided)
 
 
+class Conditioning(NamedTuple):
+    """What the denoiser is conditioned on, one row per row of its batch: the unconditional
+    rows, then the conditional ones, under classifier-free guidance (the conditional rows
+    alone without it). Built once per call, before the loop."""
+
+    context: jax.Array  # (rows, tokens, width) the UNet's cross-attention states
+    added: Mapping[str, jax.Array] | None = None  # SDXL's added_cond
+    class_labels: jax.Array | None = None  # (rows,) the upscaler's noise level
+
+
+class Step(NamedTuple):
+    """The loop's position, as the plug-ins see it."""
+
+    index: jax.Array  # the evaluation i (int32 scalar, traced)
+    t: jax.Array  # its timestep
+    sigma: jax.Array  # its noise level, sqrt((1 - alphas_cumprod) / alphas_cumprod) at t
+
+
+# The plug-ins of the denoiser seam (each a pure function, traced into the one loop):
+# - a residual source (ControlNet): (params, inputs, step, x, cond) -> (down residuals, mid
+#   residual) for the UNet batch's rows; ``x`` is the scaled latents without the task's
+#   extra channels, ``params`` the whole parameter dict (its own network's included), and
+#   ``inputs`` the call's batched runtime inputs (its images, scales, windows);
+# - a conditioning selector (prompt editing): (params, inputs, step, cond) -> the step's
+#   Conditioning (a stack of encoded prompts would come in ``cond`` or ``inputs``);
+# - a guidance combiner (composable AND): (eps of every row, guidance, step) -> eps of the
+#   B images. The default is classifier-free guidance over [uncond; cond] (combine_guidance).
+ResidualSource = Callable[..., tuple[Sequence[jax.Array], jax.Array]]
+Selector = Callable[..., Conditioning]
+Guide = Callable[[jax.Array, jax.Array, Step], jax.Array]
+
+
 @dataclasses.dataclass(frozen=True)
 class Networks:
-    """The graph definitions of a pipeline's networks and what the loop needs to know of
-    them (the parameters themselves are an argument of the call)."""
+    """The graph definitions of a pipeline's networks, what the loop needs to know of them,
+    and the plug-ins of the denoiser seam (the parameters themselves are an argument of the
+    call). A pipeline picks the plug-ins from the CoreSpec it compiles, so that the
+    executable cache (keyed by the spec) stays right."""
 
     graphdefs: Mapping[str, object]
     dtype: jnp.dtype
@@ -90,7 +158,45 @@ class Networks:
     # (context, added)``, both for the 2B batch [negatives; prompts] (``ids``/``neg_ids`` are
     # (token ids, weights) pairs, as sdjax.prompts makes them); ``added`` is the UNet's
     # ``added_cond``. None: ``sdjax.prompts.encode`` of the one text encoder, nothing added.
-    encode: Callable | None = None
+    encoder: Callable | None = None
+    residuals: tuple[ResidualSource, ...] = ()  # summed, then added inside the UNet
+    select: Selector | None = None  # None: the same conditioning at every step
+    guide: Guide | None = None  # None: classifier-free guidance, or none without cfg
+
+    def encode(self, params, ids, neg_ids, inputs, clip_skip: int
+               ) -> tuple[jax.Array, Mapping[str, jax.Array] | None]:
+        """(context, added) of the 2B rows [negatives; prompts]."""
+        if self.encoder is not None:
+            return self.encoder(params, ids, neg_ids, inputs, clip_skip)
+        te = nnx.merge(self.graphdefs["text_encoder"], params["text_encoder"])
+        context = prompts.encode(te, *(jnp.concatenate(pair, axis=0)
+                                       for pair in zip(neg_ids, ids, strict=True)),
+                                 clip_skip=clip_skip)
+        return context, None
+
+    def denoise(self, params, inputs: Mapping[str, jax.Array], step: Step, x: jax.Array,
+                extra: jax.Array | None, cond: Conditioning) -> jax.Array:
+        """The UNet's prediction for every row of ``x`` (scaled latents in the networks'
+        dtype), with the task's ``extra`` input channels appended and the residual sources'
+        sum added inside. One model call per step goes through here."""
+        down = mid = None
+        for source in self.residuals:
+            d, m = source(params, inputs, step, x, cond)  # either may be None: none of it
+            if d is not None:
+                down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+            if m is not None:
+                mid = m if mid is None else mid + m
+        unet = nnx.merge(self.graphdefs["unet"], params["unet"])
+        if extra is not None:
+            x = jnp.concatenate([x, extra.astype(x.dtype)], axis=-1)
+        t = jnp.broadcast_to(step.t, (x.shape[0],))
+        return unet(x, t, cond.context, class_labels=cond.class_labels, added_cond=cond.added,
+                    down_residuals=down, mid_residual=mid)
+
+
+def _rows(a: jax.Array | None, reps: int) -> jax.Array | None:
+    """``a`` for every row group of the UNet batch ([uncond; cond] under guidance)."""
+    return a if a is None or reps == 1 else jnp.concatenate([a] * reps, axis=0)
 
 
 def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
@@ -115,22 +221,14 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
     else:
         state0 = sched.set_timesteps(spec.steps, sample_shape=sample_shape)
         total = sched.num_evaluations(state0)
-    graphdefs, dtype, scaling = nets.graphdefs, nets.dtype, nets.vae_scaling
+    dtype, scaling = nets.dtype, nets.vae_scaling
 
     def per_device(params, ids, neg_ids, guidance, seeds, indices, span, inputs):
         start = span[0]
         end = span[1] if spec.stops_early else total
-        te = nnx.merge(graphdefs["text_encoder"], params["text_encoder"])
-        unet = nnx.merge(graphdefs["unet"], params["unet"])
-        vae = nnx.merge(graphdefs["vae"], params["vae"])
+        vae = nnx.merge(nets.graphdefs["vae"], params["vae"])
         b = ids[0].shape[0]
-        if nets.encode is None:
-            context = prompts.encode(te, *(jnp.concatenate(pair, axis=0)
-                                           for pair in zip(neg_ids, ids, strict=True)),
-                                     clip_skip=spec.clip_skip)
-            added = None
-        else:
-            context, added = nets.encode(params, ids, neg_ids, inputs, spec.clip_skip)
+        context, added = nets.encode(params, ids, neg_ids, inputs, spec.clip_skip)
         keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.key(sd), i))(seeds, indices)
         noise_keys, step_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
         noise_keys, step_keys = noise_keys[:, 0], step_keys[:, 0]
@@ -155,28 +253,27 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             # img2img at strength 1 still mixes the image in at the first timestep.
             x = jnp.where(start == 0, x, noised) if task.pure_noise_at_full_strength else noised
         guidance = guidance.astype(jnp.float32)
-        labels = feed.class_labels
-        if spec.cfg:
-            labels = None if labels is None else jnp.concatenate([labels, labels])
-        else:
+        if not spec.cfg:
             # No unconditional pass: the negative prompts' half of the (cheap, once per call)
             # text encoding goes unused.
             context = context[b:]
             added = None if added is None else {k: v[b:] for k, v in added.items()}
+        reps = 2 if spec.cfg else 1
+        cond = Conditioning(context, added, _rows(feed.class_labels, reps))
+        extra = _rows(feed.extra, reps)
 
         def body(i, carry):
             x, state = carry
-            t = state.timesteps[i]
+            step = Step(i, state.timesteps[i], sched.step_sigma(state, i))
+            step_cond = cond if nets.select is None else nets.select(params, inputs, step, cond)
             xin = sched.scale_model_input(state, x, i).astype(dtype)
-            if feed.extra is not None:
-                xin = jnp.concatenate([xin, feed.extra.astype(dtype)], axis=-1)
-            if spec.cfg:
-                eps = unet(jnp.concatenate([xin, xin], axis=0), jnp.broadcast_to(t, (2 * b,)),
-                           context, class_labels=labels, added_cond=added).astype(jnp.float32)
-                eps = combine_guidance(eps[:b], eps[b:], guidance, sched.step_sigma(state, i))
-            else:
-                eps = unet(xin, jnp.broadcast_to(t, (b,)), context, class_labels=labels,
-                           added_cond=added).astype(jnp.float32)
+            eps = nets.denoise(params, inputs, step, _rows(xin, reps),
+                               None if extra is None else extra.astype(dtype),
+                               step_cond).astype(jnp.float32)
+            if nets.guide is not None:
+                eps = nets.guide(eps, guidance, step)
+            elif spec.cfg:
+                eps = combine_guidance(eps[:b], eps[b:], guidance, step.sigma)
             key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
                    if sched.stochastic else None)
             x, state = sched.step(state, i, eps, x, key=key)

@@ -54,8 +54,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     """
 
     SDXL = True
-    CONDITIONING_ARGS = ("prompt_2", "negative_prompt_2") + _SIZES + tuple(
-        "negative_" + k for k in _SIZES) + ("aesthetic_score", "negative_aesthetic_score")
 
     def __init__(self, *, text_encoder_2=None, tokenizer_2=None,
                  force_zeros_for_empty_prompt: bool = True,
@@ -73,8 +71,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         projected = self.text_encoder_config
         context = projected.hidden_size
         if text_encoder_2 is not None:
-            self._graphdefs["text_encoder_2"], self._params["text_encoder_2"] = nnx.split(
-                text_encoder_2)
+            self.store.add("text_encoder_2", text_encoder_2)
             projected = text_encoder_2.config
             context += projected.hidden_size
         unet = self.unet_config
@@ -137,9 +134,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     def save_single_file(self, path, half: bool = False) -> Path:
         """An SGM-layout ``.safetensors`` (as ``sd_xl_base_1.0.safetensors``; float16 with
         ``half``) that the WebUI and diffusers' ``from_single_file`` load; written atomically."""
-        if self._embedding_tokens:
-            raise ValueError(f"embeddings ({', '.join(self._embedding_tokens)}) cannot be saved "
-                             "in a single file; use save_pretrained, or save without them")
+        self._refuse_embeddings_in_single_file()
         from sdjax.weights.export import save_single_file
         return save_single_file(
             path, unet=self.network("unet"), vae=self.network("vae"),
@@ -174,7 +169,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         # chunks repeat to fill it, so the count must be one they all divide).
         ids_2, weights_2 = prompt_syntax.prompt_arrays(
             prompts_2 + negatives_2, self.tokenizer_2,
-            expand=prompt_syntax.expander(self._embedding_tokens))
+            expand=prompt_syntax.expander(self.store.embedding_tokens))
         if chunks % ids_2.shape[1]:
             raise ValueError(f"prompt_2 / negative_prompt_2 need a context of {ids_2.shape[1]} "
                              f"chunks of 75 tokens and prompt / negative_prompt {chunks}: "
@@ -237,12 +232,12 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if clip_skip != 1:
             raise ValueError("clip_skip does not apply to SDXL, which conditions on its text "
                              "encoders' penultimate layers")
-        te = nnx.merge(self._graphdefs["text_encoder"], params["text_encoder"])
+        te = nnx.merge(self.store.graphdefs["text_encoder"], params["text_encoder"])
         ids_1, weights_1 = (jnp.concatenate(pair) for pair in zip(neg_ids, ids, strict=True))
         if self.is_refiner:
             context, pooled = _projected_states(te, ids_1, weights_1)
         else:
-            te2 = nnx.merge(self._graphdefs["text_encoder_2"], params["text_encoder_2"])
+            te2 = nnx.merge(self.store.graphdefs["text_encoder_2"], params["text_encoder_2"])
             states = prompt_syntax.emphasize(
                 te.hidden_states(ids_1.reshape(-1, ids_1.shape[-1]))[-2], weights_1)
             states_2, pooled = _projected_states(

@@ -94,7 +94,7 @@ def load_refiner(args: argparse.Namespace, base, dtype: str, *, background_load:
     """The --refiner pipeline on the base's devices, or None."""
     if args.refiner is None:
         return None
-    from sdjax.pipeline import pipeline_class
+    from sdjax.dispatch import pipeline_class
     refiner = pipeline_class(args.refiner).from_pretrained(
         args.refiner, dtype=dtype, num_devices=args.num_devices, vae=args.vae,
         matmul_precision=args.matmul_precision, background_load=background_load,

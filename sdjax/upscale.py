@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from sdjax import tasks
+from sdjax import task_inputs, tasks
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.schedulers import get_scheduler
+from sdjax.task_inputs import TaskInputs, TaskRequest
 from sdjax.vae_tiling import VaeTiling
 from sdjax.weights.errors import WeightsError
 from sdjax.weights.files import read_json
@@ -63,32 +64,31 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
     def default_hw(self) -> tuple[int, int]:
         raise ValueError("the upscaler's output size is 4x its input image")
 
-    def _prepare(self, *args, denoising_start=None, **kwargs):
-        """As StableDiffusionPipeline's; the upscaler starts from noise, so it has no
-        ``denoising_start``."""
-        if denoising_start is not None:
+    def _prepare_task(self, r: TaskRequest) -> TaskInputs:
+        """The x4 upscaler's task: ``image`` is the low-resolution input (no height/width,
+        mask_image, strength or denoising_start: it starts from noise); ``noise_level``
+        (default 20) the DDPM noise added to it; ``image_noise`` (NHWC float, shaped like the
+        low-res image batch) replaces the noise drawn from (seed, i) for it. ``vae_tiling``:
+        decode in overlapping tiles as diffusers' ``enable_vae_tiling`` does (True), whole
+        (False), or tiles only above ``TILED_DECODE_ABOVE`` output pixels (None)."""
+        if r.denoising_start is not None:
             raise ValueError("the upscaler has no denoising_start: it starts from noise")
-        return super()._prepare(*args, **kwargs)
-
-    def _task_inputs(self, image, mask_image, strength, n_prompts: int, per_prompt: int,
-                     steps: int, height, width, *, noise_level=20, image_noise=None,
-                     vae_tiling=None):
-        """``image_noise`` (NHWC float, shaped like the low-res image batch) replaces the noise
-        drawn from (seed, i) for the low-res image. ``vae_tiling``: decode in overlapping tiles
-        as diffusers' ``enable_vae_tiling`` does (True), whole (False), or tiles only above
-        ``TILED_DECODE_ABOVE`` output pixels (None)."""
-        if image is None:
+        if r.image is None:
             raise ValueError("the upscaler needs an image to upscale (image=)")
-        if mask_image is not None or strength is not None:
+        if r.mask_image is not None or r.strength is not None:
             raise ValueError("the upscaler takes no mask_image or strength")
-        if height is not None or width is not None:
+        if r.height is not None or r.width is not None:
             raise ValueError("the upscaler takes no height/width: its output is 4x the image")
+        if (r.mask_blur, r.padding_mask_crop, r.masked_content) != (0, None, "original"):
+            raise ValueError("the upscaler takes no inpainting options")
+        noise_level, image_noise = r.noise_level, r.image_noise
+        noise_level = 20 if noise_level is None else noise_level
         if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)) \
                 or not 0 <= noise_level <= self.max_noise_level:
             raise ValueError(f"noise_level must be an integer in [0, {self.max_noise_level}], "
                              f"got {noise_level!r}")
-        rgb = [tasks.to_rgb(x)[0] for x in tasks.as_list(image)]
-        rgb = tasks.per_image(rgb, n_prompts, per_prompt, "image")
+        rgb = [tasks.to_rgb(x)[0] for x in tasks.as_list(r.image)]
+        rgb = tasks.per_image(rgb, r.num_prompts, r.num_images_per_prompt, "image")
         f = self.vae_scale_factor
         # Like diffusers' processor, the low-res image is cut down to a multiple of the VAE
         # factor; its latents have its size and the output is f times larger.
@@ -98,15 +98,16 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
                              f"{rgb[0].shape[0]}; at least {f}x{f})")
         low = np.stack([tasks.resize(x, h, w, Image.Resampling.BICUBIC) for x in rgb])
         n = len(low)
-        inputs = {"image": low, "noise_level": np.full((n,), noise_level, np.int32)}
+        arrays = {"image": low, "noise_level": np.full((n,), noise_level, np.int32)}
         if image_noise is not None:
             image_noise = np.asarray(image_noise, np.float32)
             if image_noise.shape != (n, h, w, 3):
                 raise ValueError(f"image_noise must have shape {(n, h, w, 3)}, got "
                                  f"{image_noise.shape}")
-            inputs["image_noise"] = image_noise
-        tiles = decode_tiling(self.vae_config, h, w, vae_tiling)
-        return tasks.upscaling(self.low_res_scheduler, tiles), inputs, 0, (h * f, w * f), None
+            arrays["image_noise"] = image_noise
+        tiles = decode_tiling(self.vae_config, h, w, r.vae_tiling)
+        inputs = TaskInputs(tasks.upscaling(self.low_res_scheduler, tiles), arrays, h * f, w * f)
+        return task_inputs.stopped_at(inputs, r.scheduler, r.steps, r.denoising_end)
 
 
 def decode_tiling(vae_config, h: int, w: int, vae_tiling: bool | None) -> VaeTiling | None:

@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 import sdjax
-from sdjax.pipeline import pipeline_class
+from sdjax.dispatch import pipeline_class
 from sdjax.weights.errors import WeightsError
 from sdjax.weights.files import open_tensor_file
 from sdjax.weights.safetensors_io import save_safetensors

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sdjax
-from sdjax.pipeline import pipeline_class
+from sdjax.dispatch import pipeline_class
 from sdjax.weights.errors import WeightsError
 from tests.tiny_models import diffusers_scheduler
 

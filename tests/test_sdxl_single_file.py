@@ -14,7 +14,7 @@ import torch
 
 import sdjax
 from sdjax import convert
-from sdjax.pipeline import pipeline_class
+from sdjax.dispatch import pipeline_class
 from sdjax.weights.errors import WeightsError
 from sdjax.weights.families import PRESETS, detect
 from sdjax.weights.files import open_tensor_file

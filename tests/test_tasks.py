@@ -181,6 +181,30 @@ def test_strength_does_not_recompile_and_changes_the_result(sd1):
     assert np.abs(results[0.2] - results[1.0]).max() > 0.05
 
 
+def test_prepared_inputs_are_the_call_that_prepares_them(sd1):
+    """pipe.prepare once per request and TaskInputs.concat of the requests (the server's
+    path) give the images of the call that prepares them itself, bitwise, with no compile."""
+    from sdjax.task_inputs import TaskInputs
+    from tests.test_pipeline import _count_compiles
+    ours = sd1[0]
+    direct = _call(ours, strength=0.5)
+    parts = [ours.prepare(num_inference_steps=STEPS, scheduler="pndm", image=x, strength=0.5)
+             for x in (_image(1), _image(2))]
+    assert parts[0].arrays["image"].shape == (1, SIZE, SIZE, 3) and parts[0].start > 0
+    joined = TaskInputs.concat(parts)
+    out = {}
+    assert _count_compiles(lambda: out.update(images=_call(
+        ours, image=None, strength=None, task_inputs=joined))) == 0
+    np.testing.assert_array_equal(out["images"], direct)
+    with pytest.raises(ValueError, match="strength=0.5 does not go with it"):
+        _call(ours, image=None, task_inputs=joined, strength=0.5)
+    with pytest.raises(ValueError, match="2 images for 4"):
+        _call(ours, image=None, strength=None, task_inputs=joined, num_images_per_prompt=2)
+    with pytest.raises(ValueError, match="cannot share a call"):
+        TaskInputs.concat([parts[0], ours.prepare(num_inference_steps=STEPS, image=_image(1),
+                                                  strength=0.9)])
+
+
 def test_seeded_noise_is_deterministic(sd1):
     ours = sd1[0]
     run = {s: _call(ours, scheduler="euler_a", latents=None, seed=s) for s in (7, 7, 8)}
@@ -212,9 +236,9 @@ def test_nonfinite_results_are_refused(sd1):
         ours.params = clean
     # The check off: the program returns the images alone, no status to refuse them by
     # (traced, not compiled, to spare the suite a compile).
-    fn, args, *_ = ours._prepare(PROMPTS, num_inference_steps=STEPS, latents=_noise(0),
-                                 image=[_image(1), _image(2)], nan_check=False)
-    out = fn.eval_shape(*args)
+    lowered = ours.lower(PROMPTS, num_inference_steps=STEPS, latents=_noise(0),
+                         image=[_image(1), _image(2)], nan_check=False)
+    out = lowered.out_info
     assert isinstance(out, jax.ShapeDtypeStruct) and out.shape == (2, SIZE, SIZE, 3)
 
 
@@ -253,7 +277,8 @@ def test_inpainting_makes_the_images_size(sd1):
     mask[:, 20:] = 255
 
     def size(**kw):
-        _, inputs, _, hw, _ = ours._task_inputs(image, mask, None, 1, 1, STEPS, **kw)
+        prepared = ours.prepare(num_inference_steps=STEPS, image=image, mask_image=mask, **kw)
+        hw, inputs = (prepared.height, prepared.width), prepared.arrays
         assert inputs["image"].shape == (1, *hw, 3) and inputs["mask"].shape == (1, *hw)
         return hw, inputs["mask"][0]
 
@@ -277,9 +302,9 @@ def test_only_masked_region_holds_every_blurred_pixel(sd1):
     outside[top:bottom, left:right] = 0
     assert outside.max() == 0 and (bottom - top) * (right - left) < 64 * 64 // 2
     image = np.zeros((64, 64, 3), np.uint8)
-    *_, finish = sd1[0]._task_inputs(image, stroke, None, 1, 1, STEPS, 32, 32, mask_blur=3,
-                                     padding_mask_crop=0)
-    assert finish is not None
+    prepared = sd1[0].prepare(num_inference_steps=STEPS, height=32, width=32, image=image,
+                              mask_image=stroke, mask_blur=3, padding_mask_crop=0)
+    assert prepared.finish is not None
 
 
 def test_fill_paints_the_masked_region_from_the_kept_one():

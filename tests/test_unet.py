@@ -121,6 +121,40 @@ def test_float32_parity_with_diffusers(tiny):
     assert err < F32_TOL
 
 
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
+def test_residuals_parity_with_diffusers(tiny):
+    """The ControlNet entry point: residuals added to every skip and to the mid block's
+    output give diffusers' down_block_additional_residuals / mid_block_additional_residual
+    numbers."""
+    model = _load(tiny["cfg"], tiny["tensors"])
+    torch_model = _torch_unet(TINY["sd1"]["config"])
+    x, t, c = tiny["x"], tiny["t"], tiny["c"]
+    # The skips: conv_in's output, then each down block's resnets and downsampler.
+    rng = np.random.RandomState(1)
+    h, w = x.shape[2:]
+    shapes = [(32, h, w)] * 3 + [(32, h // 2, w // 2)] + [(64, h // 2, w // 2)] * 2
+    down = [rng.randn(x.shape[0], *s).astype(np.float32) for s in shapes]
+    mid = rng.randn(x.shape[0], 64, h // 2, w // 2).astype(np.float32)
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(x), torch.tensor(t), torch.tensor(c),
+                          down_block_additional_residuals=tuple(torch.tensor(d) for d in down),
+                          mid_block_additional_residual=torch.tensor(mid)).sample.numpy()
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def apply(state, x, t, c, down, mid):
+        return nnx.merge(graphdef, state)(x, t, c, down_residuals=down, mid_residual=mid)
+
+    nhwc = [jnp.asarray(d.transpose(0, 2, 3, 1)) for d in down]
+    out = np.asarray(apply(state, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
+                           jnp.asarray(c), nhwc, jnp.asarray(mid.transpose(0, 2, 3, 1))))
+    out = out.transpose(0, 3, 1, 2)
+    assert np.abs(ref - tiny["ref"]).max() > 1e-2  # the residuals matter
+    err = _rel(out, ref)
+    print(f"residuals: float32 max abs err / max abs ref = {err:.2e}")
+    assert err < F32_TOL
+
+
 @pytest.mark.parametrize("tiny", ["sd1"], indirect=True)  # one bfloat16 compile is enough
 def test_bfloat16_close_to_float32(tiny):
     model = _load(tiny["cfg"], tiny["tensors"], dtype=jnp.bfloat16)

@@ -7,6 +7,7 @@ NHWC throughout. Module attribute names follow diffusers' so that the weight tab
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -483,8 +484,14 @@ class UNet2DConditionModel(nnx.Module):
     def __call__(self, sample: jax.Array, timesteps: jax.Array | float,
                  encoder_hidden_states: jax.Array,
                  class_labels: jax.Array | None = None,
-                 added_cond: dict[str, jax.Array] | None = None) -> jax.Array:
-        """``added_cond`` (SDXL): ``text_embeds`` (B, D) pooled text and ``time_ids`` (B, k)."""
+                 added_cond: dict[str, jax.Array] | None = None,
+                 down_residuals: Sequence[jax.Array] | None = None,
+                 mid_residual: jax.Array | None = None) -> jax.Array:
+        """``added_cond`` (SDXL): ``text_embeds`` (B, D) pooled text and ``time_ids`` (B, k).
+        ``down_residuals`` (one per skip connection: the conv_in output, then each down
+        block's resnets and downsampler, in order) and ``mid_residual`` are added to the skips
+        and to the mid block's output, as diffusers' ``down_block_additional_residuals`` and
+        ``mid_block_additional_residual``: what a ControlNet feeds the UNet."""
         cfg = self.config
         x = sample.astype(self.dtype)
         if cfg.center_input_sample:
@@ -506,7 +513,13 @@ class UNet2DConditionModel(nnx.Module):
         for block in self.down_blocks:
             x, new = block(x, temb, context)
             skips += new
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down residuals for {len(skips)} skips")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
         x = self.mid_block(x, temb, context)
+        if mid_residual is not None:
+            x = x + mid_residual.astype(x.dtype)
         for block in self.up_blocks:
             n = len(block.resnets)
             taken, skips = skips[-n:][::-1], skips[:-n]

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"sdjax.serve needs the [serve] extra (pip install 'sdjax[serve]'): "
                          f"{e}") from None
     from sdjax import handoff
-    from sdjax.pipeline import StableDiffusionPipeline, pipeline_class
+    from sdjax.dispatch import pipeline_class
+    from sdjax.pipeline import StableDiffusionPipeline
     from sdjax.serve.checkpoints import ModelRegistry, discover
     from sdjax.serve.generation import run_call
     from sdjax.serve.limits import Limits

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -62,14 +63,14 @@ class Shape:
 
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:
-    """One image's runtime inputs; ``image`` (uint8 RGB) and ``mask`` (uint8 gray, white =
-    repaint) only for img2img / inpainting."""
+    """One image's runtime inputs; ``task_inputs`` (its image, and mask, prepared by the
+    pipeline when the request was checked: ``sdjax.task_inputs.TaskInputs``) only for
+    img2img / inpainting."""
     prompt: str
     negative_prompt: str
     seed: int
     guidance_scale: float
-    image: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
-    mask: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    task_inputs: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest, Limits, check_generation
 from sdjax.serve.samplers import scheduler_for
 from sdjax.serve.schemas import Img2ImgRequest, Txt2ImgRequest, unsupported
+from sdjax.task_inputs import TaskInputs
 from sdjax.tasks import MASKED_CONTENT
 
 
@@ -145,8 +146,8 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -
     else:
         task = ImageTask(inpaint=False, strength=req.denoising_strength)
     images = images * n if len(images) == 1 else images
-    _check_task(registry.get(plan.shape.model), plan.shape, task, images, mask)
-    specs = [dataclasses.replace(s, image=im, mask=mask)
+    pipe = registry.get(plan.shape.model)
+    specs = [dataclasses.replace(s, task_inputs=_prepare(pipe, plan.shape, task, im, mask))
              for s, im in zip(plan.specs, images, strict=True)]
     shape = dataclasses.replace(plan.shape, image_task=task)
     return Plan(shape, specs, plan.seed, extra)  # extra starts from plan.extra
@@ -199,22 +200,20 @@ def _mask_infotext(req: Img2ImgRequest, task: ImageTask) -> dict:
     return extra
 
 
-def _check_task(pipe, shape: Shape, task: ImageTask, images: list[np.ndarray],
-                mask: np.ndarray | None) -> None:
-    """Run the pipeline's own checks of the image inputs now, on this request alone, so that
-    a bad one (strength out of range, an empty mask, a model that needs a mask) is this
-    request's 422 and never fails a merged call."""
+def _prepare(pipe, shape: Shape, task: ImageTask, image: np.ndarray,
+             mask: np.ndarray | None):
+    """One image's task inputs, prepared (resized, blurred, filled) once, now: a bad one
+    (strength out of range, an empty mask, a model that needs a mask) is this request's 422
+    and never fails a merged call, which takes the prepared value as it is."""
+    options = {"mask_image": mask, "mask_blur": task.mask_blur,
+               "padding_mask_crop": task.padding,
+               "masked_content": task.masked_content} if task.inpaint else {}
     try:
-        pipe._task_inputs(images, None if mask is None else [mask] * len(images),
-                          task.strength, len(images), 1, shape.steps, shape.height,
-                          shape.width, **_task_kwargs(task))
+        return pipe.prepare(1, 1, num_inference_steps=shape.steps, scheduler=shape.scheduler,
+                            height=shape.height, width=shape.width, image=image,
+                            strength=task.strength, **options)
     except ValueError as e:
         raise BadRequest(str(e)) from None
-
-
-def _task_kwargs(task: ImageTask) -> dict:
-    return {"mask_blur": task.mask_blur, "padding_mask_crop": task.padding,
-            "masked_content": task.masked_content} if task.inpaint else {}
 
 
 def run_call(registry: ModelRegistry):
@@ -229,12 +228,9 @@ def run_call(registry: ModelRegistry):
             loras[shape.model].use(dict(shape.loras))
         except ValueError as e:  # a LoRA file that does not fit this model: the request's 422
             raise BadRequest(str(e)) from None
-        task, images = shape.image_task, {}
-        if task is not None:
-            images = {"image": [s.image for s in specs], "strength": task.strength,
-                      **_task_kwargs(task)}
-            if task.inpaint:
-                images["mask_image"] = [s.mask for s in specs]
+        images = {}
+        if shape.image_task is not None:
+            images = {"task_inputs": TaskInputs.concat([s.task_inputs for s in specs])}
         prompts = [split_tags(s.prompt)[0] for s in specs]
         call = dict(negative_prompt=[s.negative_prompt for s in specs],
                     num_inference_steps=shape.steps,

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from sdjax import parallel
-from sdjax.pipeline import resolve_matmul_precision
+from sdjax.runtime import resolve_matmul_precision
 from sdjax.train import autoencoder, contrastive, diffusion, lora, textual_inversion
 from sdjax.train.checkpoint import Checkpoints
 from sdjax.train.config import OptimConfig, TrainConfig, to_dict

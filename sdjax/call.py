@@ -1,0 +1,120 @@
+"""The arguments of one pipeline call, as one frozen value: its fields are the signature of
+``pipe(...)``, ``pipe.submit``, ``pipe.compile`` and ``pipe.lower`` (written once, here) and
+their documentation. docs/python-api.md says what each means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sdjax.task_inputs import TaskInputs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Call:
+    """One call: prompts and sampling, then (keyword-only) the task, the batch, guidance
+    options, SDXL's conditioning and the x4 upscaler's input. None = not given: the model's
+    sdjax.json, the class's or the library's default (``pipe.sampling_settings``)."""
+
+    prompt: str | Sequence[str]
+    negative_prompt: str | Sequence[str] | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | Sequence[float] | None = None  # one, or one per image
+    height: int | None = None
+    width: int | None = None
+    num_images_per_prompt: int = 1
+    seed: int = 0  # image i's noise comes from (seed, i); -1 picks a random seed
+    latents: Any = None  # the start noise, NHWC (N, h, w, C), unscaled N(0, 1)
+    scheduler: str | None = None
+    _: dataclasses.KW_ONLY
+    # The task (sdjax.task_inputs.prepare): img2img with image=, inpainting with mask_image=;
+    # or task_inputs=, a value pipe.prepare made (then none of these).
+    image: Any = None
+    mask_image: Any = None
+    strength: float | None = None
+    mask_blur: float = 0
+    padding_mask_crop: int | None = None
+    masked_content: str = "original"
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    task_inputs: TaskInputs | None = None
+    # The batch: per-image seeds and indices (override (seed, i)), the compiled batch shape,
+    # the decode's chunk, what comes back, the NaN check.
+    seeds: Sequence[int] | None = None
+    image_indices: Sequence[int] | None = None
+    batch_size_per_device: int | None = None
+    decode_chunk: int | None = None
+    output_type: str = "uint8"  # "uint8" | "float" | "latent"
+    nan_check: bool = True
+    # Guidance options and the text encoder's layer (each one value or one per image).
+    guidance_rescale: float | Sequence[float] | None = None
+    guidance_interval: Any = None  # (sigma_lo, sigma_hi)
+    clip_skip: int | None = None
+    # SDXL's conditioning (StableDiffusionXLPipeline; refused by the others).
+    prompt_2: str | Sequence[str] | None = None
+    negative_prompt_2: str | Sequence[str] | None = None
+    original_size: Sequence[int] | None = None
+    crops_coords_top_left: Sequence[int] | None = None
+    target_size: Sequence[int] | None = None
+    negative_original_size: Sequence[int] | None = None
+    negative_crops_coords_top_left: Sequence[int] | None = None
+    negative_target_size: Sequence[int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    # The x4 upscaler's input (StableDiffusionUpscalePipeline; refused by the others).
+    noise_level: int | None = None  # None: 20
+    image_noise: Any = None  # the low-res image's noise, replacing the draw from (seed, i)
+    vae_tiling: bool | None = None  # decode in tiles: True, False, None = above a size
+
+    def sdxl_arguments(self) -> dict[str, Any]:
+        """The SDXL conditioning arguments given (not None)."""
+        return {k: getattr(self, k) for k in SDXL_FIELDS if getattr(self, k) is not None}
+
+
+    def given_task_inputs(self, n: int) -> TaskInputs:
+        """``task_inputs`` for ``n`` images, checked against the rest of the call: the task's
+        own arguments are in it (a height or width given too must agree)."""
+        prepared = self.task_inputs
+        if not isinstance(prepared, TaskInputs):
+            raise TypeError(f"task_inputs must be what pipe.prepare returns, got "
+                            f"{type(prepared).__name__}")
+        defaults = {f.name: f.default for f in dataclasses.fields(Call)}
+        for k in TASK_FIELDS:
+            value = getattr(self, k)
+            if k in ("height", "width") and value in (None, getattr(prepared, k)):
+                continue
+            if value is not defaults[k] and not (isinstance(value, (str, int, float))
+                                                 and value == defaults[k]):
+                raise ValueError(f"task_inputs= is the prepared task: {k}={value!r} does not go "
+                                 "with it")
+        if prepared.num_images not in (None, n):
+            raise ValueError(f"task_inputs holds {prepared.num_images} images for {n}")
+        return prepared
+
+SDXL_FIELDS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left",
+               "target_size", "negative_original_size", "negative_crops_coords_top_left",
+               "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
+UPSCALER_FIELDS = ("noise_level", "image_noise", "vae_tiling")
+# What pipe.prepare takes of a call (besides the prompt count and the sampling settings).
+TASK_FIELDS = ("height", "width", "image", "mask_image", "strength", "mask_blur",
+               "padding_mask_crop", "masked_content", "denoising_start", "denoising_end",
+               *UPSCALER_FIELDS)
+
+
+def takes_call(method: Callable) -> Callable:
+    """``method(self, call: Call)`` offered as ``method(self, prompt, ...)`` with Call's
+    fields as its signature (``help()``, ``inspect.signature`` and notebooks show them);
+    a wrong keyword is a ``TypeError`` naming it, as with any Python function."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return method(self, Call(*args, **kwargs))
+
+    params = list(inspect.signature(Call).parameters.values())
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    wrapper.__signature__ = inspect.Signature(
+        [self_param, *params], return_annotation=inspect.signature(method).return_annotation)
+    return wrapper
