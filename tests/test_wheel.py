@@ -1,11 +1,12 @@
 """The built wheel, not the checkout: it carries the toy model and the CLIP vocabulary, and
-installed into a fresh virtual environment (with this machine's site-packages for the
-dependencies, so nothing is downloaded) it runs the README's first command from a folder
-outside the checkout."""
+installed into a fresh virtual environment (which borrows the running interpreter's
+site-packages for the dependencies, so nothing is downloaded) it runs the README's first command
+from a folder outside the checkout."""
 
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -48,14 +49,37 @@ def test_wheel_contents(wheel):
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "configs/"))]
 
 
+def running_site_dirs() -> list[str]:
+    """The running interpreter's site-packages folders, in its search order. Not the whole of
+    sys.path: that also holds the checkout (pytest's rootdir, python -m's cwd) and the editable
+    install's path hook, either of which would let the checkout stand in for the wheel."""
+    dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE
+                                     else [])
+    wanted = {os.path.realpath(d) for d in dirs}
+    return [p for p in sys.path if p and os.path.realpath(p) in wanted and os.path.isdir(p)]
+
+
 def test_installed_wheel_runs_the_readme_command(wheel, tmp_path, toy_run_env):
+    # Not --system-site-packages: from inside a virtual environment (the README's way) that
+    # gives the base interpreter's site-packages, where the dependencies usually are not.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                    str(venv)], check=True, timeout=TIMEOUT_S)
-    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                        "install", "--no-deps", "-q", str(wheel)],
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=TIMEOUT_S)
+    python = str(venv / "bin" / "python")
+    # Installed before the environment sees the running interpreter's packages, so pip does not
+    # meet the (editable) sdjax installed there.
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install",
+                        "--no-deps", "-q", str(wheel)],
                        capture_output=True, text=True, timeout=TIMEOUT_S)
     assert r.returncode == 0, r.stderr[-3000:]
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True, capture_output=True, text=True, timeout=TIMEOUT_S).stdout.strip()
+    borrowed = running_site_dirs()
+    assert borrowed, sys.path
+    # Plain folder lines, after the environment's own site-packages: Python does not read the
+    # .pth files inside them, so the editable install's hook stays off there.
+    (Path(purelib) / "_running_interpreter.pth").write_text("\n".join(borrowed) + "\n")
 
     # The README's first command is "install && run": run its second half, as a user whose
     # PATH starts with the environment, in a folder that is not the checkout.
