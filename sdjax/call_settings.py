@@ -13,6 +13,7 @@ No JAX at import time: the CLIs' --help and argument checks import this.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from typing import Any
 
@@ -125,6 +126,11 @@ class SDXL:
     refiner: str | None = None
     refiner_switch_at: float | None = None
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SDXL:
+        """The CLIs' SDXL flags (``sdxl_cli``); a command without them gives none."""
+        return cls(**{f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)})
+
     def flags(self) -> dict[str, Any]:
         """The settings given, by their flag names (the refiner itself aside)."""
         out = {k: getattr(self, k) for k in ("prompt_2", "negative_prompt_2",
@@ -161,6 +167,16 @@ class CallSettings:
     size: Size
     task: ImageTask | None = None  # None: text to image
     sdxl: SDXL = SDXL()
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, size: Size,
+                  task: ImageTask | None = None) -> CallSettings:
+        """A CLI run's settings, from its flags once ``cli_args.apply_sampling_defaults`` has
+        filled the sampling ones in, and the size (and task) it worked out."""
+        return cls(args.model, Sampling(args.steps, args.scheduler, args.guidance_scale,
+                                        args.guidance_rescale, args.guidance_interval,
+                                        args.clip_skip),
+                   size, task, SDXL.from_args(args))
 
     def pipeline_kwargs(self, *, task: bool = True) -> dict[str, Any]:
         """The keyword arguments of ``pipe(...)`` / ``pipe.submit(...)``, or of

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdjax.call_settings import CallSettings, Sampling, Size
+from sdjax.call_settings import CallSettings, Size
 from sdjax.cli_args import (
     ModelOptions,
     Parser,
@@ -61,7 +61,6 @@ from sdjax.sdxl_cli import (
     check_sdxl_args,
     check_sdxl_models,
     load_refiner,
-    sdxl_settings,
     with_refiner,
 )
 from sdjax.validation import MAX_SEED
@@ -376,10 +375,7 @@ def run(args) -> int:
     if refiner is not None:
         check_schedule(pipe, refiner, scheduler, args.steps, args.refiner_switch_at)
     height, width = image_size(args, pipe)
-    call = CallSettings(
-        args.model, Sampling(args.steps, scheduler, args.guidance_scale, args.guidance_rescale,
-                             args.guidance_interval, args.clip_skip),
-        Size(height, width), sdxl=sdxl_settings(args))
+    call = CallSettings.from_args(args, Size(height, width))
     settings = Settings(
         call, dtype=dtype, seed=args.seed, negative_prompt=args.negative_prompt,
         image_format=args.format,

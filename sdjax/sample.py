@@ -35,7 +35,6 @@ from sdjax.sdxl_cli import (
     check_sdxl_args,
     check_sdxl_models,
     load_refiner,
-    sdxl_settings,
     with_refiner,
 )
 
@@ -197,7 +196,7 @@ def run(args, written: list[Path]) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from sdjax.call_settings import CallSettings, Sampling
+    from sdjax.call_settings import CallSettings
     from sdjax.handoff import check_schedule, refine
     from sdjax.images import make_grid, next_index, save_png
     from sdjax.parallel import maybe_initialize_distributed, random_seed
@@ -240,11 +239,7 @@ def run(args, written: list[Path]) -> int:
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
     size, task = _task_settings(args, pipe, image, mask, upscaler)
-    # args' sampling flags hold the model's defaults once apply_sampling_defaults ran.
-    settings = CallSettings(
-        args.model, Sampling(args.steps, args.scheduler, args.guidance_scale,
-                             args.guidance_rescale, args.guidance_interval, args.clip_skip),
-        size, task, sdxl_settings(args))
+    settings = CallSettings.from_args(args, size, task)
     if refiner is not None:
         check_schedule(pipe, refiner, args.scheduler, args.steps, args.refiner_switch_at)
     print(sampling, file=sys.stderr)  # once the run's settings have all passed their checks

@@ -1,7 +1,7 @@
 """sdjax.sample's and sdjax.generate's SDXL flags: the second prompts, the refiner hand-off,
 the refiner's aesthetic score and the size time ids; their checks (flags first, then the
-models' kinds, before anything loads), the refiner's loading, and their part of the run's
-call settings.
+models' kinds, before anything loads) and the refiner's loading. What they add to each call
+and to the images' metadata is ``call_settings.SDXL``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from sdjax import handoff
-from sdjax.call_settings import SDXL
 from sdjax.cli_args import UsageError, add_flag
 
 
@@ -114,9 +113,3 @@ def with_refiner(counter: str, base, refiner) -> float:
     there is one, the refiner, added."""
     return getattr(base, counter) + (getattr(refiner, counter) if refiner is not None else 0.0)
 
-
-def sdxl_settings(args: argparse.Namespace) -> SDXL:
-    """These flags as a run's SDXL settings (what each call adds and the images record)."""
-    return SDXL(**{k: getattr(args, k) for k in (
-        "prompt_2", "negative_prompt_2", "aesthetic_score", *SIZE_FLAGS, "refiner",
-        "refiner_switch_at")})
