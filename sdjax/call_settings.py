@@ -69,12 +69,12 @@ class Img2Img:
 class Inpainting:
     """img2img with a mask; ``padding`` not None is the WebUI's "only masked" mode with that
     many pixels around the mask. ``invert_mask`` is recorded only: the front end has already
-    inverted the mask it passes."""
+    inverted the mask it passes, so it does not keep the server from merging two calls."""
     strength: float
     mask_blur: float = 0
     padding: int | None = None
     masked_content: str = "original"  # sdjax.tasks.MASKED_CONTENT
-    invert_mask: bool = False
+    invert_mask: bool = dataclasses.field(default=False, compare=False)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {"strength": self.strength, "mask_blur": self.mask_blur,

@@ -67,6 +67,11 @@ def test_image_tasks(task, kwargs, fields):
     assert s.parameters("p", "", 0).endswith(f"Model: toy, {fields}")
 
 
+def test_a_recorded_mask_inversion_does_not_split_calls():
+    inverted = Inpainting(0.9, 2, invert_mask=True)
+    assert inverted == Inpainting(0.9, 2) and hash(inverted) == hash(Inpainting(0.9, 2))
+
+
 def test_upscaling_takes_its_size_from_the_image():
     s = CallSettings("up", Sampling(75, "ddim", 9.0), Size(256, 256), Upscaling(20))
     kwargs = s.pipeline_kwargs()
