@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import jax
 
+    from sdjax.call_settings import CallSettings, Sampling, Size
     from sdjax.cli_args import resolve_dtype
     from sdjax.dataset.prompts import Row
     from sdjax.dataset.shards import Layout
@@ -76,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     words = ["a photo of a cat", "a red circle", "a painting of a city at night",
              "a blue square on a green background"]
     rows = [Row(f"{words[i % len(words)]}, number {i}") for i in range(n)]
-    settings = Settings(model=args.model, dtype=dtype, steps=args.steps,
-                        scheduler=pipe.default_scheduler, guidance_scale=7.5, height=height,
-                        width=width, seed=0, negative_prompt="", image_format=args.format,
+    call = CallSettings(args.model, Sampling(args.steps, pipe.default_scheduler, 7.5),
+                        Size(height, width))
+    settings = Settings(call, dtype=dtype, seed=0, negative_prompt="", image_format=args.format,
                         quality=None if args.format == "png" else 95)
     layout = Layout(n, 1, args.samples_per_shard or 4 * batch)
     threads = args.encode_threads or min(16, os.cpu_count() or 1)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             chunk = rows[b * batch:(b + 1) * batch]
             pipe([r.prompt for r in chunk], num_inference_steps=args.steps,
                  guidance_scale=7.5, height=height, width=width,
-                 scheduler=settings.scheduler, seeds=[0] * batch,
+                 scheduler=call.sampling.scheduler, seeds=[0] * batch,
                  image_indices=range(b * batch, (b + 1) * batch),
                  batch_size_per_device=args.batch_size)
         return n / (time.perf_counter() - t0)

@@ -25,10 +25,10 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from sdjax.call_settings import CallSettings, Size
 from sdjax.cli_args import (
     ModelOptions,
     Parser,
@@ -55,14 +55,12 @@ from sdjax.dataset.shards import (
 from sdjax.dataset.storage import Store, is_url
 from sdjax.dataset.writer import AsyncShardWriter
 from sdjax.handoff import check_schedule, refine
-from sdjax.lora_tags import TagLoras, split_tags, tag_key
+from sdjax.lora_tags import TagLoras, group_by_tags, split_tags
 from sdjax.sdxl_cli import (
     add_sdxl_arguments,
-    base_call_args,
     check_sdxl_args,
     check_sdxl_models,
     load_refiner,
-    sdxl_parameters,
     with_refiner,
 )
 from sdjax.validation import MAX_SEED
@@ -96,55 +94,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything that decides a sample's bytes (the manifest compares these on re-runs)."""
-    model: str
+    """Everything that decides a sample's bytes (the manifest compares these on re-runs):
+    the calls' settings, and what the dataset adds around them."""
+    call: CallSettings
     dtype: str
-    steps: int
-    scheduler: str
-    guidance_scale: float
-    height: int
-    width: int
     seed: int
     negative_prompt: str
     image_format: str
     quality: int | None
     model_options: ModelOptions = ModelOptions()
     adapters: tuple[str, ...] = ()   # what apply_adapters reported: LoRAs, scales, embeddings
-    guidance_rescale: float = 0.0
-    guidance_interval: tuple[float, float] | None = None
-    clip_skip: int | None = None
     lora_dir: str | None = None      # where prompts' <lora:name:w> tags are found
-    # The SDXL flags: what each call adds (sdxl_cli.base_call_args) and the images' metadata
-    # fields (sdxl_cli.sdxl_parameters: the refiner, its switch point, ...).
-    sdxl_call: tuple[tuple[str, Any], ...] = ()
-    sdxl_fields: tuple[tuple[str, str], ...] = ()
 
     def manifest(self, layout: Layout, prompts: PromptsInfo) -> dict:
-        optional = ("clip_skip", "lora_dir")
-        fields = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in ("model_options", "adapters", "guidance_rescale",
-                               "guidance_interval", "sdxl_call", "sdxl_fields", *optional)}
-        if self.adapters:  # only when used, like the model options, so earlier runs match
+        # The keys and their order are those of earlier versions (so their datasets resume);
+        # optional settings join only when used, for the same reason.
+        sampling, size, sdxl = self.call.sampling, self.call.size, self.call.sdxl
+        fields = {"model": self.call.model, "dtype": self.dtype, "steps": sampling.steps,
+                  "scheduler": sampling.scheduler, "guidance_scale": sampling.guidance_scale,
+                  "height": size.height, "width": size.width, "seed": self.seed,
+                  "negative_prompt": self.negative_prompt, "image_format": self.image_format,
+                  "quality": self.quality}
+        if self.adapters:
             fields["adapters"] = list(self.adapters)
-        if self.guidance_rescale:
-            fields["guidance_rescale"] = self.guidance_rescale
-        if self.guidance_interval is not None:  # text: JSON has no inf
-            fields["guidance_interval"] = ",".join(f"{v:g}" for v in self.guidance_interval)
-        fields.update({k: getattr(self, k) for k in optional if getattr(self, k) is not None})
-        fields.update(self.sdxl_json())  # only when used, so earlier runs still match
-        refiner = dict(self.sdxl_fields).get("Refiner")
-        if refiner is not None:
-            fields["refiner"] = refiner
-        # --vae, --config, … join the manifest only when used, so earlier runs still match.
+        if sampling.guidance_rescale:
+            fields["guidance_rescale"] = sampling.guidance_rescale
+        if sampling.guidance_interval is not None:  # text: JSON has no inf
+            fields["guidance_interval"] = ",".join(f"{v:g}" for v in sampling.guidance_interval)
+        if sampling.clip_skip is not None:
+            fields["clip_skip"] = sampling.clip_skip
+        if self.lora_dir is not None:
+            fields["lora_dir"] = self.lora_dir
+        fields.update(self.sdxl_json())
+        if sdxl.refiner is not None:
+            fields["refiner"] = sdxl.refiner
         options = {k: v for k, v in self.model_options.kwargs().items() if v not in (None, False)}
         return {**fields, **options, "images_per_prompt": layout.images_per_prompt,
                 "samples_per_shard": layout.samples_per_shard, "prompt_rows": prompts.num_rows,
                 "prompts_sha256": prompts.sha256}
 
     def sdxl_json(self) -> dict:
-        """The SDXL flags given, by flag name, as JSON holds them (pairs become lists)."""
-        return {"refiner_switch_at" if k == "switch_at" else k:
-                list(v) if isinstance(v, tuple) else v for k, v in self.sdxl_call}
+        """The SDXL flags given, by flag name, as JSON holds them (pairs become lists, which
+        is what a manifest read back compares with)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in self.call.sdxl.flags().items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,20 +182,16 @@ def _batches(items: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
 def sample_files(sample: Sample, key: str, image: np.ndarray,
                  settings: Settings) -> dict[str, bytes]:
     """The files of one webdataset sample: image, caption, metadata."""
-    from sdjax.images import format_parameters, guidance_parameters
+    call = settings.call
     meta = {"key": key, "index": sample.index, "row": sample.row, "k": sample.k,
             "prompt": sample.prompt, "negative_prompt": sample.negative_prompt,
-            "seed": sample.seed, "seed_index": sample.seed_index, "steps": settings.steps,
-            "scheduler": settings.scheduler, "guidance_scale": settings.guidance_scale,
-            "width": settings.width, "height": settings.height, "model": settings.model,
-            "dtype": settings.dtype, **settings.sdxl_json()}
-    parameters = format_parameters(
-        prompt=sample.prompt, negative_prompt=sample.negative_prompt, steps=settings.steps,
-        sampler=settings.scheduler, guidance_scale=settings.guidance_scale, seed=sample.seed,
-        index=sample.seed_index, width=settings.width, height=settings.height,
-        model=settings.model,
-        extra={**guidance_parameters(settings.guidance_rescale, settings.guidance_interval,
-                                     settings.clip_skip), **dict(settings.sdxl_fields)})
+            "seed": sample.seed, "seed_index": sample.seed_index, "steps": call.sampling.steps,
+            "scheduler": call.sampling.scheduler,
+            "guidance_scale": call.sampling.guidance_scale, "width": call.size.width,
+            "height": call.size.height, "model": call.model, "dtype": settings.dtype,
+            **settings.sdxl_json()}
+    parameters = call.parameters(sample.prompt, sample.negative_prompt, sample.seed,
+                                 index=sample.seed_index)
     image_bytes = encode_image(image, settings.image_format, settings.quality, parameters)
     return {settings.image_format: image_bytes, "txt": sample.prompt.encode("utf-8"),
             "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
@@ -218,7 +207,7 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
     of the shards written. Batch k+1 is submitted before batch k's images are taken, so the
     devices never wait while the host encodes and writes. ``on_compiled`` is called once the
     first batch is dispatched (its compilation, if any, is over). ``refiner``: an SDXL
-    refiner that finishes every image (``settings.sdxl_call`` has the switch point); the
+    refiner that finishes every image (``settings.call.sdxl`` has the switch point); the
     hand-off brings the base's latents to the host, so those batches run one at a time."""
     def encode(sample: Sample, image: np.ndarray) -> dict[str, bytes]:
         return sample_files(sample, layout.key(sample.index), image, settings)
@@ -227,28 +216,21 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
                               shard_stats=shard_stats, on_written=on_written)
     batch_size = per_device * pipe.num_devices
     tag_loras = TagLoras(pipe, settings.lora_dir)
+    call_kwargs = settings.call.pipeline_kwargs()
 
     def submit(batch: list[Sample]) -> Callable[[], np.ndarray]:
         # One LoRA set per compiled call: a batch whose prompts' <lora:…> tags differ is one
         # call per set (image i still uses the noise of (seed, i)).
         split = [split_tags(s.prompt) for s in batch]
-        groups: dict = {}
-        for j, (_, tags) in enumerate(split):
-            groups.setdefault(tag_key(tags), []).append(j)
         handles = []
-        for members in groups.values():
+        for members in group_by_tags(tags for _, tags in split).values():
             tag_loras.use(split[members[0]][1])
             texts = [split[j][0] for j in members]
             call = dict(
                 negative_prompt=[batch[j].negative_prompt for j in members],
-                num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                guidance_rescale=settings.guidance_rescale,
-                guidance_interval=settings.guidance_interval,
-                height=settings.height, width=settings.width, scheduler=settings.scheduler,
                 seeds=[batch[j].seed for j in members],
                 image_indices=[batch[j].seed_index for j in members],
-                batch_size_per_device=per_device, clip_skip=settings.clip_skip,
-                **dict(settings.sdxl_call))
+                batch_size_per_device=per_device, **call_kwargs)
             handles.append((members, pipe.submit(texts, **call) if refiner is None
                             else _Done(refine(pipe, refiner, texts, **call))))
 
@@ -393,16 +375,12 @@ def run(args) -> int:
     if refiner is not None:
         check_schedule(pipe, refiner, scheduler, args.steps, args.refiner_switch_at)
     height, width = image_size(args, pipe)
+    call = CallSettings.from_args(args, Size(height, width))
     settings = Settings(
-        model=args.model, dtype=dtype, steps=args.steps, scheduler=scheduler,
-        guidance_scale=args.guidance_scale, height=height, width=width, seed=args.seed,
-        negative_prompt=args.negative_prompt, image_format=args.format,
+        call, dtype=dtype, seed=args.seed, negative_prompt=args.negative_prompt,
+        image_format=args.format,
         quality=None if args.format == "png" else (args.quality or 95), model_options=options,
-        adapters=adapters, guidance_rescale=args.guidance_rescale,
-        guidance_interval=args.guidance_interval, clip_skip=args.clip_skip,
-        lora_dir=None if args.lora_dir is None else str(args.lora_dir),
-        sdxl_call=tuple(base_call_args(args).items()),
-        sdxl_fields=tuple(sdxl_parameters(args).items()))
+        adapters=adapters, lora_dir=None if args.lora_dir is None else str(args.lora_dir))
     run_settings = settings.manifest(layout, prompts)
     manifest.check(store, run_settings, overwrite=args.overwrite)
     print(sampling, file=sys.stderr)
@@ -462,8 +440,7 @@ def run(args) -> int:
 
     print(f"wrote {len(written)} shard(s), {made} samples to {outdir}")
     print(f"devices: {pipe.num_devices} x {platform}, batch {per_device * pipe.num_devices} "
-          f"({per_device}/device), {dtype}, {settings.scheduler}, {settings.steps} steps, "
-          f"{width}x{height}")
+          f"({per_device}/device), {dtype}, {scheduler}, {args.steps} steps, {width}x{height}")
     rate = f"{made / gen_s:.2f} images/s" if made else "nothing to generate"
     print(f"compile: {compile_s:.1f}s  generation: {gen_s:.2f}s  {rate}")
     return 0

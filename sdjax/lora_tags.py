@@ -2,17 +2,18 @@
 found in a LoRA folder, and the pipeline's merged LoRAs kept in step with the tags of the
 batch that runs.
 
-LoRAs are merged into the shared weights, so one compiled call has one LoRA set: callers group
-(the CLI) or separate (the server's batcher) prompts by :func:`tag_key`. The multiplier
-defaults to 1; the WebUI's separate text-encoder/UNet multipliers (``<lora:x:0.8:0.5>``) and
-other extra networks (``<hypernet:…>``) are not supported: refused, and left as text.
+LoRAs are merged into the shared weights, so one compiled call has one LoRA set: the CLIs
+group prompts by their tags (:func:`group_by_tags`), the server's batcher separates them by
+:func:`tag_key`. The multiplier defaults to 1; the WebUI's separate text-encoder/UNet
+multipliers (``<lora:x:0.8:0.5>``) and other extra networks (``<hypernet:…>``) are not
+supported: refused, and left as text.
 """
 
 from __future__ import annotations
 
 import glob
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from sdjax import validation
@@ -48,6 +49,15 @@ def split_tags(prompt: str) -> tuple[str, dict[str, float]]:
 def tag_key(tags: Mapping[str, float]) -> LoraSet:
     """A hashable, order-free form of a tag set, for grouping prompts into calls."""
     return tuple(sorted(tags.items()))
+
+
+def group_by_tags(tag_sets: Iterable[Mapping[str, float]]) -> dict[LoraSet, list[int]]:
+    """The indices of ``tag_sets`` grouped by tag set, groups and members in first-seen
+    order: one compiled call has one LoRA set, so each group is its own call (or calls)."""
+    groups: dict[LoraSet, list[int]] = {}
+    for i, tags in enumerate(tag_sets):
+        groups.setdefault(tag_key(tags), []).append(i)
+    return groups
 
 
 def find_lora(name: str, lora_dir: str | Path | None) -> Path:

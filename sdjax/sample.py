@@ -32,11 +32,9 @@ from sdjax.cli_args import (
 )
 from sdjax.sdxl_cli import (
     add_sdxl_arguments,
-    base_call_args,
     check_sdxl_args,
     check_sdxl_models,
     load_refiner,
-    sdxl_parameters,
     with_refiner,
 )
 
@@ -193,9 +191,10 @@ def run(args, written: list[Path]) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from sdjax.call_settings import CallSettings
     from sdjax.dispatch import pipeline_class
     from sdjax.handoff import check_schedule, refine
-    from sdjax.images import format_parameters, guidance_parameters, make_grid, next_index, save_png
+    from sdjax.images import make_grid, next_index, save_png
     from sdjax.parallel import maybe_initialize_distributed, random_seed
     from sdjax.upscale import StableDiffusionUpscalePipeline
 
@@ -228,26 +227,25 @@ def run(args, written: list[Path]) -> int:
     for line in apply_adapters(args, pipe):
         print(line, file=sys.stderr)
     sampling = apply_sampling_defaults(args, pipe)
-    from sdjax.lora_tags import TagLoras, tag_key
+    from sdjax.lora_tags import TagLoras, group_by_tags
     tag_loras = TagLoras(pipe, args.lora_dir)
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
-    height, width, task_args, extra = _task_settings(args, pipe, image, mask, upscaler)
-    extra = {**guidance_parameters(args.guidance_rescale, args.guidance_interval,
-                                   args.clip_skip), **extra, **sdxl_parameters(args)}
+    size, task = _task_settings(args, pipe, image, mask, upscaler)
+    settings = CallSettings.from_args(args, size, task)
     if refiner is not None:
         check_schedule(pipe, refiner, args.scheduler, args.steps, args.refiner_switch_at)
     print(sampling, file=sys.stderr)  # once the run's settings have all passed their checks
-    scheduler = args.scheduler  # the model's default once apply_sampling_defaults ran
+    height, width, scheduler = size.height, size.width, args.scheduler
     jobs = [(p, k) for p in prompts for k in range(args.num_images)]
     per_device = args.batch_size or min(8, -(-len(jobs) // pipe.num_devices))
     batch = per_device * pipe.num_devices
     # One LoRA set per compiled call: prompts with different <lora:…> tags go in different
     # batches (image i still uses the noise of (seed, i), so grouping changes no image).
-    groups: dict = {}
-    for i, (p, _) in enumerate(jobs):
-        groups.setdefault(tag_key(split[p][1]), []).append(i)
+    groups = group_by_tags(split[p][1] for p, _ in jobs)
     batches = [idx[b:b + batch] for idx in groups.values() for b in range(0, len(idx), batch)]
+    images = {} if image is None else {
+        "image": image, **({} if mask is None else {"mask_image": mask})}
     for key in groups:  # every tag's LoRA is checked against the model before any image
         tag_loras.use(dict(key))
 
@@ -263,13 +261,9 @@ def run(args, written: list[Path]) -> int:
             chunk = [jobs[i] for i in idx]
             t0 = time.perf_counter()
             tag_loras.use(split[chunk[0][0]][1])
-            call = dict(negative_prompt=args.negative_prompt,
-                        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                        seed=seed, scheduler=scheduler, image_indices=idx,
+            call = dict(negative_prompt=args.negative_prompt, seed=seed, image_indices=idx,
                         batch_size_per_device=per_device, nan_check=not args.no_nan_check,
-                        guidance_rescale=args.guidance_rescale,
-                        guidance_interval=args.guidance_interval, clip_skip=args.clip_skip,
-                        **task_args, **base_call_args(args))
+                        **settings.pipeline_kwargs(), **images)
             texts = [split[p][0] for p, _ in chunk]
             out = pipe(texts, **call) if refiner is None else refine(pipe, refiner, texts,
                                                                      **call)
@@ -282,10 +276,8 @@ def run(args, written: list[Path]) -> int:
                 start = next_index(args.outdir)
             for i, (prompt, _), pixels in zip(idx, chunk, out.images, strict=True):
                 path = args.outdir / f"{start + i:05d}-{seed}-{i}.png"
-                save_png(pixels, path, format_parameters(
-                    prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                    sampler=scheduler, guidance_scale=args.guidance_scale, seed=seed,
-                    index=i, width=width, height=height, model=args.model, extra=extra))
+                save_png(pixels, path, settings.parameters(prompt, args.negative_prompt, seed,
+                                                           index=i))
                 written.append(path)
             if args.grid:
                 all_images.append(out.images)
@@ -322,50 +314,43 @@ def _wrote(written: list[Path], outdir: Path) -> str:
 
 
 def _task_settings(args, pipe, image, mask, upscaler: bool):
-    """(height, width, the pipeline's task arguments, the WebUI's metadata fields); the size
-    of what will be made is checked against the model and --max_pixels before compiling."""
+    """(the output's Size, the image task's settings or None); the size of what will be made
+    is checked against the model and --max_pixels before compiling."""
     from sdjax import validation
+    from sdjax.call_settings import Img2Img, Inpainting, Size, Upscaling
     from sdjax.schedulers.common import start_index
     f = pipe.vae_scale_factor
     if image is None:
-        height, width = image_size(args, pipe)
-        return height, width, {"height": height, "width": width}, {}
+        return Size(*image_size(args, pipe)), None
     w, h = image.size
+    fit_h, fit_w = validation.round_size(h, w, f)
     if upscaler:
         if not 0 <= args.noise_level <= pipe.max_noise_level:
             raise UsageError(f"--noise_level must be an integer in [0, {pipe.max_noise_level}] "
                              f"for this model, got {args.noise_level}")
-        if w % f or h % f:
-            print(f"note: --image {w}x{h} is cut down to {w // f * f}x{h // f * f}, a multiple "
-                  f"of {f}", file=sys.stderr)
-        height, width = h // f * f * f, w // f * f * f
-        task = {"image": image, "noise_level": args.noise_level}
-        extra = {"Noise level": args.noise_level}
+        if (fit_h, fit_w) != (h, w):
+            print(f"note: --image {w}x{h} is cut down to {fit_w}x{fit_h}, a multiple of {f}",
+                  file=sys.stderr)
+        height, width = fit_h * f, fit_w * f  # the x4 upscaler's factor is its VAE's
+        task = Upscaling(args.noise_level)
     else:
-        height, width = args.height or h // f * f, args.width or w // f * f
+        height, width = args.height or fit_h, args.width or fit_w
         if (height, width) != (h, w):
             print(f"note: --image {w}x{h} is resized to {width}x{height} (a multiple of {f})",
                   file=sys.stderr)
-        strength = args.strength if args.strength is not None else (0.8 if mask is None else 1.0)
+        strength = (args.strength if args.strength is not None
+                    else validation.default_strength(inpainting=mask is not None))
         start_index(args.steps, strength)  # refuses a strength that leaves no step, now
-        task = {"image": image, "height": height, "width": width, "strength": strength}
-        extra = {"Denoising strength": f"{strength:g}"}
-        if mask is not None:
-            masked = (args.masked_content or "original").replace("_", " ")
-            task.update(mask_image=mask, mask_blur=args.mask_blur,
-                        padding_mask_crop=args.only_masked_padding, masked_content=masked)
-            extra["Mask blur"] = f"{args.mask_blur:g}"
-            extra["Masked content"] = masked
-            if args.only_masked_padding is not None:
-                extra.update({"Inpaint area": "Only masked",
-                              "Masked area padding": args.only_masked_padding})
+        task = Img2Img(strength) if mask is None else Inpainting(
+            strength, args.mask_blur, args.only_masked_padding,
+            (args.masked_content or "original").replace("_", " "))
     try:
         for name, v in (("height", height), ("width", width)):
             validation.check_size(v, f"output {name}", f)
         validation.check_pixels(height, width, args.max_pixels)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return height, width, task, extra
+    return Size(height, width), task
 
 
 def main(argv: list[str] | None = None) -> int:

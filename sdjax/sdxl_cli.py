@@ -1,7 +1,7 @@
 """sdjax.sample's and sdjax.generate's SDXL flags: the second prompts, the refiner hand-off,
 the refiner's aesthetic score and the size time ids; their checks (flags first, then the
-models' kinds, before anything loads), the refiner's loading, and what they add to each call
-and to the images' metadata.
+models' kinds, before anything loads) and the refiner's loading. What they add to each call
+and to the images' metadata is ``call_settings.SDXL``.
 """
 
 from __future__ import annotations
@@ -30,16 +30,17 @@ def add_sdxl_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(g, "aesthetic_score", type=float, default=None, metavar="S",
              help="SDXL refiners (--refiner, or a refiner --model with --image): the "
                   "aesthetic score the images are conditioned on (default 6.0)")
-    for name, (metavar, default, _) in SIZE_FLAGS.items():
+    for name, (metavar, default) in SIZE_FLAGS.items():
         add_flag(g, name, type=parse_pair, default=None, metavar=metavar,
                  help=f"SDXL base models: diffusers' {name} time ids (default: {default})")
 
 
-# SDXL's size conditioning: flag -> (metavar, default, metadata field).
+# SDXL's size conditioning: flag -> (metavar, default); call_settings.SIZE_FIELDS has their
+# metadata fields.
 SIZE_FLAGS = {
-    "original_size": ("H,W", "the output's size", "Original size"),
-    "crops_coords_top_left": ("TOP,LEFT", "0,0", "Crop top left"),
-    "target_size": ("H,W", "the output's size", "Target size"),
+    "original_size": ("H,W", "the output's size"),
+    "crops_coords_top_left": ("TOP,LEFT", "0,0"),
+    "target_size": ("H,W", "the output's size"),
 }
 
 
@@ -112,24 +113,3 @@ def with_refiner(counter: str, base, refiner) -> float:
     there is one, the refiner, added."""
     return getattr(base, counter) + (getattr(refiner, counter) if refiner is not None else 0.0)
 
-
-def base_call_args(args: argparse.Namespace) -> dict:
-    """What each call of the --model pipeline adds (or, with a refiner, each hand-off)."""
-    out = {k: getattr(args, k) for k in ("prompt_2", "negative_prompt_2", "aesthetic_score",
-                                         *SIZE_FLAGS) if getattr(args, k) is not None}
-    if args.refiner is not None:
-        out["switch_at"] = args.refiner_switch_at
-    return out
-
-
-def sdxl_parameters(args: argparse.Namespace) -> dict[str, str]:
-    """The metadata fields of these flags (the WebUI's names where it has them)."""
-    fields = {}
-    if args.refiner is not None:
-        fields.update(handoff.parameters(args.refiner, args.refiner_switch_at))
-    if args.aesthetic_score is not None:
-        fields["Aesthetic score"] = f"{args.aesthetic_score:g}"
-    for name, (_, _, field) in SIZE_FLAGS.items():
-        if getattr(args, name) is not None:
-            fields[field] = " ".join(map(str, getattr(args, name)))  # no comma: a separator
-    return fields

@@ -80,11 +80,6 @@ def _concat_finish(pieces: list[tuple[int, Callable | None]]) -> Callable:
     return finish
 
 
-def default_strength(inpainting: bool) -> float:
-    """diffusers' default share of the schedule that runs from an image."""
-    return 1.0 if inpainting else 0.8
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class TaskRequest:
     """What a call says of its task (``pipe.prepare``'s arguments, with the steps and the
@@ -191,7 +186,8 @@ def _image_task(model: ImageModel, r: TaskRequest, *, from_strength: bool) -> Ta
                          f"with a mask_image, got {masked_content!r}")
     start = 0
     if from_strength:
-        strength = default_strength(mask_image is not None) if strength is None else strength
+        strength = (validation.default_strength(mask_image is not None) if strength is None
+                    else strength)
         if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
                 or not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")

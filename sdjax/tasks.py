@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from sdjax import validation
 from sdjax.vae_tiling import VaeTiling
 
 
@@ -254,8 +255,7 @@ def per_image(items: Sequence, n_prompts: int, per_prompt: int, what: str) -> li
 
 def default_size(image: np.ndarray, factor: int) -> tuple[int, int]:
     """The image's size rounded down to the VAE factor (diffusers' default for image input)."""
-    h, w = image.shape[:2]
-    return (h // factor * factor, w // factor * factor)
+    return validation.round_size(*image.shape[:2], factor)
 
 
 def blur_mask(mask: np.ndarray, radius: float) -> np.ndarray:

@@ -80,6 +80,23 @@ def check_size(value: Any, name: str, factor: int = 1) -> int:
     return v
 
 
+def round_size(height: int, width: int, factor: int) -> tuple[int, int]:
+    """(height, width) rounded down to multiples of ``factor`` (the VAE's): the size an
+    image input gives when no size is asked for (diffusers' rule)."""
+    return height // factor * factor, width // factor * factor
+
+
+# diffusers' defaults: img2img keeps some of the image; inpainting repaints the masked region
+# from pure noise, since the kept region is restored anyway.
+IMG2IMG_STRENGTH = 0.8
+INPAINTING_STRENGTH = 1.0
+
+
+def default_strength(inpainting: bool) -> float:
+    """The strength of an image call that gives none."""
+    return INPAINTING_STRENGTH if inpainting else IMG2IMG_STRENGTH
+
+
 def check_pixels(height: int, width: int, max_pixels: int) -> None:
     if height * width > max_pixels:
         raise ValueError(f"{width}x{height} is {height * width} pixels, more than the limit of "

@@ -143,12 +143,15 @@ def run(args: argparse.Namespace) -> int:
         registry.get(registry.refiner)  # loaded once, now: a request never waits for it
     max_batch = 8 * pipe.num_devices if args.max_batch is None else args.max_batch
     for w, h, steps, sampler in warmups:
+        from sdjax.call_settings import CallSettings, Size
         from sdjax.serve.batcher import ImageSpec, Shape
+        from sdjax.serve.generation import request_sampling
         log.info("warmup: compiling %dx%d, %d steps, %s", w, h, steps, sampler)
         # The shape a request with no overrides compiles: the model's own clip skip too.
         clip_skip = pipe.sampling_settings()["clip_skip"] or 1
-        run_call(registry)(Shape(registry.current, h, w, steps, scheduler_for(sampler),
-                                 clip_skip=clip_skip), [ImageSpec("", "", 0, 7.0)])
+        sampling = request_sampling(pipe, steps, scheduler_for(sampler), clip_skip)
+        run_call(registry)(Shape(CallSettings(registry.current, sampling, Size(h, w))),
+                           [ImageSpec("", "", 0, 7.0)])
     for title in (registry.current, registry.refiner):
         if title is not None:  # a file that fails to read stops the start, not a request
             registry.get(title).wait_for_weights()

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdjax import __version__
+from sdjax.call_settings import Inpainting
 from sdjax.images import parse_parameters
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
@@ -255,7 +256,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         body = await run_in_threadpool(images_response, req, plan, result)
         s, t = plan.shape, plan.shape.image_task
         kind = "" if t is None else (
-            f" {'inpainting' if t.inpaint else 'img2img'} strength {t.strength:g}")
+            f" {'inpainting' if isinstance(t, Inpainting) else 'img2img'} strength "
+            f"{t.strength:g}")
         if s.refiner is not None:
             kind += f" refiner {s.refiner} at {s.refiner_switch_at:g}"
         request.state.detail = (

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from sdjax.call_settings import CallSettings
+
 
 class QueueFull(Exception):
     """More requests are waiting than the server accepts; the client should retry later."""
@@ -30,35 +32,55 @@ class ShuttingDown(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageTask:
-    """img2img / inpainting settings that the pipeline takes once per call: requests merge
-    only when these are equal. ``strength`` is a runtime input of the compiled program, but
-    one value for the whole call."""
-    inpaint: bool
-    strength: float
-    mask_blur: int = 0
-    padding: int | None = None                # "only masked" inpainting (padding_mask_crop)
-    source_size: tuple[int, int] | None = None  # only masked: one image size per call
-    masked_content: str = "original"          # the WebUI's inpainting_fill, by name
-
-
-@dataclasses.dataclass(frozen=True)
 class Shape:
-    """What fixes the compiled program (with the per-device batch, which the pipeline picks)
-    and the settings one call shares; ``image_task`` None is text-to-image."""
-    model: str
-    height: int
-    width: int
-    steps: int
-    scheduler: str
-    image_task: ImageTask | None = None
-    # The prompt's <lora:name:w> tags: merged into the shared weights, so one set per call.
+    """What one call shares: its settings (with the per-device batch, which the pipeline
+    picks, they fix the compiled program; their image task, None for text to image, says
+    the strength and the masks' handling, one for the call) and the prompt's <lora:name:w>
+    tags, merged into the shared weights, so one set per call. ``source_size``: "only
+    masked" inpainting pastes back into the input's size, one per call."""
+    settings: CallSettings
     loras: tuple[tuple[str, float], ...] = ()
-    clip_skip: int = 1  # the WebUI's CLIP_stop_at_last_layers: part of the compiled shape
-    # The refiner's title and the share of the schedule before it takes over: one hand-off
-    # per call (a call with a refiner is two compiled calls, base then refiner).
-    refiner: str | None = None
-    refiner_switch_at: float | None = None
+    source_size: tuple[int, int] | None = None
+
+    @property
+    def image_task(self):
+        """The settings' image task (call_settings.Img2Img | Inpainting), or None."""
+        return self.settings.task
+
+    # The settings the batcher, the log and the response read.
+    @property
+    def model(self) -> str:
+        return self.settings.model
+
+    @property
+    def height(self) -> int:
+        return self.settings.size.height
+
+    @property
+    def width(self) -> int:
+        return self.settings.size.width
+
+    @property
+    def steps(self) -> int:
+        return self.settings.sampling.steps
+
+    @property
+    def scheduler(self) -> str:
+        return self.settings.sampling.scheduler
+
+    @property
+    def clip_skip(self) -> int:
+        """The WebUI's CLIP_stop_at_last_layers: part of the compiled shape."""
+        return self.settings.sampling.clip_skip
+
+    @property
+    def refiner(self) -> str | None:
+        """The refiner's title: a call with one is two compiled calls, base then refiner."""
+        return self.settings.sdxl.refiner
+
+    @property
+    def refiner_switch_at(self) -> float | None:
+        return self.settings.sdxl.refiner_switch_at
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,10 +15,11 @@ import time
 import numpy as np
 
 from sdjax import __version__, handoff, validation
-from sdjax.images import SAMPLER_LABELS, encode_png, format_parameters, guidance_parameters
+from sdjax.call_settings import SDXL, CallSettings, Img2Img, Inpainting, Sampling, Size
+from sdjax.images import SAMPLER_LABELS, encode_png
 from sdjax.lora_tags import TagLoras, find_lora, split_tags, tag_key
 from sdjax.serve import uploads
-from sdjax.serve.batcher import ImageSpec, ImageTask, JobResult, Shape
+from sdjax.serve.batcher import ImageSpec, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest, Limits, check_generation
 from sdjax.serve.samplers import scheduler_for
@@ -32,7 +33,6 @@ class Plan:
     shape: Shape
     specs: list[ImageSpec]
     seed: int               # the batch's first seed (-1 already replaced)
-    extra: dict = dataclasses.field(default_factory=dict)  # img2img's infotext pairs
 
 
 def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
@@ -63,15 +63,19 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     # Seeds past 2**32 - 1 wrap, as the uint32 the sampler takes would.
     specs = [ImageSpec(req.prompt, req.negative_prompt, (seed + k) % validation.MAX_SEED,
                        float(req.cfg_scale)) for k in range(n)]
-    # The model's sdjax.json guidance options apply (requests have no fields for them).
-    settings = registry.get(title).sampling_settings()
-    extra = guidance_parameters(settings["guidance_rescale"], settings["guidance_interval"],
-                                clip_skip)
-    if refiner is not None:
-        extra.update(handoff.parameters(refiner, switch_at))
-    return Plan(Shape(title, req.height, req.width, req.steps, scheduler, loras=loras,
-                      clip_skip=clip_skip, refiner=refiner, refiner_switch_at=switch_at),
-                specs, seed, extra)
+    settings = CallSettings(
+        title, request_sampling(registry.get(title), req.steps, scheduler, clip_skip),
+        Size(req.height, req.width),
+        sdxl=SDXL() if refiner is None else SDXL(refiner=refiner, refiner_switch_at=switch_at))
+    return Plan(Shape(settings, loras=loras), specs, seed)
+
+
+def request_sampling(pipe, steps: int, scheduler: str, clip_skip: int) -> Sampling:
+    """A request's sampling settings: each image has its own guidance scale, and the model's
+    sdjax.json guidance options apply (requests have no fields for them)."""
+    defaults = pipe.sampling_settings()
+    return Sampling(steps, scheduler, None, defaults["guidance_rescale"],
+                    defaults["guidance_interval"], clip_skip)
 
 
 def _refiner_settings(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
@@ -138,23 +142,22 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -
                          "make: give one, or one per image (batch_size * n_iter)")
     images = [uploads.decode(d, f"init_images[{i}]", limits.max_pixels)
               for i, d in enumerate(req.init_images)]
-    mask, task = None, None
-    extra = {**plan.extra, "Denoising strength": f"{req.denoising_strength:g}"}
+    mask, task, source_size = None, Img2Img(req.denoising_strength), None
     if req.mask:
         mask, task = _mask_task(req, images, limits)
-        extra.update(_mask_infotext(req, task))
-    else:
-        task = ImageTask(inpaint=False, strength=req.denoising_strength)
+        if task.padding is not None:
+            source_size = mask.shape
     images = images * n if len(images) == 1 else images
+    settings = dataclasses.replace(plan.shape.settings, task=task)
     pipe = registry.get(plan.shape.model)
-    specs = [dataclasses.replace(s, task_inputs=_prepare(pipe, plan.shape, task, im, mask))
+    specs = [dataclasses.replace(s, task_inputs=_prepare(pipe, settings, im, mask))
              for s, im in zip(plan.specs, images, strict=True)]
-    shape = dataclasses.replace(plan.shape, image_task=task)
-    return Plan(shape, specs, plan.seed, extra)  # extra starts from plan.extra
+    return Plan(dataclasses.replace(plan.shape, settings=settings, source_size=source_size),
+                specs, plan.seed)
 
 
 def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
-               ) -> tuple[np.ndarray, ImageTask]:
+               ) -> tuple[np.ndarray, Inpainting]:
     """The mask as the pipeline takes it (white = repaint) and the call's inpainting
     settings, in the WebUI's field names."""
     if not 0 <= req.inpainting_fill < len(MASKED_CONTENT):
@@ -182,36 +185,21 @@ def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
             raise BadRequest("inpaint_full_res_padding must be >= 0, got "
                              f"{req.inpaint_full_res_padding}")
         padding = req.inpaint_full_res_padding
-    size = mask.shape if padding is not None else None
-    return mask, ImageTask(inpaint=True, strength=req.denoising_strength, mask_blur=blur_x,
-                           padding=padding, source_size=size,
-                           masked_content=MASKED_CONTENT[req.inpainting_fill])
+    return mask, Inpainting(req.denoising_strength, blur_x, padding,
+                            MASKED_CONTENT[req.inpainting_fill],
+                            invert_mask=bool(req.inpainting_mask_invert))
 
 
-def _mask_infotext(req: Img2ImgRequest, task: ImageTask) -> dict:
-    """The WebUI's infotext pairs for inpainting."""
-    extra: dict = {"Mask blur": task.mask_blur}
-    if req.inpainting_mask_invert:
-        extra["Mask mode"] = "Inpaint not masked"
-    extra["Masked content"] = task.masked_content
-    if task.padding is not None:
-        extra["Inpaint area"] = "Only masked"
-        extra["Masked area padding"] = task.padding
-    return extra
-
-
-def _prepare(pipe, shape: Shape, task: ImageTask, image: np.ndarray,
-             mask: np.ndarray | None):
+def _prepare(pipe, settings: CallSettings, image: np.ndarray, mask: np.ndarray | None):
     """One image's task inputs, prepared (resized, blurred, filled) once, now: a bad one
     (strength out of range, an empty mask, a model that needs a mask) is this request's 422
     and never fails a merged call, which takes the prepared value as it is."""
-    options = {"mask_image": mask, "mask_blur": task.mask_blur,
-               "padding_mask_crop": task.padding,
-               "masked_content": task.masked_content} if task.inpaint else {}
+    options = {} if mask is None else {"mask_image": mask}
     try:
-        return pipe.prepare(1, 1, num_inference_steps=shape.steps, scheduler=shape.scheduler,
-                            height=shape.height, width=shape.width, image=image,
-                            strength=task.strength, **options)
+        return pipe.prepare(1, 1, num_inference_steps=settings.sampling.steps,
+                            scheduler=settings.sampling.scheduler,
+                            height=settings.size.height, width=settings.size.width,
+                            image=image, **options, **settings.task.pipeline_kwargs())
     except ValueError as e:
         raise BadRequest(str(e)) from None
 
@@ -232,32 +220,24 @@ def run_call(registry: ModelRegistry):
         if shape.image_task is not None:
             images = {"task_inputs": TaskInputs.concat([s.task_inputs for s in specs])}
         prompts = [split_tags(s.prompt)[0] for s in specs]
-        call = dict(negative_prompt=[s.negative_prompt for s in specs],
-                    num_inference_steps=shape.steps,
-                    guidance_scale=[s.guidance_scale for s in specs],
-                    height=shape.height, width=shape.width, scheduler=shape.scheduler,
-                    seeds=[s.seed for s in specs], image_indices=[0] * len(specs),
-                    clip_skip=shape.clip_skip)
+        # The task's settings are in its prepared inputs (above).
+        call = {**shape.settings.pipeline_kwargs(task=False),
+                "negative_prompt": [s.negative_prompt for s in specs],
+                "guidance_scale": [s.guidance_scale for s in specs],
+                "seeds": [s.seed for s in specs], "image_indices": [0] * len(specs)}
         if shape.refiner is not None:  # txt2img only (_refiner_settings)
-            return handoff.refine(pipe, registry.get(shape.refiner), prompts,
-                                  switch_at=shape.refiner_switch_at, **call).images
+            return handoff.refine(pipe, registry.get(shape.refiner), prompts, **call).images
         return pipe(prompts, **call, **images).images
     return run
-
-
-def infotext(spec: ImageSpec, shape: Shape, extra: dict | None = None) -> str:
-    return format_parameters(prompt=spec.prompt, negative_prompt=spec.negative_prompt,
-                             steps=shape.steps, sampler=shape.scheduler,
-                             guidance_scale=spec.guidance_scale, seed=spec.seed,
-                             width=shape.width, height=shape.height, model=shape.model,
-                             extra=extra)
 
 
 def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: JobResult) -> dict:
     """The WebUI's TextToImageResponse (or ImageToImageResponse) for a finished job (PNG
     encoding happens here, so call it off the event loop)."""
     shape = plan.shape
-    texts = [infotext(spec, shape, plan.extra) for spec in result.specs]
+    texts = [shape.settings.parameters(spec.prompt, spec.negative_prompt, spec.seed,
+                                       guidance_scale=spec.guidance_scale)
+             for spec in result.specs]
     images = [base64.b64encode(encode_png(im, text)).decode("ascii")
               for im, text in zip(result.images, texts, strict=True)] if req.send_images else []
     seeds = [s.seed for s in result.specs] or [plan.seed]
