@@ -356,7 +356,13 @@ def run(args) -> int:
         print("Using the bundled toy model (shapes and colours only); pass --model for real "
               "Stable Diffusion weights.", file=sys.stderr)
     from sdjax.dispatch import pipeline_class
-    check_sdxl_models(args, pipeline_class(args.model).SDXL)  # before either model loads
+    from sdjax.upscale import StableDiffusionUpscalePipeline
+    cls = pipeline_class(args.model)
+    if cls is StableDiffusionUpscalePipeline:
+        raise UsageError(f"--model {args.model} is an x4 upscaler, which upscales an image: "
+                         "sdjax.generate makes images from prompts (upscale with "
+                         "python -m sdjax.sample --model ... --image)")
+    check_sdxl_models(args, cls.SDXL)  # before either model loads
     dtype = resolve_dtype(args.dtype)
     t_load = time.perf_counter()
     # Each process of a multi-host run makes its own shards on its own devices.

@@ -23,6 +23,7 @@ from sdjax.weights.files import read_json
 from sdjax.weights.resolve import resolve_model
 
 DEFAULT_MAX_NOISE_LEVEL = 350  # diffusers' default when model_index.json does not say
+DEFAULT_NOISE_LEVEL = 20  # diffusers' default noise_level
 # vae_tiling=None decodes in tiles above this many output pixels: a 256x256 input (1024x1024
 # out) still decodes whole, a 512x512 one (2048x2048 out, whose whole decode needs its
 # mid-block attention over 512x512 latents) in tiles.
@@ -82,7 +83,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
         if (r.mask_blur, r.padding_mask_crop, r.masked_content) != (0, None, "original"):
             raise ValueError("the upscaler takes no inpainting options")
         noise_level, image_noise = r.noise_level, r.image_noise
-        noise_level = 20 if noise_level is None else noise_level
+        noise_level = DEFAULT_NOISE_LEVEL if noise_level is None else noise_level
         if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)) \
                 or not 0 <= noise_level <= self.max_noise_level:
             raise ValueError(f"noise_level must be an integer in [0, {self.max_noise_level}], "

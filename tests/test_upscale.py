@@ -157,3 +157,39 @@ def test_when_the_upscaler_decodes_in_tiles(upscalers):
     assert decode_tiling(cfg, 8, 8, True) is None  # one tile: the whole decode
     with pytest.raises(ValueError, match="vae_tiling"):
         decode_tiling(cfg, 8, 8, "yes")
+
+
+def test_the_server_dispatches_and_runs_an_upscaler_folder(upscalers, upscaler_folder):
+    """sdjax.dispatch picks the upscaler class for its folder, so sdjax.serve and
+    sdjax.generate load it as one; the server's img2img runs it on the init images (4x their
+    size, the images of the Python call), and its txt2img says where to go instead."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from sdjax.dispatch import pipeline_class
+    from sdjax.serve.checkpoints import ModelRegistry
+    from sdjax.serve.generation import plan_img2img, plan_txt2img, run_call
+    from sdjax.serve.limits import BadRequest, Limits
+    from sdjax.serve.schemas import Img2ImgRequest, Txt2ImgRequest
+    ours, _ = upscalers
+    assert pipeline_class(str(upscaler_folder)) is StableDiffusionUpscalePipeline
+    registry = ModelRegistry({"up": str(upscaler_folder)}, lambda source: ours)
+    low = _inputs(0)[0]
+    images = []
+    for x in low:
+        buf = io.BytesIO()
+        Image.fromarray(x).save(buf, format="PNG")
+        images.append(base64.b64encode(buf.getvalue()).decode())
+    fields = dict(prompt="a red circle", steps=STEPS, cfg_scale=7.0, seed=3, batch_size=2,
+                  sampler_name="Euler")
+    with pytest.raises(BadRequest, match="x4 upscaler: send the low-resolution image"):
+        plan_txt2img(Txt2ImgRequest(**fields), registry, Limits())
+    plan = plan_img2img(Img2ImgRequest(**fields, init_images=images), registry, Limits())
+    assert (plan.shape.height, plan.shape.width) == (4 * LOW, 4 * LOW)
+    out = run_call(registry)(plan.shape, plan.specs)
+    expected = ours(["a red circle"] * 2, image=low, seeds=[3, 4], image_indices=[0, 0],
+                    num_inference_steps=STEPS, guidance_scale=7.0, scheduler="euler").images
+    assert "Noise level: 20" in plan.shape.settings.parameters("a red circle", "", 3)
+    np.testing.assert_array_equal(np.stack(out), expected)

@@ -15,7 +15,15 @@ import time
 import numpy as np
 
 from sdjax import __version__, handoff, validation
-from sdjax.call_settings import SDXL, CallSettings, Img2Img, Inpainting, Sampling, Size
+from sdjax.call_settings import (
+    SDXL,
+    CallSettings,
+    Img2Img,
+    Inpainting,
+    Sampling,
+    Size,
+    Upscaling,
+)
 from sdjax.images import SAMPLER_LABELS, encode_png
 from sdjax.lora_tags import TagLoras, find_lora, split_tags, tag_key
 from sdjax.serve import uploads
@@ -26,6 +34,7 @@ from sdjax.serve.samplers import scheduler_for
 from sdjax.serve.schemas import Img2ImgRequest, Txt2ImgRequest, unsupported
 from sdjax.task_inputs import TaskInputs
 from sdjax.tasks import MASKED_CONTENT
+from sdjax.upscale import DEFAULT_NOISE_LEVEL, StableDiffusionUpscalePipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +61,12 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     check_generation(width=req.width, height=req.height, steps=req.steps,
                      batch_size=req.batch_size, n_iter=req.n_iter, cfg_scale=req.cfg_scale,
                      seed=req.seed, limits=limits)
+    pipe = registry.get(title)
+    if _is_upscaler(pipe) and not isinstance(req, Img2ImgRequest):
+        raise BadRequest(f"{title} is an x4 upscaler: send the low-resolution image to "
+                         "/sdapi/v1/img2img (the output is 4x its size)")
     try:
-        registry.get(title).check_size(req.height, req.width)
+        pipe.check_size(req.height, req.width)
     except ValueError as e:
         raise BadRequest(str(e)) from None
     loras, clip_skip = _prompt_settings(req, registry, title)
@@ -142,16 +155,26 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -
                          "make: give one, or one per image (batch_size * n_iter)")
     images = [uploads.decode(d, f"init_images[{i}]", limits.max_pixels)
               for i, d in enumerate(req.init_images)]
+    pipe = registry.get(plan.shape.model)
     mask, task, source_size = None, Img2Img(req.denoising_strength), None
-    if req.mask:
+    if _is_upscaler(pipe):
+        if req.mask:
+            raise BadRequest(f"{plan.shape.model} is an x4 upscaler: it takes no mask")
+        # No WebUI field says the upscaler's noise level: the pipeline's default.
+        task = Upscaling(DEFAULT_NOISE_LEVEL)
+    elif req.mask:
         mask, task = _mask_task(req, images, limits)
         if task.padding is not None:
             source_size = mask.shape
     images = images * n if len(images) == 1 else images
     settings = dataclasses.replace(plan.shape.settings, task=task)
-    pipe = registry.get(plan.shape.model)
     specs = [dataclasses.replace(s, task_inputs=_prepare(pipe, settings, im, mask))
              for s, im in zip(plan.specs, images, strict=True)]
+    if isinstance(task, Upscaling):  # the output is 4x the image: one size per call
+        sizes = {(s.task_inputs.height, s.task_inputs.width) for s in specs}
+        if len(sizes) > 1:
+            raise BadRequest("init_images: the upscaler needs every image at one size")
+        settings = dataclasses.replace(settings, size=Size(*sizes.pop()))
     return Plan(dataclasses.replace(plan.shape, settings=settings, source_size=source_size),
                 specs, plan.seed)
 
@@ -190,16 +213,21 @@ def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
                             invert_mask=bool(req.inpainting_mask_invert))
 
 
+def _is_upscaler(pipe) -> bool:
+    return isinstance(pipe, StableDiffusionUpscalePipeline)
+
+
 def _prepare(pipe, settings: CallSettings, image: np.ndarray, mask: np.ndarray | None):
     """One image's task inputs, prepared (resized, blurred, filled) once, now: a bad one
     (strength out of range, an empty mask, a model that needs a mask) is this request's 422
     and never fails a merged call, which takes the prepared value as it is."""
     options = {} if mask is None else {"mask_image": mask}
+    if not isinstance(settings.task, Upscaling):  # the upscaler's output is 4x the image
+        options.update(height=settings.size.height, width=settings.size.width)
     try:
         return pipe.prepare(1, 1, num_inference_steps=settings.sampling.steps,
-                            scheduler=settings.sampling.scheduler,
-                            height=settings.size.height, width=settings.size.width,
-                            image=image, **options, **settings.task.pipeline_kwargs())
+                            scheduler=settings.sampling.scheduler, image=image, **options,
+                            **settings.task.pipeline_kwargs())
     except ValueError as e:
         raise BadRequest(str(e)) from None
 
