@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers import sigmas as sig
-from sdjax.schedulers.common import check_steps, f32, normal_like, start_index, torch_linspace_f32
+from sdjax.schedulers.common import check_steps, normal_like, start_index
 
 
 @flax.struct.dataclass
@@ -75,27 +75,6 @@ class Euler(sig.SigmaScheduler):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"euler: {key} must be one of {allowed}")
 
-    def sigma_schedule(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 timesteps, float32 sigmas with the final one appended) for n steps."""
-        timesteps = sig.k_timesteps(
-            self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset
-        )
-        train = sig.train_sigmas(self.schedule, zero_snr_floor=True)
-        if self.interpolation_type == "linear":
-            sigmas = sig.interp_sigmas(timesteps, train)
-        else:
-            sigmas = np.exp(torch_linspace_f32(np.log(train[-1]), np.log(train[0]), n + 1))
-        if self.use_karras_sigmas:
-            hi = self.sigma_max if self.sigma_max is not None else sigmas[0].item()
-            lo = self.sigma_min if self.sigma_min is not None else sigmas[-1].item()
-            sigmas = sig.karras(hi, lo, n)
-            timesteps = sig.sigma_to_t(sigmas, np.log(train))
-        last = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
-        sigmas = f32(np.concatenate([sigmas, [last]]))
-        if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
-            timesteps = np.float32(0.25) * np.log(sigmas[:-1])
-        return f32(timesteps), sigmas
-
     def set_timesteps(
         self,
         num_inference_steps: int,
@@ -104,7 +83,18 @@ class Euler(sig.SigmaScheduler):
         sample_shape: tuple[int, ...] | None = None,
     ) -> EulerState:
         check_steps(num_inference_steps, self.num_train_timesteps)
-        timesteps, sigmas = self.sigma_schedule(num_inference_steps)
+        timesteps, sigmas = sig.sigma_schedule(
+            self,
+            num_inference_steps,
+            zero_snr_floor=True,
+            interpolation_type=self.interpolation_type,
+            use_karras_sigmas=self.use_karras_sigmas,
+            sigma_min=self.sigma_min,
+            sigma_max=self.sigma_max,
+            final_sigmas_type=self.final_sigmas_type,
+        )
+        if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
+            timesteps = np.float32(0.25) * np.log(sigmas[:-1])
         begin = start_index(num_inference_steps, strength)
         m = len(timesteps) - begin
         return EulerState(
@@ -142,11 +132,7 @@ class EulerAncestral(sig.SigmaScheduler):
     ) -> EulerState:
         n = num_inference_steps
         check_steps(n, self.num_train_timesteps)
-        timesteps = sig.k_timesteps(
-            self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset
-        )
-        train = sig.train_sigmas(self.schedule, zero_snr_floor=True)
-        sigmas = f32(np.concatenate([sig.interp_sigmas(timesteps, train), [0.0]]))
+        timesteps, sigmas = sig.sigma_schedule(self, n, zero_snr_floor=True)
         begin = start_index(n, strength)
         # Split the move to sigma_to into a deterministic part down to sigma_down and fresh
         # noise of std sigma_up, with sigma_down**2 + sigma_up**2 = sigma_to**2.

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers import sigmas as sig
-from sdjax.schedulers.common import check_history, check_steps, f32, history, start_index
+from sdjax.schedulers.common import check_history, check_steps, history, start_index
 
 
 @flax.struct.dataclass
@@ -62,18 +62,10 @@ class Heun(sig.SigmaScheduler):
     ) -> HeunState:
         n = num_inference_steps
         check_steps(n, self.num_train_timesteps)
-        timesteps = sig.k_timesteps(
-            self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset
-        )
-        train = sig.train_sigmas(self.schedule)
-        sigmas = sig.interp_sigmas(timesteps, train)
-        if self.use_karras_sigmas:
-            sigmas = sig.karras(sigmas[0].item(), sigmas[-1].item(), n)
-            timesteps = sig.sigma_to_t(sigmas, np.log(train))
-        sigmas = f32(np.concatenate([sigmas, [0.0]]))
+        timesteps, sigmas = sig.sigma_schedule(self, n, use_karras_sigmas=self.use_karras_sigmas)
         # Every intermediate sigma is visited twice: predictor to it, corrector at it.
         sigmas = np.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]])
-        timesteps = f32(np.concatenate([timesteps[:1], timesteps[1:].repeat(2)]))
+        timesteps = np.concatenate([timesteps[:1], timesteps[1:].repeat(2)])
         begin = self.order * start_index(n, strength)
         g = np.arange(begin, len(timesteps))
         predictor = (g - begin) % 2 == 0

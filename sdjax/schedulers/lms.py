@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers import sigmas as sig
-from sdjax.schedulers.common import check_history, check_steps, f32, history, start_index
+from sdjax.schedulers.common import check_history, check_steps, history, start_index
 
 LMS_ORDER = 4
 
@@ -63,15 +63,7 @@ class LMS(sig.SigmaScheduler):
     ) -> LMSState:
         n = num_inference_steps
         check_steps(n, self.num_train_timesteps)
-        timesteps = sig.k_timesteps(
-            self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset
-        )
-        train = sig.train_sigmas(self.schedule)
-        sigmas = sig.interp_sigmas(timesteps, train)
-        if self.use_karras_sigmas:
-            sigmas = sig.karras(sigmas[0].item(), sigmas[-1].item(), n)
-            timesteps = sig.sigma_to_t(sigmas, np.log(train))
-        sigmas = f32(np.concatenate([sigmas, [0.0]]))
+        timesteps, sigmas = sig.sigma_schedule(self, n, use_karras_sigmas=self.use_karras_sigmas)
         begin = start_index(n, strength)
         steps = range(begin, n)
         coefs = np.zeros((len(steps), LMS_ORDER), np.float32)
@@ -82,7 +74,7 @@ class LMS(sig.SigmaScheduler):
             for j in range(min(order, local + 1)):
                 coefs[local, j] = lms_coefficient(sigmas, step, order, j)
         return LMSState(
-            **sig.common_fields(self.timestep_spacing, f32(timesteps), sigmas, begin),
+            **sig.common_fields(self.timestep_spacing, timesteps, sigmas, begin),
             lms_coefs=jnp.asarray(coefs),
             derivatives=history(sample_shape, LMS_ORDER),
         )

@@ -1,7 +1,8 @@
 """What the sigma-parameterised (K-diffusion style) schedulers share: sigma = sqrt((1 - a) / a)
 over the training timesteps, interpolation at inference timesteps, the Karras et al. (2022)
-spacing, the inverse map from sigma back to a (fractional) training timestep, the per-step
-input scaling and x0 estimate, and the base class that rescales the UNet input."""
+spacing, the n-step schedule built from them, the inverse map from sigma back to a
+(fractional) training timestep, the per-step input scaling and x0 estimate, and the base
+class that rescales the UNet input."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers.common import NoiseSchedule, Scheduler, leading_trailing_linspace
+from sdjax.schedulers.common import (
+    NoiseSchedule,
+    Scheduler,
+    f32,
+    leading_trailing_linspace,
+    torch_linspace_f32,
+)
 
 KARRAS_RHO = 7.0
 
@@ -66,11 +73,41 @@ def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
-def k_timesteps(spacing: str, num_train: int, n: int, steps_offset: int) -> np.ndarray:
-    """Descending float32 timesteps of the sigma schedulers (fractional for `linspace`)."""
-    return leading_trailing_linspace(
-        spacing, num_train, n, steps_offset, round_linspace=False
+def sigma_schedule(
+    sched: Scheduler,
+    n: int,
+    *,
+    zero_snr_floor: bool = False,
+    interpolation_type: str = "linear",
+    use_karras_sigmas: bool = False,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    final_sigmas_type: str = "zero",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(descending float32 timesteps, fractional for `linspace`; float32 sigmas with the final
+    one appended) of an n-step schedule.
+
+    The keywords are the diffusers options of the same names; `zero_snr_floor` is passed to
+    `train_sigmas`. `sigma_min` / `sigma_max` override the Karras endpoints only."""
+    timesteps = leading_trailing_linspace(
+        sched.timestep_spacing, sched.num_train_timesteps, n, sched.steps_offset,
+        round_linspace=False,
     ).astype(np.float32)
+    train = train_sigmas(sched.schedule, zero_snr_floor=zero_snr_floor)
+    if interpolation_type == "linear":
+        sigmas = interp_sigmas(timesteps, train)
+    else:
+        # The reference spaces n + 1 sigmas here, one more than there are timesteps.
+        sigmas = np.exp(torch_linspace_f32(np.log(train[-1]), np.log(train[0]), n + 1))
+    if use_karras_sigmas:
+        # The reference takes the default endpoints in the interpolation's dtype (float64
+        # after `linear`, float32 after `log_linear`).
+        hi = sigma_max if sigma_max is not None else sigmas[0].item()
+        lo = sigma_min if sigma_min is not None else sigmas[-1].item()
+        sigmas = karras(hi, lo, n)
+        timesteps = sigma_to_t(sigmas, np.log(train))
+    last = train[0] if final_sigmas_type == "sigma_min" else 0.0
+    return f32(timesteps), f32(np.concatenate([sigmas, [last]]))
 
 
 def init_sigma(sigmas: np.ndarray, spacing: str) -> np.float32:
