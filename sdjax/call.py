@@ -108,9 +108,12 @@ TASK_FIELDS = ("height", "width", "image", "mask_image", "strength", "mask_blur"
 def takes_call(method: Callable) -> Callable:
     """``method(self, call: Call)`` offered as ``method(self, prompt, ...)`` with Call's
     fields as its signature (``help()``, ``inspect.signature`` and notebooks show them);
-    a wrong keyword is a ``TypeError`` naming it, as with any Python function."""
+    a wrong keyword is a ``TypeError`` naming it, as with any Python function. A ``Call``
+    value passed alone is taken as it is."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], Call):
+            return method(self, args[0])  # a Call value as it is
         return method(self, Call(*args, **kwargs))
 
     params = list(inspect.signature(Call).parameters.values())

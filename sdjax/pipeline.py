@@ -344,7 +344,7 @@ class StableDiffusionPipeline:
     @takes_call
     def __call__(self, call: Call) -> PipelineOutput:
         """Generate images: :meth:`submit`, then wait for its result."""
-        return self._submit(call).result()
+        return self.submit(call).result()
 
     @takes_call
     def submit(self, call: Call) -> PendingImages:
@@ -356,7 +356,16 @@ class StableDiffusionPipeline:
         ``TypeError`` and wrong values ``ValueError``, naming the argument, before anything
         compiles; nothing a user changes between calls (prompts, seeds, guidance, strength,
         images) recompiles."""
-        return self._submit(call)
+        fn, call_args, n, finish, seeds = self._plan(call)
+        if self.store.pending:
+            if self.store.loading:
+                # Weights still loading in the background: compile (or fetch from the
+                # cache) against their shapes meanwhile.
+                fn.compile(*call_args)
+            self.wait_for_weights()
+            # The parameters as they are now: read, and with any pending LoRA merge done.
+            call_args = (self.store.current, *call_args[1:])
+        return PendingImages(fn(*call_args), n, finish, seeds)
 
     @takes_call
     def compile(self, call: Call) -> jax.stages.Compiled:
@@ -373,18 +382,6 @@ class StableDiffusionPipeline:
         not compiled: its StableHLO (``as_text()``) as XLA receives it, in seconds."""
         fn, call_args, *_ = self._plan(call)
         return fn.lower(*call_args)
-
-    def _submit(self, call: Call) -> PendingImages:
-        fn, call_args, n, finish, seeds = self._plan(call)
-        if self.store.pending:
-            if self.store.loading:
-                # Weights still loading in the background: compile (or fetch from the
-                # cache) against their shapes meanwhile.
-                fn.compile(*call_args)
-            self.wait_for_weights()
-            # The parameters as they are now: read, and with any pending LoRA merge done.
-            call_args = (self.store.current, *call_args[1:])
-        return PendingImages(fn(*call_args), n, finish, seeds)
 
     def _plan(self, c: Call):
         """Validate and place a call's arguments; returns (executable, its arguments, image
@@ -409,7 +406,7 @@ class StableDiffusionPipeline:
             maximum=self.text_encoder_config.num_hidden_layers)
         n = len(prompts) * c.num_images_per_prompt
         guidance, cfg = sampling.guidance_array(guidance, settings["guidance_rescale"],
-                                       settings["guidance_interval"], n)
+                                                settings["guidance_interval"], n)
         if c.denoising_start is not None and c.latents is not None:
             raise ValueError("with denoising_start no noise is added to the image, so "
                              "latents= (that noise) does not apply; pass the latents to "

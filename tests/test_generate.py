@@ -353,3 +353,13 @@ def test_shards_without_manifest_are_not_touched(sd1_folder, tmp_path, capsys):
                       "--outdir", out, "--num_devices", "1", *COMMON)
     assert rc == 2 and "no run.json" in err
     assert (out / "00000.tar").read_bytes() == b"not ours" and len(list(out.iterdir())) == 1
+
+
+def test_an_upscaler_model_is_refused_before_it_loads(upscaler_folder, tmp_path, capsys):
+    """sdjax.dispatch knows the x4 upscaler: generate (prompts to images) refuses it in one
+    line, naming the command that upscales, and writes nothing."""
+    outdir = tmp_path / "data"
+    rc, _, err = _run(capsys, "--model", upscaler_folder, "--prompts", _txt(tmp_path / "p.txt"),
+                      "--outdir", outdir)
+    assert rc == 2 and "x4 upscaler" in err and "--image" in err
+    assert len(err.strip().splitlines()) == 1 and not outdir.exists()
