@@ -4,9 +4,11 @@ top of a file or inside a function), as docs/architecture.md shows it.
     python docs/import_graph.py            # writes docs/import_graph.dot (and .svg with graphviz)
     python docs/import_graph.py --check    # exit 1 if the graph has a cycle or the .dot is stale
 
-Modules are grouped by package; an edge A -> B means A imports B. The rule the picture
-checks: imports run one way (models and schedulers at the bottom, weights and the core above
-them, the pipelines above that, the front ends on top), so the graph has no cycle.
+The picture shows each subpackage (models/, weights/, schedulers/, serve/, train/, dataset/)
+as one node and each top-level module as its own; an edge A -> B means A imports B, and
+importers are drawn above what they import. The rule it shows (and --check checks on the
+full module graph): imports run one way (models and schedulers at the bottom, weights and
+the core above them, the pipelines above that, the front ends on top), so there is no cycle.
 """
 
 from __future__ import annotations
@@ -92,28 +94,35 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def collapse(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The picture's graph: each subpackage (``sdjax.weights``, ``sdjax.serve``, ...) one
+    node, each top-level module its own; the package's ``__init__`` files are left out (the
+    lazy names they offer users point at everything)."""
+    def node(m: str) -> str:
+        return ".".join(m.split(".")[:2])
+
+    out: dict[str, set[str]] = {}
+    for src, targets in edges.items():
+        if src == "sdjax":
+            continue
+        dsts = {node(t) for t in targets if t != "sdjax"} - {node(src)}
+        out.setdefault(node(src), set()).update(dsts)
+    return out
+
+
 def to_dot(edges: dict[str, set[str]]) -> str:
-    """Graphviz text: one cluster per subpackage, edges pointing down to what is imported.
-    The package's ``__init__`` (lazy names for users) is left out: it points at everything."""
-    edges = {k: v - {"sdjax"} for k, v in edges.items() if k != "sdjax"}
-    groups: dict[str, list[str]] = {}
-    for m in sorted(edges):
-        parts = m.split(".")
-        groups.setdefault(parts[1] if len(parts) > 2 else "", []).append(m)
-    lines = ["digraph sdjax {", '  rankdir=BT; node [shape=box, fontsize=10, fontname="sans"];',
-             '  edge [color="#00000055", arrowsize=0.5];']
-    for group, members in sorted(groups.items()):
-        indent = "  "
-        if group:
-            lines.append(f'  subgraph "cluster_{group}" {{ label="{group}/"; style=rounded;')
-            indent = "    "
-        for m in members:
-            label = m.split(".")[-1] if group else m.removeprefix("sdjax.")
-            lines.append(f'{indent}"{m}" [label="{label}"];')
-        if group:
-            lines.append("  }")
-    for src in sorted(edges):
-        for dst in sorted(edges[src]):
+    """Graphviz text of the collapsed graph, importers above what they import; the
+    subpackages (several modules each) are drawn as folders."""
+    graph = collapse(edges)
+    packages = {".".join(m.split(".")[:2]) for m in edges if m.count(".") >= 2}
+    lines = ["digraph sdjax {", '  rankdir=TB; node [shape=box, fontsize=11, fontname="sans"];',
+             '  edge [color="#00000066", arrowsize=0.6];']
+    for m in sorted(graph):
+        label = m.removeprefix("sdjax.") + ("/" if m in packages else "")
+        style = ', shape=folder, style=filled, fillcolor="#eeeeee"' if m in packages else ""
+        lines.append(f'  "{m}" [label="{label}"{style}];')
+    for src in sorted(graph):
+        for dst in sorted(graph[src]):
             lines.append(f'  "{src}" -> "{dst}";')
     lines.append("}")
     return "\n".join(lines) + "\n"
