@@ -11,14 +11,15 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sdjax.task_inputs import TaskInputs
+from sdjax.task_inputs import TaskInputs, TaskOptions
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Call:
-    """One call: prompts and sampling, then (keyword-only) the task, the batch, guidance
-    options, SDXL's conditioning and the x4 upscaler's input. None = not given: the model's
-    sdjax.json, the class's or the library's default (``pipe.sampling_settings``)."""
+class Call(TaskOptions):
+    """One call: prompts and sampling, then (keyword-only) the task (TaskOptions' fields, or
+    a prepared ``task_inputs``), the batch, guidance options and SDXL's conditioning. None =
+    not given: the model's sdjax.json, the class's or the library's default
+    (``pipe.sampling_settings``)."""
 
     prompt: str | Sequence[str]
     negative_prompt: str | Sequence[str] | None = None
@@ -31,16 +32,9 @@ class Call:
     latents: Any = None  # the start noise, NHWC (N, h, w, C), unscaled N(0, 1)
     scheduler: str | None = None
     _: dataclasses.KW_ONLY
-    # The task (sdjax.task_inputs.prepare): img2img with image=, inpainting with mask_image=;
-    # or task_inputs=, a value pipe.prepare made (then none of these).
-    image: Any = None
-    mask_image: Any = None
-    strength: float | None = None
-    mask_blur: float = 0
-    padding_mask_crop: int | None = None
-    masked_content: str = "original"
-    denoising_start: float | None = None
-    denoising_end: float | None = None
+    # The task's own arguments are TaskOptions' fields (img2img with image=, inpainting with
+    # mask_image=, the upscaler's noise_level=, ...); or task_inputs=, a value pipe.prepare
+    # made, which holds them.
     task_inputs: TaskInputs | None = None
     # The batch: per-image seeds and indices (override (seed, i)), the compiled batch shape,
     # the decode's chunk, what comes back, the NaN check.
@@ -65,10 +59,6 @@ class Call:
     negative_target_size: Sequence[int] | None = None
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
-    # The x4 upscaler's input (StableDiffusionUpscalePipeline; refused by the others).
-    noise_level: int | None = None  # None: 20
-    image_noise: Any = None  # the low-res image's noise, replacing the draw from (seed, i)
-    vae_tiling: bool | None = None  # decode in tiles: True, False, None = above a size
 
     def sdxl_arguments(self) -> dict[str, Any]:
         """The SDXL conditioning arguments given (not None)."""
@@ -98,11 +88,8 @@ class Call:
 SDXL_FIELDS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left",
                "target_size", "negative_original_size", "negative_crops_coords_top_left",
                "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
-UPSCALER_FIELDS = ("noise_level", "image_noise", "vae_tiling")
 # What pipe.prepare takes of a call (besides the prompt count and the sampling settings).
-TASK_FIELDS = ("height", "width", "image", "mask_image", "strength", "mask_blur",
-               "padding_mask_crop", "masked_content", "denoising_start", "denoising_end",
-               *UPSCALER_FIELDS)
+TASK_FIELDS = ("height", "width", *(f.name for f in dataclasses.fields(TaskOptions)))
 
 
 def takes_call(method: Callable) -> Callable:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from sdjax import model_defaults, parallel, sampling, task_inputs, validation
 from sdjax import prompts as prompt_syntax
-from sdjax.call import SDXL_FIELDS, TASK_FIELDS, Call, takes_call
+from sdjax.call import SDXL_FIELDS, Call, takes_call
 from sdjax.outputs import NonFiniteError, PendingImages, PipelineOutput
 from sdjax.param_store import ParamStore, lora_key
 from sdjax.runtime import (  # noqa: F401  (their old home: kept importable from here)
@@ -302,25 +302,20 @@ class StableDiffusionPipeline:
 
     def prepare(self, num_prompts: int = 1, num_images_per_prompt: int = 1, *,
                 num_inference_steps: int | None = None, scheduler: str | None = None,
-                height: int | None = None, width: int | None = None, image=None,
-                mask_image=None, strength: float | None = None, mask_blur: float = 0,
-                padding_mask_crop: int | None = None, masked_content: str = "original",
-                denoising_start: float | None = None, denoising_end: float | None = None,
-                noise_level: int | None = None, image_noise=None,
-                vae_tiling: bool | None = None) -> TaskInputs:
+                height: int | None = None, width: int | None = None,
+                **options) -> TaskInputs:
         """The host side of a call's task (:class:`sdjax.task_inputs.TaskInputs`: the task,
         its batched arrays, the span of the schedule, the output size, the post-processing)
-        for ``num_prompts * num_images_per_prompt`` images, with :meth:`submit`'s meanings;
-        raises ``ValueError``/``TypeError`` naming the argument. A call takes it as
-        ``task_inputs=`` and does not prepare again; several requests' values that share
-        task, size and span join with ``TaskInputs.concat``."""
+        for ``num_prompts * num_images_per_prompt`` images; ``options`` are the fields of
+        :class:`sdjax.task_inputs.TaskOptions` (``image``, ``mask_image``, ``strength``, ...),
+        with :meth:`submit`'s meanings. Raises ``ValueError``/``TypeError`` naming the
+        argument. A call takes the value as ``task_inputs=`` and does not prepare again;
+        several requests' values that share task, size and span join with
+        ``TaskInputs.concat``."""
         steps, sched = self._schedule(num_inference_steps, scheduler)
         inputs = self._prepare_task(task_inputs.TaskRequest(
-            num_prompts, num_images_per_prompt, steps, sched, height=height, width=width,
-            image=image, mask_image=mask_image, strength=strength, mask_blur=mask_blur,
-            padding_mask_crop=padding_mask_crop, masked_content=masked_content,
-            denoising_start=denoising_start, denoising_end=denoising_end,
-            noise_level=noise_level, image_noise=image_noise, vae_tiling=vae_tiling))
+            num_prompts=num_prompts, num_images_per_prompt=num_images_per_prompt, steps=steps,
+            scheduler=sched, height=height, width=width, **options))
         self.check_size(inputs.height, inputs.width)
         return inputs
 
@@ -411,11 +406,10 @@ class StableDiffusionPipeline:
             raise ValueError("with denoising_start no noise is added to the image, so "
                              "latents= (that noise) does not apply; pass the latents to "
                              "start from as image=")
-        task_args = {k: getattr(c, k) for k in TASK_FIELDS}
         if c.task_inputs is None:
             prepared = self.prepare(len(prompts), c.num_images_per_prompt,
                                     num_inference_steps=steps, scheduler=settings["scheduler"],
-                                    **task_args)
+                                    height=c.height, width=c.width, **c.task_options())
         else:
             prepared = c.given_task_inputs(n)
         if prepared.finish is not None and c.output_type != "uint8":

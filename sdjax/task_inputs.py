@@ -80,10 +80,34 @@ def _concat_finish(pieces: list[tuple[int, Callable | None]]) -> Callable:
     return finish
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class TaskRequest:
-    """What a call says of its task (``pipe.prepare``'s arguments, with the steps and the
-    scheduler resolved); the pipelines turn it into :class:`TaskInputs`."""
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class TaskOptions:
+    """A call's task arguments (fields of ``sdjax.call.Call`` too, and of ``pipe.prepare``):
+    img2img with ``image``, inpainting with ``mask_image``, the x4 upscaler's input; their
+    meanings are in docs/python-api.md. Written once, here."""
+
+    image: object = None  # PIL | uint8 (H, W, 3) | a list / (N, H, W, 3) | latents
+    mask_image: object = None  # white = repaint
+    strength: float | None = None  # None: 0.8 for img2img, 1.0 for inpainting
+    mask_blur: float = 0
+    padding_mask_crop: int | None = None  # the WebUI's "only masked" padding
+    masked_content: str = "original"  # tasks.MASKED_CONTENT
+    denoising_start: float | None = None  # img2img from another model's denoising_end
+    denoising_end: float | None = None
+    # The x4 upscaler's (sdjax.upscale); refused by the others.
+    noise_level: int | None = None  # None: 20
+    image_noise: object = None  # the low-res image's noise, replacing the draw from (seed, i)
+    vae_tiling: bool | None = None  # decode in tiles: True, False, None = above a size
+
+    def task_options(self) -> dict[str, object]:
+        """These fields by name (of a Call, too)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TaskOptions)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class TaskRequest(TaskOptions):
+    """What a call says of its task, with the image count, the steps and the scheduler
+    resolved; the pipelines turn it into :class:`TaskInputs`."""
 
     num_prompts: int
     num_images_per_prompt: int
@@ -91,18 +115,6 @@ class TaskRequest:
     scheduler: Scheduler
     height: int | None = None
     width: int | None = None
-    image: object = None
-    mask_image: object = None
-    strength: float | None = None
-    mask_blur: float = 0
-    padding_mask_crop: int | None = None
-    masked_content: str = "original"
-    denoising_start: float | None = None
-    denoising_end: float | None = None
-    # The x4 upscaler's (sdjax.upscale); refused by the others.
-    noise_level: int | None = None
-    image_noise: object = None
-    vae_tiling: bool | None = None
 
 
 def prepare(model: ImageModel, r: TaskRequest) -> TaskInputs:
