@@ -136,11 +136,12 @@ class Step(NamedTuple):
 #   ``inputs`` the call's batched runtime inputs (its images, scales, windows);
 # - a conditioning selector (prompt editing): (params, inputs, step, cond) -> the step's
 #   Conditioning (a stack of encoded prompts would come in ``cond`` or ``inputs``);
-# - a guidance combiner (composable AND): (eps of every row, guidance, step) -> eps of the
-#   B images. The default is classifier-free guidance over [uncond; cond] (combine_guidance).
+# - a guidance combiner (composable AND): (params, inputs, step, eps of every row, guidance)
+#   -> eps of the B images (per-prompt weights would come in ``inputs``). The default is
+#   classifier-free guidance over [uncond; cond] (combine_guidance).
 ResidualSource = Callable[..., tuple[Sequence[jax.Array], jax.Array]]
 Selector = Callable[..., Conditioning]
-Guide = Callable[[jax.Array, jax.Array, Step], jax.Array]
+Guide = Callable[..., jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +272,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
                                None if extra is None else extra.astype(dtype),
                                step_cond).astype(jnp.float32)
             if nets.guide is not None:
-                eps = nets.guide(eps, guidance, step)
+                eps = nets.guide(params, inputs, step, eps, guidance)
             elif spec.cfg:
                 eps = combine_guidance(eps[:b], eps[b:], guidance, step.sigma)
             key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)

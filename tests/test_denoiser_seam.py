@@ -1,7 +1,8 @@
 """The denoiser seam of the sampling core (docs/architecture.md): a residual source whose
-network's parameters are an argument like the UNet's (ControlNet's entry point) and a
-per-step conditioning selector (prompt editing's) plug into the one loop as functions, and
-what they read at run time changes the images without a recompile."""
+network's parameters are an argument like the UNet's (ControlNet's entry point), a per-step
+conditioning selector (prompt editing's) and a guidance combiner (composable AND's) plug into
+the one loop as functions, and what they read at run time changes the images without a
+recompile."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ STEPS = 3
 
 
 class Probe(nnx.Module):
-    """A stand-in network: a mid-block residual scale, and the step from which the
-    conditional rows are replaced by the unconditional ones (never, by default)."""
+    """A stand-in network: a mid-block residual scale, the step from which the conditional
+    rows are replaced by the unconditional ones (never, by default), and how much of the
+    conditional prediction alone replaces the guided one."""
 
     def __init__(self):
         self.scale = nnx.Param(jnp.zeros(()))
         self.switch = nnx.Param(jnp.full((), 1000.0))
+        self.mix = nnx.Param(jnp.zeros(()))
 
 
 def residuals(params, inputs, step, x, cond):
@@ -38,6 +41,13 @@ def select(params, inputs, step, cond):
     return cond._replace(context=stack[use])
 
 
+def guide(params, inputs, step, eps, guidance):
+    b = eps.shape[0] // 2
+    guided = sampling.combine_guidance(eps[:b], eps[b:], guidance, step.sigma)
+    mix = params["probe"]["mix"][...]
+    return mix * eps[b:] + (1 - mix) * guided
+
+
 @pytest.fixture(scope="module")
 def pipe(sd1_folder):
     return StableDiffusionPipeline.from_pretrained(str(sd1_folder), dtype="float32",
@@ -47,29 +57,30 @@ def pipe(sd1_folder):
 def test_plugins_read_their_inputs_at_run_time(pipe, monkeypatch):
     base = pipe("a red circle", num_inference_steps=STEPS, seed=3).images
     empty = pipe("", num_inference_steps=STEPS, seed=3).images
+    unguided = pipe("a red circle", num_inference_steps=STEPS, seed=3, guidance_scale=1).images
     plain = pipe._networks
 
     def networks(spec):
         nets = plain(spec)
         return sampling.Networks(nets.graphdefs, nets.dtype, nets.vae_scaling,
-                                 encoder=nets.encoder, residuals=(residuals,), select=select)
+                                 encoder=nets.encoder, residuals=(residuals,), select=select,
+                                 guide=guide)
 
     monkeypatch.setattr(pipe, "_networks", networks)
     pipe.store.add("probe", Probe())
     pipe._compiled.clear()
     params = dict(pipe.params)
 
-    def run(scale, switch):
-        pipe.params = {**params, "probe": nnx.State({"scale": nnx.Param(jnp.float32(scale)),
-                                                     "switch": nnx.Param(jnp.float32(switch))})}
-        return pipe("a red circle", num_inference_steps=STEPS, seed=3).images
+    def run(scale=0.0, switch=1000.0, mix=0.0):
+        probe = {k: nnx.Param(jnp.float32(v))
+                 for k, v in (("scale", scale), ("switch", switch), ("mix", mix))}
+        pipe.params = {**params, "probe": nnx.State(probe)}
+        return pipe("a red circle", num_inference_steps=STEPS, seed=3).images.astype(int)
 
     count = pipe.compile_count
-    same = run(0.0, 1000.0)
-    switched = run(0.0, 0.0)
-    moved = run(0.5, 1000.0)
-    assert pipe.compile_count == count + 1  # one program; scale and switch are runtime data
-    assert np.abs(same.astype(int) - base.astype(int)).max() <= 1
-    assert np.abs(switched.astype(int) - empty.astype(int)).max() <= 1
-    assert np.abs(switched.astype(int) - base.astype(int)).max() > 8
-    assert np.abs(moved.astype(int) - base.astype(int)).max() > 8
+    same, switched, moved, conditional = run(), run(switch=0.0), run(scale=0.5), run(mix=1.0)
+    assert pipe.compile_count == count + 1  # one program; the probe's values are runtime data
+    assert np.abs(same - base).max() <= 1
+    assert np.abs(switched - empty).max() <= 1 < 8 < np.abs(switched - base).max()
+    assert np.abs(moved - base).max() > 8
+    assert np.abs(conditional - unguided).max() <= 1 < 8 < np.abs(conditional - base).max()
