@@ -92,6 +92,15 @@ SDXL_FIELDS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_t
 TASK_FIELDS = ("height", "width", *(f.name for f in dataclasses.fields(TaskOptions)))
 
 
+def build(cls: type, name: str, *args, **kwargs):
+    """``cls(*args, **kwargs)``, a wrong argument named as the caller's (``submit() got an
+    unexpected keyword argument 'x'``), not as the dataclass's ``__init__``."""
+    try:
+        return cls(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(str(e).replace(f"{cls.__name__}.__init__()", f"{name}()")) from None
+
+
 def takes_call(method: Callable) -> Callable:
     """``method(self, call: Call)`` offered as ``method(self, prompt, ...)`` with Call's
     fields as its signature (``help()``, ``inspect.signature`` and notebooks show them);
@@ -101,7 +110,7 @@ def takes_call(method: Callable) -> Callable:
     def wrapper(self, *args, **kwargs):
         if len(args) == 1 and not kwargs and isinstance(args[0], Call):
             return method(self, args[0])  # a Call value as it is
-        return method(self, Call(*args, **kwargs))
+        return method(self, build(Call, method.__name__, *args, **kwargs))
 
     params = list(inspect.signature(Call).parameters.values())
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)

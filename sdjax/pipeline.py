@@ -21,7 +21,7 @@ from flax import nnx
 
 from sdjax import model_defaults, parallel, sampling, task_inputs, validation
 from sdjax import prompts as prompt_syntax
-from sdjax.call import SDXL_FIELDS, Call, takes_call
+from sdjax.call import SDXL_FIELDS, Call, build, takes_call
 from sdjax.outputs import NonFiniteError, PendingImages, PipelineOutput
 from sdjax.param_store import ParamStore, lora_key
 from sdjax.runtime import (  # noqa: F401  (their old home: kept importable from here)
@@ -313,9 +313,10 @@ class StableDiffusionPipeline:
         several requests' values that share task, size and span join with
         ``TaskInputs.concat``."""
         steps, sched = self._schedule(num_inference_steps, scheduler)
-        inputs = self._prepare_task(task_inputs.TaskRequest(
-            num_prompts=num_prompts, num_images_per_prompt=num_images_per_prompt, steps=steps,
-            scheduler=sched, height=height, width=width, **options))
+        inputs = self._prepare_task(build(
+            task_inputs.TaskRequest, "prepare", num_prompts=num_prompts,
+            num_images_per_prompt=num_images_per_prompt, steps=steps, scheduler=sched,
+            height=height, width=width, **options))
         self.check_size(inputs.height, inputs.width)
         return inputs
 
