@@ -356,9 +356,8 @@ def run(args) -> int:
         print("Using the bundled toy model (shapes and colours only); pass --model for real "
               "Stable Diffusion weights.", file=sys.stderr)
     from sdjax.dispatch import pipeline_class
-    from sdjax.upscale import StableDiffusionUpscalePipeline
     cls = pipeline_class(args.model)
-    if cls is StableDiffusionUpscalePipeline:
+    if cls.UPSCALER:
         raise UsageError(f"--model {args.model} is an x4 upscaler, which upscales an image: "
                          "sdjax.generate makes images from prompts (upscale with "
                          "python -m sdjax.sample --model ... --image)")

@@ -50,6 +50,7 @@ class StableDiffusionPipeline:
     # (sdjax.model_defaults.resolve).
     class_defaults: ClassVar[Mapping[str, Any]] = {}
     SDXL = False  # the model family from_pretrained loads (sdjax.sdxl sets it)
+    UPSCALER = False  # the x4 upscaler (sdjax.upscale): its task is an image, 4x its size
 
     def __init__(self, *, text_encoder, vae, unet, tokenizer, scheduler_config: dict,
                  mesh, dtype, name: str = "", vae_scale_factor: int = 8,

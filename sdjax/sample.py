@@ -196,7 +196,6 @@ def run(args, written: list[Path]) -> int:
     from sdjax.handoff import check_schedule, refine
     from sdjax.images import make_grid, next_index, save_png
     from sdjax.parallel import maybe_initialize_distributed, random_seed
-    from sdjax.upscale import StableDiffusionUpscalePipeline
 
     _check_args(args)
     prompts = _prompts(args)
@@ -205,7 +204,7 @@ def run(args, written: list[Path]) -> int:
     image, mask = _load_images(args)
     split = dict(zip(prompts, prompt_loras(prompts, args.lora_dir), strict=True))
     cls = pipeline_class(args.model)
-    upscaler = cls is StableDiffusionUpscalePipeline
+    upscaler = cls.UPSCALER
     if upscaler:
         if image is None:
             raise UsageError("an upscaler model needs --image (the low-resolution input)")

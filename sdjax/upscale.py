@@ -35,6 +35,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
     seed=0)`` -> images 4x the size of ``image``. Other arguments as StableDiffusionPipeline's
     (no height/width, mask_image or strength)."""
 
+    UPSCALER = True
     low_res_scheduler = None
     max_noise_level = DEFAULT_MAX_NOISE_LEVEL
     # diffusers' StableDiffusionUpscalePipeline defaults, between a folder's sdjax.json and

@@ -34,7 +34,7 @@ from sdjax.serve.samplers import scheduler_for
 from sdjax.serve.schemas import Img2ImgRequest, Txt2ImgRequest, unsupported
 from sdjax.task_inputs import TaskInputs
 from sdjax.tasks import MASKED_CONTENT
-from sdjax.upscale import DEFAULT_NOISE_LEVEL, StableDiffusionUpscalePipeline
+from sdjax.upscale import DEFAULT_NOISE_LEVEL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +62,14 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
                      batch_size=req.batch_size, n_iter=req.n_iter, cfg_scale=req.cfg_scale,
                      seed=req.seed, limits=limits)
     pipe = registry.get(title)
-    if _is_upscaler(pipe) and not isinstance(req, Img2ImgRequest):
+    if pipe.UPSCALER and not isinstance(req, Img2ImgRequest):
         raise BadRequest(f"{title} is an x4 upscaler: send the low-resolution image to "
                          "/sdapi/v1/img2img (the output is 4x its size)")
-    try:
-        pipe.check_size(req.height, req.width)
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
+    if not pipe.UPSCALER:  # the upscaler's size is its image's (plan_img2img)
+        try:
+            pipe.check_size(req.height, req.width)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
     loras, clip_skip = _prompt_settings(req, registry, title)
     refiner, switch_at = _refiner_settings(req, registry, title, scheduler)
     seed = validation.resolve_seed(req.seed)
@@ -77,7 +78,7 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     specs = [ImageSpec(req.prompt, req.negative_prompt, (seed + k) % validation.MAX_SEED,
                        float(req.cfg_scale)) for k in range(n)]
     settings = CallSettings(
-        title, request_sampling(registry.get(title), req.steps, scheduler, clip_skip),
+        title, request_sampling(pipe, req.steps, scheduler, clip_skip),
         Size(req.height, req.width),
         sdxl=SDXL() if refiner is None else SDXL(refiner=refiner, refiner_switch_at=switch_at))
     return Plan(Shape(settings, loras=loras), specs, seed)
@@ -157,7 +158,7 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -
               for i, d in enumerate(req.init_images)]
     pipe = registry.get(plan.shape.model)
     mask, task, source_size = None, Img2Img(req.denoising_strength), None
-    if _is_upscaler(pipe):
+    if pipe.UPSCALER:
         if req.mask:
             raise BadRequest(f"{plan.shape.model} is an x4 upscaler: it takes no mask")
         # No WebUI field says the upscaler's noise level: the pipeline's default.
@@ -174,7 +175,12 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -
         sizes = {(s.task_inputs.height, s.task_inputs.width) for s in specs}
         if len(sizes) > 1:
             raise BadRequest("init_images: the upscaler needs every image at one size")
-        settings = dataclasses.replace(settings, size=Size(*sizes.pop()))
+        size = Size(*sizes.pop())
+        try:
+            validation.check_pixels(size.height, size.width, limits.max_pixels)
+        except ValueError as e:
+            raise BadRequest(f"the upscaled output: {e}") from None
+        settings = dataclasses.replace(settings, size=size)
     return Plan(dataclasses.replace(plan.shape, settings=settings, source_size=source_size),
                 specs, plan.seed)
 
@@ -211,10 +217,6 @@ def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
     return mask, Inpainting(req.denoising_strength, blur_x, padding,
                             MASKED_CONTENT[req.inpainting_fill],
                             invert_mask=bool(req.inpainting_mask_invert))
-
-
-def _is_upscaler(pipe) -> bool:
-    return isinstance(pipe, StableDiffusionUpscalePipeline)
 
 
 def _prepare(pipe, settings: CallSettings, image: np.ndarray, mask: np.ndarray | None):
