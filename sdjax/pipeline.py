@@ -314,10 +314,13 @@ class StableDiffusionPipeline:
         several requests' values that share task, size and span join with
         ``TaskInputs.concat``."""
         steps, sched = self._schedule(num_inference_steps, scheduler)
-        inputs = self._prepare_task(build(
+        return self._prepare_request(build(
             task_inputs.TaskRequest, "prepare", num_prompts=num_prompts,
             num_images_per_prompt=num_images_per_prompt, steps=steps, scheduler=sched,
             height=height, width=width, **options))
+
+    def _prepare_request(self, request: task_inputs.TaskRequest) -> TaskInputs:
+        inputs = self._prepare_task(request)
         self.check_size(inputs.height, inputs.width)
         return inputs
 
@@ -325,7 +328,7 @@ class StableDiffusionPipeline:
         """The class's own task inputs (the x4 upscaler has its own)."""
         model = task_inputs.ImageModel(
             self.unet_config.in_channels, self.vae_config.latent_channels,
-            self.vae_scale_factor, self.default_hw if request.image is None else (0, 0))
+            self.vae_scale_factor, self.default_hw)
         return task_inputs.prepare(model, request)
 
     def _schedule(self, steps: int | None, scheduler: str | None) -> tuple[int, Any]:
@@ -408,10 +411,11 @@ class StableDiffusionPipeline:
             raise ValueError("with denoising_start no noise is added to the image, so "
                              "latents= (that noise) does not apply; pass the latents to "
                              "start from as image=")
-        if c.task_inputs is None:
-            prepared = self.prepare(len(prompts), c.num_images_per_prompt,
-                                    num_inference_steps=steps, scheduler=settings["scheduler"],
-                                    height=c.height, width=c.width, **c.task_options())
+        if c.task_inputs is None:  # the steps and scheduler as resolved above
+            prepared = self._prepare_request(task_inputs.TaskRequest(
+                num_prompts=len(prompts), num_images_per_prompt=c.num_images_per_prompt,
+                steps=steps, scheduler=sched, height=c.height, width=c.width,
+                **c.task_options()))
         else:
             prepared = c.given_task_inputs(n)
         if prepared.finish is not None and c.output_type != "uint8":

@@ -251,7 +251,8 @@ def test_lora_tags_and_clip_skip_decide_the_call(registry, tmp_path, monkeypatch
     tagged = shape("a <lora:glow:0.5> cat")
     assert tagged.loras == (("glow", 0.5),) and tagged == shape("a dog<lora:glow:0.5>")
     assert tagged != shape("a <lora:glow:0.6> cat") and tagged != shape("a cat")
-    assert shape("a cat", override_settings={"CLIP_stop_at_last_layers": 2}).clip_skip == 2
+    assert shape("a cat", override_settings={"CLIP_stop_at_last_layers": 2}
+                 ).settings.sampling.clip_skip == 2
     with pytest.raises(BadRequest, match="no nope.safetensors in") as e:
         shape("a <lora:nope> cat")
     assert e.value.status == 422
@@ -365,7 +366,7 @@ def test_inpainting_fill_reaches_the_call(registry, fill, content):
     from sdjax.serve.schemas import Img2ImgRequest
     req = Img2ImgRequest(**{**IMG2IMG, "init_images": [_b64(_pictures(1)[0])],
                             "mask": _b64(_square_mask()), "inpainting_fill": fill})
-    assert plan_img2img(req, registry, Limits()).shape.image_task.masked_content == content
+    assert plan_img2img(req, registry, Limits()).shape.settings.task.masked_content == content
 
 
 def test_img2img_merges_only_requests_of_one_strength(registry):

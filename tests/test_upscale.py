@@ -168,6 +168,7 @@ def test_the_server_dispatches_and_runs_an_upscaler_folder(upscalers, upscaler_f
 
     from PIL import Image
 
+    from sdjax.call_settings import Size
     from sdjax.dispatch import pipeline_class
     from sdjax.serve.checkpoints import ModelRegistry
     from sdjax.serve.generation import plan_img2img, plan_txt2img, run_call
@@ -187,7 +188,7 @@ def test_the_server_dispatches_and_runs_an_upscaler_folder(upscalers, upscaler_f
     with pytest.raises(BadRequest, match="x4 upscaler: send the low-resolution image"):
         plan_txt2img(Txt2ImgRequest(**fields), registry, Limits())
     plan = plan_img2img(Img2ImgRequest(**fields, init_images=images), registry, Limits())
-    assert (plan.shape.height, plan.shape.width) == (4 * LOW, 4 * LOW)
+    assert plan.shape.settings.size == Size(4 * LOW, 4 * LOW)
     out = run_call(registry)(plan.shape, plan.specs)
     expected = ours(["a red circle"] * 2, image=low, seeds=[3, 4], image_indices=[0, 0],
                     num_inference_steps=STEPS, guidance_scale=7.0, scheduler="euler").images

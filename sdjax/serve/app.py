@@ -254,14 +254,16 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
             request.state.detail = f"job {job.id} given up: the client disconnected"
             return Response(status_code=499)  # nobody reads it; for the log line
         body = await run_in_threadpool(images_response, req, plan, result)
-        s, t = plan.shape, plan.shape.image_task
+        s = plan.shape.settings
+        t = s.task
         kind = "" if t is None else (
             f" {'inpainting' if isinstance(t, Inpainting) else 'img2img'} strength "
             f"{t.strength:g}")
-        if s.refiner is not None:
-            kind += f" refiner {s.refiner} at {s.refiner_switch_at:g}"
+        if s.sdxl.refiner is not None:
+            kind += f" refiner {s.sdxl.refiner} at {s.sdxl.refiner_switch_at:g}"
         request.state.detail = (
-            f"job {job.id} {s.width}x{s.height} {s.steps} steps {s.scheduler} {s.model}{kind}: "
+            f"job {job.id} {s.size.width}x{s.size.height} {s.sampling.steps} steps "
+            f"{s.sampling.scheduler} {s.model}{kind}: "
             f"{len(result.images)} image(s) in call(s) "
             + ", ".join(f"#{c} ({n} images)" for c, n in result.calls)
             + (" (interrupted)" if result.interrupted else ""))
@@ -306,14 +308,14 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False):  # accepted; there are no previews
         p = batcher.progress()
-        shape = p["shape"]
+        steps = p["shape"].settings.sampling.steps if p["shape"] else 0
         jobs = len(p["jobs"]) + p["queued"]
         return {"progress": p["fraction"], "eta_relative": p["eta"], "current_image": None,
                 "textinfo": None,
                 "state": {"skipped": False, "interrupted": False, "stopping_generation": False,
                           "job": f"jobs {p['jobs']}" if p["running"] else "",
                           "job_count": jobs, "job_no": 0, "job_timestamp": "0",
-                          "sampling_step": 0, "sampling_steps": shape.steps if shape else 0}}
+                          "sampling_step": 0, "sampling_steps": steps}}
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt(request: Request):

@@ -42,46 +42,6 @@ class Shape:
     loras: tuple[tuple[str, float], ...] = ()
     source_size: tuple[int, int] | None = None
 
-    @property
-    def image_task(self):
-        """The settings' image task (call_settings.Img2Img | Inpainting), or None."""
-        return self.settings.task
-
-    # The settings the batcher, the log and the response read.
-    @property
-    def model(self) -> str:
-        return self.settings.model
-
-    @property
-    def height(self) -> int:
-        return self.settings.size.height
-
-    @property
-    def width(self) -> int:
-        return self.settings.size.width
-
-    @property
-    def steps(self) -> int:
-        return self.settings.sampling.steps
-
-    @property
-    def scheduler(self) -> str:
-        return self.settings.sampling.scheduler
-
-    @property
-    def clip_skip(self) -> int:
-        """The WebUI's CLIP_stop_at_last_layers: part of the compiled shape."""
-        return self.settings.sampling.clip_skip
-
-    @property
-    def refiner(self) -> str | None:
-        """The refiner's title: a call with one is two compiled calls, base then refiner."""
-        return self.settings.sdxl.refiner
-
-    @property
-    def refiner_switch_at(self) -> float | None:
-        return self.settings.sdxl.refiner_switch_at
-
 
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:

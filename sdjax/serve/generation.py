@@ -156,11 +156,12 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -
                          "make: give one, or one per image (batch_size * n_iter)")
     images = [uploads.decode(d, f"init_images[{i}]", limits.max_pixels)
               for i, d in enumerate(req.init_images)]
-    pipe = registry.get(plan.shape.model)
+    title = plan.shape.settings.model
+    pipe = registry.get(title)
     mask, task, source_size = None, Img2Img(req.denoising_strength), None
     if pipe.UPSCALER:
         if req.mask:
-            raise BadRequest(f"{plan.shape.model} is an x4 upscaler: it takes no mask")
+            raise BadRequest(f"{title} is an x4 upscaler: it takes no mask")
         # No WebUI field says the upscaler's noise level: the pipeline's default.
         task = Upscaling(DEFAULT_NOISE_LEVEL)
     elif req.mask:
@@ -239,24 +240,26 @@ def run_call(registry: ModelRegistry):
     loras: dict[str, TagLoras] = {}  # per model: its LoRA state across calls
 
     def run(shape: Shape, specs: list[ImageSpec]) -> np.ndarray:
-        pipe = registry.get(shape.model)
-        if shape.model not in loras:
-            loras[shape.model] = TagLoras(pipe, registry.lora_dir)
+        settings = shape.settings
+        pipe = registry.get(settings.model)
+        if settings.model not in loras:
+            loras[settings.model] = TagLoras(pipe, registry.lora_dir)
         try:
-            loras[shape.model].use(dict(shape.loras))
+            loras[settings.model].use(dict(shape.loras))
         except ValueError as e:  # a LoRA file that does not fit this model: the request's 422
             raise BadRequest(str(e)) from None
         images = {}
-        if shape.image_task is not None:
+        if settings.task is not None:
             images = {"task_inputs": TaskInputs.concat([s.task_inputs for s in specs])}
         prompts = [split_tags(s.prompt)[0] for s in specs]
         # The task's settings are in its prepared inputs (above).
-        call = {**shape.settings.pipeline_kwargs(task=False),
+        call = {**settings.pipeline_kwargs(task=False),
                 "negative_prompt": [s.negative_prompt for s in specs],
                 "guidance_scale": [s.guidance_scale for s in specs],
                 "seeds": [s.seed for s in specs], "image_indices": [0] * len(specs)}
-        if shape.refiner is not None:  # txt2img only (_refiner_settings)
-            return handoff.refine(pipe, registry.get(shape.refiner), prompts, **call).images
+        if settings.sdxl.refiner is not None:  # txt2img only (_refiner_settings)
+            return handoff.refine(pipe, registry.get(settings.sdxl.refiner), prompts,
+                                  **call).images
         return pipe(prompts, **call, **images).images
     return run
 
@@ -264,8 +267,8 @@ def run_call(registry: ModelRegistry):
 def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: JobResult) -> dict:
     """The WebUI's TextToImageResponse (or ImageToImageResponse) for a finished job (PNG
     encoding happens here, so call it off the event loop)."""
-    shape = plan.shape
-    texts = [shape.settings.parameters(spec.prompt, spec.negative_prompt, spec.seed,
+    settings = plan.shape.settings
+    texts = [settings.parameters(spec.prompt, spec.negative_prompt, spec.seed,
                                        guidance_scale=spec.guidance_scale)
              for spec in result.specs]
     images = [base64.b64encode(encode_png(im, text)).decode("ascii")
@@ -278,17 +281,18 @@ def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: Jo
         "seed": plan.seed, "all_seeds": seeds,
         "subseed": req.subseed, "all_subseeds": [req.subseed] * len(seeds),
         "subseed_strength": req.subseed_strength,
-        "width": shape.width, "height": shape.height,
-        "sampler_name": SAMPLER_LABELS[shape.scheduler], "cfg_scale": req.cfg_scale,
-        "steps": shape.steps, "batch_size": req.batch_size, "restore_faces": False,
-        "face_restoration_model": None, "sd_model_name": shape.model, "sd_model_hash": None,
+        "width": settings.size.width, "height": settings.size.height,
+        "sampler_name": SAMPLER_LABELS[settings.sampling.scheduler],
+        "cfg_scale": req.cfg_scale, "steps": settings.sampling.steps,
+        "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": settings.model, "sd_model_hash": None,
         "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": req.seed_resize_from_w,
         "seed_resize_from_h": req.seed_resize_from_h,
         "denoising_strength": getattr(req, "denoising_strength", None),
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts,
         "styles": req.styles or [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-        "clip_skip": shape.clip_skip, "is_using_inpainting_conditioning": False,
+        "clip_skip": settings.sampling.clip_skip, "is_using_inpainting_conditioning": False,
         "version": f"sdjax {__version__}",
     }
     parameters = req.model_dump()
