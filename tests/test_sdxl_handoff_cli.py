@@ -235,15 +235,15 @@ def test_server_refiner_fields(registry, one_device):
     assert bad.status_code == 422 and "this server's refiner is 'model'" in bad.json()["detail"]
 
     def shape(cls=Txt2ImgRequest, **fields):
-        return plan_txt2img(cls(**{**SHAPE, **fields}), registry, Limits()).shape
+        return plan_txt2img(cls(**{**SHAPE, **fields}), registry, Limits()).shape.settings
 
     # An SDXL base without the refiner: its own call; switch_at alone changes nothing (the
     # WebUI's page always sends one); another switch point is another call.
     plain = shape(refiner_switch_at=0.3)
-    assert plain.model == "xl" and plain.refiner is None
+    assert plain.model == "xl" and plain.sdxl.refiner is None
     assert plain == shape(refiner_checkpoint="None") == shape(refiner_checkpoint="")
     default = shape(refiner_checkpoint="model")
-    assert (default.refiner, default.refiner_switch_at) == ("model", 0.8)
+    assert (default.sdxl.refiner, default.sdxl.refiner_switch_at) == ("model", 0.8)
     assert default != plain and default != shape(refiner_checkpoint="model",
                                                   refiner_switch_at=0.5)
     for fields, message in [
