@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import io
 import json
+import os
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -552,36 +554,177 @@ def test_real_process_serves_and_stops_gracefully(sd1_folder):
     assert "stopped after 0 call(s)" in err
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="no chromium installed (.ci/run installs it: apt-get install chromium)")
-def test_web_page_in_a_browser(server, tmp_path):
+# ------------------------------------------------------------------ the web page, in a browser
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium installed (.ci/run installs it: apt-get install chromium)")
+PHONE, DESKTOP = {"width": 390, "height": 844}, {"width": 1024, "height": 720}
+# SDJAX_PAGE_SCREENSHOTS=docs/images writes the docs' screenshots (small palette PNGs)
+SCREENSHOTS = os.environ.get("SDJAX_PAGE_SCREENSHOTS")
+WEBUI_INFOTEXT = ("a blue cat, sitting\nNegative prompt: red, blurry\nSteps: 3, Sampler: "
+                  "DPM++ 2M, Schedule type: Karras, CFG scale: 4.5, Seed: 1234, Size: 24x16, "
+                  "Model hash: abc, Model: sd15, Version: v1.10.1")
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    """One browser page for the module's browser tests (in file order), at a phone's width."""
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         # root in CI containers: chromium's sandbox needs user namespaces it may not have
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
-                                    args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+            page = browser.new_page(viewport=PHONE)
             page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('sampler_name').options.length > 0")
-            assert page.input_value("#model") == "toy"
-            for field, value in (("#width", "16"), ("#height", "16"), ("#steps", "2"),
-                                 ("#seed", "7"), ("#batch_size", "2")):
-                page.fill(field, value)
-            page.select_option("#sampler_name", "Euler a")
-            page.click("#generate")
-            page.wait_for_selector("#gallery img", timeout=120_000)
-            page.wait_for_function("[...document.querySelectorAll('#gallery img')]"
-                                   ".every(i => i.complete && i.naturalWidth > 0)")
-            sizes = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => "
-                                              "[i.naturalWidth, i.naturalHeight])")
-            assert sizes == [[16, 16], [16, 16]]
-            params = page.inner_text("#parameters")
-            assert "Seed: 7," in params and "Seed: 8," in params
-            assert page.get_attribute("#gallery a", "download") == "sdjax-7.png"
-            assert "2 image(s)" in page.inner_text("#status")
-            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            page.wait_for_function("document.getElementById('status').textContent"
+                                   ".startsWith('toy:')")
+            yield page
         finally:
             browser.close()
-    print(f"screenshot: {tmp_path / 'page.png'}")
-    assert (tmp_path / "page.png").stat().st_size > 0
+
+
+def _screenshots(page, name: str, tmp_path) -> None:
+    """The page at a desktop's and a phone's width, as docs/serve.md shows it."""
+    out = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
+    for size, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
+        page.set_viewport_size(viewport)
+        path = out / f"serve-{name}-{size}.png"
+        page.screenshot(path=str(path))
+        if SCREENSHOTS:
+            Image.open(path).convert("RGB").quantize(48, dither=Image.Dither.NONE).save(
+                path, optimize=True)
+        assert path.stat().st_size > 0
+    page.set_viewport_size(PHONE)
+
+
+def _run(page, path: str, images: int) -> dict:
+    """Press Generate; the request the page sent (as JSON) once its images are shown."""
+    with page.expect_request(lambda r: r.url.endswith(path) and r.method == "POST") as req:
+        page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('#gallery img').length === {images}",
+                           timeout=120_000)
+    page.wait_for_function("[...document.querySelectorAll('#gallery img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    return req.value.post_data_json
+
+
+def _small_shape(page) -> None:
+    for field, value in (("#width", "16"), ("#height", "16"), ("#steps", "2")):
+        page.fill(field, value)
+    page.select_option("#sampler_name", "Euler a")
+
+
+@needs_chromium
+def test_web_page_opens_with_the_models_defaults(page, registry, pipe):
+    assert page.input_value("#model") == "toy"
+    # the toy's sdjax.json: 15 steps of DPM++ 2M; its size: its UNet's sample size (32x32)
+    assert pipe.default_hw == (32, 32)
+    toy = {"#width": "32", "#height": "32", "#steps": "15", "#cfg_scale": "7.5",
+           "#sampler_name": "DPM++ 2M"}
+    assert {k: page.input_value(k) for k in toy} == toy
+    # what this server does not serve is not shown
+    for box in ("#hires_box", "#variation_box", "#controlnet_box", "#refiner_box",
+                "#networks", "#tab-upscale"):
+        assert page.is_hidden(box), box
+    # another model: its own defaults (no sdjax.json: 50 steps, its scheduler config's PNDM)
+    page.select_option("#model", "tiny")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('tiny:')",
+                           timeout=60_000)
+    tiny = registry.get("tiny")
+    assert page.input_value("#steps") == "50" and page.input_value("#sampler_name") == "PLMS"
+    assert page.input_value("#width") == str(tiny.default_hw[1])
+    page.select_option("#model", "toy")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('toy:')")
+    assert page.input_value("#steps") == "15"
+    # every control has a label a screen reader reads
+    unlabelled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
+        .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+        .map(e => e.id)""")
+    assert unlabelled == []
+
+
+@needs_chromium
+def test_web_page_txt2img(page, tmp_path):
+    _small_shape(page)
+    page.fill("#seed", "7")
+    page.fill("#batch_size", "2")
+    body = _run(page, "/sdapi/v1/txt2img", 2)
+    assert (body["width"], body["steps"], body["sampler_name"]) == (16, 2, "Euler a")
+    sizes = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => "
+                                      "[i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[16, 16], [16, 16]]
+    params = page.inner_text("#parameters")
+    assert "Seed: 7," in params and "Seed: 8," in params
+    assert page.get_attribute("#gallery a", "download") == "sdjax-0001-7.png"
+    assert "2 image(s)" in page.inner_text("#status")
+    _screenshots(page, "txt2img", tmp_path)
+
+
+@needs_chromium
+def test_web_page_img2img_from_an_upload(page, tmp_path):
+    (picture,) = _pictures(1, 32)
+    Image.fromarray(picture).save(tmp_path / "input.png")
+    page.click("#tab-img2img")
+    page.set_input_files("#init_file", str(tmp_path / "input.png"))
+    page.wait_for_function("document.getElementById('init_image').naturalWidth === 32")
+    page.fill("#batch_size", "1")
+    page.fill("#denoising_strength", "0.6")
+    body = _run(page, "/sdapi/v1/img2img", 3)
+    np.testing.assert_array_equal(np.asarray(_decode(body["init_images"][0])), picture)
+    assert (body["denoising_strength"], body["resize_mode"], body["width"]) == (0.6, 0, 16)
+    assert "mask" not in body
+    assert "Denoising strength: 0.6" in page.inner_text("#parameters")
+    _screenshots(page, "img2img", tmp_path)
+
+
+@needs_chromium
+def test_web_page_inpaints_a_painted_mask(page, tmp_path):
+    # the newest result (16x16) goes to the inpaint tab; paint a stroke across its middle
+    page.click("#gallery figure >> nth=0 >> button:has-text('inpaint')")
+    page.wait_for_function("document.getElementById('mask_canvas').width === 16")
+    page.fill("#brush_size", "100")
+    page.select_option("#inpainting_fill", "1")
+    page.locator("#mask_canvas").scroll_into_view_if_needed()
+    box = page.locator("#mask_canvas").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.2, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, y, steps=6)
+    page.mouse.up()
+    _screenshots(page, "inpaint", tmp_path)
+    body = _run(page, "/sdapi/v1/img2img", 4)
+    mask = np.asarray(_decode(body["mask"]).convert("L"))
+    assert mask.shape == (16, 16) and len(body["init_images"]) == 1
+    assert (mask[7:9, 5:11] == 255).all()  # painted: white
+    assert (mask[:3] == 0).all() and (mask[-3:] == 0).all()  # untouched: black
+    assert (body["inpainting_fill"], body["inpaint_full_res"], body["mask_blur"]) == (1, False, 4)
+    assert "Mask blur: 4" in page.inner_text("#parameters")
+    # erase, clear and invert change what is sent
+    page.click("#mask_invert")
+    inverted = np.asarray(_decode(page.evaluate("maskPNG()")).convert("L"))
+    np.testing.assert_array_equal(inverted, 255 - mask)
+    page.click("#mask_clear")
+    assert page.evaluate("maskPNG()") is None
+
+
+@needs_chromium
+def test_web_page_reads_a_dropped_png(page, tmp_path):
+    from sdjax.images import encode_png
+    png = base64.b64encode(encode_png(_pictures(1)[0], WEBUI_INFOTEXT)).decode()
+    data = page.evaluate_handle("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], 'webui.png', {type: 'image/png'}));
+        return dt; }""", png)
+    page.dispatch_event("#gallery", "drop", {"dataTransfer": data})  # anywhere on the page
+    page.wait_for_function("!document.getElementById('png_to_txt2img').disabled")
+    assert page.inner_text("#png_text") == WEBUI_INFOTEXT
+    _screenshots(page, "pnginfo", tmp_path)
+    page.click("#png_to_txt2img")
+    assert page.get_attribute("#tab-txt2img", "aria-selected") == "true"
+    filled = {k: page.input_value(k) for k in ("#prompt", "#negative_prompt", "#steps",
+                                               "#sampler_name", "#cfg_scale", "#seed",
+                                               "#width", "#height")}
+    assert filled == {"#prompt": "a blue cat, sitting", "#negative_prompt": "red, blurry",
+                      "#steps": "3", "#sampler_name": "DPM++ 2M Karras", "#cfg_scale": "4.5",
+                      "#seed": "1234", "#width": "24", "#height": "16"}

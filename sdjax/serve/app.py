@@ -31,6 +31,7 @@ from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
 from sdjax.serve.limits import BadRequest, Limits
+from sdjax.serve.page_routes import add_page_routes
 from sdjax.serve.samplers import sampler_list
 from sdjax.serve.schemas import (
     ImagesResponse,
@@ -315,7 +316,9 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                 "state": {"skipped": False, "interrupted": False, "stopping_generation": False,
                           "job": f"jobs {p['jobs']}" if p["running"] else "",
                           "job_count": jobs, "job_no": 0, "job_timestamp": "0",
-                          "sampling_step": 0, "sampling_steps": steps}}
+                          # an estimate, as progress is (no step reports from the loop)
+                          "sampling_step": int(p["fraction"] * steps),
+                          "sampling_steps": steps}}
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt(request: Request):
@@ -336,4 +339,5 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                 params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
         return {"info": text, "items": json.loads(json.dumps(items)), "parameters": params}
 
+    add_page_routes(app, registry)
     return app
