@@ -175,6 +175,17 @@ def test_get_endpoints(server):
     assert {"progress", "eta_relative", "state", "current_image", "textinfo"} <= set(prog)
     assert c.get("/health").json()["status"] == "ok"
     assert "<html" in c.get("/").text.lower()
+    # the page's own: the model's defaults (its sdjax.json, its UNet's size), the server's
+    assert c.get("/sdjax/v1/model-defaults", params={"model": "toy"}).json() == {
+        "model": "toy", "width": 32, "height": 32, "steps": 15, "cfg_scale": 7.5,
+        "sampler_name": "DPM++ 2M", "upscaler": False, "sdxl": False}
+    r = c.get("/sdjax/v1/model-defaults", params={"model": "nope"})
+    assert r.status_code == 404 and "'nope' not found" in r.json()["detail"]
+    assert c.get("/sdjax/v1/features").json() == {
+        "refiner": None, "refiner_switch_at": 0.8, "hires": False, "variations": False,
+        "loras": False}
+    assert c.get("/sdapi/v1/loras").json() == []
+    assert c.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
 
 
 def test_options_switch_model(server, registry):
@@ -558,7 +569,7 @@ def test_real_process_serves_and_stops_gracefully(sd1_folder):
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium installed (.ci/run installs it: apt-get install chromium)")
-PHONE, DESKTOP = {"width": 390, "height": 844}, {"width": 1024, "height": 720}
+PHONE, DESKTOP = {"width": 390, "height": 844}, {"width": 1024, "height": 768}
 # SDJAX_PAGE_SCREENSHOTS=docs/images writes the docs' screenshots (small palette PNGs)
 SCREENSHOTS = os.environ.get("SDJAX_PAGE_SCREENSHOTS")
 WEBUI_INFOTEXT = ("a blue cat, sitting\nNegative prompt: red, blurry\nSteps: 3, Sampler: "
@@ -589,7 +600,7 @@ def _screenshots(page, name: str, tmp_path) -> None:
     for size, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
         page.set_viewport_size(viewport)
         path = out / f"serve-{name}-{size}.png"
-        page.screenshot(path=str(path))
+        page.screenshot(path=str(path), full_page=True)
         if SCREENSHOTS:
             Image.open(path).convert("RGB").quantize(48, dither=Image.Dither.NONE).save(
                 path, optimize=True)
@@ -615,7 +626,7 @@ def _small_shape(page) -> None:
 
 
 @needs_chromium
-def test_web_page_opens_with_the_models_defaults(page, registry, pipe):
+def test_web_page_opens_with_the_models_defaults(page, server, registry, pipe, tmp_path):
     assert page.input_value("#model") == "toy"
     # the toy's sdjax.json: 15 steps of DPM++ 2M; its size: its UNet's sample size (32x32)
     assert pipe.default_hw == (32, 32)
@@ -636,6 +647,22 @@ def test_web_page_opens_with_the_models_defaults(page, registry, pipe):
     page.select_option("#model", "toy")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('toy:')")
     assert page.input_value("#steps") == "15"
+    # the LoRAs a <lora:name:w> tag finds are listed; a click puts the tag in the prompt
+    (tmp_path / "styles").mkdir()
+    for name in ("ink.safetensors", "styles/watercolor.safetensors", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    registry.lora_dir = tmp_path
+    try:
+        assert [x["name"] for x in server.client.get("/sdapi/v1/loras").json()] == [
+            "ink", "watercolor"]
+        page.evaluate("loadNetworks()")
+        page.click("#networks summary")
+        page.click("#loras button:has-text('watercolor')")
+        assert page.input_value("#prompt") == "a red circle on a blue background <lora:watercolor:1>"
+    finally:
+        registry.lora_dir = None
+        page.fill("#prompt", "a red circle on a blue background")
+        page.evaluate("loadNetworks()")
     # every control has a label a screen reader reads
     unlabelled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
         .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
