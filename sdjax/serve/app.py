@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdjax import __version__
-from sdjax.call_settings import Inpainting
+from sdjax.call_settings import Inpainting, Upscaling
 from sdjax.images import parse_parameters
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
@@ -257,7 +257,7 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         body = await run_in_threadpool(images_response, req, plan, result)
         s = plan.shape.settings
         t = s.task
-        kind = "" if t is None else (
+        kind = "" if t is None else " x4 upscaling" if isinstance(t, Upscaling) else (
             f" {'inpainting' if isinstance(t, Inpainting) else 'img2img'} strength "
             f"{t.strength:g}")
         if s.sdxl.refiner is not None:

@@ -23,9 +23,10 @@ from sdjax.serve.schemas import _MUST_BE_OFF as REFUSED
 
 def model_defaults(pipe, title: str) -> dict:
     """What a request that leaves them out gets from this model (its sdjax.json, else its
-    class's, else the library's), in the WebUI's field names."""
+    class's, else the library's), in the WebUI's field names. The upscaler has no size of
+    its own (its output is 4x its image): width and height are None."""
     settings = pipe.sampling_settings()
-    height, width = pipe.default_hw
+    height, width = (None, None) if pipe.UPSCALER else pipe.default_hw
     scheduler = pipe.default_scheduler
     return {"model": title, "width": width, "height": height,
             "steps": settings["num_inference_steps"], "cfg_scale": settings["guidance_scale"],
