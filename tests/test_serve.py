@@ -568,7 +568,8 @@ def test_real_process_serves_and_stops_gracefully(sd1_folder):
 # ------------------------------------------------------------------ the web page, in a browser
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium installed (.ci/run installs it: apt-get install chromium)")
+    CHROMIUM is None,
+    reason="no chromium installed (.ci/run installs it: apt-get install chromium)")
 PHONE, DESKTOP = {"width": 390, "height": 844}, {"width": 1024, "height": 768}
 # SDJAX_PAGE_SCREENSHOTS=docs/images writes the docs' screenshots (small palette PNGs)
 SCREENSHOTS = os.environ.get("SDJAX_PAGE_SCREENSHOTS")
@@ -658,7 +659,8 @@ def test_web_page_opens_with_the_models_defaults(page, server, registry, pipe, t
         page.evaluate("loadNetworks()")
         page.click("#networks summary")
         page.click("#loras button:has-text('watercolor')")
-        assert page.input_value("#prompt") == "a red circle on a blue background <lora:watercolor:1>"
+        assert page.input_value("#prompt") == (
+            "a red circle on a blue background <lora:watercolor:1>")
     finally:
         registry.lora_dir = None
         page.fill("#prompt", "a red circle on a blue background")
@@ -755,3 +757,50 @@ def test_web_page_reads_a_dropped_png(page, tmp_path):
     assert filled == {"#prompt": "a blue cat, sitting", "#negative_prompt": "red, blurry",
                       "#steps": "3", "#sampler_name": "DPM++ 2M Karras", "#cfg_scale": "4.5",
                       "#seed": "1234", "#width": "24", "#height": "16"}
+
+
+@needs_chromium
+def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, server):
+    """The page's side of features other branches serve: hidden above (this server refuses
+    them); here the routes that report them are answered as a server that serves them would,
+    and the request the page sends is checked (and answered without generating)."""
+    import re
+    features = {**server.client.get("/sdjax/v1/features").json(), "hires": True,
+                "variations": True}
+    answer = json.dumps({"images": [], "parameters": {}, "info": json.dumps(
+        {"all_seeds": [], "infotexts": [], "width": 16, "height": 16})})
+    fakes = {"/sdjax/v1/features": json.dumps(features),
+             "/controlnet/model_list": json.dumps({"model_list": ["control_canny [abc]"]}),
+             "/controlnet/module_list": json.dumps({"module_list": ["none", "canny"]}),
+             "/sdapi/v1/txt2img": answer}
+    pattern = re.compile(r".*/(sdjax/v1/features|controlnet/\w+|sdapi/v1/txt2img)$")
+    page.route(pattern, lambda route: route.fulfill(
+        status=200, content_type="application/json",
+        body=fakes[route.request.url.split(server.url)[1]]))
+    try:
+        page.reload()
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('toy:')")
+        page.wait_for_function("!document.getElementById('controlnet_box').hidden")
+        for box in ("#hires_box", "#variation_box"):
+            assert page.is_visible(box), box
+        page.check("#enable_hr")
+        page.fill("#hr_scale", "1.5")
+        page.fill("#subseed", "99")
+        page.fill("#subseed_strength", "0.3")
+        page.check("#cn_enabled")
+        page.select_option("#cn_module", "canny")
+        page.fill("#cn_weight", "0.8")
+        with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/txt2img")) as req:
+            page.click("#generate")
+        body = req.value.post_data_json
+        assert (body["enable_hr"], body["hr_scale"], body["hr_upscaler"]) == (True, 1.5, "Latent")
+        assert (body["subseed"], body["subseed_strength"]) == (99, 0.3)
+        unit = body["alwayson_scripts"]["controlnet"]["args"][0]
+        assert (unit["module"], unit["model"], unit["weight"], unit["control_mode"]) == (
+            "canny", "control_canny [abc]", 0.8, "Balanced")
+        # another mode hides what only txt2img takes
+        page.click("#tab-img2img")
+        assert page.is_hidden("#hires_box") and page.is_visible("#controlnet_box")
+    finally:
+        page.unroute(pattern)
