@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -181,9 +182,15 @@ def test_get_endpoints(server):
         "sampler_name": "DPM++ 2M", "upscaler": False, "sdxl": False}
     r = c.get("/sdjax/v1/model-defaults", params={"model": "nope"})
     assert r.status_code == 404 and "'nope' not found" in r.json()["detail"]
-    assert c.get("/sdjax/v1/features").json() == {
-        "refiner": None, "refiner_switch_at": 0.8, "hires": False, "variations": False,
-        "loras": False}
+    features = c.get("/sdjax/v1/features").json()
+    assert features == {"refiner": None, "refiner_switch_at": 0.8, "loras": False,
+                        "hires": features["hires"], "variations": features["variations"]}
+    # a feature is reported as served exactly when its request is not refused
+    for feature, field in (("hires", {"enable_hr": True}),
+                           ("variations", {"subseed_strength": 0.5})):
+        r = c.post("/sdapi/v1/txt2img", json={**SHAPE, **field, "steps": 0})
+        refused = "is not supported" in r.json()["detail"]
+        assert r.status_code == 422 and features[feature] is not refused, (feature, r.text)
     assert c.get("/sdapi/v1/loras").json() == []
     assert c.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
 
@@ -611,16 +618,25 @@ def _screenshots(page, name: str, tmp_path) -> None:
 
 def _run(page, path: str, images: int) -> dict:
     """Press Generate; the request the page sent (as JSON) once its images are shown."""
+    before = page.locator("#gallery img").count()
     with page.expect_request(lambda r: r.url.endswith(path) and r.method == "POST") as req:
         page.click("#generate")
-    page.wait_for_function(f"document.querySelectorAll('#gallery img').length === {images}",
-                           timeout=120_000)
+    page.wait_for_function("document.querySelectorAll('#gallery img').length === "
+                           f"{before + images}", timeout=120_000)
     page.wait_for_function("[...document.querySelectorAll('#gallery img')]"
                            ".every(i => i.complete && i.naturalWidth > 0)")
     return req.value.post_data_json
 
 
-def _small_shape(page) -> None:
+def _circle(size: int) -> np.ndarray:
+    """A red disc on blue: an input image the screenshots show well."""
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 < (size / 3) ** 2
+    return np.where(disc[..., None], [220, 40, 40], [40, 70, 200]).astype(np.uint8)
+
+
+def _small_shape(page, tab: str) -> None:
+    page.click(f"#tab-{tab}")
     for field, value in (("#width", "16"), ("#height", "16"), ("#steps", "2")):
         page.fill(field, value)
     page.select_option("#sampler_name", "Euler a")
@@ -674,31 +690,37 @@ def test_web_page_opens_with_the_models_defaults(page, server, registry, pipe, t
 
 @needs_chromium
 def test_web_page_txt2img(page, tmp_path):
-    _small_shape(page)
+    _small_shape(page, "txt2img")
     page.fill("#seed", "7")
     page.fill("#batch_size", "2")
     body = _run(page, "/sdapi/v1/txt2img", 2)
     assert (body["width"], body["steps"], body["sampler_name"]) == (16, 2, "Euler a")
-    sizes = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => "
+    sizes = page.eval_on_selector_all("#gallery img", "imgs => imgs.slice(0, 2).map(i => "
                                       "[i.naturalWidth, i.naturalHeight])")
     assert sizes == [[16, 16], [16, 16]]
     params = page.inner_text("#parameters")
     assert "Seed: 7," in params and "Seed: 8," in params
-    assert page.get_attribute("#gallery a", "download") == "sdjax-0001-7.png"
+    assert re.fullmatch(r"sdjax-\d{4}-7\.png", page.get_attribute("#gallery a", "download"))
     assert "2 image(s)" in page.inner_text("#status")
     _screenshots(page, "txt2img", tmp_path)
+    # a result goes to img2img with a click
+    page.click("#gallery figure >> nth=1 >> button:has-text('img2img')")
+    assert page.get_attribute("#tab-img2img", "aria-selected") == "true"
+    page.wait_for_function("document.getElementById('init_image').naturalWidth === 16")
+    assert page.get_attribute("#init_image", "src") == page.get_attribute(
+        "#gallery a >> nth=1", "href")
 
 
 @needs_chromium
 def test_web_page_img2img_from_an_upload(page, tmp_path):
-    (picture,) = _pictures(1, 32)
+    picture = _circle(32)
     Image.fromarray(picture).save(tmp_path / "input.png")
-    page.click("#tab-img2img")
+    _small_shape(page, "img2img")
     page.set_input_files("#init_file", str(tmp_path / "input.png"))
     page.wait_for_function("document.getElementById('init_image').naturalWidth === 32")
     page.fill("#batch_size", "1")
     page.fill("#denoising_strength", "0.6")
-    body = _run(page, "/sdapi/v1/img2img", 3)
+    body = _run(page, "/sdapi/v1/img2img", 1)
     np.testing.assert_array_equal(np.asarray(_decode(body["init_images"][0])), picture)
     assert (body["denoising_strength"], body["resize_mode"], body["width"]) == (0.6, 0, 16)
     assert "mask" not in body
@@ -708,9 +730,12 @@ def test_web_page_img2img_from_an_upload(page, tmp_path):
 
 @needs_chromium
 def test_web_page_inpaints_a_painted_mask(page, tmp_path):
-    # the newest result (16x16) goes to the inpaint tab; paint a stroke across its middle
-    page.click("#gallery figure >> nth=0 >> button:has-text('inpaint')")
+    Image.fromarray(_circle(16)).save(tmp_path / "input.png")
+    _small_shape(page, "inpaint")
+    page.fill("#batch_size", "1")
+    page.set_input_files("#init_file", str(tmp_path / "input.png"))
     page.wait_for_function("document.getElementById('mask_canvas').width === 16")
+    # a stroke across the middle
     page.fill("#brush_size", "100")
     page.select_option("#inpainting_fill", "1")
     page.locator("#mask_canvas").scroll_into_view_if_needed()
@@ -721,7 +746,7 @@ def test_web_page_inpaints_a_painted_mask(page, tmp_path):
     page.mouse.move(box["x"] + box["width"] * 0.8, y, steps=6)
     page.mouse.up()
     _screenshots(page, "inpaint", tmp_path)
-    body = _run(page, "/sdapi/v1/img2img", 4)
+    body = _run(page, "/sdapi/v1/img2img", 1)
     mask = np.asarray(_decode(body["mask"]).convert("L"))
     assert mask.shape == (16, 16) and len(body["init_images"]) == 1
     assert (mask[7:9, 5:11] == 255).all()  # painted: white
@@ -764,7 +789,6 @@ def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, s
     """The page's side of features other branches serve: hidden above (this server refuses
     them); here the routes that report them are answered as a server that serves them would,
     and the request the page sends is checked (and answered without generating)."""
-    import re
     features = {**server.client.get("/sdjax/v1/features").json(), "hires": True,
                 "variations": True}
     answer = json.dumps({"images": [], "parameters": {}, "info": json.dumps(

@@ -18,7 +18,7 @@ from sdjax.images import SAMPLER_LABELS
 from sdjax.lora_tags import EXTENSIONS
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest
-from sdjax.serve.schemas import _MUST_BE_OFF as REFUSED
+from sdjax.serve.schemas import Txt2ImgRequest, unsupported
 
 
 def model_defaults(pipe, title: str) -> dict:
@@ -38,8 +38,8 @@ def features(registry: ModelRegistry) -> dict:
     """What this server takes beyond plain txt2img/img2img: its refiner, and whether the
     requests' hires-fix and variation-seed fields are served or refused (schemas.unsupported)."""
     return {"refiner": registry.refiner, "refiner_switch_at": handoff.DEFAULT_SWITCH_AT,
-            "hires": "enable_hr" not in REFUSED,
-            "variations": "subseed_strength" not in REFUSED,
+            "hires": unsupported(Txt2ImgRequest(enable_hr=True)) is None,
+            "variations": unsupported(Txt2ImgRequest(subseed_strength=0.5)) is None,
             "loras": registry.lora_dir is not None}
 
 
