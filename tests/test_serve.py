@@ -705,8 +705,9 @@ def test_web_page_txt2img(page, tmp_path):
     _screenshots(page, "txt2img", tmp_path)
     # a result goes to img2img with a click
     page.click("#gallery figure >> nth=1 >> button:has-text('img2img')")
-    assert page.get_attribute("#tab-img2img", "aria-selected") == "true"
-    page.wait_for_function("document.getElementById('init_image').naturalWidth === 16")
+    page.wait_for_function(  # once the image has loaded
+        "document.getElementById('tab-img2img').getAttribute('aria-selected') === 'true'")
+    assert page.evaluate("document.getElementById('init_image').naturalWidth") == 16
     assert page.get_attribute("#init_image", "src") == page.get_attribute(
         "#gallery a >> nth=1", "href")
 
