@@ -718,7 +718,7 @@ def test_web_page_img2img_from_an_upload(page, tmp_path):
     Image.fromarray(picture).save(tmp_path / "input.png")
     _small_shape(page, "img2img")
     page.set_input_files("#init_file", str(tmp_path / "input.png"))
-    page.wait_for_function("document.getElementById('init_image').naturalWidth === 32")
+    page.wait_for_function("document.getElementById('mask_canvas').width === 32")  # loaded
     page.fill("#batch_size", "1")
     page.fill("#denoising_strength", "0.6")
     body = _run(page, "/sdapi/v1/img2img", 1)
