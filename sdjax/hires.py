@@ -18,104 +18,22 @@ aspect). The result is rounded down to the VAE factor.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from sdjax import latent_resize, validation
-
-# sdjax's names -> (F.interpolate mode, antialias) for latents, or a PIL filter for images.
-UPSCALERS: Mapping[str, Any] = {
-    "latent": ("bilinear", False),
-    "latent (antialiased)": ("bilinear", True),
-    "latent (bicubic)": ("bicubic", False),
-    "latent (bicubic antialiased)": ("bicubic", True),
-    "latent (nearest)": ("nearest", False),
-    "latent (nearest-exact)": ("nearest-exact", False),
-    "lanczos": Image.Resampling.LANCZOS,
-    "nearest": Image.Resampling.NEAREST,
-}
-# The WebUI's names of the same upscalers (what its API and infotext carry).
-WEBUI_NAMES: Mapping[str, str] = {
-    "latent": "Latent", "latent (antialiased)": "Latent (antialiased)",
-    "latent (bicubic)": "Latent (bicubic)",
-    "latent (bicubic antialiased)": "Latent (bicubic antialiased)",
-    "latent (nearest)": "Latent (nearest)", "latent (nearest-exact)": "Latent (nearest-exact)",
-    "lanczos": "Lanczos", "nearest": "Nearest"}
-# The fields of a call that configure its hires pass (all but scale/size have defaults).
-EXTRA_FIELDS = ("hires_steps", "hires_prompt", "hires_negative_prompt", "hires_scheduler")
-
-
-def check_upscaler(value: Any) -> str:
-    """sdjax's name of an upscaler given by its sdjax or WebUI name (any case)."""
-    if isinstance(value, str) and value.strip().lower() in UPSCALERS:
-        return value.strip().lower()
-    raise ValueError(f"unknown hires_upscaler {value!r}; choose one of "
-                     f"{', '.join(WEBUI_NAMES.values())}")
-
-
-def is_latent(upscaler: str) -> bool:
-    return isinstance(UPSCALERS[upscaler], tuple)
-
-
-def check_strength(value: Any, name: str = "hires_denoising_strength") -> float:
-    v = validation.check_number(value, name)
-    if not 0.0 < v <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {v:g}")
-    return v
-
-
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    """Where the hires pass's size comes from: the first pass's latents are resized to
-    ``resized`` (latent rows, columns), then ``crop`` (rows, columns) is cut off."""
-
-    resized: tuple[int, int]
-    crop: tuple[int, int]
-    factor: int
-
-    @property
-    def latent(self) -> tuple[int, int]:
-        return (self.resized[0] - self.crop[0], self.resized[1] - self.crop[1])
-
-    @property
-    def pixels(self) -> tuple[int, int]:
-        """(height, width) of the hires output."""
-        return (self.latent[0] * self.factor, self.latent[1] * self.factor)
-
-
-def sizes(height: int, width: int, factor: int, scale: Any = None, size: Any = None) -> Sizes:
-    """The hires size of a ``height`` x ``width`` first pass (the module docstring's rules);
-    raises ``ValueError`` naming ``hires_scale`` / ``hires_size``."""
-    if (scale is None) == (size is None):
-        raise ValueError("the hires fix takes hires_scale or hires_size (height, width), one "
-                         "of them")
-    crop = (0, 0)
-    if scale is not None:
-        scale = validation.check_number(scale, "hires_scale")
-        if scale <= 1:
-            raise ValueError(f"hires_scale must be above 1, got {scale:g}")
-        up = latent_resize.scaled(height, width, scale)
-    else:
-        if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2:
-            raise ValueError(f"hires_size must be (height, width), got {size!r}")
-        th, tw = (validation.check_int(v, f"hires_size[{i}]", minimum=0)
-                  for i, v in enumerate(size))
-        if th == tw == 0:
-            raise ValueError("hires_size must give a height or a width (0 = from the aspect)")
-        if th == 0:
-            up = (tw * height // width, tw)
-        elif tw == 0:
-            up = (th, th * width // height)
-        else:
-            up, pixels_off = latent_resize.cover(height, width, (th, tw))
-            crop = (pixels_off[0] // factor, pixels_off[1] // factor)
-    out = Sizes((up[0] // factor, up[1] // factor), crop, factor)
-    if min(out.latent) < 1:
-        raise ValueError(f"the hires size {up[0]}x{up[1]} is below the VAE factor {factor}")
-    return out
+from sdjax.hires_settings import (
+    EXTRA_FIELDS,
+    UPSCALERS,
+    WEBUI_NAMES,
+    Sizes,
+    centre_crop,
+    check_strength,
+    check_upscaler,
+    is_latent,
+    sizes,
+)
 
 
 def check(pipe, c) -> tuple[str, Sizes]:
@@ -154,10 +72,12 @@ def upscale(first: np.ndarray, upscaler: str, s: Sizes) -> np.ndarray:
     how = UPSCALERS[upscaler]
     if isinstance(how, tuple):
         out = latent_resize.interpolate(first, s.resized, *how)
-        return np.asarray(latent_resize.centre_crop(out, s.crop))
+        return np.asarray(centre_crop(out, s.crop))
     h, w = (v * s.factor for v in s.resized)
-    images = np.stack([np.asarray(Image.fromarray(im).resize((w, h), how)) for im in first])
-    return latent_resize.centre_crop(images, (s.crop[0] * s.factor, s.crop[1] * s.factor))
+    resample = getattr(Image.Resampling, how)
+    images = np.stack([np.asarray(Image.fromarray(im).resize((w, h), resample))
+                       for im in first])
+    return centre_crop(images, (s.crop[0] * s.factor, s.crop[1] * s.factor))
 
 
 def submit(pipe, c):
@@ -183,5 +103,5 @@ def submit(pipe, c):
     return pipe.submit(second)
 
 
-__all__ = ["UPSCALERS", "WEBUI_NAMES", "Sizes", "sizes", "check", "check_upscaler",
-           "check_strength", "upscale", "submit"]
+__all__ = ["UPSCALERS", "WEBUI_NAMES", "EXTRA_FIELDS", "Sizes", "sizes", "check",
+           "check_upscaler", "check_strength", "is_latent", "upscale", "submit"]

@@ -90,28 +90,4 @@ def interpolate(x: jax.Array | np.ndarray, size: tuple[int, int], mode: str = "b
     return jnp.einsum("pw,nowc->nopc", ww, x, precision=hp)
 
 
-def cover(height: int, width: int, target: tuple[int, int]) -> tuple[tuple[int, int],
-                                                                     tuple[int, int]]:
-    """The WebUI's hires size for an explicit target (height, width) of another aspect: the
-    size that covers it at the image's aspect, and how much to crop of each axis."""
-    th, tw = target
-    if width / height < tw / th:
-        up = (tw * height // width, tw)
-    else:
-        up = (th, th * width // height)
-    return up, (up[0] - th, up[1] - tw)
-
-
-def scaled(height: int, width: int, scale: float) -> tuple[int, int]:
-    """The WebUI's hires size for ``hires_scale`` (``int(size * scale)``)."""
-    return int(height * scale), int(width * scale)
-
-
-def centre_crop(x, crop: tuple[int, int]):
-    """Cut ``crop`` = (rows, columns) off an (N, H, W, ...) array, the extra one at the end,
-    as the WebUI truncates its hires latents."""
-    cy, cx = crop
-    return x[:, cy // 2:x.shape[1] - (cy + 1) // 2, cx // 2:x.shape[2] - (cx + 1) // 2]
-
-
-__all__ = ["MODES", "weights", "interpolate", "cover", "scaled", "centre_crop"]
+__all__ = ["MODES", "weights", "interpolate"]
