@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 
 import httpx
 import numpy as np
@@ -195,8 +194,8 @@ def test_server_hires_and_tiling_requests(server, pipe):
         **shape, "batch_size": 2, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent",
         "denoising_strength": 0.6, "hr_sampler_name": "Use same sampler"})
     assert r.status_code == 200, r.text
-    expected = pipe(["a red circle"] * 2, seeds=[7, 8], image_indices=[0, 0], height=SIZE, width=SIZE,
-                    num_inference_steps=STEPS, scheduler="pndm", hires_scale=2,
+    expected = pipe(["a red circle"] * 2, seeds=[7, 8], image_indices=[0, 0], height=SIZE,
+                    width=SIZE, num_inference_steps=STEPS, scheduler="pndm", hires_scale=2,
                     hires_denoising_strength=0.6).images
     for k, b64 in enumerate(r.json()["images"]):
         image, text = _png(b64)
