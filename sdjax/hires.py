@@ -34,6 +34,7 @@ from sdjax.hires_settings import (
     is_latent,
     sizes,
 )
+from sdjax.schedulers import SCHEDULER_NAMES
 
 
 def check(pipe, c) -> tuple[str, Sizes]:
@@ -50,6 +51,8 @@ def check(pipe, c) -> tuple[str, Sizes]:
     check_strength(c.hires_denoising_strength)
     if c.hires_steps is not None:
         validation.check_int(c.hires_steps, "hires_steps", minimum=0)
+    validation.check_choice(c.hires_scheduler, "hires_scheduler", SCHEDULER_NAMES,
+                            allow_none=True)
     for name in ("hires_prompt", "hires_negative_prompt"):
         validation.check_prompts(getattr(c, name), name, allow_none=True)
     factor = pipe.vae_scale_factor

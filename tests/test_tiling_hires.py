@@ -154,6 +154,7 @@ def test_hires_fix_is_the_composition_of_its_two_calls(pipe, upscaler):
     ({"hires_scale": 2, "hires_denoising_strength": 1.5}, r"must be in \(0, 1\]"),
     ({"hires_steps": 4}, "give hires_scale or hires_size too"),
     ({"hires_size": (0, 0)}, "must give a height or a width"),
+    ({"hires_scale": 2, "hires_scheduler": "nope"}, "unknown hires_scheduler 'nope'"),
     ({"hires_scale": 2, "image": np.zeros((16, 16, 3), np.uint8)}, "text-to-image"),
 ])
 def test_bad_hires_input_is_one_line(pipe, fields, message):
