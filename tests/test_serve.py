@@ -184,9 +184,9 @@ def test_get_endpoints(server):
     assert r.status_code == 404 and "'nope' not found" in r.json()["detail"]
     features = c.get("/sdjax/v1/features").json()
     assert features == {"refiner": None, "refiner_switch_at": 0.8, "loras": False,
-                        "hires": features["hires"], "variations": features["variations"]}
+                        **{k: features[k] for k in ("hires", "tiling", "variations")}}
     # a feature is reported as served exactly when its request is not refused
-    for feature, field in (("hires", {"enable_hr": True}),
+    for feature, field in (("hires", {"enable_hr": True}), ("tiling", {"tiling": True}),
                            ("variations", {"subseed_strength": 0.5})):
         r = c.post("/sdapi/v1/txt2img", json={**SHAPE, **field, "steps": 0})
         refused = "is not supported" in r.json()["detail"]
@@ -221,7 +221,7 @@ def test_options_switch_model(server, registry):
     ({"n_iter": 0}, 422, "batch_size and n_iter must be at least 1"),
     ({"cfg_scale": -1}, 422, "cfg_scale must not be negative"),
     ({"seed": 2**40}, 422, "seed must be in [0, 2**32) or -1"),
-    ({"enable_hr": True}, 422, "enable_hr=True is not supported"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "unknown hr_upscaler"),
     ({"override_settings": {"sd_model_checkpoint": "sd-xl"}}, 404, "'sd-xl' not found"),
     ({"prompt": "a <lora:style:0.5> cat"}, 422, "<lora:style> needs a LoRA folder"),
     ({"prompt": "a <lora:style:lots> cat"}, 422, "the multiplier must be a finite number"),
@@ -582,7 +582,9 @@ PHONE, DESKTOP = {"width": 390, "height": 844}, {"width": 1024, "height": 768}
 SCREENSHOTS = os.environ.get("SDJAX_PAGE_SCREENSHOTS")
 WEBUI_INFOTEXT = ("a blue cat, sitting\nNegative prompt: red, blurry\nSteps: 3, Sampler: "
                   "DPM++ 2M, Schedule type: Karras, CFG scale: 4.5, Seed: 1234, Size: 24x16, "
-                  "Model hash: abc, Model: sd15, Version: v1.10.1")
+                  "Model hash: abc, Model: sd15, Denoising strength: 0.55, Hires upscale: 1.5, "
+                  "Hires steps: 4, Hires upscaler: Latent (bicubic), Tiling: True, "
+                  "Version: v1.10.1")
 
 
 @pytest.fixture(scope="module")
@@ -651,9 +653,12 @@ def test_web_page_opens_with_the_models_defaults(page, server, registry, pipe, t
            "#sampler_name": "DPM++ 2M"}
     assert {k: page.input_value(k) for k in toy} == toy
     # what this server does not serve is not shown
-    for box in ("#hires_box", "#variation_box", "#controlnet_box", "#refiner_box",
-                "#networks", "#tab-upscale"):
+    for box in ("#controlnet_box", "#refiner_box", "#networks", "#tab-upscale"):
         assert page.is_hidden(box), box
+    features = server.client.get("/sdjax/v1/features").json()
+    for box, feature in (("#hires_box", "hires"), ("#tiling_box", "tiling"),
+                         ("#variation_box", "variations")):
+        assert page.is_visible(box) is features[feature], box
     # another model: its own defaults (no sdjax.json: 50 steps, its scheduler config's PNDM)
     page.select_option("#model", "tiny")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('tiny:')",
@@ -783,6 +788,13 @@ def test_web_page_reads_a_dropped_png(page, tmp_path):
     assert filled == {"#prompt": "a blue cat, sitting", "#negative_prompt": "red, blurry",
                       "#steps": "3", "#sampler_name": "DPM++ 2M Karras", "#cfg_scale": "4.5",
                       "#seed": "1234", "#width": "24", "#height": "16"}
+    assert page.is_checked("#enable_hr") and page.is_checked("#tiling")
+    hires = {k: page.input_value(k) for k in ("#hr_scale", "#hr_second_pass_steps",
+                                              "#hr_upscaler", "#hr_denoising_strength")}
+    assert hires == {"#hr_scale": "1.5", "#hr_second_pass_steps": "4",
+                     "#hr_upscaler": "Latent (bicubic)", "#hr_denoising_strength": "0.55"}
+    page.uncheck("#enable_hr")
+    page.uncheck("#tiling")
 
 
 @needs_chromium
@@ -791,7 +803,7 @@ def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, s
     them); here the routes that report them are answered as a server that serves them would,
     and the request the page sends is checked (and answered without generating)."""
     features = {**server.client.get("/sdjax/v1/features").json(), "hires": True,
-                "variations": True}
+                "tiling": True, "variations": True}
     answer = json.dumps({"images": [], "parameters": {}, "info": json.dumps(
         {"all_seeds": [], "infotexts": [], "width": 16, "height": 16})})
     fakes = {"/sdjax/v1/features": json.dumps(features),
@@ -810,6 +822,7 @@ def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, s
         for box in ("#hires_box", "#variation_box"):
             assert page.is_visible(box), box
         page.check("#enable_hr")
+        page.check("#tiling")
         page.fill("#hr_scale", "1.5")
         page.fill("#subseed", "99")
         page.fill("#subseed_strength", "0.3")
@@ -820,7 +833,7 @@ def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, s
             page.click("#generate")
         body = req.value.post_data_json
         assert (body["enable_hr"], body["hr_scale"], body["hr_upscaler"]) == (True, 1.5, "Latent")
-        assert (body["subseed"], body["subseed_strength"]) == (99, 0.3)
+        assert (body["subseed"], body["subseed_strength"], body["tiling"]) == (99, 0.3, True)
         unit = body["alwayson_scripts"]["controlnet"]["args"][0]
         assert (unit["module"], unit["model"], unit["weight"], unit["control_mode"]) == (
             "canny", "control_canny [abc]", 0.8, "Balanced")

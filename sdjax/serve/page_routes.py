@@ -36,9 +36,11 @@ def model_defaults(pipe, title: str) -> dict:
 
 def features(registry: ModelRegistry) -> dict:
     """What this server takes beyond plain txt2img/img2img: its refiner, and whether the
-    requests' hires-fix and variation-seed fields are served or refused (schemas.unsupported)."""
+    requests' hires-fix, tiling and variation-seed fields are served or refused
+    (schemas.unsupported)."""
     return {"refiner": registry.refiner, "refiner_switch_at": handoff.DEFAULT_SWITCH_AT,
             "hires": unsupported(Txt2ImgRequest(enable_hr=True)) is None,
+            "tiling": unsupported(Txt2ImgRequest(tiling=True)) is None,
             "variations": unsupported(Txt2ImgRequest(subseed_strength=0.5)) is None,
             "loras": registry.lora_dir is not None}
 
