@@ -229,7 +229,9 @@ CASES = {  # model -> (sampler, schedule type, steps, img2img start step or None
 def test_samplers_match_k_diffusion(model):
     """Our sampler steps around our UNet against k-diffusion around the diffusers UNet. The
     UNets agree to ~3e-6 on eps; the start sigma (14.6) and the guidance scale multiply that
-    in the first steps' denoised estimates, which bounds the agreement (~1e-4)."""
+    in the first steps' denoised estimates. The tiny random UNet's latents end at magnitudes
+    up to ~75, so the bound is relative: max |ours - k-diffusion| <= 1e-4 on latents scaled to
+    magnitude 10 (seen: <= 1.6e-4 absolute, 2.2e-6 relative)."""
     rng = np.random.default_rng(0)
     shape = (1, 8, 8, 4)
     x0 = rng.standard_normal(shape).astype(np.float32)
@@ -243,10 +245,10 @@ def test_samplers_match_k_diffusion(model):
         image = None if start is None else x0
         ours = _ours(model, sched, steps, begin, image, noise, step_noises)
         ref = _reference(model, sampler, sigmas, begin, image, noise, step_noises)
-        worst[(sampler, schedule, start)] = float(np.abs(ours - ref).max())
+        worst[(sampler, schedule, start)] = (float(np.abs(ours - ref).max()), float(np.abs(ref).max()))
         assert np.abs(ref).max() > 0.1
-    bad = {k: v for k, v in worst.items() if not v <= 1e-4}
-    assert not bad, f"max |ours - k-diffusion| above 1e-4: {bad} (all: {worst})"
+    bad = {k: v for k, v in worst.items() if not v[0] <= 1e-5 * max(10.0, v[1])}
+    assert not bad, f"(max |ours - k-diffusion|, max |k-diffusion|) off: {bad} (all: {worst})"
 
 
 @pytest.mark.parametrize("schedule", ws.SCHEDULE_TYPES[1:])
@@ -316,3 +318,33 @@ def test_webui_names_and_rules():
     rule = webui_mod.WebUISampler.webui_start
     assert rule(20, 0.75) == (20, 4) and rule(20, 1.0) == (20, 0) and rule(20, 0.01) == (20, 19)
     assert rule(20, 0.5, fix_steps=True) == (40, 20)
+
+
+def test_pipeline_runs_the_webui_samplers(model, monkeypatch):
+    """Through the pipeline (the one compiled loop): SD 1.x txt2img with "Euler a" and SD 2.x
+    (v-prediction) img2img with "DPM++ 2M SDE" on Karras at the WebUI's strength rule, the
+    per-step noise fed through the hook, against k-diffusion."""
+    pipe = model["pipe"]
+    rng = np.random.default_rng(5)
+    shape = (1, 8, 8, 4)
+    noise = rng.standard_normal(shape).astype(np.float32)
+    step_noises = rng.standard_normal((16, *shape)).astype(np.float32)
+    monkeypatch.setattr(webui_mod, "step_noise",
+                        lambda key, draw, like: jnp.asarray(step_noises)[draw])
+    size = 8 * pipe.vae_scale_factor
+    common = dict(num_inference_steps=5, guidance_scale=CFG, height=size, width=size,
+                  latents=noise, output_type="latent")
+    if model["kind"] == "sd1":
+        sampler, schedule, start, image = "Euler a", "Automatic", 0, None
+        out = pipe("a red circle", scheduler=sampler, **common).images
+    else:
+        sampler, schedule, image = "DPM++ 2M SDE", "Karras", rng.standard_normal(shape)
+        image = image.astype(np.float32)
+        # WebUI: 5 steps at denoising strength 0.6 run int(0.6 * 5) + 1 = 4 of them
+        start = 1
+        out = pipe("a red circle", scheduler=sampler, schedule_type=schedule, image=image,
+                   strength=0.6, **common).images
+    sched = get_scheduler(sampler, model["config"], schedule_type=schedule)
+    ref = _reference(model, sampler, sched.sigmas(5), start, image, noise, step_noises)
+    diff = np.abs(np.asarray(out) - ref).max()
+    assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
