@@ -312,6 +312,18 @@ def resolve_schedule(sampler: str, schedule_type: str | None) -> str:
     return label
 
 
+def infotext_schedule(sampler: str, schedule_type: str | None) -> str | None:
+    """What the WebUI's infotext says after ``Schedule type:`` for a sampler (None: not one
+    of its k-diffusion samplers): the schedule it ran, "Automatic" where that is the model's
+    own (a sampler without a default schedule)."""
+    if sampler not in SAMPLERS:
+        return None
+    label = ws.schedule_type_label(schedule_type)
+    if label == "Automatic" and SAMPLERS[sampler].scheduler is None:
+        return label
+    return resolve_schedule(sampler, label)
+
+
 @flax.struct.dataclass
 class WebUIState:
     timesteps: jax.Array  # (M,) float32 fractional training timesteps (sigma_to_t)
