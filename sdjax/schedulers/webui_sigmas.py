@@ -177,8 +177,10 @@ def ddim(n: int, m: ModelSigmas, lo: float, hi: float) -> np.ndarray:
 
 
 def _beta_ppf(q: float, a: float, b: float) -> float:
-    from scipy import stats  # the WebUI's own: scipy's beta quantile
-
+    try:
+        from scipy import stats  # the WebUI's own: scipy's beta quantile
+    except ImportError:
+        raise ValueError("the Beta schedule type needs scipy (pip install scipy)") from None
     return float(stats.beta.ppf(q, a, b))
 
 
