@@ -132,11 +132,12 @@ def model(request, sd1_folder, sd2_folder):
         net = nnx.merge(graphdef, params)
         return net(x, jnp.broadcast_to(t, (x.shape[0],)), context)
 
-    return dict(kind=request.param, pipe=ours, ref=ref, config=config, unet=functools.partial(unet, params),
-                cfg=_CFG(wrap, ctx), ctx=jnp.asarray(ctx.numpy()), wrap=wrap)
+    return dict(kind=request.param, pipe=ours, ref=ref, config=config,
+                unet=functools.partial(unet, params), cfg=_CFG(wrap, ctx),
+                ctx=jnp.asarray(ctx.numpy()), wrap=wrap)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stepper(prediction_type: str):
     """One jitted step for every sampler of a prediction type (the step reads nothing else
     of the scheduler; it compiles once per memory depth)."""
@@ -245,7 +246,8 @@ def test_samplers_match_k_diffusion(model):
         image = None if start is None else x0
         ours = _ours(model, sched, steps, begin, image, noise, step_noises)
         ref = _reference(model, sampler, sigmas, begin, image, noise, step_noises)
-        worst[(sampler, schedule, start)] = (float(np.abs(ours - ref).max()), float(np.abs(ref).max()))
+        worst[(sampler, schedule, start)] = (float(np.abs(ours - ref).max()),
+                                             float(np.abs(ref).max()))
         assert np.abs(ref).max() > 0.1
     bad = {k: v for k, v in worst.items() if not v[0] <= 1e-5 * max(10.0, v[1])}
     assert not bad, f"(max |ours - k-diffusion|, max |k-diffusion|) off: {bad} (all: {worst})"
@@ -348,3 +350,48 @@ def test_pipeline_runs_the_webui_samplers(model, monkeypatch):
     ref = _reference(model, sampler, sched.sigmas(5), start, image, noise, step_noises)
     diff = np.abs(np.asarray(out) - ref).max()
     assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
+
+
+def test_front_ends_name_them():
+    """The CLI flag, the server's sampler_name + scheduler, its lists and the PNG text."""
+    import argparse
+
+    from sdjax import cli_args
+    from sdjax.call_settings import CallSettings, Sampling, Size
+    from sdjax.serve.samplers import sampler_list, sampler_settings, scheduler_list
+
+    p = argparse.ArgumentParser()
+    cli_args.add_common_arguments(p)
+    args = p.parse_args(["--scheduler", "DPM++ 2M", "--schedule_type", "sgm_uniform"])
+    cli_args.check_common_args(args)
+    assert args.schedule_type == "SGM Uniform"
+    for argv, message in ((["--scheduler", "Euler", "--schedule_type", "Karas"],
+                           "unknown --schedule_type 'Karas'"),
+                          (["--scheduler", "euler", "--schedule_type", "Karras"],
+                           "--schedule_type is for the WebUI's samplers")):
+        with pytest.raises(Exception, match=message):
+            cli_args.check_common_args(p.parse_args(argv))
+
+    assert sampler_settings("DPM++ 2M", "Karras") == ("DPM++ 2M", "Karras")
+    assert sampler_settings("DPM++ 2M Karras", "") == ("DPM++ 2M", "Karras")
+    assert sampler_settings("k_euler_a", None) == ("Euler a", "Automatic")
+    assert sampler_settings("dpm++ sde", "exponential") == ("DPM++ SDE", "Exponential")
+    assert sampler_settings("DDIM", None) == ("ddim", None)
+    with pytest.raises(ValueError, match="unknown schedule_type 'Karas'"):
+        sampler_settings("Euler", "Karas")
+    names = [s["name"] for s in sampler_list()]
+    assert names[:3] == ["Euler", "Euler a", "DPM++ 2M"] and "DPM++ 2M Karras" in names
+    assert len(names) == len(set(names))
+    assert [s["label"] for s in scheduler_list()] == list(ws.SCHEDULE_TYPES)
+
+    def text(sampler, schedule):
+        settings = CallSettings("m", Sampling(20, sampler, 7.0, schedule_type=schedule),
+                                Size(64, 64))
+        assert settings.pipeline_kwargs().get("schedule_type") == schedule
+        return settings.parameters("a cat", "", 1).split("\n")[1]
+
+    assert text("DPM++ 2M", None).startswith(
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1")
+    assert text("Euler", None).startswith("Steps: 20, Sampler: Euler, Schedule type: Automatic,")
+    assert text("Euler", "Beta").startswith("Steps: 20, Sampler: Euler, Schedule type: Beta,")
+    assert text("euler", None).startswith("Steps: 20, Sampler: Euler, CFG scale")

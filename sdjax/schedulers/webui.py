@@ -100,19 +100,19 @@ def _euler(t: _Table, s: float, to: float) -> None:
 
 
 def _table_euler(t, sig_, o):
-    for s, to in zip(sig_[:-1], sig_[1:]):
+    for s, to in zip(sig_[:-1], sig_[1:], strict=True):
         _euler(t, s, to)
 
 
 def _table_euler_a(t, sig_, o):
-    for s, to in zip(sig_[:-1], sig_[1:]):
+    for s, to in zip(sig_[:-1], sig_[1:], strict=True):
         down, up = _anc(s, to, o.eta)
         r = (down - s) / s
         t.add(s, x=1 + r, d=-r, noise=o.s_noise * up if to > 0 else 0.0)
 
 
 def _table_heun(t, sig_, o):
-    for s, to in zip(sig_[:-1], sig_[1:]):
+    for s, to in zip(sig_[:-1], sig_[1:], strict=True):
         dt = to - s
         if to == 0:
             _euler(t, s, to)
@@ -128,7 +128,7 @@ def _mid(a: float, b: float) -> float:
 
 
 def _table_dpm_2(t, sig_, o):
-    for s, to in zip(sig_[:-1], sig_[1:]):
+    for s, to in zip(sig_[:-1], sig_[1:], strict=True):
         if to == 0:
             _euler(t, s, to)
             continue
@@ -139,7 +139,7 @@ def _table_dpm_2(t, sig_, o):
 
 
 def _table_dpm_2_a(t, sig_, o):
-    for s, to in zip(sig_[:-1], sig_[1:]):
+    for s, to in zip(sig_[:-1], sig_[1:], strict=True):
         down, up = _anc(s, to, o.eta)
         if down == 0:
             _euler(t, s, down)
@@ -151,7 +151,7 @@ def _table_dpm_2_a(t, sig_, o):
 
 
 def _table_dpmpp_2s_a(t, sig_, o):
-    for s, to in zip(sig_[:-1], sig_[1:]):
+    for s, to in zip(sig_[:-1], sig_[1:], strict=True):
         down, up = _anc(s, to, o.eta)
         noise = o.s_noise * up if to > 0 else 0.0
         if down == 0:
@@ -167,7 +167,7 @@ def _table_dpmpp_2s_a(t, sig_, o):
 
 
 def _table_dpmpp_sde(t, sig_, o, r=0.5):
-    for s, to in zip(sig_[:-1], sig_[1:]):
+    for s, to in zip(sig_[:-1], sig_[1:], strict=True):
         if to == 0:
             _euler(t, s, to)
             continue
@@ -185,7 +185,7 @@ def _table_dpmpp_sde(t, sig_, o, r=0.5):
 
 
 def _table_dpmpp_2m(t, sig_, o):
-    for i, (s, to) in enumerate(zip(sig_[:-1], sig_[1:])):
+    for i, (s, to) in enumerate(zip(sig_[:-1], sig_[1:], strict=True)):
         keep = [(0, 1, ())]
         if to == 0:
             t.add(s, d=1.0, mem=keep)
@@ -201,7 +201,7 @@ def _table_dpmpp_2m(t, sig_, o):
 
 def _table_dpmpp_2m_sde(t, sig_, o):
     h_last = None
-    for i, (s, to) in enumerate(zip(sig_[:-1], sig_[1:])):
+    for i, (s, to) in enumerate(zip(sig_[:-1], sig_[1:], strict=True)):
         keep = [(0, 1, ())]
         if to == 0:
             t.add(s, d=1.0, mem=keep)
@@ -220,7 +220,7 @@ def _table_dpmpp_2m_sde(t, sig_, o):
 
 def _table_dpmpp_3m_sde(t, sig_, o):
     hs: list[float] = []  # h of the previous steps, newest first
-    for i, (s, to) in enumerate(zip(sig_[:-1], sig_[1:])):
+    for i, (s, to) in enumerate(zip(sig_[:-1], sig_[1:], strict=True)):
         mem = [(0, 1, ()), (0, 0, (1, 0))]  # B0 = D, B1 = old B0
         if to == 0:
             t.add(s, d=1.0, mem=mem)
@@ -259,7 +259,7 @@ def _lms_coeff(order: int, ts: np.ndarray, i: int, j: int) -> float:
 
 def _table_lms(t, sig_, o, order=4):
     ts = np.asarray(sig_, np.float64)
-    for i, (s, to) in enumerate(zip(sig_[:-1], sig_[1:])):
+    for i, s in enumerate(sig_[:-1]):
         cur = min(i + 1, order)
         c = [_lms_coeff(cur, ts, i, j) for j in range(cur)]
         # d = (x - D) / s is the newest derivative; B holds the older ones, newest first
