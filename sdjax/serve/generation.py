@@ -30,7 +30,7 @@ from sdjax.serve import uploads
 from sdjax.serve.batcher import ImageSpec, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest, Limits, check_generation
-from sdjax.serve.samplers import sampler_settings
+from sdjax.serve.samplers import sampler_settings, scheduler_for
 from sdjax.serve.schemas import Img2ImgRequest, Txt2ImgRequest, unsupported
 from sdjax.task_inputs import TaskInputs
 from sdjax.tasks import MASKED_CONTENT
@@ -69,6 +69,14 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     if not pipe.UPSCALER:  # the upscaler's size is its image's (plan_img2img)
         try:
             pipe.check_size(req.height, req.width)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+    if pipe.UPSCALER or req.refiner_checkpoint:
+        # diffusers' own pipelines (the x4 upscaler, the base-to-refiner hand-off) keep the
+        # diffusers-equivalent schedulers of the WebUI's names
+        try:
+            scheduler, schedule_type = scheduler_for(req.sampler_name or req.sampler_index,
+                                                     req.scheduler), None
         except ValueError as e:
             raise BadRequest(str(e)) from None
     loras, clip_skip = _prompt_settings(req, registry, title)
