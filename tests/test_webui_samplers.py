@@ -296,7 +296,8 @@ def test_schedule_types_match_the_webui(schedule):
         ref = torch.tensor([*(lo + x * (hi - lo) for x in ts), 0.0])
     ours = sched.sigmas(n)
     ref = ref.float().numpy()
-    assert ours.shape == ref.shape == (n + 1,)
+    # the WebUI's DDIM type takes every (1000 // n)-th sigma: it can make more than n steps
+    assert ours.shape == ref.shape == ((9,) if schedule == "DDIM" else (n + 1,))
     np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=1e-6)
     # the model's timestep of each sigma, as CompVisDenoiser.sigma_to_t
     positive = ours[ours > 0]
