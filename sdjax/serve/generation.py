@@ -71,7 +71,8 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
             pipe.check_size(req.height, req.width)
         except ValueError as e:
             raise BadRequest(str(e)) from None
-    if pipe.UPSCALER or req.refiner_checkpoint:
+    names_refiner = (req.refiner_checkpoint or "").strip() not in ("", "None", "none")
+    if pipe.UPSCALER or names_refiner:
         # diffusers' own pipelines (the x4 upscaler, the base-to-refiner hand-off) keep the
         # diffusers-equivalent schedulers of the WebUI's names
         try:

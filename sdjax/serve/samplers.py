@@ -69,7 +69,13 @@ def sampler_settings(sampler_name: str | None,
             if (schedule or "automatic").strip().lower() not in ("automatic", "karras"):
                 raise ValueError(f"{sampler_name} has the Karras schedule, not {schedule}")
             return label, "Karras"
-    return scheduler_for(sampler_name, schedule), None
+    try:
+        return scheduler_for(sampler_name, schedule), None
+    except ValueError as e:
+        if not str(e).startswith("unknown sampler"):
+            raise
+        names = ", ".join(item["name"] for item in sampler_list())
+        raise ValueError(f"unknown sampler {sampler_name!r}; choose one of {names}") from None
 
 
 def sampler_list() -> list[dict]:
