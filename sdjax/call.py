@@ -48,6 +48,9 @@ class Call(TaskOptions):
     guidance_rescale: float | Sequence[float] | None = None
     guidance_interval: Any = None  # (sigma_lo, sigma_hi)
     clip_skip: int | None = None
+    # The WebUI's schedule type for a WebUI sampler name in scheduler= ("Karras", ...;
+    # None: "Automatic", the sampler's own default).
+    schedule_type: str | None = None
     # SDXL's conditioning (StableDiffusionXLPipeline; refused by the others).
     prompt_2: str | Sequence[str] | None = None
     negative_prompt_2: str | Sequence[str] | None = None

@@ -37,11 +37,20 @@ class Sampling:
     guidance_rescale: float = 0.0
     guidance_interval: tuple[float, float] | None = None
     clip_skip: int | None = None
+    schedule_type: str | None = None  # a WebUI sampler's schedule type (None: Automatic)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        return {"num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
-                "scheduler": self.scheduler, "guidance_rescale": self.guidance_rescale,
-                "guidance_interval": self.guidance_interval, "clip_skip": self.clip_skip}
+        out = {"num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
+               "scheduler": self.scheduler, "guidance_rescale": self.guidance_rescale,
+               "guidance_interval": self.guidance_interval, "clip_skip": self.clip_skip}
+        if self.schedule_type is not None:
+            out["schedule_type"] = self.schedule_type
+        return out
+
+    def schedule_label(self) -> str | None:
+        """The ``Schedule type`` the WebUI writes for this sampler (None: not a WebUI one)."""
+        from sdjax.schedulers.webui import infotext_schedule
+        return infotext_schedule(self.scheduler, self.schedule_type)
 
     def parameters(self) -> dict[str, str]:
         return guidance_parameters(self.guidance_rescale, self.guidance_interval,
@@ -178,7 +187,7 @@ class CallSettings:
         filled the sampling ones in, and the size (and task) it worked out."""
         return cls(args.model, Sampling(args.steps, args.scheduler, args.guidance_scale,
                                         args.guidance_rescale, args.guidance_interval,
-                                        args.clip_skip),
+                                        args.clip_skip, getattr(args, "schedule_type", None)),
                    size, task, SDXL.from_args(args), bool(getattr(args, "tiling", False)),
                    hires_settings.from_args(args))
 
@@ -216,5 +225,6 @@ class CallSettings:
         return format_parameters(
             prompt=prompt, negative_prompt=negative_prompt, steps=self.sampling.steps,
             sampler=self.sampling.scheduler, guidance_scale=scale, seed=seed, index=index,
+            schedule_type=self.sampling.schedule_label(),
             width=self.size.width, height=self.size.height, model=self.model,
             extra=self.extra_parameters())

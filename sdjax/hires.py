@@ -34,7 +34,7 @@ from sdjax.hires_settings import (
     is_latent,
     sizes,
 )
-from sdjax.schedulers import SCHEDULER_NAMES
+from sdjax.schedulers import ALL_SCHEDULER_NAMES
 
 
 def check(pipe, c) -> tuple[str, Sizes]:
@@ -51,7 +51,7 @@ def check(pipe, c) -> tuple[str, Sizes]:
     check_strength(c.hires_denoising_strength)
     if c.hires_steps is not None:
         validation.check_int(c.hires_steps, "hires_steps", minimum=0)
-    validation.check_choice(c.hires_scheduler, "hires_scheduler", SCHEDULER_NAMES,
+    validation.check_choice(c.hires_scheduler, "hires_scheduler", ALL_SCHEDULER_NAMES,
                             allow_none=True)
     for name in ("hires_prompt", "hires_negative_prompt"):
         validation.check_prompts(getattr(c, name), name, allow_none=True)

@@ -31,7 +31,12 @@ from sdjax.runtime import (  # noqa: F401  (their old home: kept importable from
     parse_dtype,
     resolve_matmul_precision,
 )
-from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
+from sdjax.schedulers import (
+    ALL_SCHEDULER_NAMES,
+    SCHEDULER_NAMES,
+    default_scheduler_name,
+    get_scheduler,
+)
 from sdjax.task_inputs import TaskInputs
 from sdjax.weights import model as model_files
 from sdjax.weights.resolve import resolve_model
@@ -304,7 +309,7 @@ class StableDiffusionPipeline:
     def prepare(self, num_prompts: int = 1, num_images_per_prompt: int = 1, *,
                 num_inference_steps: int | None = None, scheduler: str | None = None,
                 height: int | None = None, width: int | None = None,
-                **options) -> TaskInputs:
+                schedule_type: str | None = None, **options) -> TaskInputs:
         """The host side of a call's task (:class:`sdjax.task_inputs.TaskInputs`: the task,
         its batched arrays, the span of the schedule, the output size, the post-processing)
         for ``num_prompts * num_images_per_prompt`` images; ``options`` are the fields of
@@ -313,7 +318,7 @@ class StableDiffusionPipeline:
         argument. A call takes the value as ``task_inputs=`` and does not prepare again;
         several requests' values that share task, size and span join with
         ``TaskInputs.concat``."""
-        steps, sched = self._schedule(num_inference_steps, scheduler)
+        steps, sched = self._schedule(num_inference_steps, scheduler, schedule_type)
         return self._prepare_request(build(
             task_inputs.TaskRequest, "prepare", num_prompts=num_prompts,
             num_images_per_prompt=num_images_per_prompt, steps=steps, scheduler=sched,
@@ -331,15 +336,18 @@ class StableDiffusionPipeline:
             self.vae_scale_factor, self.default_hw)
         return task_inputs.prepare(model, request)
 
-    def _schedule(self, steps: int | None, scheduler: str | None) -> tuple[int, Any]:
-        """(steps, the scheduler object) a call with these arguments uses."""
+    def _schedule(self, steps: int | None, scheduler: str | None,
+                  schedule_type: str | None = None) -> tuple[int, Any]:
+        """(steps, the scheduler object) a call with these arguments uses; a WebUI sampler
+        name takes a WebUI ``schedule_type``."""
         settings = self.sampling_settings(num_inference_steps=steps, scheduler=scheduler)
         steps = validation.check_int(settings["num_inference_steps"], "num_inference_steps",
                                      minimum=1)
-        name = validation.check_choice(settings["scheduler"], "scheduler", SCHEDULER_NAMES,
+        name = validation.check_choice(settings["scheduler"], "scheduler", ALL_SCHEDULER_NAMES,
                                        allow_none=True)
         return steps, get_scheduler(name or default_scheduler_name(self.scheduler_config),
-                                    self.scheduler_config)
+                                    self.scheduler_config, schedule_type=schedule_type,
+                                    sdxl=self.SDXL)
 
     @takes_call
     def __call__(self, call: Call) -> PipelineOutput:
@@ -403,8 +411,8 @@ class StableDiffusionPipeline:
             guidance_scale=settings["guidance_scale"], height=c.height, width=c.width,
             num_images_per_prompt=c.num_images_per_prompt, seed=c.seed, seeds=c.seeds,
             image_indices=c.image_indices, scheduler=settings["scheduler"],
-            scheduler_names=SCHEDULER_NAMES, factor=self.vae_scale_factor)
-        steps, sched = self._schedule(steps, settings["scheduler"])
+            scheduler_names=ALL_SCHEDULER_NAMES, factor=self.vae_scale_factor)
+        steps, sched = self._schedule(steps, settings["scheduler"], c.schedule_type)
         clip_skip = validation.check_int(
             1 if settings["clip_skip"] is None else settings["clip_skip"], "clip_skip", minimum=1,
             maximum=self.text_encoder_config.num_hidden_layers)

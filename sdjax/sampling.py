@@ -227,6 +227,9 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         state0 = sched.set_timesteps(spec.steps, sample_shape=sample_shape)
         total = sched.num_evaluations(state0)
     dtype, scaling = nets.dtype, nets.vae_scaling
+    # The WebUI's samplers inpaint by blending the denoised estimate with the image's
+    # (sdjax.schedulers.webui), not the noised latents after each step.
+    webui_blend = getattr(sched, "blends_denoised", False)
 
     def per_device(*args):
         # Read while the networks are traced: tiling is compiled in.
@@ -260,8 +263,10 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         elif feed.image_latents is not None:
             noised = sched.add_noise_for_start(state, feed.image_latents, noise)
             # Inpainting from strength 1 starts from noise alone (diffusers' is_strength_max);
-            # img2img at strength 1 still mixes the image in at the first timestep.
-            x = jnp.where(start == 0, x, noised) if task.pure_noise_at_full_strength else noised
+            # img2img at strength 1 still mixes the image in at the first timestep, and so
+            # does the WebUI's inpainting (webui_blend).
+            x = (jnp.where(start == 0, x, noised)
+                 if task.pure_noise_at_full_strength and not webui_blend else noised)
         guidance = guidance.astype(jnp.float32)
         if not spec.cfg:
             # No unconditional pass: the negative prompts' half of the (cheap, once per call)
@@ -286,8 +291,15 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
                 eps = combine_guidance(eps[:b], eps[b:], guidance, step.sigma)
             key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
                    if sched.stochastic else None)
-            x, state = sched.step(state, i, eps, x, key=key)
-            if feed.repaint is not None:
+            if webui_blend and feed.repaint is not None:
+                x, state = sched.step(state, i, eps, x, key=key,
+                                      blend=(feed.image_latents, feed.repaint))
+                # and the image's latents outside the mask after the last step, as the WebUI
+                x = jnp.where(i < end - 1, x, (1 - feed.repaint) * feed.image_latents
+                              + feed.repaint * x)
+            else:
+                x, state = sched.step(state, i, eps, x, key=key)
+            if feed.repaint is not None and not webui_blend:
                 # Ordinary models inpaint by putting the kept region back, noised to the
                 # next evaluation's level (clean after the last that runs), as diffusers does.
                 level = noise_levels[jnp.minimum(i + 1, total - 1)]

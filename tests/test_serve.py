@@ -106,7 +106,7 @@ def test_txt2img_matches_sdjax_sample(server, pipe, tmp_path, monkeypatch):
         out = tmp_path / str(seed)
         assert sample.main(["--model", "toy", "--prompt", "a red circle", "--negative_prompt",
                             "green", "--seed", str(seed), "--steps", "2", "--width", "16",
-                            "--height", "16", "--scheduler", "euler_a", "--guidance_scale",
+                            "--height", "16", "--scheduler", "Euler a", "--guidance_scale",
                             "6", "--outdir", str(out)]) == 0
         written = Image.open(next(out.glob("*.png")))
         served = _decode(body["images"][k])
@@ -148,7 +148,7 @@ def test_eight_concurrent_requests_share_one_call(server, pipe, calls):
         server.batcher.window_s = 0.05
     assert calls["n"] - calls_before == 1 and server.batcher.calls - batches_before == 1
     alone = [pipe(r["prompt"], negative_prompt=r["negative_prompt"], num_inference_steps=2,
-                  guidance_scale=r["cfg_scale"], height=16, width=16, scheduler="euler_a",
+                  guidance_scale=r["cfg_scale"], height=16, width=16, scheduler="Euler a",
                   seed=r["seed"]).images[0] for r in reqs]
     for r, body, expected in zip(reqs, bodies, alone, strict=True):
         info = json.loads(body["info"])
@@ -215,7 +215,8 @@ def test_options_switch_model(server, registry):
     ({"steps": -3}, 422, "steps must be between 1 and 150, got -3"),
     ({"steps": "many"}, 422, "steps: Input should be a valid integer"),
     ({"sampler_name": "Euler b"}, 422, "unknown sampler 'Euler b'"),
-    ({"sampler_name": "Euler", "scheduler": "Karras"}, 422, "has no Karras schedule"),
+    ({"sampler_name": "Euler", "scheduler": "Karas"}, 422, "unknown schedule_type 'Karas'"),
+    ({"sampler_name": "DDIM", "scheduler": "Karras"}, 422, "has no Karras schedule"),
     ({"width": 2048, "height": 2048}, 422, "limit of 1048576 pixels"),
     ({"batch_size": 65}, 422, "limit of 64 images per request"),
     ({"n_iter": 0}, 422, "batch_size and n_iter must be at least 1"),
@@ -329,7 +330,7 @@ def test_img2img_matches_the_pipeline(server, pipe):
     b_decoded = np.asarray(_decode(jpeg).convert("RGB"))  # what the server sees of the JPEG
     for k, (seed, init) in enumerate([(7, a), (8, b_decoded)]):
         expected = pipe("a green circle", num_inference_steps=2, guidance_scale=5, height=16,
-                        width=16, scheduler="euler_a", seed=seed, image=init,
+                        width=16, scheduler="Euler a", seed=seed, image=init,
                         strength=0.6).images[0]
         np.testing.assert_array_equal(np.asarray(_decode(body["images"][k])), expected)
     info = json.loads(body["info"])
@@ -348,7 +349,7 @@ def test_inpainting_only_masked_matches_the_pipeline(server, pipe):
         "mask_blur": 2, "inpaint_full_res": True, "inpaint_full_res_padding": 4})
     assert r.status_code == 200, r.text
     expected = pipe("a green circle", num_inference_steps=2, guidance_scale=5, height=16,
-                    width=16, scheduler="euler_a", seed=7, image=picture,
+                    width=16, scheduler="Euler a", seed=7, image=picture,
                     mask_image=_square_mask(32), strength=0.9, mask_blur=2,
                     padding_mask_crop=4).images[0]
     served = np.asarray(_decode(r.json()["images"][0]))
@@ -369,7 +370,7 @@ def test_inpainting_fill_matches_the_pipeline(server, pipe):
         "inpaint_full_res_padding": 4})
     assert r.status_code == 200, r.text
     args = dict(num_inference_steps=2, guidance_scale=5, height=16, width=16,
-                scheduler="euler_a", seed=7, image=picture, mask_image=_square_mask(32),
+                scheduler="Euler a", seed=7, image=picture, mask_image=_square_mask(32),
                 strength=0.9, mask_blur=2, padding_mask_crop=4)
     expected = pipe("a green circle", masked_content="fill", **args).images[0]
     original = pipe("a green circle", **args).images[0]

@@ -34,7 +34,7 @@ from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
 from sdjax.serve.limits import BadRequest, Limits
 from sdjax.serve.page_routes import add_page_routes
-from sdjax.serve.samplers import sampler_list
+from sdjax.serve.samplers import sampler_list, scheduler_list
 from sdjax.serve.schemas import (
     ImagesResponse,
     Img2ImgRequest,
@@ -284,6 +284,10 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     @app.get("/sdapi/v1/samplers")
     async def samplers():
         return sampler_list()
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers():
+        return scheduler_list()
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():
