@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RNG_NAMES = ("jax", "nv", "cpu")
+from sdjax.validation import RNG_NAMES
 # The batched inputs of the compiled call that this module reads (one row per image).
 SUBSEEDS, STRENGTH, ENSD = "subseeds", "subseed_strength", "eta_noise_seed_delta"
 INPUT_NAMES = (SUBSEEDS, STRENGTH, ENSD)
@@ -295,18 +295,21 @@ def resize_offsets(shape: tuple[int, int], source: tuple[int, int]):
 
 
 def image_noise(rng: str, shape: tuple[int, int, int], seed: jax.Array, index: jax.Array,
-                subseed: jax.Array, strength: jax.Array, key: jax.Array, subkey: jax.Array,
+                key: jax.Array, variation: tuple | None = None,
                 resize_from: tuple[int, int] | None = None) -> jax.Array:
     """One image's start noise (h, w, C), the WebUI's ``ImageRNG.first``: ``seed``/``index``
-    its call seed and index (uint32), ``subseed``/``strength`` its variation seed, ``key`` and
-    ``subkey`` its ``jax`` keys, ``resize_from`` the latent (h, w) the seed's noise is drawn at."""
-    on = strength != 0
+    its call seed and index (uint32), ``key`` its ``jax`` key, ``variation`` its (subseed,
+    strength, subseed's jax key) or None, ``resize_from`` the latent (h, w) the seed's noise
+    is drawn at."""
+    on = jnp.bool_(False) if variation is None else variation[1] != 0
     lo, hi = _split_seed(seed, jnp.where(on, _u32(0), index))
-    sub_lo, sub_hi = _split_seed(subseed, index)
     from_shape = shape if resize_from is None else (*resize_from, shape[2])
     noise = draw(rng, from_shape, lo, key, hi)
-    sub = draw(rng, from_shape, sub_lo, subkey, sub_hi)
-    noise = jnp.where(on, slerp(strength, noise, sub), noise)
+    if variation is not None:
+        subseed, strength, subkey = variation
+        sub_lo, sub_hi = _split_seed(subseed, index)
+        sub = draw(rng, from_shape, sub_lo, subkey, sub_hi)
+        noise = jnp.where(on, slerp(strength, noise, sub), noise)
     if from_shape != shape:
         x = draw(rng, shape, lo, key, hi)
         rows, cols, src_rows, src_cols = resize_offsets(shape[:2], from_shape[:2])
@@ -318,14 +321,17 @@ def start_noise(rng: str, shape: tuple[int, int, int], seeds: jax.Array, indices
                 inputs: Mapping[str, jax.Array], resize_from: tuple[int, int] | None = None
                 ) -> jax.Array:
     """The (B, h, w, C) start noise of a call's images: ``seeds``, ``indices`` (uint32, one per
-    image) and ``inputs[SUBSEEDS]``/``inputs[STRENGTH]`` (zeros when absent)."""
-    b = seeds.shape[0]
-    subseeds = inputs.get(SUBSEEDS, jnp.zeros((b,), U32)).astype(U32)
-    strength = inputs.get(STRENGTH, jnp.zeros((b,), jnp.float32)).astype(jnp.float32)
+    image) and, when the call has variation seeds, ``inputs[SUBSEEDS]`` and
+    ``inputs[STRENGTH]``."""
+    seeds, indices = seeds.astype(U32), indices.astype(U32)
     keys, _ = image_keys(seeds, indices)
+    if STRENGTH not in inputs:
+        return jax.vmap(lambda s, i, k: image_noise(rng, shape, s, i, k,
+                                                    resize_from=resize_from))(seeds, indices, keys)
+    subseeds = inputs[SUBSEEDS].astype(U32)
     subkeys, _ = image_keys(subseeds, indices)
-    return jax.vmap(lambda *a: image_noise(rng, shape, *a, resize_from=resize_from))(
-        seeds.astype(U32), indices.astype(U32), subseeds, strength, keys, subkeys)
+    return jax.vmap(lambda s, i, k, *v: image_noise(rng, shape, s, i, k, v, resize_from))(
+        seeds, indices, keys, subseeds, inputs[STRENGTH].astype(jnp.float32), subkeys)
 
 
 # ----------------------------------------------------------------------------- per step
