@@ -195,3 +195,25 @@ def test_pipeline_draws_pipe_noise_and_variation_never_recompiles(pipe):
                        (dict(eta_noise_seed_delta=-1), "eta_noise_seed_delta")]:
         with pytest.raises(ValueError, match=match):
             pipe("a", **bad, **kw)
+
+
+def test_sample_cli_writes_the_webuis_noise_fields(sd1_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from sdjax.images import parse_parameters
+    from sdjax.sample import main
+    argv = ["--model", str(sd1_folder), "--prompt", "a cat", "--steps", "2", "--num_devices",
+            "1", "--rng", "nv", "--subseed", "5", "--subseed_strength", "0.25",
+            "--seed_resize_from", "8,12", "--eta_noise_seed_delta", "31337"]
+    rc = main([*argv, "--outdir", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    meta = parse_parameters(Image.open(next((tmp_path / "out").glob("*.png"))).text[
+        "parameters"])
+    assert (meta["Variation seed"], meta["Variation seed strength"], meta["Seed resize from"],
+            meta["ENSD"], meta["RNG"]) == ("5", "0.25", "12x8", "31337", "NV")
+    assert main([*argv[:-8], "--subseed_strength", "1.5", "--subseed", "1",
+                 "--outdir", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--subseed_strength must be in [0, 1]" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
