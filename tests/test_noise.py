@@ -6,6 +6,8 @@ recompile when the subseeds or strengths change."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -217,3 +219,52 @@ def test_sample_cli_writes_the_webuis_noise_fields(sd1_folder, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "--subseed_strength must be in [0, 1]" in err and err.count("\n") == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_server_reads_the_webuis_noise_fields_and_options():
+    pytest.importorskip("pydantic")
+    from types import SimpleNamespace
+
+    from sdjax.images import parse_parameters
+    from sdjax.serve.batcher import JobResult
+    from sdjax.serve.generation import images_response, plan_txt2img
+    from sdjax.serve.limits import BadRequest, Limits
+    from sdjax.serve.noise_fields import check_options
+    from sdjax.serve.schemas import Txt2ImgRequest
+
+    model = SimpleNamespace(
+        UPSCALER=False, check_size=lambda h, w: None,
+        sampling_settings=lambda: {"guidance_rescale": 0.0, "guidance_interval": None,
+                                   "clip_skip": None},
+        text_encoder_config=SimpleNamespace(num_hidden_layers=12))
+    registry = SimpleNamespace(find=lambda wanted: "toy", get=lambda title: model,
+                               find_refiner=lambda name: None, lora_dir=None)
+
+    def plan(options=None, **fields):
+        req = Txt2ImgRequest(**{"prompt": "a cat", "seed": 10, "steps": 2, "width": 64,
+                                "height": 64, "batch_size": 2, **fields})
+        return req, plan_txt2img(req, registry, Limits(), options)
+
+    # The WebUI's default source is its GPU one (nv), written as nothing; seeds seed + k.
+    _, p = plan()
+    assert p.shape.settings.noise.rng == "nv" and [s.seed for s in p.specs] == [10, 11]
+    assert p.shape.settings.pipeline_kwargs()["rng"] == "nv"
+    # Variation seeds: the seed for all, subseed + k; options and override_settings.
+    req, p = plan({"randn_source": "CPU"}, subseed=40, subseed_strength=0.5,
+                  seed_resize_from_h=48, seed_resize_from_w=80,
+                  override_settings={"eta_noise_seed_delta": 31337})
+    assert [(s.seed, s.subseed) for s in p.specs] == [(10, 40), (10, 41)]
+    result = JobResult([np.zeros((64, 64, 3), np.uint8)] * 2, p.specs, [(0, 2)], False)
+    info = json.loads(images_response(req, p, result)["info"])
+    assert info["all_subseeds"] == [40, 41]
+    fields = parse_parameters(info["infotexts"][1])
+    assert (fields["Seed"], fields["Variation seed"], fields["Variation seed strength"],
+            fields["Seed resize from"], fields["ENSD"], fields["RNG"]) == (
+        "10", "41", "0.5", "80x48", "31337", "CPU")
+    assert p.shape.settings.pipeline_kwargs()["seed_resize_from"] == (48, 80)
+    for bad, match in [(dict(subseed_strength=2), "subseed_strength"),
+                       (dict(override_settings={"randn_source": "TPU"}), "randn_source")]:
+        with pytest.raises(BadRequest, match=match):
+            plan(**bad)
+    with pytest.raises(BadRequest, match="eta_noise_seed_delta"):
+        check_options({"eta_noise_seed_delta": "x"})
