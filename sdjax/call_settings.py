@@ -133,7 +133,7 @@ class Noise:
                    getattr(args, "eta_noise_seed_delta", None) or 0)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rng": self.rng}
+        out: dict[str, Any] = {} if self.rng == "jax" else {"rng": self.rng}
         if self.subseed_strength:
             out.update(subseed_strength=self.subseed_strength)
             if self.subseed is not None:

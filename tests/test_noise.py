@@ -214,6 +214,23 @@ def test_sample_cli_writes_the_webuis_noise_fields(sd1_folder, tmp_path, capsys)
         "parameters"])
     assert (meta["Variation seed"], meta["Variation seed strength"], meta["Seed resize from"],
             meta["ENSD"], meta["RNG"]) == ("5", "0.25", "12x8", "31337", "NV")
+    # sdjax.generate records them per sample and in run.json.
+    import tarfile
+
+    from sdjax import generate
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert generate.main([*argv[:1], str(sd1_folder), *argv[4:], "--prompts",
+                          str(tmp_path / "p.txt"), "--outdir", str(tmp_path / "ds"),
+                          "--samples_per_shard", "1"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    given = {"rng": "nv", "subseed": 5, "subseed_strength": 0.25, "seed_resize_from": [8, 12],
+             "eta_noise_seed_delta": 31337}
+    assert json.loads((tmp_path / "ds" / "run.json").read_text())["settings"].items() >= \
+        given.items()
+    with tarfile.open(tmp_path / "ds" / "00000.tar") as tar:
+        meta = json.loads(next(tar.extractfile(m) for m in tar if m.name.endswith(".json"))
+                          .read())
+    assert meta.items() >= given.items()
     assert main([*argv[:-8], "--subseed_strength", "1.5", "--subseed", "1",
                  "--outdir", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
