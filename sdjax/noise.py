@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.validation import RNG_NAMES
+
 # The batched inputs of the compiled call that this module reads (one row per image).
 SUBSEEDS, STRENGTH, ENSD = "subseeds", "subseed_strength", "eta_noise_seed_delta"
 INPUT_NAMES = (SUBSEEDS, STRENGTH, ENSD)

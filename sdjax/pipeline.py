@@ -19,8 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sdjax import model_defaults, parallel, sampling, task_inputs, validation
-from sdjax import noise_call
+from sdjax import model_defaults, noise_call, parallel, sampling, task_inputs, validation
 from sdjax import prompts as prompt_syntax
 from sdjax.call import SDXL_FIELDS, Call, build, takes_call
 from sdjax.outputs import NonFiniteError, PendingImages, PipelineOutput

@@ -312,7 +312,7 @@ def check_seed_resize_from(value: Any, factor: int) -> tuple[int, int] | None:
         raise TypeError(f"seed_resize_from must be None or (height, width), got "
                         f"{_show(value)}")
     h, w = (check_int(v, f"seed_resize_from {k}", minimum=factor, maximum=2**16)
-            for k, v in zip(("height", "width"), value))
+            for k, v in zip(("height", "width"), value, strict=True))
     return h, w
 
 

@@ -74,7 +74,8 @@ def test_nv_matches_the_webui_generator():
 def test_cpu_matches_torch_randn():
     seeds = (0, 42, 2**32 - 1)
     for shape in [(5, 3), (16,), (4, 9, 7)]:  # torch's scalar path, 16-blocks, and its tail
-        draw = jax.jit(jax.vmap(lambda s: noise.cpu_randn(noise.cpu_state(s), shape)[0]))
+        draw = jax.jit(jax.vmap(lambda s, shape=shape: noise.cpu_randn(noise.cpu_state(s),
+                                                                     shape)[0]))
         ours = np.asarray(draw(np.array(seeds, np.uint32)))
         for seed, got in zip(seeds, ours, strict=True):
             want = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()

@@ -30,8 +30,8 @@ from sdjax.images import parse_parameters
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
-from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
 from sdjax.serve.limits import BadRequest, Limits
+from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
 from sdjax.serve.samplers import sampler_list
 from sdjax.serve.schemas import (
     ImagesResponse,
