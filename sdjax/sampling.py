@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from sdjax import noise as noise_sources
 from sdjax import parallel, prompts, tasks, vae_tiling, validation
+from sdjax.models.layers import circular_padding
 from sdjax.schedulers.start import start_table
 
 # Per-image status the compiled call returns when it checks its outputs (one int8 per image).
@@ -53,6 +54,9 @@ class CoreSpec:
     # The loop ends at the call's stop evaluation (denoising_end, a runtime input), not at the
     # schedule's end. False keeps the static trip count of every other call.
     stops_early: bool = False
+    # The WebUI's seamless tiling: every convolution of the UNet and the VAE pads circularly
+    # (sdjax.models.layers.circular_padding), compiled in.
+    tiling: bool = False
     # The start noise's source (sdjax.noise.RNG_NAMES) and the WebUI's "resize seed from" as
     # the latent (h, w) the seed's noise is drawn at (None: the call's own size).
     rng: str = "jax"
@@ -229,7 +233,12 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         total = sched.num_evaluations(state0)
     dtype, scaling = nets.dtype, nets.vae_scaling
 
-    def per_device(params, ids, neg_ids, guidance, seeds, indices, span, inputs):
+    def per_device(*args):
+        # Read while the networks are traced: tiling is compiled in.
+        with circular_padding(spec.tiling):
+            return sample(*args)
+
+    def sample(params, ids, neg_ids, guidance, seeds, indices, span, inputs):
         start = span[0]
         end = span[1] if spec.stops_early else total
         vae = nnx.merge(nets.graphdefs["vae"], params["vae"])

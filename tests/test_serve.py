@@ -202,7 +202,7 @@ def test_options_switch_model(server, registry):
     ({"n_iter": 0}, 422, "batch_size and n_iter must be at least 1"),
     ({"cfg_scale": -1}, 422, "cfg_scale must not be negative"),
     ({"seed": 2**40}, 422, "seed must be in [0, 2**32) or -1"),
-    ({"enable_hr": True}, 422, "enable_hr=True is not supported"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "unknown hr_upscaler"),
     ({"override_settings": {"sd_model_checkpoint": "sd-xl"}}, 404, "'sd-xl' not found"),
     ({"prompt": "a <lora:style:0.5> cat"}, 422, "<lora:style> needs a LoRA folder"),
     ({"prompt": "a <lora:style:lots> cat"}, 422, "the multiplier must be a finite number"),

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import secrets
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sdjax import __version__
 from sdjax.call_settings import Inpainting
 from sdjax.images import parse_parameters
+from sdjax.serve import hires_fields
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
@@ -285,6 +287,14 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     async def samplers():
         return sampler_list()
 
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers():
+        return hires_fields.upscalers()
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes():
+        return hires_fields.latent_upscale_modes()
+
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
         return registry.listing()
@@ -337,8 +347,9 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         if params:  # the WebUI's names for the parsed fields
             params["Prompt"] = params.pop("prompt")
             params["Negative prompt"] = params.pop("negative_prompt")
-            if "Size" in params and "x" in params["Size"]:
-                params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
+            for key, value in list(params.items()):  # "Size", "Hires resize": as the WebUI
+                if re.fullmatch(r"\d+x\d+", value):
+                    params[f"{key}-1"], params[f"{key}-2"] = value.split("x", 1)
         return {"info": text, "items": json.loads(json.dumps(items)), "parameters": params}
 
     return app

@@ -28,7 +28,7 @@ from sdjax.call_settings import (
 )
 from sdjax.images import SAMPLER_LABELS, encode_png
 from sdjax.lora_tags import TagLoras, find_lora, split_tags, tag_key
-from sdjax.serve import uploads
+from sdjax.serve import hires_fields, uploads
 from sdjax.serve.batcher import ImageSpec, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest, Limits, check_generation
@@ -90,6 +90,8 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
         title, request_sampling(pipe, req.steps, scheduler, clip_skip),
         Size(req.height, req.width),
         sdxl=SDXL() if refiner is None else SDXL(refiner=refiner, refiner_switch_at=switch_at),
+        tiling=hires_fields.tiling(req, pipe),
+        hires=hires_fields.hires(req, pipe, limits, refiner),
         noise=noise)
     return Plan(Shape(settings, loras=loras), specs, seed)
 
