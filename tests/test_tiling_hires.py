@@ -187,7 +187,8 @@ def _png(b64: str) -> tuple[np.ndarray, str]:
 
 def test_server_hires_and_tiling_requests(server, pipe):
     """The WebUI's fields through HTTP: a hires request is the pipeline's hires call (with
-    the server's noise source, nv), with the WebUI's infotext read back by png-info; a tiling request is the pipeline's tiling call."""
+    the server's noise source, nv), with the WebUI's infotext read back by png-info; a tiling
+    request is the pipeline's tiling call."""
     shape = {"prompt": "a red circle", "width": SIZE, "height": SIZE, "steps": STEPS,
              "sampler_name": "PLMS", "cfg_scale": 7.5, "seed": 7}
     r = server.client.post("/sdapi/v1/txt2img", json={
