@@ -44,6 +44,17 @@ class Call(TaskOptions):
     decode_chunk: int | None = None
     output_type: str = "uint8"  # "uint8" | "float" | "latent"
     nan_check: bool = True
+    # The WebUI's noise (sdjax.noise): the source ("jax" | "nv" | "cpu"), variation seeds
+    # (image i's subseed is subseed + i; strength one or one per image), the size in pixels
+    # (height, width) the seed's noise is drawn at, and ENSD (the seed offset of the WebUI
+    # samplers' per-step noise). ``subseeds``: one per image, as ``seeds`` (with the image's
+    # index: (subseed, i)).
+    rng: str = "jax"
+    subseed: int | None = None
+    subseed_strength: float | Sequence[float] = 0.0
+    seed_resize_from: Sequence[int] | None = None
+    eta_noise_seed_delta: int = 0
+    subseeds: Sequence[int] | None = None
     # Guidance options and the text encoder's layer (each one value or one per image).
     guidance_rescale: float | Sequence[float] | None = None
     guidance_interval: Any = None  # (sigma_lo, sigma_hi)

@@ -116,6 +116,60 @@ class Upscaling:
 
 ImageTask = Img2Img | Inpainting | Upscaling
 
+# The WebUI's names of its noise sources (its randn_source option) -> sdjax's rng.
+RANDN_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Noise:
+    """The start noise's settings (sdjax.noise). ``rng_given``: written as the WebUI's ``RNG:``
+    (the WebUI writes none for its default GPU source, nor do we for a default). ``subseed``
+    None: one per image (the server's merged calls pass them)."""
+    rng: str = "jax"
+    rng_given: bool = False
+    subseed: int | None = None
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None  # (height, width) in pixels
+    eta_noise_seed_delta: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Noise:
+        """The CLIs' noise flags (a command without them gives the defaults)."""
+        rng = getattr(args, "rng", None)
+        strength = getattr(args, "subseed_strength", None) or 0.0
+        return cls(rng or "jax", rng is not None,
+                   getattr(args, "subseed", None) if strength else None, strength,
+                   getattr(args, "seed_resize_from", None),
+                   getattr(args, "eta_noise_seed_delta", None) or 0)
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {} if self.rng == "jax" else {"rng": self.rng}
+        if self.subseed_strength:
+            out.update(subseed_strength=self.subseed_strength)
+            if self.subseed is not None:
+                out["subseed"] = self.subseed
+        if self.seed_resize_from is not None:
+            out["seed_resize_from"] = self.seed_resize_from
+        if self.eta_noise_seed_delta:
+            out["eta_noise_seed_delta"] = self.eta_noise_seed_delta
+        return out
+
+    def parameters(self, subseed: int | None = None) -> dict[str, str]:
+        """The WebUI's fields (``subseed``: the image's own variation seed)."""
+        fields = {}
+        subseed = self.subseed if subseed is None else subseed
+        if self.subseed_strength and subseed is not None:
+            fields.update({"Variation seed": str(subseed),
+                           "Variation seed strength": f"{self.subseed_strength:g}"})
+        if self.seed_resize_from is not None:
+            h, w = self.seed_resize_from
+            fields["Seed resize from"] = f"{w}x{h}"
+        if self.eta_noise_seed_delta:
+            fields["ENSD"] = str(self.eta_noise_seed_delta)
+        if self.rng_given and self.rng != "jax":
+            fields["RNG"] = self.rng.upper()
+        return fields
+
 # SDXL's size conditioning: setting -> its metadata field (space-separated: the parameters
 # line separates its fields with commas).
 SIZE_FIELDS = {"original_size": "Original size", "crops_coords_top_left": "Crop top left",
@@ -179,6 +233,7 @@ class CallSettings:
     sdxl: SDXL = SDXL()
     tiling: bool = False  # the WebUI's seamless tiling
     hires: Hires | None = None  # the WebUI's hires fix (the size above is the first pass's)
+    noise: Noise = Noise()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, size: Size,
@@ -189,7 +244,7 @@ class CallSettings:
                                         args.guidance_rescale, args.guidance_interval,
                                         args.clip_skip, getattr(args, "schedule_type", None)),
                    size, task, SDXL.from_args(args), bool(getattr(args, "tiling", False)),
-                   hires_settings.from_args(args))
+                   hires_settings.from_args(args), Noise.from_args(args))
 
     def pipeline_kwargs(self, *, task: bool = True) -> dict[str, Any]:
         """The keyword arguments of ``pipe(...)`` / ``pipe.submit(...)``, or of
@@ -206,11 +261,13 @@ class CallSettings:
             out["tiling"] = True
         if self.hires is not None:
             out.update(self.hires.pipeline_kwargs())
+        out.update(self.noise.pipeline_kwargs())
         return out
 
-    def extra_parameters(self) -> dict[str, str]:
-        """The metadata fields after ``Model``: guidance options, the task's, SDXL's."""
-        return {**self.sampling.parameters(),
+    def extra_parameters(self, subseed: int | None = None) -> dict[str, str]:
+        """The metadata fields after ``Model``: the noise's, guidance options, the task's,
+        SDXL's."""
+        return {**self.noise.parameters(subseed), **self.sampling.parameters(),
                 **(self.task.parameters() if self.task is not None else {}),
                 **self.sdxl.parameters(),
                 **({"Tiling": "True"} if self.tiling else {}),
@@ -218,13 +275,14 @@ class CallSettings:
                     lambda name: SAMPLER_LABELS.get(name, name)))}
 
     def parameters(self, prompt: str, negative_prompt: str, seed: int, *,
-                   index: int | None = None, guidance_scale: float | None = None) -> str:
-        """The WebUI's ``parameters`` text of one image. ``guidance_scale``: the image's own,
-        where the settings have none (the server's merged calls)."""
+                   index: int | None = None, guidance_scale: float | None = None,
+                   subseed: int | None = None) -> str:
+        """The WebUI's ``parameters`` text of one image. ``guidance_scale`` and ``subseed``:
+        the image's own, where the settings have none (the server's merged calls)."""
         scale = self.sampling.guidance_scale if guidance_scale is None else guidance_scale
         return format_parameters(
             prompt=prompt, negative_prompt=negative_prompt, steps=self.sampling.steps,
             sampler=self.sampling.scheduler, guidance_scale=scale, seed=seed, index=index,
             schedule_type=self.sampling.schedule_label(),
             width=self.size.width, height=self.size.height, model=self.model,
-            extra=self.extra_parameters())
+            extra=self.extra_parameters(subseed))

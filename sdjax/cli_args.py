@@ -93,6 +93,18 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
              "\"SGM Uniform\", \"KL Optimal\", \"Align Your Steps\", Simple, Normal, DDIM, Beta")
     add_flag(p, "seed", type=int, default=0, help="image i of the run uses noise from (seed, i); "
              "0 to 2**32-1, or -1 for a random seed (reported and written in the metadata)")
+    add_flag(p, "rng", default=None, choices=list(validation.RNG_NAMES),
+             help="the start noise's source: jax (default), nv (the WebUI's NV = its GPU "
+                  "source), cpu (torch's CPU generator); see docs/python-api.md")
+    add_flag(p, "subseed", type=int, default=None, help="the WebUI's variation seed (image i "
+             "uses subseed + i), 0 to 2**32-1")
+    add_flag(p, "subseed_strength", type=float, default=None, help="how much of the variation "
+             "seed's noise, 0 to 1 (the WebUI's slerp)")
+    add_flag(p, "seed_resize_from", type=parse_size_pair, default=None, metavar="H,W",
+             help="the WebUI's 'resize seed from': draw the seed's noise at this height,width "
+                  "and place it in the middle")
+    add_flag(p, "eta_noise_seed_delta", type=int, default=None, metavar="N",
+             help="the WebUI's ENSD: seed offset of its samplers' per-step noise")
     add_flag(p, "height", type=int, default=None, help="pixels, a multiple of the VAE factor "
              "(default: the model's size)")
     add_flag(p, "width", type=int, default=None, help="pixels (default: the model's size)")
@@ -152,6 +164,29 @@ class ModelOptions:
 
     def kwargs(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_size_pair(value: str) -> tuple[int, int]:
+    """``H,W`` -> (h, w) for --seed_resize_from."""
+    try:
+        h, w = (int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W (two integers), got {value!r}") from None
+    return h, w
+
+
+def check_noise_args(args: argparse.Namespace) -> None:
+    """--subseed, --subseed_strength, --seed_resize_from, --eta_noise_seed_delta."""
+    if args.subseed is not None:
+        validation.check_seed(args.subseed, "--subseed", allow_random=False)
+    strength = validation.check_subseed_strength(args.subseed_strength or 0.0, 1,
+                                                 "--subseed_strength")
+    if strength.any() and args.subseed is None:
+        raise ValueError("--subseed_strength needs a --subseed (the variation seed)")
+    if validation.check_seed_resize_from(args.seed_resize_from, 1) is not None:
+        validation.check_pixels(*args.seed_resize_from, args.max_pixels)
+    if args.eta_noise_seed_delta is not None:
+        validation.check_eta_noise_seed_delta(args.eta_noise_seed_delta)
 
 
 def parse_interval(value: str) -> tuple[float, float]:
@@ -258,6 +293,7 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
                                  f"\"DPM++ 2M\", ...), not --scheduler {args.scheduler}")
         if args.clip_skip is not None:
             validation.check_int(args.clip_skip, "--clip_skip", minimum=1)
+        check_noise_args(args)
         hires = hires_settings.from_args(args)
         if hires is not None and getattr(args, "refiner", None) is not None:
             raise ValueError("the hires fix does not go with --refiner")

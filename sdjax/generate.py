@@ -127,6 +127,7 @@ class Settings:
             fields["lora_dir"] = self.lora_dir
         fields.update(self.sdxl_json())
         fields.update(self.hires_json())
+        fields.update(self.noise_json())
         if sdxl.refiner is not None:
             fields["refiner"] = sdxl.refiner
         options = {k: v for k, v in self.model_options.kwargs().items() if v not in (None, False)}
@@ -139,6 +140,17 @@ class Settings:
         resume)."""
         out = {"tiling": True} if self.call.tiling else {}
         return {**out, **(self.call.hires.flags() if self.call.hires is not None else {})}
+    def noise_json(self) -> dict:
+        """The noise flags given (sdjax.noise), by flag name, as JSON holds them."""
+        n = self.call.noise
+        out = {"rng": n.rng} if n.rng_given else {}
+        if n.subseed_strength:
+            out.update(subseed=n.subseed, subseed_strength=n.subseed_strength)
+        if n.seed_resize_from is not None:
+            out["seed_resize_from"] = list(n.seed_resize_from)
+        if n.eta_noise_seed_delta:
+            out["eta_noise_seed_delta"] = n.eta_noise_seed_delta
+        return out
 
     def sdxl_json(self) -> dict:
         """The SDXL flags given, by flag name, as JSON holds them (pairs become lists, which
@@ -196,7 +208,7 @@ def sample_files(sample: Sample, key: str, image: np.ndarray,
             "scheduler": call.sampling.scheduler,
             "guidance_scale": call.sampling.guidance_scale, "width": call.size.width,
             "height": call.size.height, "model": call.model, "dtype": settings.dtype,
-            **settings.sdxl_json(), **settings.hires_json()}
+            **settings.sdxl_json(), **settings.hires_json(), **settings.noise_json()}
     parameters = call.parameters(sample.prompt, sample.negative_prompt, sample.seed,
                                  index=sample.seed_index)
     image_bytes = encode_image(image, settings.image_format, settings.quality, parameters)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sdjax import hires, model_defaults, parallel, sampling, task_inputs, validation
+from sdjax import hires, model_defaults, noise_call, parallel, sampling, task_inputs, validation
 from sdjax import prompts as prompt_syntax
 from sdjax.call import SDXL_FIELDS, Call, build, takes_call
 from sdjax.outputs import NonFiniteError, PendingImages, PipelineOutput
@@ -445,15 +445,19 @@ class StableDiffusionPipeline:
             seeds = [parallel.random_seed(c.seed)] * n
         image_indices = range(n) if c.image_indices is None else c.image_indices
         lat_shape = self.latent_shape(height, width)
-        if c.latents is not None:
-            inputs["latents"] = validation.check_latents(c.latents, (n, *lat_shape))
+        rng, seed_resize = self._noise_inputs(c, n, lat_shape, inputs)
+        # The noise given or not, one program (sdjax.sampling: bit for bit either way).
+        inputs["latents"] = (np.zeros((n, *lat_shape), np.float32) if c.latents is None else
+                             validation.check_latents(c.latents, (n, *lat_shape)))
+        inputs["latents_given"] = np.full((n,), c.latents is not None)
 
         size, per_device, chunk = sampling.batch_shape(
             n, self.mesh, c.batch_size_per_device, c.decode_chunk, height * width)
         spec = sampling.CoreSpec(lat_shape, sched, steps, per_device, chunk, c.output_type,
                                  prepared.task, tuple(sorted(inputs)), bool(c.nan_check),
                                  cfg=cfg, clip_skip=clip_skip, text_chunks=text[0].shape[1],
-                                 stops_early=prepared.stop is not None, tiling=bool(c.tiling))
+                                 stops_early=prepared.stop is not None, tiling=bool(c.tiling),
+                                 rng=rng, seed_resize=seed_resize)
         if c.tiling and prepared.task.decode_tiles is not None:
             raise ValueError("tiling wraps the whole image: it does not go with the tiled "
                              "VAE decode (vae_tiling=False)")
@@ -474,6 +478,20 @@ class StableDiffusionPipeline:
         return (self._executable(spec),
                 (self.store.current, ids, neg_ids, guidance, seed_arr, index_arr, span, placed),
                 n, prepared.finish, list(seeds))
+
+    def _noise_inputs(self, c: Call, n: int, lat_shape: tuple[int, int, int],
+                      inputs: dict) -> tuple[str, tuple[int, int] | None]:
+        """The call's rng and seed-resize size; adds its variation seeds and ENSD to
+        ``inputs`` (sdjax.noise_call)."""
+        return noise_call.call_inputs(c, n, lat_shape, self.vae_scale_factor, inputs)
+
+    def noise(self, seeds, height: int, width: int, subseeds=None, subseed_strength=0.0,
+              seed_resize_from=None, rng: str = "jax", *, image_indices=None) -> np.ndarray:
+        """The unscaled N(0, 1) start noise (N, h, w, C) a call draws, one per seed:
+        ``pipe(..., seed=s) == pipe(..., latents=pipe.noise([s], ...))`` bit for bit
+        (:func:`sdjax.noise_call.noise` says which image of which call each one is)."""
+        return noise_call.noise(self, seeds, height, width, subseeds, subseed_strength,
+                                seed_resize_from, rng, image_indices)
 
     def _conditioning_inputs(self, prompts: list[str], negatives: list[str], per_prompt: int,
                              height: int, width: int, no_negative: bool, chunks: int,

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from sdjax import noise as noise_sources
 from sdjax import parallel, prompts, tasks, vae_tiling, validation
 from sdjax.models.layers import circular_padding
 from sdjax.schedulers.start import start_table
@@ -43,7 +44,7 @@ class CoreSpec:
     decode_chunk: int
     output_type: str  # "uint8" | "float" | "latent"
     task: tasks.Task
-    inputs: tuple[str, ...]  # names of the batched task inputs (and "latents" if given)
+    inputs: tuple[str, ...]  # names of the batched task inputs (and "latents", "latents_given")
     nan_check: bool  # return a per-image finite/non-finite status next to the images
     # Run the unconditional pass (a 2B UNet batch). False when no image of the call is guided
     # (every guidance scale <= 1): the UNet then runs on the B conditional latents alone.
@@ -56,6 +57,10 @@ class CoreSpec:
     # The WebUI's seamless tiling: every convolution of the UNet and the VAE pads circularly
     # (sdjax.models.layers.circular_padding), compiled in.
     tiling: bool = False
+    # The start noise's source (sdjax.noise.RNG_NAMES) and the WebUI's "resize seed from" as
+    # the latent (h, w) the seed's noise is drawn at (None: the call's own size).
+    rng: str = "jax"
+    seed_resize: tuple[int, int] | None = None
 
 
 # Columns of the per-image guidance array: scale, diffusers' CFG rescale, and the sigma
@@ -242,13 +247,16 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         vae = nnx.merge(nets.graphdefs["vae"], params["vae"])
         b = ids[0].shape[0]
         context, added = nets.encode(params, ids, neg_ids, inputs, spec.clip_skip)
-        keys = jax.vmap(lambda sd, i: jax.random.fold_in(jax.random.key(sd), i))(seeds, indices)
-        noise_keys, step_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
-        noise_keys, step_keys = noise_keys[:, 0], step_keys[:, 0]
+        noise_keys, step_keys = noise_sources.image_keys(seeds, indices)
+        # sdjax.noise: the call's rng, variation seeds, seed resize. Images whose noise is
+        # given (latents) take it in the same program, so pipe(seed=s) and
+        # pipe(latents=pipe.noise([s])) run one executable and are equal bit for bit.
+        noise = noise_sources.start_noise(spec.rng, lat_shape, seeds, indices, inputs,
+                                          spec.seed_resize)
         if "latents" in inputs:
-            noise = inputs["latents"].astype(jnp.float32)
-        else:
-            noise = jax.vmap(lambda k: jax.random.normal(k, lat_shape, jnp.float32))(noise_keys)
+            given = inputs["latents"].astype(jnp.float32)
+            noise = given if "latents_given" not in inputs else jnp.where(
+                inputs["latents_given"][:, None, None, None], given, noise)
         feed = tasks.feed(task, vae, scaling, inputs, noise_keys, chunk=spec.decode_chunk,
                           noise=noise)
 

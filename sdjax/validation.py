@@ -21,6 +21,8 @@ import numpy as np
 # (2**32 would give seed 0's pixels while the metadata says otherwise), so they are refused.
 MAX_SEED = 2**32
 RANDOM_SEED = -1  # the WebUI's convention: pick a random seed and report it
+# The start noise's sources (sdjax.noise): JAX's own, the WebUI's NV (its "GPU"), torch's CPU.
+RNG_NAMES = ("jax", "nv", "cpu")
 
 
 def _show(value: Any) -> str:
@@ -282,3 +284,49 @@ def _sequence(value: Any, name: str, n: int) -> list:
     if len(items) != n:
         raise ValueError(f"{name} needs one entry per image ({n}), got {len(items)}")
     return items
+
+
+def check_subseed_strength(value: Any, n: int, name: str = "subseed_strength") -> np.ndarray:
+    """The WebUI's variation strength in [0, 1], for all ``n`` images or one per image."""
+    items = _per_image(value, n, name)
+    out = np.array([check_number(v, name if len(items) == 1 or not isinstance(
+        value, (Sequence, np.ndarray)) else f"{name}[{i}]", minimum=0)
+        for i, v in enumerate(items)], np.float32)
+    if (out > 1).any():
+        raise ValueError(f"{name} must be in [0, 1], got {float(out.max()):g}")
+    return out
+
+
+def check_variation(subseed: Any, strength: Any, subseeds: Any, n: int
+                    ) -> tuple[list[int] | None, np.ndarray | None]:
+    """(one subseed per image (-1 still to resolve) or None, one strength per image or None):
+    None for a call without variation seeds (no subseed and strength 0)."""
+    strengths = check_subseed_strength(strength, n)
+    if subseeds is not None:
+        if subseed is not None:
+            raise ValueError("give subseed or subseeds (one per image), not both")
+        return ([check_seed(s, f"subseeds[{i}]", allow_random=False)
+                 for i, s in enumerate(_sequence(subseeds, "subseeds", n))], strengths)
+    if subseed is None:
+        if strengths.any():
+            raise ValueError("subseed_strength needs a subseed (the variation seed)")
+        return None, None
+    return [check_seed(subseed, "subseed")] * n, strengths
+
+
+def check_seed_resize_from(value: Any, factor: int) -> tuple[int, int] | None:
+    """None, or (height, width) in pixels: the size the seed's noise is drawn at (the
+    WebUI's "resize seed from"), at least one latent cell each way."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)) \
+            or len(value) != 2:
+        raise TypeError(f"seed_resize_from must be None or (height, width), got "
+                        f"{_show(value)}")
+    h, w = (check_int(v, f"seed_resize_from {k}", minimum=factor, maximum=2**16)
+            for k, v in zip(("height", "width"), value, strict=True))
+    return h, w
+
+
+def check_eta_noise_seed_delta(value: Any) -> int:
+    return check_int(value, "eta_noise_seed_delta", minimum=0, maximum=MAX_SEED - 1)

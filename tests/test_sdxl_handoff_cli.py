@@ -228,7 +228,7 @@ def test_server_refiner_fields(registry, one_device):
                        for b in body["images"]])
     expected = refine(*one_device, ["a red circle"] * 2, switch_at=0.5,
                       negative_prompt="green", seeds=[5, 6], image_indices=[0, 0],
-                      **CALL).images
+                      rng="nv", **CALL).images
     np.testing.assert_array_equal(served, expected)
     text = json.loads(body["info"])["infotexts"][1]
     assert "Seed: 6," in text and "Refiner: model, Refiner switch at: 0.5" in text

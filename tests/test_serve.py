@@ -107,13 +107,14 @@ def test_txt2img_matches_sdjax_sample(server, pipe, tmp_path, monkeypatch):
         assert sample.main(["--model", "toy", "--prompt", "a red circle", "--negative_prompt",
                             "green", "--seed", str(seed), "--steps", "2", "--width", "16",
                             "--height", "16", "--scheduler", "Euler a", "--guidance_scale",
-                            "6", "--outdir", str(out)]) == 0
+                            "6", "--rng", "nv", "--outdir", str(out)]) == 0
         written = Image.open(next(out.glob("*.png")))
         served = _decode(body["images"][k])
         np.testing.assert_array_equal(np.asarray(served), np.asarray(written))
         ours = parse_parameters(served.text["parameters"])
         theirs = parse_parameters(written.text["parameters"])
         assert theirs.pop("Seed index") == "0"
+        assert theirs.pop("RNG") == "NV"  # the server's default, the WebUI's GPU: none
         assert ours == theirs and ours["Seed"] == str(seed)
         assert served.text["parameters"] == info["infotexts"][k]
     # PNG Info reads it back with the WebUI's field names
@@ -149,7 +150,7 @@ def test_eight_concurrent_requests_share_one_call(server, pipe, calls):
     assert calls["n"] - calls_before == 1 and server.batcher.calls - batches_before == 1
     alone = [pipe(r["prompt"], negative_prompt=r["negative_prompt"], num_inference_steps=2,
                   guidance_scale=r["cfg_scale"], height=16, width=16, scheduler="Euler a",
-                  seed=r["seed"]).images[0] for r in reqs]
+                  seed=r["seed"], rng="nv").images[0] for r in reqs]
     for r, body, expected in zip(reqs, bodies, alone, strict=True):
         info = json.loads(body["info"])
         assert info["all_seeds"] == [r["seed"]] and info["all_prompts"] == [r["prompt"]]
@@ -331,7 +332,7 @@ def test_img2img_matches_the_pipeline(server, pipe):
     for k, (seed, init) in enumerate([(7, a), (8, b_decoded)]):
         expected = pipe("a green circle", num_inference_steps=2, guidance_scale=5, height=16,
                         width=16, scheduler="Euler a", seed=seed, image=init,
-                        strength=0.6).images[0]
+                        strength=0.6, rng="nv").images[0]
         np.testing.assert_array_equal(np.asarray(_decode(body["images"][k])), expected)
     info = json.loads(body["info"])
     assert info["denoising_strength"] == 0.6 and info["all_seeds"] == [7, 8]
@@ -351,7 +352,7 @@ def test_inpainting_only_masked_matches_the_pipeline(server, pipe):
     expected = pipe("a green circle", num_inference_steps=2, guidance_scale=5, height=16,
                     width=16, scheduler="Euler a", seed=7, image=picture,
                     mask_image=_square_mask(32), strength=0.9, mask_blur=2,
-                    padding_mask_crop=4).images[0]
+                    padding_mask_crop=4, rng="nv").images[0]
     served = np.asarray(_decode(r.json()["images"][0]))
     assert served.shape == (32, 32, 3)  # pasted back into the full image
     np.testing.assert_array_equal(served, expected)
@@ -371,7 +372,7 @@ def test_inpainting_fill_matches_the_pipeline(server, pipe):
     assert r.status_code == 200, r.text
     args = dict(num_inference_steps=2, guidance_scale=5, height=16, width=16,
                 scheduler="Euler a", seed=7, image=picture, mask_image=_square_mask(32),
-                strength=0.9, mask_blur=2, padding_mask_crop=4)
+                strength=0.9, mask_blur=2, padding_mask_crop=4, rng="nv")
     expected = pipe("a green circle", masked_content="fill", **args).images[0]
     original = pipe("a green circle", **args).images[0]
     served = np.asarray(_decode(r.json()["images"][0]))

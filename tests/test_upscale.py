@@ -191,7 +191,8 @@ def test_the_server_dispatches_and_runs_an_upscaler_folder(upscalers, upscaler_f
     assert plan.shape.settings.size == Size(4 * LOW, 4 * LOW)
     out = run_call(registry)(plan.shape, plan.specs)
     expected = ours(["a red circle"] * 2, image=low, seeds=[3, 4], image_indices=[0, 0],
-                    num_inference_steps=STEPS, guidance_scale=7.0, scheduler="euler").images
+                    num_inference_steps=STEPS, guidance_scale=7.0, scheduler="euler",
+                    rng="nv").images  # the server's default source (the WebUI's GPU)
     assert "Noise level: 20" in plan.shape.settings.parameters("a red circle", "", 3,
                                                                guidance_scale=7.0)
     np.testing.assert_array_equal(np.stack(out), expected)

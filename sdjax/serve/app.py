@@ -33,6 +33,7 @@ from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
 from sdjax.serve.limits import BadRequest, Limits
+from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
 from sdjax.serve.page_routes import add_page_routes
 from sdjax.serve.samplers import sampler_list, scheduler_list
 from sdjax.serve.schemas import (
@@ -243,8 +244,10 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                 "running": p["running"], "calls": batcher.calls, "images": batcher.images}
 
     # ------------------------------------------------------------------ generation
+    webui_options = dict(DEFAULT_OPTIONS)  # the noise options /sdapi/v1/options sets
+
     async def generate(req: Txt2ImgRequest | Img2ImgRequest, request: Request, plan_for):
-        plan = await run_in_threadpool(plan_for, req, registry, limits)
+        plan = await run_in_threadpool(plan_for, req, registry, limits, webui_options)
         try:
             job = batcher.submit(plan.shape, plan.specs)
         except QueueFull as e:
@@ -304,10 +307,11 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     @app.get("/sdapi/v1/options")
     async def get_options():
         return {"sd_model_checkpoint": registry.current, "samples_format": "png",
-                "sd_checkpoint_hash": None}
+                "sd_checkpoint_hash": None, **webui_options}
 
     @app.post("/sdapi/v1/options")
     async def set_options(options: dict[str, Any]):
+        noise_options = check_options(options)  # checked before anything changes
         wanted = options.get("sd_model_checkpoint")
         if wanted is not None:
             title = registry.find(str(wanted))
@@ -315,7 +319,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                 raise BadRequest(f"model {wanted!r} not found; GET /sdapi/v1/sd-models lists "
                                  "them", 404)
             await run_in_threadpool(registry.select, title)
-        ignored = sorted(set(options) - {"sd_model_checkpoint"})
+        webui_options.update(noise_options)
+        ignored = sorted(set(options) - {"sd_model_checkpoint", *DEFAULT_OPTIONS})
         if ignored:
             log.info("options ignored (sdjax has no such setting): %s", ", ".join(ignored))
         return None

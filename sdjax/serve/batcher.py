@@ -53,6 +53,7 @@ class ImageSpec:
     seed: int
     guidance_scale: float
     task_inputs: Any = dataclasses.field(default=None, compare=False, repr=False)
+    subseed: int | None = None  # the WebUI's variation seed of this image (sdjax.noise)
 
 
 @dataclasses.dataclass

@@ -11,6 +11,8 @@ import base64
 import dataclasses
 import json
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +32,7 @@ from sdjax.serve import hires_fields, uploads
 from sdjax.serve.batcher import ImageSpec, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest, Limits, check_generation
+from sdjax.serve.noise_fields import request_noise
 from sdjax.serve.samplers import sampler_settings, scheduler_for
 from sdjax.serve.schemas import Img2ImgRequest, Txt2ImgRequest, unsupported
 from sdjax.task_inputs import TaskInputs
@@ -45,8 +48,9 @@ class Plan:
 
 
 def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
-                 limits: Limits) -> Plan:
-    """Validate ``req`` and say what to generate; raises BadRequest. May load a model."""
+                 limits: Limits, options: Mapping[str, Any] | None = None) -> Plan:
+    """Validate ``req`` and say what to generate; raises BadRequest. May load a model.
+    ``options``: the server's WebUI options (its noise source and ENSD)."""
     reason = unsupported(req)
     if reason:
         raise BadRequest(reason)
@@ -83,16 +87,22 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     loras, clip_skip = _prompt_settings(req, registry, title)
     refiner, switch_at = _refiner_settings(req, registry, title, scheduler)
     seed = validation.resolve_seed(req.seed)
+    noise, subseed = request_noise(req, options, limits.max_pixels)
     n = req.batch_size * req.n_iter
-    # Seeds past 2**32 - 1 wrap, as the uint32 the sampler takes would.
-    specs = [ImageSpec(req.prompt, req.negative_prompt, (seed + k) % validation.MAX_SEED,
-                       float(req.cfg_scale)) for k in range(n)]
+    # Seeds past 2**32 - 1 wrap, as the uint32 the sampler takes would. With variation seeds
+    # the WebUI gives every image the seed and image k the subseed + k.
+    m = validation.MAX_SEED
+    specs = [ImageSpec(req.prompt, req.negative_prompt, seed if subseed is not None
+                       else (seed + k) % m, float(req.cfg_scale),
+                       subseed=None if subseed is None else (subseed + k) % m)
+             for k in range(n)]
     settings = CallSettings(
         title, request_sampling(pipe, req.steps, scheduler, clip_skip, schedule_type),
         Size(req.height, req.width),
         sdxl=SDXL() if refiner is None else SDXL(refiner=refiner, refiner_switch_at=switch_at),
         tiling=hires_fields.tiling(req, pipe),
-        hires=hires_fields.hires(req, pipe, limits, refiner))
+        hires=hires_fields.hires(req, pipe, limits, refiner),
+        noise=noise)
     return Plan(Shape(settings, loras=loras), specs, seed)
 
 
@@ -148,10 +158,11 @@ def _prompt_settings(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegist
     return tag_key(tags), clip_skip
 
 
-def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits) -> Plan:
+def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits,
+                 options: Mapping[str, Any] | None = None) -> Plan:
     """Validate an img2img / inpainting request (every txt2img check, then the images) and
     say what to generate; raises BadRequest. May load a model."""
-    plan = plan_txt2img(req, registry, limits)
+    plan = plan_txt2img(req, registry, limits, options)
     if req.resize_mode != 0:
         raise BadRequest(f"resize_mode={req.resize_mode} is not supported by sdjax.serve: "
                          "only 0 (just resize)")
@@ -270,6 +281,8 @@ def run_call(registry: ModelRegistry):
                 "negative_prompt": [s.negative_prompt for s in specs],
                 "guidance_scale": [s.guidance_scale for s in specs],
                 "seeds": [s.seed for s in specs], "image_indices": [0] * len(specs)}
+        if settings.noise.subseed_strength:  # the WebUI's subseed + k, one per image
+            call["subseeds"] = [s.subseed for s in specs]
         if settings.sdxl.refiner is not None:  # txt2img only (_refiner_settings)
             return handoff.refine(pipe, registry.get(settings.sdxl.refiner), prompts,
                                   **call).images
@@ -282,17 +295,19 @@ def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: Jo
     encoding happens here, so call it off the event loop)."""
     settings = plan.shape.settings
     texts = [settings.parameters(spec.prompt, spec.negative_prompt, spec.seed,
-                                       guidance_scale=spec.guidance_scale)
+                                 guidance_scale=spec.guidance_scale, subseed=spec.subseed)
              for spec in result.specs]
     images = [base64.b64encode(encode_png(im, text)).decode("ascii")
               for im, text in zip(result.images, texts, strict=True)] if req.send_images else []
     seeds = [s.seed for s in result.specs] or [plan.seed]
+    subseeds = [s.subseed if s.subseed is not None else req.subseed
+                for s in result.specs] or [req.subseed]
     info = {
         "prompt": req.prompt, "all_prompts": [s.prompt for s in result.specs],
         "negative_prompt": req.negative_prompt,
         "all_negative_prompts": [s.negative_prompt for s in result.specs],
         "seed": plan.seed, "all_seeds": seeds,
-        "subseed": req.subseed, "all_subseeds": [req.subseed] * len(seeds),
+        "subseed": subseeds[0], "all_subseeds": subseeds,
         "subseed_strength": req.subseed_strength,
         "width": settings.size.width, "height": settings.size.height,
         "sampler_name": SAMPLER_LABELS.get(settings.sampling.scheduler,

@@ -2,7 +2,7 @@
 
 Clients send the WebUI's whole request object, so every field it defines is accepted here.
 Fields that change the image in ways sdjax does not implement (face restoration,
-variation seeds, scripts) are refused by :func:`unsupported` when set to anything but their
+scripts) are refused by :func:`unsupported` when set to anything but their
 default, rather than ignored: a client must not get an image other than the one it asked for.
 Unknown fields are ignored, as the WebUI does.
 """
@@ -16,10 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 # field -> the values that mean "off" (the WebUI's defaults and what clients commonly send)
 _MUST_BE_OFF = {
     "restore_faces": (False, None),
-    "subseed_strength": (0, 0.0, None), "script_name": (None, ""), "script_args": ([], None),
+    "script_name": (None, ""), "script_args": ([], None),
     "alwayson_scripts": ({}, None), "save_images": (False, None), "styles": ([], None),
     "firstpass_image": (None, ""),
-    "seed_resize_from_h": (-1, 0, None), "seed_resize_from_w": (-1, 0, None),
 }
 
 
