@@ -76,7 +76,8 @@ def check_size(value: Any, name: str, factor: int = 1) -> int:
     """A height or width: a positive integer multiple of the model's VAE factor."""
     v = check_int(value, name)
     if v < factor or v % factor:
-        raise ValueError(f"{name} must be a positive multiple of {factor}, got {v}")
+        what = "positive integer" if factor == 1 else f"positive multiple of {factor}"
+        raise ValueError(f"{name} must be a {what}, got {v}")
     return v
 
 

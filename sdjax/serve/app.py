@@ -30,7 +30,7 @@ from sdjax.images import parse_parameters
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
-from sdjax.serve.limits import BadRequest, Limits
+from sdjax.serve.limits import REQUEST_FAULTS, BadRequest, Limits, request_fault
 from sdjax.serve.samplers import sampler_list
 from sdjax.serve.schemas import (
     ImagesResponse,
@@ -161,6 +161,9 @@ class _LogRequests:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except Exception:  # noqa: BLE001 - answered (500) and logged once by on_crash;
+            if not status:  # Starlette re-raises it, and uvicorn would log it again
+                raise
         finally:
             detail = state.get("detail")
             log.info("req %d %s %s %d %.3fs%s", state["id"], scope["method"], scope["path"],
@@ -171,6 +174,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     err = exc.errors()[0]
     if err.get("type") == "json_invalid":
         return 400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}".strip()
+    if err.get("type") == "sdjax_field":  # request_checks: the message names the field
+        return 422, err.get("msg", "invalid")
     where = ".".join(str(p) for p in err.get("loc", ())[1:]) or "body"
     return 422, f"{where}: {err.get('msg', 'invalid')}"
 
@@ -225,13 +230,25 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception):
-        log.exception("req %s failed", getattr(request.state, "id", "?"))
+        # One line; the traceback only at debug level (the request's own line follows).
+        log.error("req %s failed: %s: %s", getattr(request.state, "id", "?"),
+                  type(exc).__name__, " ".join(str(exc).split()))
+        log.debug("traceback", exc_info=exc)
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ pages
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page():
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse,
+                   include_in_schema=False)
+    async def page(request: Request):
+        html = PAGE.read_text(encoding="utf-8")
+        if request.method == "HEAD":  # uptime checkers: the headers, no body
+            return Response(headers={"content-length": str(len(html.encode()))},
+                            media_type="text/html")
+        return HTMLResponse(html)
+
+    @app.options("/", include_in_schema=False)
+    async def page_options():
+        return Response(status_code=204, headers={"Allow": "GET, HEAD, OPTIONS"})
 
     @app.get("/health")
     async def health():
@@ -241,7 +258,7 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
 
     # ------------------------------------------------------------------ generation
     async def generate(req: Txt2ImgRequest | Img2ImgRequest, request: Request, plan_for):
-        plan = await run_in_threadpool(plan_for, req, registry, limits)
+        plan = await run_in_threadpool(request_fault, plan_for, req, registry, limits)
         try:
             job = batcher.submit(plan.shape, plan.specs)
         except QueueFull as e:
@@ -249,11 +266,14 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                           {"Retry-After": str(RETRY_AFTER_S)})
         except ShuttingDown as e:
             return _error(503, str(e))
-        result = await _wait(job, request, batcher)
+        try:
+            result = await _wait(job, request, batcher)
+        except REQUEST_FAULTS as e:  # a merged call never sees these (planned above); alone
+            raise BadRequest(f"{type(e).__name__}: {e}") from None
         if result is None:
             request.state.detail = f"job {job.id} given up: the client disconnected"
             return Response(status_code=499)  # nobody reads it; for the log line
-        body = await run_in_threadpool(images_response, req, plan, result)
+        body = await run_in_threadpool(images_response, plan.request, plan, result)
         s = plan.shape.settings
         t = s.task
         kind = "" if t is None else (
