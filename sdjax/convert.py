@@ -63,6 +63,9 @@ def _check(args) -> None:
 def _write_folder(pipe, dst: Path) -> None:
     """Into a temporary sibling folder, then renamed into place: no half-written DST."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; DST gets the user's usual mode
     try:
         pipe.save_pretrained(tmp)
         if dst.exists():

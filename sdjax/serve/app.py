@@ -44,7 +44,12 @@ log = logging.getLogger("sdjax.serve")
 PAGE = Path(__file__).with_name("static") / "index.html"
 RETRY_AFTER_S = 5
 DISCONNECT_POLL_S = 0.5
-_UNAUTHENTICATED = {"/health"}  # for load balancers and readiness probes
+_UNAUTHENTICATED = {"/health"}
+# Image-format info keys the WebUI's PNG Info leaves out of ``items``.
+_FORMAT_INFO = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop",
+                "background", "timestamp", "duration", "progressive", "progression",
+                "icc_profile", "chromaticity", "photoshop", "transparency", "gamma", "srgb",
+                "aspect"}  # for load balancers and readiness probes
 
 
 def parse_credentials(spec: str | None) -> dict[str, str] | None:
@@ -346,14 +351,18 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     @app.post("/sdapi/v1/png-info")
     async def png_info(req: PngInfoRequest):
         image = open_image(req.image, "image")
-        items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+        # As the WebUI's read_info_from_image: every info item but its image-format keys,
+        # the parameters text taken out.
+        items = {k: v for k, v in image.info.items() if k not in _FORMAT_INFO}
         text = items.pop("parameters", "")
+        text = text if isinstance(text, str) else ""
         params = parse_parameters(text) if text else {}
         if params:  # the WebUI's names for the parsed fields
             params["Prompt"] = params.pop("prompt")
             params["Negative prompt"] = params.pop("negative_prompt")
             if "Size" in params and "x" in params["Size"]:
                 params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
-        return {"info": text, "items": json.loads(json.dumps(items)), "parameters": params}
+        return {"info": text, "items": json.loads(json.dumps(items, default=str)),
+                "parameters": params}
 
     return app
