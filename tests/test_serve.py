@@ -187,6 +187,36 @@ def test_mixed_prompt_lengths_each_get_what_they_would_alone(server, pipe):
         np.testing.assert_array_equal(np.asarray(_decode(answer.json()["images"][0])), alone)
 
 
+def test_a_request_that_gives_no_size_or_sampling_takes_the_models(registry):
+    """The model's sdjax.json and training size, as the CLIs take them (issue 28: the toy
+    made a 512x512 image of noise in 30 s); /progress rises during a shape's first call."""
+    from sdjax.serve.batcher import Batcher
+    from sdjax.serve.generation import plan_txt2img
+    from sdjax.serve.schemas import Txt2ImgRequest
+
+    plan = plan_txt2img(Txt2ImgRequest(prompt="a cat"), registry, Limits())
+    s = plan.shape.settings
+    assert (s.size.height, s.size.width, s.sampling.steps, s.sampling.scheduler) == (
+        32, 32, 15, "dpmpp_2m")
+    assert (plan.request.width, plan.request.steps, plan.request.cfg_scale) == (32, 15, 7.5)
+    assert plan.request.sampler_name == "DPM++ 2M"
+
+    def slow(shape, specs):
+        time.sleep(0.6)
+        return np.zeros((len(specs), 1, 1, 3), np.uint8)
+
+    b = Batcher(slow, window_s=0)
+    try:
+        b.submit(plan.shape, plan.specs)
+        seen = []
+        for _ in range(5):
+            time.sleep(0.1)
+            seen.append(b.progress()["fraction"])
+        assert seen[-1] > seen[0] > 0 and seen[-1] < 1
+    finally:
+        b.stop()
+
+
 def test_get_endpoints(server):
     c = server.client
     samplers = c.get("/sdapi/v1/samplers").json()
@@ -197,6 +227,7 @@ def test_get_endpoints(server):
     assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
     models = c.get("/sdapi/v1/sd-models").json()
     assert [m["title"] for m in models] == ["toy", "tiny"]
+    assert [m["filename"] for m in models] == ["toy", "model"]  # names, not server paths
     assert {"title", "model_name", "hash", "sha256", "filename", "config"} <= set(models[0])
     assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "toy"
     prog = c.get("/sdapi/v1/progress").json()

@@ -91,11 +91,17 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
 def with_model_defaults(req: Txt2ImgRequest | Img2ImgRequest, pipe):
     """``req`` with the fields it leaves out (None) taken from the model, as the CLIs take
     them: its sdjax.json steps, guidance scale and scheduler, the size it was trained at."""
-    defaults = pipe.sampling_settings()
-    height, width = pipe.default_hw
-    fill = {"steps": defaults["num_inference_steps"], "cfg_scale": defaults["guidance_scale"],
-            "height": height, "width": width}
-    update = {k: v for k, v in fill.items() if getattr(req, k) is None}
+    update: dict = {}
+    if req.steps is None or req.cfg_scale is None:
+        defaults = pipe.sampling_settings()
+        update.update({k: defaults[d] for k, d in (("steps", "num_inference_steps"),
+                                                   ("cfg_scale", "guidance_scale"))
+                       if getattr(req, k) is None})
+    if req.height is None or req.width is None:
+        # the upscaler's output size is its image's (plan_img2img): the WebUI's 512 stands in
+        height, width = (512, 512) if pipe.UPSCALER else pipe.default_hw
+        update.update({k: v for k, v in (("height", height), ("width", width))
+                       if getattr(req, k) is None})
     if req.sampler_name is None and req.sampler_index is None:
         update["sampler_name"] = SAMPLER_LABELS[pipe.default_scheduler]
     return req.model_copy(update=update) if update else req
