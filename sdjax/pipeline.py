@@ -131,6 +131,9 @@ class StableDiffusionPipeline:
                    matmul_precision=matmul_precision, **parts.extra)
         if source.is_dir():
             pipe.model_defaults = model_defaults.read(source)
+        elif config is None:  # a file sdjax wrote carries them (weights.file_configs)
+            from sdjax.weights.file_configs import defaults as file_defaults
+            pipe.model_defaults = file_defaults(source)
         if deferred is not None:
             pipe.store.fill_in_background(deferred)
         return pipe
@@ -237,9 +240,13 @@ class StableDiffusionPipeline:
         diffusers' ``from_single_file`` load; written atomically. LoRAs are saved merged;
         textual-inversion tokens cannot be (the layout has no tokenizer), so they are refused."""
         self._refuse_embeddings_in_single_file()
+        from sdjax.weights import file_configs
         from sdjax.weights.export import save_single_file
-        return save_single_file(path, unet=self.network("unet"), vae=self.network("vae"),
-                                text_encoder=self.network("text_encoder"), half=half)
+        nets = {n: self.network(n) for n in file_configs.NETWORK_NAMES}
+        meta = file_configs.metadata(  # loads back with no flags (file_configs)
+            **nets, tokenizer=self.tokenizer, tokenizer_dir=self.tokenizer_dir,
+            scheduler_config=self.scheduler_config, defaults=self.model_defaults)
+        return save_single_file(path, **nets, half=half, metadata=meta)
 
     def _refuse_embeddings_in_single_file(self) -> None:
         if self.store.embedding_tokens:

@@ -71,15 +71,15 @@ def add_image_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "mask", type=Path, help="inpainting mask, the size of --image (white = repaint)")
     add_flag(p, "strength", type=float, help="share of the schedule that runs from the image, "
              "in (0, 1] (default: 0.8 for img2img, 1.0 for inpainting)")
-    add_flag(p, "mask_blur", type=float, default=0, help="inpainting: blur the mask edge by "
-             "this many pixels")
+    add_flag(p, "mask_blur", type=float, default=None, help="inpainting: blur the mask edge by "
+             "this many pixels (default: 0)")
     add_flag(p, "only_masked_padding", type=int, help="inpainting: generate only the mask's "
              "bounding box plus this many pixels at full size and paste it back (the WebUI's "
              "'only masked')")
     add_flag(p, "masked_content", choices=MASKED_CONTENT_FLAGS, help="inpainting: what the "
              "masked region starts from, the WebUI's 'Masked content' (default: original)")
-    add_flag(p, "noise_level", type=int, default=20, help="upscaler models: noise added to "
-             "the low-resolution input")
+    add_flag(p, "noise_level", type=int, default=None, help="upscaler models: noise added to "
+             "the low-resolution input (default: 20)")
     add_flag(p, "no_nan_check", action="store_true", help="keep images whose latents or pixels "
              "hold NaN/inf instead of failing")
 
@@ -124,8 +124,11 @@ def _check_args(args) -> None:
                 raise UsageError(f"--{flag} needs a --mask")
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
-    if args.mask_blur < 0 or (args.only_masked_padding or 0) < 0:
-        raise UsageError("--mask_blur and --only_masked_padding must not be negative")
+    if args.mask is None and args.mask_blur is not None:
+        raise UsageError("--mask_blur needs a --mask (it blurs the inpainting mask's edge)")
+    for flag in ("mask_blur", "only_masked_padding", "noise_level"):
+        if (getattr(args, flag) or 0) < 0:
+            raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
     check_sdxl_args(args)
     if args.image is not None and (args.hires_scale is not None
                                    or args.hires_size is not None):
@@ -137,7 +140,9 @@ def _open_image(path: Path, flag: str):
     """A PIL image read whole now (so a broken file fails before the model loads)."""
     from PIL import Image, UnidentifiedImageError
     if not path.is_file():
-        raise UsageError(f"--{flag} {path}: file not found")
+        raise UsageError(f"--{flag} {path}: "
+                         + ("is a folder; give an image file" if path.is_dir()
+                            else "file not found"))
     try:
         with Image.open(path) as im:
             im.load()
@@ -323,11 +328,16 @@ def _task_settings(args, pipe, image, mask, upscaler: bool):
     from sdjax.call_settings import Img2Img, Inpainting, Size, Upscaling
     from sdjax.schedulers.common import start_index
     f = pipe.vae_scale_factor
+    if args.noise_level is not None and not upscaler:
+        raise UsageError(f"--noise_level applies to x4 upscaler models; {args.model} is not one")
     if image is None:
         return Size(*image_size(args, pipe)), None
     w, h = image.size
     fit_h, fit_w = validation.round_size(h, w, f)
     if upscaler:
+        if args.noise_level is None:
+            from sdjax.upscale import DEFAULT_NOISE_LEVEL
+            args.noise_level = DEFAULT_NOISE_LEVEL
         if not 0 <= args.noise_level <= pipe.max_noise_level:
             raise UsageError(f"--noise_level must be an integer in [0, {pipe.max_noise_level}] "
                              f"for this model, got {args.noise_level}")
@@ -345,7 +355,7 @@ def _task_settings(args, pipe, image, mask, upscaler: bool):
                     else validation.default_strength(inpainting=mask is not None))
         start_index(args.steps, strength)  # refuses a strength that leaves no step, now
         task = Img2Img(strength) if mask is None else Inpainting(
-            strength, args.mask_blur, args.only_masked_padding,
+            strength, args.mask_blur or 0, args.only_masked_padding,
             (args.masked_content or "original").replace("_", " "))
     try:
         for name, v in (("height", height), ("width", width)):

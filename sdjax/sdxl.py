@@ -166,15 +166,16 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         # diffusers: negative_prompt_2 defaults to negative_prompt (itself "" when absent).
         negatives_2 = _texts(negative_prompt_2, "negative_prompt_2", n) or negatives
         # The second encoder's chunks, in the first's count (sdjax.prompts: each prompt's
-        # chunks repeat to fill it, so the count must be one they all divide).
+        # chunks repeat, or are padded with the empty chunk, to fill it).
+        counts_2 = prompt_syntax.prompt_chunks(prompts_2 + negatives_2, self.tokenizer_2,
+                                               prompt_syntax.expander(self.store.embedding_tokens))
+        if max(counts_2) > chunks:
+            raise ValueError(f"prompt_2 / negative_prompt_2 are {max(counts_2)} chunks of 75 "
+                             f"tokens, longer than prompt / negative_prompt ({chunks}): the "
+                             "second encoder's prompts may be at most as long as the first's")
         ids_2, weights_2 = prompt_syntax.prompt_arrays(
-            prompts_2 + negatives_2, self.tokenizer_2,
+            prompts_2 + negatives_2, self.tokenizer_2, chunks,
             expand=prompt_syntax.expander(self.store.embedding_tokens))
-        if chunks % ids_2.shape[1]:
-            raise ValueError(f"prompt_2 / negative_prompt_2 need a context of {ids_2.shape[1]} "
-                             f"chunks of 75 tokens and prompt / negative_prompt {chunks}: "
-                             "make their lengths match, or generate them in separate calls")
-        ids_2, weights_2 = (np.tile(a, (1, chunks // a.shape[1], 1)) for a in (ids_2, weights_2))
         return {**inputs, "ids_2": per_image(ids_2[:n]), "weights_2": per_image(weights_2[:n]),
                 "neg_ids_2": per_image(ids_2[n:]), "neg_weights_2": per_image(weights_2[n:])}
 

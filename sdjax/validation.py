@@ -78,7 +78,8 @@ def check_size(value: Any, name: str, factor: int = 1) -> int:
     """A height or width: a positive integer multiple of the model's VAE factor."""
     v = check_int(value, name)
     if v < factor or v % factor:
-        raise ValueError(f"{name} must be a positive multiple of {factor}, got {v}")
+        what = "positive integer" if factor == 1 else f"positive multiple of {factor}"
+        raise ValueError(f"{name} must be a {what}, got {v}")
     return v
 
 
@@ -97,6 +98,26 @@ INPAINTING_STRENGTH = 1.0
 def default_strength(inpainting: bool) -> float:
     """The strength of an image call that gives none."""
     return INPAINTING_STRENGTH if inpainting else IMG2IMG_STRENGTH
+
+
+def check_mask_not_empty(gray: np.ndarray, name: str = "mask") -> None:
+    """An inpainting mask must mark something to repaint (a non-zero pixel): an empty one
+    would give back the image unchanged. The same rule for every front end."""
+    if not np.asarray(gray).any():
+        raise ValueError(f"the {name} is empty: nothing to inpaint (white marks what to repaint)")
+
+
+# Adapter dtypes: floating point tensors only (int8/bool LoRA or an int32 embedding would be
+# merged as numbers that mean nothing).
+ADAPTER_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_adapter_dtype(dtype: Any, what: str, source: str) -> None:
+    """A LoRA's or embedding's tensor dtype: floating point, else a ValueError naming it."""
+    name = str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype
+    if name.lower().removeprefix("torch.") not in ADAPTER_DTYPES:
+        raise ValueError(f"{source}: {what} tensors are {name}; a {what} holds floating-point "
+                         f"weights ({', '.join(ADAPTER_DTYPES)})")
 
 
 def check_pixels(height: int, width: int, max_pixels: int) -> None:

@@ -376,7 +376,7 @@ def single_file_tensors(*, unet: UNet2DConditionModel, vae: AutoencoderKL,
 
 def save_single_file(path: str | Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL,
                      text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel | None = None,
-                     half: bool = False) -> Path:
+                     half: bool = False, metadata: Mapping[str, str] | None = None) -> Path:
     """A CompVis-layout (SDXL: SGM-layout) ``.safetensors`` (float16 with ``half``), written
     atomically."""
     path = Path(path)
@@ -386,5 +386,5 @@ def save_single_file(path: str | Path, *, unet: UNet2DConditionModel, vae: Autoe
                                   text_encoder_2=text_encoder_2)
     if half:
         tensors = {k: v.astype(np.float16) for k, v in tensors.items()}
-    save_safetensors(tensors, path, {"format": "pt"})
+    save_safetensors(tensors, path, {"format": "pt", **(metadata or {})})
     return path
