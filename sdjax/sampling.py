@@ -52,6 +52,12 @@ class CoreSpec:
     # The loop ends at the call's stop evaluation (denoising_end, a runtime input), not at the
     # schedule's end. False keeps the static trip count of every other call.
     stops_early: bool = False
+    # Prompt editing and composable AND (sdjax.prompt_editing): distinct prompts per schedule
+    # slot and AND parts (both bucketed; the UNet batch has one group of rows per part), and
+    # whether the guidance is the composable sum. 1, 1, False: plain prompts.
+    prompt_entries: int = 1
+    prompt_parts: int = 1
+    composable: bool = False
 
 
 # Columns of the per-image guidance array: scale, diffusers' CFG rescale, and the sigma
@@ -127,6 +133,7 @@ class Step(NamedTuple):
     index: jax.Array  # the evaluation i (int32 scalar, traced)
     t: jax.Array  # its timestep
     sigma: jax.Array  # its noise level, sqrt((1 - alphas_cumprod) / alphas_cumprod) at t
+    first: jax.Array | int = 0  # the first evaluation this call runs (img2img starts later)
 
 
 # The plug-ins of the denoiser seam (each a pure function, traced into the one loop):
@@ -259,13 +266,13 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             # text encoding goes unused.
             context = context[b:]
             added = None if added is None else {k: v[b:] for k, v in added.items()}
-        reps = 2 if spec.cfg else 1
+        reps = (2 if spec.cfg else 1) + spec.prompt_parts - 1  # groups of rows in the UNet batch
         cond = Conditioning(context, added, _rows(feed.class_labels, reps))
         extra = _rows(feed.extra, reps)
 
         def body(i, carry):
             x, state = carry
-            step = Step(i, state.timesteps[i], sched.step_sigma(state, i))
+            step = Step(i, state.timesteps[i], sched.step_sigma(state, i), first)
             step_cond = cond if nets.select is None else nets.select(params, inputs, step, cond)
             xin = sched.scale_model_input(state, x, i).astype(dtype)
             eps = nets.denoise(params, inputs, step, _rows(xin, reps),
