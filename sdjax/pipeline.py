@@ -298,6 +298,15 @@ class StableDiffusionPipeline:
         return prompt_syntax.prompt_arrays(prompts, self.tokenizer, chunks,
                                            prompt_syntax.expander(self.store.embedding_tokens))
 
+    def prompt_layout(self, prompts: Sequence[str], negatives: Sequence[str],
+                      steps: int | None = None, scheduler: str | None = None) -> tuple:
+        """What the text of a call of these prompts (one negative per prompt) compiles to:
+        (chunks per prompt, distinct prompts per schedule, AND parts, composable guidance;
+        sdjax.prompt_editing.layout). Calls that agree on it merge into one program without
+        failing (sdjax.serve groups requests by it). ValueError past the stated limits."""
+        steps, sched = self._schedule(steps, scheduler)
+        return prompt_editing.layout(self.tokenize, prompts, negatives, steps * sched.order)
+
     def check_size(self, height: int, width: int) -> None:
         task_inputs.check_size(height, width, self.vae_scale_factor)
 

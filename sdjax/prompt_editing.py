@@ -162,6 +162,17 @@ def plan(prompts: Sequence[str], negatives: Sequence[str], steps: int) -> Prompt
     return PromptStack(tuple(distinct), pos, neg, table, weights, k, p, composable)
 
 
+def layout(tokenize: Callable, prompts: Sequence[str], negatives: Sequence[str],
+           steps: int) -> tuple[int, int, int, bool]:
+    """(chunks per prompt, K, P, composable): what the text of a call of these prompts compiles
+    to. Calls that agree on it share one program, and so do their merged prompts (each count
+    is a bucket, and the chunk bucket is one every prompt's chunk count divides)."""
+    stack = plan(prompts, negatives, steps)
+    if stack is None:
+        return tokenize(list(prompts) + list(negatives))[0].shape[1], 1, 1, False
+    return stack.token_arrays(tokenize)[1], stack.entries, stack.parts, stack.composable
+
+
 # ---------------------------------------------------------------------- device side
 def plug_in(nets: sampling.Networks, spec: sampling.CoreSpec) -> sampling.Networks:
     """``nets`` with the selector (several entries per row) and the composable guide (AND or

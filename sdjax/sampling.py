@@ -141,11 +141,12 @@ class Step(NamedTuple):
 #   residual) for the UNet batch's rows; ``x`` is the scaled latents without the task's
 #   extra channels, ``params`` the whole parameter dict (its own network's included), and
 #   ``inputs`` the call's batched runtime inputs (its images, scales, windows);
-# - a conditioning selector (prompt editing): (params, inputs, step, cond) -> the step's
-#   Conditioning (a stack of encoded prompts would come in ``cond`` or ``inputs``);
-# - a guidance combiner (composable AND): (params, inputs, step, eps of every row, guidance)
-#   -> eps of the B images (per-prompt weights would come in ``inputs``). The default is
-#   classifier-free guidance over [uncond; cond] (combine_guidance).
+# - a conditioning selector (prompt editing, sdjax.prompt_editing): (params, inputs, step,
+#   cond) -> the step's Conditioning (the stack of encoded prompts comes in ``cond``, the
+#   table of which entry each step uses in ``inputs``);
+# - a guidance combiner (composable AND, sdjax.prompt_editing): (params, inputs, step, eps of
+#   every row, guidance) -> eps of the B images (per-prompt weights come in ``inputs``). The
+#   default is classifier-free guidance over [uncond; cond] (combine_guidance).
 ResidualSource = Callable[..., tuple[Sequence[jax.Array], jax.Array]]
 Selector = Callable[..., Conditioning]
 Guide = Callable[..., jax.Array]

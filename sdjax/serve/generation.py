@@ -71,6 +71,11 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
         except ValueError as e:
             raise BadRequest(str(e)) from None
     loras, clip_skip = _prompt_settings(req, registry, title)
+    try:  # prompt editing and AND's limits; the call's text layout, which requests share
+        layout = pipe.prompt_layout([split_tags(req.prompt)[0]], [req.negative_prompt],
+                                    req.steps, scheduler)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     refiner, switch_at = _refiner_settings(req, registry, title, scheduler)
     seed = validation.resolve_seed(req.seed)
     n = req.batch_size * req.n_iter
@@ -81,7 +86,7 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
         title, request_sampling(pipe, req.steps, scheduler, clip_skip),
         Size(req.height, req.width),
         sdxl=SDXL() if refiner is None else SDXL(refiner=refiner, refiner_switch_at=switch_at))
-    return Plan(Shape(settings, loras=loras), specs, seed)
+    return Plan(Shape(settings, loras=loras, prompt_layout=layout), specs, seed)
 
 
 def request_sampling(pipe, steps: int, scheduler: str, clip_skip: int) -> Sampling:
