@@ -6,6 +6,7 @@ identities on the tiny models in float32, in one program per bucket."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -128,12 +129,12 @@ def test_selector_and_guide_pick_each_rows_entry_by_evaluation():
     entries = jnp.arange(2 * b * k * p * t, dtype=jnp.float32).reshape(2 * b, k * p * t, 1)
     table = jnp.asarray([[[0, 1, 1], [0, 1, 0], [1, 1, 0]],
                          [[1, 0, 0], [0, 0, 1], [0, 1, 1]]], jnp.int32)  # (b, 1 + P, positions)
-    select = prompt_editing._selector(k, p, cfg=True)
+    select = jax.jit(lambda cond, index, first: prompt_editing._selector(k, p, cfg=True)(
+        None, {"prompt_steps": table}, sampling.Step(index, 0, 0, first), cond))
     cond = sampling.Conditioning(entries, {"time_ids": jnp.arange(2 * b)[:, None]})
     for index, first in ((0, 0), (3, 2), (2, 0), (9, 0)):
         j = min(index - first, 2)
-        step = sampling.Step(jnp.int32(index), 0, 0, jnp.int32(first))
-        got = select(None, {"prompt_steps": table}, step, cond)
+        got = select(cond, jnp.int32(index), jnp.int32(first))
         want = [entries[r, table[r, 0, j] * t:(table[r, 0, j] + 1) * t] for r in range(b)]
         for part in range(p):
             want += [entries[b + r, (part * k + table[r, 1 + part, j]) * t:][:t]
@@ -144,8 +145,8 @@ def test_selector_and_guide_pick_each_rows_entry_by_evaluation():
                            (6, 1, 1, 2))
     weights = jnp.asarray([[1.0, 0.5], [-1.0, 0.0]])
     guidance = jnp.asarray([[3.0, 0, 0, jnp.inf], [1.0, 0, 0, jnp.inf]])
-    out = prompt_editing._guide(p)(None, {"prompt_weights": weights},
-                                   sampling.Step(0, 0, jnp.float32(1)), eps, guidance)
+    out = jax.jit(prompt_editing._guide(p))(None, {"prompt_weights": weights},
+                                            sampling.Step(0, 0, jnp.float32(1)), eps, guidance)
     # Row 0: 0 + 3 * (1 * (4 - 0) + 0.5 * (16 - 0)); row 1 (scale <= 1: 1): 1 - (9 - 1).
     assert out[:, 0, 0, 0].tolist() == [36.0, -7.0]
 
