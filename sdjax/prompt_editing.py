@@ -112,14 +112,18 @@ def _slot(schedule: list[list], positions: int) -> tuple[list[str], np.ndarray]:
     return texts, np.asarray([index[schedule[k][1]] for k in which], np.int32)
 
 
-def plan(prompts: Sequence[str], negatives: Sequence[str], steps: int) -> PromptStack | None:
+def plan(prompts: Sequence[str], negatives: Sequence[str], steps: int,
+         first_pass_steps: int | None = None) -> PromptStack | None:
     """The stack of a call's prompts and negative prompts (one negative per prompt) over a
     schedule of ``steps`` steps; None when none of them uses the syntax (each is its own one
-    text, with no AND and no weight). Raises ValueError past the stated limits
-    (:func:`sdjax.validation.check_prompt_syntax`)."""
+    text, with no AND and no weight). ``first_pass_steps``: the call is a hires fix's second
+    pass after that many steps (the WebUI's offsets, :func:`prompt_schedules`). Raises
+    ValueError past the stated limits (:func:`sdjax.validation.check_prompt_syntax`)."""
     parts = [split_and(p) for p in prompts]
     texts_of = sorted({t for ps in parts for t, _ in ps} | set(negatives))
-    schedules = dict(zip(texts_of, prompt_schedules(texts_of, steps), strict=True))
+    found = (prompt_schedules(texts_of, steps) if first_pass_steps is None
+             else prompt_schedules(texts_of, first_pass_steps, steps))
+    schedules = dict(zip(texts_of, found, strict=True))
 
     def plain(text: str, original: str) -> bool:
         return schedules[text] == [[steps, text]] and text == original
