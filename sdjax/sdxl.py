@@ -263,7 +263,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         zero = jnp.concatenate([inputs["zero_negative"],
                                 jnp.zeros_like(inputs["zero_negative"])])
         context = jnp.where(zero[:, None, None], 0, context)
-        pooled = jnp.where(zero.reshape(-1, *([1] * (pooled.ndim - 1))), 0, pooled)
+        pooled = jnp.where(zero[:, None] if pooled.ndim == 2 else zero[:, None, None], 0, pooled)
         time_ids = jnp.concatenate([inputs["time_ids"][:, 0], inputs["time_ids"][:, 1]])
         return context, {"text_embeds": pooled, "time_ids": time_ids}
 
@@ -299,9 +299,10 @@ def _projected_states(te, ids: jax.Array, weights: jax.Array,
     > 1, the pooled output (N, entries, D) of each entry's first chunk."""
     n, c, t = ids.shape
     states, pooled = te.penultimate_and_pooled(ids.reshape(n * c, t))
-    pooled = (pooled.reshape(n, c, -1)[:, 0] if entries == 1
-              else pooled.reshape(n, entries, c // entries, -1)[:, :, 0])
-    return prompt_syntax.emphasize(states, weights), pooled
+    if entries == 1:
+        return prompt_syntax.emphasize(states, weights), pooled.reshape(n, c, -1)[:, 0]
+    return (prompt_syntax.emphasize(states, weights),
+            pooled.reshape(n, entries, c // entries, -1)[:, :, 0])
 
 
 def _texts(value, name: str, n: int) -> list[str] | None:
