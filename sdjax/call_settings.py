@@ -17,8 +17,9 @@ import argparse
 import dataclasses
 from typing import Any
 
-from sdjax import handoff
-from sdjax.images import format_parameters, guidance_parameters
+from sdjax import handoff, hires_settings
+from sdjax.hires_settings import Hires
+from sdjax.images import SAMPLER_LABELS, format_parameters, guidance_parameters
 
 
 def _number(value: float | int) -> str:
@@ -36,11 +37,20 @@ class Sampling:
     guidance_rescale: float = 0.0
     guidance_interval: tuple[float, float] | None = None
     clip_skip: int | None = None
+    schedule_type: str | None = None  # a WebUI sampler's schedule type (None: Automatic)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
-        return {"num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
-                "scheduler": self.scheduler, "guidance_rescale": self.guidance_rescale,
-                "guidance_interval": self.guidance_interval, "clip_skip": self.clip_skip}
+        out = {"num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
+               "scheduler": self.scheduler, "guidance_rescale": self.guidance_rescale,
+               "guidance_interval": self.guidance_interval, "clip_skip": self.clip_skip}
+        if self.schedule_type is not None:
+            out["schedule_type"] = self.schedule_type
+        return out
+
+    def schedule_label(self) -> str | None:
+        """The ``Schedule type`` the WebUI writes for this sampler (None: not a WebUI one)."""
+        from sdjax.schedulers.webui import infotext_schedule
+        return infotext_schedule(self.scheduler, self.schedule_type)
 
     def parameters(self) -> dict[str, str]:
         return guidance_parameters(self.guidance_rescale, self.guidance_interval,
@@ -167,6 +177,8 @@ class CallSettings:
     size: Size
     task: ImageTask | None = None  # None: text to image
     sdxl: SDXL = SDXL()
+    tiling: bool = False  # the WebUI's seamless tiling
+    hires: Hires | None = None  # the WebUI's hires fix (the size above is the first pass's)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, size: Size,
@@ -175,8 +187,9 @@ class CallSettings:
         filled the sampling ones in, and the size (and task) it worked out."""
         return cls(args.model, Sampling(args.steps, args.scheduler, args.guidance_scale,
                                         args.guidance_rescale, args.guidance_interval,
-                                        args.clip_skip),
-                   size, task, SDXL.from_args(args))
+                                        args.clip_skip, getattr(args, "schedule_type", None)),
+                   size, task, SDXL.from_args(args), bool(getattr(args, "tiling", False)),
+                   hires_settings.from_args(args))
 
     def pipeline_kwargs(self, *, task: bool = True) -> dict[str, Any]:
         """The keyword arguments of ``pipe(...)`` / ``pipe.submit(...)``, or of
@@ -189,13 +202,20 @@ class CallSettings:
         if task and self.task is not None:
             out.update(self.task.pipeline_kwargs())
         out.update(self.sdxl.pipeline_kwargs())
+        if self.tiling:
+            out["tiling"] = True
+        if self.hires is not None:
+            out.update(self.hires.pipeline_kwargs())
         return out
 
     def extra_parameters(self) -> dict[str, str]:
         """The metadata fields after ``Model``: guidance options, the task's, SDXL's."""
         return {**self.sampling.parameters(),
                 **(self.task.parameters() if self.task is not None else {}),
-                **self.sdxl.parameters()}
+                **self.sdxl.parameters(),
+                **({"Tiling": "True"} if self.tiling else {}),
+                **({} if self.hires is None else self.hires.parameters(
+                    lambda name: SAMPLER_LABELS.get(name, name)))}
 
     def parameters(self, prompt: str, negative_prompt: str, seed: int, *,
                    index: int | None = None, guidance_scale: float | None = None) -> str:
@@ -205,5 +225,6 @@ class CallSettings:
         return format_parameters(
             prompt=prompt, negative_prompt=negative_prompt, steps=self.sampling.steps,
             sampler=self.sampling.scheduler, guidance_scale=scale, seed=seed, index=index,
+            schedule_type=self.sampling.schedule_label(),
             width=self.size.width, height=self.size.height, model=self.model,
             extra=self.extra_parameters())

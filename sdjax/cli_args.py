@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from sdjax import validation
+from sdjax import hires_settings, validation
 
 # Larger sizes belong to upscalers, and a mistyped --height 100000 should be refused rather
 # than run out of memory after a long compile. 2048x2048 leaves room for SDXL (1024x1024
@@ -87,7 +87,10 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                   "elsewhere (default: the model's sdjax.json, else every step)")
     add_flag(p, "scheduler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, heun, "
              "dpmpp_2m, dpmpp_2m_karras, lcm (default: the model's sdjax.json, else its scheduler "
-             "config)")
+             "config), or a WebUI sampler: \"Euler a\", \"DPM++ 2M\", \"DPM++ SDE\", ...")
+    add_flag(p, "schedule_type", default=None, help="the WebUI's schedule type for a WebUI "
+             "sampler: Automatic (its own), Uniform, Karras, Exponential, Polyexponential, "
+             "\"SGM Uniform\", \"KL Optimal\", \"Align Your Steps\", Simple, Normal, DDIM, Beta")
     add_flag(p, "seed", type=int, default=0, help="image i of the run uses noise from (seed, i); "
              "0 to 2**32-1, or -1 for a random seed (reported and written in the metadata)")
     add_flag(p, "height", type=int, default=None, help="pixels, a multiple of the VAE factor "
@@ -104,6 +107,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
              help="precision of dots and convolutions on TPU/GPU (unset: highest for float32, "
                   "true float32; XLA's default for bfloat16/float16); 'default' gives float32 "
                   "TF32 / bfloat16-pass speed")
+    hires_settings.add_arguments(p)
     g = p.add_argument_group("model files", "single-file checkpoints (.safetensors/.ckpt in "
                              "the A1111/CompVis layout) and VAE swaps")
     add_flag(g, "vae", default=None, help="another VAE: a diffusers VAE folder or a single "
@@ -214,7 +218,7 @@ def apply_adapters(args: argparse.Namespace, pipe) -> list[str]:
 
 def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = True) -> None:
     """Validate the flags of :func:`add_common_arguments` before anything loads."""
-    from sdjax.schedulers import SCHEDULER_NAMES
+    from sdjax.schedulers import ALL_SCHEDULER_NAMES, SCHEDULE_TYPES, webui_sampler_label
 
     try:
         if args.steps is not None:
@@ -243,9 +247,22 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
             if v is not None and v * MIN_SIDE > args.max_pixels:
                 raise ValueError(f"--{name} {v} is too large: even {MIN_SIDE} pixels the "
                                  f"other way exceed --max_pixels {args.max_pixels}")
-        validation.check_choice(args.scheduler, "--scheduler", SCHEDULER_NAMES, allow_none=True)
+        validation.check_choice(args.scheduler, "--scheduler", ALL_SCHEDULER_NAMES,
+                                allow_none=True)
+        schedule_type = getattr(args, "schedule_type", None)
+        if schedule_type is not None:
+            args.schedule_type = validation.check_schedule_type(schedule_type, "--schedule_type",
+                                                                SCHEDULE_TYPES)
+            if args.scheduler is not None and webui_sampler_label(args.scheduler) is None:
+                raise ValueError(f"--schedule_type is for the WebUI's samplers (--scheduler "
+                                 f"\"DPM++ 2M\", ...), not --scheduler {args.scheduler}")
         if args.clip_skip is not None:
             validation.check_int(args.clip_skip, "--clip_skip", minimum=1)
+        hires = hires_settings.from_args(args)
+        if hires is not None and getattr(args, "refiner", None) is not None:
+            raise ValueError("the hires fix does not go with --refiner")
+        if hires is not None and hires.scheduler is not None:
+            validation.check_choice(hires.scheduler, "--hires_scheduler", ALL_SCHEDULER_NAMES)
         if args.lora_dir is not None and not args.lora_dir.expanduser().is_dir():
             raise ValueError(f"--lora_dir folder not found: {args.lora_dir}")
         for flag, path in ([("--lora", parse_lora(v)[0]) for v in args.lora or []]
@@ -265,6 +282,8 @@ def image_size(args: argparse.Namespace, pipe) -> tuple[int, int]:
         for name, v in (("--height", height), ("--width", width)):
             validation.check_size(v, name, pipe.vae_scale_factor)
         validation.check_pixels(height, width, args.max_pixels)
+        hires_settings.check_size(hires_settings.from_args(args), height, width,
+                                  pipe.vae_scale_factor, args.max_pixels)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return height, width

@@ -20,7 +20,8 @@ SAMPLER_LABELS = {
 
 def format_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str,
                       guidance_scale: float, seed: int, width: int, height: int, model: str,
-                      index: int | None = None, extra: dict[str, object] | None = None) -> str:
+                      index: int | None = None, extra: dict[str, object] | None = None,
+                      schedule_type: str | None = None) -> str:
     """The ``parameters`` text A1111 writes: prompt, optional negative line, then
     ``Key: value`` pairs. ``Seed index`` is ours: image i of a run uses (seed, i). ``extra``
     pairs follow, as the WebUI's img2img fields do (``Denoising strength: 0.6``,
@@ -28,8 +29,10 @@ def format_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler:
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    pairs = [("Steps", steps), ("Sampler", SAMPLER_LABELS.get(sampler, sampler)),
-             ("CFG scale", f"{guidance_scale:g}"), ("Seed", seed)]
+    pairs = [("Steps", steps), ("Sampler", SAMPLER_LABELS.get(sampler, sampler))]
+    if schedule_type is not None:  # the WebUI's samplers (1.9 on): "Schedule type: Karras"
+        pairs.append(("Schedule type", schedule_type))
+    pairs += [("CFG scale", f"{guidance_scale:g}"), ("Seed", seed)]
     if index is not None:
         pairs.append(("Seed index", index))
     pairs += [("Size", f"{width}x{height}"), ("Model", model.replace(",", " "))]

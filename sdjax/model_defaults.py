@@ -45,8 +45,8 @@ def check_value(key: str, value: Any) -> Any:
         bounds = validation.check_guidance_interval(value, 1, key)
         return None if bounds is None else tuple(float(b) for b in bounds[0])
     if key == "scheduler":
-        from sdjax.schedulers import SCHEDULER_NAMES
-        return validation.check_choice(value, key, SCHEDULER_NAMES, allow_none=True)
+        from sdjax.schedulers import ALL_SCHEDULER_NAMES
+        return validation.check_choice(value, key, ALL_SCHEDULER_NAMES, allow_none=True)
     raise ValueError(f"unknown setting {key!r}; known: {', '.join(LIBRARY_DEFAULTS)}")
 
 

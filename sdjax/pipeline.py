@@ -19,7 +19,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sdjax import model_defaults, parallel, prompt_editing, sampling, task_inputs, validation
+from sdjax import (
+    hires,
+    model_defaults,
+    parallel,
+    prompt_editing,
+    sampling,
+    task_inputs,
+    validation,
+)
 from sdjax import prompts as prompt_syntax
 from sdjax.call import SDXL_FIELDS, Call, build, takes_call
 from sdjax.outputs import NonFiniteError, PendingImages, PipelineOutput
@@ -31,7 +39,12 @@ from sdjax.runtime import (  # noqa: F401  (their old home: kept importable from
     parse_dtype,
     resolve_matmul_precision,
 )
-from sdjax.schedulers import SCHEDULER_NAMES, default_scheduler_name, get_scheduler
+from sdjax.schedulers import (
+    ALL_SCHEDULER_NAMES,
+    SCHEDULER_NAMES,
+    default_scheduler_name,
+    get_scheduler,
+)
 from sdjax.task_inputs import TaskInputs
 from sdjax.weights import model as model_files
 from sdjax.weights.resolve import resolve_model
@@ -313,7 +326,7 @@ class StableDiffusionPipeline:
     def prepare(self, num_prompts: int = 1, num_images_per_prompt: int = 1, *,
                 num_inference_steps: int | None = None, scheduler: str | None = None,
                 height: int | None = None, width: int | None = None,
-                **options) -> TaskInputs:
+                schedule_type: str | None = None, **options) -> TaskInputs:
         """The host side of a call's task (:class:`sdjax.task_inputs.TaskInputs`: the task,
         its batched arrays, the span of the schedule, the output size, the post-processing)
         for ``num_prompts * num_images_per_prompt`` images; ``options`` are the fields of
@@ -322,7 +335,7 @@ class StableDiffusionPipeline:
         argument. A call takes the value as ``task_inputs=`` and does not prepare again;
         several requests' values that share task, size and span join with
         ``TaskInputs.concat``."""
-        steps, sched = self._schedule(num_inference_steps, scheduler)
+        steps, sched = self._schedule(num_inference_steps, scheduler, schedule_type)
         return self._prepare_request(build(
             task_inputs.TaskRequest, "prepare", num_prompts=num_prompts,
             num_images_per_prompt=num_images_per_prompt, steps=steps, scheduler=sched,
@@ -340,15 +353,18 @@ class StableDiffusionPipeline:
             self.vae_scale_factor, self.default_hw)
         return task_inputs.prepare(model, request)
 
-    def _schedule(self, steps: int | None, scheduler: str | None) -> tuple[int, Any]:
-        """(steps, the scheduler object) a call with these arguments uses."""
+    def _schedule(self, steps: int | None, scheduler: str | None,
+                  schedule_type: str | None = None) -> tuple[int, Any]:
+        """(steps, the scheduler object) a call with these arguments uses; a WebUI sampler
+        name takes a WebUI ``schedule_type``."""
         settings = self.sampling_settings(num_inference_steps=steps, scheduler=scheduler)
         steps = validation.check_int(settings["num_inference_steps"], "num_inference_steps",
                                      minimum=1)
-        name = validation.check_choice(settings["scheduler"], "scheduler", SCHEDULER_NAMES,
+        name = validation.check_choice(settings["scheduler"], "scheduler", ALL_SCHEDULER_NAMES,
                                        allow_none=True)
         return steps, get_scheduler(name or default_scheduler_name(self.scheduler_config),
-                                    self.scheduler_config)
+                                    self.scheduler_config, schedule_type=schedule_type,
+                                    sdxl=self.SDXL)
 
     @takes_call
     def __call__(self, call: Call) -> PipelineOutput:
@@ -364,7 +380,10 @@ class StableDiffusionPipeline:
         fields; docs/python-api.md says what each means. Wrong argument types raise
         ``TypeError`` and wrong values ``ValueError``, naming the argument, before anything
         compiles; nothing a user changes between calls (prompts, seeds, guidance, strength,
-        images) recompiles."""
+        images) recompiles. With ``hires_scale`` or ``hires_size`` the first pass runs here
+        and the hires pass is submitted (sdjax.hires)."""
+        if call.hires_scale is not None or call.hires_size is not None:
+            return hires.submit(self, call)
         fn, call_args, n, finish, seeds = self._plan(call)
         if self.store.pending:
             if self.store.loading:
@@ -398,6 +417,7 @@ class StableDiffusionPipeline:
         if c.output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
                              f"{c.output_type!r}")
+        _check_one_pass(c)
         settings = self.sampling_settings(
             num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
             scheduler=c.scheduler, guidance_rescale=c.guidance_rescale,
@@ -408,8 +428,8 @@ class StableDiffusionPipeline:
             guidance_scale=settings["guidance_scale"], height=c.height, width=c.width,
             num_images_per_prompt=c.num_images_per_prompt, seed=c.seed, seeds=c.seeds,
             image_indices=c.image_indices, scheduler=settings["scheduler"],
-            scheduler_names=SCHEDULER_NAMES, factor=self.vae_scale_factor)
-        steps, sched = self._schedule(steps, settings["scheduler"])
+            scheduler_names=ALL_SCHEDULER_NAMES, factor=self.vae_scale_factor)
+        steps, sched = self._schedule(steps, settings["scheduler"], c.schedule_type)
         clip_skip = validation.check_int(
             1 if settings["clip_skip"] is None else settings["clip_skip"], "clip_skip", minimum=1,
             maximum=self.text_encoder_config.num_hidden_layers)
@@ -459,8 +479,11 @@ class StableDiffusionPipeline:
         spec = sampling.CoreSpec(lat_shape, sched, steps, per_device, chunk, c.output_type,
                                  prepared.task, tuple(sorted(inputs)), bool(c.nan_check),
                                  cfg=cfg, clip_skip=clip_skip, text_chunks=chunks,
-                                 stops_early=prepared.stop is not None,
+                                 stops_early=prepared.stop is not None, tiling=bool(c.tiling),
                                  **({} if stack is None else stack.spec_fields()))
+        if c.tiling and prepared.task.decode_tiles is not None:
+            raise ValueError("tiling wraps the whole image: it does not go with the tiled "
+                             "VAE decode (vae_tiling=False)")
 
         def pad(x):
             return parallel.put_batch(parallel.pad_batch(np.asarray(x), size), self.mesh)
@@ -514,6 +537,20 @@ class StableDiffusionPipeline:
 
     def _count_compile(self, seconds: float) -> None:
         self.compile_seconds += seconds
+
+
+def _check_one_pass(c: Call) -> None:
+    """A call that is one pass: ``tiling`` a bool, no hires fix (``pipe.compile`` and
+    ``pipe.lower`` take one pass; ``submit`` runs the hires fix's two) and no hires options
+    without it."""
+    if not isinstance(c.tiling, (bool, np.bool_)):
+        raise TypeError(f"tiling must be True or False, got {c.tiling!r}")
+    if c.hires_scale is not None or c.hires_size is not None:
+        raise ValueError("the hires fix is two calls: compile or lower each pass on its own "
+                         "(the second is img2img on the first's upscaled output)")
+    for name in hires.EXTRA_FIELDS:
+        if getattr(c, name) is not None:
+            raise ValueError(f"{name} is the hires fix's: give hires_scale or hires_size too")
 
 
 __all__ = ["StableDiffusionPipeline", "PipelineOutput", "PendingImages", "NonFiniteError",

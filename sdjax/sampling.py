@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sdjax import parallel, prompts, tasks, vae_tiling, validation
+from sdjax.models.layers import circular_padding
 from sdjax.schedulers.start import start_table
 
 # Per-image status the compiled call returns when it checks its outputs (one int8 per image).
@@ -58,6 +59,9 @@ class CoreSpec:
     prompt_entries: int = 1
     prompt_parts: int = 1
     composable: bool = False
+    # The WebUI's seamless tiling: every convolution of the UNet and the VAE pads circularly
+    # (sdjax.models.layers.circular_padding), compiled in.
+    tiling: bool = False
 
 
 # Columns of the per-image guidance array: scale, diffusers' CFG rescale, and the sigma
@@ -231,8 +235,16 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         state0 = sched.set_timesteps(spec.steps, sample_shape=sample_shape)
         total = sched.num_evaluations(state0)
     dtype, scaling = nets.dtype, nets.vae_scaling
+    # The WebUI's samplers inpaint by blending the denoised estimate with the image's
+    # (sdjax.schedulers.webui), not the noised latents after each step.
+    webui_blend = getattr(sched, "blends_denoised", False)
 
-    def per_device(params, ids, neg_ids, guidance, seeds, indices, span, inputs):
+    def per_device(*args):
+        # Read while the networks are traced: tiling is compiled in.
+        with circular_padding(spec.tiling):
+            return sample(*args)
+
+    def sample(params, ids, neg_ids, guidance, seeds, indices, span, inputs):
         start = span[0]
         end = span[1] if spec.stops_early else total
         vae = nnx.merge(nets.graphdefs["vae"], params["vae"])
@@ -259,8 +271,10 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         elif feed.image_latents is not None:
             noised = sched.add_noise_for_start(state, feed.image_latents, noise)
             # Inpainting from strength 1 starts from noise alone (diffusers' is_strength_max);
-            # img2img at strength 1 still mixes the image in at the first timestep.
-            x = jnp.where(start == 0, x, noised) if task.pure_noise_at_full_strength else noised
+            # img2img at strength 1 still mixes the image in at the first timestep, and so
+            # does the WebUI's inpainting (webui_blend).
+            x = (jnp.where(start == 0, x, noised)
+                 if task.pure_noise_at_full_strength and not webui_blend else noised)
         guidance = guidance.astype(jnp.float32)
         if not spec.cfg:
             # No unconditional pass: the negative prompts' half of the (cheap, once per call)
@@ -285,8 +299,15 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
                 eps = combine_guidance(eps[:b], eps[b:], guidance, step.sigma)
             key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
                    if sched.stochastic else None)
-            x, state = sched.step(state, i, eps, x, key=key)
-            if feed.repaint is not None:
+            if webui_blend and feed.repaint is not None:
+                x, state = sched.step(state, i, eps, x, key=key,
+                                      blend=(feed.image_latents, feed.repaint))
+                # and the image's latents outside the mask after the last step, as the WebUI
+                x = jnp.where(i < end - 1, x, (1 - feed.repaint) * feed.image_latents
+                              + feed.repaint * x)
+            else:
+                x, state = sched.step(state, i, eps, x, key=key)
+            if feed.repaint is not None and not webui_blend:
                 # Ordinary models inpaint by putting the kept region back, noised to the
                 # next evaluation's level (clean after the last that runs), as diffusers does.
                 level = noise_levels[jnp.minimum(i + 1, total - 1)]

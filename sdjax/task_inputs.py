@@ -203,7 +203,10 @@ def _image_task(model: ImageModel, r: TaskRequest, *, from_strength: bool) -> Ta
         if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
                 or not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-        start = start_index(r.steps, float(strength))
+        # A WebUI sampler takes strength as the WebUI's denoising strength (its step rule).
+        webui_start = getattr(r.scheduler, "webui_start", None)
+        start = (start_index(r.steps, float(strength)) if webui_start is None
+                 else webui_start(r.steps, float(strength))[1])
     latents = tasks.as_latents(image, model.latent_channels)
     if latents is not None:
         if mask_image is not None:

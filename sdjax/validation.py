@@ -248,6 +248,18 @@ def check_choice(value: Any, name: str, choices: Sequence[str], *,
     return value
 
 
+def check_schedule_type(value: Any, name: str, choices: Sequence[str]) -> str | None:
+    """A WebUI schedule type (``choices``: its labels) in any of the WebUI's spellings
+    ("Karras", "karras", "sgm_uniform", "SGMUniform"), as its label; None stays None."""
+    if value is None:
+        return None
+    key = value.strip().lower().replace("_", " ") if isinstance(value, str) else None
+    for label in choices:
+        if key in (label.lower(), label.lower().replace(" ", "")):
+            return label
+    raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
 def check_call(*, prompt: Any, negative_prompt: Any, num_inference_steps: Any,
                guidance_scale: Any, height: Any, width: Any, num_images_per_prompt: Any,
                seed: Any, seeds: Any, image_indices: Any, scheduler: Any,

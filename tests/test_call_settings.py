@@ -164,7 +164,10 @@ def test_front_ends_write_the_same_text(tmp_path):
     # The server has no seed index (image k of a request is seed + k, index 0).
     (tmp_path / "x.safetensors").write_bytes(b"")  # the tag's file: found, never loaded
     served = _server_text(prompt, "dull", 7, 6.0, tmp_path)
-    assert served == from_sample.replace("Seed index: 0, ", "")
+    # and it runs the WebUI's own "Euler a" (the CLI's euler_a is diffusers'), so it writes
+    # the WebUI's schedule type too
+    assert served == from_sample.replace("Seed index: 0, ", "").replace(
+        "Sampler: Euler a, ", "Sampler: Euler a, Schedule type: Automatic, ")
 
 
 def test_sdxl_flags_reach_the_settings():

@@ -32,6 +32,8 @@ from sdjax.schedulers.heun import Heun
 from sdjax.schedulers.lcm import LCM
 from sdjax.schedulers.lms import LMS
 from sdjax.schedulers.pndm import PNDM
+from sdjax.schedulers.webui import WEBUI_SAMPLER_NAMES, WebUISampler
+from sdjax.schedulers.webui_sigmas import SCHEDULE_TYPES, schedule_type_label
 
 # name -> (our class, the diffusers class it reproduces, options forced on top of the model's
 # config: ours take them, and so does the diffusers class when built as the reference).
@@ -56,6 +58,16 @@ _REGISTRY: dict[str, tuple[type[Scheduler], str, dict[str, Any]]] = {
     "lcm": (LCM, "LCMScheduler", {}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# What scheduler= accepts: our diffusers-equivalent names, then the WebUI's sampler names
+# (its k-diffusion samplers, sdjax.schedulers.webui).
+ALL_SCHEDULER_NAMES: tuple[str, ...] = SCHEDULER_NAMES + WEBUI_SAMPLER_NAMES
+
+
+def webui_sampler_label(name: str | None) -> str | None:
+    """``name`` if it is a WebUI sampler's label ("DPM++ 2M"), else None (a
+    diffusers-equivalent name, or unknown). The server also takes the WebUI's aliases
+    (``sdjax.schedulers.webui.ALIASES``)."""
+    return name if isinstance(name, str) and name in WEBUI_SAMPLER_NAMES else None
 
 # A model's diffusers class -> our name (the first registered, so DPMSolver -> dpmpp_2m).
 _BY_DIFFUSERS_CLASS: dict[str, str] = {}
@@ -69,8 +81,19 @@ def _entry(name: str) -> tuple[type[Scheduler], str, dict[str, Any]]:
     return _REGISTRY[name]
 
 
-def get_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
-    """The scheduler `name` configured from a parsed scheduler_config.json."""
+def get_scheduler(name: str, config: Mapping[str, Any], *, schedule_type: str | None = None,
+                  sdxl: bool = False) -> Scheduler:
+    """The scheduler `name` configured from a parsed scheduler_config.json. A WebUI sampler
+    name takes the WebUI's ``schedule_type`` (None: "Automatic"; ``sdxl`` picks SDXL's
+    "Align Your Steps" table); the other names take none."""
+    label = webui_sampler_label(name)
+    if label is not None:
+        return WebUISampler.from_config(config, sampler=label,
+                                        schedule_type=schedule_type_label(schedule_type),
+                                        sdxl=bool(sdxl))
+    if schedule_type not in (None, "Automatic"):
+        raise ValueError(f"schedule_type={schedule_type!r} is for the WebUI's samplers "
+                         f"({', '.join(WEBUI_SAMPLER_NAMES)}), not scheduler={name!r}")
     cls, _, forced = _entry(name)
     return cls.from_config(config, **forced)
 
@@ -91,7 +114,12 @@ def default_scheduler_name(config: Mapping[str, Any]) -> str:
 
 
 __all__ = [
+    "ALL_SCHEDULER_NAMES",
     "SCHEDULER_NAMES",
+    "SCHEDULE_TYPES",
+    "WEBUI_SAMPLER_NAMES",
+    "WebUISampler",
+    "webui_sampler_label",
     "NoiseSchedule",
     "Scheduler",
     "default_scheduler_name",

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from sdjax.serve.checkpoints import ModelRegistry, discover
     from sdjax.serve.generation import run_call
     from sdjax.serve.limits import Limits
-    from sdjax.serve.samplers import scheduler_for
+    from sdjax.serve.samplers import sampler_settings
 
     limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps,
                     max_images=args.max_images, max_body_bytes=args.max_body_bytes,
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max_batch must be at least 1")
     warmups = [parse_warmup(w) for w in args.warmup]
     for _, _, _, sampler in warmups:
-        scheduler_for(sampler)
+        sampler_settings(sampler)
     _check_port(args.host, args.port)
     dtype = resolve_dtype(args.dtype)
 
@@ -149,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("warmup: compiling %dx%d, %d steps, %s", w, h, steps, sampler)
         # The shape a request with no overrides compiles: the model's own clip skip too.
         clip_skip = pipe.sampling_settings()["clip_skip"] or 1
-        sampling = request_sampling(pipe, steps, scheduler_for(sampler), clip_skip)
+        sampling = request_sampling(pipe, steps, *sampler_settings(sampler)[:1], clip_skip,
+                                    sampler_settings(sampler)[1])
         run_call(registry)(Shape(CallSettings(registry.current, sampling, Size(h, w))),
                            [ImageSpec("", "", 0, 7.0)])
     for title in (registry.current, registry.refiner):

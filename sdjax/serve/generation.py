@@ -26,11 +26,11 @@ from sdjax.call_settings import (
 )
 from sdjax.images import SAMPLER_LABELS, encode_png
 from sdjax.lora_tags import TagLoras, find_lora, split_tags, tag_key
-from sdjax.serve import uploads
+from sdjax.serve import hires_fields, uploads
 from sdjax.serve.batcher import ImageSpec, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest, Limits, check_generation
-from sdjax.serve.samplers import scheduler_for
+from sdjax.serve.samplers import sampler_settings, scheduler_for
 from sdjax.serve.schemas import Img2ImgRequest, Txt2ImgRequest, unsupported
 from sdjax.task_inputs import TaskInputs
 from sdjax.tasks import MASKED_CONTENT
@@ -51,7 +51,8 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     if reason:
         raise BadRequest(reason)
     try:
-        scheduler = scheduler_for(req.sampler_name or req.sampler_index, req.scheduler)
+        scheduler, schedule_type = sampler_settings(req.sampler_name or req.sampler_index,
+                                                    req.scheduler)
     except ValueError as e:
         raise BadRequest(str(e)) from None
     wanted = (req.override_settings or {}).get("sd_model_checkpoint")
@@ -70,6 +71,15 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
             pipe.check_size(req.height, req.width)
         except ValueError as e:
             raise BadRequest(str(e)) from None
+    names_refiner = (req.refiner_checkpoint or "").strip() not in ("", "None", "none")
+    if pipe.UPSCALER or names_refiner:
+        # diffusers' own pipelines (the x4 upscaler, the base-to-refiner hand-off) keep the
+        # diffusers-equivalent schedulers of the WebUI's names
+        try:
+            scheduler, schedule_type = scheduler_for(req.sampler_name or req.sampler_index,
+                                                     req.scheduler), None
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
     loras, clip_skip = _prompt_settings(req, registry, title)
     try:  # prompt editing and AND's limits; the call's text layout, which requests share
         layout = pipe.prompt_layout([split_tags(req.prompt)[0]], [req.negative_prompt],
@@ -83,18 +93,21 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     specs = [ImageSpec(req.prompt, req.negative_prompt, (seed + k) % validation.MAX_SEED,
                        float(req.cfg_scale)) for k in range(n)]
     settings = CallSettings(
-        title, request_sampling(pipe, req.steps, scheduler, clip_skip),
+        title, request_sampling(pipe, req.steps, scheduler, clip_skip, schedule_type),
         Size(req.height, req.width),
-        sdxl=SDXL() if refiner is None else SDXL(refiner=refiner, refiner_switch_at=switch_at))
+        sdxl=SDXL() if refiner is None else SDXL(refiner=refiner, refiner_switch_at=switch_at),
+        tiling=hires_fields.tiling(req, pipe),
+        hires=hires_fields.hires(req, pipe, limits, refiner))
     return Plan(Shape(settings, loras=loras, prompt_layout=layout), specs, seed)
 
 
-def request_sampling(pipe, steps: int, scheduler: str, clip_skip: int) -> Sampling:
+def request_sampling(pipe, steps: int, scheduler: str, clip_skip: int,
+                     schedule_type: str | None = None) -> Sampling:
     """A request's sampling settings: each image has its own guidance scale, and the model's
     sdjax.json guidance options apply (requests have no fields for them)."""
     defaults = pipe.sampling_settings()
     return Sampling(steps, scheduler, None, defaults["guidance_rescale"],
-                    defaults["guidance_interval"], clip_skip)
+                    defaults["guidance_interval"], clip_skip, schedule_type)
 
 
 def _refiner_settings(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
@@ -287,7 +300,8 @@ def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: Jo
         "subseed": req.subseed, "all_subseeds": [req.subseed] * len(seeds),
         "subseed_strength": req.subseed_strength,
         "width": settings.size.width, "height": settings.size.height,
-        "sampler_name": SAMPLER_LABELS[settings.sampling.scheduler],
+        "sampler_name": SAMPLER_LABELS.get(settings.sampling.scheduler,
+                                           settings.sampling.scheduler),
         "cfg_scale": req.cfg_scale, "steps": settings.sampling.steps,
         "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": settings.model, "sd_model_hash": None,

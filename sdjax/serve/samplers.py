@@ -8,6 +8,7 @@ image's ``parameters`` are the same string.
 from __future__ import annotations
 
 from sdjax.images import SAMPLER_LABELS
+from sdjax.schedulers import webui, webui_sigmas
 
 # Other spellings clients send: the WebUI's own aliases (k-diffusion names), "PNDM" (which the
 # WebUI calls PLMS), and our names themselves.
@@ -51,8 +52,51 @@ def scheduler_for(sampler_name: str | None, schedule: str | None = None) -> str:
     return found
 
 
+def sampler_settings(sampler_name: str | None,
+                     schedule: str | None = None) -> tuple[str, str | None]:
+    """(our scheduler name, the WebUI schedule type or None) for a request's ``sampler_name``
+    and ``scheduler`` (WebUI 1.9 on): the WebUI's k-diffusion samplers by their labels or
+    aliases, with any schedule type (older names such as "DPM++ 2M Karras" carry theirs);
+    the others (DDIM, PLMS, DDPM, LCM) as :func:`scheduler_for` maps them. Raises ValueError
+    naming the choices."""
+    wanted = (sampler_name or DEFAULT_SAMPLER).strip().lower()
+    for label in webui.WEBUI_SAMPLER_NAMES:
+        names = [label, *webui.ALIASES[label]]
+        if wanted in (n.lower() for n in names):
+            return label, webui_sigmas.schedule_type_label(schedule or None)
+        if wanted in (f"{n} karras".lower() for n in names[:1]) or wanted in (
+                f"{n}_ka".lower() for n in names[1:]):
+            if (schedule or "automatic").strip().lower() not in ("automatic", "karras"):
+                raise ValueError(f"{sampler_name} has the Karras schedule, not {schedule}")
+            return label, "Karras"
+    try:
+        return scheduler_for(sampler_name, schedule), None
+    except ValueError as e:
+        if not str(e).startswith("unknown sampler"):
+            raise
+        names = ", ".join(item["name"] for item in sampler_list())
+        raise ValueError(f"unknown sampler {sampler_name!r}; choose one of {names}") from None
+
+
 def sampler_list() -> list[dict]:
-    """``GET /sdapi/v1/samplers``: the WebUI's SamplerItem shape."""
-    return [{"name": label, "aliases": sampler_aliases(ours),
-             "options": {"scheduler": "karras"} if ours.endswith("_karras") else {}}
-            for ours, label in SAMPLER_LABELS.items()]
+    """``GET /sdapi/v1/samplers``: the WebUI's SamplerItem shape: its k-diffusion samplers
+    (options: their own schedule type), then the other schedulers (the WebUI's DDIM, PLMS,
+    ..., and "DPM++ 2M Karras" as older clients send it)."""
+    listed = [{"name": label, "aliases": list(webui.ALIASES[label]),
+               "options": ({"scheduler": webui.SAMPLERS[label].scheduler.lower()}
+                           if webui.SAMPLERS[label].scheduler else {})}
+              for label in webui.WEBUI_SAMPLER_NAMES]
+    names = {item["name"] for item in listed}
+    return listed + [{"name": label, "aliases": sampler_aliases(ours),
+                      "options": {"scheduler": "karras"} if ours.endswith("_karras") else {}}
+                     for ours, label in SAMPLER_LABELS.items() if label not in names]
+
+
+def scheduler_list() -> list[dict]:
+    """``GET /sdapi/v1/schedulers``: the WebUI's SchedulerItem shape."""
+    rho = {"Karras": 7.0, "Polyexponential": 1.0}
+    inner = ("Uniform", "SGM Uniform", "Simple", "Normal", "DDIM", "Beta")
+    return [{"name": label.lower().replace(" ", "_"), "label": label,
+             "aliases": ["SGMUniform"] if label == "SGM Uniform" else None,
+             "default_rho": rho.get(label, -1.0), "need_inner_model": label in inner}
+            for label in webui_sigmas.SCHEDULE_TYPES]

@@ -1,0 +1,398 @@
+"""The WebUI's k-diffusion samplers and schedule types (sdjax.schedulers.webui) against
+k-diffusion itself, the package the WebUI builds on: a tiny diffusers UNet driven through
+``k_diffusion.external.CompVisDenoiser`` (``CompVisVDenoiser`` for v-prediction) with the
+WebUI's CFG combination in the denoised space, from the same start noise and the same per-step
+noise; float32, 4-6 steps, SD 1.x and v-prediction SD 2.x, txt2img and img2img.
+
+Only ``k_diffusion/sampling.py`` and ``external.py`` are loaded (the package's ``__init__``
+pulls in training dependencies), with a one-function stand-in for its ``utils``."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchsde")
+
+from sdjax.pipeline import StableDiffusionPipeline  # noqa: E402
+from sdjax.schedulers import get_scheduler  # noqa: E402
+from sdjax.schedulers import webui as webui_mod  # noqa: E402
+from sdjax.schedulers import webui_sigmas as ws  # noqa: E402
+from sdjax.schedulers.start import strength_for_start  # noqa: E402
+from tests.tiny_models import SD15_SCHEDULER, SD21_SCHEDULER  # noqa: E402
+
+CFG = 3.0
+FUNCS = {
+    "Euler": "sample_euler", "Euler a": "sample_euler_ancestral", "DPM++ 2M": "sample_dpmpp_2m",
+    "Heun": "sample_heun", "DPM2": "sample_dpm_2", "DPM2 a": "sample_dpm_2_ancestral",
+    "DPM++ 2S a": "sample_dpmpp_2s_ancestral", "LMS": "sample_lms",
+    "DPM++ SDE": "sample_dpmpp_sde", "DPM++ 2M SDE": "sample_dpmpp_2m_sde",
+    "DPM++ 3M SDE": "sample_dpmpp_3m_sde",
+}
+
+
+def _k_diffusion():
+    """(k_diffusion.sampling, k_diffusion.external) loaded from their files alone."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("k-diffusion is not installed (pip install -e '.[test]')")
+    root = spec.submodule_search_locations[0]
+    pkg = types.ModuleType("_kd")
+    pkg.__path__ = [root]
+    utils = types.ModuleType("_kd.utils")
+
+    def append_dims(x, target_dims):
+        return x[(...,) + (None,) * (target_dims - x.ndim)]
+
+    utils.append_dims = append_dims
+    sys.modules.update({"_kd": pkg, "_kd.utils": utils})
+    pkg.utils = utils
+    mods = []
+    for name in ("sampling", "external"):
+        s = importlib.util.spec_from_file_location(f"_kd.{name}", f"{root}/{name}.py")
+        mod = importlib.util.module_from_spec(s)
+        sys.modules[f"_kd.{name}"] = mod
+        s.loader.exec_module(mod)
+        setattr(pkg, name, mod)
+        mods.append(mod)
+    # The WebUI replaces k-diffusion's to_d with (x - denoised) / sigma (sd_schedulers.py).
+    mods[0].to_d = lambda x, sigma, denoised: (x - denoised) / sigma
+    return mods
+
+
+KD = _k_diffusion()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The tiny oracle UNet's 8x8 convolutions are slowest spread over threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class _Inner(torch.nn.Module):
+    """What CompVisDenoiser wraps: ``apply_model(x, t, cond)`` and ``alphas_cumprod``."""
+
+    def __init__(self, unet, alphas_cumprod):
+        super().__init__()
+        self.unet = unet
+        self.alphas_cumprod = torch.tensor(alphas_cumprod)
+
+    def apply_model(self, x, t, cond):
+        return self.unet(x, t, encoder_hidden_states=cond).sample
+
+
+class _CFG:
+    """The WebUI's CFGDenoiser for one prompt: rows [cond; uncond], combined in the denoised
+    space as ``denoised_uncond + (denoised_cond - denoised_uncond) * cfg_scale``."""
+
+    def __init__(self, wrap, ctx):
+        self.wrap, self.ctx = wrap, ctx  # ctx: [uncond; cond] rows
+
+    def __call__(self, x, sigma):
+        b = x.shape[0]
+        out = self.wrap(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                        cond=torch.cat([self.ctx[b:], self.ctx[:b]]))
+        cond, uncond = out[:b], out[b:]
+        return uncond + (cond - uncond) * CFG
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def model(request, sd1_folder, sd2_folder):
+    """(our pipeline, its scheduler config, a jitted UNet of ours, the torch CFG denoiser
+    factory, the [uncond; cond] context) of a tiny SD 1.x or v-prediction SD 2.x model."""
+    from diffusers import StableDiffusionPipeline as Ref
+
+    folder = sd1_folder if request.param == "sd1" else sd2_folder
+    config = SD15_SCHEDULER if request.param == "sd1" else SD21_SCHEDULER
+    ref = Ref.from_pretrained(str(folder), safety_checker=None)
+    ours = StableDiffusionPipeline.from_pretrained(str(folder), dtype="float32", num_devices=1)
+    with torch.no_grad():
+        cond, uncond = ref.encode_prompt("a red circle", "cpu", 1, True, "")
+    ctx = torch.cat([uncond, cond]).float()
+    sched = get_scheduler("Euler", config)
+    denoiser = (KD[1].CompVisVDenoiser if config.get("prediction_type") == "v_prediction"
+                else KD[1].CompVisDenoiser)
+    wrap = denoiser(_Inner(ref.unet, ws.webui_alphas_cumprod(sched.schedule)))
+    graphdef, params = ours.store.graphdefs["unet"], ours.store.current["unet"]
+
+    @jax.jit
+    def unet(params, x, t, context):
+        net = nnx.merge(graphdef, params)
+        return net(x, jnp.broadcast_to(t, (x.shape[0],)), context)
+
+    return dict(kind=request.param, pipe=ours, ref=ref, config=config,
+                unet=functools.partial(unet, params), cfg=_CFG(wrap, ctx),
+                ctx=jnp.asarray(ctx.numpy()), wrap=wrap)
+
+
+@functools.cache
+def _stepper(prediction_type: str):
+    """One jitted step for every sampler of a prediction type (the step reads nothing else
+    of the scheduler; it compiles once per memory depth)."""
+    proto = get_scheduler("Euler", {"prediction_type": prediction_type})
+    return jax.jit(lambda state, i, eps, x, n: proto.step(state, i, eps, x, noise=n))
+
+
+def _ours(m, sched, steps, start, x0, noise, step_noises):
+    """Our sampler's loop, step by step (one UNet compile per model for every sampler)."""
+    b = noise.shape[0]
+    state = sched.set_timesteps(steps, strength_for_start(steps, start),
+                               sample_shape=noise.shape)
+    x = noise * np.asarray(state.start_coefs[1])
+    if x0 is not None:
+        x = x0 + x
+    x = jnp.asarray(x)
+    step = _stepper(sched.prediction_type)
+    div, ts, draws = (np.asarray(a) for a in (state.input_div, state.timesteps, state.draw))
+    for i in range(sched.num_evaluations(state)):
+        xin = x / div[i]
+        eps = m["unet"](jnp.concatenate([xin, xin]), ts[i], m["ctx"])
+        eps = eps[:b] + CFG * (eps[b:] - eps[:b])
+        n = step_noises[draws[i]] if draws[i] >= 0 else np.zeros(noise.shape, np.float32)
+        x, state = step(state, i, eps, x, n)
+    return np.asarray(x)
+
+
+def _reference(m, sampler, sigmas, start, x0, noise, step_noises):
+    nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+    sched = torch.tensor(sigmas[start:])
+    x = nchw(noise) * sched[0]
+    if x0 is not None:
+        x = nchw(x0) + x
+    draws = iter(step_noises)
+    kwargs = {}
+    if sampler in STOCHASTIC:
+        kwargs["noise_sampler"] = lambda s, s_next: nchw(next(draws))
+    with torch.no_grad():
+        out = getattr(KD[0], FUNCS[sampler])(m["cfg"], x, sched, disable=True, **kwargs)
+    return np.transpose(out.numpy(), (0, 2, 3, 1))
+
+
+STOCHASTIC = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE")
+
+
+def _fake_denoiser(x, sigma):
+    """A smooth stand-in for the model's denoised estimate (numpy or torch alike)."""
+    s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+    return x * 0.3 / (1 + s) + 0.1 * s / (1 + s)
+
+
+@pytest.mark.parametrize("sampler", list(FUNCS))
+def test_samplers_restate_k_diffusion(sampler):
+    """Every sampler's tables against its k-diffusion function over a stand-in denoiser (no
+    UNet: the algorithm alone), on several schedule types, txt2img and img2img starts."""
+    rng = np.random.default_rng(1)
+    shape = (2, 3, 3, 2)
+    for schedule, steps, start in (("Automatic", 6, 0), ("Karras", 5, 0), ("Uniform", 7, 3),
+                                   ("KL Optimal", 4, 0), ("Exponential", 6, 2)):
+        sched = get_scheduler(sampler, SD15_SCHEDULER, schedule_type=schedule)
+        sigmas = sched.sigmas(steps)
+        noise = rng.standard_normal(shape).astype(np.float32)
+        x0 = rng.standard_normal(shape).astype(np.float32) if start else None
+        step_noises = rng.standard_normal((2 * steps + 2, *shape)).astype(np.float32)
+        state = sched.set_timesteps(steps, strength_for_start(steps, start), sample_shape=shape)
+        x = (jnp.asarray(noise) * state.init_sigma if x0 is None
+             else sched.add_noise_for_start(state, jnp.asarray(x0), jnp.asarray(noise)))
+        for i in range(sched.num_evaluations(state)):
+            sigma = state.sigma[i]
+            eps = (x - _fake_denoiser(x, sigma[None])) / sigma  # epsilon of that estimate
+            draw = int(state.draw[i])
+            x, state = sched.step(state, i, eps, x, noise=jnp.asarray(
+                step_noises[draw] if draw >= 0 else np.zeros(shape, np.float32)))
+        ref = _reference(dict(cfg=_fake_denoiser), sampler, sigmas, start, x0, noise,
+                         step_noises)
+        np.testing.assert_allclose(np.asarray(x), ref, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{sampler} {schedule} {steps} from {start}")
+
+
+CASES = {  # model -> (sampler, schedule type, steps, img2img start step or None)
+    "sd1": [("Euler a", "Karras", 5, None), ("DPM++ 2M", "Automatic", 6, None),
+            ("Heun", "Exponential", 4, None), ("DPM++ SDE", "Automatic", 4, None),
+            ("DPM++ 3M SDE", "Automatic", 6, None), ("DPM++ 2M", "Karras", 6, 2)],
+    "sd2": [("Euler", "Automatic", 5, None), ("DPM2 a", "Automatic", 4, None),
+            ("DPM++ 2S a", "SGM Uniform", 4, None), ("LMS", "Uniform", 6, 3),
+            ("DPM++ 2M SDE", "Karras", 6, 1)],
+}
+
+
+def test_samplers_match_k_diffusion(model):
+    """Our sampler steps around our UNet against k-diffusion around the diffusers UNet. The
+    UNets agree to ~3e-6 on eps; the start sigma (14.6) and the guidance scale multiply that
+    in the first steps' denoised estimates. The tiny random UNet's latents end at magnitudes
+    up to ~75, so the bound is relative: max |ours - k-diffusion| <= 1e-4 on latents scaled to
+    magnitude 10 (seen: <= 1.6e-4 absolute, 2.2e-6 relative)."""
+    rng = np.random.default_rng(0)
+    shape = (1, 8, 8, 4)
+    x0 = rng.standard_normal(shape).astype(np.float32)
+    worst = {}
+    for sampler, schedule, steps, start in CASES[model["kind"]]:
+        sched = get_scheduler(sampler, model["config"], schedule_type=schedule)
+        sigmas = sched.sigmas(steps)
+        noise = rng.standard_normal(shape).astype(np.float32)
+        step_noises = rng.standard_normal((2 * steps + 2, *shape)).astype(np.float32)
+        begin = 0 if start is None else start
+        image = None if start is None else x0
+        ours = _ours(model, sched, steps, begin, image, noise, step_noises)
+        ref = _reference(model, sampler, sigmas, begin, image, noise, step_noises)
+        worst[(sampler, schedule, start)] = (float(np.abs(ours - ref).max()),
+                                             float(np.abs(ref).max()))
+        assert np.abs(ref).max() > 0.1
+    bad = {k: v for k, v in worst.items() if not v[0] <= 1e-5 * max(10.0, v[1])}
+    assert not bad, f"(max |ours - k-diffusion|, max |k-diffusion|) off: {bad} (all: {worst})"
+
+
+@pytest.mark.parametrize("schedule", ws.SCHEDULE_TYPES[1:])
+def test_schedule_types_match_the_webui(schedule):
+    """Each schedule type's sigmas against the WebUI's formulas over k-diffusion's model
+    sigmas (restated here from modules/sd_schedulers.py where k-diffusion has none)."""
+    sched = get_scheduler("Euler", SD15_SCHEDULER, schedule_type=schedule)
+    ac = ws.webui_alphas_cumprod(sched.schedule)
+    wrap = KD[1].CompVisDenoiser(_Inner(torch.nn.Identity(), ac))
+    lo, hi = wrap.sigmas[0].item(), wrap.sigmas[-1].item()
+    n = 7
+    s = KD[0]
+    if schedule == "Uniform":
+        ref = wrap.get_sigmas(n)
+    elif schedule == "Karras":
+        ref = s.get_sigmas_karras(n, lo, hi)
+    elif schedule == "Exponential":
+        ref = s.get_sigmas_exponential(n, lo, hi)
+    elif schedule == "Polyexponential":
+        ref = s.get_sigmas_polyexponential(n, lo, hi, rho=1.0)
+    elif schedule in ("SGM Uniform", "Normal"):
+        t0, t1 = wrap.sigma_to_t(torch.tensor(hi)), wrap.sigma_to_t(torch.tensor(lo))
+        ts = torch.linspace(t0, t1, n + 1)[:-1] if schedule == "SGM Uniform" \
+            else torch.linspace(t0, t1, n)
+        ref = torch.tensor([*(wrap.t_to_sigma(t) for t in ts), 0.0])
+    elif schedule == "KL Optimal":
+        a0, a1 = torch.arctan(torch.tensor(lo)), torch.arctan(torch.tensor(hi))
+        k = torch.arange(n + 1)
+        ref = torch.tan(k / n * a0 + (1.0 - k / n) * a1)
+    elif schedule == "Align Your Steps":
+        table = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+        ys = np.interp(np.linspace(0, 1, n), np.linspace(0, 1, 11), np.log(table[::-1]))
+        ref = torch.tensor([*np.exp(ys)[::-1], 0.0])
+    elif schedule == "Simple":
+        ss = len(wrap.sigmas) / n
+        ref = torch.tensor([*(float(wrap.sigmas[-(1 + int(x * ss))]) for x in range(n)), 0.0])
+    elif schedule == "DDIM":
+        ss = max(len(wrap.sigmas) // n, 1)
+        ref = torch.tensor([*(float(v) for v in wrap.sigmas[1::ss].flip(0)), 0.0])
+    else:  # Beta, alpha = beta = 0.6
+        from scipy import stats
+        ts = [stats.beta.ppf(x, 0.6, 0.6) for x in 1 - np.linspace(0, 1, n)]
+        ref = torch.tensor([*(lo + x * (hi - lo) for x in ts), 0.0])
+    ours = sched.sigmas(n)
+    ref = ref.float().numpy()
+    # the WebUI's DDIM type takes every (1000 // n)-th sigma: it can make more than n steps
+    assert ours.shape == ref.shape == ((9,) if schedule == "DDIM" else (n + 1,))
+    np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=1e-6)
+    # the model's timestep of each sigma, as CompVisDenoiser.sigma_to_t
+    positive = ours[ours > 0]
+    np.testing.assert_allclose(ws.ModelSigmas.from_schedule(sched.schedule).sigma_to_t(positive),
+                               wrap.sigma_to_t(torch.tensor(positive)).numpy(), atol=2e-4)
+
+
+def test_webui_names_and_rules():
+    with pytest.raises(ValueError, match="unknown schedule_type 'Karas'"):
+        get_scheduler("Euler", SD15_SCHEDULER, schedule_type="Karas")
+    with pytest.raises(ValueError, match="schedule_type"):
+        get_scheduler("euler", SD15_SCHEDULER, schedule_type="Karras")
+    assert get_scheduler("DPM++ 2M", SD15_SCHEDULER).resolved_schedule == "Karras"
+    assert get_scheduler("Euler", SD15_SCHEDULER, schedule_type="sgm_uniform").schedule_type \
+        == "SGM Uniform"
+    # DPM2 discards the next-to-last sigma of a one-step-longer schedule
+    dpm2 = get_scheduler("DPM2", SD15_SCHEDULER, schedule_type="Karras")
+    longer = get_scheduler("DPM++ 2M", SD15_SCHEDULER).sigmas(6)
+    np.testing.assert_array_equal(dpm2.sigmas(5), np.concatenate([longer[:-2], longer[-1:]]))
+    # the WebUI's img2img step rule: steps as given, int(min(strength, .999) * steps) + 1 run
+    rule = webui_mod.WebUISampler.webui_start
+    assert rule(20, 0.75) == (20, 4) and rule(20, 1.0) == (20, 0) and rule(20, 0.01) == (20, 19)
+    assert rule(20, 0.5, fix_steps=True) == (40, 20)
+
+
+def test_pipeline_runs_the_webui_samplers(model, monkeypatch):
+    """Through the pipeline (the one compiled loop): SD 1.x txt2img with "Euler a" and SD 2.x
+    (v-prediction) img2img with "DPM++ 2M SDE" on Karras at the WebUI's strength rule, the
+    per-step noise fed through the hook, against k-diffusion."""
+    pipe = model["pipe"]
+    rng = np.random.default_rng(5)
+    shape = (1, 8, 8, 4)
+    noise = rng.standard_normal(shape).astype(np.float32)
+    step_noises = rng.standard_normal((16, *shape)).astype(np.float32)
+    monkeypatch.setattr(webui_mod, "step_noise",
+                        lambda key, draw, like: jnp.asarray(step_noises)[draw])
+    size = 8 * pipe.vae_scale_factor
+    common = dict(num_inference_steps=5, guidance_scale=CFG, height=size, width=size,
+                  latents=noise, output_type="latent")
+    if model["kind"] == "sd1":
+        sampler, schedule, start, image = "Euler a", "Automatic", 0, None
+        out = pipe("a red circle", scheduler=sampler, **common).images
+    else:
+        sampler, schedule, image = "DPM++ 2M SDE", "Karras", rng.standard_normal(shape)
+        image = image.astype(np.float32)
+        # WebUI: 5 steps at denoising strength 0.6 run int(0.6 * 5) + 1 = 4 of them
+        start = 1
+        out = pipe("a red circle", scheduler=sampler, schedule_type=schedule, image=image,
+                   strength=0.6, **common).images
+    sched = get_scheduler(sampler, model["config"], schedule_type=schedule)
+    ref = _reference(model, sampler, sched.sigmas(5), start, image, noise, step_noises)
+    diff = np.abs(np.asarray(out) - ref).max()
+    assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
+
+
+def test_front_ends_name_them():
+    """The CLI flag, the server's sampler_name + scheduler, its lists and the PNG text."""
+    import argparse
+
+    from sdjax import cli_args
+    from sdjax.call_settings import CallSettings, Sampling, Size
+    from sdjax.serve.samplers import sampler_list, sampler_settings, scheduler_list
+
+    p = argparse.ArgumentParser()
+    cli_args.add_common_arguments(p)
+    args = p.parse_args(["--scheduler", "DPM++ 2M", "--schedule_type", "sgm_uniform"])
+    cli_args.check_common_args(args)
+    assert args.schedule_type == "SGM Uniform"
+    for argv, message in ((["--scheduler", "Euler", "--schedule_type", "Karas"],
+                           "unknown --schedule_type 'Karas'"),
+                          (["--scheduler", "euler", "--schedule_type", "Karras"],
+                           "--schedule_type is for the WebUI's samplers")):
+        with pytest.raises(Exception, match=message):
+            cli_args.check_common_args(p.parse_args(argv))
+
+    assert sampler_settings("DPM++ 2M", "Karras") == ("DPM++ 2M", "Karras")
+    assert sampler_settings("DPM++ 2M Karras", "") == ("DPM++ 2M", "Karras")
+    assert sampler_settings("k_euler_a", None) == ("Euler a", "Automatic")
+    assert sampler_settings("dpm++ sde", "exponential") == ("DPM++ SDE", "Exponential")
+    assert sampler_settings("DDIM", None) == ("ddim", None)
+    with pytest.raises(ValueError, match="unknown schedule_type 'Karas'"):
+        sampler_settings("Euler", "Karas")
+    names = [s["name"] for s in sampler_list()]
+    assert names[:3] == ["Euler", "Euler a", "DPM++ 2M"] and "DPM++ 2M Karras" in names
+    assert len(names) == len(set(names))
+    assert [s["label"] for s in scheduler_list()] == list(ws.SCHEDULE_TYPES)
+
+    def text(sampler, schedule):
+        settings = CallSettings("m", Sampling(20, sampler, 7.0, schedule_type=schedule),
+                                Size(64, 64))
+        assert settings.pipeline_kwargs().get("schedule_type") == schedule
+        return settings.parameters("a cat", "", 1).split("\n")[1]
+
+    assert text("DPM++ 2M", None).startswith(
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1")
+    assert text("Euler", None).startswith("Steps: 20, Sampler: Euler, Schedule type: Automatic,")
+    assert text("Euler", "Beta").startswith("Steps: 20, Sampler: Euler, Schedule type: Beta,")
+    assert text("euler", None).startswith("Steps: 20, Sampler: Euler, CFG scale")
