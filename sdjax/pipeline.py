@@ -19,7 +19,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sdjax import hires, model_defaults, noise_call, parallel, sampling, task_inputs, validation
+from sdjax import (
+    hires,
+    model_defaults,
+    noise_call,
+    parallel,
+    prompt_editing,
+    sampling,
+    task_inputs,
+    validation,
+)
 from sdjax import prompts as prompt_syntax
 from sdjax.call import SDXL_FIELDS, Call, build, takes_call
 from sdjax.outputs import NonFiniteError, PendingImages, PipelineOutput
@@ -310,6 +319,15 @@ class StableDiffusionPipeline:
         return prompt_syntax.prompt_arrays(prompts, self.tokenizer, chunks,
                                            prompt_syntax.expander(self.store.embedding_tokens))
 
+    def prompt_layout(self, prompts: Sequence[str], negatives: Sequence[str],
+                      steps: int | None = None, scheduler: str | None = None) -> tuple:
+        """What the text of a call of these prompts (one negative per prompt) compiles to:
+        (chunks per prompt, distinct prompts per schedule, AND parts, composable guidance;
+        sdjax.prompt_editing.layout). Calls that agree on it merge into one program without
+        failing (sdjax.serve groups requests by it). ValueError past the stated limits."""
+        steps, sched = self._schedule(steps, scheduler)
+        return prompt_editing.layout(self.tokenize, prompts, negatives, steps * sched.order)
+
     def check_size(self, height: int, width: int) -> None:
         task_inputs.check_size(height, width, self.vae_scale_factor)
 
@@ -441,12 +459,21 @@ class StableDiffusionPipeline:
             raise ValueError("padding_mask_crop pastes uint8 images back: output_type must be "
                              "'uint8'")
         height, width = prepared.height, prepared.width
-        # One chunk count for prompts and negative prompts alike (sdjax.prompts).
-        text = self.tokenize(prompts + negatives)
+        # Prompt editing, alternation and AND (None: no prompt uses them; the WebUI doubles the
+        # steps of samplers with two evaluations per step).
+        stack = prompt_editing.plan(prompts, negatives, steps * sched.order)
         inputs = dict(prepared.arrays)
+        if stack is None:
+            # One chunk count for prompts and negative prompts alike (sdjax.prompts).
+            text = self.tokenize(prompts + negatives)
+            chunks = text[0].shape[1]
+        else:
+            text, chunks = stack.token_arrays(self.tokenize)
+            inputs.update(stack.inputs(c.num_images_per_prompt))
+            cfg = cfg or stack.composable  # the composable sum needs the unconditional pass
         inputs.update(self._conditioning_inputs(
             prompts, negatives, c.num_images_per_prompt, height, width,
-            c.negative_prompt is None, chunks=text[0].shape[1], **c.sdxl_arguments()))
+            c.negative_prompt is None, chunks=chunks, stack=stack, **c.sdxl_arguments()))
         text = tuple(np.repeat(a, c.num_images_per_prompt, axis=0) for a in text)
         if seeds is None:
             seeds = [parallel.random_seed(c.seed)] * n
@@ -462,9 +489,10 @@ class StableDiffusionPipeline:
             n, self.mesh, c.batch_size_per_device, c.decode_chunk, height * width)
         spec = sampling.CoreSpec(lat_shape, sched, steps, per_device, chunk, c.output_type,
                                  prepared.task, tuple(sorted(inputs)), bool(c.nan_check),
-                                 cfg=cfg, clip_skip=clip_skip, text_chunks=text[0].shape[1],
+                                 cfg=cfg, clip_skip=clip_skip, text_chunks=chunks,
                                  stops_early=prepared.stop is not None, tiling=bool(c.tiling),
-                                 rng=rng, seed_resize=seed_resize)
+                                 rng=rng, seed_resize=seed_resize,
+                                 **({} if stack is None else stack.spec_fields()))
         if c.tiling and prepared.task.decode_tiles is not None:
             raise ValueError("tiling wraps the whole image: it does not go with the tiled "
                              "VAE decode (vae_tiling=False)")
@@ -502,9 +530,10 @@ class StableDiffusionPipeline:
 
     def _conditioning_inputs(self, prompts: list[str], negatives: list[str], per_prompt: int,
                              height: int, width: int, no_negative: bool, chunks: int,
-                             **sdxl) -> dict:
+                             stack: prompt_editing.PromptStack | None = None, **sdxl) -> dict:
         """Batched inputs (one row per image) that the conditioning needs besides the token
-        ids; none for SD 1.x/2.x, which refuse SDXL's arguments (see sdjax.sdxl)."""
+        ids; none for SD 1.x/2.x, which refuse SDXL's arguments (see sdjax.sdxl). ``stack``:
+        the prompts' editing and AND layout (sdjax.prompt_editing), None for plain prompts."""
         if sdxl:
             raise ValueError(f"{next(iter(sdxl))} is for SDXL models (their second text "
                              "encoder and added conditioning); this is an SD 1.x/2.x model")
@@ -525,8 +554,9 @@ class StableDiffusionPipeline:
     def _networks(self, spec: sampling.CoreSpec) -> sampling.Networks:
         """The networks and the denoiser seam's plug-ins a spec's program uses (docs/
         architecture.md: how a per-step input plugs in)."""
-        return sampling.Networks(self.store.graphdefs, self.dtype,
-                                 self.vae_config.scaling_factor, encoder=self._encode)
+        return prompt_editing.plug_in(
+            sampling.Networks(self.store.graphdefs, self.dtype,
+                              self.vae_config.scaling_factor, encoder=self._encode), spec)
 
     # The conditioning of sampling.Networks.encode; None: one text encoder's last states.
     _encode = None

@@ -22,9 +22,10 @@ does with its "pad prompt/negative prompt" option (``pad_cond`` in its CFG denoi
 longer than :data:`MAX_CONTEXT_CHUNKS` chunks is refused, naming the limit. One-chunk calls
 (every prompt of at most 75 tokens) are exactly the plain diffusers encoding.
 
-Not supported: the WebUI's prompt editing ``[a:b:0.5]`` and alternation ``[a|b]`` (read by the
-attention parser as the WebUI's parser reads them, i.e. as text inside ``[...]``), and
-composable ``AND``. Textual-inversion tokens are not kept together across a chunk boundary.
+Prompt editing ``[a:b:0.5]``, alternation ``[a|b]`` and composable ``AND`` are read before this
+(:mod:`sdjax.prompt_syntax`, :func:`prompt_schedules`; the call's layout in
+:mod:`sdjax.prompt_editing`): each text a schedule holds is encoded here like any prompt.
+Textual-inversion tokens are not kept together across a chunk boundary.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from sdjax.prompt_syntax import prompt_schedules, split_and  # noqa: F401  (sdjax.prompts' API)
 
 COMMA_BACKTRACK = 20     # the WebUI's default "comma_padding_backtrack"
 ROUND, SQUARE = 1.1, 1 / 1.1

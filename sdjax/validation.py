@@ -161,6 +161,24 @@ def check_prompts(value: Any, name: str = "prompt", *, allow_none: bool = False,
     return items
 
 
+# Prompt editing, alternation and composable AND (sdjax.prompt_editing): the most distinct
+# prompts one prompt's schedule may hold (each is encoded and kept through the loop), and the
+# most AND parts one prompt may have (each is one more UNet pass per step).
+MAX_SCHEDULE_PROMPTS = 16
+MAX_AND_PARTS = 8
+
+
+def check_prompt_syntax(name: str, distinct: int, parts: int) -> None:
+    """A prompt's distinct schedule prompts and AND parts within the stated limits."""
+    if distinct > MAX_SCHEDULE_PROMPTS:
+        raise ValueError(f"{name} makes {distinct} distinct prompts over its steps (prompt "
+                         f"editing [a:b:n] / alternation [a|b]); the limit is "
+                         f"{MAX_SCHEDULE_PROMPTS} (MAX_SCHEDULE_PROMPTS)")
+    if parts > MAX_AND_PARTS:
+        raise ValueError(f"{name} has {parts} AND parts; the limit is {MAX_AND_PARTS} "
+                         "(MAX_AND_PARTS)")
+
+
 def check_latents(value: Any, shape: tuple[int, ...]) -> np.ndarray:
     """Initial noise: a float array of exactly ``shape`` (NHWC), every value finite."""
     try:

@@ -130,7 +130,7 @@ def _server_text(prompt: str, negative_prompt: str, seed: int, cfg_scale: float,
     from sdjax.weights.resolve import toy_path
 
     model = SimpleNamespace(
-        UPSCALER=False, check_size=lambda h, w: None,
+        UPSCALER=False, check_size=lambda h, w: None, prompt_layout=lambda *args: (),
         sampling_settings=lambda: {"guidance_rescale": 0.5, "guidance_interval": None,
                                    "clip_skip": None},
         text_encoder_config=SimpleNamespace(num_hidden_layers=12),

@@ -39,14 +39,13 @@ class Shape:
     picks, they fix the compiled program; their image task, None for text to image, says
     the strength and the masks' handling, one for the call) and the prompt's <lora:name:w>
     tags, merged into the shared weights, so one set per call. ``source_size``: "only
-    masked" inpainting pastes back into the input's size, one per call. ``text_chunks``:
-    the context length (in 75-token chunks) the request's prompts need alone
-    (``sdjax.prompts.context_chunks``); only requests of one length merge, so a merged call
-    gives each the context, and the image, it would get alone."""
+    masked" inpainting pastes back into the input's size, one per call. ``prompt_layout``:
+    what its prompts compile to (``pipe.prompt_layout``: chunk bucket, prompt editing's and
+    AND's buckets), so that merged prompts never need another program or fail to share one."""
     settings: CallSettings
     loras: tuple[tuple[str, float], ...] = ()
     source_size: tuple[int, int] | None = None
-    text_chunks: int = 1
+    prompt_layout: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,7 +91,12 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
         except ValueError as e:
             raise BadRequest(str(e)) from None
     loras, clip_skip = _prompt_settings(req, registry, title)
-    text_chunks = _text_chunks(req, pipe)
+    _check_prompt_lengths(req, pipe)
+    try:  # prompt editing and AND's limits; the call's text layout, which requests share
+        layout = pipe.prompt_layout([split_tags(req.prompt)[0]], [req.negative_prompt],
+                                    req.steps, scheduler)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     refiner, switch_at = _refiner_settings(req, registry, title, scheduler)
     seed = validation.resolve_seed(req.seed)
     noise, subseed = request_noise(req, options, limits.max_pixels)
@@ -110,7 +115,7 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
         tiling=hires_fields.tiling(req, pipe),
         hires=hires_fields.hires(req, pipe, limits, refiner),
         noise=noise)
-    return Plan(Shape(settings, loras=loras, text_chunks=text_chunks), specs, seed, req)
+    return Plan(Shape(settings, loras=loras, prompt_layout=layout), specs, seed, req)
 
 
 def with_model_defaults(req: Txt2ImgRequest | Img2ImgRequest, pipe):
@@ -132,19 +137,17 @@ def with_model_defaults(req: Txt2ImgRequest | Img2ImgRequest, pipe):
     return req.model_copy(update=update) if update else req
 
 
-def _text_chunks(req: Txt2ImgRequest | Img2ImgRequest, pipe) -> int:
-    """The context length the request's prompt and negative prompt need alone; a prompt past
-    the limit is this request's 422, before it can join (and fail) a merged call."""
+def _check_prompt_lengths(req: Txt2ImgRequest | Img2ImgRequest, pipe) -> None:
+    """A prompt or negative prompt past the context limit is this request's 422, naming the
+    field, before it can join (and fail) a merged call."""
     expand = prompt_syntax.expander(pipe.store.embedding_tokens)
-    counts = []
     for name, text in (("prompt", split_tags(req.prompt)[0]),
                        ("negative_prompt", req.negative_prompt)):
         try:
             n = prompt_syntax.prompt_chunks([text], pipe.tokenizer, expand)[0]
-            counts.append(prompt_syntax.check_chunks(n, name))
+            prompt_syntax.check_chunks(n, name)
         except ValueError as e:
             raise BadRequest(str(e)) from None
-    return prompt_syntax.context_chunks(counts)
 
 
 def request_sampling(pipe, steps: int, scheduler: str, clip_skip: int,
