@@ -52,6 +52,9 @@ class CoreSpec:
     # The loop ends at the call's stop evaluation (denoising_end, a runtime input), not at the
     # schedule's end. False keeps the static trip count of every other call.
     stops_early: bool = False
+    # ControlNets whose residuals the UNet takes (sdjax.controlnet.source); their images,
+    # scales and windows are runtime inputs.
+    controlnets: int = 0
 
 
 # Columns of the per-image guidance array: scale, diffusers' CFG rescale, and the sigma
