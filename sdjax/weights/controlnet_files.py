@@ -54,8 +54,8 @@ def _family(cfg: UNetConfig) -> tuple[int, bool]:
 def check_family(found: tuple[int, bool], base: UNetConfig, what: str) -> None:
     """Refuse a ControlNet of another family than the pipeline's, naming both."""
     if found != _family(base):
-        raise WeightsError(f"{what} is a {family_name(*found)} ControlNet; this pipeline's "
-                           f"model is {family_name(*_family(base))}")
+        raise WeightsError(f"{what} is a ControlNet for {family_name(*found)} models; this "
+                           f"pipeline's model is {family_name(*_family(base))}")
 
 
 def skip_channels(cfg: UNetConfig) -> list[int]:
