@@ -17,7 +17,7 @@ from sdjax.weights.errors import WeightsError
 from tests.tiny_models import diffusers_scheduler
 
 TOL = 2e-4  # max abs difference of [0, 1] pixels, as the other parity tests
-STEPS = 4
+STEPS = 3
 SIZE = 32  # pixels; latents 16x16
 PROMPTS = ["a red circle", "a blue square on a green background"]
 
@@ -284,7 +284,7 @@ def test_bad_controlnet_files_and_arguments(sd1, sd1_folder, sdxl_controlnet, tm
     ours, _ = sd1
     from sdjax.weights.safetensors_io import save_safetensors
     save_safetensors({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight":
-                             np.zeros((4, 4), np.float32)}, tmp_path / "lora.safetensors")
+                     np.zeros((4, 4), np.float32)}, tmp_path / "lora.safetensors")
     save_safetensors({"emb_params": np.zeros((2, 32), np.float32)},
                      tmp_path / "emb.safetensors")
     for path, match in ((tmp_path / "lora.safetensors", "is a LoRA, not a ControlNet"),
@@ -319,3 +319,26 @@ def test_bad_controlnet_files_and_arguments(sd1, sd1_folder, sdxl_controlnet, tm
     for pipe, kwargs, match in bad:
         with pytest.raises((ValueError, TypeError), match=match):
             pipe(PROMPTS[0], **call, **kwargs)
+
+
+def test_preprocessors_are_the_webui_extensions(monkeypatch):
+    """"none" and "invert" as the extension; "canny" is OpenCV's Canny on the image resized to
+    processor_res and padded to a multiple of 64 (here already so: OpenCV's own edges), the
+    padding cropped off; OpenCV missing is one line."""
+    import cv2
+    img = _control(14, (64, 64))
+    img[16:48, 16:48] = 250
+    np.testing.assert_array_equal(sdjax.controlnet.preprocess("none", img), img)
+    np.testing.assert_array_equal(sdjax.controlnet.preprocess("invert", img), 255 - img)
+    edges = sdjax.controlnet.preprocess("canny", img, processor_res=64, low_threshold=50,
+                                        high_threshold=150)
+    expected = cv2.Canny(img, 50, 150)
+    assert edges.shape == (64, 64, 3) and expected.any()
+    np.testing.assert_array_equal(edges, np.repeat(expected[..., None], 3, axis=2))
+    wide = sdjax.controlnet.preprocess("canny", _control(15, (40, 70)), processor_res=48)
+    assert wide.shape == (48, 84, 3)  # short side at processor_res, padding cropped off
+    with pytest.raises(ValueError, match="unknown preprocessor 'depth'"):
+        sdjax.controlnet.preprocess("depth", img)
+    monkeypatch.setitem(__import__("sys").modules, "cv2", None)
+    with pytest.raises(ImportError, match=r"pip install 'sdjax\[controlnet\]'"):
+        sdjax.controlnet.preprocess("canny", img)
