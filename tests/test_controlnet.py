@@ -342,3 +342,40 @@ def test_preprocessors_are_the_webui_extensions(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "cv2", None)
     with pytest.raises(ImportError, match=r"pip install 'sdjax\[controlnet\]'"):
         sdjax.controlnet.preprocess("canny", img)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--control_image", "c.png"], "--control_image needs a --controlnet"),
+    (["--controlnet", "a", "--control_image", "c.png", "--control_image", "d.png"],
+     "2 --control_image for 1 --controlnet"),
+    (["--controlnet", "a", "--controlnet", "b", "--control_image", "c.png"],
+     "2 --controlnet need 2 --control_image"),
+    (["--controlnet", "a", "--control_image", "c.png", "--control_start", "0.6",
+      "--control_end", "0.5"], "start below end"),
+    (["--controlnet", "a:-1"], "must be a finite number >= 0"),
+])
+def test_sample_flags_are_checked_before_loading(flags, message, capsys):
+    from sdjax.sample import main
+    try:
+        status = main(["--model", "toy", "--prompt", "x", *flags])
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sample_flags_make_the_call_and_the_png_text():
+    from sdjax.controlnet import cli
+    from sdjax.sample import build_parser
+    args = build_parser().parse_args([
+        "--controlnet", "nets/control_canny.pth:0.5", "--controlnet", "C:/x/depth",
+        "--control_image", "a.png", "--control_image", "b.png", "--control_end", "0.6",
+        "--control_preprocessor", "canny", "--control_mode", "prompt"])
+    assert args.controlnet == [("nets/control_canny.pth", 0.5), ("C:/x/depth", 1.0)]
+    kwargs = cli.call_kwargs(args, ["A", "B"])
+    assert kwargs == dict(controlnet_conditioning_scale=[0.5, 1.0], control_guidance_start=[0, 0],
+                          control_guidance_end=[0.6, 1.0], guess_mode=False,
+                          control_mode="prompt", control_image=["A", "B"])
+    assert cli.parameters(args)["ControlNet 0"] == (
+        '"Module: canny, Model: control_canny, Weight: 0.5, Guidance Start: 0, Guidance End: '
+        '0.6, Control Mode: My prompt is more important"')

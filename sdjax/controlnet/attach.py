@@ -13,6 +13,7 @@ import numpy as np
 from sdjax.controlnet import inputs as control_inputs
 from sdjax.controlnet.source import param_name, sources
 from sdjax.weights.controlnet_files import load_controlnet
+from sdjax.weights.errors import WeightsError
 
 
 def load_into(pipe, source: str | Path, variant: str | None = None) -> str:
@@ -23,6 +24,10 @@ def load_into(pipe, source: str | Path, variant: str | None = None) -> str:
         raise TypeError(f"controlnet must be a path or a hub id, got {type(source).__name__}")
     net = load_controlnet(source, pipe.unet_config, dtype=pipe.dtype, place=pipe.store.place,
                           variant=variant)
+    factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
+    if factor != pipe.vae_scale_factor:
+        raise WeightsError(f"{source}: its conditioning embedding downsamples the control "
+                           f"image {factor}x, this model's VAE {pipe.vae_scale_factor}x")
     pipe.store.add(param_name(len(pipe._controlnets)), net)
     pipe._controlnets.append((str(source), net.config))
     pipe._compiled.clear()  # a program traced for other ControlNets no longer applies
