@@ -39,14 +39,15 @@ def pytest_xdist_auto_num_workers(config) -> int:
 # turn off xdist's own order (most tests first), which put some of the longest files last.
 # Keep the list roughly right when a file's cost changes a lot; its order is not a contract.
 LONGEST_FILES = (
-    "test_train.py", "test_sdxl.py", "test_tasks.py", "test_sample_cli.py", "test_pipeline.py",
+    "test_train.py", "test_sdxl.py", "test_tasks.py", "test_controlnet.py",
+    "test_sample_cli.py", "test_pipeline.py",
     "test_guidance.py", "test_upscale.py", "test_multihost.py", "test_toy.py",
     "test_sdxl_handoff_cli.py", "test_single_file.py", "test_serve.py", "test_notebooks.py",
     "test_generate.py", "test_sdxl_refiner.py", "test_benchmarks.py", "test_denoiser_seam.py",
     "test_sdxl_adapters.py",
     "test_unet.py", "test_sample_tasks_cli.py", "test_docs.py", "test_schedulers.py",
     "test_sdxl_single_file.py", "test_adapters.py", "test_wheel.py",
-    "test_single_file_errors.py", "test_controlnet.py",
+    "test_single_file_errors.py",
 )
 
 
