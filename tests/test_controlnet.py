@@ -138,6 +138,19 @@ def test_txt2img_matches_diffusers_and_never_recompiles(sd1):
     assert np.abs(off - _ours(ours, "pndm", _noise(0), control_image=_control(1))).max() > 0.05
 
 
+def test_eight_devices_give_the_one_device_images(sd1, sd1_folder, sd1_controlnets):
+    """A control image per prompt, sharded over 8 fake devices (6 of them padding): the
+    images of the one-device program (the parity test's)."""
+    eight = StableDiffusionPipeline.from_pretrained(str(sd1_folder), dtype="float32",
+                                                    num_devices=8,
+                                                    controlnet=str(sd1_controlnets[0]))
+    case = dict(control_image=[_control(3), _control(4, (32, 32))],
+                controlnet_conditioning_scale=0.8, control_guidance_end=0.7)
+    a, b = _ours(sd1[0], "pndm", _noise(0), **case), _ours(eight, "pndm", _noise(0), **case)
+    assert np.abs(a[0] - a[1]).max() > 0.05
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_control_modes_follow_the_webui_extension(sd1):
     """"prompt": the residuals scaled by 0.825 ** (12 - r); "controlnet": the same, on the
     conditional rows only (guess mode's zero unconditional residuals, without its ramp)."""
