@@ -68,6 +68,18 @@ class Call(TaskOptions):
     control_guidance_end: float | Sequence[float] = 1.0
     guess_mode: bool = False
     control_mode: str | Sequence[str] = "balanced"  # "balanced" | "prompt" | "controlnet"
+    # The WebUI's seamless tiling (compiled in) and hires fix: a second, img2img pass at
+    # hires_scale x the size (or at hires_size = (height, width)) on the upscaled first pass
+    # (sdjax.hires; hires_steps None/0: the first pass's, hires_* None: the first pass's).
+    tiling: bool = False
+    hires_scale: float | None = None
+    hires_size: Sequence[int] | None = None
+    hires_upscaler: str = "latent"
+    hires_steps: int | None = None
+    hires_denoising_strength: float = 0.7
+    hires_prompt: str | Sequence[str] | None = None
+    hires_negative_prompt: str | Sequence[str] | None = None
+    hires_scheduler: str | None = None
 
     def sdxl_arguments(self) -> dict[str, Any]:
         """The SDXL conditioning arguments given (not None)."""
@@ -94,6 +106,9 @@ class Call(TaskOptions):
             raise ValueError(f"task_inputs holds {prepared.num_images} images for {n}")
         return prepared
 
+HIRES_FIELDS = ("hires_scale", "hires_size", "hires_upscaler", "hires_steps",
+                "hires_denoising_strength", "hires_prompt", "hires_negative_prompt",
+                "hires_scheduler")
 SDXL_FIELDS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left",
                "target_size", "negative_original_size", "negative_crops_coords_top_left",
                "negative_target_size", "aesthetic_score", "negative_aesthetic_score")

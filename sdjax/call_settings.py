@@ -17,8 +17,9 @@ import argparse
 import dataclasses
 from typing import Any
 
-from sdjax import handoff
-from sdjax.images import format_parameters, guidance_parameters
+from sdjax import handoff, hires_settings
+from sdjax.hires_settings import Hires
+from sdjax.images import SAMPLER_LABELS, format_parameters, guidance_parameters
 
 
 def _number(value: float | int) -> str:
@@ -167,6 +168,8 @@ class CallSettings:
     size: Size
     task: ImageTask | None = None  # None: text to image
     sdxl: SDXL = SDXL()
+    tiling: bool = False  # the WebUI's seamless tiling
+    hires: Hires | None = None  # the WebUI's hires fix (the size above is the first pass's)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, size: Size,
@@ -176,7 +179,8 @@ class CallSettings:
         return cls(args.model, Sampling(args.steps, args.scheduler, args.guidance_scale,
                                         args.guidance_rescale, args.guidance_interval,
                                         args.clip_skip),
-                   size, task, SDXL.from_args(args))
+                   size, task, SDXL.from_args(args), bool(getattr(args, "tiling", False)),
+                   hires_settings.from_args(args))
 
     def pipeline_kwargs(self, *, task: bool = True) -> dict[str, Any]:
         """The keyword arguments of ``pipe(...)`` / ``pipe.submit(...)``, or of
@@ -189,13 +193,20 @@ class CallSettings:
         if task and self.task is not None:
             out.update(self.task.pipeline_kwargs())
         out.update(self.sdxl.pipeline_kwargs())
+        if self.tiling:
+            out["tiling"] = True
+        if self.hires is not None:
+            out.update(self.hires.pipeline_kwargs())
         return out
 
     def extra_parameters(self) -> dict[str, str]:
         """The metadata fields after ``Model``: guidance options, the task's, SDXL's."""
         return {**self.sampling.parameters(),
                 **(self.task.parameters() if self.task is not None else {}),
-                **self.sdxl.parameters()}
+                **self.sdxl.parameters(),
+                **({"Tiling": "True"} if self.tiling else {}),
+                **({} if self.hires is None else self.hires.parameters(
+                    lambda name: SAMPLER_LABELS.get(name, name)))}
 
     def parameters(self, prompt: str, negative_prompt: str, seed: int, *,
                    index: int | None = None, guidance_scale: float | None = None) -> str:

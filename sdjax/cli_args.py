@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from sdjax import validation
+from sdjax import hires_settings, validation
 
 # Larger sizes belong to upscalers, and a mistyped --height 100000 should be refused rather
 # than run out of memory after a long compile. 2048x2048 leaves room for SDXL (1024x1024
@@ -104,6 +104,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
              help="precision of dots and convolutions on TPU/GPU (unset: highest for float32, "
                   "true float32; XLA's default for bfloat16/float16); 'default' gives float32 "
                   "TF32 / bfloat16-pass speed")
+    hires_settings.add_arguments(p)
     g = p.add_argument_group("model files", "single-file checkpoints (.safetensors/.ckpt in "
                              "the A1111/CompVis layout) and VAE swaps")
     add_flag(g, "vae", default=None, help="another VAE: a diffusers VAE folder or a single "
@@ -246,6 +247,11 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
         validation.check_choice(args.scheduler, "--scheduler", SCHEDULER_NAMES, allow_none=True)
         if args.clip_skip is not None:
             validation.check_int(args.clip_skip, "--clip_skip", minimum=1)
+        hires = hires_settings.from_args(args)
+        if hires is not None and getattr(args, "refiner", None) is not None:
+            raise ValueError("the hires fix does not go with --refiner")
+        if hires is not None and hires.scheduler is not None:
+            validation.check_choice(hires.scheduler, "--hires_scheduler", SCHEDULER_NAMES)
         if args.lora_dir is not None and not args.lora_dir.expanduser().is_dir():
             raise ValueError(f"--lora_dir folder not found: {args.lora_dir}")
         for flag, path in ([("--lora", parse_lora(v)[0]) for v in args.lora or []]
@@ -265,6 +271,8 @@ def image_size(args: argparse.Namespace, pipe) -> tuple[int, int]:
         for name, v in (("--height", height), ("--width", width)):
             validation.check_size(v, name, pipe.vae_scale_factor)
         validation.check_pixels(height, width, args.max_pixels)
+        hires_settings.check_size(hires_settings.from_args(args), height, width,
+                                  pipe.vae_scale_factor, args.max_pixels)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return height, width

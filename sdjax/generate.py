@@ -126,12 +126,19 @@ class Settings:
         if self.lora_dir is not None:
             fields["lora_dir"] = self.lora_dir
         fields.update(self.sdxl_json())
+        fields.update(self.hires_json())
         if sdxl.refiner is not None:
             fields["refiner"] = sdxl.refiner
         options = {k: v for k, v in self.model_options.kwargs().items() if v not in (None, False)}
         return {**fields, **options, "images_per_prompt": layout.images_per_prompt,
                 "samples_per_shard": layout.samples_per_shard, "prompt_rows": prompts.num_rows,
                 "prompts_sha256": prompts.sha256}
+
+    def hires_json(self) -> dict:
+        """--tiling and the --hires_* flags given (none when unused, so older datasets
+        resume)."""
+        out = {"tiling": True} if self.call.tiling else {}
+        return {**out, **(self.call.hires.flags() if self.call.hires is not None else {})}
 
     def sdxl_json(self) -> dict:
         """The SDXL flags given, by flag name, as JSON holds them (pairs become lists, which
@@ -189,7 +196,7 @@ def sample_files(sample: Sample, key: str, image: np.ndarray,
             "scheduler": call.sampling.scheduler,
             "guidance_scale": call.sampling.guidance_scale, "width": call.size.width,
             "height": call.size.height, "model": call.model, "dtype": settings.dtype,
-            **settings.sdxl_json()}
+            **settings.sdxl_json(), **settings.hires_json()}
     parameters = call.parameters(sample.prompt, sample.negative_prompt, sample.seed,
                                  index=sample.seed_index)
     image_bytes = encode_image(image, settings.image_format, settings.quality, parameters)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sdjax import model_defaults, parallel, sampling, task_inputs, validation
+from sdjax import hires, model_defaults, parallel, sampling, task_inputs, validation
 from sdjax import prompts as prompt_syntax
 from sdjax.call import SDXL_FIELDS, Call, build, takes_call
 from sdjax.controlnet import attach as controlnets
@@ -376,7 +376,10 @@ class StableDiffusionPipeline:
         fields; docs/python-api.md says what each means. Wrong argument types raise
         ``TypeError`` and wrong values ``ValueError``, naming the argument, before anything
         compiles; nothing a user changes between calls (prompts, seeds, guidance, strength,
-        images) recompiles."""
+        images) recompiles. With ``hires_scale`` or ``hires_size`` the first pass runs here
+        and the hires pass is submitted (sdjax.hires)."""
+        if call.hires_scale is not None or call.hires_size is not None:
+            return hires.submit(self, call)
         fn, call_args, n, finish, seeds = self._plan(call)
         if self.store.pending:
             if self.store.loading:
@@ -410,6 +413,7 @@ class StableDiffusionPipeline:
         if c.output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
                              f"{c.output_type!r}")
+        _check_one_pass(c)
         settings = self.sampling_settings(
             num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
             scheduler=c.scheduler, guidance_rescale=c.guidance_rescale,
@@ -464,8 +468,11 @@ class StableDiffusionPipeline:
         spec = sampling.CoreSpec(lat_shape, sched, steps, per_device, chunk, c.output_type,
                                  prepared.task, tuple(sorted(inputs)), bool(c.nan_check),
                                  cfg=cfg, clip_skip=clip_skip, text_chunks=text[0].shape[1],
-                                 stops_early=prepared.stop is not None,
+                                 stops_early=prepared.stop is not None, tiling=bool(c.tiling),
                                  controlnets=len(self._controlnets))
+        if c.tiling and prepared.task.decode_tiles is not None:
+            raise ValueError("tiling wraps the whole image: it does not go with the tiled "
+                             "VAE decode (vae_tiling=False)")
 
         def pad(x):
             return parallel.put_batch(parallel.pad_batch(np.asarray(x), size), self.mesh)
@@ -518,6 +525,20 @@ class StableDiffusionPipeline:
 
     def _count_compile(self, seconds: float) -> None:
         self.compile_seconds += seconds
+
+
+def _check_one_pass(c: Call) -> None:
+    """A call that is one pass: ``tiling`` a bool, no hires fix (``pipe.compile`` and
+    ``pipe.lower`` take one pass; ``submit`` runs the hires fix's two) and no hires options
+    without it."""
+    if not isinstance(c.tiling, (bool, np.bool_)):
+        raise TypeError(f"tiling must be True or False, got {c.tiling!r}")
+    if c.hires_scale is not None or c.hires_size is not None:
+        raise ValueError("the hires fix is two calls: compile or lower each pass on its own "
+                         "(the second is img2img on the first's upscaled output)")
+    for name in hires.EXTRA_FIELDS:
+        if getattr(c, name) is not None:
+            raise ValueError(f"{name} is the hires fix's: give hires_scale or hires_size too")
 
 
 __all__ = ["StableDiffusionPipeline", "PipelineOutput", "PendingImages", "NonFiniteError",

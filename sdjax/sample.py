@@ -130,6 +130,10 @@ def _check_args(args) -> None:
         raise UsageError("--mask_blur and --only_masked_padding must not be negative")
     check_sdxl_args(args)
     controlnet_cli.check(args, UsageError)
+    if args.image is not None and (args.hires_scale is not None
+                                   or args.hires_size is not None):
+        raise UsageError("the hires fix (--hires_scale, --hires_size) is text-to-image's: "
+                         "leave --image out")
 
 
 def _open_image(path: Path, flag: str):
@@ -213,7 +217,7 @@ def run(args, written: list[Path]) -> int:
         if image is None:
             raise UsageError("an upscaler model needs --image (the low-resolution input)")
         for flag in ("mask", "strength", "height", "width", "only_masked_padding",
-                     "masked_content"):
+                     "masked_content", "hires_scale", "hires_size"):
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag} does not apply to an upscaler model")
     check_sdxl_models(args, cls.SDXL)  # the refiner's files are found before the base loads

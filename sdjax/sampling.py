@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sdjax import parallel, prompts, tasks, vae_tiling, validation
+from sdjax.models.layers import circular_padding
 from sdjax.schedulers.start import start_table
 
 # Per-image status the compiled call returns when it checks its outputs (one int8 per image).
@@ -55,6 +56,9 @@ class CoreSpec:
     # ControlNets whose residuals the UNet takes (sdjax.controlnet.source); their images,
     # scales and windows are runtime inputs.
     controlnets: int = 0
+    # The WebUI's seamless tiling: every convolution of the UNet and the VAE pads circularly
+    # (sdjax.models.layers.circular_padding), compiled in.
+    tiling: bool = False
 
 
 # Columns of the per-image guidance array: scale, diffusers' CFG rescale, and the sigma
@@ -227,7 +231,12 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         total = sched.num_evaluations(state0)
     dtype, scaling = nets.dtype, nets.vae_scaling
 
-    def per_device(params, ids, neg_ids, guidance, seeds, indices, span, inputs):
+    def per_device(*args):
+        # Read while the networks are traced: tiling is compiled in.
+        with circular_padding(spec.tiling):
+            return sample(*args)
+
+    def sample(params, ids, neg_ids, guidance, seeds, indices, span, inputs):
         start = span[0]
         end = span[1] if spec.stops_early else total
         vae = nnx.merge(nets.graphdefs["vae"], params["vae"])

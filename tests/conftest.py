@@ -44,7 +44,7 @@ LONGEST_FILES = (
     "test_guidance.py", "test_upscale.py", "test_multihost.py", "test_toy.py",
     "test_sdxl_handoff_cli.py", "test_single_file.py", "test_serve.py", "test_notebooks.py",
     "test_generate.py", "test_sdxl_refiner.py", "test_benchmarks.py", "test_denoiser_seam.py",
-    "test_sdxl_adapters.py",
+    "test_sdxl_adapters.py", "test_tiling_hires.py",
     "test_unet.py", "test_sample_tasks_cli.py", "test_docs.py", "test_schedulers.py",
     "test_sdxl_single_file.py", "test_adapters.py", "test_wheel.py",
     "test_single_file_errors.py",

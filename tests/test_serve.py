@@ -11,6 +11,8 @@ import base64
 import dataclasses
 import io
 import json
+import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -173,6 +176,23 @@ def test_get_endpoints(server):
     assert {"progress", "eta_relative", "state", "current_image", "textinfo"} <= set(prog)
     assert c.get("/health").json()["status"] == "ok"
     assert "<html" in c.get("/").text.lower()
+    # the page's own: the model's defaults (its sdjax.json, its UNet's size), the server's
+    assert c.get("/sdjax/v1/model-defaults", params={"model": "toy"}).json() == {
+        "model": "toy", "width": 32, "height": 32, "steps": 15, "cfg_scale": 7.5,
+        "sampler_name": "DPM++ 2M", "upscaler": False, "sdxl": False}
+    r = c.get("/sdjax/v1/model-defaults", params={"model": "nope"})
+    assert r.status_code == 404 and "'nope' not found" in r.json()["detail"]
+    features = c.get("/sdjax/v1/features").json()
+    assert features == {"refiner": None, "refiner_switch_at": 0.8, "loras": False,
+                        **{k: features[k] for k in ("hires", "tiling", "variations")}}
+    # a feature is reported as served exactly when its request is not refused
+    for feature, field in (("hires", {"enable_hr": True}), ("tiling", {"tiling": True}),
+                           ("variations", {"subseed_strength": 0.5})):
+        r = c.post("/sdapi/v1/txt2img", json={**SHAPE, **field, "steps": 0})
+        refused = "is not supported" in r.json()["detail"]
+        assert r.status_code == 422 and features[feature] is not refused, (feature, r.text)
+    assert c.get("/sdapi/v1/loras").json() == []
+    assert c.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
 
 
 def test_options_switch_model(server, registry):
@@ -201,7 +221,7 @@ def test_options_switch_model(server, registry):
     ({"n_iter": 0}, 422, "batch_size and n_iter must be at least 1"),
     ({"cfg_scale": -1}, 422, "cfg_scale must not be negative"),
     ({"seed": 2**40}, 422, "seed must be in [0, 2**32) or -1"),
-    ({"enable_hr": True}, 422, "enable_hr=True is not supported"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "unknown hr_upscaler"),
     ({"override_settings": {"sd_model_checkpoint": "sd-xl"}}, 404, "'sd-xl' not found"),
     ({"prompt": "a <lora:style:0.5> cat"}, 422, "<lora:style> needs a LoRA folder"),
     ({"prompt": "a <lora:style:lots> cat"}, 422, "the multiplier must be a finite number"),
@@ -552,36 +572,273 @@ def test_real_process_serves_and_stops_gracefully(sd1_folder):
     assert "stopped after 0 call(s)" in err
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="no chromium installed (.ci/run installs it: apt-get install chromium)")
-def test_web_page_in_a_browser(server, tmp_path):
+# ------------------------------------------------------------------ the web page, in a browser
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium installed (.ci/run installs it: apt-get install chromium)")
+PHONE, DESKTOP = {"width": 390, "height": 844}, {"width": 1024, "height": 768}
+# SDJAX_PAGE_SCREENSHOTS=docs/images writes the docs' screenshots (small palette PNGs)
+SCREENSHOTS = os.environ.get("SDJAX_PAGE_SCREENSHOTS")
+WEBUI_INFOTEXT = ("a blue cat, sitting\nNegative prompt: red, blurry\nSteps: 3, Sampler: "
+                  "DPM++ 2M, Schedule type: Karras, CFG scale: 4.5, Seed: 1234, Size: 24x16, "
+                  "Model hash: abc, Model: sd15, Denoising strength: 0.55, Hires upscale: 1.5, "
+                  "Hires steps: 4, Hires upscaler: Latent (bicubic), Tiling: True, "
+                  "Version: v1.10.1")
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    """One browser page for the module's browser tests (in file order), at a phone's width."""
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         # root in CI containers: chromium's sandbox needs user namespaces it may not have
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
-                                    args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+            page = browser.new_page(viewport=PHONE)
             page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('sampler_name').options.length > 0")
-            assert page.input_value("#model") == "toy"
-            for field, value in (("#width", "16"), ("#height", "16"), ("#steps", "2"),
-                                 ("#seed", "7"), ("#batch_size", "2")):
-                page.fill(field, value)
-            page.select_option("#sampler_name", "Euler a")
-            page.click("#generate")
-            page.wait_for_selector("#gallery img", timeout=120_000)
-            page.wait_for_function("[...document.querySelectorAll('#gallery img')]"
-                                   ".every(i => i.complete && i.naturalWidth > 0)")
-            sizes = page.eval_on_selector_all("#gallery img", "imgs => imgs.map(i => "
-                                              "[i.naturalWidth, i.naturalHeight])")
-            assert sizes == [[16, 16], [16, 16]]
-            params = page.inner_text("#parameters")
-            assert "Seed: 7," in params and "Seed: 8," in params
-            assert page.get_attribute("#gallery a", "download") == "sdjax-7.png"
-            assert "2 image(s)" in page.inner_text("#status")
-            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            page.wait_for_function("document.getElementById('status').textContent"
+                                   ".startsWith('toy:')")
+            yield page
         finally:
             browser.close()
-    print(f"screenshot: {tmp_path / 'page.png'}")
-    assert (tmp_path / "page.png").stat().st_size > 0
+
+
+def _screenshots(page, name: str, tmp_path) -> None:
+    """The page at a desktop's and a phone's width, as docs/serve.md shows it."""
+    out = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
+    for size, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
+        page.set_viewport_size(viewport)
+        path = out / f"serve-{name}-{size}.png"
+        page.screenshot(path=str(path), full_page=True)
+        if SCREENSHOTS:
+            Image.open(path).convert("RGB").quantize(48, dither=Image.Dither.NONE).save(
+                path, optimize=True)
+        assert path.stat().st_size > 0
+    page.set_viewport_size(PHONE)
+
+
+def _run(page, path: str, images: int) -> dict:
+    """Press Generate; the request the page sent (as JSON) once its images are shown."""
+    before = page.locator("#gallery img").count()
+    with page.expect_request(lambda r: r.url.endswith(path) and r.method == "POST") as req:
+        page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery img').length === "
+                           f"{before + images}", timeout=120_000)
+    page.wait_for_function("[...document.querySelectorAll('#gallery img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    return req.value.post_data_json
+
+
+def _circle(size: int) -> np.ndarray:
+    """A red disc on blue: an input image the screenshots show well."""
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 < (size / 3) ** 2
+    return np.where(disc[..., None], [220, 40, 40], [40, 70, 200]).astype(np.uint8)
+
+
+def _small_shape(page, tab: str) -> None:
+    page.click(f"#tab-{tab}")
+    for field, value in (("#width", "16"), ("#height", "16"), ("#steps", "2")):
+        page.fill(field, value)
+    page.select_option("#sampler_name", "Euler a")
+
+
+@needs_chromium
+def test_web_page_opens_with_the_models_defaults(page, server, registry, pipe, tmp_path):
+    assert page.input_value("#model") == "toy"
+    # the toy's sdjax.json: 15 steps of DPM++ 2M; its size: its UNet's sample size (32x32)
+    assert pipe.default_hw == (32, 32)
+    toy = {"#width": "32", "#height": "32", "#steps": "15", "#cfg_scale": "7.5",
+           "#sampler_name": "DPM++ 2M"}
+    assert {k: page.input_value(k) for k in toy} == toy
+    # what this server does not serve is not shown
+    for box in ("#controlnet_box", "#refiner_box", "#networks", "#tab-upscale"):
+        assert page.is_hidden(box), box
+    features = server.client.get("/sdjax/v1/features").json()
+    for box, feature in (("#hires_box", "hires"), ("#tiling_box", "tiling"),
+                         ("#variation_box", "variations")):
+        assert page.is_visible(box) is features[feature], box
+    # another model: its own defaults (no sdjax.json: 50 steps, its scheduler config's PNDM)
+    page.select_option("#model", "tiny")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('tiny:')",
+                           timeout=60_000)
+    tiny = registry.get("tiny")
+    assert page.input_value("#steps") == "50" and page.input_value("#sampler_name") == "PLMS"
+    assert page.input_value("#width") == str(tiny.default_hw[1])
+    page.select_option("#model", "toy")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('toy:')")
+    assert page.input_value("#steps") == "15"
+    # the LoRAs a <lora:name:w> tag finds are listed; a click puts the tag in the prompt
+    (tmp_path / "styles").mkdir()
+    for name in ("ink.safetensors", "styles/watercolor.safetensors", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    registry.lora_dir = tmp_path
+    try:
+        assert [x["name"] for x in server.client.get("/sdapi/v1/loras").json()] == [
+            "ink", "watercolor"]
+        page.evaluate("loadNetworks()")
+        page.click("#networks summary")
+        page.click("#loras button:has-text('watercolor')")
+        assert page.input_value("#prompt") == (
+            "a red circle on a blue background <lora:watercolor:1>")
+    finally:
+        registry.lora_dir = None
+        page.fill("#prompt", "a red circle on a blue background")
+        page.evaluate("loadNetworks()")
+    # every control has a label a screen reader reads
+    unlabelled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
+        .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+        .map(e => e.id)""")
+    assert unlabelled == []
+
+
+@needs_chromium
+def test_web_page_txt2img(page, tmp_path):
+    _small_shape(page, "txt2img")
+    page.fill("#seed", "7")
+    page.fill("#batch_size", "2")
+    body = _run(page, "/sdapi/v1/txt2img", 2)
+    assert (body["width"], body["steps"], body["sampler_name"]) == (16, 2, "Euler a")
+    sizes = page.eval_on_selector_all("#gallery img", "imgs => imgs.slice(0, 2).map(i => "
+                                      "[i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[16, 16], [16, 16]]
+    params = page.inner_text("#parameters")
+    assert "Seed: 7," in params and "Seed: 8," in params
+    assert re.fullmatch(r"sdjax-\d{4}-7\.png", page.get_attribute("#gallery a", "download"))
+    assert "2 image(s)" in page.inner_text("#status")
+    _screenshots(page, "txt2img", tmp_path)
+    # a result goes to img2img with a click
+    page.click("#gallery figure >> nth=1 >> button:has-text('img2img')")
+    page.wait_for_function(  # once the image has loaded
+        "document.getElementById('tab-img2img').getAttribute('aria-selected') === 'true'")
+    assert page.evaluate("document.getElementById('init_image').naturalWidth") == 16
+    assert page.get_attribute("#init_image", "src") == page.get_attribute(
+        "#gallery a >> nth=1", "href")
+
+
+@needs_chromium
+def test_web_page_img2img_from_an_upload(page, tmp_path):
+    picture = _circle(32)
+    Image.fromarray(picture).save(tmp_path / "input.png")
+    _small_shape(page, "img2img")
+    page.set_input_files("#init_file", str(tmp_path / "input.png"))
+    page.wait_for_function("document.getElementById('mask_canvas').width === 32")  # loaded
+    page.fill("#batch_size", "1")
+    page.fill("#denoising_strength", "0.6")
+    body = _run(page, "/sdapi/v1/img2img", 1)
+    np.testing.assert_array_equal(np.asarray(_decode(body["init_images"][0])), picture)
+    assert (body["denoising_strength"], body["resize_mode"], body["width"]) == (0.6, 0, 16)
+    assert "mask" not in body
+    assert "Denoising strength: 0.6" in page.inner_text("#parameters")
+    _screenshots(page, "img2img", tmp_path)
+
+
+@needs_chromium
+def test_web_page_inpaints_a_painted_mask(page, tmp_path):
+    Image.fromarray(_circle(16)).save(tmp_path / "input.png")
+    _small_shape(page, "inpaint")
+    page.fill("#batch_size", "1")
+    page.set_input_files("#init_file", str(tmp_path / "input.png"))
+    page.wait_for_function("document.getElementById('mask_canvas').width === 16")
+    # a stroke across the middle
+    page.fill("#brush_size", "100")
+    page.select_option("#inpainting_fill", "1")
+    page.locator("#mask_canvas").scroll_into_view_if_needed()
+    box = page.locator("#mask_canvas").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.2, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, y, steps=6)
+    page.mouse.up()
+    _screenshots(page, "inpaint", tmp_path)
+    body = _run(page, "/sdapi/v1/img2img", 1)
+    mask = np.asarray(_decode(body["mask"]).convert("L"))
+    assert mask.shape == (16, 16) and len(body["init_images"]) == 1
+    assert (mask[7:9, 5:11] == 255).all()  # painted: white
+    assert (mask[:3] == 0).all() and (mask[-3:] == 0).all()  # untouched: black
+    assert (body["inpainting_fill"], body["inpaint_full_res"], body["mask_blur"]) == (1, False, 4)
+    assert "Mask blur: 4" in page.inner_text("#parameters")
+    # erase, clear and invert change what is sent
+    page.click("#mask_invert")
+    inverted = np.asarray(_decode(page.evaluate("maskPNG()")).convert("L"))
+    np.testing.assert_array_equal(inverted, 255 - mask)
+    page.click("#mask_clear")
+    assert page.evaluate("maskPNG()") is None
+
+
+@needs_chromium
+def test_web_page_reads_a_dropped_png(page, tmp_path):
+    from sdjax.images import encode_png
+    png = base64.b64encode(encode_png(_pictures(1)[0], WEBUI_INFOTEXT)).decode()
+    data = page.evaluate_handle("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], 'webui.png', {type: 'image/png'}));
+        return dt; }""", png)
+    page.dispatch_event("#gallery", "drop", {"dataTransfer": data})  # anywhere on the page
+    page.wait_for_function("!document.getElementById('png_to_txt2img').disabled")
+    assert page.inner_text("#png_text") == WEBUI_INFOTEXT
+    _screenshots(page, "pnginfo", tmp_path)
+    page.click("#png_to_txt2img")
+    assert page.get_attribute("#tab-txt2img", "aria-selected") == "true"
+    filled = {k: page.input_value(k) for k in ("#prompt", "#negative_prompt", "#steps",
+                                               "#sampler_name", "#cfg_scale", "#seed",
+                                               "#width", "#height")}
+    assert filled == {"#prompt": "a blue cat, sitting", "#negative_prompt": "red, blurry",
+                      "#steps": "3", "#sampler_name": "DPM++ 2M Karras", "#cfg_scale": "4.5",
+                      "#seed": "1234", "#width": "24", "#height": "16"}
+    assert page.is_checked("#enable_hr") and page.is_checked("#tiling")
+    hires = {k: page.input_value(k) for k in ("#hr_scale", "#hr_second_pass_steps",
+                                              "#hr_upscaler", "#hr_denoising_strength")}
+    assert hires == {"#hr_scale": "1.5", "#hr_second_pass_steps": "4",
+                     "#hr_upscaler": "Latent (bicubic)", "#hr_denoising_strength": "0.55"}
+    page.uncheck("#enable_hr")
+    page.uncheck("#tiling")
+
+
+@needs_chromium
+def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, server):
+    """The page's side of features other branches serve: hidden above (this server refuses
+    them); here the routes that report them are answered as a server that serves them would,
+    and the request the page sends is checked (and answered without generating)."""
+    features = {**server.client.get("/sdjax/v1/features").json(), "hires": True,
+                "tiling": True, "variations": True}
+    answer = json.dumps({"images": [], "parameters": {}, "info": json.dumps(
+        {"all_seeds": [], "infotexts": [], "width": 16, "height": 16})})
+    fakes = {"/sdjax/v1/features": json.dumps(features),
+             "/controlnet/model_list": json.dumps({"model_list": ["control_canny [abc]"]}),
+             "/controlnet/module_list": json.dumps({"module_list": ["none", "canny"]}),
+             "/sdapi/v1/txt2img": answer}
+    pattern = re.compile(r".*/(sdjax/v1/features|controlnet/\w+|sdapi/v1/txt2img)$")
+    page.route(pattern, lambda route: route.fulfill(
+        status=200, content_type="application/json",
+        body=fakes[route.request.url.split(server.url)[1]]))
+    try:
+        page.reload()
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('toy:')")
+        page.wait_for_function("!document.getElementById('controlnet_box').hidden")
+        for box in ("#hires_box", "#variation_box"):
+            assert page.is_visible(box), box
+        page.check("#enable_hr")
+        page.check("#tiling")
+        page.fill("#hr_scale", "1.5")
+        page.fill("#subseed", "99")
+        page.fill("#subseed_strength", "0.3")
+        page.check("#cn_enabled")
+        page.select_option("#cn_module", "canny")
+        page.fill("#cn_weight", "0.8")
+        with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/txt2img")) as req:
+            page.click("#generate")
+        body = req.value.post_data_json
+        assert (body["enable_hr"], body["hr_scale"], body["hr_upscaler"]) == (True, 1.5, "Latent")
+        assert (body["subseed"], body["subseed_strength"], body["tiling"]) == (99, 0.3, True)
+        unit = body["alwayson_scripts"]["controlnet"]["args"][0]
+        assert (unit["module"], unit["model"], unit["weight"], unit["control_mode"]) == (
+            "canny", "control_canny [abc]", 0.8, "Balanced")
+        # another mode hides what only txt2img takes
+        page.click("#tab-img2img")
+        assert page.is_hidden("#hires_box") and page.is_visible("#controlnet_box")
+    finally:
+        page.unroute(pattern)

@@ -195,3 +195,21 @@ def test_the_server_dispatches_and_runs_an_upscaler_folder(upscalers, upscaler_f
     assert "Noise level: 20" in plan.shape.settings.parameters("a red circle", "", 3,
                                                                guidance_scale=7.0)
     np.testing.assert_array_equal(np.stack(out), expected)
+    # the same request over HTTP (the web page's Upscale tab sends it), and the page's defaults
+    import httpx
+
+    from sdjax.serve.app import create_app
+    from sdjax.serve.background import BackgroundServer
+    server = BackgroundServer(create_app(registry, window_s=0.01))
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            r = client.post("/sdapi/v1/img2img", json={**fields, "init_images": images})
+            assert r.status_code == 200, r.text
+            served = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))))
+                      for b in r.json()["images"]]
+            np.testing.assert_array_equal(np.stack(served), expected)
+            defaults = client.get("/sdjax/v1/model-defaults").json()
+            assert defaults["upscaler"] and defaults["width"] is None
+            assert (defaults["steps"], defaults["cfg_scale"]) == (75, 9.0)
+    finally:
+        server.stop()

@@ -6,7 +6,10 @@ tables stay readable side by side with the PyTorch checkpoints.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,35 @@ def linear(in_features: int, out_features: int, *, dtype: Dtype, rngs: nnx.Rngs,
                       param_dtype=dtype, rngs=rngs)
 
 
+# The WebUI's seamless tiling: every convolution whose own padding is symmetric (torch's
+# Conv2d ``padding=p``) pads circularly instead of with zeros, as torch's
+# ``padding_mode="circular"`` does. Read while a program is traced, so the sampler compiles
+# it in (``sampling.CoreSpec.tiling``); explicit asymmetric zero pads (the VAE encoder's
+# Downsample2D, an ``F.pad`` before a ``padding=0`` conv in torch) stay zeros, as there.
+_CIRCULAR = contextvars.ContextVar("sdjax_circular_padding", default=False)
+
+
+@contextlib.contextmanager
+def circular_padding(on: bool = True) -> Iterator[None]:
+    """Within this block (while tracing), the networks' convolutions pad circularly."""
+    token = _CIRCULAR.set(bool(on))
+    try:
+        yield
+    finally:
+        _CIRCULAR.reset(token)
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs):
+    """``lax.conv_general_dilated``, its symmetric explicit padding made circular (a wrap
+    pad, then a VALID convolution) inside :func:`circular_padding`."""
+    if _CIRCULAR.get() and not isinstance(padding, str):
+        pads = [tuple(p) for p in padding]
+        if any(lo for lo, _ in pads) and all(lo == hi for lo, hi in pads):
+            lhs = jnp.pad(lhs, [(0, 0), *pads, (0, 0)], mode="wrap")
+            padding = "VALID"
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
 def conv(in_channels: int, out_channels: int, kernel: int, *, dtype: Dtype, rngs: nnx.Rngs,
          stride: int = 1, padding: int | tuple = "SAME_AS_TORCH") -> nnx.Conv:
     if padding == "SAME_AS_TORCH":
@@ -30,7 +62,8 @@ def conv(in_channels: int, out_channels: int, kernel: int, *, dtype: Dtype, rngs
         padding = ((padding, padding), (padding, padding))
     return nnx.Conv(in_channels, out_channels, kernel_size=(kernel, kernel),
                     strides=(stride, stride), padding=padding, dtype=dtype,
-                    param_dtype=dtype, rngs=rngs)
+                    param_dtype=dtype, rngs=rngs,
+                    conv_general_dilated=_conv_general_dilated)
 
 
 class GroupNorm(nnx.Module):

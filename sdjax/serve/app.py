@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 import secrets
 import time
 from pathlib import Path
@@ -25,12 +26,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdjax import __version__
-from sdjax.call_settings import Inpainting
+from sdjax.call_settings import Inpainting, Upscaling
 from sdjax.images import parse_parameters
+from sdjax.serve import hires_fields
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
 from sdjax.serve.limits import BadRequest, Limits
+from sdjax.serve.page_routes import add_page_routes
 from sdjax.serve.samplers import sampler_list
 from sdjax.serve.schemas import (
     ImagesResponse,
@@ -256,7 +259,7 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         body = await run_in_threadpool(images_response, req, plan, result)
         s = plan.shape.settings
         t = s.task
-        kind = "" if t is None else (
+        kind = "" if t is None else " x4 upscaling" if isinstance(t, Upscaling) else (
             f" {'inpainting' if isinstance(t, Inpainting) else 'img2img'} strength "
             f"{t.strength:g}")
         if s.sdxl.refiner is not None:
@@ -281,6 +284,14 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     @app.get("/sdapi/v1/samplers")
     async def samplers():
         return sampler_list()
+
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers():
+        return hires_fields.upscalers()
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes():
+        return hires_fields.latent_upscale_modes()
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
@@ -315,7 +326,9 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                 "state": {"skipped": False, "interrupted": False, "stopping_generation": False,
                           "job": f"jobs {p['jobs']}" if p["running"] else "",
                           "job_count": jobs, "job_no": 0, "job_timestamp": "0",
-                          "sampling_step": 0, "sampling_steps": steps}}
+                          # an estimate, as progress is (no step reports from the loop)
+                          "sampling_step": int(p["fraction"] * steps),
+                          "sampling_steps": steps}}
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt(request: Request):
@@ -332,8 +345,10 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         if params:  # the WebUI's names for the parsed fields
             params["Prompt"] = params.pop("prompt")
             params["Negative prompt"] = params.pop("negative_prompt")
-            if "Size" in params and "x" in params["Size"]:
-                params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
+            for key, value in list(params.items()):  # "Size", "Hires resize": as the WebUI
+                if re.fullmatch(r"\d+x\d+", value):
+                    params[f"{key}-1"], params[f"{key}-2"] = value.split("x", 1)
         return {"info": text, "items": json.loads(json.dumps(items)), "parameters": params}
 
+    add_page_routes(app, registry)
     return app

@@ -26,7 +26,7 @@ from sdjax.call_settings import (
 )
 from sdjax.images import SAMPLER_LABELS, encode_png
 from sdjax.lora_tags import TagLoras, find_lora, split_tags, tag_key
-from sdjax.serve import uploads
+from sdjax.serve import hires_fields, uploads
 from sdjax.serve.batcher import ImageSpec, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest, Limits, check_generation
@@ -80,7 +80,9 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     settings = CallSettings(
         title, request_sampling(pipe, req.steps, scheduler, clip_skip),
         Size(req.height, req.width),
-        sdxl=SDXL() if refiner is None else SDXL(refiner=refiner, refiner_switch_at=switch_at))
+        sdxl=SDXL() if refiner is None else SDXL(refiner=refiner, refiner_switch_at=switch_at),
+        tiling=hires_fields.tiling(req, pipe),
+        hires=hires_fields.hires(req, pipe, limits, refiner))
     return Plan(Shape(settings, loras=loras), specs, seed)
 
 

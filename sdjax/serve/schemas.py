@@ -1,7 +1,7 @@
 """Request and response bodies of the WebUI API, with its field names and defaults.
 
 Clients send the WebUI's whole request object, so every field it defines is accepted here.
-Fields that change the image in ways sdjax does not implement (hires fix, face restoration,
+Fields that change the image in ways sdjax does not implement (face restoration,
 variation seeds, scripts) are refused by :func:`unsupported` when set to anything but their
 default, rather than ignored: a client must not get an image other than the one it asked for.
 Unknown fields are ignored, as the WebUI does.
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # field -> the values that mean "off" (the WebUI's defaults and what clients commonly send)
 _MUST_BE_OFF = {
-    "enable_hr": (False, None), "restore_faces": (False, None), "tiling": (False, None),
+    "restore_faces": (False, None),
     "subseed_strength": (0, 0.0, None), "script_name": (None, ""), "script_args": ([], None),
     "alwayson_scripts": ({}, None), "save_images": (False, None), "styles": ([], None),
     "firstpass_image": (None, ""),
@@ -73,6 +73,10 @@ class Txt2ImgRequest(_Request):
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
 
 
 class Img2ImgRequest(_Request):
