@@ -31,6 +31,7 @@ from sdjax import (
 )
 from sdjax import prompts as prompt_syntax
 from sdjax.call import SDXL_FIELDS, Call, build, takes_call
+from sdjax.controlnet import attach as controlnets
 from sdjax.outputs import NonFiniteError, PendingImages, PipelineOutput
 from sdjax.param_store import ParamStore, lora_key
 from sdjax.runtime import (  # noqa: F401  (their old home: kept importable from here)
@@ -88,6 +89,7 @@ class StableDiffusionPipeline:
         self.compile_seconds = 0.0
         # The model folder's sdjax.json: what a call uses where its caller gives nothing.
         self.model_defaults: dict[str, Any] = {}
+        self._controlnets: list = []  # (name, config) of each ControlNet (load_controlnet)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -97,7 +99,8 @@ class StableDiffusionPipeline:
                         variant: str | None = None, compilation_cache: str | None = None,
                         local_devices: bool = False,
                         matmul_precision: str | None = None,
-                        background_load: bool = False) -> StableDiffusionPipeline:
+                        background_load: bool = False,
+                        controlnet=None) -> StableDiffusionPipeline:
         """``model``: ``"toy"`` | a diffusers folder | a single ``.safetensors``/``.ckpt``
         (CompVis/A1111 layout) | a hub id. ``dtype``: compute/param dtype of the networks.
         ``num_devices``: devices to shard batches over (None = all).
@@ -120,7 +123,10 @@ class StableDiffusionPipeline:
         cache), LoRA files are checked at once and merged after the reads, and whatever needs
         the values (calls, embeddings, saving, :attr:`params`) waits for them. A file that
         fails while being read raises there. (Multi-process runs load at once: placing
-        weights on a global mesh is a collective.)"""
+        weights on a global mesh is a collective.)
+        ``controlnet``: a ControlNet (a diffusers ControlNetModel folder, an original single
+        file ``control_*.pth``/``.safetensors``, or a hub id), or a list of them
+        (:meth:`load_controlnet`)."""
         dtype = parse_dtype(dtype)
         matmul_precision = resolve_matmul_precision(matmul_precision, dtype)
         model_files.check_options(prediction_type, vae)
@@ -145,7 +151,22 @@ class StableDiffusionPipeline:
             pipe.model_defaults = file_defaults(source)
         if deferred is not None:
             pipe.store.fill_in_background(deferred)
+        for source in controlnets.as_list(controlnet):
+            pipe.load_controlnet(source, variant=variant)
         return pipe
+
+    def load_controlnet(self, source: str | Path, *, variant: str | None = None) -> str:
+        """Add a ControlNet (a diffusers ControlNetModel folder or hub id, or an original
+        single file with ``control_model.*`` keys, ``.pth`` read without running code) after
+        those loaded; returns its name. One of another family than this model's, or a file
+        that is not a ControlNet, raises ``WeightsError`` in one line. A call then takes
+        ``control_image=`` (one per ControlNet) and the other ControlNet arguments."""
+        return controlnets.load_into(self, source, variant)
+
+    @property
+    def controlnets(self) -> list[str]:
+        """The ControlNets loaded, in order (as given)."""
+        return [name for name, _ in self._controlnets]
 
     def wait_for_weights(self) -> None:
         """Return once the weights are read (at once unless from_pretrained's
@@ -449,9 +470,10 @@ class StableDiffusionPipeline:
                              "latents= (that noise) does not apply; pass the latents to "
                              "start from as image=")
         if c.task_inputs is None:  # the steps and scheduler as resolved above
+            height, width = controlnets.call_size(self, c)
             prepared = self._prepare_request(task_inputs.TaskRequest(
                 num_prompts=len(prompts), num_images_per_prompt=c.num_images_per_prompt,
-                steps=steps, scheduler=sched, height=c.height, width=c.width,
+                steps=steps, scheduler=sched, height=height, width=width,
                 **c.task_options()))
         else:
             prepared = c.given_task_inputs(n)
@@ -471,6 +493,7 @@ class StableDiffusionPipeline:
             text, chunks = stack.token_arrays(self.tokenize)
             inputs.update(stack.inputs(c.num_images_per_prompt))
             cfg = cfg or stack.composable  # the composable sum needs the unconditional pass
+        inputs.update(controlnets.call_inputs(self, c, prepared, len(prompts), steps, sched))
         inputs.update(self._conditioning_inputs(
             prompts, negatives, c.num_images_per_prompt, height, width,
             c.negative_prompt is None, chunks=chunks, stack=stack, **c.sdxl_arguments()))
@@ -492,6 +515,7 @@ class StableDiffusionPipeline:
                                  cfg=cfg, clip_skip=clip_skip, text_chunks=chunks,
                                  stops_early=prepared.stop is not None, tiling=bool(c.tiling),
                                  rng=rng, seed_resize=seed_resize,
+                                 controlnets=len(self._controlnets),
                                  **({} if stack is None else stack.spec_fields()))
         if c.tiling and prepared.task.decode_tiles is not None:
             raise ValueError("tiling wraps the whole image: it does not go with the tiled "
@@ -556,7 +580,9 @@ class StableDiffusionPipeline:
         architecture.md: how a per-step input plugs in)."""
         return prompt_editing.plug_in(
             sampling.Networks(self.store.graphdefs, self.dtype,
-                              self.vae_config.scaling_factor, encoder=self._encode), spec)
+                              self.vae_config.scaling_factor, encoder=self._encode,
+                              residuals=controlnets.residual_sources(self, spec.controlnets)),
+            spec)
 
     # The conditioning of sampling.Networks.encode; None: one text encoder's last states.
     _encode = None

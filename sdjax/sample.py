@@ -30,6 +30,7 @@ from sdjax.cli_args import (
     resolve_dtype,
     run_main,
 )
+from sdjax.controlnet import cli as controlnet_cli
 from sdjax.sdxl_cli import (
     add_sdxl_arguments,
     check_sdxl_args,
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "grid", action="store_true", help="also write a grid of all images")
     add_image_arguments(p)
     add_sdxl_arguments(p)
+    controlnet_cli.add_arguments(p, add_flag)
     return p
 
 
@@ -130,6 +132,7 @@ def _check_args(args) -> None:
         if (getattr(args, flag) or 0) < 0:
             raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
     check_sdxl_args(args)
+    controlnet_cli.check(args, UsageError)
     if args.image is not None and (args.hires_scale is not None
                                    or args.hires_size is not None):
         raise UsageError("the hires fix (--hires_scale, --hires_size) is text-to-image's: "
@@ -211,6 +214,7 @@ def run(args, written: list[Path]) -> int:
     check_outdir(args.outdir)
     maybe_initialize_distributed()  # before resolve_dtype() asks JAX for its backend
     image, mask = _load_images(args)
+    control = controlnet_cli.load_images(args, _open_image)
     split = dict(zip(prompts, prompt_loras(prompts, args.lora_dir), strict=True))
     cls = pipeline_class(args.model)
     upscaler = cls.UPSCALER
@@ -228,7 +232,8 @@ def run(args, written: list[Path]) -> int:
     dtype = resolve_dtype(args.dtype)
     # The tensors load while the first batch compiles (or comes out of the compile cache).
     pipe = cls.from_pretrained(args.model, dtype=dtype, num_devices=args.num_devices,
-                               background_load=True, **ModelOptions.from_args(args).kwargs())
+                               background_load=True, **ModelOptions.from_args(args).kwargs(),
+                               controlnet=[path for path, _ in args.controlnet or []] or None)
     if pipe.note:
         print(pipe.note, file=sys.stderr)
     refiner = load_refiner(args, pipe, dtype, background_load=True)
@@ -239,6 +244,7 @@ def run(args, written: list[Path]) -> int:
     tag_loras = TagLoras(pipe, args.lora_dir)
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
+    controlnet_cli.default_size(args, control, pipe.vae_scale_factor)
     size, task = _task_settings(args, pipe, image, mask, upscaler)
     settings = CallSettings.from_args(args, size, task)
     if refiner is not None:
@@ -271,7 +277,8 @@ def run(args, written: list[Path]) -> int:
             tag_loras.use(split[chunk[0][0]][1])
             call = dict(negative_prompt=args.negative_prompt, seed=seed, image_indices=idx,
                         batch_size_per_device=per_device, nan_check=not args.no_nan_check,
-                        **settings.pipeline_kwargs(), **images)
+                        **settings.pipeline_kwargs(), **images,
+                        **controlnet_cli.call_kwargs(args, control))
             texts = [split[p][0] for p, _ in chunk]
             out = pipe(texts, **call) if refiner is None else refine(pipe, refiner, texts,
                                                                      **call)
@@ -284,8 +291,9 @@ def run(args, written: list[Path]) -> int:
                 start = next_index(args.outdir)
             for i, (prompt, _), pixels in zip(idx, chunk, out.images, strict=True):
                 path = args.outdir / f"{start + i:05d}-{seed}-{i}.png"
-                save_png(pixels, path, settings.parameters(prompt, args.negative_prompt, seed,
-                                                           index=i))
+                text = settings.parameters(prompt, args.negative_prompt, seed, index=i)
+                text += "".join(f", {k}: {v}" for k, v in controlnet_cli.parameters(args).items())
+                save_png(pixels, path, text)
                 written.append(path)
             if args.grid:
                 all_images.append(out.images)

@@ -60,6 +60,9 @@ class CoreSpec:
     prompt_entries: int = 1
     prompt_parts: int = 1
     composable: bool = False
+    # ControlNets whose residuals the UNet takes (sdjax.controlnet.source); their images,
+    # scales and windows are runtime inputs.
+    controlnets: int = 0
     # The WebUI's seamless tiling: every convolution of the UNet and the VAE pads circularly
     # (sdjax.models.layers.circular_padding), compiled in.
     tiling: bool = False

@@ -187,8 +187,8 @@ def test_mixed_prompt_lengths_each_get_what_they_would_alone(server, pipe):
     for r, answer in zip(reqs[:2], answers, strict=False):
         assert answer.status_code == 200, answer.text
         alone = pipe(r["prompt"], negative_prompt=r.get("negative_prompt", ""), seed=r["seed"],
-                     num_inference_steps=2, height=16, width=16, scheduler="euler_a",
-                     guidance_scale=7.0).images[0]
+                     num_inference_steps=2, height=16, width=16, scheduler="Euler a",
+                     guidance_scale=7.0, rng="nv").images[0]
         np.testing.assert_array_equal(np.asarray(_decode(answer.json()["images"][0])), alone)
 
 
