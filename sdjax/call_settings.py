@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any
 
 from sdjax import handoff, hires_settings
+from sdjax.controlnet.settings import ControlNets
 from sdjax.hires_settings import Hires
 from sdjax.images import SAMPLER_LABELS, format_parameters, guidance_parameters
 
@@ -234,6 +235,7 @@ class CallSettings:
     tiling: bool = False  # the WebUI's seamless tiling
     hires: Hires | None = None  # the WebUI's hires fix (the size above is the first pass's)
     noise: Noise = Noise()
+    controlnet: ControlNets | None = None  # the call's ControlNet units (the images per image)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, size: Size,
@@ -244,7 +246,8 @@ class CallSettings:
                                         args.guidance_rescale, args.guidance_interval,
                                         args.clip_skip, getattr(args, "schedule_type", None)),
                    size, task, SDXL.from_args(args), bool(getattr(args, "tiling", False)),
-                   hires_settings.from_args(args), Noise.from_args(args))
+                   hires_settings.from_args(args), Noise.from_args(args),
+                   ControlNets.from_args(args))
 
     def pipeline_kwargs(self, *, task: bool = True) -> dict[str, Any]:
         """The keyword arguments of ``pipe(...)`` / ``pipe.submit(...)``, or of
@@ -262,6 +265,8 @@ class CallSettings:
         if self.hires is not None:
             out.update(self.hires.pipeline_kwargs())
         out.update(self.noise.pipeline_kwargs())
+        if self.controlnet is not None:
+            out.update(self.controlnet.pipeline_kwargs())
         return out
 
     def extra_parameters(self, subseed: int | None = None) -> dict[str, str]:
@@ -272,7 +277,8 @@ class CallSettings:
                 **self.sdxl.parameters(),
                 **({"Tiling": "True"} if self.tiling else {}),
                 **({} if self.hires is None else self.hires.parameters(
-                    lambda name: SAMPLER_LABELS.get(name, name)))}
+                    lambda name: SAMPLER_LABELS.get(name, name))),
+                **({} if self.controlnet is None else self.controlnet.parameters())}
 
     def parameters(self, prompt: str, negative_prompt: str, seed: int, *,
                    index: int | None = None, guidance_scale: float | None = None,

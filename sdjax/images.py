@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -36,7 +37,7 @@ def format_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler:
     if index is not None:
         pairs.append(("Seed index", index))
     pairs += [("Size", f"{width}x{height}"), ("Model", model.replace(",", " "))]
-    pairs += [(k, str(v).replace(",", " ")) for k, v in (extra or {}).items()]
+    pairs += [(k, _value(v)) for k, v in (extra or {}).items()]
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs))
     return "\n".join(lines)
 
@@ -56,7 +57,26 @@ def guidance_parameters(rescale: float, interval: tuple[float, float] | None,
     return fields
 
 
-_PAIR = re.compile(r"\s*([\w ]+):\s*([^,]*)")
+def _value(v: object) -> str:
+    """A field's text: commas would end it, so they become spaces, unless the value is
+    quoted as the WebUI quotes one with commas in it (``ControlNet 0: "Module: ..., ..."``)."""
+    text = str(v)
+    if len(text) > 1 and text[0] == text[-1] == '"' and '"' not in text[1:-1]:
+        return text
+    return text.replace(",", " ")
+
+
+# A value is either quoted (the WebUI's quote(): JSON string) or runs to the next comma.
+_PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)')
+
+
+def _unquote(value: str) -> str:
+    if len(value) > 1 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_parameters(text: str) -> dict:
@@ -71,7 +91,7 @@ def parse_parameters(text: str) -> dict:
     else:
         out["prompt"] = "\n".join(body)
     for key, value in _PAIR.findall(settings):
-        out[key.strip()] = value.strip()
+        out[key.strip()] = _unquote(value.strip())
     return out
 
 

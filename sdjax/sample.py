@@ -292,7 +292,6 @@ def run(args, written: list[Path]) -> int:
             for i, (prompt, _), pixels in zip(idx, chunk, out.images, strict=True):
                 path = args.outdir / f"{start + i:05d}-{seed}-{i}.png"
                 text = settings.parameters(prompt, args.negative_prompt, seed, index=i)
-                text += "".join(f", {k}: {v}" for k, v in controlnet_cli.parameters(args).items())
                 save_png(pixels, path, text)
                 written.append(path)
             if args.grid:

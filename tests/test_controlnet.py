@@ -379,16 +379,26 @@ def test_sample_flags_are_checked_before_loading(flags, message, capsys):
 
 def test_sample_flags_make_the_call_and_the_png_text():
     from sdjax.controlnet import cli
+    from sdjax.controlnet.settings import ControlNets
     from sdjax.sample import build_parser
     args = build_parser().parse_args([
         "--controlnet", "nets/control_canny.pth:0.5", "--controlnet", "C:/x/depth",
         "--control_image", "a.png", "--control_image", "b.png", "--control_end", "0.6",
         "--control_preprocessor", "canny", "--control_mode", "prompt"])
     assert args.controlnet == [("nets/control_canny.pth", 0.5), ("C:/x/depth", 1.0)]
-    kwargs = cli.call_kwargs(args, ["A", "B"])
-    assert kwargs == dict(controlnet_conditioning_scale=[0.5, 1.0], control_guidance_start=[0, 0],
-                          control_guidance_end=[0.6, 1.0], guess_mode=False,
-                          control_mode="prompt", control_image=["A", "B"])
-    assert cli.parameters(args)["ControlNet 0"] == (
-        '"Module: canny, Model: control_canny, Weight: 0.5, Guidance Start: 0, Guidance End: '
-        '0.6, Control Mode: My prompt is more important"')
+    assert cli.call_kwargs(args, ["A", "B"]) == dict(control_image=["A", "B"])
+    from sdjax.call_settings import CallSettings, Sampling, Size
+    from sdjax.images import parse_parameters
+    settings = CallSettings("m", Sampling(2, "euler", 7.0), Size(8, 8),
+                            controlnet=ControlNets.from_args(args))
+    kwargs = settings.pipeline_kwargs()
+    assert {k: kwargs[k] for k in ("controlnet_conditioning_scale", "control_guidance_start",
+                                   "control_guidance_end", "guess_mode", "control_mode")} == dict(
+        controlnet_conditioning_scale=[0.5, 1.0], control_guidance_start=[0, 0],
+        control_guidance_end=[0.6, 1.0], guess_mode=False, control_mode=["prompt"] * 2)
+    unit0 = ('Module: canny, Model: control_canny, Weight: 0.5, Resize Mode: Just Resize, '
+             'Threshold A: 100, Threshold B: 200, Guidance Start: 0.0, Guidance End: 0.6, '
+             'Pixel Perfect: False, Control Mode: My prompt is more important')
+    text = settings.parameters("p", "", 1)
+    assert f'ControlNet 0: "{unit0}", ControlNet 1: "Module: none, Model: depth,' in text
+    assert parse_parameters(text)["ControlNet 0"] == unit0

@@ -103,33 +103,9 @@ def default_size(args: argparse.Namespace, images: list | None, factor: int) -> 
 
 
 def call_kwargs(args: argparse.Namespace, images: list | None) -> dict[str, Any]:
-    """The ControlNet arguments of ``pipe(...)``."""
+    """The control images of ``pipe(...)`` (the ControlNets' weights, windows and modes are
+    in ``CallSettings.controlnet``, from ``ControlNets.from_args``)."""
     nets = args.controlnet or []
-    if not nets:
+    if not nets or images is None:
         return {}
-    k = len(nets)
-    starts, ends = args.control_start or [], args.control_end or []
-    out: dict[str, Any] = dict(
-        controlnet_conditioning_scale=[s for _, s in nets],
-        control_guidance_start=[starts[i] if i < len(starts) else 0.0 for i in range(k)],
-        control_guidance_end=[ends[i] if i < len(ends) else 1.0 for i in range(k)],
-        guess_mode=args.guess_mode, control_mode=args.control_mode or "balanced")
-    if images is not None:
-        out["control_image"] = images[0] if k == 1 else images
-    return out
-
-
-def parameters(args: argparse.Namespace) -> dict[str, str]:
-    """The WebUI extension's ``ControlNet N`` fields of the PNG text."""
-    fields = {}
-    names = args.control_preprocessor or []
-    kwargs = call_kwargs(args, None)
-    mode = {"balanced": "Balanced", "prompt": "My prompt is more important",
-            "controlnet": "ControlNet is more important"}[args.control_mode or "balanced"]
-    for k, (path, scale) in enumerate(args.controlnet or []):
-        module = names[k] if k < len(names) else "none"
-        fields[f"ControlNet {k}"] = (
-            f'"Module: {module}, Model: {Path(path).stem}, Weight: {scale:g}, '
-            f'Guidance Start: {kwargs["control_guidance_start"][k]:g}, '
-            f'Guidance End: {kwargs["control_guidance_end"][k]:g}, Control Mode: {mode}"')
-    return fields
+    return {"control_image": images[0] if len(nets) == 1 else images}
