@@ -924,3 +924,126 @@ def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, s
         assert page.is_hidden("#hires_box") and page.is_visible("#controlnet_box")
     finally:
         page.unroute(pattern)
+
+
+def test_controlnet_units_through_the_webui_api(server, registry, sd1_controlnets):
+    """The ControlNet extension's API: its routes' shapes, a txt2img unit made bit for bit as
+    ``pipe(...)`` makes it (with the extension's infotext, read back by png-info), the planned
+    calls of other units (no compile), and bad units as one-line 422s."""
+    from sdjax.controlnet import preprocess
+    from sdjax.outputs import PipelineOutput
+    from sdjax.serve.controlnets import ControlNetLibrary
+    from sdjax.serve.samplers import sampler_settings
+    c, tiny = server.client, registry.get("tiny")
+    registry.controlnets = ControlNetLibrary({"cn0": str(sd1_controlnets[0]),
+                                              "cn1": str(sd1_controlnets[1])})
+    try:
+        assert c.get("/controlnet/version").json() == {"version": 2}
+        titles = c.get("/controlnet/model_list").json()["model_list"]
+        assert [re.fullmatch(r"(cn\d) \[[0-9a-f]{8}\]", t).group(1) for t in titles] == [
+            "cn0", "cn1"]
+        assert c.get("/controlnet/module_list").json()["module_list"] == [
+            "none", "invert", "canny"]
+        assert "invert (from white bg & black line)" in c.get(
+            "/controlnet/module_list", params={"alias_names": True}).json()["module_list"]
+        assert c.get("/sdjax/v1/features").json()["controlnet"] is True
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, (16, 16, 3), np.uint8)
+        big = rng.integers(0, 256, (40, 56, 3), np.uint8)
+        b64 = _b64(image)
+        for key in ("controlnet_input_images", "controlnet_images"):
+            r = c.post("/controlnet/detect", json={
+                "controlnet_module": "canny", key: [_b64(big)],
+                "controlnet_processor_res": 32, "controlnet_threshold_a": 50,
+                "controlnet_threshold_b": 150})
+            assert r.status_code == 200 and r.json()["info"] == "Success", r.text
+            np.testing.assert_array_equal(
+                np.asarray(_decode(r.json()["images"][0]).convert("RGB")),
+                preprocess("canny", big, processor_res=32, low_threshold=50,
+                           high_threshold=150))
+        # One real generation: a WebUI-style unit ("ControlNet" as clients spell it; a
+        # disabled unit with a bad model is ignored) is pipe(...)'s ControlNet call.
+        unit = {"enabled": True, "module": "invert", "model": titles[0], "weight": 0.7,
+                "image": b64, "resize_mode": "Just Resize", "guidance_start": 0.0,
+                "guidance_end": 0.5, "control_mode": "My prompt is more important",
+                "processor_res": -1, "threshold_a": -1, "threshold_b": -1,
+                "pixel_perfect": False}
+        body = {**SHAPE, "prompt": "a cat", "seed": 3, "cfg_scale": 7,
+                "override_settings": {"sd_model_checkpoint": "tiny"},
+                "alwayson_scripts": {"ControlNet": {"args": [
+                    unit, {"enabled": False, "model": "nope"}]}}}
+        r = c.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        scheduler, schedule_type = sampler_settings("Euler a")
+        expected = tiny(["a cat"], seeds=[3], image_indices=[0], height=16, width=16,
+                        num_inference_steps=2, scheduler=scheduler, guidance_scale=[7.0],
+                        rng="nv", control_image=255 - image, controlnet_conditioning_scale=0.7,
+                        control_guidance_end=0.5, control_mode="prompt",
+                        **({} if schedule_type is None else {"schedule_type": schedule_type}))
+        png = _decode(r.json()["images"][0])
+        np.testing.assert_array_equal(np.asarray(png.convert("RGB")), expected.images[0])
+        fields = ("Module: invert, Model: " + titles[0] + ", Weight: 0.7, Resize Mode: Just "
+                  "Resize, Guidance Start: 0.0, Guidance End: 0.5, Pixel Perfect: False, "
+                  "Control Mode: My prompt is more important")
+        assert f'ControlNet 0: "{fields}"' in png.info["parameters"]
+        info = c.post("/sdapi/v1/png-info", json={"image": r.json()["images"][0]}).json()
+        assert info["parameters"]["ControlNet 0"] == fields
+        assert (info["parameters"]["ControlNet 0 module"],
+                info["parameters"]["ControlNet 0 weight"]) == ("invert", 0.7)
+        # The planned calls of other units (not run): two ControlNets, canny with pixel
+        # perfect, a control mode as a number; img2img's unit without an image takes the
+        # init image.
+        seen = []
+
+        class Done:
+            def result(self):
+                return PipelineOutput(images=np.zeros((1, 16, 16, 3), np.uint8), seeds=[3])
+
+        tiny.submit = lambda call: seen.append(call) or Done()
+        try:
+            canny = {"module": "canny", "model": "cn1", "image": _b64(big), "weight": 1.5,
+                     "pixel_perfect": True, "threshold_a": 50, "threshold_b": 150,
+                     "control_mode": 2}
+            r = c.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {
+                "args": [{**unit, "resize_mode": 0}, canny]}}})
+            assert r.status_code == 200, r.text
+            r2 = c.post("/sdapi/v1/img2img", json={
+                **body, "init_images": [b64], "denoising_strength": 0.5,
+                "alwayson_scripts": {"controlnet": {"args": [{"model": "cn0"}]}}})
+            assert r2.status_code == 200, r2.text
+        finally:
+            del tiny.submit
+        two, one = seen
+        assert tiny.controlnets == [str(sd1_controlnets[0])]  # the last call's set
+        np.testing.assert_array_equal(two.control_image[0][0], 255 - image)
+        # pixel perfect: canny at 40 * max(16/40, 16/56) = 16 (16x22), then "Crop and
+        # Resize" keeps the centre at the output's aspect ratio
+        edges = preprocess("canny", big, processor_res=16, low_threshold=50,
+                           high_threshold=150)
+        assert edges.shape == (16, 22, 3)
+        np.testing.assert_array_equal(two.control_image[1][0], edges[:, 3:19])
+        assert (two.controlnet_conditioning_scale, two.control_mode) == (
+            [0.7, 1.5], ["prompt", "controlnet"])
+        assert 'ControlNet 1: "Module: canny, Model: ' + titles[1] + ", Weight: 1.5, " \
+            "Resize Mode: Crop and Resize, Processor Res: 512, Threshold A: 50, Threshold " \
+            "B: 150, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: True, Control " \
+            'Mode: ControlNet is more important"' in _decode(
+                r.json()["images"][0]).info["parameters"]
+        np.testing.assert_array_equal(one.control_image[0], image)
+        assert one.control_mode == ["balanced"] and one.task_inputs is not None
+        # Bad units: one-line 422s naming the field.
+        bad = [({"module": "depth"}, "unknown module 'depth'"),
+               ({"model": "nope [12345678]"}, "unknown model 'nope [12345678]'"),
+               ({"guidance_start": 0.5, "guidance_end": 0.5}, "must be below"),
+               ({"weight": float("nan")}, "weight"),
+               ({"control_mode": "Loud"}, "control_mode"),
+               ({"resize_mode": "Resize and Fill"}, "not supported"),
+               ({"image": None}, "give a base64 control image")]
+        for fields, message in bad:
+            r = c.post("/sdapi/v1/txt2img", content=json.dumps({
+                **body, "alwayson_scripts": {"controlnet": {"args": [{**unit, **fields}]}}}))
+            assert r.status_code == 422 and message in r.json()["detail"], (fields, r.text)
+            assert "\n" not in r.json()["detail"]
+    finally:
+        registry.controlnets.use(tiny, ())
+        registry.controlnets = ControlNetLibrary({})

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from sdjax.controlnet import inputs as control_inputs
 from sdjax.controlnet.source import param_name, sources
@@ -16,8 +17,9 @@ from sdjax.weights.controlnet_files import load_controlnet
 from sdjax.weights.errors import WeightsError
 
 
-def load_into(pipe, source: str | Path, variant: str | None = None) -> str:
-    """Load a ControlNet for ``pipe`` (after those it has); returns its name."""
+def load_entry(pipe, source: str | Path, variant: str | None = None) -> tuple:
+    """A ControlNet read and checked for ``pipe`` but not attached: (name, config, graphdef,
+    params), for :func:`set_entries` (the server keeps them to attach per call)."""
     if getattr(pipe, "UPSCALER", False):
         raise ValueError("the x4 upscaler takes no ControlNet")
     if not isinstance(source, (str, Path)):
@@ -28,10 +30,43 @@ def load_into(pipe, source: str | Path, variant: str | None = None) -> str:
     if factor != pipe.vae_scale_factor:
         raise WeightsError(f"{source}: its conditioning embedding downsamples the control "
                            f"image {factor}x, this model's VAE {pipe.vae_scale_factor}x")
-    pipe.store.add(param_name(len(pipe._controlnets)), net)
-    pipe._controlnets.append((str(source), net.config))
-    pipe._compiled.clear()  # a program traced for other ControlNets no longer applies
-    return str(source)
+    graphdef, params = nnx.split(net)
+    return str(source), net.config, graphdef, params
+
+
+def entries(pipe) -> list[tuple]:
+    """The pipeline's ControlNets as :func:`load_entry` gives them, in order."""
+    store = pipe.store
+    return [(name, config, store.graphdefs[param_name(k)], store.current[param_name(k)])
+            for k, (name, config) in enumerate(pipe._controlnets)]
+
+
+def set_entries(pipe, new: list[tuple], programs: dict | None = None) -> None:
+    """Make ``new`` the pipeline's ControlNets, in that order. The set is part of the
+    compiled program: a change drops the programs traced for the old one (``programs``:
+    those compiled earlier for the new set, which a caller kept)."""
+    if [e[0] for e in new] == pipe.controlnets:
+        return
+    store = pipe.store
+    for k in range(len(pipe._controlnets)):
+        store.graphdefs.pop(param_name(k), None)
+        store.current.pop(param_name(k), None)
+    pipe._controlnets.clear()
+    for k, (name, config, graphdef, params) in enumerate(new):
+        store.graphdefs[param_name(k)] = graphdef
+        store.current[param_name(k)] = params
+        pipe._controlnets.append((name, config))
+    if programs is None:
+        pipe._compiled.clear()
+    else:
+        pipe._compiled = programs
+
+
+def load_into(pipe, source: str | Path, variant: str | None = None) -> str:
+    """Load a ControlNet for ``pipe`` (after those it has); returns its name."""
+    entry = load_entry(pipe, source, variant)
+    set_entries(pipe, [*entries(pipe), entry])
+    return entry[0]
 
 
 def as_list(value: Any) -> list:

@@ -38,10 +38,11 @@ class ControlUnit:
     threshold_a: float | None = dataclasses.field(default=None, compare=False)
     threshold_b: float | None = dataclasses.field(default=None, compare=False)
     pixel_perfect: bool = dataclasses.field(default=False, compare=False)
+    resize_mode: str = dataclasses.field(default="Just Resize", compare=False)
 
     def infotext(self) -> str:
         fields = [("Module", self.module), ("Model", self.title or self.model),
-                  ("Weight", _float(self.weight)), ("Resize Mode", "Just Resize")]
+                  ("Weight", _float(self.weight)), ("Resize Mode", self.resize_mode)]
         for name, value in (("Processor Res", self.processor_res),
                             ("Threshold A", self.threshold_a),
                             ("Threshold B", self.threshold_b)):

@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
              "detected from its tensors); folders bring their own")
     add_flag(p, "lora_dir", type=Path, default=None, help="where a prompt's "
              "<lora:name:weight> tags find name.safetensors (here or in a folder below)")
+    add_flag(p, "controlnet", action="append", default=[], metavar="PATH",
+             help="a ControlNet requests may use (a diffusers folder or an original "
+                  "control_*.pth/.safetensors), named by its file's stem; repeatable")
+    add_flag(p, "controlnet_dir", type=Path, default=None,
+             help="also offer every ControlNet file or folder inside this folder")
     add_flag(p, "host", default="127.0.0.1",
              help="address to listen on; 0.0.0.0 exposes the server to the network")
     add_flag(p, "port", type=int, default=7860, help="TCP port")
@@ -142,8 +147,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--lora_dir folder not found: {args.lora_dir}")
     if args.refiner is not None:
         handoff.check_refiner(args.refiner)  # before the base models load
+    from sdjax.serve.controlnets import discover as discover_controlnets
+    try:
+        controlnets = discover_controlnets(args.controlnet, args.controlnet_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     registry = ModelRegistry(discover(args.model or ["toy"], args.models_dir), load,
-                             lora_dir=args.lora_dir, refiner=args.refiner)
+                             lora_dir=args.lora_dir, refiner=args.refiner,
+                             controlnets=controlnets)
     pipe = registry.get(registry.current)
     if registry.refiner is not None:
         registry.get(registry.refiner)  # loaded once, now: a request never waits for it

@@ -31,6 +31,7 @@ from sdjax.images import parse_parameters
 from sdjax.serve import hires_fields
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
+from sdjax.serve.controlnet_api import add_controlnet_routes, parse_png_units
 from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
 from sdjax.serve.limits import REQUEST_FAULTS, BadRequest, Limits, request_fault
 from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
@@ -386,8 +387,10 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
             for key, value in list(params.items()):  # "Size", "Hires resize": as the WebUI
                 if re.fullmatch(r"\d+x\d+", value):
                     params[f"{key}-1"], params[f"{key}-2"] = value.split("x", 1)
+            params.update(parse_png_units(params))
         return {"info": text, "items": json.loads(json.dumps(items, default=str)),
                 "parameters": params}
 
     add_page_routes(app, registry)
+    add_controlnet_routes(app, registry, limits.max_pixels)
     return app

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sdjax.pipeline import StableDiffusionPipeline
+from sdjax.serve.controlnets import ControlNetLibrary
 from sdjax.weights.resolve import TOY
 
 Loader = Callable[[str], StableDiffusionPipeline]
@@ -49,8 +50,10 @@ class ModelRegistry:
     Loaded pipelines stay loaded: switching back costs neither a load nor a compile."""
 
     def __init__(self, sources: dict[str, str], load: Loader, lora_dir: Path | None = None,
-                 refiner: str | None = None):
+                 refiner: str | None = None, controlnets: dict[str, str] | None = None):
         self.sources = dict(sources)
+        # --controlnet / --controlnet_dir: name -> source (sdjax.serve.controlnets)
+        self.controlnets = ControlNetLibrary(controlnets or {})
         self.lora_dir = lora_dir  # where prompts' <lora:name:w> tags find their files
         self._load = load
         self._loaded: dict[str, StableDiffusionPipeline] = {}

@@ -29,7 +29,7 @@ from sdjax.call_settings import (
 )
 from sdjax.images import SAMPLER_LABELS, encode_png
 from sdjax.lora_tags import TagLoras, find_lora, split_tags, tag_key
-from sdjax.serve import hires_fields, uploads
+from sdjax.serve import controlnet_api, hires_fields, uploads
 from sdjax.serve.batcher import ImageSpec, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest, Limits, check_generation
@@ -115,7 +115,27 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
         tiling=hires_fields.tiling(req, pipe),
         hires=hires_fields.hires(req, pipe, limits, refiner),
         noise=noise)
+    if not isinstance(req, Img2ImgRequest):  # img2img's units take its images (plan_img2img)
+        settings, specs = _with_units(req, registry, pipe, settings, specs, limits)
     return Plan(Shape(settings, loras=loras, prompt_layout=layout), specs, seed, req)
+
+
+def _with_units(req, registry: ModelRegistry, pipe, settings: CallSettings,
+                specs: list[ImageSpec], limits: Limits, init_images=None
+                ) -> tuple[CallSettings, list[ImageSpec]]:
+    """The request's ControlNet units: in the settings (the set of ControlNets and their
+    weights and windows are the call's) and each image's control images in its spec."""
+    units, control = controlnet_api.plan_units(
+        req, registry, pipe, (settings.size.height, settings.size.width), limits.max_pixels,
+        len(specs), init_images)
+    if units is None:
+        return settings, specs
+    if settings.sdxl.refiner is not None or settings.hires is not None:
+        raise BadRequest("alwayson_scripts.controlnet: sdjax.serve runs ControlNet units "
+                         "without the refiner and the hires fix")
+    return (dataclasses.replace(settings, controlnet=units),
+            [dataclasses.replace(s, control_images=c) for s, c in zip(specs, control,
+                                                                       strict=True)])
 
 
 def with_model_defaults(req: Txt2ImgRequest | Img2ImgRequest, pipe):
@@ -237,10 +257,12 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits,
         mask, task = _mask_task(req, images, limits)
         if task.padding is not None:
             source_size = mask.shape
+    settings, specs = _with_units(req, registry, pipe, plan.shape.settings, plan.specs,
+                                  limits, images)
     images = images * n if len(images) == 1 else images
-    settings = dataclasses.replace(plan.shape.settings, task=task)
+    settings = dataclasses.replace(settings, task=task)
     specs = [dataclasses.replace(s, task_inputs=_prepare(pipe, settings, im, mask))
-             for s, im in zip(plan.specs, images, strict=True)]
+             for s, im in zip(specs, images, strict=True)]
     if isinstance(task, Upscaling):  # the output is 4x the image: one size per call
         sizes = {(s.task_inputs.height, s.task_inputs.width) for s in specs}
         if len(sizes) > 1:
@@ -317,9 +339,12 @@ def run_call(registry: ModelRegistry):
             loras[settings.model].use(dict(shape.loras))
         except ValueError as e:  # a LoRA file that does not fit this model: the request's 422
             raise BadRequest(str(e)) from None
-        images = {}
+        names = () if settings.controlnet is None else settings.controlnet.models
+        if names or pipe.controlnets:  # exactly the call's ControlNets, in its order
+            registry.controlnets.use(pipe, names)
+        images = controlnet_api.call_images(specs)
         if settings.task is not None:
-            images = {"task_inputs": TaskInputs.concat([s.task_inputs for s in specs])}
+            images["task_inputs"] = TaskInputs.concat([s.task_inputs for s in specs])
         prompts = [split_tags(s.prompt)[0] for s in specs]
         # The task's settings are in its prepared inputs (above).
         call = {**settings.pipeline_kwargs(task=False),

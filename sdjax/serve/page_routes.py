@@ -42,7 +42,8 @@ def features(registry: ModelRegistry) -> dict:
             "hires": unsupported(Txt2ImgRequest(enable_hr=True)) is None,
             "tiling": unsupported(Txt2ImgRequest(tiling=True)) is None,
             "variations": unsupported(Txt2ImgRequest(subseed_strength=0.5)) is None,
-            "loras": registry.lora_dir is not None}
+            "loras": registry.lora_dir is not None,
+            "controlnet": bool(getattr(registry, "controlnets", None))}
 
 
 def lora_list(lora_dir: Path | None) -> list[dict]:

@@ -19,7 +19,7 @@ from sdjax.serve.request_checks import check_request
 _MUST_BE_OFF = {
     "restore_faces": (False, None),
     "script_name": (None, ""), "script_args": ([], None),
-    "alwayson_scripts": ({}, None), "save_images": (False, None), "styles": ([], None),
+    "save_images": (False, None), "styles": ([], None),
     "firstpass_image": (None, ""),
 }
 
@@ -121,4 +121,10 @@ def unsupported(request: _Request) -> str | None:
             value = getattr(request, name)
             if value not in off:
                 return f"{name}={value!r} is not supported by sdjax.serve"
+    # the ControlNet extension's units are served (sdjax.serve.controlnet_api); no other
+    # always-on script is
+    others = sorted(k for k, v in (getattr(request, "alwayson_scripts", None) or {}).items()
+                    if str(k).lower() != "controlnet" and v not in ({}, None, {"args": []}))
+    if others:
+        return f"alwayson_scripts {', '.join(others)} is not supported by sdjax.serve"
     return None
