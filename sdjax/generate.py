@@ -43,6 +43,8 @@ from sdjax.cli_args import (
     resolve_dtype,
     run_main,
 )
+from sdjax.controlnet import cli as controlnet_cli
+from sdjax.dataset import control as control_images
 from sdjax.dataset import manifest
 from sdjax.dataset.prompts import PromptsInfo, Row, read_rows, scan
 from sdjax.dataset.shards import (
@@ -74,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "shards; devices compute while host threads encode and write.")
     add_common_arguments(p)
     add_flag(p, "prompts", help="(required) prompt file: .txt (one a line), or .jsonl/.csv/"
-             ".parquet with a 'prompt' or 'caption' column and optional 'negative_prompt' and "
-             "'seed'; a local path or an fsspec URL")
+             ".parquet with a 'prompt' or 'caption' column and optional 'negative_prompt', "
+             "'seed' and (with --controlnet) 'control_image', a file name relative to the "
+             "prompt file; a local path or an fsspec URL")
     add_flag(p, "outdir", required=True, help="dataset folder (local path, or gs://, s3://… "
              "through fsspec)")
     add_flag(p, "images_per_prompt", type=int, default=1, help="samples per prompt row (K)")
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "encode_threads", type=int, default=None,
              help="host threads encoding images (default: CPU count, at most 16)")
     add_sdxl_arguments(p)
+    controlnet_cli.add_arguments(p, add_flag)  # and the table's control_image column
     return p
 
 
@@ -109,6 +113,7 @@ class Settings:
     model_options: ModelOptions = ModelOptions()
     adapters: tuple[str, ...] = ()   # what apply_adapters reported: LoRAs, scales, embeddings
     lora_dir: str | None = None      # where prompts' <lora:name:w> tags are found
+    control: dict = dataclasses.field(default_factory=dict)  # control_images.manifest_json
 
     def manifest(self, layout: Layout, prompts: PromptsInfo) -> dict:
         # The keys and their order are those of earlier versions (so their datasets resume);
@@ -134,6 +139,7 @@ class Settings:
         fields.update(self.noise_json())
         if sdxl.refiner is not None:
             fields["refiner"] = sdxl.refiner
+        fields.update(self.control)
         options = {k: v for k, v in self.model_options.kwargs().items() if v not in (None, False)}
         return {**fields, **options, "images_per_prompt": layout.images_per_prompt,
                 "samples_per_shard": layout.samples_per_shard, "prompt_rows": prompts.num_rows,
@@ -172,6 +178,7 @@ class Sample:
     negative_prompt: str
     seed: int
     seed_index: int
+    control_image: str | None = None  # the row's control image (relative to the table)
 
 
 def plan_samples(rows: Iterable[Row], layout: Layout, shards: Iterable[int],
@@ -194,7 +201,8 @@ def plan_samples(rows: Iterable[Row], layout: Layout, shards: Iterable[int],
             yield Sample(i, r, k, row.prompt,
                          settings.negative_prompt if row.negative_prompt is None
                          else row.negative_prompt,
-                         row.seed if own_seed else settings.seed, k if own_seed else i)
+                         row.seed if own_seed else settings.seed, k if own_seed else i,
+                         row.control_image)
 
 
 def _batches(items: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
@@ -213,6 +221,8 @@ def sample_files(sample: Sample, key: str, image: np.ndarray,
             "guidance_scale": call.sampling.guidance_scale, "width": call.size.width,
             "height": call.size.height, "model": call.model, "dtype": settings.dtype,
             **settings.sdxl_json(), **settings.hires_json(), **settings.noise_json()}
+    if settings.control:
+        meta["control_image"] = sample.control_image
     parameters = call.parameters(sample.prompt, sample.negative_prompt, sample.seed,
                                  index=sample.seed_index)
     image_bytes = encode_image(image, settings.image_format, settings.quality, parameters)
@@ -225,13 +235,14 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
                     shard_stats: dict | None = None,
                     on_written: Callable[[int], None] | None = None,
                     on_compiled: Callable[[], None] | None = None,
-                    refiner=None) -> list[dict]:
+                    refiner=None, control=None) -> list[dict]:
     """Generate and write the given samples (whole shards, in index order); returns the stats
     of the shards written. Batch k+1 is submitted before batch k's images are taken, so the
     devices never wait while the host encodes and writes. ``on_compiled`` is called once the
     first batch is dispatched (its compilation, if any, is over). ``refiner``: an SDXL
     refiner that finishes every image (``settings.call.sdxl`` has the switch point); the
-    hand-off brings the base's latents to the host, so those batches run one at a time."""
+    hand-off brings the base's latents to the host, so those batches run one at a time.
+    ``control``: the samples' control images (``sdjax.dataset.control.ControlImages``)."""
     def encode(sample: Sample, image: np.ndarray) -> dict[str, bytes]:
         return sample_files(sample, layout.key(sample.index), image, settings)
 
@@ -254,6 +265,10 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
                 seeds=[batch[j].seed for j in members],
                 image_indices=[batch[j].seed_index for j in members],
                 batch_size_per_device=per_device, **call_kwargs)
+            if control is not None:
+                call.update(control.call_kwargs([control.for_row(batch[j].control_image,
+                                                                 batch[j].row)
+                                                 for j in members]))
             handles.append((members, pipe.submit(texts, **call) if refiner is None
                             else _Done(refine(pipe, refiner, texts, **call))))
 
@@ -366,6 +381,7 @@ def run(args) -> int:
     t_start = time.perf_counter()
     started_at = _now()
     _check_args(args)
+    control_images.check(args, UsageError)
     outdir = str(args.outdir)
     if not is_url(outdir):
         check_outdir(Path(outdir))
@@ -393,6 +409,9 @@ def run(args) -> int:
     options = ModelOptions.from_args(args)
     local = jax.process_count() > 1
     pipe = load_pipeline(args.model, dtype, args.num_devices, local, options)
+    for path, _ in args.controlnet or []:
+        pipe.load_controlnet(path)
+    control = control_images.ControlImages(args, str(args.prompts)) if args.controlnet else None
     if pipe.note:
         print(pipe.note, file=sys.stderr)
     refiner = load_refiner(args, pipe, dtype, local_devices=local)
@@ -410,7 +429,8 @@ def run(args) -> int:
         call, dtype=dtype, seed=args.seed, negative_prompt=args.negative_prompt,
         image_format=args.format,
         quality=None if args.format == "png" else (args.quality or 95), model_options=options,
-        adapters=adapters, lora_dir=None if args.lora_dir is None else str(args.lora_dir))
+        adapters=adapters, lora_dir=None if args.lora_dir is None else str(args.lora_dir),
+        control=control_images.manifest_json(args))
     run_settings = settings.manifest(layout, prompts)
     manifest.check(store, run_settings, overwrite=args.overwrite)
     print(sampling, file=sys.stderr)
@@ -454,7 +474,7 @@ def run(args) -> int:
                 written = generate_shards(
                     pipe, settings, layout, plan_samples(rows, layout, todo, settings), store,
                     per_device=per_device, encode_threads=threads, on_written=bar.update,
-                    refiner=refiner,
+                    refiner=refiner, control=control,
                     on_compiled=bar.reset,  # restart the clock: compile time is not throughput
                     shard_stats={"job_index": job, "num_jobs": num_jobs,
                                  "host": socket.gethostname(), "devices": pipe.num_devices,

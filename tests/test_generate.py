@@ -399,3 +399,66 @@ def test_an_upscaler_model_is_refused_before_it_loads(upscaler_folder, tmp_path,
                       "--outdir", outdir)
     assert rc == 2 and "x4 upscaler" in err and "--image" in err
     assert len(err.strip().splitlines()) == 1 and not outdir.exists()
+
+
+def test_control_image_column(sd1_folder, sd1_controlnets, tmp_path, capsys, monkeypatch):
+    """--controlnet with the table's control_image column: each row's image (relative to the
+    table, through the preprocessor) is its samples' control image in the call, and the
+    shards, the PNG text and the manifest record it. The call itself is not run here (the
+    ControlNet call is tests/test_controlnet.py's): the pipeline's submit is recorded."""
+    from sdjax.dataset.manifest import MANIFEST
+    from sdjax.outputs import PipelineOutput
+    rng = np.random.default_rng(0)
+    (tmp_path / "maps").mkdir()
+    maps = {"maps/a.png": rng.integers(0, 256, (16, 16, 3), np.uint8),
+            "b.png": rng.integers(0, 256, (16, 16, 3), np.uint8)}
+    for name, pixels in maps.items():
+        Image.fromarray(pixels).save(tmp_path / name)
+    jl = tmp_path / "p.jsonl"
+    jl.write_text("".join(json.dumps({"prompt": p, "control_image": c}) + "\n"
+                          for p, c in [("a cat", "maps/a.png"), ("a dog", "b.png")]))
+    pipe = generate.load_pipeline(str(sd1_folder), "float32", 1, False,
+                                  generate.ModelOptions())
+    seen, attached = [], []
+
+    class Done:
+        def __init__(self, n, h, w):
+            self.shape = (n, h, w, 3)
+
+        def result(self):
+            return PipelineOutput(images=np.zeros(self.shape, np.uint8), seeds=[0])
+
+    def submit(texts, **kw):
+        seen.append(kw)
+        return Done(len(texts), kw["height"], kw["width"])
+
+    monkeypatch.setattr(pipe, "submit", submit, raising=False)
+    monkeypatch.setattr(pipe, "load_controlnet", attached.append, raising=False)
+    net = f"{sd1_controlnets[0]}:0.5"
+    flags = ["--controlnet", net, "--control_preprocessor", "invert", "--control_end",
+             "0.8", "--images_per_prompt", "1", "--height", "16", "--width", "16"]
+    _make(capsys, str(sd1_folder), jl, tmp_path / "out", *flags)
+    assert attached == [str(sd1_controlnets[0])] and len(seen) == 1
+    call = seen[0]
+    assert (call["controlnet_conditioning_scale"], call["control_guidance_end"],
+            call["control_mode"]) == ([0.5], [0.8], ["balanced"])
+    for got, name in zip(call["control_image"], maps, strict=True):
+        np.testing.assert_array_equal(got, 255 - maps[name])
+    samples = read_dataset(tmp_path / "out")
+    assert [json.loads(s["json"])["control_image"] for s in samples.values()] == list(maps)
+    text = Image.open(io.BytesIO(samples["000000000"]["png"])).info["parameters"]
+    assert parse_parameters(text)["ControlNet 0"] == (
+        "Module: invert, Model: cn0, Weight: 0.5, Resize Mode: Just Resize, Guidance Start: "
+        "0.0, Guidance End: 0.8, Pixel Perfect: False, Control Mode: Balanced")
+    settings = json.loads((tmp_path / "out" / MANIFEST).read_text())["settings"]
+    assert settings["controlnet"][0]["preprocessor"] == "invert"
+    # A row's missing file, and a row without an image and no --control_image: exit 2.
+    for rows, message in [([{"prompt": "x", "control_image": "nope.png"}],
+                           "nope.png: file not found"),
+                          ([{"prompt": "x"}], "row 1 of")]:
+        jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rc, _, err = _run(capsys, "--model", sd1_folder, "--prompts", jl, "--outdir",
+                          tmp_path / "bad", "--num_devices", 1, *COMMON, *flags)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1 and message in errors[0], err
+        assert not list((tmp_path / "bad").glob("*.tar"))

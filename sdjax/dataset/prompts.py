@@ -1,5 +1,6 @@
 """Streaming prompt files: ``.txt`` (one prompt a line), ``.jsonl``, ``.csv`` and ``.parquet``
-with a ``prompt`` (or ``caption``) column and optional ``negative_prompt`` and ``seed``.
+with a ``prompt`` (or ``caption``) column and optional ``negative_prompt``, ``seed`` and
+``control_image`` (``sdjax.generate --controlnet``: a file name relative to the table).
 
 Files are read row by row and never held whole, so a 10-million-line file costs no memory.
 Blank lines (txt, jsonl) are not rows; row numbers count the rows that remain, and a dataset's
@@ -31,6 +32,9 @@ class Row:
     prompt: str
     negative_prompt: str | None = None  # None: the run's --negative_prompt
     seed: int | None = None             # None: the run's --seed
+    # a control image's file name, relative to the prompt file (--controlnet); None: the
+    # run's --control_image
+    control_image: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +119,12 @@ def _row(path: str, where: str, record: dict) -> Row:
                              or not 0 <= seed < MAX_SEED):
         raise PromptFileError(f"{path} {where}: seed must be an integer in [0, 2**32), got "
                               f"{seed!r}")
-    return Row(prompt, negative, seed)
+    control = record.get("control_image") or None
+    if control is not None and (not isinstance(control, str) or "://" in control
+                                or control.startswith(("/", "\\"))):
+        raise PromptFileError(f"{path} {where}: control_image must be a file name relative "
+                              f"to the prompt file, got {control!r}")
+    return Row(prompt, negative, seed, control)
 
 
 def _jsonl_row(path: str, number: int, line: str) -> Row:
@@ -179,7 +188,8 @@ def _parquet_rows(path: str) -> Iterator[Row]:
         except Exception as e:  # pyarrow raises its own error classes for corrupt files
             raise PromptFileError(f"{path}: not a readable parquet file ({e})") from None
         names = table.schema_arrow.names
-        columns = [c for c in (*PROMPT_COLUMNS, "negative_prompt", "seed") if c in names]
+        columns = [c for c in (*PROMPT_COLUMNS, "negative_prompt", "seed", "control_image")
+                   if c in names]
         if not any(c in names for c in PROMPT_COLUMNS):
             raise PromptFileError(f"{path}: no 'prompt' or 'caption' column (it has "
                                   f"{', '.join(names)})")
