@@ -247,6 +247,7 @@ def test_get_endpoints(server):
     assert r.status_code == 404 and "'nope' not found" in r.json()["detail"]
     features = c.get("/sdjax/v1/features").json()
     assert features == {"refiner": None, "refiner_switch_at": 0.8, "loras": False,
+                        "controlnet": False,
                         **{k: features[k] for k in ("hires", "tiling", "variations")}}
     # a feature is reported as served exactly when its request is not refused
     for feature, field in (("hires", {"enable_hr": True}), ("tiling", {"tiling": True}),
@@ -885,7 +886,7 @@ def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, s
     them); here the routes that report them are answered as a server that serves them would,
     and the request the page sends is checked (and answered without generating)."""
     features = {**server.client.get("/sdjax/v1/features").json(), "hires": True,
-                "tiling": True, "variations": True}
+                "tiling": True, "variations": True, "controlnet": True}
     answer = json.dumps({"images": [], "parameters": {}, "info": json.dumps(
         {"all_seeds": [], "infotexts": [], "width": 16, "height": 16})})
     fakes = {"/sdjax/v1/features": json.dumps(features),

@@ -340,7 +340,7 @@ def run_call(registry: ModelRegistry):
         except ValueError as e:  # a LoRA file that does not fit this model: the request's 422
             raise BadRequest(str(e)) from None
         names = () if settings.controlnet is None else settings.controlnet.models
-        if names or pipe.controlnets:  # exactly the call's ControlNets, in its order
+        if names or getattr(pipe, "controlnets", None):  # exactly the call's, in its order
             registry.controlnets.use(pipe, names)
         images = controlnet_api.call_images(specs)
         if settings.task is not None:
