@@ -1024,14 +1024,30 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_controlnet
         assert edges.shape == (16, 22, 3)
         np.testing.assert_array_equal(two.control_image[1][0], edges[:, 3:19])
         assert (two.controlnet_conditioning_scale, two.control_mode) == (
-            [0.7, 1.5], ["prompt", "controlnet"])
+            [[0.7], [1.5]], [["prompt"], ["controlnet"]])
         assert 'ControlNet 1: "Module: canny, Model: ' + titles[1] + ", Weight: 1.5, " \
             "Resize Mode: Crop and Resize, Processor Res: 512, Threshold A: 50, Threshold " \
             "B: 150, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: True, Control " \
             'Mode: ControlNet is more important"' in _decode(
                 r.json()["images"][0]).info["parameters"]
         np.testing.assert_array_equal(one.control_image[0], image)
-        assert one.control_mode == ["balanced"] and one.task_inputs is not None
+        assert one.control_mode == [["balanced"]] and one.task_inputs is not None
+        # Requests that differ in their units' images, weights, windows and modes share a
+        # call's shape; each image keeps its own values.
+        from sdjax.serve.controlnet_api import call_images
+        from sdjax.serve.generation import plan_txt2img
+        from sdjax.serve.schemas import Txt2ImgRequest
+        other = {**unit, "image": _b64(big), "weight": 0.2, "guidance_start": 0.25,
+                 "control_mode": 1}
+        plans = [plan_txt2img(Txt2ImgRequest(**{**body, "alwayson_scripts": {
+            "controlnet": {"args": [u]}}}), registry, Limits())
+            for u in (unit, other)]
+        assert plans[0].shape == plans[1].shape
+        merged = call_images(plans[0].specs + plans[1].specs)
+        assert (merged["controlnet_conditioning_scale"], merged["control_guidance_start"],
+                merged["control_mode"]) == ([[0.7, 0.2]], [[0.0, 0.25]],
+                                            [["prompt", "prompt"]])
+        assert [a.shape for a in merged["control_image"]] == [(16, 16, 3), (40, 56, 3)]
         # Bad units: one-line 422s naming the field.
         bad = [({"module": "depth"}, "unknown module 'depth'"),
                ({"model": "nope [12345678]"}, "unknown model 'nope [12345678]'"),

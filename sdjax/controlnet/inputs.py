@@ -194,17 +194,26 @@ def prepare(call, *, configs: Sequence, n_prompts: int, per_prompt: int, height:
         per_net = [list(init_images)] * k
     else:
         per_net = split_images(given["control_image"], k)
-    scales = check_scales(given["controlnet_conditioning_scale"], k)
-    windows = check_windows(given["control_guidance_start"], given["control_guidance_end"], k)
-    modes = check_modes(given["control_mode"], k)
     guess = given["guess_mode"]
     if not isinstance(guess, (bool, np.bool_)):
         raise TypeError(f"guess_mode must be True or False, got {type(guess).__name__}")
     residuals = {cfg.num_residuals for cfg in configs}
     if len(residuals) != 1:
         raise ValueError("the ControlNets give different numbers of residuals")
-    w, uncond = weights(scales, [bool(guess) or cfg.global_pool_conditions
-                                 for cfg in configs], modes, residuals.pop())
+    residuals = residuals.pop()
+    guesses = [bool(guess) or cfg.global_pool_conditions for cfg in configs]
+    rows = [_image_values(given[name], name, k, n) for name in _RUNTIME]
+    tables: dict[tuple, tuple] = {}
+    per_image = []
+    for i in range(n):  # one table per distinct set of values (usually one for the call)
+        scales = check_scales(rows[0][i], k)
+        windows = check_windows(rows[1][i], rows[2][i], k)
+        modes = check_modes(rows[3][i], k)
+        key = (tuple(scales), tuple(windows), tuple(modes))
+        if key not in tables:
+            tables[key] = (*weights(scales, guesses, modes, residuals),
+                           keep_table(windows, scheduler, steps, start))
+        per_image.append(tables[key])
     out = {}
     for i, images in enumerate(per_net):
         if len(images) not in (1, n_prompts, n):
@@ -213,8 +222,27 @@ def prepare(call, *, configs: Sequence, n_prompts: int, per_prompt: int, height:
                              "per prompt, or one per image")
         images = tasks.per_image(images, n_prompts, per_prompt, "control image")
         out[f"control_image_{i}"] = np.stack([tasks.resize(x, height, width) for x in images])
-    keep = keep_table(windows, scheduler, steps, start)
-    out["control_weights"] = np.broadcast_to(w, (n, *w.shape)).copy()
-    out["control_uncond"] = np.broadcast_to(uncond, (n, k)).copy()
-    out["control_keep"] = np.broadcast_to(keep, (n, *keep.shape)).copy()
+    for j, name in enumerate(("control_weights", "control_uncond", "control_keep")):
+        out[name] = np.stack([t[j] for t in per_image]).astype(np.float32)
     return out
+
+
+# The runtime values that may also be given one per image (the server's merged calls).
+_RUNTIME = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end",
+            "control_mode")
+
+
+def _image_values(value: Any, name: str, k: int, n: int) -> list[list]:
+    """Image i's value of each of the ``k`` ControlNets: each ControlNet's entry is one
+    value, or a list of one per image (so that requests with different weights, windows or
+    modes share one call)."""
+    columns = []
+    for entry in _per_net(value, name, k):
+        if isinstance(entry, (list, tuple)):
+            if len(entry) != n:
+                raise ValueError(f"{name}: {len(entry)} values for {n} image(s): give one per "
+                                 "ControlNet, or for a ControlNet one per image")
+            columns.append(list(entry))
+        else:
+            columns.append([entry] * n)
+    return [[c[i] for c in columns] for i in range(n)]

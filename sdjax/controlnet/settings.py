@@ -24,14 +24,14 @@ def _float(value: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ControlUnit:
-    """One ControlNet of a call. ``model`` (which ControlNet, in the call's order), weight,
-    window and mode go into the call; the rest only says how its image was made (metadata:
-    two requests that differ there share a call)."""
+    """One ControlNet of a call. ``model`` (which ControlNet, in the call's order) is part
+    of the compiled call; the weight, window and mode are runtime inputs, and the rest only
+    says how its image was made (the server merges requests that differ in those)."""
     model: str
-    weight: float = 1.0
-    guidance_start: float = 0.0
-    guidance_end: float = 1.0
-    control_mode: str = "balanced"  # sdjax.controlnet.inputs.CONTROL_MODES
+    weight: float = dataclasses.field(default=1.0, compare=False)
+    guidance_start: float = dataclasses.field(default=0.0, compare=False)
+    guidance_end: float = dataclasses.field(default=1.0, compare=False)
+    control_mode: str = dataclasses.field(default="balanced", compare=False)
     module: str = dataclasses.field(default="none", compare=False)
     title: str | None = dataclasses.field(default=None, compare=False)  # "name [hash]"
     processor_res: int | None = dataclasses.field(default=None, compare=False)

@@ -59,7 +59,8 @@ class ImageSpec:
     guidance_scale: float
     task_inputs: Any = dataclasses.field(default=None, compare=False, repr=False)
     subseed: int | None = None  # the WebUI's variation seed of this image (sdjax.noise)
-    # its control image per ControlNet unit, preprocessed (sdjax.serve.controlnet_api)
+    # (its control image, preprocessed; the unit) per ControlNet unit: the images, weights,
+    # windows and modes are runtime inputs (sdjax.serve.controlnet_api)
     control_images: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 

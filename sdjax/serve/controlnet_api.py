@@ -203,13 +203,20 @@ def plan_units(req, registry, pipe, size: tuple[int, int], max_pixels: int, n: i
 
 
 def call_images(specs) -> dict[str, Any]:
-    """``pipe(...)``'s control_image for a merged call: per ControlNet, one per image."""
+    """``pipe(...)``'s ControlNet arguments for a merged call: per ControlNet, each image's
+    control image, weight, window and mode (requests that differ there share the call)."""
     per_image = [s.control_images for s in specs]
     if per_image[0] is None:
         return {}
     k = len(per_image[0])
-    nets = [[imgs[j] for imgs in per_image] for j in range(k)]
-    return {"control_image": nets[0] if k == 1 else nets}
+    nets = [[units[j][0] for units in per_image] for j in range(k)]
+    out: dict[str, Any] = {"control_image": nets[0] if k == 1 else nets}
+    for field, attr in (("controlnet_conditioning_scale", "weight"),
+                        ("control_guidance_start", "guidance_start"),
+                        ("control_guidance_end", "guidance_end"),
+                        ("control_mode", "control_mode")):
+        out[field] = [[getattr(units[j][1], attr) for units in per_image] for j in range(k)]
+    return out
 
 
 def _detect(body: dict, max_pixels: int) -> dict:

@@ -134,8 +134,8 @@ def _with_units(req, registry: ModelRegistry, pipe, settings: CallSettings,
         raise BadRequest("alwayson_scripts.controlnet: sdjax.serve runs ControlNet units "
                          "without the refiner and the hires fix")
     return (dataclasses.replace(settings, controlnet=units),
-            [dataclasses.replace(s, control_images=c) for s, c in zip(specs, control,
-                                                                       strict=True)])
+            [dataclasses.replace(s, control_images=tuple(zip(c, units.units, strict=True)))
+             for s, c in zip(specs, control, strict=True)])
 
 
 def with_model_defaults(req: Txt2ImgRequest | Img2ImgRequest, pipe):
@@ -342,7 +342,7 @@ def run_call(registry: ModelRegistry):
         names = () if settings.controlnet is None else settings.controlnet.models
         if names or getattr(pipe, "controlnets", None):  # exactly the call's, in its order
             registry.controlnets.use(pipe, names)
-        images = controlnet_api.call_images(specs)
+        images = {}
         if settings.task is not None:
             images["task_inputs"] = TaskInputs.concat([s.task_inputs for s in specs])
         prompts = [split_tags(s.prompt)[0] for s in specs]
@@ -353,6 +353,7 @@ def run_call(registry: ModelRegistry):
                 "seeds": [s.seed for s in specs], "image_indices": [0] * len(specs)}
         if settings.noise.subseed_strength:  # the WebUI's subseed + k, one per image
             call["subseeds"] = [s.subseed for s in specs]
+        call.update(controlnet_api.call_images(specs))  # each image's units
         if settings.sdxl.refiner is not None:  # txt2img only (_refiner_settings)
             return handoff.refine(pipe, registry.get(settings.sdxl.refiner), prompts,
                                   **call).images
