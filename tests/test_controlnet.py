@@ -165,6 +165,28 @@ def test_control_modes_follow_the_webui_extension(sd1):
              for m in ("prompt", "controlnet")}
     assert np.abs(modes["prompt"] - base).max() > 0.01
     assert np.abs(modes["controlnet"] - modes["prompt"]).max() > 0.01
+    # A ControlNet's scale, window and mode may be one per image (the server's merged
+    # calls): image i's inputs are those of a call with its values alone.
+    from types import SimpleNamespace
+    sched, cfg = ours._schedule(4, "pndm")[1], ours._controlnets[0][1]
+
+    def prepared(n, **values):
+        call = SimpleNamespace(**{**control_inputs.DEFAULTS, "control_image": _control(1),
+                                  **values})
+        return control_inputs.prepare(call, configs=[cfg], n_prompts=n, per_prompt=1,
+                                      height=16, width=16, scheduler=sched, steps=4, start=0,
+                                      init_images=None)
+
+    merged = prepared(2, controlnet_conditioning_scale=[[0.5, 1.0]],
+                      control_guidance_start=[[0.0, 0.5]], control_mode=[["prompt", "balanced"]])
+    for i, (scale, start, mode) in enumerate([(0.5, 0.0, "prompt"), (1.0, 0.5, "balanced")]):
+        alone = prepared(1, controlnet_conditioning_scale=scale, control_guidance_start=start,
+                         control_mode=mode)
+        for key in ("control_weights", "control_uncond", "control_keep"):
+            np.testing.assert_array_equal(merged[key][i], alone[key][0])
+    assert not np.array_equal(merged["control_keep"][0], merged["control_keep"][1])
+    with pytest.raises(ValueError, match="3 values for 2 image"):
+        prepared(2, controlnet_conditioning_scale=[[0.5, 1.0, 2.0]])
 
 
 def test_two_controlnets_match_diffusers_multicontrolnet(sd1_folder, sd1_controlnets):
