@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sdjax import noise as noise_sources
-from sdjax import parallel, prompts, sampler_noise, tasks, vae_tiling, validation
+from sdjax import parallel, prompts, step_noise, tasks, vae_tiling, validation
 from sdjax.models.layers import circular_padding
 from sdjax.schedulers.start import start_table
 
@@ -235,7 +235,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
     # The WebUI's samplers inpaint by blending the denoised estimate with the image's
     # (sdjax.schedulers.webui), not the noised latents after each step.
     webui_blend = getattr(sched, "blends_denoised", False)
-    follows = sampler_noise.follows_generators(spec.rng, sched)
+    follows = step_noise.follows_generators(spec.rng, sched)
 
     def per_device(*args):
         # Read while the networks are traced: tiling is compiled in.
@@ -287,7 +287,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         extra = _rows(feed.extra, reps)
         # A WebUI sampler's per-step noise from the WebUI's per-image generators (rng nv/cpu):
         # carried through the loop; None (today's program) for every other call.
-        gens = (sampler_noise.start(spec.rng, lat_shape, seeds, indices, inputs)
+        gens = (step_noise.start(spec.rng, lat_shape, seeds, indices, inputs)
                 if follows else None)
 
         def body(i, carry):
@@ -306,7 +306,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
                    if sched.stochastic and not follows else None)
             drawn = {}
             if follows:
-                drawn["noise"], gens = sampler_noise.take(spec.rng, lat_shape, gens,
+                drawn["noise"], gens = step_noise.take(spec.rng, lat_shape, gens,
                                                           state.draw[i])
             if webui_blend and feed.repaint is not None:
                 x, state = sched.step(state, i, eps, x, key=key,
