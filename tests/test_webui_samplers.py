@@ -387,8 +387,8 @@ def test_pipeline_draws_the_webuis_step_noise(model):
     """A full pipeline "Euler a" call with the WebUI's noise (SD 1.x: rng="nv" from a seed
     whose third image crosses 2**32; v-prediction SD 2.x: rng="cpu") against k-diffusion's
     sample_euler_ancestral whose start noise and noise_sampler are the WebUI's ImageRNG (seed
-    + i per image), with and without ENSD (a runtime input: one program); and one image alone
-    from seed + 1 is image 1 of the batch."""
+    + i per image), with and without ENSD (a runtime input: one program); and (nv) one image
+    alone from seed + 1 is image 1 of the batch."""
     pipe = model["pipe"]
     rng, seed, b = ("nv", 2**32 - 2, 3) if model["kind"] == "sd1" else ("cpu", 123, 2)
     steps = 5
@@ -408,7 +408,7 @@ def test_pipeline_draws_the_webuis_step_noise(model):
         with torch.no_grad():
             ref = KD[0].sample_euler_ancestral(cfg, gen.next() * sigmas[0], sigmas,
                                                disable=True,
-                                               noise_sampler=lambda s, s_next: gen.next())
+                                               noise_sampler=lambda s, s_next, g=gen: g.next())
         ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
         diff = np.abs(got - ref).max()
         assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (rng, ensd, diff)
@@ -416,9 +416,10 @@ def test_pipeline_draws_the_webuis_step_noise(model):
     assert pipe.compile_count == compiled
     # the step noise matters: ENSD changes only it, and the picture with it
     assert np.abs(outs[0] - outs[1]).max() > 0.1 * np.abs(outs[0]).max()
-    one = np.asarray(pipe("a red circle", seed=seed + 1, eta_noise_seed_delta=31337,
-                          **common).images)
-    np.testing.assert_allclose(one[0], got[1], atol=1e-5 * max(10.0, np.abs(got).max()))
+    if rng == "nv":  # (one more compile: once)
+        one = np.asarray(pipe("a red circle", seed=seed + 1, eta_noise_seed_delta=31337,
+                              **common).images)
+        np.testing.assert_allclose(one[0], got[1], atol=1e-5 * max(10.0, np.abs(got).max()))
 
 
 def test_front_ends_name_them():
