@@ -15,6 +15,9 @@ def __getattr__(name: str):
     if name == "StableDiffusionXLPipeline":
         from sdjax import sdxl
         return sdxl.StableDiffusionXLPipeline
+    if name == "controlnet":  # sdjax.controlnet.preprocess(...)
+        import importlib
+        return importlib.import_module("sdjax.controlnet")
     if name == "pipeline_class":
         from sdjax import dispatch
         return dispatch.pipeline_class

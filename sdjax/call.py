@@ -73,6 +73,15 @@ class Call(TaskOptions):
     negative_target_size: Sequence[int] | None = None
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
+    # ControlNet (pipe.load_controlnet): the control image(s), one entry per ControlNet
+    # (each one image, one per prompt or one per image); scale, window and control mode one
+    # value or one per ControlNet. sdjax.controlnet.inputs reads them.
+    control_image: Any = None
+    controlnet_conditioning_scale: float | Sequence[float] = 1.0
+    control_guidance_start: float | Sequence[float] = 0.0
+    control_guidance_end: float | Sequence[float] = 1.0
+    guess_mode: bool = False
+    control_mode: str | Sequence[str] = "balanced"  # "balanced" | "prompt" | "controlnet"
     # The WebUI's seamless tiling (compiled in) and hires fix: a second, img2img pass at
     # hires_scale x the size (or at hires_size = (height, width)) on the upscaled first pass
     # (sdjax.hires; hires_steps None/0: the first pass's, hires_* None: the first pass's).

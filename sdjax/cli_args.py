@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from sdjax import hires_settings, validation
+from sdjax import cli_checks, hires_settings, validation
 
 # Larger sizes belong to upscalers, and a mistyped --height 100000 should be refused rather
 # than run out of memory after a long compile. 2048x2048 leaves room for SDXL (1024x1024
@@ -301,10 +301,10 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
             validation.check_choice(hires.scheduler, "--hires_scheduler", ALL_SCHEDULER_NAMES)
         if args.lora_dir is not None and not args.lora_dir.expanduser().is_dir():
             raise ValueError(f"--lora_dir folder not found: {args.lora_dir}")
-        for flag, path in ([("--lora", parse_lora(v)[0]) for v in args.lora or []]
-                           + [("--embedding", v) for v in args.embedding or []]):
-            if not Path(path).expanduser().is_file():
-                raise ValueError(f"{flag} file not found: {path}")
+        cli_checks.check_model_flags(args)
+        for flag, path, given in ([("--lora", parse_lora(v)[0], v) for v in args.lora or []]
+                                  + [("--embedding", v, v) for v in args.embedding or []]):
+            cli_checks.check_file_flag(flag, path, given)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
 

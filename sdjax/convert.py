@@ -50,7 +50,12 @@ def _check(args) -> None:
                          "--overwrite replaces a file with a file and a folder with a folder")
     parent = dst.resolve().parent
     if not parent.is_dir():
-        raise UsageError(f"{parent} is not a folder")
+        raise UsageError(f"DST {dst}: its folder {parent} "
+                         + ("is a file" if parent.exists() else "does not exist"))
+    if args.prediction_type is not None and not Path(args.src).expanduser().is_file():
+        raise UsageError("--prediction_type applies to a single-file SRC (whose file does not "
+                         f"say it); the diffusers folder {args.src} records its own in "
+                         "scheduler/")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{parent} is not writable")
 
@@ -58,6 +63,9 @@ def _check(args) -> None:
 def _write_folder(pipe, dst: Path) -> None:
     """Into a temporary sibling folder, then renamed into place: no half-written DST."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; DST gets the user's usual mode
     try:
         pipe.save_pretrained(tmp)
         if dst.exists():

@@ -53,6 +53,7 @@ from sdjax.dataset.shards import (
     shard_index,
 )
 from sdjax.dataset.storage import Store, is_url
+from sdjax.dataset.verify import bad_shards, verify_dataset
 from sdjax.dataset.writer import AsyncShardWriter
 from sdjax.handoff import check_schedule, refine
 from sdjax.lora_tags import TagLoras, group_by_tags, split_tags
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a dataset of (prompt, image) pairs as resumable webdataset "
                     "shards; devices compute while host threads encode and write.")
     add_common_arguments(p)
-    add_flag(p, "prompts", required=True, help="prompt file: .txt (one a line), or .jsonl/.csv/"
+    add_flag(p, "prompts", help="(required) prompt file: .txt (one a line), or .jsonl/.csv/"
              ".parquet with a 'prompt' or 'caption' column and optional 'negative_prompt' and "
              "'seed'; a local path or an fsspec URL")
     add_flag(p, "outdir", required=True, help="dataset folder (local path, or gs://, s3://… "
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "job_index", type=int, default=0, help="this job's index, 0 <= i < num_jobs")
     add_flag(p, "overwrite", action="store_true", help="replace this job's existing shards "
              "even if they were made with other settings")
+    add_flag(p, "verify", action="store_true", help="read every shard of --outdir back "
+             "against its stats (size, SHA-256, the tar's members), name each that does not "
+             "read back, and exit 1 if there is one; generates nothing")
     add_flag(p, "encode_threads", type=int, default=None,
              help="host threads encoding images (default: CPU count, at most 16)")
     add_sdxl_arguments(p)
@@ -292,6 +296,8 @@ class _Done:
 
 
 def _check_args(args) -> None:
+    if args.prompts is None:
+        raise UsageError("--prompts is required (except with --verify)")
     # No random seed: a dataset is resumed by re-running the same command.
     check_common_args(args, allow_random_seed=False)
     check_sdxl_args(args)
@@ -421,6 +427,13 @@ def run(args) -> int:
                     store.remove(name)
         manifest.write(store, run_settings, {"prompts_file": str(args.prompts)})
         done = {s for n in store.names() if (s := shard_index(n)) is not None}
+        # Skip only the shards that read back as their stats describe (verify.py).
+        for s, problem in bad_shards(store, layout, sorted(done & set(mine))).items():
+            print(f"{layout.shard_name(s)} does not read back ({problem}): remaking it",
+                  file=sys.stderr)
+            store.remove(layout.shard_name(s))
+            store.remove(layout.stats_name(s))
+            done.discard(s)
         todo = [s for s in mine if s not in done]
         n_todo = sum(len(layout.samples_in(s)) for s in todo)
 
@@ -459,7 +472,8 @@ def run(args) -> int:
                     "finished_at": _now(), "host": socket.gethostname(),
                     "devices": pipe.num_devices, "platform": platform,
                     "batch_size_per_device": per_device}
-        _write_run_stats(store, layout, this_run, num_jobs, job)
+        read_back = (done & set(mine)) | {shard_index(w["shard"]) for w in written}
+        _write_run_stats(store, layout, this_run, num_jobs, job, read_back)
         store.close()
 
     print(f"wrote {len(written)} shard(s), {made} samples to {outdir}")
@@ -482,7 +496,7 @@ def _wait_for_other_processes() -> bool:
 
 
 def _write_run_stats(store: Store, layout: Layout, this_run: dict, num_jobs: int,
-                     job: int) -> None:
+                     job: int, read_back: set[int] = frozenset()) -> None:
     """``stats.json``: the dataset's completeness plus each job's latest run. Split runs also
     keep one file per job, from which every job refreshes ``stats.json`` as it finishes."""
     jobs = [this_run]
@@ -496,8 +510,11 @@ def _write_run_stats(store: Store, layout: Layout, this_run: dict, num_jobs: int
                        if n.startswith("stats_job") and n.endswith(f"-of-{num_jobs}.json"))
         jobs = [json.loads(store.read_text(n) or "null") for n in names]
         jobs = [j for j in jobs if j]
-    complete = {s for n in store.names() if (s := shard_index(n)) is not None
-                and s < layout.num_shards}
+    present = {s for n in store.names() if (s := shard_index(n)) is not None
+               and s < layout.num_shards}
+    # Never claim a sample that cannot be read: every shard this run has not just checked or
+    # written is read back (verify.py).
+    complete = present - set(bad_shards(store, layout, sorted(present - read_back)))
     stats = {"complete": len(complete) == layout.num_shards,
              "samples": layout.num_samples, "shards": layout.num_shards,
              "samples_complete": sum(len(layout.samples_in(s)) for s in complete),
@@ -507,6 +524,8 @@ def _write_run_stats(store: Store, layout: Layout, this_run: dict, num_jobs: int
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verify:
+        return run_main(lambda: verify_dataset(str(args.outdir)))
     return run_main(lambda: run(args), lambda: (
         "interrupted: complete shards are kept and partial ones removed; run the same command "
         "again to resume"))

@@ -19,9 +19,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sdjax import hires, model_defaults, noise_call, parallel, sampling, task_inputs, validation
+from sdjax import (
+    hires,
+    model_defaults,
+    noise_call,
+    parallel,
+    prompt_editing,
+    sampling,
+    task_inputs,
+    validation,
+)
 from sdjax import prompts as prompt_syntax
 from sdjax.call import SDXL_FIELDS, Call, build, takes_call
+from sdjax.controlnet import attach as controlnets
 from sdjax.outputs import NonFiniteError, PendingImages, PipelineOutput
 from sdjax.param_store import ParamStore, lora_key
 from sdjax.runtime import (  # noqa: F401  (their old home: kept importable from here)
@@ -79,6 +89,7 @@ class StableDiffusionPipeline:
         self.compile_seconds = 0.0
         # The model folder's sdjax.json: what a call uses where its caller gives nothing.
         self.model_defaults: dict[str, Any] = {}
+        self._controlnets: list = []  # (name, config) of each ControlNet (load_controlnet)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -88,7 +99,8 @@ class StableDiffusionPipeline:
                         variant: str | None = None, compilation_cache: str | None = None,
                         local_devices: bool = False,
                         matmul_precision: str | None = None,
-                        background_load: bool = False) -> StableDiffusionPipeline:
+                        background_load: bool = False,
+                        controlnet=None) -> StableDiffusionPipeline:
         """``model``: ``"toy"`` | a diffusers folder | a single ``.safetensors``/``.ckpt``
         (CompVis/A1111 layout) | a hub id. ``dtype``: compute/param dtype of the networks.
         ``num_devices``: devices to shard batches over (None = all).
@@ -111,7 +123,10 @@ class StableDiffusionPipeline:
         cache), LoRA files are checked at once and merged after the reads, and whatever needs
         the values (calls, embeddings, saving, :attr:`params`) waits for them. A file that
         fails while being read raises there. (Multi-process runs load at once: placing
-        weights on a global mesh is a collective.)"""
+        weights on a global mesh is a collective.)
+        ``controlnet``: a ControlNet (a diffusers ControlNetModel folder, an original single
+        file ``control_*.pth``/``.safetensors``, or a hub id), or a list of them
+        (:meth:`load_controlnet`)."""
         dtype = parse_dtype(dtype)
         matmul_precision = resolve_matmul_precision(matmul_precision, dtype)
         model_files.check_options(prediction_type, vae)
@@ -131,9 +146,27 @@ class StableDiffusionPipeline:
                    matmul_precision=matmul_precision, **parts.extra)
         if source.is_dir():
             pipe.model_defaults = model_defaults.read(source)
+        elif config is None:  # a file sdjax wrote carries them (weights.file_configs)
+            from sdjax.weights.file_configs import defaults as file_defaults
+            pipe.model_defaults = file_defaults(source)
         if deferred is not None:
             pipe.store.fill_in_background(deferred)
+        for source in controlnets.as_list(controlnet):
+            pipe.load_controlnet(source, variant=variant)
         return pipe
+
+    def load_controlnet(self, source: str | Path, *, variant: str | None = None) -> str:
+        """Add a ControlNet (a diffusers ControlNetModel folder or hub id, or an original
+        single file with ``control_model.*`` keys, ``.pth`` read without running code) after
+        those loaded; returns its name. One of another family than this model's, or a file
+        that is not a ControlNet, raises ``WeightsError`` in one line. A call then takes
+        ``control_image=`` (one per ControlNet) and the other ControlNet arguments."""
+        return controlnets.load_into(self, source, variant)
+
+    @property
+    def controlnets(self) -> list[str]:
+        """The ControlNets loaded, in order (as given)."""
+        return [name for name, _ in self._controlnets]
 
     def wait_for_weights(self) -> None:
         """Return once the weights are read (at once unless from_pretrained's
@@ -237,9 +270,13 @@ class StableDiffusionPipeline:
         diffusers' ``from_single_file`` load; written atomically. LoRAs are saved merged;
         textual-inversion tokens cannot be (the layout has no tokenizer), so they are refused."""
         self._refuse_embeddings_in_single_file()
+        from sdjax.weights import file_configs
         from sdjax.weights.export import save_single_file
-        return save_single_file(path, unet=self.network("unet"), vae=self.network("vae"),
-                                text_encoder=self.network("text_encoder"), half=half)
+        nets = {n: self.network(n) for n in file_configs.NETWORK_NAMES}
+        meta = file_configs.metadata(  # loads back with no flags (file_configs)
+            **nets, tokenizer=self.tokenizer, tokenizer_dir=self.tokenizer_dir,
+            scheduler_config=self.scheduler_config, defaults=self.model_defaults)
+        return save_single_file(path, **nets, half=half, metadata=meta)
 
     def _refuse_embeddings_in_single_file(self) -> None:
         if self.store.embedding_tokens:
@@ -302,6 +339,15 @@ class StableDiffusionPipeline:
         repeated to ``chunks`` (default: the bucket these prompts need)."""
         return prompt_syntax.prompt_arrays(prompts, self.tokenizer, chunks,
                                            prompt_syntax.expander(self.store.embedding_tokens))
+
+    def prompt_layout(self, prompts: Sequence[str], negatives: Sequence[str],
+                      steps: int | None = None, scheduler: str | None = None) -> tuple:
+        """What the text of a call of these prompts (one negative per prompt) compiles to:
+        (chunks per prompt, distinct prompts per schedule, AND parts, composable guidance;
+        sdjax.prompt_editing.layout). Calls that agree on it merge into one program without
+        failing (sdjax.serve groups requests by it). ValueError past the stated limits."""
+        steps, sched = self._schedule(steps, scheduler)
+        return prompt_editing.layout(self.tokenize, prompts, negatives, steps * sched.order)
 
     def check_size(self, height: int, width: int) -> None:
         task_inputs.check_size(height, width, self.vae_scale_factor)
@@ -400,7 +446,7 @@ class StableDiffusionPipeline:
         if c.output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
                              f"{c.output_type!r}")
-        _check_one_pass(c)
+        hires.check_one_pass(c)
         settings = self.sampling_settings(
             num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
             scheduler=c.scheduler, guidance_rescale=c.guidance_rescale,
@@ -424,9 +470,10 @@ class StableDiffusionPipeline:
                              "latents= (that noise) does not apply; pass the latents to "
                              "start from as image=")
         if c.task_inputs is None:  # the steps and scheduler as resolved above
+            height, width = controlnets.call_size(self, c)
             prepared = self._prepare_request(task_inputs.TaskRequest(
                 num_prompts=len(prompts), num_images_per_prompt=c.num_images_per_prompt,
-                steps=steps, scheduler=sched, height=c.height, width=c.width,
+                steps=steps, scheduler=sched, height=height, width=width,
                 **c.task_options()))
         else:
             prepared = c.given_task_inputs(n)
@@ -434,12 +481,22 @@ class StableDiffusionPipeline:
             raise ValueError("padding_mask_crop pastes uint8 images back: output_type must be "
                              "'uint8'")
         height, width = prepared.height, prepared.width
-        # One chunk count for prompts and negative prompts alike (sdjax.prompts).
-        text = self.tokenize(prompts + negatives)
+        # Prompt editing, alternation and AND (None: no prompt uses them; the WebUI doubles the
+        # steps of samplers with two evaluations per step).
+        stack = prompt_editing.plan(prompts, negatives, steps * sched.order)
         inputs = dict(prepared.arrays)
+        if stack is None:
+            # One chunk count for prompts and negative prompts alike (sdjax.prompts).
+            text = self.tokenize(prompts + negatives)
+            chunks = text[0].shape[1]
+        else:
+            text, chunks = stack.token_arrays(self.tokenize)
+            inputs.update(stack.inputs(c.num_images_per_prompt))
+            cfg = cfg or stack.composable  # the composable sum needs the unconditional pass
+        inputs.update(controlnets.call_inputs(self, c, prepared, len(prompts), steps, sched))
         inputs.update(self._conditioning_inputs(
             prompts, negatives, c.num_images_per_prompt, height, width,
-            c.negative_prompt is None, chunks=text[0].shape[1], **c.sdxl_arguments()))
+            c.negative_prompt is None, chunks=chunks, stack=stack, **c.sdxl_arguments()))
         text = tuple(np.repeat(a, c.num_images_per_prompt, axis=0) for a in text)
         if seeds is None:
             seeds = [parallel.random_seed(c.seed)] * n
@@ -455,9 +512,11 @@ class StableDiffusionPipeline:
             n, self.mesh, c.batch_size_per_device, c.decode_chunk, height * width)
         spec = sampling.CoreSpec(lat_shape, sched, steps, per_device, chunk, c.output_type,
                                  prepared.task, tuple(sorted(inputs)), bool(c.nan_check),
-                                 cfg=cfg, clip_skip=clip_skip, text_chunks=text[0].shape[1],
+                                 cfg=cfg, clip_skip=clip_skip, text_chunks=chunks,
                                  stops_early=prepared.stop is not None, tiling=bool(c.tiling),
-                                 rng=rng, seed_resize=seed_resize)
+                                 rng=rng, seed_resize=seed_resize,
+                                 controlnets=len(self._controlnets),
+                                 **({} if stack is None else stack.spec_fields()))
         if c.tiling and prepared.task.decode_tiles is not None:
             raise ValueError("tiling wraps the whole image: it does not go with the tiled "
                              "VAE decode (vae_tiling=False)")
@@ -495,9 +554,10 @@ class StableDiffusionPipeline:
 
     def _conditioning_inputs(self, prompts: list[str], negatives: list[str], per_prompt: int,
                              height: int, width: int, no_negative: bool, chunks: int,
-                             **sdxl) -> dict:
+                             stack: prompt_editing.PromptStack | None = None, **sdxl) -> dict:
         """Batched inputs (one row per image) that the conditioning needs besides the token
-        ids; none for SD 1.x/2.x, which refuse SDXL's arguments (see sdjax.sdxl)."""
+        ids; none for SD 1.x/2.x, which refuse SDXL's arguments (see sdjax.sdxl). ``stack``:
+        the prompts' editing and AND layout (sdjax.prompt_editing), None for plain prompts."""
         if sdxl:
             raise ValueError(f"{next(iter(sdxl))} is for SDXL models (their second text "
                              "encoder and added conditioning); this is an SD 1.x/2.x model")
@@ -518,28 +578,17 @@ class StableDiffusionPipeline:
     def _networks(self, spec: sampling.CoreSpec) -> sampling.Networks:
         """The networks and the denoiser seam's plug-ins a spec's program uses (docs/
         architecture.md: how a per-step input plugs in)."""
-        return sampling.Networks(self.store.graphdefs, self.dtype,
-                                 self.vae_config.scaling_factor, encoder=self._encode)
+        return prompt_editing.plug_in(
+            sampling.Networks(self.store.graphdefs, self.dtype,
+                              self.vae_config.scaling_factor, encoder=self._encode,
+                              residuals=controlnets.residual_sources(self, spec.controlnets)),
+            spec)
 
     # The conditioning of sampling.Networks.encode; None: one text encoder's last states.
     _encode = None
 
     def _count_compile(self, seconds: float) -> None:
         self.compile_seconds += seconds
-
-
-def _check_one_pass(c: Call) -> None:
-    """A call that is one pass: ``tiling`` a bool, no hires fix (``pipe.compile`` and
-    ``pipe.lower`` take one pass; ``submit`` runs the hires fix's two) and no hires options
-    without it."""
-    if not isinstance(c.tiling, (bool, np.bool_)):
-        raise TypeError(f"tiling must be True or False, got {c.tiling!r}")
-    if c.hires_scale is not None or c.hires_size is not None:
-        raise ValueError("the hires fix is two calls: compile or lower each pass on its own "
-                         "(the second is img2img on the first's upscaled output)")
-    for name in hires.EXTRA_FIELDS:
-        if getattr(c, name) is not None:
-            raise ValueError(f"{name} is the hires fix's: give hires_scale or hires_size too")
 
 
 __all__ = ["StableDiffusionPipeline", "PipelineOutput", "PendingImages", "NonFiniteError",

@@ -9,18 +9,23 @@ rescaled to the chunk's original mean (the WebUI's default "Original" emphasis),
 chunks concatenated along the sequence.
 
 How the chunk count becomes a static shape: a call's prompts and negative prompts may have
-different chunk counts ``n``; each prompt's chunks are *repeated* to the call's context length
-``m`` (a multiple of every ``n``). Repeating every key and value of the UNet's cross-attention
-the same number of times leaves its softmax average unchanged, so a prompt gives the image it
-would give alone (the WebUI's default, which runs a cond and uncond of different lengths
-separately) whatever else shares the batch. ``m`` is bucketed (:data:`CONTEXT_BUCKETS`) so
-that most long prompts share one executable; mathematically neutral, the repetition can still
-move the last bits of float arithmetic. One-chunk calls (every prompt of at most 75 tokens)
-are exactly the plain diffusers encoding.
+different chunk counts ``n``; the call has one context length ``m`` (:func:`context_chunks`).
+Where every ``n`` divides a bucket (:data:`CONTEXT_BUCKETS`) or their least common multiple is
+at most :data:`MAX_CONTEXT_CHUNKS`, each prompt's chunks are *repeated* to ``m``: repeating
+every key and value of the UNet's cross-attention the same number of times leaves its softmax
+average unchanged, so a prompt gives the image it would give alone (the WebUI's default, which
+runs a cond and uncond of different lengths separately) whatever else shares the batch;
+mathematically neutral, the repetition can still move the last bits of float arithmetic.
+Otherwise (say prompt 5 and negative prompt 7 chunks) ``m`` is the longest prompt's count and
+a prompt whose count does not divide it is padded with the empty prompt's chunk, as the WebUI
+does with its "pad prompt/negative prompt" option (``pad_cond`` in its CFG denoiser). A prompt
+longer than :data:`MAX_CONTEXT_CHUNKS` chunks is refused, naming the limit. One-chunk calls
+(every prompt of at most 75 tokens) are exactly the plain diffusers encoding.
 
-Not supported: the WebUI's prompt editing ``[a:b:0.5]`` and alternation ``[a|b]`` (read by the
-attention parser as the WebUI's parser reads them, i.e. as text inside ``[...]``), and
-composable ``AND``. Textual-inversion tokens are not kept together across a chunk boundary.
+Prompt editing ``[a:b:0.5]``, alternation ``[a|b]`` and composable ``AND`` are read before this
+(:mod:`sdjax.prompt_syntax`, :func:`prompt_schedules`; the call's layout in
+:mod:`sdjax.prompt_editing`): each text a schedule holds is encoded here like any prompt.
+Textual-inversion tokens are not kept together across a chunk boundary.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from sdjax.prompt_syntax import prompt_schedules, split_and  # noqa: F401  (sdjax.prompts' API)
 
 COMMA_BACKTRACK = 20     # the WebUI's default "comma_padding_backtrack"
 ROUND, SQUARE = 1.1, 1 / 1.1
@@ -182,32 +189,69 @@ def _wrap(chunks: Sequence[tuple[list[int], list[float]]], tokenizer) -> Chunks:
     return Chunks(ids, weights)
 
 
+def check_chunks(n: int, name: str = "prompt") -> int:
+    """``n`` (a prompt's chunk count) if it is within :data:`MAX_CONTEXT_CHUNKS`, else the
+    one-line ValueError that names the limit."""
+    if n > MAX_CONTEXT_CHUNKS:
+        raise ValueError(f"{name} is too long: {n} chunks of 75 tokens (the chunk size of "
+                         f"SD models; fewer in the toy), past the limit of {MAX_CONTEXT_CHUNKS} "
+                         f"chunks ({MAX_CONTEXT_CHUNKS * 75} tokens); shorten it")
+    return n
+
+
 def context_chunks(counts: Sequence[int]) -> int:
     """The chunk count a call with prompts of ``counts`` chunks is compiled for: a bucket that
-    every count divides (each prompt's chunks repeat to fill it)."""
+    every count divides, else their least common multiple when it is at most
+    :data:`MAX_CONTEXT_CHUNKS` (each prompt's chunks repeat to fill it), else the longest
+    count (the others padded with the empty chunk, :func:`prompt_arrays`)."""
+    for n in counts:
+        check_chunks(n)
     need = math.lcm(*counts)
     for bucket in CONTEXT_BUCKETS:
         if bucket % need == 0:
             return bucket
-    if need > MAX_CONTEXT_CHUNKS:
-        raise ValueError(f"prompts of {', '.join(map(str, sorted(set(counts))))} chunks of 75 "
-                         f"tokens cannot share one call (they need a context of {need} "
-                         "chunks); generate them in separate calls")
-    return need
+    return need if need <= MAX_CONTEXT_CHUNKS else max(counts)
+
+
+def exact(counts: Sequence[int], chunks: int) -> bool:
+    """Whether prompts of ``counts`` chunks in a context of ``chunks`` are all repeated, none
+    padded (so each gives what it gives alone, up to float rounding)."""
+    return all(chunks % n == 0 for n in counts)
+
+
+def fit_chunks(c: Chunks, chunks: int, empty: Chunks) -> Chunks:
+    """``c`` in a context of ``chunks``: repeated when its count divides it, else followed by
+    the ``empty`` prompt's chunk as many times as needed (the WebUI's ``pad_cond``)."""
+    n = len(c.ids)
+    if n > chunks:
+        raise ValueError(f"a prompt of {n} chunks of 75 tokens does not fit a context of "
+                         f"{chunks} chunks")
+    if chunks % n == 0:
+        return Chunks(np.tile(c.ids, (chunks // n, 1)), np.tile(c.weights, (chunks // n, 1)))
+    pad = chunks - n
+    return Chunks(np.concatenate([c.ids, np.tile(empty.ids, (pad, 1))]),
+                  np.concatenate([c.weights, np.tile(empty.weights, (pad, 1))]))
+
+
+def prompt_chunks(prompts: Sequence[str], tokenizer,
+                  expand: Callable[[str], str] = lambda s: s) -> list[int]:
+    """Each prompt's chunk count (what a server checks before it merges requests)."""
+    return [len(chunk_prompt(p, tokenizer, expand).ids) for p in dict.fromkeys(prompts)]
 
 
 def prompt_arrays(prompts: Sequence[str], tokenizer, chunks: int | None = None,
                   expand: Callable[[str], str] = lambda s: s) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, weights), each (len(prompts), chunks, 77): every prompt's chunks repeated to
-    ``chunks`` (default: :func:`context_chunks` of these prompts)."""
+    """(ids, weights), each (len(prompts), chunks, 77): every prompt's chunks repeated or
+    padded to ``chunks`` (:func:`fit_chunks`; default: :func:`context_chunks` of these
+    prompts)."""
     cache: dict[str, Chunks] = {}  # a call repeats its prompts (images per prompt, negatives)
     parsed = [cache[p] if p in cache else cache.setdefault(p, chunk_prompt(p, tokenizer, expand))
               for p in prompts]
     if chunks is None:
         chunks = context_chunks([len(c.ids) for c in parsed])
-    ids = np.stack([np.tile(c.ids, (chunks // len(c.ids), 1)) for c in parsed])
-    weights = np.stack([np.tile(c.weights, (chunks // len(c.ids), 1)) for c in parsed])
-    return ids, weights
+    empty = chunk_prompt("", tokenizer)
+    fitted = [fit_chunks(c, chunks, empty) for c in parsed]
+    return np.stack([c.ids for c in fitted]), np.stack([c.weights for c in fitted])
 
 
 def expander(multi: Mapping[str, list[str]]) -> Callable[[str], str]:

@@ -30,6 +30,7 @@ from sdjax.cli_args import (
     resolve_dtype,
     run_main,
 )
+from sdjax.controlnet import cli as controlnet_cli
 from sdjax.sdxl_cli import (
     add_sdxl_arguments,
     check_sdxl_args,
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "grid", action="store_true", help="also write a grid of all images")
     add_image_arguments(p)
     add_sdxl_arguments(p)
+    controlnet_cli.add_arguments(p, add_flag)
     return p
 
 
@@ -71,15 +73,15 @@ def add_image_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "mask", type=Path, help="inpainting mask, the size of --image (white = repaint)")
     add_flag(p, "strength", type=float, help="share of the schedule that runs from the image, "
              "in (0, 1] (default: 0.8 for img2img, 1.0 for inpainting)")
-    add_flag(p, "mask_blur", type=float, default=0, help="inpainting: blur the mask edge by "
-             "this many pixels")
+    add_flag(p, "mask_blur", type=float, default=None, help="inpainting: blur the mask edge by "
+             "this many pixels (default: 0)")
     add_flag(p, "only_masked_padding", type=int, help="inpainting: generate only the mask's "
              "bounding box plus this many pixels at full size and paste it back (the WebUI's "
              "'only masked')")
     add_flag(p, "masked_content", choices=MASKED_CONTENT_FLAGS, help="inpainting: what the "
              "masked region starts from, the WebUI's 'Masked content' (default: original)")
-    add_flag(p, "noise_level", type=int, default=20, help="upscaler models: noise added to "
-             "the low-resolution input")
+    add_flag(p, "noise_level", type=int, default=None, help="upscaler models: noise added to "
+             "the low-resolution input (default: 20)")
     add_flag(p, "no_nan_check", action="store_true", help="keep images whose latents or pixels "
              "hold NaN/inf instead of failing")
 
@@ -124,9 +126,13 @@ def _check_args(args) -> None:
                 raise UsageError(f"--{flag} needs a --mask")
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
-    if args.mask_blur < 0 or (args.only_masked_padding or 0) < 0:
-        raise UsageError("--mask_blur and --only_masked_padding must not be negative")
+    if args.mask is None and args.mask_blur is not None:
+        raise UsageError("--mask_blur needs a --mask (it blurs the inpainting mask's edge)")
+    for flag in ("mask_blur", "only_masked_padding", "noise_level"):
+        if (getattr(args, flag) or 0) < 0:
+            raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
     check_sdxl_args(args)
+    controlnet_cli.check(args, UsageError)
     if args.image is not None and (args.hires_scale is not None
                                    or args.hires_size is not None):
         raise UsageError("the hires fix (--hires_scale, --hires_size) is text-to-image's: "
@@ -137,7 +143,9 @@ def _open_image(path: Path, flag: str):
     """A PIL image read whole now (so a broken file fails before the model loads)."""
     from PIL import Image, UnidentifiedImageError
     if not path.is_file():
-        raise UsageError(f"--{flag} {path}: file not found")
+        raise UsageError(f"--{flag} {path}: "
+                         + ("is a folder; give an image file" if path.is_dir()
+                            else "file not found"))
     try:
         with Image.open(path) as im:
             im.load()
@@ -206,6 +214,7 @@ def run(args, written: list[Path]) -> int:
     check_outdir(args.outdir)
     maybe_initialize_distributed()  # before resolve_dtype() asks JAX for its backend
     image, mask = _load_images(args)
+    control = controlnet_cli.load_images(args, _open_image)
     split = dict(zip(prompts, prompt_loras(prompts, args.lora_dir), strict=True))
     cls = pipeline_class(args.model)
     upscaler = cls.UPSCALER
@@ -223,7 +232,8 @@ def run(args, written: list[Path]) -> int:
     dtype = resolve_dtype(args.dtype)
     # The tensors load while the first batch compiles (or comes out of the compile cache).
     pipe = cls.from_pretrained(args.model, dtype=dtype, num_devices=args.num_devices,
-                               background_load=True, **ModelOptions.from_args(args).kwargs())
+                               background_load=True, **ModelOptions.from_args(args).kwargs(),
+                               controlnet=[path for path, _ in args.controlnet or []] or None)
     if pipe.note:
         print(pipe.note, file=sys.stderr)
     refiner = load_refiner(args, pipe, dtype, background_load=True)
@@ -234,6 +244,7 @@ def run(args, written: list[Path]) -> int:
     tag_loras = TagLoras(pipe, args.lora_dir)
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
+    controlnet_cli.default_size(args, control, pipe.vae_scale_factor)
     size, task = _task_settings(args, pipe, image, mask, upscaler)
     settings = CallSettings.from_args(args, size, task)
     if refiner is not None:
@@ -266,7 +277,8 @@ def run(args, written: list[Path]) -> int:
             tag_loras.use(split[chunk[0][0]][1])
             call = dict(negative_prompt=args.negative_prompt, seed=seed, image_indices=idx,
                         batch_size_per_device=per_device, nan_check=not args.no_nan_check,
-                        **settings.pipeline_kwargs(), **images)
+                        **settings.pipeline_kwargs(), **images,
+                        **controlnet_cli.call_kwargs(args, control))
             texts = [split[p][0] for p, _ in chunk]
             out = pipe(texts, **call) if refiner is None else refine(pipe, refiner, texts,
                                                                      **call)
@@ -279,8 +291,9 @@ def run(args, written: list[Path]) -> int:
                 start = next_index(args.outdir)
             for i, (prompt, _), pixels in zip(idx, chunk, out.images, strict=True):
                 path = args.outdir / f"{start + i:05d}-{seed}-{i}.png"
-                save_png(pixels, path, settings.parameters(prompt, args.negative_prompt, seed,
-                                                           index=i))
+                text = settings.parameters(prompt, args.negative_prompt, seed, index=i)
+                text += "".join(f", {k}: {v}" for k, v in controlnet_cli.parameters(args).items())
+                save_png(pixels, path, text)
                 written.append(path)
             if args.grid:
                 all_images.append(out.images)
@@ -323,11 +336,16 @@ def _task_settings(args, pipe, image, mask, upscaler: bool):
     from sdjax.call_settings import Img2Img, Inpainting, Size, Upscaling
     from sdjax.schedulers.common import start_index
     f = pipe.vae_scale_factor
+    if args.noise_level is not None and not upscaler:
+        raise UsageError(f"--noise_level applies to x4 upscaler models; {args.model} is not one")
     if image is None:
         return Size(*image_size(args, pipe)), None
     w, h = image.size
     fit_h, fit_w = validation.round_size(h, w, f)
     if upscaler:
+        if args.noise_level is None:
+            from sdjax.upscale import DEFAULT_NOISE_LEVEL
+            args.noise_level = DEFAULT_NOISE_LEVEL
         if not 0 <= args.noise_level <= pipe.max_noise_level:
             raise UsageError(f"--noise_level must be an integer in [0, {pipe.max_noise_level}] "
                              f"for this model, got {args.noise_level}")
@@ -345,7 +363,7 @@ def _task_settings(args, pipe, image, mask, upscaler: bool):
                     else validation.default_strength(inpainting=mask is not None))
         start_index(args.steps, strength)  # refuses a strength that leaves no step, now
         task = Img2Img(strength) if mask is None else Inpainting(
-            strength, args.mask_blur, args.only_masked_padding,
+            strength, args.mask_blur or 0, args.only_masked_padding,
             (args.masked_content or "original").replace("_", " "))
     try:
         for name, v in (("height", height), ("width", width)):

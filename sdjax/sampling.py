@@ -54,6 +54,15 @@ class CoreSpec:
     # The loop ends at the call's stop evaluation (denoising_end, a runtime input), not at the
     # schedule's end. False keeps the static trip count of every other call.
     stops_early: bool = False
+    # Prompt editing and composable AND (sdjax.prompt_editing): distinct prompts per schedule
+    # slot and AND parts (both bucketed; the UNet batch has one group of rows per part), and
+    # whether the guidance is the composable sum. 1, 1, False: plain prompts.
+    prompt_entries: int = 1
+    prompt_parts: int = 1
+    composable: bool = False
+    # ControlNets whose residuals the UNet takes (sdjax.controlnet.source); their images,
+    # scales and windows are runtime inputs.
+    controlnets: int = 0
     # The WebUI's seamless tiling: every convolution of the UNet and the VAE pads circularly
     # (sdjax.models.layers.circular_padding), compiled in.
     tiling: bool = False
@@ -136,6 +145,7 @@ class Step(NamedTuple):
     index: jax.Array  # the evaluation i (int32 scalar, traced)
     t: jax.Array  # its timestep
     sigma: jax.Array  # its noise level, sqrt((1 - alphas_cumprod) / alphas_cumprod) at t
+    first: jax.Array | int = 0  # the first evaluation this call runs (img2img starts later)
 
 
 # The plug-ins of the denoiser seam (each a pure function, traced into the one loop):
@@ -143,11 +153,12 @@ class Step(NamedTuple):
 #   residual) for the UNet batch's rows; ``x`` is the scaled latents without the task's
 #   extra channels, ``params`` the whole parameter dict (its own network's included), and
 #   ``inputs`` the call's batched runtime inputs (its images, scales, windows);
-# - a conditioning selector (prompt editing): (params, inputs, step, cond) -> the step's
-#   Conditioning (a stack of encoded prompts would come in ``cond`` or ``inputs``);
-# - a guidance combiner (composable AND): (params, inputs, step, eps of every row, guidance)
-#   -> eps of the B images (per-prompt weights would come in ``inputs``). The default is
-#   classifier-free guidance over [uncond; cond] (combine_guidance).
+# - a conditioning selector (prompt editing, sdjax.prompt_editing): (params, inputs, step,
+#   cond) -> the step's Conditioning (the stack of encoded prompts comes in ``cond``, the
+#   table of which entry each step uses in ``inputs``);
+# - a guidance combiner (composable AND, sdjax.prompt_editing): (params, inputs, step, eps of
+#   every row, guidance) -> eps of the B images (per-prompt weights come in ``inputs``). The
+#   default is classifier-free guidance over [uncond; cond] (combine_guidance).
 ResidualSource = Callable[..., tuple[Sequence[jax.Array], jax.Array]]
 Selector = Callable[..., Conditioning]
 Guide = Callable[..., jax.Array]
@@ -282,7 +293,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             # text encoding goes unused.
             context = context[b:]
             added = None if added is None else {k: v[b:] for k, v in added.items()}
-        reps = 2 if spec.cfg else 1
+        reps = (2 if spec.cfg else 1) + spec.prompt_parts - 1  # groups of rows in the UNet batch
         cond = Conditioning(context, added, _rows(feed.class_labels, reps))
         extra = _rows(feed.extra, reps)
         # A WebUI sampler's per-step noise from the WebUI's per-image generators (rng nv/cpu):
@@ -292,7 +303,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
 
         def body(i, carry):
             x, state, gens = carry
-            step = Step(i, state.timesteps[i], sched.step_sigma(state, i))
+            step = Step(i, state.timesteps[i], sched.step_sigma(state, i), first)
             step_cond = cond if nets.select is None else nets.select(params, inputs, step, cond)
             xin = sched.scale_model_input(state, x, i).astype(dtype)
             eps = nets.denoise(params, inputs, step, _rows(xin, reps),
@@ -307,7 +318,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             drawn = {}
             if follows:
                 drawn["noise"], gens = step_noise.take(spec.rng, lat_shape, gens,
-                                                          state.draw[i])
+                                                       state.draw[i])
             if webui_blend and feed.repaint is not None:
                 x, state = sched.step(state, i, eps, x, key=key,
                                       blend=(feed.image_latents, feed.repaint), **drawn)

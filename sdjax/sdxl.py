@@ -144,8 +144,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     # ------------------------------------------------------------------ host side
     def _conditioning_inputs(self, prompts: list[str], negatives: list[str], per_prompt: int,
-                             height: int, width: int, no_negative: bool, chunks: int, *,
-                             prompt_2=None, negative_prompt_2=None, **time_args) -> dict:
+                             height: int, width: int, no_negative: bool, chunks: int,
+                             stack=None, *, prompt_2=None, negative_prompt_2=None,
+                             **time_args) -> dict:
         n = len(prompts)
         time_ids = self._time_ids(height, width, **time_args)
 
@@ -162,21 +163,36 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                     raise ValueError(f"{name} does not apply to a refiner (one text encoder, "
                                      "which reads prompt / negative_prompt)")
             return inputs
+        if stack is not None:
+            # Edited / AND prompts: the second encoder reads the same entries as the first.
+            for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
+                if value is not None:
+                    raise ValueError(f"{name} cannot be given with prompt editing, alternation "
+                                     "or AND in prompt / negative_prompt (both encoders read "
+                                     "those)")
+            (ids_2, weights_2), _ = stack.token_arrays(self._tokenize_2, chunks)
+            return {**inputs, "ids_2": per_image(ids_2[:n]), "weights_2": per_image(weights_2[:n]),
+                    "neg_ids_2": per_image(ids_2[n:]), "neg_weights_2": per_image(weights_2[n:])}
         prompts_2 = _texts(prompt_2, "prompt_2", n) or prompts
         # diffusers: negative_prompt_2 defaults to negative_prompt (itself "" when absent).
         negatives_2 = _texts(negative_prompt_2, "negative_prompt_2", n) or negatives
         # The second encoder's chunks, in the first's count (sdjax.prompts: each prompt's
-        # chunks repeat to fill it, so the count must be one they all divide).
-        ids_2, weights_2 = prompt_syntax.prompt_arrays(
-            prompts_2 + negatives_2, self.tokenizer_2,
-            expand=prompt_syntax.expander(self.store.embedding_tokens))
-        if chunks % ids_2.shape[1]:
-            raise ValueError(f"prompt_2 / negative_prompt_2 need a context of {ids_2.shape[1]} "
-                             f"chunks of 75 tokens and prompt / negative_prompt {chunks}: "
-                             "make their lengths match, or generate them in separate calls")
-        ids_2, weights_2 = (np.tile(a, (1, chunks // a.shape[1], 1)) for a in (ids_2, weights_2))
+        # chunks repeat, or are padded with the empty chunk, to fill it).
+        counts_2 = prompt_syntax.prompt_chunks(prompts_2 + negatives_2, self.tokenizer_2,
+                                               prompt_syntax.expander(self.store.embedding_tokens))
+        if max(counts_2) > chunks:
+            raise ValueError(f"prompt_2 / negative_prompt_2 are {max(counts_2)} chunks of 75 "
+                             f"tokens, longer than prompt / negative_prompt ({chunks}): the "
+                             "second encoder's prompts may be at most as long as the first's")
+        ids_2, weights_2 = self._tokenize_2(prompts_2 + negatives_2, chunks)
         return {**inputs, "ids_2": per_image(ids_2[:n]), "weights_2": per_image(weights_2[:n]),
                 "neg_ids_2": per_image(ids_2[n:]), "neg_weights_2": per_image(weights_2[n:])}
+
+    def _tokenize_2(self, texts: list[str], chunks: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        return prompt_syntax.prompt_arrays(
+            texts, self.tokenizer_2, chunks,
+            expand=prompt_syntax.expander(self.store.embedding_tokens))
 
     def _time_ids(self, height: int, width: int, *, original_size=None,
                   crops_coords_top_left=None, target_size=None, negative_original_size=None,
@@ -225,29 +241,32 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         return np.asarray([neg, original + crops + target], np.float32)
 
     # ------------------------------------------------------------------ compiled part
-    def _encode(self, params, ids, neg_ids, inputs, clip_skip: int) -> tuple[jax.Array, dict]:
+    def _encode(self, params, ids, neg_ids, inputs, clip_skip: int,
+                entries: int = 1) -> tuple[jax.Array, dict]:
         """sampling.Networks.encode for SDXL: (context, added_cond) of [negatives; prompts].
         Each encoder's chunks get the WebUI's emphasis (sdjax.prompts.emphasize); the pooled
-        output is the first chunk's, as the WebUI takes it."""
+        output is the first chunk's, as the WebUI takes it. ``entries`` > 1: each row holds
+        that many prompts' chunks (sdjax.prompt_editing) and the pooled output is (rows,
+        entries, width), each prompt's first chunk's."""
         if clip_skip != 1:
             raise ValueError("clip_skip does not apply to SDXL, which conditions on its text "
                              "encoders' penultimate layers")
         te = nnx.merge(self.store.graphdefs["text_encoder"], params["text_encoder"])
         ids_1, weights_1 = (jnp.concatenate(pair) for pair in zip(neg_ids, ids, strict=True))
         if self.is_refiner:
-            context, pooled = _projected_states(te, ids_1, weights_1)
+            context, pooled = _projected_states(te, ids_1, weights_1, entries)
         else:
             te2 = nnx.merge(self.store.graphdefs["text_encoder_2"], params["text_encoder_2"])
             states = prompt_syntax.emphasize(
                 te.hidden_states(ids_1.reshape(-1, ids_1.shape[-1]))[-2], weights_1)
             states_2, pooled = _projected_states(
                 te2, jnp.concatenate([inputs["neg_ids_2"], inputs["ids_2"]]),
-                jnp.concatenate([inputs["neg_weights_2"], inputs["weights_2"]]))
+                jnp.concatenate([inputs["neg_weights_2"], inputs["weights_2"]]), entries)
             context = jnp.concatenate([states, states_2.astype(states.dtype)], axis=-1)
         zero = jnp.concatenate([inputs["zero_negative"],
                                 jnp.zeros_like(inputs["zero_negative"])])
         context = jnp.where(zero[:, None, None], 0, context)
-        pooled = jnp.where(zero[:, None], 0, pooled)
+        pooled = jnp.where(zero[:, None] if pooled.ndim == 2 else zero[:, None, None], 0, pooled)
         time_ids = jnp.concatenate([inputs["time_ids"][:, 0], inputs["time_ids"][:, 1]])
         return context, {"text_embeds": pooled, "time_ids": time_ids}
 
@@ -276,12 +295,17 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                        ("text_encoder_2", "tokenizer_2", sets["clip_g"])]
 
 
-def _projected_states(te, ids: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _projected_states(te, ids: jax.Array, weights: jax.Array,
+                      entries: int = 1) -> tuple[jax.Array, jax.Array]:
     """(emphasised penultimate states, projected pooled output of the first chunk) of a
-    CLIPTextModelWithProjection for (N, chunks, 77) token ids and weights."""
+    CLIPTextModelWithProjection for (N, chunks, 77) token ids and weights; with ``entries``
+    > 1, the pooled output (N, entries, D) of each entry's first chunk."""
     n, c, t = ids.shape
     states, pooled = te.penultimate_and_pooled(ids.reshape(n * c, t))
-    return prompt_syntax.emphasize(states, weights), pooled.reshape(n, c, -1)[:, 0]
+    if entries == 1:
+        return prompt_syntax.emphasize(states, weights), pooled.reshape(n, c, -1)[:, 0]
+    return (prompt_syntax.emphasize(states, weights),
+            pooled.reshape(n, entries, c // entries, -1)[:, :, 0])
 
 
 def _texts(value, name: str, n: int) -> list[str] | None:

@@ -225,6 +225,8 @@ def _image_task(model: ImageModel, r: TaskRequest, *, from_strength: bool) -> Ta
         return TaskInputs(tasks.IMG2IMG, arrays, height, width, start)
     grays = [tasks.to_gray(m) for m in tasks.as_list(mask_image)]
     grays = tasks.per_image(grays, n_prompts, per_prompt, "mask")
+    for g in grays:  # one rule for every front end (validation)
+        validation.check_mask_not_empty(g)
     if mask_blur:
         grays = [np.round(tasks.blur_mask(g, mask_blur) * 255).astype(np.uint8) for g in grays]
     finish = None

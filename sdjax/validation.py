@@ -78,7 +78,8 @@ def check_size(value: Any, name: str, factor: int = 1) -> int:
     """A height or width: a positive integer multiple of the model's VAE factor."""
     v = check_int(value, name)
     if v < factor or v % factor:
-        raise ValueError(f"{name} must be a positive multiple of {factor}, got {v}")
+        what = "positive integer" if factor == 1 else f"positive multiple of {factor}"
+        raise ValueError(f"{name} must be a {what}, got {v}")
     return v
 
 
@@ -97,6 +98,26 @@ INPAINTING_STRENGTH = 1.0
 def default_strength(inpainting: bool) -> float:
     """The strength of an image call that gives none."""
     return INPAINTING_STRENGTH if inpainting else IMG2IMG_STRENGTH
+
+
+def check_mask_not_empty(gray: np.ndarray, name: str = "mask") -> None:
+    """An inpainting mask must mark something to repaint (a non-zero pixel): an empty one
+    would give back the image unchanged. The same rule for every front end."""
+    if not np.asarray(gray).any():
+        raise ValueError(f"the {name} is empty: nothing to inpaint (white marks what to repaint)")
+
+
+# Adapter dtypes: floating point tensors only (int8/bool LoRA or an int32 embedding would be
+# merged as numbers that mean nothing).
+ADAPTER_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_adapter_dtype(dtype: Any, what: str, source: str) -> None:
+    """A LoRA's or embedding's tensor dtype: floating point, else a ValueError naming it."""
+    name = str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype
+    if name.lower().removeprefix("torch.") not in ADAPTER_DTYPES:
+        raise ValueError(f"{source}: {what} tensors are {name}; a {what} holds floating-point "
+                         f"weights ({', '.join(ADAPTER_DTYPES)})")
 
 
 def check_pixels(height: int, width: int, max_pixels: int) -> None:
@@ -138,6 +159,24 @@ def check_prompts(value: Any, name: str = "prompt", *, allow_none: bool = False,
     if count is not None and len(items) != count:
         raise ValueError(f"{len(items)} entries in {name} for {count} prompts")
     return items
+
+
+# Prompt editing, alternation and composable AND (sdjax.prompt_editing): the most distinct
+# prompts one prompt's schedule may hold (each is encoded and kept through the loop), and the
+# most AND parts one prompt may have (each is one more UNet pass per step).
+MAX_SCHEDULE_PROMPTS = 16
+MAX_AND_PARTS = 8
+
+
+def check_prompt_syntax(name: str, distinct: int, parts: int) -> None:
+    """A prompt's distinct schedule prompts and AND parts within the stated limits."""
+    if distinct > MAX_SCHEDULE_PROMPTS:
+        raise ValueError(f"{name} makes {distinct} distinct prompts over its steps (prompt "
+                         f"editing [a:b:n] / alternation [a|b]); the limit is "
+                         f"{MAX_SCHEDULE_PROMPTS} (MAX_SCHEDULE_PROMPTS)")
+    if parts > MAX_AND_PARTS:
+        raise ValueError(f"{name} has {parts} AND parts; the limit is {MAX_AND_PARTS} "
+                         "(MAX_AND_PARTS)")
 
 
 def check_latents(value: Any, shape: tuple[int, ...]) -> np.ndarray:

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from tests.tiny_models import (  # noqa: E402
+    save_tiny_controlnet,
     save_tiny_pipeline,
     save_tiny_sdxl,
     save_tiny_sdxl_refiner,
@@ -38,12 +39,13 @@ def pytest_xdist_auto_num_workers(config) -> int:
 # turn off xdist's own order (most tests first), which put some of the longest files last.
 # Keep the list roughly right when a file's cost changes a lot; its order is not a contract.
 LONGEST_FILES = (
-    "test_train.py", "test_sdxl.py", "test_tasks.py", "test_sample_cli.py", "test_pipeline.py",
+    "test_train.py", "test_sdxl.py", "test_tasks.py", "test_controlnet.py",
+    "test_sample_cli.py", "test_pipeline.py",
     "test_guidance.py", "test_upscale.py", "test_multihost.py", "test_toy.py",
     "test_sdxl_handoff_cli.py", "test_single_file.py", "test_serve.py", "test_notebooks.py",
     "test_generate.py", "test_sdxl_refiner.py", "test_benchmarks.py", "test_denoiser_seam.py",
     "test_sdxl_adapters.py", "test_tiling_hires.py", "test_webui_samplers.py",
-    "test_noise.py",
+    "test_noise.py", "test_prompt_editing.py",
     "test_unet.py", "test_sample_tasks_cli.py", "test_docs.py", "test_schedulers.py",
     "test_sdxl_single_file.py", "test_adapters.py", "test_wheel.py",
     "test_single_file_errors.py",
@@ -123,3 +125,17 @@ def sdxl_refiner_folder(tmp_path_factory):
     """A tiny SDXL refiner (text_encoder_2 only, aesthetic-score time ids), sharing the VAE and
     second text encoder of ``sdxl_folder``'s base."""
     return save_tiny_sdxl_refiner(tmp_path_factory.mktemp("sdxl-refiner") / "model")[0]
+
+
+@pytest.fixture(scope="session")
+def sd1_controlnets(tmp_path_factory, sd1_folder):
+    """Two tiny random diffusers ControlNetModel folders made from ``sd1_folder``'s UNet."""
+    root = tmp_path_factory.mktemp("sd1-controlnets")
+    return [save_tiny_controlnet(root / f"cn{k}", sd1_folder, seed=30 + k) for k in range(2)]
+
+
+@pytest.fixture(scope="session")
+def sdxl_controlnet(tmp_path_factory, sdxl_folder):
+    """A tiny random SDXL ControlNet (added text/time conditioning) from ``sdxl_folder``'s UNet."""
+    return save_tiny_controlnet(tmp_path_factory.mktemp("sdxl-controlnet") / "cn", sdxl_folder,
+                                seed=40)

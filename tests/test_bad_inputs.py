@@ -28,19 +28,23 @@ import numpy as np
 import pytest
 
 from sdjax import generate
+from sdjax.convert import main as convert_main
 from sdjax.sample import main as sample_main
 from sdjax.train.__main__ import main as train_main
 
 MAX_ERR_LINES = 3  # the error line, plus at most a notice (toy model, random seed)
-MODULES = {"sample": "sdjax.sample", "generate": "sdjax.generate", "train": "sdjax.train"}
+MODULES = {"sample": "sdjax.sample", "generate": "sdjax.generate", "train": "sdjax.train",
+           "convert": "sdjax.convert"}
 CLIS: dict[str, Callable[[list[str]], int]] = {
-    "sample": sample_main, "generate": generate.main, "train": train_main}
+    "sample": sample_main, "generate": generate.main, "train": train_main,
+    "convert": convert_main}
 BASE_ARGS = {
     "sample": ["--model", "{model}", "--prompt", "a cat", "--steps", "2", "--num_devices", "1",
                "--outdir", "{out}"],
     "generate": ["--model", "{model}", "--prompts", "{in}/prompts.txt", "--outdir", "{out}",
                  "--steps", "2", "--num_devices", "1"],
     "train": ["--config", "{in}/recipe.json", "--output_dir", "{out}"],
+    "convert": [],
 }
 API_DEFAULTS = {"prompt": "a cat", "num_inference_steps": 2}
 RECIPE = {"task": "unet", "pretrained": "toy", "data": {"source": "shapes", "resolution": 16},
@@ -79,7 +83,7 @@ def _latents(*shape_edit, fill=0.0, kind=np.float32):
     return make
 
 
-S, G, T, A = "sample", "generate", "train", "api"
+S, G, T, A, C = "sample", "generate", "train", "api", "convert"
 SEED_RANGE = "must be in [0, 2**32)"
 CASES: list[Case] = [
     # --- sdjax.sample: seeds (kind 1)
@@ -122,7 +126,7 @@ CASES: list[Case] = [
     _c(S, "model-missing", ["--model", "{tmp}/nowhere"], "model not found"),
     _c(S, "outdir-under-a-file", ["--outdir", "{in}/file.txt/out"], "is not a folder"),
     # LoRA and textual-inversion files (written by _write_adapters for the tiny SD1 model)
-    _c(S, "lora-missing", ["--lora", "{in}/nope.safetensors"], "--lora file not found"),
+    _c(S, "lora-missing", ["--lora", "{in}/nope.safetensors"], "nope.safetensors: file not found"),
     _c(S, "lora-scale-nan", ["--lora", "{in}/lora_sd2.safetensors:nan"], "must be a finite"),
     _c(S, "lora-corrupt", ["--lora", "{in}/corrupt.safetensors"], "not a safetensors file"),
     _c(S, "lora-unknown-keys", ["--lora", "{in}/lora_unknown.safetensors"],
@@ -147,7 +151,31 @@ CASES: list[Case] = [
     _c(S, "lora-dir-missing", ["--lora_dir", "{in}/nope"], "--lora_dir folder not found"),
     _c(S, "clip-skip-zero", ["--clip_skip", "0"], "--clip_skip must be at least 1"),
     _c(S, "clip-skip-past-the-encoder", ["--clip_skip", "3"], "clip_skip must be at most 2"),
-    _c(S, "embedding-missing", ["--embedding", "{in}/nope.pt"], "--embedding file not found"),
+    _c(S, "embedding-missing", ["--embedding", "{in}/nope.pt"], "nope.pt: file not found"),
+    # issue 28: messages that say what is wrong, one rule everywhere
+    _c(S, "lora-scale-text", ["--lora", "{in}/lora_sd2.safetensors:abc"],
+       "the scale 'abc' is not a number"),
+    _c(S, "lora-int8", ["--lora", "{in}/lora_int8.safetensors"], "LoRA tensors are int8"),
+    _c(S, "lora-bool", ["--lora", "{in}/lora_bool.safetensors"], "LoRA tensors are bool"),
+    _c(S, "embedding-int32", ["--embedding", "{in}/int32.safetensors"],
+       "embedding tensors are int32"),
+    _c(S, "embedding-folder", ["--embedding", "{in}/emptymodel"], "is a folder; give a file"),
+    _c(S, "image-folder", ["--image", "{in}/emptymodel"], "is a folder; give an image file"),
+    _c(S, "model-empty", ["--model", ""], "--model is empty"),
+    _c(S, "config-on-a-folder", ["--config", "sd15"], "--config: for single-file checkpoints only"),
+    _c(S, "mask-blur-without-mask", ["--mask_blur", "3"], "--mask_blur needs a --mask"),
+    _c(S, "noise-level-negative", ["--noise_level", "-5"], "--noise_level must not be negative"),
+    _c(S, "noise-level-not-upscaler", ["--noise_level", "5"], "applies to x4 upscaler models"),
+    _c(S, "mask-empty", ["--image", "{in}/gray.png", "--mask", "{in}/black.png"],
+       "the mask is empty: nothing to inpaint"),
+    _c(S, "prompt-past-the-limit", ["--prompt", "red " * 1900], "past the limit of 24 chunks"),
+    _c(C, "dst-folder-missing", ["toy", "{tmp}/nope/x.safetensors"],
+       "/nope does not exist"),
+    _c(C, "prediction-type-on-a-folder", ["toy", "{out}.safetensors", "--prediction_type",
+                                          "epsilon"], "--prediction_type applies to a single"),
+    _c(A, "mask-empty", {"image": np.zeros((16, 16, 3), np.uint8),
+                         "mask_image": np.zeros((16, 16), np.uint8)},
+       "the mask is empty: nothing to inpaint"),
     _c(S, "embedding-width", ["--embedding", "{in}/wide.safetensors"], "vectors of width 48"),
     _c(S, "embedding-collides", ["--embedding", "{in}/cat.safetensors"], "already a word"),
     _c(S, "embedding-not-one", ["--embedding", "{in}/lora_sd2.safetensors"],
@@ -285,6 +313,9 @@ def _write_inputs(folder: Path) -> None:
     for name, text in texts.items():
         (folder / name).write_text(text)
     (folder / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")
+    from PIL import Image
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(folder / "gray.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / "black.png")
     _write_adapters(folder)
     (folder / "emptymodel").mkdir(exist_ok=True)
 
@@ -303,6 +334,9 @@ def _write_adapters(folder: Path) -> None:
              "lora_other": lora("lora_unet_down_blocks_7_attentions_0_proj_in", 32),
              "lora_unknown": {"model.diffusion_model.conv_in.weight": np.zeros((1,), np.float32)},
              "wide": {"emb_params": np.zeros((1, 48), np.float32)},
+             "int32": {"emb_params": np.zeros((1, 32), np.int32)},
+             "lora_int8": {k: v.astype(np.int8) for k, v in lora(attn2, 32).items()},
+             "lora_bool": {k: v.astype(bool) for k, v in lora(attn2, 32).items()},
              "cat": {"emb_params": np.zeros((1, 32), np.float32)}}
     for name, tensors in files.items():
         save_safetensors(tensors, folder / f"{name}.safetensors")

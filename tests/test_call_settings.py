@@ -126,12 +126,15 @@ def _server_text(prompt: str, negative_prompt: str, seed: int, cfg_scale: float,
     from sdjax.serve.generation import images_response, plan_txt2img
     from sdjax.serve.limits import Limits
     from sdjax.serve.schemas import Txt2ImgRequest
+    from sdjax.weights.diffusers_folder import load_tokenizer
+    from sdjax.weights.resolve import toy_path
 
     model = SimpleNamespace(
-        UPSCALER=False, check_size=lambda h, w: None,
+        UPSCALER=False, check_size=lambda h, w: None, prompt_layout=lambda *args: (),
         sampling_settings=lambda: {"guidance_rescale": 0.5, "guidance_interval": None,
                                    "clip_skip": None},
-        text_encoder_config=SimpleNamespace(num_hidden_layers=12))
+        text_encoder_config=SimpleNamespace(num_hidden_layers=12),
+        tokenizer=load_tokenizer(toy_path()), store=SimpleNamespace(embedding_tokens={}))
     registry = SimpleNamespace(find=lambda wanted: "toy", get=lambda title: model,
                                find_refiner=lambda name: None, lora_dir=lora_dir)
     req = Txt2ImgRequest(prompt=prompt, negative_prompt=negative_prompt, seed=seed,

@@ -274,6 +274,42 @@ def test_rerun_skips_refuses_changes_and_overwrites(sd1_folder, tmp_path, capsys
     assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 1
 
 
+def test_resume_remakes_truncated_and_corrupted_shards(sd1_folder, tmp_path, capsys):
+    """A shard cut short or with a changed byte after it was written is not skipped on a
+    re-run: it is named in one line and remade; --verify names each and exits 1 (issue 28:
+    the re-run said complete with 4 samples missing)."""
+    txt = _txt(tmp_path / "p.txt")
+    out = tmp_path / "out"
+    _make(capsys, sd1_folder, txt, out)
+    good = _tars(out)
+    assert "sha256" in json.loads((out / "00000_stats.json").read_text())
+    assert _run(capsys, "--outdir", out, "--verify")[:2] == (0, "3 of 3 shard(s) read back\n")
+    (out / "00000.tar").write_bytes(good["00000.tar"][:-2048])          # a full disk
+    flipped = bytearray(good["00001.tar"])
+    flipped[700] ^= 1                                                  # a bad copy
+    (out / "00001.tar").write_bytes(bytes(flipped))
+    rc, out_text, err = _run(capsys, "--outdir", out, "--verify")
+    assert rc == 1 and "00002.tar" not in out_text, out_text
+    assert "00000.tar: it is" in out_text and "its stats say" in out_text
+    assert "00001.tar: its SHA-256 is not the one its stats record" in out_text
+    assert "1 of 3 shard(s) read back; 2 do not" in out_text
+    rc, out_text, err = _run(capsys, "--model", sd1_folder, "--prompts", txt, "--outdir", out,
+                             "--num_devices", "1", *COMMON)
+    assert rc == 0, err
+    assert err.count("does not read back") == 2 and "00000.tar does not read back (it is" in err
+    assert "1 of this job's 3 already complete, 8 samples to make" in out_text
+    assert _tars(out) == good
+    _check_complete(out, PROMPTS)
+    assert _run(capsys, "--outdir", out, "--verify")[0] == 0
+    # stats.json counts only shards that read back, whoever writes it
+    (out / "00002.tar").write_bytes(b"")
+    generate._write_run_stats(generate.Store(str(out)), generate.Layout(5, 2, 4), {}, 1, 0)
+    stats = json.loads((out / "stats.json").read_text())
+    assert not stats["complete"] and stats["samples_complete"] == 8
+    rc, _, err = _run(capsys, "--outdir", tmp_path / "none", "--verify")
+    assert rc == 2 and "manifest" in err and err.count("\n") == 1
+
+
 def test_jpg_webp_and_remote_outdir(sd1_folder, tmp_path, capsys):
     fsspec = pytest.importorskip("fsspec")
     txt = _txt(tmp_path / "p.txt", PROMPTS[:2])

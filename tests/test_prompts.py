@@ -99,8 +99,17 @@ def test_context_buckets_repeat_chunks():
     assert prompts.context_chunks([1, 1]) == 1
     assert prompts.context_chunks([2, 3, 1]) == 6
     assert prompts.context_chunks([4]) == 12 and prompts.context_chunks([5]) == 5
-    with pytest.raises(ValueError, match="cannot share one call"):
-        prompts.context_chunks([5, 7])
+    # lcm within the limit: repeated; past it, the longest count (the others padded)
+    assert prompts.context_chunks([4, 5]) == 20 and prompts.context_chunks([5, 7]) == 7
+    assert prompts.exact([5], 20) and not prompts.exact([5, 7], 7)
+    with pytest.raises(ValueError, match="past the limit of 24 chunks"):
+        prompts.context_chunks([1, 25])
+    # padding is the WebUI's pad_cond: the prompt, then the empty prompt's chunk
+    c = prompts.Chunks(np.arange(10).reshape(2, 5), np.full((2, 5), 2.0))
+    e = prompts.Chunks(np.full((1, 5), -1), np.ones((1, 5)))
+    ids, w = prompts.fit_chunks(c, 5, e)
+    assert (ids[:2] == c.ids).all() and (ids[2:] == -1).all() and (w[2:] == 1).all()
+    assert (prompts.fit_chunks(c, 4, e).ids == np.tile(c.ids, (2, 1))).all()
 
 
 def test_emphasis_and_clip_skip_match_a_float64_restatement(pipe, sd1_folder):

@@ -161,6 +161,67 @@ def test_eight_concurrent_requests_share_one_call(server, pipe, calls):
     assert again["images"] == bodies[3]["images"]
 
 
+def test_mixed_prompt_lengths_each_get_what_they_would_alone(server, pipe):
+    """Prompts of 1 chunk and of 5 chunks with a negative of 7 (no common multiple within the
+    limit) sent together (each valid alone) both succeed, each with its image alone; a prompt
+    past the limit sent with them is refused alone, with a 4xx, and fails none of them (issue
+    28: all four got a 500)."""
+    from sdjax import prompts
+
+    def words(n_chunks):  # a prompt of exactly n chunks of the toy's tokenizer
+        text = " ".join(["red"] * (prompts.chunk_tokens(pipe.tokenizer) * (n_chunks - 1) + 1))
+        assert prompts.prompt_chunks([text], pipe.tokenizer) == [n_chunks]
+        return text
+
+    reqs = [{"prompt": "a red circle", "seed": 1},
+            {"prompt": words(5), "negative_prompt": words(7), "seed": 3},
+            {"prompt": "red " * 100_000, "seed": 4}]
+    server.batcher.window_s = 1.0
+    try:
+        with ThreadPoolExecutor(3) as ex:
+            answers = list(ex.map(lambda r: server.client.post(
+                "/sdapi/v1/txt2img", json={**SHAPE, "cfg_scale": 7, **r}), reqs))
+    finally:
+        server.batcher.window_s = 0.05
+    assert answers[2].status_code == 422 and "past the limit of 24 chunks" in answers[2].text
+    for r, answer in zip(reqs[:2], answers, strict=False):
+        assert answer.status_code == 200, answer.text
+        alone = pipe(r["prompt"], negative_prompt=r.get("negative_prompt", ""), seed=r["seed"],
+                     num_inference_steps=2, height=16, width=16, scheduler="Euler a",
+                     guidance_scale=7.0, rng="nv").images[0]
+        np.testing.assert_array_equal(np.asarray(_decode(answer.json()["images"][0])), alone)
+
+
+def test_a_request_that_gives_no_size_or_sampling_takes_the_models(registry):
+    """The model's sdjax.json and training size, as the CLIs take them (issue 28: the toy
+    made a 512x512 image of noise in 30 s); /progress rises during a shape's first call."""
+    from sdjax.serve.batcher import Batcher
+    from sdjax.serve.generation import plan_txt2img
+    from sdjax.serve.schemas import Txt2ImgRequest
+
+    plan = plan_txt2img(Txt2ImgRequest(prompt="a cat"), registry, Limits())
+    s = plan.shape.settings
+    assert (s.size.height, s.size.width, s.sampling.steps, s.sampling.scheduler) == (
+        32, 32, 15, "dpmpp_2m")
+    assert (plan.request.width, plan.request.steps, plan.request.cfg_scale) == (32, 15, 7.5)
+    assert plan.request.sampler_name == "DPM++ 2M"
+
+    def slow(shape, specs):
+        time.sleep(0.6)
+        return np.zeros((len(specs), 1, 1, 3), np.uint8)
+
+    b = Batcher(slow, window_s=0)
+    try:
+        b.submit(plan.shape, plan.specs)
+        seen = []
+        for _ in range(5):
+            time.sleep(0.1)
+            seen.append(b.progress()["fraction"])
+        assert seen[-1] > seen[0] > 0 and seen[-1] < 1
+    finally:
+        b.stop()
+
+
 def test_get_endpoints(server):
     c = server.client
     samplers = c.get("/sdapi/v1/samplers").json()
@@ -171,6 +232,7 @@ def test_get_endpoints(server):
     assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
     models = c.get("/sdapi/v1/sd-models").json()
     assert [m["title"] for m in models] == ["toy", "tiny"]
+    assert [m["filename"] for m in models] == ["toy", "model"]  # names, not server paths
     assert {"title", "model_name", "hash", "sha256", "filename", "config"} <= set(models[0])
     assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "toy"
     prog = c.get("/sdapi/v1/progress").json()
@@ -211,8 +273,8 @@ def test_options_switch_model(server, registry):
 @pytest.mark.parametrize("body, status, message", [
     ("{not json", 400, "not valid JSON"),
     ("[1, 2]", 422, "body: Input should be a valid dictionary"),
-    ({"width": 20}, 422, "width must be a positive multiple of 8, got 20"),
-    ({"height": 0}, 422, "height must be a positive multiple of 8"),
+    ({"width": 18}, 422, "width must be a positive multiple of 4, got 18"),  # the toy's VAE
+    ({"height": 0}, 422, "height must be a positive integer, got 0"),
     ({"steps": -3}, 422, "steps must be between 1 and 150, got -3"),
     ({"steps": "many"}, 422, "steps: Input should be a valid integer"),
     ({"sampler_name": "Euler b"}, 422, "unknown sampler 'Euler b'"),
@@ -229,11 +291,25 @@ def test_options_switch_model(server, registry):
     ({"prompt": "a <lora:style:lots> cat"}, 422, "the multiplier must be a finite number"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, 422,
      "CLIP_stop_at_last_layers must be at least 1"),
+    # issue 28: each was a 500, or ran wrongly
+    ({"prompt": "red " * 400}, 422, "prompt is too long: 29 chunks of 75 tokens"),
+    ({"negative_prompt": "(blue) " * 400}, 422, "negative_prompt is too long"),
+    ({"override_settings": {"sd_model_checkpoint": 3}}, 422,
+     "override_settings.sd_model_checkpoint: must be a model title (a string), got 3"),
+    ({"override_settings": {"sd_model_checkpoint": ["toy"]}}, 422, "got ['toy']"),
+    ({"prompt": "a \ud800 cat"}, 422, "prompt: contains a lone UTF-16 surrogate"),
+    ({"eta": "NaN"}, 422, "eta: must be a finite number, got 'NaN'"),
+    ({"cfg_scale": "inf"}, 422, "cfg_scale: must be a finite number"),
+    ({"steps": True}, 422, "steps: a number, not true"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": True}}, 422,
+     "CLIP_stop_at_last_layers: must be an integer, got True"),
 ])
 def test_bad_requests_get_a_one_line_4xx(server, body, status, message):
     c = server.client
     if isinstance(body, str):
         r = c.post("/sdapi/v1/txt2img", content=body)
+    elif "\ud800" in body.get("prompt", ""):  # JSON's escape (httpx would not encode it)
+        r = c.post("/sdapi/v1/txt2img", content=json.dumps({**SHAPE, **body}))
     else:
         r = c.post("/sdapi/v1/txt2img", json={**SHAPE, **body})
     assert r.status_code == status, r.text
@@ -250,6 +326,10 @@ def test_other_bad_input(server):
     r = c.post("/sdapi/v1/img2img", json={"prompt": "a cat"})
     assert r.status_code == 422 and "init_images" in r.json()["detail"]
     assert c.get("/sdapi/v1/txt2img").status_code == 405
+    r = c.head("/")  # uptime checkers
+    assert r.status_code == 200 and r.text == "" and int(r.headers["content-length"]) > 0
+    r = c.options("/")
+    assert r.status_code == 204 and "HEAD" in r.headers["allow"]
     # the server still serves after all of that
     assert c.get("/health").json()["status"] == "ok"
 

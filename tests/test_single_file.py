@@ -297,3 +297,31 @@ def test_convert_usage_errors_are_one_line(capsys):
         err = capsys.readouterr().err
         assert exit_info.value.code == 2
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_toy_round_trip_through_a_single_file_needs_no_flags(tmp_path):
+    """toy -> single file -> folder with no flags: the file carries its configs, tokenizer
+    and sdjax.json defaults (weights.file_configs), so all three make the same image with the
+    model's own defaults (issue 28: up to 203/255 apart, the guidance interval lost)."""
+    import os
+    file, back = tmp_path / "toy.safetensors", tmp_path / "back"
+    assert convert.main(["toy", str(file)]) == 0 and convert.main([str(file), str(back)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert back.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    toy = StableDiffusionPipeline.from_pretrained("toy", dtype="float32", num_devices=1)
+    pipes = [toy] + [StableDiffusionPipeline.from_pretrained(str(source), dtype="float32",
+                                                             num_devices=1)
+                     for source in (file, back)]
+    for pipe in pipes[1:]:  # everything that decides an image is the toy's
+        assert pipe.model_defaults == toy.model_defaults and pipe.model_defaults
+        assert pipe.default_hw == toy.default_hw and pipe.scheduler_config == toy.scheduler_config
+        assert pipe.tokenizer.get_vocab() == toy.tokenizer.get_vocab()
+        assert jax.tree.all(jax.tree.map(np.array_equal, pipe.params, toy.params))
+    # and the end of the round trip makes the toy's image (one compile each)
+    images = [p("a red circle", seed=3, num_inference_steps=1, height=16, width=16).images
+              for p in (toy, pipes[2])]
+    np.testing.assert_array_equal(images[0], images[1])
+    # --config toy names the toy's configs too
+    assert StableDiffusionPipeline.from_pretrained(
+        str(file), config="toy", dtype="float32", num_devices=1).default_hw == toy.default_hw

@@ -276,3 +276,19 @@ def save_tiny_sdxl_refiner(folder: Path, seed: int = 20):
         requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     pipe.save_pretrained(str(folder))
     return folder, pipe
+
+
+def save_tiny_controlnet(folder: Path, model_folder: Path, seed: int = 30,
+                         embedding_channels: tuple[int, ...] = (8, 16)) -> Path:
+    """A diffusers ControlNetModel folder made from ``model_folder``'s UNet (diffusers'
+    ``from_unet``), every weight randomized (the zero convolutions included, else they would
+    hand the UNet nothing). ``embedding_channels``: one stride-2 conv per step, as many as
+    the VAE's factor needs (two levels: factor 2)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(model_folder / "unet"))
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding_channels)
+    randomize_(net, seed, scale=0.1)
+    net.eval().save_pretrained(str(folder))
+    return folder

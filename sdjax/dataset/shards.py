@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import re
@@ -124,7 +125,9 @@ class ShardWriter:
         stats = {"shard": self.layout.shard_name(self.shard), "count": self.count,
                  "first_key": self.layout.key(self.expected.start),
                  "last_key": self.layout.key(self.expected.stop - 1),
-                 "bytes": Path(self._staged).stat().st_size, "seconds": round(seconds, 3),
+                 "bytes": Path(self._staged).stat().st_size,
+                 "sha256": hashlib.sha256(Path(self._staged).read_bytes()).hexdigest(),
+                 "seconds": round(seconds, 3),
                  "images_per_second": round(self.count / max(seconds, 1e-9), 3),
                  "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
                      timespec="seconds"),

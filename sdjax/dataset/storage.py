@@ -94,6 +94,15 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def read_bytes(self, name: str) -> bytes | None:
+        """The file's bytes (None when it does not exist)."""
+        try:
+            if self.is_local:
+                return (self._root / name).read_bytes()
+            return self._fs.cat_file(f"{self._root}/{name}")
+        except FileNotFoundError:
+            return None
+
     def staging_path(self, name: str) -> Path:
         """A local file to build ``name`` in before :meth:`commit` publishes it. Locally it is
         hidden beside its final name (``.NAME.partial``), so a rename publishes it and a killed

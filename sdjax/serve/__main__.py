@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "requests that name it in refiner_checkpoint (by its title, as "
                   "/sdapi/v1/sd-models lists it) hand over to it at refiner_switch_at "
                   "(default 0.8)")
+    add_flag(p, "config", default=None, help="single-file models: a preset (sd15, sd21, ..., "
+             "toy) or a diffusers folder with their configs (default: what the file says, or "
+             "detected from its tensors); folders bring their own")
     add_flag(p, "lora_dir", type=Path, default=None, help="where a prompt's "
              "<lora:name:weight> tags find name.safetensors (here or in a folder below)")
     add_flag(p, "host", default="127.0.0.1",
@@ -128,9 +131,12 @@ def run(args: argparse.Namespace) -> int:
     def load(source: str) -> StableDiffusionPipeline:
         log.info("loading %s (%s)", source, dtype)
         # --warmup compiles while the tensors load.
+        single = args.config is not None and Path(source).expanduser().is_file()
         return pipeline_class(source).from_pretrained(source, dtype=dtype,
                                                       num_devices=args.num_devices,
-                                                      background_load=True)
+                                                      background_load=True,
+                                                      **({"config": args.config} if single
+                                                         else {}))
 
     if args.lora_dir is not None and not args.lora_dir.expanduser().is_dir():
         raise UsageError(f"--lora_dir folder not found: {args.lora_dir}")

@@ -32,7 +32,7 @@ from sdjax.serve import hires_fields
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
-from sdjax.serve.limits import BadRequest, Limits
+from sdjax.serve.limits import REQUEST_FAULTS, BadRequest, Limits, request_fault
 from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
 from sdjax.serve.page_routes import add_page_routes
 from sdjax.serve.samplers import sampler_list, scheduler_list
@@ -48,7 +48,12 @@ log = logging.getLogger("sdjax.serve")
 PAGE = Path(__file__).with_name("static") / "index.html"
 RETRY_AFTER_S = 5
 DISCONNECT_POLL_S = 0.5
-_UNAUTHENTICATED = {"/health"}  # for load balancers and readiness probes
+_UNAUTHENTICATED = {"/health"}
+# Image-format info keys the WebUI's PNG Info leaves out of ``items``.
+_FORMAT_INFO = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop",
+                "background", "timestamp", "duration", "progressive", "progression",
+                "icc_profile", "chromaticity", "photoshop", "transparency", "gamma", "srgb",
+                "aspect"}  # for load balancers and readiness probes
 
 
 def parse_credentials(spec: str | None) -> dict[str, str] | None:
@@ -165,6 +170,9 @@ class _LogRequests:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except Exception:  # noqa: BLE001 - answered (500) and logged once by on_crash;
+            if not status:  # Starlette re-raises it, and uvicorn would log it again
+                raise
         finally:
             detail = state.get("detail")
             log.info("req %d %s %s %d %.3fs%s", state["id"], scope["method"], scope["path"],
@@ -175,6 +183,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     err = exc.errors()[0]
     if err.get("type") == "json_invalid":
         return 400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}".strip()
+    if err.get("type") == "sdjax_field":  # request_checks: the message names the field
+        return 422, err.get("msg", "invalid")
     where = ".".join(str(p) for p in err.get("loc", ())[1:]) or "body"
     return 422, f"{where}: {err.get('msg', 'invalid')}"
 
@@ -229,13 +239,25 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception):
-        log.exception("req %s failed", getattr(request.state, "id", "?"))
+        # One line; the traceback only at debug level (the request's own line follows).
+        log.error("req %s failed: %s: %s", getattr(request.state, "id", "?"),
+                  type(exc).__name__, " ".join(str(exc).split()))
+        log.debug("traceback", exc_info=exc)
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ pages
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page():
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse,
+                   include_in_schema=False)
+    async def page(request: Request):
+        html = PAGE.read_text(encoding="utf-8")
+        if request.method == "HEAD":  # uptime checkers: the headers, no body
+            return Response(headers={"content-length": str(len(html.encode()))},
+                            media_type="text/html")
+        return HTMLResponse(html)
+
+    @app.options("/", include_in_schema=False)
+    async def page_options():
+        return Response(status_code=204, headers={"Allow": "GET, HEAD, OPTIONS"})
 
     @app.get("/health")
     async def health():
@@ -247,7 +269,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     webui_options = dict(DEFAULT_OPTIONS)  # the noise options /sdapi/v1/options sets
 
     async def generate(req: Txt2ImgRequest | Img2ImgRequest, request: Request, plan_for):
-        plan = await run_in_threadpool(plan_for, req, registry, limits, webui_options)
+        plan = await run_in_threadpool(request_fault, plan_for, req, registry, limits,
+                                       webui_options)
         try:
             job = batcher.submit(plan.shape, plan.specs)
         except QueueFull as e:
@@ -255,11 +278,14 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                           {"Retry-After": str(RETRY_AFTER_S)})
         except ShuttingDown as e:
             return _error(503, str(e))
-        result = await _wait(job, request, batcher)
+        try:
+            result = await _wait(job, request, batcher)
+        except REQUEST_FAULTS as e:  # a merged call never sees these (planned above); alone
+            raise BadRequest(f"{type(e).__name__}: {e}") from None
         if result is None:
             request.state.detail = f"job {job.id} given up: the client disconnected"
             return Response(status_code=499)  # nobody reads it; for the log line
-        body = await run_in_threadpool(images_response, req, plan, result)
+        body = await run_in_threadpool(images_response, plan.request, plan, result)
         s = plan.shape.settings
         t = s.task
         kind = "" if t is None else " x4 upscaling" if isinstance(t, Upscaling) else (
@@ -348,8 +374,11 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     @app.post("/sdapi/v1/png-info")
     async def png_info(req: PngInfoRequest):
         image = open_image(req.image, "image")
-        items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+        # As the WebUI's read_info_from_image: every info item but its image-format keys,
+        # the parameters text taken out.
+        items = {k: v for k, v in image.info.items() if k not in _FORMAT_INFO}
         text = items.pop("parameters", "")
+        text = text if isinstance(text, str) else ""
         params = parse_parameters(text) if text else {}
         if params:  # the WebUI's names for the parsed fields
             params["Prompt"] = params.pop("prompt")
@@ -357,7 +386,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
             for key, value in list(params.items()):  # "Size", "Hires resize": as the WebUI
                 if re.fullmatch(r"\d+x\d+", value):
                     params[f"{key}-1"], params[f"{key}-2"] = value.split("x", 1)
-        return {"info": text, "items": json.loads(json.dumps(items)), "parameters": params}
+        return {"info": text, "items": json.loads(json.dumps(items, default=str)),
+                "parameters": params}
 
     add_page_routes(app, registry)
     return app

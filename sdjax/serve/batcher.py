@@ -22,6 +22,8 @@ import numpy as np
 
 from sdjax.call_settings import CallSettings
 
+FIRST_CALL_S = 20.0  # how /progress guesses a first call's length (compile included)
+
 
 class QueueFull(Exception):
     """More requests are waiting than the server accepts; the client should retry later."""
@@ -37,10 +39,13 @@ class Shape:
     picks, they fix the compiled program; their image task, None for text to image, says
     the strength and the masks' handling, one for the call) and the prompt's <lora:name:w>
     tags, merged into the shared weights, so one set per call. ``source_size``: "only
-    masked" inpainting pastes back into the input's size, one per call."""
+    masked" inpainting pastes back into the input's size, one per call. ``prompt_layout``:
+    what its prompts compile to (``pipe.prompt_layout``: chunk bucket, prompt editing's and
+    AND's buckets), so that merged prompts never need another program or fail to share one."""
     settings: CallSettings
     loras: tuple[tuple[str, float], ...] = ()
     source_size: tuple[int, int] | None = None
+    prompt_layout: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +174,12 @@ class Batcher:
             elapsed = time.monotonic() - self._running_since
             n = sum(j.outstanding for j in self._running)
             expected = self._last_seconds.get((self._running_shape, n))
-            fraction = min(elapsed / expected, 0.99) if expected else 0.01
-            eta = max(expected - elapsed, 0.0) if expected else 0.0
+            if expected:
+                fraction, eta = min(elapsed / expected, 0.99), max(expected - elapsed, 0.0)
+            else:  # the first call of this shape (it compiles too): no measure to go by, so a
+                # fraction that rises with time and never reaches 1 (half-way at FIRST_CALL_S)
+                fraction = min(elapsed / (elapsed + FIRST_CALL_S), 0.99)
+                eta = max(FIRST_CALL_S - elapsed, 1.0)
             return {"running": True, "fraction": fraction, "eta": eta, "queued": waiting,
                     "shape": self._running_shape, "jobs": [j.id for j in self._running]}
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sdjax.pipeline import StableDiffusionPipeline
-from sdjax.weights.resolve import TOY, toy_path
+from sdjax.weights.resolve import TOY
 
 Loader = Callable[[str], StableDiffusionPipeline]
 
@@ -104,6 +104,7 @@ class ModelRegistry:
     def listing(self) -> list[dict]:
         """``GET /sdapi/v1/sd-models``: the WebUI's SDModelItem shape."""
         return [{"title": title, "model_name": title, "hash": None, "sha256": None,
-                 "filename": str(toy_path() if source == TOY else Path(source).expanduser()),
+                 # its name only: the server's own paths are not the client's business
+                 "filename": TOY if source == TOY else Path(source).expanduser().name,
                  "config": None}
                 for title, source in self.sources.items()]

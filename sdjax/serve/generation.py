@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sdjax import __version__, handoff, validation
+from sdjax import prompts as prompt_syntax
 from sdjax.call_settings import (
     SDXL,
     CallSettings,
@@ -45,6 +46,7 @@ class Plan:
     shape: Shape
     specs: list[ImageSpec]
     seed: int               # the batch's first seed (-1 already replaced)
+    request: Txt2ImgRequest | Img2ImgRequest | None = None  # with the model's defaults filled
 
 
 def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
@@ -54,15 +56,19 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     reason = unsupported(req)
     if reason:
         raise BadRequest(reason)
-    try:
-        scheduler, schedule_type = sampler_settings(req.sampler_name or req.sampler_index,
-                                                    req.scheduler)
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
     wanted = (req.override_settings or {}).get("sd_model_checkpoint")
     title = registry.find(wanted)
     if title is None:
         raise BadRequest(f"model {wanted!r} not found; GET /sdapi/v1/sd-models lists them", 404)
+    asked = req.sampler_name or req.sampler_index
+    req = with_model_defaults(req, registry.get(title))
+    try:
+        # no sampler asked: the model's own scheduler (sdjax.json), as the CLIs run it
+        scheduler, schedule_type = (
+            sampler_settings(asked, req.scheduler) if asked
+            else (registry.get(title).default_scheduler, None))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     check_generation(width=req.width, height=req.height, steps=req.steps,
                      batch_size=req.batch_size, n_iter=req.n_iter, cfg_scale=req.cfg_scale,
                      seed=req.seed, limits=limits)
@@ -85,6 +91,12 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
         except ValueError as e:
             raise BadRequest(str(e)) from None
     loras, clip_skip = _prompt_settings(req, registry, title)
+    _check_prompt_lengths(req, pipe)
+    try:  # prompt editing and AND's limits; the call's text layout, which requests share
+        layout = pipe.prompt_layout([split_tags(req.prompt)[0]], [req.negative_prompt],
+                                    req.steps, scheduler)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     refiner, switch_at = _refiner_settings(req, registry, title, scheduler)
     seed = validation.resolve_seed(req.seed)
     noise, subseed = request_noise(req, options, limits.max_pixels)
@@ -103,7 +115,39 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
         tiling=hires_fields.tiling(req, pipe),
         hires=hires_fields.hires(req, pipe, limits, refiner),
         noise=noise)
-    return Plan(Shape(settings, loras=loras), specs, seed)
+    return Plan(Shape(settings, loras=loras, prompt_layout=layout), specs, seed, req)
+
+
+def with_model_defaults(req: Txt2ImgRequest | Img2ImgRequest, pipe):
+    """``req`` with the fields it leaves out (None) taken from the model, as the CLIs take
+    them: its sdjax.json steps, guidance scale and scheduler, the size it was trained at."""
+    update: dict = {}
+    if req.steps is None or req.cfg_scale is None:
+        defaults = pipe.sampling_settings()
+        update.update({k: defaults[d] for k, d in (("steps", "num_inference_steps"),
+                                                   ("cfg_scale", "guidance_scale"))
+                       if getattr(req, k) is None})
+    if req.height is None or req.width is None:
+        # the upscaler's output size is its image's (plan_img2img): the WebUI's 512 stands in
+        height, width = (512, 512) if pipe.UPSCALER else pipe.default_hw
+        update.update({k: v for k, v in (("height", height), ("width", width))
+                       if getattr(req, k) is None})
+    if req.sampler_name is None and req.sampler_index is None:
+        update["sampler_name"] = SAMPLER_LABELS[pipe.default_scheduler]
+    return req.model_copy(update=update) if update else req
+
+
+def _check_prompt_lengths(req: Txt2ImgRequest | Img2ImgRequest, pipe) -> None:
+    """A prompt or negative prompt past the context limit is this request's 422, naming the
+    field, before it can join (and fail) a merged call."""
+    expand = prompt_syntax.expander(pipe.store.embedding_tokens)
+    for name, text in (("prompt", split_tags(req.prompt)[0]),
+                       ("negative_prompt", req.negative_prompt)):
+        try:
+            n = prompt_syntax.prompt_chunks([text], pipe.tokenizer, expand)[0]
+            prompt_syntax.check_chunks(n, name)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
 
 
 def request_sampling(pipe, steps: int, scheduler: str, clip_skip: int,
@@ -163,6 +207,7 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits,
     """Validate an img2img / inpainting request (every txt2img check, then the images) and
     say what to generate; raises BadRequest. May load a model."""
     plan = plan_txt2img(req, registry, limits, options)
+    req = plan.request
     if req.resize_mode != 0:
         raise BadRequest(f"resize_mode={req.resize_mode} is not supported by sdjax.serve: "
                          "only 0 (just resize)")
@@ -207,7 +252,7 @@ def plan_img2img(req: Img2ImgRequest, registry: ModelRegistry, limits: Limits,
             raise BadRequest(f"the upscaled output: {e}") from None
         settings = dataclasses.replace(settings, size=size)
     return Plan(dataclasses.replace(plan.shape, settings=settings, source_size=source_size),
-                specs, plan.seed)
+                specs, plan.seed, plan.request)
 
 
 def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits

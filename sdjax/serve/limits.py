@@ -38,7 +38,8 @@ def check_generation(*, width: int, height: int, steps: int, batch_size: int, n_
     shares (sdjax.validation), then this server's own limits."""
     try:
         for name, v in (("width", width), ("height", height)):
-            validation.check_size(v, name, 8)
+            validation.check_size(v, name)  # multiples of the model's VAE factor: its
+            # pipeline's check_size (plan_txt2img), the rule the CLIs use
         validation.check_number(cfg_scale, "cfg_scale", minimum=0)
         validation.check_seed(seed)
     except (TypeError, ValueError) as e:
@@ -55,3 +56,18 @@ def check_generation(*, width: int, height: int, steps: int, batch_size: int, n_
         raise BadRequest(f"batch_size * n_iter = {batch_size * n_iter} is more than this "
                          f"server's limit of {limits.max_images} images per request")
 
+
+
+# Exceptions that, raised while a request is checked and planned, are the request's fault
+# (a value no rule caught earlier): answered 422, never 500.
+REQUEST_FAULTS = (ValueError, TypeError, UnicodeError, OverflowError, KeyError, IndexError)
+
+
+def request_fault(plan, *args):
+    """``plan(*args)``, an exception from REQUEST_FAULTS turned into a 422 naming its kind."""
+    try:
+        return plan(*args)
+    except BadRequest:
+        raise
+    except REQUEST_FAULTS as e:
+        raise BadRequest(f"{type(e).__name__}: {' '.join(str(e).split())}") from None

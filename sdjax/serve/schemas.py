@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sdjax.serve.request_checks import check_request
 
 # field -> the values that mean "off" (the WebUI's defaults and what clients commonly send)
 _MUST_BE_OFF = {
@@ -24,7 +26,12 @@ _MUST_BE_OFF = {
 
 class _Request(BaseModel):
     """The fields txt2img and img2img share (the WebUI's StableDiffusionProcessing)."""
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _types(cls, data):  # every field by type before any work (request_checks)
+        return check_request(cls, data)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -35,14 +42,15 @@ class _Request(BaseModel):
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
     sampler_name: str | None = None
-    sampler_index: str | None = "Euler"
+    sampler_index: str | None = None   # neither: the model's default sampler
     scheduler: str | None = None
     batch_size: int = 1
     n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    # None: the model's own default (its sdjax.json, its training size), as the CLIs do
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool = False

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdjax.validation import check_adapter_dtype
 from sdjax.weights.errors import AdapterError, WeightsError
 from sdjax.weights.files import open_tensor_file
 
@@ -76,8 +77,10 @@ def _open(path: Path) -> tuple:
 def _vectors(path: Path, tensors, key: str) -> np.ndarray:
     """``tensors[key]`` as (n, D) float32 vectors."""
     try:
-        vectors = np.array(tensors[key], np.float32)
-    except WeightsError as e:  # a corrupt tensor
+        raw = tensors[key]
+        check_adapter_dtype(raw.dtype, "embedding", str(path))
+        vectors = np.array(raw, np.float32)
+    except (WeightsError, ValueError) as e:  # a corrupt tensor, or not floating point
         raise AdapterError(str(e)) from None
     if vectors.ndim == 1:
         vectors = vectors[None]

@@ -23,9 +23,10 @@ import numpy as np
 from flax import nnx
 
 from sdjax.models.clip_text import CLIPTextModel
+from sdjax.models.controlnet import ControlNetModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
-from sdjax.weights import table_clip, table_unet, table_vae
+from sdjax.weights import table_clip, table_controlnet, table_unet, table_vae
 from sdjax.weights.clip_bpe import EOS, write_clip_vocabulary
 from sdjax.weights.compvis_names import (
     REFINER_OPENCLIP_PREFIX,
@@ -133,6 +134,10 @@ def _kind(module: nnx.Module) -> tuple[str, list[Out], list[Rule]]:
         return "vae", VAE_OUT, table_vae.RULES
     if isinstance(module, CLIPTextModel):
         return "text_encoder", CLIP_OUT, table_clip.RULES
+    if isinstance(module, ControlNetModel):
+        own = Out(r"(controlnet_.*)\.kernel", r"\1.weight", _conv)
+        return ("controlnet", [own, *unet_out(module.config.unet.use_linear_projection)],
+                table_controlnet.RULES)
     raise TypeError(f"cannot export a {type(module).__name__}")
 
 
@@ -200,6 +205,8 @@ def _diffusers_version() -> dict[str, str]:
 def network_config(module: nnx.Module, extra: Mapping[str, Any] | None = None) -> dict:
     """The ``config.json`` diffusers/transformers build the same network from."""
     kind, _, _ = _kind(module)
+    if kind == "controlnet":
+        return {**module.config.to_dict(), **_diffusers_version(), **(extra or {})}
     fields = {k: _jsonable(v) for k, v in dataclasses.asdict(module.config).items()}
     if kind == "text_encoder":
         head = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
@@ -376,7 +383,7 @@ def single_file_tensors(*, unet: UNet2DConditionModel, vae: AutoencoderKL,
 
 def save_single_file(path: str | Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL,
                      text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModel | None = None,
-                     half: bool = False) -> Path:
+                     half: bool = False, metadata: Mapping[str, str] | None = None) -> Path:
     """A CompVis-layout (SDXL: SGM-layout) ``.safetensors`` (float16 with ``half``), written
     atomically."""
     path = Path(path)
@@ -386,5 +393,5 @@ def save_single_file(path: str | Path, *, unet: UNet2DConditionModel, vae: Autoe
                                   text_encoder_2=text_encoder_2)
     if half:
         tensors = {k: v.astype(np.float16) for k, v in tensors.items()}
-    save_safetensors(tensors, path, {"format": "pt"})
+    save_safetensors(tensors, path, {"format": "pt", **(metadata or {})})
     return path

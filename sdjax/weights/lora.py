@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdjax.validation import check_adapter_dtype
 from sdjax.weights import table_clip, table_unet
 from sdjax.weights.compvis_names import rename_keys, unet_blocks
 from sdjax.weights.errors import AdapterError, WeightsError
@@ -228,6 +229,13 @@ def read_lora(path: str | Path, networks: Mapping[str, nnx.Module],
         if len(tensors) == 0:
             raise AdapterError(f"{path}: holds no tensors, not a LoRA file")
         layers, unknown = _group(tensors)
+        for parts in layers.values():  # floating point only (validation.ADAPTER_DTYPES)
+            for part in ("down", "up"):
+                if part in parts:
+                    try:
+                        check_adapter_dtype(tensors[parts[part]].dtype, "LoRA", str(path))
+                    except ValueError as e:
+                        raise AdapterError(str(e)) from None
         if unknown:
             raise AdapterError(f"{path}: {len(unknown)} keys are not LoRA weights sdjax "
                                f"reads: {_listing(unknown)}")

@@ -46,8 +46,10 @@ def load_parts(source: Path, mesh, *, sdxl: bool, dtype, config=None, vae=None,
                                                 dtype=dtype, place=place, sdxl=sdxl)
     else:
         if config is not None or ema:
-            raise ValueError("config= and ema= are for single-file checkpoints; a "
-                             "diffusers folder brings its own configs and weights")
+            given = " and ".join(n for n, on in (("config= (--config)", config is not None),
+                                                 ("ema= (--ema)", ema)) if on)
+            raise ValueError(f"{given}: for single-file checkpoints only; {source} is a "
+                             "diffusers folder, which brings its own configs and weights")
         parts = load_pipeline_folder(source, dtype=dtype, place=place, variant=variant,
                                      sdxl=sdxl)
         if prediction_type is not None:

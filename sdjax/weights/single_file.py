@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdjax.models.vae import VAEConfig
+from sdjax.weights import file_configs
 from sdjax.weights.clip_bpe import bundled_clip_tokenizer
 from sdjax.weights.compvis_names import (
     CLIP_PREFIX,
@@ -55,6 +56,7 @@ from sdjax.weights.families import (
     sdxl_kind,
 )
 from sdjax.weights.files import open_component_weights, open_tensor_file, read_json
+from sdjax.weights.resolve import TOY, toy_path
 
 _EMA = "model_ema."
 # Buffers of the original LatentDiffusion module: the noise schedule it derives from its
@@ -168,6 +170,10 @@ def _from_folder(folder: Path, kind: str | None, explicit: str | None,
 
 def _complete(config, tensors, explicit: str | None, from_yaml: str | None) -> _Completion:
     kind = sdxl_kind(tensors)
+    if str(config) == TOY:  # the bundled toy's folder, as --model toy names it
+        config = toy_path()
+    if config is None and kind is None and (data := file_configs.read(tensors)) is not None:
+        return _from_metadata(data, explicit, from_yaml)
     if config is not None and str(config) not in PRESETS:
         folder = Path(config).expanduser()
         if not folder.is_dir():
@@ -203,6 +209,17 @@ def _complete(config, tensors, explicit: str | None, from_yaml: str | None) -> _
             extra.update(tokenizer_2=bundled_clip_tokenizer("!"), tokenizer_2_dir=None)
     return _Completion(configs, bundled_clip_tokenizer(family.pad_token), None,
                        family.scheduler_config(pt), f"{family.label} ({how})", why, extra)
+
+
+def _from_metadata(data: dict, explicit: str | None, from_yaml: str | None) -> _Completion:
+    """What a single file sdjax wrote says of itself (weights.file_configs)."""
+    sched = dict(data["scheduler_config"])
+    pt, why = _prediction(explicit, from_yaml, sched.get("prediction_type", "epsilon"),
+                          "from the file's sdjax metadata")
+    tok, tok_dir = file_configs.tokenizer(data)
+    return _Completion(file_configs.configs(data), tok, tok_dir,
+                       {**sched, "prediction_type": pt},
+                       "Stable Diffusion (configs from the file's sdjax metadata)", why)
 
 
 def _text_encoder_views(tensors, kind: str | None, configs: dict) -> dict:
