@@ -116,6 +116,7 @@ def test_png_info_reads_quoted_values_with_the_webui_names(tmp_path):
     assert (p["Seed resize from-1"], p["Seed resize from-2"]) == ("448", "640")
     assert (p["Size-1"], p["Size-2"], p["Hires upscale"], p["Schedule type"]) == (
         "512", "768", "1.5", "Karras")
+    assert (p["Clip skip"], p["RNG"]) == ("2", "GPU")  # RNG: the WebUI's default, as it says
 
 
 def test_from_png_makes_the_same_image(sd1_folder, tmp_path, capsys):

@@ -383,6 +383,11 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         # unquoted.
         params = parse_infotext(text) if text else {}
         if params:
+            # The WebUI's defaults for what an infotext leaves out: clip skip 1, its GPU noise
+            # source, the sampler's own schedule.
+            for key, default in (("Clip skip", "1"), ("RNG", "GPU"),
+                                 ("Schedule type", "Automatic")):
+                params.setdefault(key, default)
             for key, value in list(params.items()):  # "Size", "Hires resize": as the WebUI
                 if re.fullmatch(r"\d+x\d+", value):
                     params[f"{key}-1"], params[f"{key}-2"] = value.split("x", 1)
