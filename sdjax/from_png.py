@@ -181,8 +181,8 @@ def settings(text: str) -> tuple[dict[str, Any], list[str]]:
         flags["seed_resize_from"] = _size(p["Seed resize from"], "Seed resize from")
     if "ENSD" in p:
         flags["eta_noise_seed_delta"] = num("ENSD")
-    if ours and int(p["Seed index"]) > 0:  # image i of an sdjax run: noise (seed, i)
-        index = int(p["Seed index"])
+    if ours and num("Seed index") > 0:  # image i of an sdjax run: noise (seed, i)
+        index = num("Seed index")
         if flags.get("rng", "jax") == "jax":
             lines.append(f"Seed index: {index}: image {index} of a run with jax noise; this "
                          f"run makes image 0 (add --num_images {index + 1}: the last is it)")
@@ -263,12 +263,12 @@ def apply(args, explicit: set[str], flags: dict[str, Any]) -> list[str]:
                          "to use it")
             continue
         setattr(args, dest, value)
-    if flags.get("_lora_tags") and getattr(args, "lora_dir", None) is None:
+    if (flags.get("_lora_tags") and getattr(args, "lora_dir", None) is None
+            and "prompt" not in explicit):
         names = ", ".join(flags["_lora_tags"])
         notes.append(f"Lora: {names}: no --lora_dir to find the files in; the tags are left "
                      "out of the prompt")
-        if "prompt" not in explicit:
-            args.prompt = [_LORA_TAG.sub("", p) for p in args.prompt]
+        args.prompt = [_LORA_TAG.sub("", p) for p in args.prompt]
     return notes
 
 

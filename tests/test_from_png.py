@@ -81,8 +81,16 @@ def test_command_line_flags_win_and_unhonoured_lines_are_printed(tmp_path, capsy
     assert err[0] == ("from_png: the PNG was made with model v1-5-pruned-emaonly, hash "
                       "6ce0161689; this run uses --model some/model")
     assert [e.split(":")[2].strip() for e in err[1:]] == [
-        "Hires upscaler", "ADetailer model", "ControlNet 0", "Lora"]
+        "Hires upscaler", "ADetailer model", "ControlNet 0"]
     assert all(e.startswith("from_png: not honoured: ") for e in err[1:])
+    # The PNG's prompt, its LoRA tag left out (no --lora_dir): said; the model is the default.
+    argv = ["--from_png", str(png)]
+    args = parser.parse_args(argv)
+    use(args, parser, argv)
+    err = capsys.readouterr().err.splitlines()
+    assert args.prompt == ["masterpiece, a castle on a hill , sunset"] and args.model == "toy"
+    assert err[0].endswith("this run uses the default model, toy (give --model for the PNG's)")
+    assert err[-1].startswith("from_png: not honoured: Lora: detail: no --lora_dir")
 
 
 @pytest.mark.parametrize("case", ["no text", "not a PNG", "missing"])
