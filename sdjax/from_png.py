@@ -202,7 +202,9 @@ def settings(text: str) -> tuple[dict[str, Any], list[str]]:
             flags["hires_denoising_strength"] = num("Denoising strength", float)
         if "Hires steps" in p and num("Hires steps") > 0:  # 0: the first pass's
             flags["hires_steps"] = num("Hires steps")
-        if "Hires upscaler" in p:
+        if p.get("Hires upscaler") == "None":  # the WebUI resizes the image with Lanczos
+            flags["hires_upscaler"] = "lanczos"
+        elif "Hires upscaler" in p:
             try:
                 flags["hires_upscaler"] = check_upscaler(p["Hires upscaler"])
             except ValueError:
