@@ -106,5 +106,19 @@ def submit(pipe, c):
     return pipe.submit(second)
 
 
-__all__ = ["UPSCALERS", "WEBUI_NAMES", "EXTRA_FIELDS", "Sizes", "sizes", "check",
+def check_one_pass(c) -> None:
+    """A call that is one pass: ``tiling`` a bool, no hires fix (``pipe.compile`` and
+    ``pipe.lower`` take one pass; ``submit`` runs the hires fix's two) and no hires options
+    without it."""
+    if not isinstance(c.tiling, (bool, np.bool_)):
+        raise TypeError(f"tiling must be True or False, got {c.tiling!r}")
+    if c.hires_scale is not None or c.hires_size is not None:
+        raise ValueError("the hires fix is two calls: compile or lower each pass on its own "
+                         "(the second is img2img on the first's upscaled output)")
+    for name in EXTRA_FIELDS:
+        if getattr(c, name) is not None:
+            raise ValueError(f"{name} is the hires fix's: give hires_scale or hires_size too")
+
+
+__all__ = ["check_one_pass", "UPSCALERS", "WEBUI_NAMES", "EXTRA_FIELDS", "Sizes", "sizes", "check",
            "check_upscaler", "check_strength", "is_latent", "upscale", "submit"]

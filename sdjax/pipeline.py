@@ -446,7 +446,7 @@ class StableDiffusionPipeline:
         if c.output_type not in ("uint8", "float", "latent"):
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
                              f"{c.output_type!r}")
-        _check_one_pass(c)
+        hires.check_one_pass(c)
         settings = self.sampling_settings(
             num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
             scheduler=c.scheduler, guidance_rescale=c.guidance_rescale,
@@ -589,20 +589,6 @@ class StableDiffusionPipeline:
 
     def _count_compile(self, seconds: float) -> None:
         self.compile_seconds += seconds
-
-
-def _check_one_pass(c: Call) -> None:
-    """A call that is one pass: ``tiling`` a bool, no hires fix (``pipe.compile`` and
-    ``pipe.lower`` take one pass; ``submit`` runs the hires fix's two) and no hires options
-    without it."""
-    if not isinstance(c.tiling, (bool, np.bool_)):
-        raise TypeError(f"tiling must be True or False, got {c.tiling!r}")
-    if c.hires_scale is not None or c.hires_size is not None:
-        raise ValueError("the hires fix is two calls: compile or lower each pass on its own "
-                         "(the second is img2img on the first's upscaled output)")
-    for name in hires.EXTRA_FIELDS:
-        if getattr(c, name) is not None:
-            raise ValueError(f"{name} is the hires fix's: give hires_scale or hires_size too")
 
 
 __all__ = ["StableDiffusionPipeline", "PipelineOutput", "PendingImages", "NonFiniteError",

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "num_images", type=int, default=1, help="images per prompt")
     add_flag(p, "outdir", type=Path, default=Path("outputs"), help="where the PNGs go")
     add_flag(p, "grid", action="store_true", help="also write a grid of all images")
+    add_flag(p, "from_png", type=Path, help="make the image a WebUI (or sdjax) PNG's "
+             "'parameters' text names: its prompt, seed, sampler, size, hires fix, ...; the "
+             "flags given here win, and what cannot be honoured is said, one line each")
     add_image_arguments(p)
     add_sdxl_arguments(p)
     controlnet_cli.add_arguments(p, add_flag)
@@ -374,9 +377,17 @@ def _task_settings(args, pipe, image, mask, upscaler: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     written: list[Path] = []
-    return run_main(lambda: run(args, written),
+
+    def body() -> int:
+        if args.from_png is not None:
+            from sdjax.from_png import use
+            use(args, parser, argv)
+        return run(args, written)
+
+    return run_main(body,
                     lambda: f"interrupted: {_wrote(written, args.outdir)}")
 
 

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sdjax import noise as noise_sources
-from sdjax import parallel, prompts, tasks, vae_tiling, validation
+from sdjax import parallel, prompts, step_noise, tasks, vae_tiling, validation
 from sdjax.models.layers import circular_padding
 from sdjax.schedulers.start import start_table
 
@@ -246,6 +246,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
     # The WebUI's samplers inpaint by blending the denoised estimate with the image's
     # (sdjax.schedulers.webui), not the noised latents after each step.
     webui_blend = getattr(sched, "blends_denoised", False)
+    follows = step_noise.follows_generators(spec.rng, sched)
 
     def per_device(*args):
         # Read while the networks are traced: tiling is compiled in.
@@ -295,9 +296,13 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         reps = (2 if spec.cfg else 1) + spec.prompt_parts - 1  # groups of rows in the UNet batch
         cond = Conditioning(context, added, _rows(feed.class_labels, reps))
         extra = _rows(feed.extra, reps)
+        # A WebUI sampler's per-step noise from the WebUI's per-image generators (rng nv/cpu):
+        # carried through the loop; None (today's program) for every other call.
+        gens = (step_noise.start(spec.rng, lat_shape, seeds, indices, inputs)
+                if follows else None)
 
         def body(i, carry):
-            x, state = carry
+            x, state, gens = carry
             step = Step(i, state.timesteps[i], sched.step_sigma(state, i), first)
             step_cond = cond if nets.select is None else nets.select(params, inputs, step, cond)
             xin = sched.scale_model_input(state, x, i).astype(dtype)
@@ -309,15 +314,19 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             elif spec.cfg:
                 eps = combine_guidance(eps[:b], eps[b:], guidance, step.sigma)
             key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
-                   if sched.stochastic else None)
+                   if sched.stochastic and not follows else None)
+            drawn = {}
+            if follows:
+                drawn["noise"], gens = step_noise.take(spec.rng, lat_shape, gens,
+                                                       state.draw[i])
             if webui_blend and feed.repaint is not None:
                 x, state = sched.step(state, i, eps, x, key=key,
-                                      blend=(feed.image_latents, feed.repaint))
+                                      blend=(feed.image_latents, feed.repaint), **drawn)
                 # and the image's latents outside the mask after the last step, as the WebUI
                 x = jnp.where(i < end - 1, x, (1 - feed.repaint) * feed.image_latents
                               + feed.repaint * x)
             else:
-                x, state = sched.step(state, i, eps, x, key=key)
+                x, state = sched.step(state, i, eps, x, key=key, **drawn)
             if feed.repaint is not None and not webui_blend:
                 # Ordinary models inpaint by putting the kept region back, noised to the
                 # next evaluation's level (clean after the last that runs), as diffusers does.
@@ -325,9 +334,9 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
                 kept = jnp.where(i < end - 1, level[0] * feed.image_latents + level[1] * noise,
                                  feed.image_latents)
                 x = (1 - feed.repaint) * kept + feed.repaint * x
-            return x, state
+            return x, state, gens
 
-        x, _ = jax.lax.fori_loop(first, end, body, (x, state))
+        x, _, _ = jax.lax.fori_loop(first, end, body, (x, state, gens))
         status = jnp.where(jnp.isfinite(x).all(axis=(1, 2, 3)), FINITE, NONFINITE_LATENTS)
         if spec.output_type == "latent":
             return (x, status.astype(jnp.int8)) if spec.nan_check else x

@@ -48,7 +48,7 @@ LONGEST_FILES = (
     "test_noise.py", "test_prompt_editing.py",
     "test_unet.py", "test_sample_tasks_cli.py", "test_docs.py", "test_schedulers.py",
     "test_sdxl_single_file.py", "test_adapters.py", "test_wheel.py",
-    "test_single_file_errors.py",
+    "test_single_file_errors.py", "test_from_png.py",
 )
 
 

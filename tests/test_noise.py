@@ -239,22 +239,22 @@ def test_sample_cli_writes_the_webuis_noise_fields(sd1_folder, tmp_path, capsys)
     assert not (tmp_path / "bad").exists()
 
 
-def test_server_reads_the_webuis_noise_fields_and_options():
+def test_server_reads_the_webuis_noise_fields_and_options(sd1_folder):
     pytest.importorskip("pydantic")
     from types import SimpleNamespace
 
     from sdjax.images import parse_parameters
+    from sdjax.pipeline import StableDiffusionPipeline
     from sdjax.serve.batcher import JobResult
     from sdjax.serve.generation import images_response, plan_txt2img
     from sdjax.serve.limits import BadRequest, Limits
     from sdjax.serve.noise_fields import check_options
     from sdjax.serve.schemas import Txt2ImgRequest
 
-    model = SimpleNamespace(
-        UPSCALER=False, check_size=lambda h, w: None,
-        sampling_settings=lambda: {"guidance_rescale": 0.0, "guidance_interval": None,
-                                   "clip_skip": None},
-        text_encoder_config=SimpleNamespace(num_hidden_layers=12))
+    # Planning a request loads the model (its defaults, tokenizer, size rule) but compiles
+    # nothing.
+    model = StableDiffusionPipeline.from_pretrained(str(sd1_folder), dtype="float32",
+                                                    num_devices=1)
     registry = SimpleNamespace(find=lambda wanted: "toy", get=lambda title: model,
                                find_refiner=lambda name: None, lora_dir=None)
 

@@ -28,6 +28,7 @@ from sdjax.schedulers import get_scheduler  # noqa: E402
 from sdjax.schedulers import webui as webui_mod  # noqa: E402
 from sdjax.schedulers import webui_sigmas as ws  # noqa: E402
 from sdjax.schedulers.start import strength_for_start  # noqa: E402
+from tests.test_noise import webui_nv_randn  # noqa: E402
 from tests.tiny_models import SD15_SCHEDULER, SD21_SCHEDULER  # noqa: E402
 
 CFG = 3.0
@@ -351,6 +352,74 @@ def test_pipeline_runs_the_webui_samplers(model, monkeypatch):
     ref = _reference(model, sampler, sched.sigmas(5), start, image, noise, step_noises)
     diff = np.abs(np.asarray(out) - ref).max()
     assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
+
+
+class _WebUIImageRNG:
+    """The WebUI's ``ImageRNG`` (modules/rng.py) restated: one generator per image seeded with
+    its seed; ``next()`` draws every image's next (C, H, W) noise, the first being the start
+    noise, after which a nonzero ENSD re-seeds each generator with seed + ENSD."""
+
+    def __init__(self, rng, shape, seeds, ensd=0):
+        self.rng, self.shape, self.seeds, self.ensd = rng, shape, seeds, ensd
+        self.gens = [self._generator(s) for s in seeds]
+        self.is_first = True
+
+    def _generator(self, seed):
+        if self.rng == "nv":  # rng_philox.Generator: its offset counts the draws
+            return {"seed": seed, "offset": 0}
+        return torch.Generator().manual_seed(int(seed))
+
+    def _randn(self, gen):
+        if self.rng == "nv":
+            gen["offset"] += 1
+            return torch.tensor(webui_nv_randn(gen["seed"], self.shape, gen["offset"] - 1))
+        return torch.randn(self.shape, generator=gen)
+
+    def next(self):
+        xs = torch.stack([self._randn(g) for g in self.gens])
+        if self.is_first and self.ensd:
+            self.gens = [self._generator(s + self.ensd) for s in self.seeds]
+        self.is_first = False
+        return xs
+
+
+def test_pipeline_draws_the_webuis_step_noise(model):
+    """A full pipeline "Euler a" call with the WebUI's noise (SD 1.x: rng="nv" from a seed
+    whose third image crosses 2**32; v-prediction SD 2.x: rng="cpu") against k-diffusion's
+    sample_euler_ancestral whose start noise and noise_sampler are the WebUI's ImageRNG (seed
+    + i per image), with and without ENSD (a runtime input: one program); and (nv) one image
+    alone from seed + 1 is image 1 of the batch."""
+    pipe = model["pipe"]
+    rng, seed, b = ("nv", 2**32 - 2, 3) if model["kind"] == "sd1" else ("cpu", 123, 2)
+    steps = 5
+    size = 8 * pipe.vae_scale_factor
+    common = dict(num_inference_steps=steps, guidance_scale=CFG, height=size, width=size,
+                  output_type="latent", scheduler="Euler a", rng=rng)
+    h, w, c = pipe.latent_shape(size, size)
+    sigmas = torch.tensor(get_scheduler("Euler a", model["config"]).sigmas(steps))
+    ctx = model["cfg"].ctx
+    cfg = _CFG(model["wrap"], torch.cat([ctx[:1]] * b + [ctx[1:]] * b))
+    compiled, outs = None, []
+    for ensd in (0, 31337):
+        got = np.asarray(pipe(["a red circle"] * b, seed=seed, eta_noise_seed_delta=ensd,
+                              **common).images)
+        compiled = compiled or pipe.compile_count
+        gen = _WebUIImageRNG(rng, (c, h, w), [seed + i for i in range(b)], ensd)
+        with torch.no_grad():
+            ref = KD[0].sample_euler_ancestral(cfg, gen.next() * sigmas[0], sigmas,
+                                               disable=True,
+                                               noise_sampler=lambda s, s_next, g=gen: g.next())
+        ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+        diff = np.abs(got - ref).max()
+        assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (rng, ensd, diff)
+        outs.append(got)
+    assert pipe.compile_count == compiled
+    # the step noise matters: ENSD changes only it, and the picture with it
+    assert np.abs(outs[0] - outs[1]).max() > 0.1 * np.abs(outs[0]).max()
+    if rng == "nv":  # (one more compile: once)
+        one = np.asarray(pipe("a red circle", seed=seed + 1, eta_noise_seed_delta=31337,
+                              **common).images)
+        np.testing.assert_allclose(one[0], got[1], atol=1e-5 * max(10.0, np.abs(got).max()))
 
 
 def test_front_ends_name_them():

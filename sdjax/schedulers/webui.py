@@ -21,7 +21,9 @@ out step by step) and one shared step function. Second-order samplers take two l
 evaluations per step (the second one at the intermediate sigma, with the predicted sample);
 multistep samplers remember past denoised estimates or derivatives in B.
 
-Per-step noise (the ancestral and SDE samplers) comes from one hook, :func:`step_noise`.
+Per-step noise (the ancestral and SDE samplers) comes from one hook, :func:`step_noise`, or,
+with the WebUI's noise sources (``rng="nv"|"cpu"``), from the loop (``step(noise=...)``,
+drawn by ``sdjax.step_noise`` from the WebUI's per-image generators).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def step_noise(key: jax.Array | None, draw: jax.Array, like: jax.Array) -> jax.A
     ``like`` (the (B, h, w, C) sample) for the sampler's ``draw``-th noise draw of the run
     (k-diffusion's noise_sampler / ``randn_like`` calls, counted from 0 in the WebUI's order:
     one per step for the ancestral samplers, two per step for DPM++ SDE). ``key`` is the
-    loop's per-image key of this evaluation (a batch of keys, one per image). A noise source
-    that follows the WebUI's generators (``rng="nv"|"cpu"``) replaces this function."""
+    loop's per-image key of this evaluation (a batch of keys, one per image). With
+    ``rng="nv"|"cpu"`` the loop passes the WebUI generators' draw ``state.draw[i]`` to
+    :meth:`WebUISampler.step` as ``noise`` instead (``sdjax.step_noise``)."""
     del draw  # the loop's keys are already distinct per evaluation
     return normal_like(key, like)
 

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdjax import __version__
 from sdjax.call_settings import Inpainting, Upscaling
-from sdjax.images import parse_parameters
+from sdjax.from_png import parse as parse_infotext
 from sdjax.serve import hires_fields
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
@@ -380,10 +380,15 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         items = {k: v for k, v in image.info.items() if k not in _FORMAT_INFO}
         text = items.pop("parameters", "")
         text = text if isinstance(text, str) else ""
-        params = parse_parameters(text) if text else {}
-        if params:  # the WebUI's names for the parsed fields
-            params["Prompt"] = params.pop("prompt")
-            params["Negative prompt"] = params.pop("negative_prompt")
+        # Read as the WebUI reads it: its field names, quoted values (a ControlNet unit's)
+        # unquoted.
+        params = parse_infotext(text) if text else {}
+        if params:
+            # The WebUI's defaults for what an infotext leaves out: clip skip 1, its GPU noise
+            # source, the sampler's own schedule.
+            for key, default in (("Clip skip", "1"), ("RNG", "GPU"),
+                                 ("Schedule type", "Automatic")):
+                params.setdefault(key, default)
             for key, value in list(params.items()):  # "Size", "Hires resize": as the WebUI
                 if re.fullmatch(r"\d+x\d+", value):
                     params[f"{key}-1"], params[f"{key}-2"] = value.split("x", 1)

@@ -1,0 +1,142 @@
+"""python -m sdjax.sample --from_png: a WebUI PNG's parameters as the run's flags, the command
+line over them, what cannot be honoured said, bad input refused, and the same image again."""
+
+import base64
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from sdjax.from_png import settings, use
+from sdjax.sample import build_parser, main
+
+# As the WebUI (1.10) writes it: prompt (a LoRA tag in it), negative prompt, then the settings
+# line, the ControlNet unit's value quoted since it holds commas; ADetailer is an extension.
+WEBUI_TEXT = (
+    "masterpiece, a castle on a hill <lora:detail:0.6>, sunset\n"
+    "Negative prompt: blurry, lowres\n"
+    "Steps: 24, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234567, "
+    "Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
+    "Denoising strength: 0.45, Clip skip: 2, Hires upscale: 1.5, Hires steps: 10, "
+    "Hires upscaler: R-ESRGAN 4x+, Variation seed: 42, Variation seed strength: 0.3, "
+    "Seed resize from: 448x640, ENSD: 31337, Tiling: True, ADetailer model: face_yolov8n.pt, "
+    'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1", '
+    'Lora hashes: "detail: 1a2b3c4d5e6f", Version: v1.10.1')
+
+
+def _png(path, text=None, fmt="PNG"):
+    info = PngImagePlugin.PngInfo()
+    if text is not None:
+        info.add_text("parameters", text)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(path, format=fmt,
+                                                 **({"pnginfo": info} if fmt == "PNG" else {}))
+    return path
+
+
+def test_webui_text_gives_its_settings():
+    flags, lines = settings(WEBUI_TEXT)
+    assert flags.pop("_lora_tags") == ["detail"]
+    assert flags == {
+        "prompt": ["masterpiece, a castle on a hill <lora:detail:0.6>, sunset"],
+        "negative_prompt": "blurry, lowres", "steps": 24, "scheduler": "DPM++ 2M",
+        "schedule_type": "Karras", "guidance_scale": 6.5, "seed": 1234567, "height": 768,
+        "width": 512, "clip_skip": 2, "rng": "nv", "subseed": 42, "subseed_strength": 0.3,
+        "seed_resize_from": (640, 448), "eta_noise_seed_delta": 31337, "tiling": True,
+        "hires_scale": 1.5, "hires_denoising_strength": 0.45, "hires_steps": 10,
+        "hires_upscaler": "lanczos"}
+    assert len(lines) == 3
+    assert lines[0].startswith("Hires upscaler: R-ESRGAN 4x+: sdjax has no such upscaler")
+    assert lines[1].startswith("ADetailer model: face_yolov8n.pt: the ADetailer extension's")
+    assert lines[2].startswith("ControlNet 0: Module: canny, Model: control_v11p_sd15_canny")
+    # The WebUI before 1.9 named the schedule in the sampler; RNG given; img2img's strength.
+    flags, lines = settings("a cat\nSteps: 8, Sampler: DPM++ 2M Karras, CFG scale: 7, "
+                            "Seed: 3, Size: 64x64, RNG: CPU, Denoising strength: 0.6, "
+                            "Eta: 0.5")
+    assert (flags["scheduler"], flags["schedule_type"], flags["rng"], flags["strength"]) == (
+        "DPM++ 2M", "Karras", "cpu", 0.6)
+    assert [line.split(":")[0] for line in lines] == ["Eta"]
+    # sdjax's own PNG (its "Seed index"): its labels, no RNG = jax, image i's seed with nv.
+    flags, _ = settings("x\nSteps: 2, Sampler: PLMS, CFG scale: 7.5, Seed: 5, Seed index: 0, "
+                        "Size: 16x16, Model: toy")
+    assert (flags["scheduler"], "rng" in flags) == ("pndm", False)
+    flags, _ = settings("x\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, "
+                        "Seed: 5, Seed index: 2, Size: 16x16, Model: toy, RNG: NV")
+    assert (flags["scheduler"], flags["rng"], flags["seed"]) == ("Euler a", "nv", 7)
+
+
+def test_command_line_flags_win_and_unhonoured_lines_are_printed(tmp_path, capsys):
+    png = _png(tmp_path / "webui.png", WEBUI_TEXT)
+    parser = build_parser()
+    argv = ["--from_png", str(png), "--seed", "9", "--scheduler", "Euler a", "--prompt", "a dog",
+            "--model", "some/model"]
+    args = parser.parse_args(argv)
+    use(args, parser, argv)
+    err = capsys.readouterr().err.splitlines()
+    assert (args.seed, args.scheduler, args.prompt, args.model) == (9, "Euler a", ["a dog"],
+                                                                      "some/model")
+    # the PNG's fill in the rest (its schedule type goes with the command line's sampler)
+    assert (args.steps, args.guidance_scale, args.height, args.width, args.subseed,
+            args.eta_noise_seed_delta, args.rng, args.schedule_type) == (
+        24, 6.5, 768, 512, 42, 31337, "nv", "Karras")
+    assert err[0] == ("from_png: the PNG was made with model v1-5-pruned-emaonly, hash "
+                      "6ce0161689; this run uses --model some/model")
+    assert [e.split(":")[2].strip() for e in err[1:]] == [
+        "Hires upscaler", "ADetailer model", "ControlNet 0"]
+    assert all(e.startswith("from_png: not honoured: ") for e in err[1:])
+    # The PNG's prompt, its LoRA tag left out (no --lora_dir): said; the model is the default.
+    argv = ["--from_png", str(png)]
+    args = parser.parse_args(argv)
+    use(args, parser, argv)
+    err = capsys.readouterr().err.splitlines()
+    assert args.prompt == ["masterpiece, a castle on a hill , sunset"] and args.model == "toy"
+    assert err[0].endswith("this run uses the default model, toy (give --model for the PNG's)")
+    assert err[-1].startswith("from_png: not honoured: Lora: detail: no --lora_dir")
+
+
+@pytest.mark.parametrize("case", ["no text", "not a PNG", "missing"])
+def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys):
+    path = {"no text": lambda: _png(tmp_path / "a.png"),
+            "not a PNG": lambda: _png(tmp_path / "a.jpg", fmt="JPEG"),
+            "missing": lambda: tmp_path / "nope.png"}[case]()
+    out = tmp_path / "out"
+    rc = main(["--from_png", str(path), "--outdir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: --from_png")
+    assert not out.exists()
+
+
+def test_png_info_reads_quoted_values_with_the_webui_names(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from sdjax.serve.app import create_app
+    from sdjax.serve.checkpoints import ModelRegistry
+    png = _png(tmp_path / "webui.png", WEBUI_TEXT)
+    app = create_app(ModelRegistry({"tiny": "tiny"}, lambda source: None))
+    r = TestClient(app).post("/sdapi/v1/png-info",
+                             json={"image": base64.b64encode(png.read_bytes()).decode()})
+    assert r.status_code == 200, r.text
+    p = r.json()["parameters"]
+    assert p["Prompt"].endswith("<lora:detail:0.6>, sunset")
+    assert p["ControlNet 0"] == ("Module: canny, Model: control_v11p_sd15_canny [d14c016b], "
+                                 "Weight: 1")
+    assert (p["Variation seed"], p["Variation seed strength"], p["ENSD"]) == ("42", "0.3",
+                                                                             "31337")
+    assert (p["Seed resize from-1"], p["Seed resize from-2"]) == ("448", "640")
+    assert (p["Size-1"], p["Size-2"], p["Hires upscale"], p["Schedule type"]) == (
+        "512", "768", "1.5", "Karras")
+    assert (p["Clip skip"], p["RNG"]) == ("2", "GPU")  # RNG: the WebUI's default, as it says
+
+
+def test_from_png_makes_the_same_image(sd1_folder, tmp_path, capsys):
+    # The shape test_sample_cli compiles: 16x16, 2 steps, the model's scheduler.
+    first = ["--model", str(sd1_folder), "--num_devices", "1"]
+    assert main([*first, "--prompt", "x", "--steps", "2", "--seed", "11",
+                 "--outdir", str(tmp_path / "a")]) == 0
+    (made,) = sorted((tmp_path / "a").glob("*.png"))
+    rc = main([*first, "--from_png", str(made), "--outdir", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    (again,) = sorted((tmp_path / "b").glob("*.png"))
+    assert "not honoured" not in err
+    np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(again)))
+    assert Image.open(made).text["parameters"] == Image.open(again).text["parameters"]
