@@ -1,5 +1,7 @@
 """The compiled, sharded sampler end to end against diffusers' StableDiffusionPipeline."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -43,8 +45,16 @@ def _reference_images(pipe, scheduler, prompts, latents_nhwc, guidance):
                     width=SIZE, output_type="np").images
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2"])
-@pytest.mark.parametrize("scheduler", DETERMINISTIC)
+# SD 1.x with every deterministic scheduler; SD 2.x (v-prediction) with one of each kind of
+# step (PNDM's, a sigma scheduler's, DPM-Solver's with Karras sigmas), every one with
+# SDJAX_PARITY_SCHEDULERS=all (each scheduler's v-prediction step is checked against diffusers
+# in test_schedulers).
+_ALL = os.environ.get("SDJAX_PARITY_SCHEDULERS") == "all"
+CASES = [(s, "sd1") for s in DETERMINISTIC] + [
+    (s, "sd2") for s in DETERMINISTIC if _ALL or s in ("pndm", "euler", "dpmpp_2m_karras")]
+
+
+@pytest.mark.parametrize("scheduler, kind", CASES)
 def test_matches_diffusers(references, ours, kind, scheduler):
     prompts = ["a red circle", "a blue square on a green background"]
     latents = np.random.RandomState(0).randn(2, SIZE // 2, SIZE // 2, 4).astype(np.float32)
