@@ -141,10 +141,10 @@ def test_hub_id_is_asked_for_once_per_process(monkeypatch, tmp_path):
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    resolve._download.cache_clear()
+    resolve.snapshot.cache_clear()
     try:
         assert resolve_model("someone/a-model") == resolve_model("someone/a-model") == tmp_path
         resolve_model("someone/another-model")
         assert calls == ["someone/a-model", "someone/another-model"]
     finally:
-        resolve._download.cache_clear()
+        resolve.snapshot.cache_clear()

@@ -28,7 +28,7 @@ from sdjax.weights.diffusers_folder import _ShapeOnlyRngs
 from sdjax.weights.errors import WeightsError
 from sdjax.weights.files import open_component_weights, open_tensor_file, read_json
 from sdjax.weights.loader import load_state
-from sdjax.weights.resolve import _HUB_ID, SINGLE_FILE_SUFFIXES
+from sdjax.weights.resolve import SINGLE_FILE_SUFFIXES, is_hub_id, snapshot
 
 PREFIX = "control_model."
 _HINT = "input_hint_block."
@@ -83,28 +83,19 @@ def resolve(source: str | Path) -> Path:
     if path.is_dir() or path.is_file():
         return path
     name = str(source)
-    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+    if is_hub_id(name):
         return _download(name)
     raise WeightsError(f"ControlNet not found: {name} (expected a diffusers ControlNetModel "
                        "folder, a .pth/.safetensors file or a hub id)")
 
 
-@functools.cache
 def _download(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise WeightsError("huggingface_hub is needed to download hub models") from None
-    try:
-        path = Path(snapshot_download(repo_id, allow_patterns=[
-            "config.json", "diffusion_pytorch_model*.safetensors*"]))
-        if not any(path.glob("*.safetensors")):  # old repositories: .bin only
-            path = Path(snapshot_download(repo_id, allow_patterns=[
-                "config.json", "diffusion_pytorch_model*.bin*"]))
-        return path
-    except Exception as e:  # hub errors span several classes; one message for all
-        raise WeightsError(f"cannot download the ControlNet {repo_id} ({type(e).__name__}); "
-                           "pass a local folder or file") from None
+    """A hub ControlNet's config and weights: safetensors, else (old repositories) .bin."""
+    instead = "a local ControlNet folder or file"
+    path = snapshot(repo_id, ("config.json", "diffusion_pytorch_model*.safetensors*"), instead)
+    if not any(path.glob("*.safetensors")):
+        path = snapshot(repo_id, ("config.json", "diffusion_pytorch_model*.bin*"), instead)
+    return path
 
 
 def _not_a_controlnet(keys: list[str], what: str) -> None:

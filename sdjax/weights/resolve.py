@@ -40,24 +40,37 @@ def resolve_model(model: str) -> Path:
             raise WeightsError(f"{model}: not a model (expected a diffusers folder or a "
                                f"{', '.join(SINGLE_FILE_SUFFIXES)} checkpoint)")
         return path
-    if _HUB_ID.match(model) and not model.startswith((".", "/")):
+    if is_hub_id(model):
         return _download(model)
     raise WeightsError(f"model not found: {model} (expected 'toy', a diffusers folder, a "
                        ".safetensors/.ckpt file or a hub id such as "
                        "stable-diffusion-v1-5/stable-diffusion-v1-5)")
 
 
-# Once per process and repository: online, every snapshot_download asks the hub for the
-# repository's files, and a CLI resolves its --model more than once (which pipeline, then
-# loading). A failure is not cached, so it is asked again.
-@functools.cache
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hugging Face Hub repository id (``owner/name``)."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/"))
+
+
 def _download(repo_id: str) -> Path:
+    return snapshot(repo_id, tuple(_ALLOW), "a local diffusers folder with --model PATH, or "
+                    "use the bundled 'toy' model")
+
+
+# Once per process, repository and file patterns: online, every snapshot_download asks the hub
+# for the repository's files, and a CLI resolves its --model more than once (which pipeline,
+# then loading). A failure is not cached, so it is asked again.
+@functools.cache
+def snapshot(repo_id: str, patterns: tuple[str, ...], instead: str) -> Path:
+    """The local copy of hub repository ``repo_id``'s files matching ``patterns``; a
+    WeightsError in one line otherwise, whose advice for no connection is to pass
+    ``instead``."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise WeightsError("huggingface_hub is needed to download hub models") from None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_ALLOW))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
     except Exception as e:  # hub errors span requests/httpx/hub classes; one message for all
         name = type(e).__name__
         # LocalEntryNotFoundError is the hub's "offline and not cached", not "no such repo".
@@ -65,5 +78,4 @@ def _download(repo_id: str) -> Path:
             raise WeightsError(f"{repo_id}: not found on the Hugging Face Hub or not "
                                f"accessible ({name})") from None
         raise WeightsError(f"cannot download {repo_id}: no connection to the Hugging Face Hub "
-                           f"({name}). Pass a local diffusers folder with --model PATH, or "
-                           "use the bundled 'toy' model.") from None
+                           f"({name}). Pass {instead}.") from None
