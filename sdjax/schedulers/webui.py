@@ -130,15 +130,21 @@ def _mid(a: float, b: float) -> float:
     return math.exp((math.log(a) + math.log(b)) / 2)
 
 
+def _dpm_2_step(t, s: float, to: float, noise: float = 0.0) -> None:
+    """DPM2's two evaluations from ``s`` to ``to`` (through their log-midpoint), ``noise``
+    added after the second (DPM2 a's ancestral part)."""
+    mid = _mid(s, to)
+    dt1, dt2 = mid - s, to - s
+    t.add(s, x=1 + dt1 / s, d=-dt1 / s, mem=[(1, 0, ())])
+    t.add(mid, x=dt2 / mid, d=-dt2 / mid, b=(1,), noise=noise)
+
+
 def _table_dpm_2(t, sig_, o):
     for s, to in zip(sig_[:-1], sig_[1:], strict=True):
         if to == 0:
             _euler(t, s, to)
-            continue
-        mid = _mid(s, to)
-        dt1, dt2 = mid - s, to - s
-        t.add(s, x=1 + dt1 / s, d=-dt1 / s, mem=[(1, 0, ())])
-        t.add(mid, x=dt2 / mid, d=-dt2 / mid, b=(1,))
+        else:
+            _dpm_2_step(t, s, to)
 
 
 def _table_dpm_2_a(t, sig_, o):
@@ -146,11 +152,8 @@ def _table_dpm_2_a(t, sig_, o):
         down, up = _anc(s, to, o.eta)
         if down == 0:
             _euler(t, s, down)
-            continue
-        mid = _mid(s, down)
-        dt1, dt2 = mid - s, down - s
-        t.add(s, x=1 + dt1 / s, d=-dt1 / s, mem=[(1, 0, ())])
-        t.add(mid, x=dt2 / mid, d=-dt2 / mid, b=(1,), noise=o.s_noise * up)
+        else:
+            _dpm_2_step(t, s, down, noise=o.s_noise * up)
 
 
 def _table_dpmpp_2s_a(t, sig_, o):
