@@ -61,18 +61,18 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     if title is None:
         raise BadRequest(f"model {wanted!r} not found; GET /sdapi/v1/sd-models lists them", 404)
     asked = req.sampler_name or req.sampler_index
-    req = with_model_defaults(req, registry.get(title))
+    pipe = registry.get(title)
+    req = with_model_defaults(req, pipe)
     try:
         # no sampler asked: the model's own scheduler (sdjax.json), as the CLIs run it
         scheduler, schedule_type = (
             sampler_settings(asked, req.scheduler) if asked
-            else (registry.get(title).default_scheduler, None))
+            else (pipe.default_scheduler, None))
     except ValueError as e:
         raise BadRequest(str(e)) from None
     check_generation(width=req.width, height=req.height, steps=req.steps,
                      batch_size=req.batch_size, n_iter=req.n_iter, cfg_scale=req.cfg_scale,
                      seed=req.seed, limits=limits)
-    pipe = registry.get(title)
     if pipe.UPSCALER and not isinstance(req, Img2ImgRequest):
         raise BadRequest(f"{title} is an x4 upscaler: send the low-resolution image to "
                          "/sdapi/v1/img2img (the output is 4x its size)")
