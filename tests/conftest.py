@@ -16,6 +16,11 @@ os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {F
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("SDJAX_COMPILATION_CACHE", "off")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The oracles (diffusers, k-diffusion) run tiny torch models whose ops are far too small to
+# split over threads: with torch's default of one OpenMP thread per core, each xdist worker's
+# threads spin against the other worker's, and a tiny diffusers call costs 12.5 s of CPU
+# instead of 0.5 s (8 steps, 32x32, measured on this 2-core machine while it was busy).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

@@ -73,15 +73,6 @@ def _k_diffusion():
 KD = _k_diffusion()
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The tiny oracle UNet's 8x8 convolutions are slowest spread over threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _Inner(torch.nn.Module):
     """What CompVisDenoiser wraps: ``apply_model(x, t, cond)`` and ``alphas_cumprod``."""
 
