@@ -9,6 +9,7 @@ pulls in training dependencies), with a one-function stand-in for its ``utils``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import sys
@@ -27,6 +28,7 @@ from sdjax.pipeline import StableDiffusionPipeline  # noqa: E402
 from sdjax.schedulers import get_scheduler  # noqa: E402
 from sdjax.schedulers import webui as webui_mod  # noqa: E402
 from sdjax.schedulers import webui_sigmas as ws  # noqa: E402
+from sdjax.schedulers import webui_timesteps as wt  # noqa: E402
 from sdjax.schedulers.start import strength_for_start  # noqa: E402
 from tests.test_noise import webui_nv_randn  # noqa: E402
 from tests.tiny_models import SD15_SCHEDULER, SD21_SCHEDULER  # noqa: E402
@@ -465,3 +467,191 @@ def test_front_ends_name_them():
     assert text("Euler", None).startswith("Steps: 20, Sampler: Euler, Schedule type: Automatic,")
     assert text("Euler", "Beta").startswith("Steps: 20, Sampler: Euler, Schedule type: Beta,")
     assert text("euler", None).startswith("Steps: 20, Sampler: Euler, CFG scale")
+
+
+# -- the WebUI's DDIM and PLMS (over timesteps) and LCM: restated here from its
+# modules/sd_samplers_timesteps_impl.py and sd_samplers_lcm.py (k-diffusion has none) ----------
+
+def _ref_timesteps(eps_fn, sampler, ac, steps, x0, noise, t_enc=None, eta=0.0, noises=()):
+    """The WebUI's ``ddim`` / ``plms`` over ``CompVisSampler.get_timesteps`` (txt2img) or
+    its img2img (``t_enc``: the image noised to timestep t_enc's level, the first t_enc
+    timesteps run). ``eps_fn(x, t)``: the CFG-combined eps; ``ac`` float32 alphas_cumprod."""
+    full = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    x = noise
+    if t_enc is not None:
+        a = ac[full[t_enc]]
+        x = x0 * a.sqrt() + noise * (1 - a).sqrt()
+        full = full[:t_enc]
+    ts = full
+    alphas = ac[ts]
+    prev = ac[torch.nn.functional.pad(ts[:-1], (1, 0))].double()
+    sig = eta * np.sqrt((1 - prev.numpy()) / (1 - alphas.numpy()) * (1 - alphas.numpy()
+                                                                    / prev.numpy()))
+    draws, old = iter(noises), []
+    for i in range(len(ts) - 1):
+        index = len(ts) - 1 - i
+        a_t, a_p = alphas[index].item(), prev[index].item()
+        e_t = eps_fn(x, ts[index].item())
+
+        def x_prev(e, x=x, a_t=a_t, a_p=a_p, s=0.0):
+            x0_ = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
+            return a_p ** 0.5 * x0_ + (1 - a_p - s ** 2) ** 0.5 * e
+
+        if sampler == "DDIM":
+            x = x_prev(e_t, s=float(sig[index])) + (float(sig[index]) * next(draws) if eta
+                                                     else 0)
+            continue
+        if not old:
+            e_next = eps_fn(x_prev(e_t), ts[max(index - 1, 0)].item())
+            e_p = (e_t + e_next) / 2
+        elif len(old) == 1:
+            e_p = (3 * e_t - old[-1]) / 2
+        elif len(old) == 2:
+            e_p = (23 * e_t - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_p = (55 * e_t - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = x_prev(e_p)
+        old = (old + [e_t])[-3:]
+    return x
+
+
+class _RefLCM:
+    """The WebUI's ``LCMCompVisDenoiser`` (restated): 50 of the model's sigmas (timesteps
+    19, 39, ..., 999), the UNet at the nearest, LCM's consistency scalings."""
+
+    def __init__(self, eps_fn, ac):
+        valid = ac[19::20]
+        self.eps_fn, self.sigmas = eps_fn, ((1 - valid) / valid) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+
+    def sigma_to_t(self, sigma):
+        return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(
+            sigma.shape) * 20 + 19
+
+    def get_sigmas(self, n):
+        t = torch.linspace(self.sigma_to_t(self.sigmas[-1]).item(),
+                           self.sigma_to_t(self.sigmas[0]).item(), n)
+        t = torch.clamp((t - 19) / 20, 0, 49).float()
+        lo, hi, w = t.floor().long(), t.ceil().long(), t.frac()
+        sig = ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+        return torch.cat([sig, sig.new_zeros(1)])
+
+    def __call__(self, x, sigma):
+        t = self.sigma_to_t(sigma)
+        eps = self.eps_fn(x / (sigma ** 2 + 1) ** 0.5, t.item())
+        ts = t.float() * 10
+        c_skip, c_out = 0.25 / (ts ** 2 + 0.25), ts / (ts ** 2 + 0.25) ** 0.5
+        return c_out * (x - sigma * eps) + c_skip * x
+
+
+def _ref_lcm(eps_fn, ac, steps, x0, noise, start, noises):
+    """``sample_lcm`` from the WebUI's k-diffusion start (txt2img: noise * sigmas[0])."""
+    den = _RefLCM(eps_fn, ac)
+    sigmas = den.get_sigmas(steps)[start:]
+    x = noise * sigmas[0] + (0 if x0 is None else x0)
+    draws = iter(noises)
+    for s, to in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x = den(x, s)
+        if to > 0:
+            x = x + to * next(draws)
+    return x
+
+
+def _ours_timesteps(eps_fn, sched, steps, x0, noise, begin, step_noises):
+    """Our WebUI timesteps sampler's loop, step by step, around ``eps_fn(xin, t)`` (numpy)."""
+    shape = noise.shape
+    if x0 is None:
+        state = sched.set_timesteps(steps, sample_shape=shape)
+        x = noise * np.asarray(state.init_sigma)
+    else:
+        state = sched.img2img_state(steps, begin)
+        c = np.asarray(state.start_coefs)
+        x = x0 * c[0] + noise * c[1]
+    x = jnp.asarray(x)
+    step = _stepper_any()
+    div, ts, draws = (np.asarray(a) for a in (state.input_div, state.timesteps, state.draw))
+    for i in range(sched.num_evaluations(state)):
+        eps = eps_fn(np.asarray(x) / div[i], ts[i])
+        n = step_noises[draws[i]] if draws[i] >= 0 else np.zeros(shape, np.float32)
+        x, state = step(sched, state, i, jnp.asarray(eps), x, n)
+    return np.asarray(x)
+
+
+@functools.cache
+def _stepper_any():
+    """One jitted step, the scheduler static (LCM reads its own prediction rule)."""
+    return jax.jit(lambda sched, state, i, eps, x, n: sched.step(state, i, eps, x, noise=n),
+                   static_argnums=0)
+
+
+def _timesteps_case(sampler, config, eps_np, eps_torch, steps, begin, rng, eta=0.0,
+                    shape=(2, 3, 3, 2)):
+    """(ours, the WebUI's restated) for one run of DDIM / PLMS / LCM."""
+    sched = get_scheduler(sampler, config)
+    if eta:
+        sched = dataclasses.replace(sched, eta_ddim=eta)
+    ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(sched.schedule), np.float32))
+    noise = rng.standard_normal(shape).astype(np.float32)
+    x0 = None if begin is None else rng.standard_normal(shape).astype(np.float32)
+    step_noises = rng.standard_normal((steps + 2, *shape)).astype(np.float32)
+    ours = _ours_timesteps(eps_np, sched, steps, x0, noise, begin, step_noises)
+    nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+    xs = [None if x0 is None else nchw(x0), nchw(noise), [nchw(n) for n in step_noises]]
+    with torch.no_grad():
+        if sampler == "LCM":
+            ref = _ref_lcm(eps_torch, ac, steps, xs[0], xs[1], begin or 0, xs[2])
+        else:
+            t_enc = None if begin is None else steps - 1 - begin
+            ref = _ref_timesteps(eps_torch, sampler, ac, steps, xs[0], xs[1], t_enc, eta,
+                                 xs[2])
+    return ours, np.transpose(ref.numpy(), (0, 2, 3, 1))
+
+
+def _fake_eps(x, t):
+    """A smooth stand-in for the UNet's eps at timestep t (numpy or torch alike)."""
+    return x * 0.5 + 0.05 * (float(t) / 1000) - 0.2
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "LCM"])
+def test_timestep_samplers_restate_the_webui(sampler):
+    """The WebUI's DDIM (eta 0 and its eta), PLMS and LCM over a stand-in eps, against the
+    WebUI's own loops restated: step counts that divide 1000 and that do not (one timestep
+    more), txt2img and img2img by the WebUI's timesteps rule, epsilon and v-prediction."""
+    rng = np.random.default_rng(3)
+    for config, steps, begin, eta in ((SD15_SCHEDULER, 4, None, 0.0),
+                                      (SD15_SCHEDULER, 7, None, 0.0),
+                                      (SD15_SCHEDULER, 8, 3, 0.0),
+                                      (SD21_SCHEDULER, 6, None, 0.5),
+                                      (SD21_SCHEDULER, 5, 0, 0.0),
+                                      (SD21_SCHEDULER, 6, 1, 0.7)):
+        if eta and sampler != "DDIM":
+            continue
+        vpred = config.get("prediction_type") == "v_prediction" and sampler != "LCM"
+        ac = np.asarray(ws.webui_alphas_cumprod(get_scheduler("Euler", config).schedule),
+                        np.float32)
+
+        def eps_np(x, t, vpred=vpred):
+            out = _fake_eps(x, t)
+            if not vpred:
+                return out
+            # the UNet's v whose eps (the WebUI's predict_eps_from_z_and_v) is _fake_eps
+            a = float(ac[int(round(float(t)))])
+            return (out - (1 - a) ** 0.5 * x) / a ** 0.5
+
+        def eps_torch(x, t):
+            return _fake_eps(x, t)  # the reference sees eps (its V denoiser converts)
+
+        ours, ref = _timesteps_case(sampler, config, eps_np, eps_torch, steps, begin, rng,
+                                    eta)
+        if sampler == "LCM" and steps == 4:
+            # every step count's LCM timesteps, ties halfway between two of them included
+            sched = get_scheduler("LCM", config)
+            lcm = _RefLCM(None, torch.tensor(ac))
+            for n in range(1, 99):  # (99 and 197: a tie rounds the other way in torch)
+                want = lcm.sigma_to_t(lcm.get_sigmas(n)[:-1]).numpy()
+                sig, ls = wt.lcm_sigmas(n, sched.model_sigmas)
+                np.testing.assert_array_equal([wt.lcm_timestep(x, ls) for x in sig[:-1]],
+                                              want, err_msg=f"LCM {n} steps")
+        assert np.abs(ref).max() > 0.1
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{sampler} {steps} from {begin} eta {eta}")

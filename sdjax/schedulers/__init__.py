@@ -32,7 +32,9 @@ from sdjax.schedulers.heun import Heun
 from sdjax.schedulers.lcm import LCM
 from sdjax.schedulers.lms import LMS
 from sdjax.schedulers.pndm import PNDM
-from sdjax.schedulers.webui import WEBUI_SAMPLER_NAMES, WebUISampler
+from sdjax.schedulers import webui as _webui
+from sdjax.schedulers.webui import WebUISampler
+from sdjax.schedulers.webui_timesteps import TIMESTEP_SAMPLERS, WebUITimestepSampler
 from sdjax.schedulers.webui_sigmas import SCHEDULE_TYPES, schedule_type_label
 
 # name -> (our class, the diffusers class it reproduces, options forced on top of the model's
@@ -58,6 +60,12 @@ _REGISTRY: dict[str, tuple[type[Scheduler], str, dict[str, Any]]] = {
     "lcm": (LCM, "LCMScheduler", {}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# The WebUI's samplers by their labels: its k-diffusion samplers (sdjax.schedulers.webui),
+# then its DDIM and PLMS over timesteps and LCM (sdjax.schedulers.webui_timesteps).
+WEBUI_SAMPLER_NAMES: tuple[str, ...] = _webui.WEBUI_SAMPLER_NAMES + tuple(TIMESTEP_SAMPLERS)
+# label -> the WebUI's aliases of it
+WEBUI_ALIASES: dict[str, tuple[str, ...]] = {
+    **_webui.ALIASES, **{k: v[1] for k, v in TIMESTEP_SAMPLERS.items()}}
 # What scheduler= accepts: our diffusers-equivalent names, then the WebUI's sampler names
 # (its k-diffusion samplers, sdjax.schedulers.webui).
 ALL_SCHEDULER_NAMES: tuple[str, ...] = SCHEDULER_NAMES + WEBUI_SAMPLER_NAMES
@@ -88,7 +96,8 @@ def get_scheduler(name: str, config: Mapping[str, Any], *, schedule_type: str | 
     "Align Your Steps" table); the other names take none."""
     label = webui_sampler_label(name)
     if label is not None:
-        return WebUISampler.from_config(config, sampler=label,
+        cls = WebUITimestepSampler if label in TIMESTEP_SAMPLERS else WebUISampler
+        return cls.from_config(config, sampler=label,
                                         schedule_type=schedule_type_label(schedule_type),
                                         sdxl=bool(sdxl))
     if schedule_type not in (None, "Automatic"):
@@ -117,8 +126,10 @@ __all__ = [
     "ALL_SCHEDULER_NAMES",
     "SCHEDULER_NAMES",
     "SCHEDULE_TYPES",
+    "WEBUI_ALIASES",
     "WEBUI_SAMPLER_NAMES",
     "WebUISampler",
+    "WebUITimestepSampler",
     "webui_sampler_label",
     "NoiseSchedule",
     "Scheduler",

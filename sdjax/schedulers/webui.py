@@ -356,6 +356,7 @@ class WebUISampler(sig.SigmaScheduler):
     sdxl: bool  # "Align Your Steps" has an SDXL table
 
     name: ClassVar[str] = "webui"
+    known: ClassVar[dict[str, Any]] = SAMPLERS  # the sampler names this class runs
     blends_denoised: ClassVar[bool] = True  # inpainting blends the denoised estimate
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
     defaults: ClassVar[dict[str, Any]] = {
@@ -367,9 +368,9 @@ class WebUISampler(sig.SigmaScheduler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.sampler not in SAMPLERS:
+        if self.sampler not in self.known:
             raise ValueError(f"unknown WebUI sampler {self.sampler!r}; choose one of "
-                             f"{', '.join(WEBUI_SAMPLER_NAMES)}")
+                             f"{', '.join(self.known)}")
         object.__setattr__(self, "schedule_type", ws.schedule_type_label(self.schedule_type))
 
     @property
@@ -379,6 +380,11 @@ class WebUISampler(sig.SigmaScheduler):
     @property
     def info(self) -> SamplerInfo:
         return SAMPLERS[self.sampler]
+
+    @property
+    def denoiser_prediction(self) -> str:
+        """What the WebUI's denoiser takes the UNet's output to be."""
+        return self.prediction_type
 
     @property
     def order(self) -> int:  # type: ignore[override]
@@ -456,7 +462,7 @@ class WebUISampler(sig.SigmaScheduler):
                 raise ValueError(f"the state was built for samples {memory.shape[1:]}, "
                                  f"not {x.shape}")
             memory = jnp.zeros((memory.shape[0], *x.shape), jnp.float32)
-        den = sig.x0_from_sigma(self.prediction_type, model_output.astype(jnp.float32), x,
+        den = sig.x0_from_sigma(self.denoiser_prediction, model_output.astype(jnp.float32), x,
                                 state.sigma[i], state.v[i])
         if blend is not None:
             image, repaint = blend
