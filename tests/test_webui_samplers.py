@@ -630,7 +630,7 @@ def test_timestep_samplers_restate_the_webui(sampler):
         ac = np.asarray(ws.webui_alphas_cumprod(get_scheduler("Euler", config).schedule),
                         np.float32)
 
-        def eps_np(x, t, vpred=vpred):
+        def eps_np(x, t, vpred=vpred, ac=ac):
             out = _fake_eps(x, t)
             if not vpred:
                 return out

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sdjax.schedulers import webui as _webui
 from sdjax.schedulers.common import NoiseSchedule, Scheduler
 from sdjax.schedulers.ddim import DDIM
 from sdjax.schedulers.ddpm import DDPM
@@ -32,10 +33,9 @@ from sdjax.schedulers.heun import Heun
 from sdjax.schedulers.lcm import LCM
 from sdjax.schedulers.lms import LMS
 from sdjax.schedulers.pndm import PNDM
-from sdjax.schedulers import webui as _webui
 from sdjax.schedulers.webui import WebUISampler
-from sdjax.schedulers.webui_timesteps import TIMESTEP_SAMPLERS, WebUITimestepSampler
 from sdjax.schedulers.webui_sigmas import SCHEDULE_TYPES, schedule_type_label
+from sdjax.schedulers.webui_timesteps import TIMESTEP_SAMPLERS, WebUITimestepSampler
 
 # name -> (our class, the diffusers class it reproduces, options forced on top of the model's
 # config: ours take them, and so does the diffusers class when built as the reference).
