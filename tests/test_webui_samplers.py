@@ -655,3 +655,54 @@ def test_timestep_samplers_restate_the_webui(sampler):
         assert np.abs(ref).max() > 0.1
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5,
                                    err_msg=f"{sampler} {steps} from {begin} eta {eta}")
+
+
+def _unet_eps(model):
+    """(ours, the WebUI's) CFG-combined UNet output at an integer timestep: ours the raw
+    output the loop feeds the step; the WebUI's (CompVisTimestepsDenoiser /
+    CompVisTimestepsVDenoiser restated) eps, or the raw output for LCM's denoiser (``raw``)."""
+    ac = np.asarray(ws.webui_alphas_cumprod(get_scheduler("Euler", model["config"]).schedule),
+                    np.float32)
+    vpred = model["config"].get("prediction_type") == "v_prediction"
+
+    def ours(x, t):
+        b = x.shape[0]
+        out = model["unet"](jnp.concatenate([x, x]), jnp.float32(t), model["ctx"])
+        return np.asarray(out[:b] + CFG * (out[b:] - out[:b]))
+
+    def webui(x, t, raw=False):
+        b, ctx = x.shape[0], model["cfg"].ctx
+        out = model["ref"].unet(torch.cat([x, x]), torch.tensor(float(t)),
+                                encoder_hidden_states=torch.cat([ctx[b:], ctx[:b]])).sample
+        if vpred and not raw:  # predict_eps_from_z_and_v
+            a = torch.tensor(ac[int(t)])
+            out = a.sqrt() * out + (1 - a).sqrt() * torch.cat([x, x])
+        cond, uncond = out[:b], out[b:]
+        return uncond + (cond - uncond) * CFG
+
+    return ours, webui
+
+
+TIMESTEP_CASES = {  # model -> (sampler, steps, img2img start step (k-diffusion rule) or None)
+    "sd1": [("DDIM", 6, None), ("PLMS", 5, 1), ("LCM", 4, None)],
+    "sd2": [("DDIM", 8, 2), ("PLMS", 7, None), ("LCM", 4, 1)],
+}
+
+
+def test_timestep_samplers_match_the_webui(model):
+    """The WebUI's DDIM, PLMS and LCM around our UNet (our step loop) against the WebUI's
+    loops restated around the diffusers UNet: SD 1.x and v-prediction SD 2.x, txt2img and
+    img2img by the WebUI's timesteps rule; within 1e-5 of the latents' scale."""
+    rng = np.random.default_rng(7)
+    ours_eps, webui_eps = _unet_eps(model)
+    worst = {}
+    for sampler, steps, begin in TIMESTEP_CASES[model["kind"]]:
+        ours, ref = _timesteps_case(
+            sampler, model["config"], ours_eps,
+            functools.partial(webui_eps, raw=sampler == "LCM"), steps, begin, rng,
+            shape=(1, 8, 8, 4))
+        worst[(sampler, steps, begin)] = (float(np.abs(ours - ref).max()),
+                                          float(np.abs(ref).max()))
+        assert np.abs(ref).max() > 0.1
+    bad = {k: v for k, v in worst.items() if not v[0] <= 1e-5 * max(10.0, v[1])}
+    assert not bad, f"(max |ours - WebUI|, max |WebUI|) off: {bad} (all: {worst})"
