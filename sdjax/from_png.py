@@ -119,6 +119,11 @@ def _sampler(label: str, schedule: str | None, ours: bool, lines: list[str]
                 return label[:-len(suffix) - 1], suffix
     if label in WEBUI_SAMPLER_NAMES:
         return label, schedule or "Automatic"
+    from sdjax.schedulers.webui import NOT_FIXED_STEP
+    if label in NOT_FIXED_STEP:
+        lines.append(f"Sampler: {label}: not supported ({NOT_FIXED_STEP[label]}); using the "
+                     f"model's default")
+        return None, None
     lines.append(f"Sampler: {label}: sdjax has no such sampler; using the model's default")
     return None, None
 

@@ -71,6 +71,17 @@ WEBUI_ALIASES: dict[str, tuple[str, ...]] = {
 ALL_SCHEDULER_NAMES: tuple[str, ...] = SCHEDULER_NAMES + WEBUI_SAMPLER_NAMES
 
 
+def refuse_not_fixed_step(name: str | None, what: str = "sampler") -> None:
+    """Raise the one-line ValueError for a WebUI sampler sdjax cannot run ("DPM adaptive",
+    any spelling or alias)."""
+    if not isinstance(name, str):
+        return
+    for label, why in _webui.NOT_FIXED_STEP.items():
+        if name.strip().lower() in (label.lower(), "k_dpm_ad"):
+            raise ValueError(f"{what} {label!r} is not supported: {why}; use \"DPM fast\" "
+                             f"(a fixed number of steps) or another sampler")
+
+
 def webui_sampler_label(name: str | None) -> str | None:
     """``name`` if it is a WebUI sampler's label ("DPM++ 2M"), else None (a
     diffusers-equivalent name, or unknown). The server also takes the WebUI's aliases
@@ -94,6 +105,7 @@ def get_scheduler(name: str, config: Mapping[str, Any], *, schedule_type: str | 
     """The scheduler `name` configured from a parsed scheduler_config.json. A WebUI sampler
     name takes the WebUI's ``schedule_type`` (None: "Automatic"; ``sdxl`` picks SDXL's
     "Align Your Steps" table); the other names take none."""
+    refuse_not_fixed_step(name, "scheduler")
     label = webui_sampler_label(name)
     if label is not None:
         cls = WebUITimestepSampler if label in TIMESTEP_SAMPLERS else WebUISampler
@@ -136,4 +148,5 @@ __all__ = [
     "default_scheduler_name",
     "diffusers_equivalent",
     "get_scheduler",
+    "refuse_not_fixed_step",
 ]

@@ -266,9 +266,3 @@ class WebUITimestepSampler(webui.WebUISampler):
             draw=jnp.asarray(np.asarray(t.draw, np.int32)),
             memory=jnp.zeros(shape, jnp.float32),
         )
-
-    def img2img_state(self, steps: int, begin: int) -> webui.WebUIState:
-        """The img2img run that starts at step ``begin`` (``start_table``'s hook: txt2img
-        and img2img differ at the same start here)."""
-        from sdjax.schedulers.start import strength_for_start
-        return self.set_timesteps(steps, strength_for_start(steps, begin), img2img=True)

@@ -8,7 +8,13 @@ image's ``parameters`` are the same string.
 from __future__ import annotations
 
 from sdjax.images import SAMPLER_LABELS
-from sdjax.schedulers import WEBUI_ALIASES, WEBUI_SAMPLER_NAMES, webui, webui_sigmas
+from sdjax.schedulers import (
+    WEBUI_ALIASES,
+    WEBUI_SAMPLER_NAMES,
+    refuse_not_fixed_step,
+    webui,
+    webui_sigmas,
+)
 
 # Other spellings clients send: the WebUI's own aliases (k-diffusion names), "PNDM" (which the
 # WebUI calls PLMS), and our names themselves.
@@ -60,6 +66,7 @@ def sampler_settings(sampler_name: str | None,
     its DDIM, PLMS and LCM (``sdjax.schedulers.webui_timesteps``); the others (DDPM, sdjax's
     diffusers-equivalent names) as :func:`scheduler_for` maps them. Raises ValueError
     naming the choices."""
+    refuse_not_fixed_step(sampler_name)
     wanted = (sampler_name or DEFAULT_SAMPLER).strip().lower()
     for label in WEBUI_SAMPLER_NAMES:
         names = [label, *WEBUI_ALIASES[label]]
