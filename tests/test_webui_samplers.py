@@ -770,3 +770,48 @@ def test_pipeline_runs_the_timestep_samplers(model, monkeypatch):
     diff = np.abs(np.asarray(out) - ref).max()
     assert np.abs(ref).max() > 0.1
     assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_pipeline_inpaints_as_the_webui(model, monkeypatch):
+    """Inpainting with a WebUI k-diffusion sampler ("Euler a", 5 steps at denoising strength
+    0.75: the WebUI's t_enc = 3) through the pipeline against k-diffusion around the WebUI's
+    CFGDenoiser with its mask blend (``denoised = init_latent * mask + nmask * denoised`` at
+    every evaluation, ``mask`` the kept region) and processing.py's final blend of the
+    samples, from the image's latents plus the noise at the start sigma. (The blend does not
+    depend on the prediction type: SD 1.x alone.)"""
+    pipe, ref_pipe = model["pipe"], model["ref"]
+    f = pipe.vae_scale_factor
+    size, steps, strength = 8 * f, 5, 0.75
+    rng = np.random.default_rng(11)
+    shape = (1, 8, 8, 4)
+    noise = rng.standard_normal(shape).astype(np.float32)
+    step_noises = rng.standard_normal((8, *shape)).astype(np.float32)
+    monkeypatch.setattr(webui_mod, "step_noise",
+                        lambda key, draw, like: jnp.asarray(step_noises)[draw])
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[2 * f:5 * f, 3 * f:7 * f] = 255  # whole latent cells
+    out = np.asarray(pipe("a red circle", image=pixels, mask_image=mask, strength=strength,
+                          scheduler="Euler a", num_inference_steps=steps, guidance_scale=CFG,
+                          height=size, width=size, latents=noise,
+                          output_type="latent").images)
+    nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+    with torch.no_grad():
+        signed = torch.tensor(pixels.astype(np.float32) / 255 * 2 - 1).permute(2, 0, 1)[None]
+        init = (ref_pipe.vae.encode(signed).latent_dist.mean
+                * ref_pipe.vae.config.scaling_factor)
+        nmask = torch.tensor(mask[::f, ::f] / 255.0, dtype=torch.float32)[None, None]
+        keep = 1 - nmask
+        sigmas = torch.tensor(get_scheduler("Euler a", model["config"]).sigmas(steps))
+        t_enc = int(strength * steps)
+        sched = sigmas[steps - t_enc - 1:]
+        draws = iter(step_noises)
+        ref = KD[0].sample_euler_ancestral(
+            lambda x, s: init * keep + nmask * model["cfg"](x, s), init + nchw(noise) * sched[0],
+            sched, disable=True, noise_sampler=lambda s, s_next: nchw(next(draws)))
+        ref = init * keep + nmask * ref
+    ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+    assert np.abs(ref - np.transpose(init.numpy(), (0, 2, 3, 1))).max() > 0.1
+    diff = np.abs(out - ref).max()
+    assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
