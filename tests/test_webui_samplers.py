@@ -715,7 +715,7 @@ def _unet_eps(model):
 
 TIMESTEP_CASES = {  # model -> (sampler, steps, img2img start step (k-diffusion rule) or None)
     "sd1": [("DDIM", 6, None), ("PLMS", 5, 1)],  # (and DDIM img2img through the pipeline)
-    "sd2": [("DDIM", 8, 2), ("PLMS", 7, None), ("LCM", 4, 1)],  # (LCM txt2img: pipeline)
+    "sd2": [("DDIM", 8, 2), ("PLMS", 7, None), ("LCM", 4, 1), ("LCM", 5, None)],
 }
 
 
@@ -738,34 +738,27 @@ def test_timestep_samplers_match_the_webui(model):
     assert not bad, f"(max |ours - WebUI|, max |WebUI|) off: {bad} (all: {worst})"
 
 
-def test_pipeline_runs_the_timestep_samplers(model, monkeypatch):
-    """Through the pipeline (the compiled loop, img2img's start table): SD 1.x img2img with
-    "DDIM" at denoising strength 0.6 (the WebUI's t_enc = 3 of 5 steps) and v-prediction SD 2.x
-    txt2img with "LCM" (its per-step noise through the hook), against the WebUI's loops."""
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_pipeline_runs_the_timestep_samplers(model):
+    """Through the pipeline (the compiled loop, img2img's start table with the timesteps
+    samplers' own img2img states): SD 1.x img2img with "DDIM" at denoising strength 0.6 (the
+    WebUI's t_enc = 3 of 5 steps) against the WebUI's loop. (The step is the one the UNet
+    tests above drive, LCM and v-prediction included.)"""
     pipe = model["pipe"]
     rng = np.random.default_rng(9)
     shape = (1, 8, 8, 4)
     noise = rng.standard_normal(shape).astype(np.float32)
-    step_noises = rng.standard_normal((8, *shape)).astype(np.float32)
-    monkeypatch.setattr(webui_mod, "step_noise",
-                        lambda key, draw, like: jnp.asarray(step_noises)[draw])
+    image = rng.standard_normal(shape).astype(np.float32)
     size = 8 * pipe.vae_scale_factor
-    common = dict(num_inference_steps=5, guidance_scale=CFG, height=size, width=size,
-                  latents=noise, output_type="latent")
+    out = pipe("a red circle", scheduler="DDIM", image=image, strength=0.6,
+               num_inference_steps=5, guidance_scale=CFG, height=size, width=size,
+               latents=noise, output_type="latent").images
     _, webui_eps = _unet_eps(model)
-    sched = get_scheduler("DDIM" if model["kind"] == "sd1" else "LCM", model["config"])
+    sched = get_scheduler("DDIM", model["config"])
     ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(sched.schedule), np.float32))
     nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
     with torch.no_grad():
-        if model["kind"] == "sd1":
-            image = rng.standard_normal(shape).astype(np.float32)
-            out = pipe("a red circle", scheduler="DDIM", image=image, strength=0.6,
-                       **common).images
-            ref = _ref_timesteps(webui_eps, "DDIM", ac, 5, nchw(image), nchw(noise), t_enc=3)
-        else:
-            out = pipe("a red circle", scheduler="LCM", **common).images
-            ref = _ref_lcm(functools.partial(webui_eps, raw=True), ac, 5, None, nchw(noise),
-                           0, [nchw(n) for n in step_noises])
+        ref = _ref_timesteps(webui_eps, "DDIM", ac, 5, nchw(image), nchw(noise), t_enc=3)
     ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
     diff = np.abs(np.asarray(out) - ref).max()
     assert np.abs(ref).max() > 0.1
