@@ -50,7 +50,11 @@ class Sampling:
 
     def schedule_label(self) -> str | None:
         """The ``Schedule type`` the WebUI writes for this sampler (None: not a WebUI one)."""
-        from sdjax.schedulers.webui import infotext_schedule
+        from sdjax.schedulers import WEBUI_SAMPLER_NAMES, schedule_type_label
+        from sdjax.schedulers.webui import SAMPLERS, infotext_schedule
+        if self.scheduler in WEBUI_SAMPLER_NAMES and self.scheduler not in SAMPLERS:
+            # DDIM, PLMS, LCM: no schedule of their own; the WebUI writes what was chosen
+            return schedule_type_label(self.schedule_type)
         return infotext_schedule(self.scheduler, self.schedule_type)
 
     def parameters(self) -> dict[str, str]:

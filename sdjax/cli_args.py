@@ -253,7 +253,12 @@ def apply_adapters(args: argparse.Namespace, pipe) -> list[str]:
 
 def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = True) -> None:
     """Validate the flags of :func:`add_common_arguments` before anything loads."""
-    from sdjax.schedulers import ALL_SCHEDULER_NAMES, SCHEDULE_TYPES, webui_sampler_label
+    from sdjax.schedulers import (
+        ALL_SCHEDULER_NAMES,
+        SCHEDULE_TYPES,
+        refuse_not_fixed_step,
+        webui_sampler_label,
+    )
 
     try:
         if args.steps is not None:
@@ -282,6 +287,7 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
             if v is not None and v * MIN_SIDE > args.max_pixels:
                 raise ValueError(f"--{name} {v} is too large: even {MIN_SIDE} pixels the "
                                  f"other way exceed --max_pixels {args.max_pixels}")
+        refuse_not_fixed_step(args.scheduler, "--scheduler")
         validation.check_choice(args.scheduler, "--scheduler", ALL_SCHEDULER_NAMES,
                                 allow_none=True)
         schedule_type = getattr(args, "schedule_type", None)
@@ -298,6 +304,7 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
         if hires is not None and getattr(args, "refiner", None) is not None:
             raise ValueError("the hires fix does not go with --refiner")
         if hires is not None and hires.scheduler is not None:
+            refuse_not_fixed_step(hires.scheduler, "--hires_scheduler")
             validation.check_choice(hires.scheduler, "--hires_scheduler", ALL_SCHEDULER_NAMES)
         if args.lora_dir is not None and not args.lora_dir.expanduser().is_dir():
             raise ValueError(f"--lora_dir folder not found: {args.lora_dir}")

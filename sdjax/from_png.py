@@ -33,9 +33,6 @@ _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::[^>]*)?>")
 # The WebUI's schedule types that old infotexts (before 1.9) append to the sampler's name.
 _OLD_SCHEDULE_SUFFIXES = ("Karras", "Exponential", "SGM Uniform", "Uniform", "Align Your Steps",
                           "KL Optimal", "Polyexponential", "Simple", "Normal", "Beta")
-# WebUI samplers that are not its k-diffusion ones: sdjax's diffusers-equivalent is close but
-# not the same numbers.
-_NEAR = {"DDIM": "ddim", "PLMS": "pndm", "LCM": "lcm"}
 # Fields that describe the image but change nothing sdjax would do differently, or are sdjax's
 # own bookkeeping; read silently.
 _QUIET = {"Model hash", "Model", "Seed index", "Lora hashes", "TI hashes", "Version",
@@ -122,10 +119,11 @@ def _sampler(label: str, schedule: str | None, ours: bool, lines: list[str]
                 return label[:-len(suffix) - 1], suffix
     if label in WEBUI_SAMPLER_NAMES:
         return label, schedule or "Automatic"
-    if label in _NEAR:
-        lines.append(f"Sampler: {label}: not the WebUI's own here; using sdjax's "
-                     f"{_NEAR[label]} (diffusers' numbers, not the same image)")
-        return _NEAR[label], None
+    from sdjax.schedulers.webui import NOT_FIXED_STEP
+    if label in NOT_FIXED_STEP:
+        lines.append(f"Sampler: {label}: not supported ({NOT_FIXED_STEP[label]}); using the "
+                     f"model's default")
+        return None, None
     lines.append(f"Sampler: {label}: sdjax has no such sampler; using the model's default")
     return None, None
 

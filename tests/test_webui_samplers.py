@@ -9,6 +9,7 @@ pulls in training dependencies), with a one-function stand-in for its ``utils``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import sys
@@ -27,6 +28,7 @@ from sdjax.pipeline import StableDiffusionPipeline  # noqa: E402
 from sdjax.schedulers import get_scheduler  # noqa: E402
 from sdjax.schedulers import webui as webui_mod  # noqa: E402
 from sdjax.schedulers import webui_sigmas as ws  # noqa: E402
+from sdjax.schedulers import webui_timesteps as wt  # noqa: E402
 from sdjax.schedulers.start import strength_for_start  # noqa: E402
 from tests.test_noise import webui_nv_randn  # noqa: E402
 from tests.tiny_models import SD15_SCHEDULER, SD21_SCHEDULER  # noqa: E402
@@ -37,7 +39,7 @@ FUNCS = {
     "Heun": "sample_heun", "DPM2": "sample_dpm_2", "DPM2 a": "sample_dpm_2_ancestral",
     "DPM++ 2S a": "sample_dpmpp_2s_ancestral", "LMS": "sample_lms",
     "DPM++ SDE": "sample_dpmpp_sde", "DPM++ 2M SDE": "sample_dpmpp_2m_sde",
-    "DPM++ 3M SDE": "sample_dpmpp_3m_sde",
+    "DPM++ 3M SDE": "sample_dpmpp_3m_sde", "DPM fast": "sample_dpm_fast",
 }
 
 
@@ -167,12 +169,25 @@ def _reference(m, sampler, sigmas, start, x0, noise, step_noises):
     kwargs = {}
     if sampler in STOCHASTIC:
         kwargs["noise_sampler"] = lambda s, s_next: nchw(next(draws))
+    if sampler == "DPM fast":  # the WebUI's arguments: the model's sigma range in txt2img,
+        # the schedule's start sigma to its last nonzero one in img2img
+        if x0 is None:
+            model_sigmas = ws.ModelSigmas.from_schedule(get_scheduler("Euler", SD15_SCHEDULER)
+                                                        .schedule)
+            lo, hi, n = model_sigmas.sigma_min, model_sigmas.sigma_max, len(sigmas) - 1
+        else:
+            lo, hi, n = sched[-2].item(), sched[0].item(), len(sched) - 1
+        kwargs.update(sigma_min=lo, sigma_max=hi, n=n)
+        with torch.no_grad():
+            out = KD[0].sample_dpm_fast(m["cfg"], x, disable=True, eta=1.0, **kwargs)
+        return np.transpose(out.numpy(), (0, 2, 3, 1))
     with torch.no_grad():
         out = getattr(KD[0], FUNCS[sampler])(m["cfg"], x, sched, disable=True, **kwargs)
     return np.transpose(out.numpy(), (0, 2, 3, 1))
 
 
-STOCHASTIC = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE")
+STOCHASTIC = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE",
+              "DPM fast")
 
 
 def _fake_denoiser(x, sigma):
@@ -205,7 +220,10 @@ def test_samplers_restate_k_diffusion(sampler):
                 step_noises[draw] if draw >= 0 else np.zeros(shape, np.float32)))
         ref = _reference(dict(cfg=_fake_denoiser), sampler, sigmas, start, x0, noise,
                          step_noises)
-        np.testing.assert_allclose(np.asarray(x), ref, rtol=1e-5, atol=1e-5,
+        # DPM fast works in float32 log time (t = -log sigma): k-diffusion's own float32 run is
+        # ~1e-5 from its float64 one here, and so is ours
+        tol = 3e-5 if sampler == "DPM fast" else 1e-5
+        np.testing.assert_allclose(np.asarray(x), ref, rtol=tol, atol=tol,
                                    err_msg=f"{sampler} {schedule} {steps} from {start}")
 
 
@@ -215,7 +233,7 @@ CASES = {  # model -> (sampler, schedule type, steps, img2img start step or None
             ("DPM++ 3M SDE", "Automatic", 6, None), ("DPM++ 2M", "Karras", 6, 2)],
     "sd2": [("Euler", "Automatic", 5, None), ("DPM2 a", "Automatic", 4, None),
             ("DPM++ 2S a", "SGM Uniform", 4, None), ("LMS", "Uniform", 6, 3),
-            ("DPM++ 2M SDE", "Karras", 6, 1)],
+            ("DPM++ 2M SDE", "Karras", 6, 1), ("DPM fast", "Automatic", 5, 2)],
 }
 
 
@@ -437,7 +455,20 @@ def test_front_ends_name_them():
     assert sampler_settings("DPM++ 2M Karras", "") == ("DPM++ 2M", "Karras")
     assert sampler_settings("k_euler_a", None) == ("Euler a", "Automatic")
     assert sampler_settings("dpm++ sde", "exponential") == ("DPM++ SDE", "Exponential")
-    assert sampler_settings("DDIM", None) == ("ddim", None)
+    # the WebUI's own DDIM, PLMS, LCM and DPM fast; DPM adaptive refused in one line
+    assert sampler_settings("DDIM", None) == ("DDIM", "Automatic")
+    assert sampler_settings("plms", None) == ("PLMS", "Automatic")
+    assert sampler_settings("k_lcm", None) == ("LCM", "Automatic")
+    assert sampler_settings("k_dpm_fast", None) == ("DPM fast", "Automatic")
+    assert sampler_settings("DDPM", None) == ("ddpm", None)
+    for name in ("DPM adaptive", "k_dpm_ad"):
+        with pytest.raises(ValueError, match="^sampler 'DPM adaptive' is not supported: an "
+                                             "adaptive-step solver"):
+            sampler_settings(name, None)
+    with pytest.raises(Exception, match="--scheduler .DPM adaptive. is not supported"):
+        cli_args.check_common_args(p.parse_args(["--scheduler", "DPM adaptive"]))
+    with pytest.raises(ValueError, match="LCM sampler runs its own schedule"):
+        get_scheduler("LCM", SD15_SCHEDULER, schedule_type="Karras")
     with pytest.raises(ValueError, match="unknown schedule_type 'Karas'"):
         sampler_settings("Euler", "Karas")
     names = [s["name"] for s in sampler_list()]
@@ -456,3 +487,315 @@ def test_front_ends_name_them():
     assert text("Euler", None).startswith("Steps: 20, Sampler: Euler, Schedule type: Automatic,")
     assert text("Euler", "Beta").startswith("Steps: 20, Sampler: Euler, Schedule type: Beta,")
     assert text("euler", None).startswith("Steps: 20, Sampler: Euler, CFG scale")
+    assert text("DDIM", None).startswith("Steps: 20, Sampler: DDIM, Schedule type: Automatic,")
+
+
+# -- the WebUI's DDIM and PLMS (over timesteps) and LCM: restated here from its
+# modules/sd_samplers_timesteps_impl.py and sd_samplers_lcm.py (k-diffusion has none) ----------
+
+def _ref_timesteps(eps_fn, sampler, ac, steps, x0, noise, t_enc=None, eta=0.0, noises=()):
+    """The WebUI's ``ddim`` / ``plms`` over ``CompVisSampler.get_timesteps`` (txt2img) or
+    its img2img (``t_enc``: the image noised to timestep t_enc's level, the first t_enc
+    timesteps run). ``eps_fn(x, t)``: the CFG-combined eps; ``ac`` float32 alphas_cumprod."""
+    full = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    x = noise
+    if t_enc is not None:
+        a = ac[full[t_enc]]
+        x = x0 * a.sqrt() + noise * (1 - a).sqrt()
+        full = full[:t_enc]
+    ts = full
+    alphas = ac[ts]
+    prev = ac[torch.nn.functional.pad(ts[:-1], (1, 0))].double()
+    sig = eta * np.sqrt((1 - prev.numpy()) / (1 - alphas.numpy()) * (1 - alphas.numpy()
+                                                                    / prev.numpy()))
+    draws, old = iter(noises), []
+    for i in range(len(ts) - 1):
+        index = len(ts) - 1 - i
+        a_t, a_p = alphas[index].item(), prev[index].item()
+        e_t = eps_fn(x, ts[index].item())
+
+        def x_prev(e, x=x, a_t=a_t, a_p=a_p, s=0.0):
+            x0_ = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
+            return a_p ** 0.5 * x0_ + (1 - a_p - s ** 2) ** 0.5 * e
+
+        if sampler == "DDIM":
+            x = x_prev(e_t, s=float(sig[index])) + (float(sig[index]) * next(draws) if eta
+                                                     else 0)
+            continue
+        if not old:
+            e_next = eps_fn(x_prev(e_t), ts[max(index - 1, 0)].item())
+            e_p = (e_t + e_next) / 2
+        elif len(old) == 1:
+            e_p = (3 * e_t - old[-1]) / 2
+        elif len(old) == 2:
+            e_p = (23 * e_t - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_p = (55 * e_t - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = x_prev(e_p)
+        old = (old + [e_t])[-3:]
+    return x
+
+
+class _RefLCM:
+    """The WebUI's ``LCMCompVisDenoiser`` (restated): 50 of the model's sigmas (timesteps
+    19, 39, ..., 999), the UNet at the nearest, LCM's consistency scalings."""
+
+    def __init__(self, eps_fn, ac):
+        valid = ac[19::20]
+        self.eps_fn, self.sigmas = eps_fn, ((1 - valid) / valid) ** 0.5
+        self.log_sigmas = self.sigmas.log()
+
+    def sigma_to_t(self, sigma):
+        return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(
+            sigma.shape) * 20 + 19
+
+    def get_sigmas(self, n):
+        t = torch.linspace(self.sigma_to_t(self.sigmas[-1]).item(),
+                           self.sigma_to_t(self.sigmas[0]).item(), n)
+        t = torch.clamp((t - 19) / 20, 0, 49).float()
+        lo, hi, w = t.floor().long(), t.ceil().long(), t.frac()
+        sig = ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+        return torch.cat([sig, sig.new_zeros(1)])
+
+    def __call__(self, x, sigma):
+        t = self.sigma_to_t(sigma)
+        eps = self.eps_fn(x / (sigma ** 2 + 1) ** 0.5, t.item())
+        ts = t.float() * 10
+        c_skip, c_out = 0.25 / (ts ** 2 + 0.25), ts / (ts ** 2 + 0.25) ** 0.5
+        return c_out * (x - sigma * eps) + c_skip * x
+
+
+def _ref_lcm(eps_fn, ac, steps, x0, noise, start, noises):
+    """``sample_lcm`` from the WebUI's k-diffusion start (txt2img: noise * sigmas[0])."""
+    den = _RefLCM(eps_fn, ac)
+    sigmas = den.get_sigmas(steps)[start:]
+    x = noise * sigmas[0] + (0 if x0 is None else x0)
+    draws = iter(noises)
+    for s, to in zip(sigmas[:-1], sigmas[1:], strict=True):
+        x = den(x, s)
+        if to > 0:
+            x = x + to * next(draws)
+    return x
+
+
+def _ours_timesteps(eps_fn, sched, steps, x0, noise, begin, step_noises):
+    """Our WebUI timesteps sampler's loop, step by step, around ``eps_fn(xin, t)`` (numpy)."""
+    shape = noise.shape
+    if x0 is None:
+        state = sched.set_timesteps(steps, sample_shape=shape)
+        x = noise * np.asarray(state.init_sigma)
+    else:
+        state = sched.img2img_state(steps, begin)
+        c = np.asarray(state.start_coefs)
+        x = x0 * c[0] + noise * c[1]
+    x = jnp.asarray(x)
+    step = _stepper_any()
+    div, ts, draws = (np.asarray(a) for a in (state.input_div, state.timesteps, state.draw))
+    for i in range(sched.num_evaluations(state)):
+        eps = eps_fn(np.asarray(x) / div[i], ts[i])
+        n = step_noises[draws[i]] if draws[i] >= 0 else np.zeros(shape, np.float32)
+        x, state = step(sched, state, i, jnp.asarray(eps), x, n)
+    return np.asarray(x)
+
+
+@functools.cache
+def _stepper_any():
+    """One jitted step, the scheduler static (LCM reads its own prediction rule)."""
+    return jax.jit(lambda sched, state, i, eps, x, n: sched.step(state, i, eps, x, noise=n),
+                   static_argnums=0)
+
+
+def _timesteps_case(sampler, config, eps_np, eps_torch, steps, begin, rng, eta=0.0,
+                    shape=(2, 3, 3, 2)):
+    """(ours, the WebUI's restated) for one run of DDIM / PLMS / LCM."""
+    sched = get_scheduler(sampler, config)
+    if eta:
+        sched = dataclasses.replace(sched, eta_ddim=eta)
+    ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(sched.schedule), np.float32))
+    noise = rng.standard_normal(shape).astype(np.float32)
+    x0 = None if begin is None else rng.standard_normal(shape).astype(np.float32)
+    step_noises = rng.standard_normal((steps + 2, *shape)).astype(np.float32)
+    ours = _ours_timesteps(eps_np, sched, steps, x0, noise, begin, step_noises)
+    nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+    xs = [None if x0 is None else nchw(x0), nchw(noise), [nchw(n) for n in step_noises]]
+    with torch.no_grad():
+        if sampler == "LCM":
+            ref = _ref_lcm(eps_torch, ac, steps, xs[0], xs[1], begin or 0, xs[2])
+        else:
+            t_enc = None if begin is None else steps - 1 - begin
+            ref = _ref_timesteps(eps_torch, sampler, ac, steps, xs[0], xs[1], t_enc, eta,
+                                 xs[2])
+    return ours, np.transpose(ref.numpy(), (0, 2, 3, 1))
+
+
+def _fake_eps(x, t):
+    """A smooth stand-in for the UNet's eps at timestep t (numpy or torch alike)."""
+    return x * 0.5 + 0.05 * (float(t) / 1000) - 0.2
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "LCM"])
+def test_timestep_samplers_restate_the_webui(sampler):
+    """The WebUI's DDIM (eta 0 and its eta), PLMS and LCM over a stand-in eps, against the
+    WebUI's own loops restated: step counts that divide 1000 and that do not (one timestep
+    more), txt2img and img2img by the WebUI's timesteps rule, epsilon and v-prediction."""
+    rng = np.random.default_rng(3)
+    for config, steps, begin, eta in ((SD15_SCHEDULER, 4, None, 0.0),
+                                      (SD15_SCHEDULER, 7, None, 0.0),
+                                      (SD15_SCHEDULER, 8, 3, 0.0),
+                                      (SD21_SCHEDULER, 6, None, 0.5),
+                                      (SD21_SCHEDULER, 5, 0, 0.0),
+                                      (SD21_SCHEDULER, 6, 1, 0.7)):
+        if eta and sampler != "DDIM":
+            continue
+        vpred = config.get("prediction_type") == "v_prediction" and sampler != "LCM"
+        ac = np.asarray(ws.webui_alphas_cumprod(get_scheduler("Euler", config).schedule),
+                        np.float32)
+
+        def eps_np(x, t, vpred=vpred, ac=ac):
+            out = _fake_eps(x, t)
+            if not vpred:
+                return out
+            # the UNet's v whose eps (the WebUI's predict_eps_from_z_and_v) is _fake_eps
+            a = float(ac[int(round(float(t)))])
+            return (out - (1 - a) ** 0.5 * x) / a ** 0.5
+
+        def eps_torch(x, t):
+            return _fake_eps(x, t)  # the reference sees eps (its V denoiser converts)
+
+        ours, ref = _timesteps_case(sampler, config, eps_np, eps_torch, steps, begin, rng,
+                                    eta)
+        if sampler == "LCM" and steps == 4:
+            # every step count's LCM timesteps, ties halfway between two of them included
+            sched = get_scheduler("LCM", config)
+            lcm = _RefLCM(None, torch.tensor(ac))
+            for n in range(1, 99):  # (99 and 197: a tie rounds the other way in torch)
+                want = lcm.sigma_to_t(lcm.get_sigmas(n)[:-1]).numpy()
+                sig, ls = wt.lcm_sigmas(n, sched.model_sigmas)
+                np.testing.assert_array_equal([wt.lcm_timestep(x, ls) for x in sig[:-1]],
+                                              want, err_msg=f"LCM {n} steps")
+        assert np.abs(ref).max() > 0.1
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{sampler} {steps} from {begin} eta {eta}")
+
+
+def _unet_eps(model):
+    """(ours, the WebUI's) CFG-combined UNet output at an integer timestep: ours the raw
+    output the loop feeds the step; the WebUI's (CompVisTimestepsDenoiser /
+    CompVisTimestepsVDenoiser restated) eps, or the raw output for LCM's denoiser (``raw``)."""
+    ac = np.asarray(ws.webui_alphas_cumprod(get_scheduler("Euler", model["config"]).schedule),
+                    np.float32)
+    vpred = model["config"].get("prediction_type") == "v_prediction"
+
+    def ours(x, t):
+        b = x.shape[0]
+        out = model["unet"](jnp.concatenate([x, x]), jnp.float32(t), model["ctx"])
+        return np.asarray(out[:b] + CFG * (out[b:] - out[:b]))
+
+    def webui(x, t, raw=False):
+        b, ctx = x.shape[0], model["cfg"].ctx
+        out = model["ref"].unet(torch.cat([x, x]), torch.tensor(float(t)),
+                                encoder_hidden_states=torch.cat([ctx[b:], ctx[:b]])).sample
+        if vpred and not raw:  # predict_eps_from_z_and_v
+            a = torch.tensor(ac[int(t)])
+            out = a.sqrt() * out + (1 - a).sqrt() * torch.cat([x, x])
+        cond, uncond = out[:b], out[b:]
+        return uncond + (cond - uncond) * CFG
+
+    return ours, webui
+
+
+TIMESTEP_CASES = {  # model -> (sampler, steps, img2img start step (k-diffusion rule) or None)
+    "sd1": [("DDIM", 6, None), ("PLMS", 5, 1)],  # (and DDIM img2img through the pipeline)
+    "sd2": [("DDIM", 8, 2), ("PLMS", 7, None), ("LCM", 4, 1), ("LCM", 5, None)],
+}
+
+
+def test_timestep_samplers_match_the_webui(model):
+    """The WebUI's DDIM, PLMS and LCM around our UNet (our step loop) against the WebUI's
+    loops restated around the diffusers UNet: SD 1.x and v-prediction SD 2.x, txt2img and
+    img2img by the WebUI's timesteps rule; within 1e-5 of the latents' scale."""
+    rng = np.random.default_rng(7)
+    ours_eps, webui_eps = _unet_eps(model)
+    worst = {}
+    for sampler, steps, begin in TIMESTEP_CASES[model["kind"]]:
+        ours, ref = _timesteps_case(
+            sampler, model["config"], ours_eps,
+            functools.partial(webui_eps, raw=sampler == "LCM"), steps, begin, rng,
+            shape=(1, 8, 8, 4))
+        worst[(sampler, steps, begin)] = (float(np.abs(ours - ref).max()),
+                                          float(np.abs(ref).max()))
+        assert np.abs(ref).max() > 0.1
+    bad = {k: v for k, v in worst.items() if not v[0] <= 1e-5 * max(10.0, v[1])}
+    assert not bad, f"(max |ours - WebUI|, max |WebUI|) off: {bad} (all: {worst})"
+
+
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_pipeline_runs_the_timestep_samplers(model):
+    """Through the pipeline (the compiled loop, img2img's start table with the timesteps
+    samplers' own img2img states): SD 1.x img2img with "DDIM" at denoising strength 0.6 (the
+    WebUI's t_enc = 3 of 5 steps) against the WebUI's loop. (The step is the one the UNet
+    tests above drive, LCM and v-prediction included.)"""
+    pipe = model["pipe"]
+    rng = np.random.default_rng(9)
+    shape = (1, 8, 8, 4)
+    noise = rng.standard_normal(shape).astype(np.float32)
+    image = rng.standard_normal(shape).astype(np.float32)
+    size = 8 * pipe.vae_scale_factor
+    out = pipe("a red circle", scheduler="DDIM", image=image, strength=0.6,
+               num_inference_steps=5, guidance_scale=CFG, height=size, width=size,
+               latents=noise, output_type="latent").images
+    _, webui_eps = _unet_eps(model)
+    sched = get_scheduler("DDIM", model["config"])
+    ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(sched.schedule), np.float32))
+    nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+    with torch.no_grad():
+        ref = _ref_timesteps(webui_eps, "DDIM", ac, 5, nchw(image), nchw(noise), t_enc=3)
+    ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+    diff = np.abs(np.asarray(out) - ref).max()
+    assert np.abs(ref).max() > 0.1
+    assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_pipeline_inpaints_as_the_webui(model, monkeypatch):
+    """Inpainting with a WebUI k-diffusion sampler ("Euler a", 5 steps at denoising strength
+    0.75: the WebUI's t_enc = 3) through the pipeline against k-diffusion around the WebUI's
+    CFGDenoiser with its mask blend (``denoised = init_latent * mask + nmask * denoised`` at
+    every evaluation, ``mask`` the kept region) and processing.py's final blend of the
+    samples, from the image's latents plus the noise at the start sigma. (The blend does not
+    depend on the prediction type: SD 1.x alone.)"""
+    pipe, ref_pipe = model["pipe"], model["ref"]
+    f = pipe.vae_scale_factor
+    size, steps, strength = 8 * f, 5, 0.75
+    rng = np.random.default_rng(11)
+    shape = (1, 8, 8, 4)
+    noise = rng.standard_normal(shape).astype(np.float32)
+    step_noises = rng.standard_normal((8, *shape)).astype(np.float32)
+    monkeypatch.setattr(webui_mod, "step_noise",
+                        lambda key, draw, like: jnp.asarray(step_noises)[draw])
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[2 * f:5 * f, 3 * f:7 * f] = 255  # whole latent cells
+    out = np.asarray(pipe("a red circle", image=pixels, mask_image=mask, strength=strength,
+                          scheduler="Euler a", num_inference_steps=steps, guidance_scale=CFG,
+                          height=size, width=size, latents=noise,
+                          output_type="latent").images)
+    nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+    with torch.no_grad():
+        signed = torch.tensor(pixels.astype(np.float32) / 255 * 2 - 1).permute(2, 0, 1)[None]
+        init = (ref_pipe.vae.encode(signed).latent_dist.mean
+                * ref_pipe.vae.config.scaling_factor)
+        nmask = torch.tensor(mask[::f, ::f] / 255.0, dtype=torch.float32)[None, None]
+        keep = 1 - nmask
+        sigmas = torch.tensor(get_scheduler("Euler a", model["config"]).sigmas(steps))
+        t_enc = int(strength * steps)
+        sched = sigmas[steps - t_enc - 1:]
+        draws = iter(step_noises)
+        ref = KD[0].sample_euler_ancestral(
+            lambda x, s: init * keep + nmask * model["cfg"](x, s), init + nchw(noise) * sched[0],
+            sched, disable=True, noise_sampler=lambda s, s_next: nchw(next(draws)))
+        ref = init * keep + nmask * ref
+    ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+    assert np.abs(ref - np.transpose(init.numpy(), (0, 2, 3, 1))).max() > 0.1
+    diff = np.abs(out - ref).max()
+    assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())

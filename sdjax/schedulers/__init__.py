@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sdjax.schedulers import webui as _webui
 from sdjax.schedulers.common import NoiseSchedule, Scheduler
 from sdjax.schedulers.ddim import DDIM
 from sdjax.schedulers.ddpm import DDPM
@@ -32,8 +33,9 @@ from sdjax.schedulers.heun import Heun
 from sdjax.schedulers.lcm import LCM
 from sdjax.schedulers.lms import LMS
 from sdjax.schedulers.pndm import PNDM
-from sdjax.schedulers.webui import WEBUI_SAMPLER_NAMES, WebUISampler
+from sdjax.schedulers.webui import WebUISampler
 from sdjax.schedulers.webui_sigmas import SCHEDULE_TYPES, schedule_type_label
+from sdjax.schedulers.webui_timesteps import TIMESTEP_SAMPLERS, WebUITimestepSampler
 
 # name -> (our class, the diffusers class it reproduces, options forced on top of the model's
 # config: ours take them, and so does the diffusers class when built as the reference).
@@ -58,9 +60,26 @@ _REGISTRY: dict[str, tuple[type[Scheduler], str, dict[str, Any]]] = {
     "lcm": (LCM, "LCMScheduler", {}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# The WebUI's samplers by their labels: its k-diffusion samplers (sdjax.schedulers.webui),
+# then its DDIM and PLMS over timesteps and LCM (sdjax.schedulers.webui_timesteps).
+WEBUI_SAMPLER_NAMES: tuple[str, ...] = _webui.WEBUI_SAMPLER_NAMES + tuple(TIMESTEP_SAMPLERS)
+# label -> the WebUI's aliases of it
+WEBUI_ALIASES: dict[str, tuple[str, ...]] = {
+    **_webui.ALIASES, **{k: v[1] for k, v in TIMESTEP_SAMPLERS.items()}}
 # What scheduler= accepts: our diffusers-equivalent names, then the WebUI's sampler names
 # (its k-diffusion samplers, sdjax.schedulers.webui).
 ALL_SCHEDULER_NAMES: tuple[str, ...] = SCHEDULER_NAMES + WEBUI_SAMPLER_NAMES
+
+
+def refuse_not_fixed_step(name: str | None, what: str = "sampler") -> None:
+    """Raise the one-line ValueError for a WebUI sampler sdjax cannot run ("DPM adaptive",
+    any spelling or alias)."""
+    if not isinstance(name, str):
+        return
+    for label, why in _webui.NOT_FIXED_STEP.items():
+        if name.strip().lower() in (label.lower(), "k_dpm_ad"):
+            raise ValueError(f"{what} {label!r} is not supported: {why}; use \"DPM fast\" "
+                             f"(a fixed number of steps) or another sampler")
 
 
 def webui_sampler_label(name: str | None) -> str | None:
@@ -86,9 +105,11 @@ def get_scheduler(name: str, config: Mapping[str, Any], *, schedule_type: str | 
     """The scheduler `name` configured from a parsed scheduler_config.json. A WebUI sampler
     name takes the WebUI's ``schedule_type`` (None: "Automatic"; ``sdxl`` picks SDXL's
     "Align Your Steps" table); the other names take none."""
+    refuse_not_fixed_step(name, "scheduler")
     label = webui_sampler_label(name)
     if label is not None:
-        return WebUISampler.from_config(config, sampler=label,
+        cls = WebUITimestepSampler if label in TIMESTEP_SAMPLERS else WebUISampler
+        return cls.from_config(config, sampler=label,
                                         schedule_type=schedule_type_label(schedule_type),
                                         sdxl=bool(sdxl))
     if schedule_type not in (None, "Automatic"):
@@ -117,12 +138,15 @@ __all__ = [
     "ALL_SCHEDULER_NAMES",
     "SCHEDULER_NAMES",
     "SCHEDULE_TYPES",
+    "WEBUI_ALIASES",
     "WEBUI_SAMPLER_NAMES",
     "WebUISampler",
+    "WebUITimestepSampler",
     "webui_sampler_label",
     "NoiseSchedule",
     "Scheduler",
     "default_scheduler_name",
     "diffusers_equivalent",
     "get_scheduler",
+    "refuse_not_fixed_step",
 ]

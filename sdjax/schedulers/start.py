@@ -49,7 +49,11 @@ def start_table(sched: Scheduler, steps: int, sample_shape: tuple[int, ...]) -> 
     ``sample_shape`` (the per-device batch)."""
     full = sched.set_timesteps(steps, sample_shape=sample_shape)
     total = sched.num_evaluations(full)
-    states = [sched.set_timesteps(steps, strength_for_start(steps, s)) for s in range(steps)]
+    # A scheduler whose img2img run differs from txt2img's at the same start (the WebUI's
+    # DDIM/PLMS) builds its img2img states itself.
+    img2img = getattr(sched, "img2img_state", None)
+    states = [img2img(steps, s) if img2img is not None
+              else sched.set_timesteps(steps, strength_for_start(steps, s)) for s in range(steps)]
     lengths = [sched.num_evaluations(st) for st in states]
     stacked, by_start = {}, []
     for f in dataclasses.fields(full):

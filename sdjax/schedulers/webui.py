@@ -39,7 +39,8 @@ import numpy as np
 
 from sdjax.schedulers import sigmas as sig
 from sdjax.schedulers import webui_sigmas as ws
-from sdjax.schedulers.common import check_steps, normal_like, start_index
+from sdjax.schedulers.common import check_steps, normal_like, start_index, torch_linspace_f32
+from sdjax.schedulers.start import strength_for_start
 
 
 def step_noise(key: jax.Array | None, draw: jax.Array, like: jax.Array) -> jax.Array:
@@ -65,8 +66,9 @@ def _anc(s_from: float, s_to: float, eta: float) -> tuple[float, float]:
 class _Table:
     """Rows of per-evaluation coefficients; columns of the update are [x, D, B_0.., N]."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, model: Any = None, img2img: bool = False):
         self.k = k
+        self.model, self.img2img = model, img2img  # the model's sigmas; an img2img run
         self.sigma: list[float] = []
         self.upd: list[np.ndarray] = []
         self.mem: list[np.ndarray] = []
@@ -274,6 +276,58 @@ def _table_lms(t, sig_, o, order=4):
         t.add(s, x=1 + c[0] / s, d=-c[0] / s, b=tuple(c[1:]), mem=mem)
 
 
+def _dpm_solver_step(t, order: int, tt: float, tn: float, noise: float) -> None:
+    """k-diffusion's ``dpm_solver_{1,2,3}_step`` from log-time ``tt`` to ``tn`` (t = -log
+    sigma; eps = (x - D) / sigma), ``noise`` added after its last evaluation. B0 holds the
+    step's x, B1 its first eps."""
+    sg = lambda v: math.exp(-v)  # noqa: E731
+    h = tn - tt
+    s0, sn, e = sg(tt), sg(tn), math.expm1(h)
+    keep = [(1, 0, ()), (1 / s0, -1 / s0, ())]
+    if order == 1:
+        t.add(s0, x=1 - sn * e / s0, d=sn * e / s0, noise=noise)
+        return
+    r1 = 1 / 2 if order == 2 else 1 / 3
+    s1 = sg(tt + r1 * h)
+    c1 = s1 * math.expm1(r1 * h)
+    t.add(s0, x=1 - c1 / s0, d=c1 / s0, mem=keep)  # u1
+    if order == 2:  # x - sn E eps - sn / (2 r1) E (eps_r1 - eps)
+        k = sn * e / (2 * r1)
+        t.add(s1, x=-k / s1, d=k / s1, b=(1, -sn * e + k), noise=noise)
+        return
+    r2 = 2 / 3
+    s2 = sg(tt + r2 * h)
+    k1 = s2 * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)
+    t.add(s1, x=-k1 / s1, d=k1 / s1, b=(1, -s2 * math.expm1(r2 * h) + k1))  # u2
+    k2 = sn / r2 * (e / h - 1)
+    t.add(s2, x=-k2 / s2, d=k2 / s2, b=(1, -sn * e + k2), noise=noise)
+
+
+def _table_dpm_fast(t, sig_, o):
+    """k-diffusion's ``sample_dpm_fast`` (DPM-Solver-Fast) over the WebUI's arguments: from
+    the model's sigma_max to sigma_min in txt2img, the schedule's start sigma to its last
+    nonzero one in img2img (the WebUI's), as many evaluations as steps (orders 3, ..., then
+    2, 1 or the remainder), equal steps in log sigma (float32, as torch's linspace)."""
+    if t.img2img:
+        hi, lo = sig_[0], sig_[-2]
+    else:
+        hi, lo = t.model.sigma_max, t.model.sigma_min
+    nfe = len(sig_) - 1
+    m = nfe // 3 + 1
+    ts = [float(v) for v in torch_linspace_f32(-np.log(np.float32(hi)),
+                                               -np.log(np.float32(lo)), m + 1)]
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    for i, order in enumerate(orders):
+        tt, tn = ts[i], ts[i + 1]
+        if o.eta:
+            down, up = _anc(math.exp(-tt), math.exp(-tn), o.eta)
+            tn_ = min(ts[-1], -math.log(down))
+            up = math.sqrt(max(math.exp(-2 * tn) - math.exp(-2 * tn_), 0.0))
+        else:
+            tn_, up = tn, 0.0
+        _dpm_solver_step(t, order, tt, tn_, o.s_noise * up)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerInfo:
     build: Any
@@ -297,6 +351,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "DPM++ 2M SDE": SamplerInfo(_table_dpmpp_2m_sde, 1, "Exponential", eta=True),
     "DPM++ 3M SDE": SamplerInfo(_table_dpmpp_3m_sde, 2, "Exponential",
                                 discard_next_to_last_sigma=True, eta=True),
+    "DPM fast": SamplerInfo(_table_dpm_fast, 2, eta=True),
 }
 WEBUI_SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 # The WebUI's aliases (k-diffusion function names) of each sampler.
@@ -305,7 +360,12 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "DPM++ 2M": ("k_dpmpp_2m",), "Heun": ("k_heun",), "DPM2": ("k_dpm_2",),
     "DPM2 a": ("k_dpm_2_a",), "DPM++ 2S a": ("k_dpmpp_2s_a",), "LMS": ("k_lms",),
     "DPM++ SDE": ("k_dpmpp_sde",), "DPM++ 2M SDE": ("k_dpmpp_2m_sde",),
-    "DPM++ 3M SDE": ("k_dpmpp_3m_sde",),
+    "DPM++ 3M SDE": ("k_dpmpp_3m_sde",), "DPM fast": ("k_dpm_fast",),
+}
+# The WebUI's samplers that cannot run as a fixed number of loop evaluations.
+NOT_FIXED_STEP: dict[str, str] = {
+    "DPM adaptive": "an adaptive-step solver (its number of UNet evaluations depends on the "
+                    "image), which sdjax's fixed-count compiled loop cannot run",
 }
 
 
@@ -356,6 +416,7 @@ class WebUISampler(sig.SigmaScheduler):
     sdxl: bool  # "Align Your Steps" has an SDXL table
 
     name: ClassVar[str] = "webui"
+    known: ClassVar[dict[str, Any]] = SAMPLERS  # the sampler names this class runs
     blends_denoised: ClassVar[bool] = True  # inpainting blends the denoised estimate
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
     defaults: ClassVar[dict[str, Any]] = {
@@ -367,9 +428,9 @@ class WebUISampler(sig.SigmaScheduler):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.sampler not in SAMPLERS:
+        if self.sampler not in self.known:
             raise ValueError(f"unknown WebUI sampler {self.sampler!r}; choose one of "
-                             f"{', '.join(WEBUI_SAMPLER_NAMES)}")
+                             f"{', '.join(self.known)}")
         object.__setattr__(self, "schedule_type", ws.schedule_type_label(self.schedule_type))
 
     @property
@@ -379,6 +440,11 @@ class WebUISampler(sig.SigmaScheduler):
     @property
     def info(self) -> SamplerInfo:
         return SAMPLERS[self.sampler]
+
+    @property
+    def denoiser_prediction(self) -> str:
+        """What the WebUI's denoiser takes the UNet's output to be."""
+        return self.prediction_type
 
     @property
     def order(self) -> int:  # type: ignore[override]
@@ -413,17 +479,19 @@ class WebUISampler(sig.SigmaScheduler):
         return steps, steps - t_enc - 1
 
     def set_timesteps(self, num_inference_steps: int, strength: float = 1.0, *,
-                      sample_shape: tuple[int, ...] | None = None) -> WebUIState:
+                      sample_shape: tuple[int, ...] | None = None,
+                      img2img: bool = False) -> WebUIState:
         """The state of a run from step ``start_index(n, strength)`` of the n-step schedule
         (how sdjax.schedulers.start encodes a start step; the WebUI's own rule for strength
-        is :meth:`webui_start`)."""
+        is :meth:`webui_start`); ``img2img``: an img2img run (DPM fast's end points differ
+        from txt2img's at the same start)."""
         n = num_inference_steps
         check_steps(n, self.num_train_timesteps)
         sigmas = self.sigmas(n).astype(np.float64)
         begin = start_index(n, strength)
         run = sigmas[begin:]
         info = self.info
-        table = _Table(info.memory)
+        table = _Table(info.memory, self.model_sigmas, img2img or begin > 0)
         info.build(table, [float(s) for s in run], self)
         s_eval = np.asarray(table.sigma, np.float32)
         m = len(s_eval)
@@ -441,6 +509,11 @@ class WebUISampler(sig.SigmaScheduler):
             memory=jnp.zeros(shape, jnp.float32),
         )
 
+    def img2img_state(self, steps: int, begin: int) -> WebUIState:
+        """The img2img run that starts at step ``begin`` (``start_table``'s hook: for DPM
+        fast, DDIM and PLMS it differs from txt2img's at the same start)."""
+        return self.set_timesteps(steps, strength_for_start(steps, begin), img2img=True)
+
     def step(self, state: WebUIState, i: jax.Array, model_output: jax.Array,
              sample: jax.Array, key: jax.Array | None = None, *,
              noise: jax.Array | None = None,
@@ -456,7 +529,7 @@ class WebUISampler(sig.SigmaScheduler):
                 raise ValueError(f"the state was built for samples {memory.shape[1:]}, "
                                  f"not {x.shape}")
             memory = jnp.zeros((memory.shape[0], *x.shape), jnp.float32)
-        den = sig.x0_from_sigma(self.prediction_type, model_output.astype(jnp.float32), x,
+        den = sig.x0_from_sigma(self.denoiser_prediction, model_output.astype(jnp.float32), x,
                                 state.sigma[i], state.v[i])
         if blend is not None:
             image, repaint = blend

@@ -8,7 +8,13 @@ image's ``parameters`` are the same string.
 from __future__ import annotations
 
 from sdjax.images import SAMPLER_LABELS
-from sdjax.schedulers import webui, webui_sigmas
+from sdjax.schedulers import (
+    WEBUI_ALIASES,
+    WEBUI_SAMPLER_NAMES,
+    refuse_not_fixed_step,
+    webui,
+    webui_sigmas,
+)
 
 # Other spellings clients send: the WebUI's own aliases (k-diffusion names), "PNDM" (which the
 # WebUI calls PLMS), and our names themselves.
@@ -57,11 +63,13 @@ def sampler_settings(sampler_name: str | None,
     """(our scheduler name, the WebUI schedule type or None) for a request's ``sampler_name``
     and ``scheduler`` (WebUI 1.9 on): the WebUI's k-diffusion samplers by their labels or
     aliases, with any schedule type (older names such as "DPM++ 2M Karras" carry theirs);
-    the others (DDIM, PLMS, DDPM, LCM) as :func:`scheduler_for` maps them. Raises ValueError
+    its DDIM, PLMS and LCM (``sdjax.schedulers.webui_timesteps``); the others (DDPM, sdjax's
+    diffusers-equivalent names) as :func:`scheduler_for` maps them. Raises ValueError
     naming the choices."""
+    refuse_not_fixed_step(sampler_name)
     wanted = (sampler_name or DEFAULT_SAMPLER).strip().lower()
-    for label in webui.WEBUI_SAMPLER_NAMES:
-        names = [label, *webui.ALIASES[label]]
+    for label in WEBUI_SAMPLER_NAMES:
+        names = [label, *WEBUI_ALIASES[label]]
         if wanted in (n.lower() for n in names):
             return label, webui_sigmas.schedule_type_label(schedule or None)
         if wanted in (f"{n} karras".lower() for n in names[:1]) or wanted in (
@@ -79,13 +87,15 @@ def sampler_settings(sampler_name: str | None,
 
 
 def sampler_list() -> list[dict]:
-    """``GET /sdapi/v1/samplers``: the WebUI's SamplerItem shape: its k-diffusion samplers
-    (options: their own schedule type), then the other schedulers (the WebUI's DDIM, PLMS,
-    ..., and "DPM++ 2M Karras" as older clients send it)."""
-    listed = [{"name": label, "aliases": list(webui.ALIASES[label]),
-               "options": ({"scheduler": webui.SAMPLERS[label].scheduler.lower()}
-                           if webui.SAMPLERS[label].scheduler else {})}
-              for label in webui.WEBUI_SAMPLER_NAMES]
+    """``GET /sdapi/v1/samplers``: the WebUI's SamplerItem shape: its samplers (options:
+    their own schedule type), then sdjax's other schedulers (DDPM, and "DPM++ 2M Karras" as
+    older clients send it)."""
+    def options(label):
+        own = webui.SAMPLERS[label].scheduler if label in webui.SAMPLERS else None
+        return {"scheduler": own.lower()} if own else {}
+
+    listed = [{"name": label, "aliases": list(WEBUI_ALIASES[label]), "options": options(label)}
+              for label in WEBUI_SAMPLER_NAMES]
     names = {item["name"] for item in listed}
     return listed + [{"name": label, "aliases": sampler_aliases(ours),
                       "options": {"scheduler": "karras"} if ours.endswith("_karras") else {}}
