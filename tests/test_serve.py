@@ -327,11 +327,37 @@ def test_other_bad_input(server):
     r = c.post("/sdapi/v1/img2img", json={"prompt": "a cat"})
     assert r.status_code == 422 and "init_images" in r.json()["detail"]
     assert c.get("/sdapi/v1/txt2img").status_code == 405
-    r = c.head("/")  # uptime checkers
-    assert r.status_code == 200 and r.text == "" and int(r.headers["content-length"]) > 0
-    r = c.options("/")
-    assert r.status_code == 204 and "HEAD" in r.headers["allow"]
     # the server still serves after all of that
+    assert c.get("/health").json()["status"] == "ok"
+
+
+def test_head_and_options_answer_on_every_route(server):
+    """HEAD: the GET's status and headers, no body (uptime checkers send it); OPTIONS: 204
+    with the path's methods in Allow; unknown paths and POST-only routes as a server does."""
+    c = server.client
+    schema = c.get("/openapi.json").json()  # the routes the app declares
+    gets = [path for path, ops in schema["paths"].items() if "get" in ops and "{" not in path]
+    gets += ["/"]  # the page (left out of the schema)
+    assert {"/", "/health", "/sdapi/v1/samplers", "/sdapi/v1/progress"} <= set(gets)
+    for path in gets:
+        params = {"model": "toy"} if path == "/sdjax/v1/model-defaults" else None
+        got, head = c.get(path, params=params), c.head(path, params=params)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and got.content, path
+        assert int(head.headers["content-length"]) == len(got.content), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        r = c.options(path)
+        assert r.status_code == 204 and r.content == b"", path
+        assert {"GET", "HEAD", "OPTIONS"} <= set(r.headers["allow"].split(", ")), path
+    r = c.options("/sdapi/v1/txt2img")
+    assert r.status_code == 204 and r.headers["allow"] == "OPTIONS, POST"
+    # a browser's CORS preflight: the same answer; no CORS options, so no Access-Control-*
+    r = c.options("/sdapi/v1/txt2img", headers={"Origin": "http://elsewhere.example",
+                                                "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 204 and not any(k.startswith("access-control") for k in r.headers)
+    r = c.head("/sdapi/v1/txt2img")
+    assert r.status_code == 405 and r.content == b""
+    assert c.head("/nope").status_code == 404 and c.options("/nope").status_code == 404
     assert c.get("/health").json()["status"] == "ok"
 
 

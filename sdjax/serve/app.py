@@ -33,6 +33,7 @@ from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.controlnet_api import add_controlnet_routes, parse_png_units
 from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
+from sdjax.serve.http_methods import HeadAndOptions
 from sdjax.serve.limits import REQUEST_FAULTS, BadRequest, Limits, request_fault
 from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
 from sdjax.serve.page_routes import add_page_routes
@@ -223,6 +224,7 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     app = FastAPI(title="sdjax", version=__version__, lifespan=lifespan)
     app.state.batcher, app.state.registry, app.state.limits = batcher, registry, limits
     # The last added is the outermost: every request is logged, refused ones included.
+    app.add_middleware(HeadAndOptions, router=app.router)
     app.add_middleware(_Guard, credentials=credentials, max_body=limits.max_body_bytes)
     app.add_middleware(_LogRequests)
 
@@ -247,18 +249,9 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ pages
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse,
-                   include_in_schema=False)
-    async def page(request: Request):
-        html = PAGE.read_text(encoding="utf-8")
-        if request.method == "HEAD":  # uptime checkers: the headers, no body
-            return Response(headers={"content-length": str(len(html.encode()))},
-                            media_type="text/html")
-        return HTMLResponse(html)
-
-    @app.options("/", include_in_schema=False)
-    async def page_options():
-        return Response(status_code=204, headers={"Allow": "GET, HEAD, OPTIONS"})
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():  # HEAD and OPTIONS: http_methods.HeadAndOptions, as for every route
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():
