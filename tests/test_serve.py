@@ -364,6 +364,7 @@ def test_head_and_options_answer_on_every_route(server):
 def test_lora_tags_and_clip_skip_decide_the_call(registry, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    from sdjax.lora_tags import TagLoras
     from sdjax.serve.batcher import ImageSpec
     from sdjax.serve.generation import plan_txt2img, run_call
     from sdjax.serve.limits import BadRequest
@@ -398,12 +399,34 @@ def test_lora_tags_and_clip_skip_decide_the_call(registry, tmp_path, monkeypatch
             return SimpleNamespace(images=np.zeros((len(prompts), 1, 1, 3), np.uint8))
 
     stub = Stub()
-    run = run_call(SimpleNamespace(get=lambda title: stub, lora_dir=tmp_path))
+    tag_loras = TagLoras(stub, tmp_path)
+    run = run_call(SimpleNamespace(get=lambda title: stub, lora_dir=tmp_path,
+                                   tag_loras=lambda title: tag_loras))
     spec = ImageSpec("a <lora:glow:0.5> cat", "", 0, 7.0)
     run(tagged, [spec])
     run(shape("a cat"), [dataclasses.replace(spec, prompt="a cat")])
     glow = str((tmp_path / "sub" / "glow.safetensors").resolve())
     assert stub.calls == [(["a  cat"], {glow: 0.5}, 1), (["a cat"], {}, 1)]
+
+
+def test_png_text_names_the_loras_as_the_webui_and_png_info_reads_it(server, registry,
+                                                                     tmp_path, monkeypatch):
+    from sdjax.weights.safetensors_io import save_safetensors
+    from tests.test_adapters import _addnet_hash
+    rng = np.random.RandomState(0)
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # the toy's width is 64
+    lora = tmp_path / "ink.safetensors"
+    save_safetensors({f"{key}.lora_down.weight": rng.randn(2, 64).astype(np.float32),
+                      f"{key}.lora_up.weight": rng.randn(64, 2).astype(np.float32)}, lora)
+    monkeypatch.setattr(registry, "lora_dir", tmp_path)
+    out = _txt2img(server.client, prompt="a cat <lora:ink:0.5>", seed=4)
+    text = _decode(out["images"][0]).text["parameters"]
+    assert text.startswith("a cat <lora:ink:0.5>\n")
+    assert f'Lora hashes: "ink: {_addnet_hash(lora)[:12]}"' in text
+    assert json.loads(out["info"])["infotexts"] == [text]
+    r = server.client.post("/sdapi/v1/png-info", json={"image": out["images"][0]})
+    assert r.json()["parameters"]["Lora hashes"] == f"ink: {_addnet_hash(lora)[:12]}"
+    assert r.json()["parameters"]["Prompt"] == "a cat <lora:ink:0.5>"
 
 
 def _b64(image: np.ndarray, fmt: str = "PNG", prefix: bool = False) -> str:

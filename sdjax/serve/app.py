@@ -32,7 +32,13 @@ from sdjax.serve import hires_fields
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.controlnet_api import add_controlnet_routes, parse_png_units
-from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
+from sdjax.serve.generation import (
+    adapters_of,
+    images_response,
+    plan_img2img,
+    plan_txt2img,
+    run_call,
+)
 from sdjax.serve.http_methods import HeadAndOptions
 from sdjax.serve.limits import REQUEST_FAULTS, BadRequest, Limits, request_fault
 from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
@@ -279,7 +285,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         if result is None:
             request.state.detail = f"job {job.id} given up: the client disconnected"
             return Response(status_code=499)  # nobody reads it; for the log line
-        body = await run_in_threadpool(images_response, plan.request, plan, result)
+        body = await run_in_threadpool(lambda: images_response(
+            plan.request, plan, result, adapters_of(registry, plan.shape.settings.model)))
         s = plan.shape.settings
         t = s.task
         kind = "" if t is None else " x4 upscaling" if isinstance(t, Upscaling) else (

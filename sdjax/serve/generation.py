@@ -18,6 +18,7 @@ import numpy as np
 
 from sdjax import __version__, handoff, validation
 from sdjax import prompts as prompt_syntax
+from sdjax.adapter_text import Adapters
 from sdjax.call_settings import (
     SDXL,
     CallSettings,
@@ -28,7 +29,7 @@ from sdjax.call_settings import (
     Upscaling,
 )
 from sdjax.images import SAMPLER_LABELS, encode_png
-from sdjax.lora_tags import TagLoras, find_lora, split_tags, tag_key
+from sdjax.lora_tags import find_lora, split_tags, tag_key
 from sdjax.serve import controlnet_api, hires_fields, uploads
 from sdjax.serve.batcher import ImageSpec, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
@@ -326,17 +327,19 @@ def _prepare(pipe, settings: CallSettings, image: np.ndarray, mask: np.ndarray |
         raise BadRequest(str(e)) from None
 
 
+def adapters_of(registry: ModelRegistry, title: str) -> Adapters:
+    """Model ``title``'s LoRAs and embeddings as its images' PNG text names them."""
+    return Adapters.of(registry.get(title), registry.lora_dir,
+                       fixed=registry.tag_loras(title).fixed)
+
+
 def run_call(registry: ModelRegistry):
     """The batcher's ``run``: one compiled call for images of one shape."""
-    loras: dict[str, TagLoras] = {}  # per model: its LoRA state across calls
-
     def run(shape: Shape, specs: list[ImageSpec]) -> np.ndarray:
         settings = shape.settings
         pipe = registry.get(settings.model)
-        if settings.model not in loras:
-            loras[settings.model] = TagLoras(pipe, registry.lora_dir)
         try:
-            loras[settings.model].use(dict(shape.loras))
+            registry.tag_loras(settings.model).use(dict(shape.loras))
         except ValueError as e:  # a LoRA file that does not fit this model: the request's 422
             raise BadRequest(str(e)) from None
         names = () if settings.controlnet is None else settings.controlnet.models
@@ -361,12 +364,15 @@ def run_call(registry: ModelRegistry):
     return run
 
 
-def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: JobResult) -> dict:
+def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: JobResult,
+                    adapters: Adapters | None = None) -> dict:
     """The WebUI's TextToImageResponse (or ImageToImageResponse) for a finished job (PNG
-    encoding happens here, so call it off the event loop)."""
+    encoding happens here, so call it off the event loop). ``adapters``: the model's LoRAs
+    and embeddings, for the PNG text (:func:`adapters_of`)."""
     settings = plan.shape.settings
     texts = [settings.parameters(spec.prompt, spec.negative_prompt, spec.seed,
-                                 guidance_scale=spec.guidance_scale, subseed=spec.subseed)
+                                 guidance_scale=spec.guidance_scale, subseed=spec.subseed,
+                                 adapters=adapters)
              for spec in result.specs]
     images = [base64.b64encode(encode_png(im, text)).decode("ascii")
               for im, text in zip(result.images, texts, strict=True)] if req.send_images else []
