@@ -6,7 +6,9 @@ Grouped by part: sampling, size, the image task (img2img, inpainting, x4 upscali
 What changes per image (prompt, negative prompt, seed, its index, and in the server the
 guidance scale, since it merges requests with different ones) is passed per image. LoRAs are
 not here: they are merged into the pipeline's weights (``lora_tags.TagLoras``), not passed to
-a call, and the images' prompts keep their ``<lora:…>`` tags as the WebUI does.
+a call; the images' prompts keep their ``<lora:…>`` tags as the WebUI does, and
+:meth:`CallSettings.parameters` takes the pipeline's adapters (``adapter_text.Adapters``) to
+name them all as the WebUI does.
 
 No JAX at import time: the CLIs' --help and argument checks import this.
 """
