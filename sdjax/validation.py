@@ -21,6 +21,9 @@ import numpy as np
 # (2**32 would give seed 0's pixels while the metadata says otherwise), so they are refused.
 MAX_SEED = 2**32
 RANDOM_SEED = -1  # the WebUI's convention: pick a random seed and report it
+# The WebUI's "Masked content" choices for inpainting, in the order of its API's
+# inpainting_fill (0-3) (sdjax.tasks implements them).
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 # The start noise's sources (sdjax.noise): JAX's own, the WebUI's NV (its "GPU"), torch's CPU.
 RNG_NAMES = ("jax", "nv", "cpu")
 

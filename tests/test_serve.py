@@ -304,6 +304,14 @@ def test_options_switch_model(server, registry):
     ({"steps": True}, 422, "steps: a number, not true"),
     ({"override_settings": {"CLIP_stop_at_last_layers": True}}, 422,
      "CLIP_stop_at_last_layers: must be an integer, got True"),
+    # fields this task does not use are checked by range all the same
+    ({"denoising_strength": 7}, 422, "denoising_strength must be in [0, 1], got 7"),
+    ({"hr_scale": -1}, 422, "hr_scale must be >= 0, got -1"),
+    ({"hr_second_pass_steps": -1}, 422, "hr_second_pass_steps must be >= 0, got -1"),
+    ({"refiner_switch_at": 5}, 422, "refiner_switch_at must be in [0, 1], got 5"),
+    ({"eta": -1}, 422, "eta must be >= 0, got -1"),
+    ({"seed_resize_from_w": -5}, 422, "seed_resize_from_w must be >= -1, got -5"),
+    ({"scheduler": "nope"}, 422, "unknown schedule_type 'nope'"),
 ])
 def test_bad_requests_get_a_one_line_4xx(server, body, status, message):
     c = server.client
@@ -559,6 +567,11 @@ def _too_large_png() -> str:
      "give mask_blur"),
     ({"mask_blur": -1, "mask": _b64(_square_mask()), "inpainting_fill": 1},
      "mask_blur must be >= 0, got -1"),
+    # without a mask the inpainting fields are unused, and checked all the same
+    ({"inpainting_fill": 9}, "inpainting_fill must be one of 0 (fill)"),
+    ({"mask_blur": -1}, "mask_blur must be >= 0, got -1"),
+    ({"inpaint_full_res_padding": -3}, "inpaint_full_res_padding must be >= 0, got -3"),
+    ({"inpainting_mask_invert": 2}, "inpainting_mask_invert must be in [0, 1], got 2"),
 ])
 def test_bad_img2img_requests_get_a_one_line_4xx(server, fields, message):
     fields = {"init_images": [_b64(_pictures(1)[0])], **fields}

@@ -30,6 +30,7 @@ from sdjax.call_settings import (
 )
 from sdjax.images import SAMPLER_LABELS, encode_png
 from sdjax.lora_tags import find_lora, split_tags, tag_key
+from sdjax.schedulers.webui_sigmas import schedule_type_label
 from sdjax.serve import controlnet_api, hires_fields, uploads
 from sdjax.serve.batcher import ImageSpec, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
@@ -65,7 +66,10 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     pipe = registry.get(title)
     req = with_model_defaults(req, pipe)
     try:
-        # no sampler asked: the model's own scheduler (sdjax.json), as the CLIs run it
+        # no sampler asked: the model's own scheduler (sdjax.json), as the CLIs run it; a
+        # schedule type given with it is still one the WebUI knows
+        if not asked and req.scheduler:
+            schedule_type_label(req.scheduler)
         scheduler, schedule_type = (
             sampler_settings(asked, req.scheduler) if asked
             else (pipe.default_scheduler, None))
@@ -282,10 +286,7 @@ def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
                ) -> tuple[np.ndarray, Inpainting]:
     """The mask as the pipeline takes it (white = repaint) and the call's inpainting
     settings, in the WebUI's field names."""
-    if not 0 <= req.inpainting_fill < len(MASKED_CONTENT):
-        choices = ", ".join(f"{k} ({name})" for k, name in enumerate(MASKED_CONTENT))
-        raise BadRequest(f"inpainting_fill must be one of {choices}; got "
-                         f"{req.inpainting_fill}")
+    # inpainting_fill, mask_blur and the padding are in range (request_checks.RANGES)
     mask = uploads.decode(req.mask, "mask", limits.max_pixels, mask=True)
     for i, im in enumerate(images):
         if im.shape[:2] != mask.shape:
@@ -299,14 +300,7 @@ def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
     if blur_x != blur_y:
         raise BadRequest(f"mask_blur_x={blur_x} and mask_blur_y={blur_y}: sdjax.serve blurs "
                          "masks with one radius; give mask_blur")
-    if blur_x < 0:
-        raise BadRequest(f"mask_blur must be >= 0, got {blur_x}")
-    padding = None
-    if req.inpaint_full_res:
-        if req.inpaint_full_res_padding < 0:
-            raise BadRequest("inpaint_full_res_padding must be >= 0, got "
-                             f"{req.inpaint_full_res_padding}")
-        padding = req.inpaint_full_res_padding
+    padding = req.inpaint_full_res_padding if req.inpaint_full_res else None
     return mask, Inpainting(req.denoising_strength, blur_x, padding,
                             MASKED_CONTENT[req.inpainting_fill],
                             invert_mask=bool(req.inpainting_mask_invert))
