@@ -119,8 +119,9 @@ def check_adapter_dtype(dtype: Any, what: str, source: str) -> None:
     """A LoRA's or embedding's tensor dtype: floating point, else a ValueError naming it."""
     name = str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype
     if name.lower().removeprefix("torch.") not in ADAPTER_DTYPES:
-        raise ValueError(f"{source}: {what} tensors are {name}; a {what} holds floating-point "
-                         f"weights ({', '.join(ADAPTER_DTYPES)})")
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        raise ValueError(f"{source}: {what} tensors are {name}; {article} {what} holds "
+                         f"floating-point weights ({', '.join(ADAPTER_DTYPES)})")
 
 
 def check_pixels(height: int, width: int, max_pixels: int) -> None:

@@ -267,6 +267,14 @@ def test_options_switch_model(server, registry):
         assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny"
         r = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
         assert r.status_code == 404 and "'nope' not found" in r.json()["detail"]
+        # typed as override_settings are, nothing changed when one is wrong
+        for body, said in (({"sd_model_checkpoint": 5}, "sd_model_checkpoint: must be a "
+                            "model title (a string), got 5"),
+                           ({"sd_model_checkpoint": "toy", "CLIP_stop_at_last_layers": "x"},
+                            "CLIP_stop_at_last_layers: must be an integer, got 'x'")):
+            r = c.post("/sdapi/v1/options", json=body)
+            assert r.status_code == 422 and r.json()["detail"] == said
+        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny"
     finally:
         registry.select("toy")
 

@@ -43,6 +43,7 @@ from sdjax.serve.http_methods import HeadAndOptions
 from sdjax.serve.limits import REQUEST_FAULTS, BadRequest, Limits, request_fault
 from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
 from sdjax.serve.page_routes import add_page_routes
+from sdjax.serve.request_checks import check_settings
 from sdjax.serve.samplers import sampler_list, scheduler_list
 from sdjax.serve.schemas import (
     ImagesResponse,
@@ -339,9 +340,13 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     @app.post("/sdapi/v1/options")
     async def set_options(options: dict[str, Any]):
         noise_options = check_options(options)  # checked before anything changes
+        try:
+            check_settings(options)  # by type, as in a request's override_settings
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         wanted = options.get("sd_model_checkpoint")
         if wanted is not None:
-            title = registry.find(str(wanted))
+            title = registry.find(wanted)
             if title is None:
                 raise BadRequest(f"model {wanted!r} not found; GET /sdapi/v1/sd-models lists "
                                  "them", 404)

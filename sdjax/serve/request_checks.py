@@ -131,9 +131,17 @@ def check_request(model: type, data: Any) -> Any:
             check_range(name, data[name])
     overrides = data.get("override_settings")
     if isinstance(overrides, Mapping):
-        for key, (accepted, what) in OVERRIDE_SETTINGS.items():
-            value = overrides.get(key)
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, accepted)):
-                raise _fail(f"override_settings.{key}: must be {what}, got {value!r}")
+        try:
+            check_settings(overrides, "override_settings.")
+        except ValueError as e:
+            raise _fail(str(e)) from None
     return data
+
+
+def check_settings(settings: Mapping[str, Any], where: str = "") -> None:
+    """The :data:`OVERRIDE_SETTINGS` keys of an options object (``override_settings``, or
+    the body of ``POST /sdapi/v1/options``) by type; ValueError naming the first bad one."""
+    for key, (accepted, what) in OVERRIDE_SETTINGS.items():
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, accepted)):
+            raise ValueError(f"{where}{key}: must be {what}, got {value!r}")
