@@ -108,7 +108,9 @@ class ModelRegistry:
         with self._lock:
             if title not in self._tag_loras:
                 self._tag_loras[title] = TagLoras(pipe, self.lora_dir)
-            return self._tag_loras[title]
+            found = self._tag_loras[title]
+            found.lora_dir = self.lora_dir  # the folder tags are found in now
+            return found
 
     def select(self, title: str) -> None:
         """Make ``title`` the default model, loading it now so errors reach the caller."""
