@@ -259,14 +259,29 @@ def test_convert_both_ways(xl, tmp_path):
     for part in ("unet/diffusion_pytorch_model", "text_encoder_2/model"):
         a, b = (_tensors(f / f"{part}.safetensors") for f in (folder, tmp_path / "back"))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    def settings(path):  # a folder's JSON, less the writer's version
+        return {k: v for k, v in json.loads(path.read_text()).items()
+                if k != "_diffusers_version"}
+
+    for name in ("model_index.json", "scheduler/scheduler_config.json",
+                 "tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json"):
+        assert settings(tmp_path / "back" / name) == settings(folder / name), name
     pipe.model_defaults = {**defaults, "guidance_interval": (0.5, 9.0)}
     try:
-        for source in (tmp_path / "xl.safetensors", tmp_path / "back"):
-            _assert_same_model(_load(source), pipe)
+        _assert_same_model(_load(tmp_path / "xl.safetensors"), pipe)
     finally:
         pipe.model_defaults = {}
-    # the refiner's file too (one encoder, the aesthetic score)
-    _assert_same_model(_load(xl["refiner"][2]), xl["refiner"][1])
+    # the refiner's file too (one encoder, the aesthetic score): what its metadata completes
+    from sdjax.weights.single_file import _complete
+    _, refiner, refiner_file = xl["refiner"]
+    done = _complete(None, open_tensor_file(refiner_file), None, None)
+    assert sorted(done.configs) == ["text_encoder_2", "unet", "vae"]
+    assert done.configs["unet"] == refiner.unet_config
+    assert done.configs["text_encoder_2"] == refiner.text_encoder_config
+    assert done.extra == {"force_zeros_for_empty_prompt": False,
+                          "requires_aesthetics_score": True}
+    assert done.tokenizer.get_vocab() == refiner.tokenizer.get_vocab()
+    assert done.scheduler_config == refiner.scheduler_config
 
 
 def _distinct(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
