@@ -6,7 +6,9 @@ Grouped by part: sampling, size, the image task (img2img, inpainting, x4 upscali
 What changes per image (prompt, negative prompt, seed, its index, and in the server the
 guidance scale, since it merges requests with different ones) is passed per image. LoRAs are
 not here: they are merged into the pipeline's weights (``lora_tags.TagLoras``), not passed to
-a call, and the images' prompts keep their ``<lora:…>`` tags as the WebUI does.
+a call; the images' prompts keep their ``<lora:…>`` tags as the WebUI does, and
+:meth:`CallSettings.parameters` takes the pipeline's adapters (``adapter_text.Adapters``) to
+name them all as the WebUI does.
 
 No JAX at import time: the CLIs' --help and argument checks import this.
 """
@@ -18,6 +20,7 @@ import dataclasses
 from typing import Any
 
 from sdjax import handoff, hires_settings
+from sdjax.adapter_text import Adapters
 from sdjax.controlnet.settings import ControlNets
 from sdjax.hires_settings import Hires
 from sdjax.images import SAMPLER_LABELS, format_parameters, guidance_parameters
@@ -286,13 +289,18 @@ class CallSettings:
 
     def parameters(self, prompt: str, negative_prompt: str, seed: int, *,
                    index: int | None = None, guidance_scale: float | None = None,
-                   subseed: int | None = None) -> str:
+                   subseed: int | None = None, adapters: Adapters | None = None) -> str:
         """The WebUI's ``parameters`` text of one image. ``guidance_scale`` and ``subseed``:
-        the image's own, where the settings have none (the server's merged calls)."""
+        the image's own, where the settings have none (the server's merged calls).
+        ``adapters``: the pipeline's LoRAs and embeddings, written as the WebUI writes them
+        (tags in the prompt, ``Lora hashes``, ``TI hashes``: :mod:`sdjax.adapter_text`)."""
         scale = self.sampling.guidance_scale if guidance_scale is None else guidance_scale
+        extra = self.extra_parameters(subseed)
+        if adapters is not None:
+            extra.update(adapters.parameters(prompt, negative_prompt))
+            prompt = adapters.prompt(prompt)
         return format_parameters(
             prompt=prompt, negative_prompt=negative_prompt, steps=self.sampling.steps,
             sampler=self.sampling.scheduler, guidance_scale=scale, seed=seed, index=index,
             schedule_type=self.sampling.schedule_label(),
-            width=self.size.width, height=self.size.height, model=self.model,
-            extra=self.extra_parameters(subseed))
+            width=self.size.width, height=self.size.height, model=self.model, extra=extra)

@@ -228,7 +228,21 @@ def settings(text: str) -> tuple[dict[str, Any], list[str]]:
         lines.append(f"{key}: {_short(value)}: {_why(key)}")
     if lora_names:
         flags["_lora_tags"] = lora_names
+    for key, flag in (("Lora hashes", "_lora_hashes"), ("TI hashes", "_ti_hashes")):
+        if p.get(key):
+            flags[flag] = _hashes(p[key])
     return flags, lines
+
+
+def _hashes(value: str) -> dict[str, str]:
+    """``"name: hash, name2: hash2"`` (the WebUI's ``Lora hashes``, ``TI hashes``) ->
+    {name: hash}; an entry without a hash is left out."""
+    out = {}
+    for entry in value.split(","):
+        name, _, short = entry.rpartition(":")
+        if name.strip() and short.strip():
+            out[name.strip()] = short.strip().lower()
+    return out
 
 
 def _short(value: Any) -> str:
@@ -263,13 +277,58 @@ def apply(args, explicit: set[str], flags: dict[str, Any]) -> list[str]:
                          "to use it")
             continue
         setattr(args, dest, value)
-    if (flags.get("_lora_tags") and getattr(args, "lora_dir", None) is None
-            and "prompt" not in explicit):
-        names = ", ".join(flags["_lora_tags"])
-        notes.append(f"Lora: {names}: no --lora_dir to find the files in; the tags are left "
-                     "out of the prompt")
-        args.prompt = [_LORA_TAG.sub("", p) for p in args.prompt]
+    if flags.get("_lora_tags") and "prompt" not in explicit:
+        notes += _lora_notes(args, flags["_lora_tags"], flags.get("_lora_hashes", {}))
+    notes += _embedding_notes(args, flags.get("_ti_hashes", {}))
     return notes
+
+
+def _lora_notes(args, names: list[str], hashes: dict[str, str]) -> list[str]:
+    """The PNG's LoRA tags: kept in the prompt where ``--lora_dir`` has the file (which then
+    loads), left out (and said) where not; a file whose hash is not the PNG's is said too."""
+    from sdjax.lora_tags import find_lora
+    from sdjax.weights.hashes import lora_hash
+    lora_dir = getattr(args, "lora_dir", None)
+    if lora_dir is None:
+        missing, notes = list(names), []
+        where = "no --lora_dir to find the files in"
+    else:
+        missing, notes = [], []
+        where = f"not in --lora_dir {lora_dir}"
+        for name in dict.fromkeys(names):
+            try:
+                path = find_lora(name, lora_dir)
+            except ValueError:
+                missing.append(name)
+                continue
+            want = hashes.get(name.replace(":", "").replace(",", ""))
+            try:
+                have = lora_hash(path)
+            except (OSError, ValueError):
+                continue  # the run says what is wrong with the file when it loads it
+            if want and not have.startswith(want):
+                notes.append(f"Lora hashes: {name}: {path} has hash {have[:len(want)]}, the "
+                             f"PNG's LoRA had {want} (another file of that name: not the "
+                             "same image)")
+    if missing:
+        notes.insert(0, f"Lora: {', '.join(dict.fromkeys(missing))}: {where}; the tags are "
+                        "left out of the prompt")
+        gone = set(missing)
+        args.prompt = [_LORA_TAG.sub(lambda m: "" if m.group(1) in gone else m.group(0), p)
+                       for p in args.prompt]
+    return notes
+
+
+def _embedding_notes(args, hashes: dict[str, str]) -> list[str]:
+    """The PNG's embeddings (``TI hashes``) this run has no ``--embedding`` for (named as
+    the WebUI names them: by their file's stem)."""
+    given = {Path(path).stem.replace(":", "").replace(",", "")
+             for path in getattr(args, "embedding", None) or []}
+    missing = [name for name in hashes if name not in given]
+    if not missing:
+        return []
+    return [f"TI hashes: {', '.join(missing)}: embeddings the PNG's prompt uses; give "
+            "--embedding FILE for each to use them (without, their names are plain words)"]
 
 
 def given_flags(parser, argv: list[str] | None) -> set[str]:

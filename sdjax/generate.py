@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdjax.adapter_text import Adapters
 from sdjax.call_settings import CallSettings, Size
 from sdjax.cli_args import (
     ModelOptions,
@@ -114,6 +115,9 @@ class Settings:
     adapters: tuple[str, ...] = ()   # what apply_adapters reported: LoRAs, scales, embeddings
     lora_dir: str | None = None      # where prompts' <lora:name:w> tags are found
     control: dict = dataclasses.field(default_factory=dict)  # control_images.manifest_json
+    # The LoRAs and embeddings as the images' PNG text names them (not a manifest setting:
+    # what it says follows from the adapters above).
+    texts: Adapters | None = dataclasses.field(default=None, compare=False)
 
     def manifest(self, layout: Layout, prompts: PromptsInfo) -> dict:
         # The keys and their order are those of earlier versions (so their datasets resume);
@@ -224,7 +228,7 @@ def sample_files(sample: Sample, key: str, image: np.ndarray,
     if settings.control:
         meta["control_image"] = sample.control_image
     parameters = call.parameters(sample.prompt, sample.negative_prompt, sample.seed,
-                                 index=sample.seed_index)
+                                 index=sample.seed_index, adapters=settings.texts)
     image_bytes = encode_image(image, settings.image_format, settings.quality, parameters)
     return {settings.image_format: image_bytes, "txt": sample.prompt.encode("utf-8"),
             "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
@@ -430,7 +434,8 @@ def run(args) -> int:
         image_format=args.format,
         quality=None if args.format == "png" else (args.quality or 95), model_options=options,
         adapters=adapters, lora_dir=None if args.lora_dir is None else str(args.lora_dir),
-        control=control_images.manifest_json(args))
+        control=control_images.manifest_json(args),
+        texts=Adapters.of(pipe, args.lora_dir))
     run_settings = settings.manifest(layout, prompts)
     manifest.check(store, run_settings, overwrite=args.overwrite)
     print(sampling, file=sys.stderr)

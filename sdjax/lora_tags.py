@@ -88,6 +88,11 @@ class TagLoras:
         self.pipe, self.lora_dir = pipe, lora_dir
         self._fixed = dict(pipe.loras)  # what was loaded before tags came into play
 
+    @property
+    def fixed(self) -> dict[str, float]:
+        """The LoRAs merged outside prompts ({resolved path: scale})."""
+        return dict(self._fixed)
+
     def files(self, tags: Mapping[str, float]) -> dict[str, float]:
         """{resolved path: scale} for ``tags``; raises ValueError for a name not found."""
         return {str(find_lora(name, self.lora_dir).resolve()): scale

@@ -46,6 +46,7 @@ class ParamStore:
         self._loras: dict[str, tuple] = {}
         self._pristine: dict[tuple[str, tuple], jax.Array] = {}
         self.embedding_tokens: dict[str, list[str]] = {}
+        self.embedding_files: dict[str, str] = {}  # token -> the file it came from
 
     def add(self, name: str, module: nnx.Module) -> None:
         self.graphdefs[name], self._params[name] = nnx.split(module)
@@ -184,4 +185,5 @@ class ParamStore:
             embeddings.set_token_table(te, table, self.place)
             self.graphdefs[net], self._params[net] = nnx.split(te)
         self.embedding_tokens[token] = embeddings.token_names(token, tables[0][2].shape[0])
+        self.embedding_files[token] = source
         return [tokenizer for _, _, tokenizer, _ in grown]

@@ -243,6 +243,7 @@ def run(args, written: list[Path]) -> int:
     for line in apply_adapters(args, pipe):
         print(line, file=sys.stderr)
     sampling = apply_sampling_defaults(args, pipe)
+    from sdjax.adapter_text import Adapters
     from sdjax.lora_tags import TagLoras, group_by_tags
     tag_loras = TagLoras(pipe, args.lora_dir)
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
@@ -265,6 +266,9 @@ def run(args, written: list[Path]) -> int:
         "image": image, **({} if mask is None else {"mask_image": mask})}
     for key in groups:  # every tag's LoRA is checked against the model before any image
         tag_loras.use(dict(key))
+    for name, scale in dict.fromkeys(pair for key in groups for pair in key):
+        print(f"LoRA {name} x{scale:g}", file=sys.stderr)  # as --lora says its own
+    adapters = Adapters.of(pipe, args.lora_dir, fixed=tag_loras.fixed)
 
     t_gen = 0.0
     compile_before = with_refiner("compile_seconds", pipe, refiner)
@@ -294,7 +298,8 @@ def run(args, written: list[Path]) -> int:
                 start = next_index(args.outdir)
             for i, (prompt, _), pixels in zip(idx, chunk, out.images, strict=True):
                 path = args.outdir / f"{start + i:05d}-{seed}-{i}.png"
-                text = settings.parameters(prompt, args.negative_prompt, seed, index=i)
+                text = settings.parameters(prompt, args.negative_prompt, seed, index=i,
+                                           adapters=adapters)
                 save_png(pixels, path, text)
                 written.append(path)
             if args.grid:

@@ -135,12 +135,18 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         """An SGM-layout ``.safetensors`` (as ``sd_xl_base_1.0.safetensors``; float16 with
         ``half``) that the WebUI and diffusers' ``from_single_file`` load; written atomically."""
         self._refuse_embeddings_in_single_file()
+        from sdjax.weights import file_configs
         from sdjax.weights.export import save_single_file
-        return save_single_file(
-            path, unet=self.network("unet"), vae=self.network("vae"),
-            text_encoder=self.network("text_encoder"),
-            text_encoder_2=None if self.is_refiner else self.network("text_encoder_2"),
-            half=half)
+        nets = dict(unet=self.network("unet"), vae=self.network("vae"),
+                    text_encoder=self.network("text_encoder"),
+                    text_encoder_2=None if self.is_refiner else self.network("text_encoder_2"))
+        meta = file_configs.metadata(  # loads back with no flags (file_configs)
+            **nets, tokenizer=self.tokenizer, tokenizer_dir=self.tokenizer_dir,
+            scheduler_config=self.scheduler_config, defaults=self.model_defaults,
+            tokenizer_2=self.tokenizer_2, tokenizer_2_dir=self.tokenizer_2_dir,
+            sdxl={"force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
+                  "requires_aesthetics_score": self.requires_aesthetics_score})
+        return save_single_file(path, **nets, half=half, metadata=meta)
 
     # ------------------------------------------------------------------ host side
     def _conditioning_inputs(self, prompts: list[str], negatives: list[str], per_prompt: int,

@@ -59,11 +59,11 @@ class Task:
         return tuple(names)
 
 
-# The WebUI's "Masked content" choices for inpainting, in the order of its API's
-# inpainting_fill (0-3). All but "original" first paint the masked region with colours of
-# the kept one (fill_masked); "latent noise" / "latent nothing" then replace the masked
-# region's start latents with the call's noise / zeros.
-MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+# The WebUI's "Masked content" choices (validation.MASKED_CONTENT, in the order of its API's
+# inpainting_fill). All but "original" first paint the masked region with colours of the kept
+# one (fill_masked); "latent noise" / "latent nothing" then replace the masked region's
+# start latents with the call's noise / zeros.
+MASKED_CONTENT = validation.MASKED_CONTENT
 _LATENT_FILL = {"latent noise": "noise", "latent nothing": "zero"}
 
 TXT2IMG = Task("txt2img")

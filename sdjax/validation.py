@@ -21,6 +21,9 @@ import numpy as np
 # (2**32 would give seed 0's pixels while the metadata says otherwise), so they are refused.
 MAX_SEED = 2**32
 RANDOM_SEED = -1  # the WebUI's convention: pick a random seed and report it
+# The WebUI's "Masked content" choices for inpainting, in the order of its API's
+# inpainting_fill (0-3) (sdjax.tasks implements them).
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 # The start noise's sources (sdjax.noise): JAX's own, the WebUI's NV (its "GPU"), torch's CPU.
 RNG_NAMES = ("jax", "nv", "cpu")
 
@@ -116,8 +119,9 @@ def check_adapter_dtype(dtype: Any, what: str, source: str) -> None:
     """A LoRA's or embedding's tensor dtype: floating point, else a ValueError naming it."""
     name = str(np.dtype(dtype)) if not isinstance(dtype, str) else dtype
     if name.lower().removeprefix("torch.") not in ADAPTER_DTYPES:
-        raise ValueError(f"{source}: {what} tensors are {name}; a {what} holds floating-point "
-                         f"weights ({', '.join(ADAPTER_DTYPES)})")
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        raise ValueError(f"{source}: {what} tensors are {name}; {article} {what} holds "
+                         f"floating-point weights ({', '.join(ADAPTER_DTYPES)})")
 
 
 def check_pixels(height: int, width: int, max_pixels: int) -> None:

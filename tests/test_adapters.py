@@ -183,7 +183,19 @@ def test_kohya_and_peft_names_resolve_alike(ours, tmp_path):
             np.testing.assert_allclose(got[k], v, rtol=1e-6, err_msg=str(k))
 
 
+def _addnet_hash(path) -> str:
+    """kohya's "addnet" hash as the WebUI computes a LoRA's: the sha256 of what follows the
+    safetensors header (written out here, not taken from sdjax)."""
+    import hashlib
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
+
 def test_cli_applies_lora_and_embedding(sd1_folder, tmp_path, capfd, monkeypatch):
+    import hashlib
+
+    from PIL import Image
+
     from sdjax.sample import main
 
     loaded = []
@@ -201,7 +213,13 @@ def test_cli_applies_lora_and_embedding(sd1_folder, tmp_path, capfd, monkeypatch
                  f"{lora}:0.5", "--embedding", str(tmp_path / "glow.safetensors")]) == 0
     err = capfd.readouterr().err
     assert "LoRA style x0.5" in err and "embedding glow" in err
-    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    (made,) = (tmp_path / "out").glob("*.png")
+    # The PNG text names them as the WebUI does: a tag in the prompt, the files' hashes.
+    text = Image.open(made).text["parameters"]
+    emb_hash = hashlib.sha256((tmp_path / "glow.safetensors").read_bytes()).hexdigest()
+    assert text.split("\n")[0] == "a glow cat <lora:style:0.5>"
+    assert f'Lora hashes: "style: {_addnet_hash(lora)[:12]}"' in text
+    assert f'TI hashes: "glow: {emb_hash[:12]}"' in text
     (pipe,) = loaded
     assert {"glow", "glow_1"} <= set(pipe.tokenizer.get_vocab())
     fresh = StableDiffusionPipeline.from_pretrained(str(sd1_folder), dtype="float32",
@@ -209,6 +227,15 @@ def test_cli_applies_lora_and_embedding(sd1_folder, tmp_path, capfd, monkeypatch
     merged, pristine = (p.network("unet").down_blocks[0].attentions[0].transformer_blocks[0]
                         .attn1.to_q.kernel.get_value() for p in (pipe, fresh))
     assert np.abs(np.asarray(merged) - np.asarray(pristine)).max() > 1e-3
+    # PNG Info makes it again: the tag loads the LoRA from --lora_dir, the embedding is given.
+    assert main(["--model", str(sd1_folder), "--num_devices", "1", "--from_png", str(made),
+                 "--lora_dir", str(tmp_path), "--embedding", str(tmp_path / "glow.safetensors"),
+                 "--outdir", str(tmp_path / "again")]) == 0
+    err = capfd.readouterr().err
+    assert "not honoured" not in err and "LoRA style x0.5" in err
+    (again,) = (tmp_path / "again").glob("*.png")
+    assert Image.open(again).text["parameters"] == text
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))
 
 
 def test_failed_lora_leaves_the_weights_unchanged(ours, tmp_path):

@@ -31,6 +31,45 @@ def test_txt2img_kwargs_and_text():
     hash(TXT2IMG)  # the server merges requests by it
 
 
+def test_loras_and_embeddings_are_written_as_the_webui_writes_them(tmp_path):
+    """Tags in the prompt (one appended for a LoRA merged outside it), ``Lora hashes`` with
+    the addnet hash (or the one the file's metadata states), ``TI hashes`` for the
+    embeddings the prompts use, all read back by PNG Info's parser."""
+    import hashlib
+
+    from sdjax.adapter_text import Adapters
+    from sdjax.from_png import parse
+    from sdjax.weights.safetensors_io import save_safetensors
+
+    (tmp_path / "loras" / "sub").mkdir(parents=True)
+    tagged = tmp_path / "loras" / "sub" / "ink,y.safetensors"
+    save_safetensors({"w": np.arange(4, dtype=np.float32)}, tagged)
+    fixed = tmp_path / "style.safetensors"
+    save_safetensors({"w": np.ones(2, np.float32)}, fixed, {"sshs_model_hash": "ABCDEF0123456789"})
+    emb = tmp_path / "glow.pt"
+    emb.write_bytes(b"embedding bytes")
+    data = tagged.read_bytes()
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    assert addnet != hashlib.sha256(data).hexdigest()  # the header is not hashed
+    adapters = Adapters(loras=(("style", 0.5, str(fixed)),),
+                        embeddings=(("glow", str(emb)), ("unused", str(emb))),
+                        lora_dir=str(tmp_path / "loras"))
+    text = TXT2IMG.parameters("a <lora:ink,y:0.8> cat", "glow, blurry", 3, adapters=adapters)
+    ti = hashlib.sha256(b"embedding bytes").hexdigest()[:12]
+    assert text == (
+        "a <lora:ink,y:0.8> cat <lora:style:0.5>\nNegative prompt: glow, blurry\n"
+        "Steps: 4, Sampler: Euler a, CFG scale: 7.5, Seed: 3, Size: 48x64, Model: toy, "
+        f'Lora hashes: "inky: {addnet[:12]}, style: abcdef012345", TI hashes: "glow: {ti}"')
+    p = parse(text)
+    assert p["Lora hashes"] == f"inky: {addnet[:12]}, style: abcdef012345"
+    assert p["TI hashes"] == f"glow: {ti}"
+    # A LoRA the prompt names already is not named twice; none used: no fields.
+    assert adapters.prompt("<lora:style:1> x") == "<lora:style:1> x"
+    assert Adapters(lora_dir=str(tmp_path)).parameters("a cat") == {}
+    fixed.unlink()  # a file gone since it was loaded: no hash to write, as the WebUI
+    assert "Lora hashes" not in adapters.parameters("a cat")
+
+
 def test_guidance_options_and_clip_skip():
     s = CallSettings("m,1", Sampling(20, "dpmpp_2m", 5.0, 0.7, (0.5, float("inf")), 2),
                      Size(512, 512))

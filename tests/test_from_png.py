@@ -36,6 +36,7 @@ def _png(path, text=None, fmt="PNG"):
 def test_webui_text_gives_its_settings():
     flags, lines = settings(WEBUI_TEXT)
     assert flags.pop("_lora_tags") == ["detail"]
+    assert flags.pop("_lora_hashes") == {"detail": "1a2b3c4d5e6f"}
     assert flags == {
         "prompt": ["masterpiece, a castle on a hill <lora:detail:0.6>, sunset"],
         "negative_prompt": "blurry, lowres", "steps": 24, "scheduler": "DPM++ 2M",
@@ -93,6 +94,32 @@ def test_command_line_flags_win_and_unhonoured_lines_are_printed(tmp_path, capsy
     assert err[-1].startswith("from_png: not honoured: Lora: detail: no --lora_dir")
 
 
+def test_lora_tags_load_where_found_and_the_rest_is_named(tmp_path, capsys):
+    from sdjax.weights.safetensors_io import save_safetensors
+    (tmp_path / "loras").mkdir()
+    save_safetensors({"w": np.ones(2, np.float32)}, tmp_path / "loras" / "detail.safetensors")
+    text = ("a <lora:detail:0.6> castle <lora:gone:1>\nSteps: 4, Sampler: Euler, CFG scale: 7, "
+            'Seed: 1, Size: 64x64, Lora hashes: "detail: 1a2b3c4d5e6f, gone: 0123456789ab", '
+            'TI hashes: "glow: 00ff00ff00ff, other: 112233445566"')
+    png = _png(tmp_path / "p.png", text)
+    parser = build_parser()
+    argv = ["--from_png", str(png), "--lora_dir", str(tmp_path / "loras"),
+            "--embedding", str(tmp_path / "glow.pt")]
+    args = parser.parse_args(argv)
+    use(args, parser, argv)
+    err = capsys.readouterr().err.splitlines()
+    # the found tag stays (and loads), the missing one is left out and named
+    assert args.prompt == ["a <lora:detail:0.6> castle "]
+    lines = [e.removeprefix("from_png: not honoured: ") for e in err]
+    assert lines[0] == (f"Lora: gone: not in --lora_dir {tmp_path / 'loras'}; the tags are "
+                        "left out of the prompt")
+    assert lines[1].startswith("Lora hashes: detail: ") and "the PNG's LoRA had 1a2b3c4d5e6f" \
+        in lines[1]
+    assert lines[2].startswith("TI hashes: other: embeddings the PNG's prompt uses; give "
+                               "--embedding FILE")
+    assert len(lines) == 3
+
+
 @pytest.mark.parametrize("case", ["no text", "not a PNG", "missing"])
 def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys):
     path = {"no text": lambda: _png(tmp_path / "a.png"),
@@ -125,6 +152,7 @@ def test_png_info_reads_quoted_values_with_the_webui_names(tmp_path):
     assert (p["Size-1"], p["Size-2"], p["Hires upscale"], p["Schedule type"]) == (
         "512", "768", "1.5", "Karras")
     assert (p["Clip skip"], p["RNG"]) == ("2", "GPU")  # RNG: the WebUI's default, as it says
+    assert p["Lora hashes"] == "detail: 1a2b3c4d5e6f"
 
 
 def test_from_png_makes_the_same_image(sd1_folder, tmp_path, capsys):

@@ -188,6 +188,12 @@ def test_lora_tags_split_a_batch_into_calls(sd1_folder, tmp_path, capsys):
 
     # One batch of two, two LoRA sets: each image got its own (and the same noise).
     assert a["000000000"]["txt"].decode() == tagged[0]
+    # the PNG text names the LoRA's file as the WebUI does (the untagged image names none)
+    from tests.test_adapters import _addnet_hash
+    texts = [Image.open(io.BytesIO(a[k]["png"])).text["parameters"]
+             for k in ("000000000", "000000001")]
+    glow = _addnet_hash(tmp_path / "loras" / "glow.safetensors")[:12]
+    assert f'Lora hashes: "glow: {glow}"' in texts[0] and "Lora hashes" not in texts[1]
     assert not np.array_equal(pixels(a["000000000"]), pixels(b["000000000"]))
     assert np.array_equal(pixels(a["000000001"]), pixels(b["000000001"]))
 

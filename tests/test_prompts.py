@@ -174,7 +174,7 @@ def test_long_and_weighted_prompts_share_executables(pipe, monkeypatch, capfd):
     assert pipe.compile_count == base + 1
 
 
-def test_lora_tags_in_the_cli(pipe, sd1_folder, tmp_path, monkeypatch):
+def test_lora_tags_in_the_cli(pipe, sd1_folder, tmp_path, monkeypatch, capfd):
     from PIL import Image
 
     from sdjax.sample import main
@@ -194,6 +194,12 @@ def test_lora_tags_in_the_cli(pipe, sd1_folder, tmp_path, monkeypatch):
                  "--outdir", str(out)]) == 0
     first, second = sorted(out.glob("*.png"))
     assert Image.open(first).text["parameters"].split("\n")[0] == tagged  # as written
+    # the tag says what it loaded as --lora does; the PNG names the file's hash as the WebUI
+    from tests.test_adapters import _addnet_hash
+    assert "LoRA glow x0.5\n" in capfd.readouterr().err
+    assert f'Lora hashes: "glow: {_addnet_hash(lora)[:12]}"' in Image.open(first).text[
+        "parameters"]
+    assert "Lora hashes" not in Image.open(second).text["parameters"]
     assert pipe.loras == {}  # the tag's LoRA is gone for the untagged prompt
     plain = _run(pipe, "a red circle", image_indices=[1])
     assert np.array_equal(np.asarray(Image.open(second), np.int16), plain[0])

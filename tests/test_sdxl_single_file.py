@@ -109,7 +109,7 @@ class _Header(dict):
         return self[key]
 
 
-def test_base_and_refiner_are_told_apart(xl, sd1_folder):
+def test_base_and_refiner_are_told_apart(xl, sd1_folder, tmp_path):
     unet = "model.diffusion_model."
     base = _Header({unet + "input_blocks.0.0.weight": (320, 4, 3, 3),
                     unet + "label_emb.0.0.weight": (1280, 2816),
@@ -135,9 +135,11 @@ def test_base_and_refiner_are_told_apart(xl, sd1_folder):
         "force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
 
     folder, _, path = xl["base"]
-    # Tiny shapes are no SDXL 1.0: without config= the message says what to pass.
+    # Tiny shapes are no SDXL 1.0: a file without sdjax's metadata (as another tool writes
+    # it) needs config=, and the message says what to pass.
+    save_safetensors(_tensors(path), tmp_path / "bare.safetensors")
     with pytest.raises(WeightsError, match="SDXL base checkpoint whose shapes.*config="):
-        _load(path)
+        _load(tmp_path / "bare.safetensors")
     with pytest.raises(WeightsError, match="sdxl-refiner is for SDXL refiner models; the file "
                                            "is an SDXL base"):
         _load(path, config="sdxl-refiner")
@@ -221,20 +223,65 @@ def test_save_pretrained_is_a_diffusers_folder(xl, kind, tmp_path):
     assert again.tokenizer_2 is None if kind == "refiner" else again.tokenizer_2.pad_token == "!"
 
 
+def _assert_same_model(a, b):
+    """Everything that decides an image: weights, tokenizers, scheduler, options, defaults."""
+    _assert_same_params(a.params, b.params)
+    assert a.scheduler_config == b.scheduler_config and a.model_defaults == b.model_defaults
+    assert (a.force_zeros_for_empty_prompt, a.requires_aesthetics_score, a.default_hw) == (
+        b.force_zeros_for_empty_prompt, b.requires_aesthetics_score, b.default_hw)
+    for name in ("tokenizer", "tokenizer_2"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert (x.get_vocab(), x.pad_token) == (y.get_vocab(), y.pad_token), name
+
+
 def test_convert_both_ways(xl, tmp_path):
-    """python -m sdjax.convert picks the SDXL pipeline from SRC, either way."""
+    """python -m sdjax.convert picks the SDXL pipeline from SRC, either way; the file sdjax
+    writes carries its configs, tokenizers, options and sdjax.json defaults (issue 28), so
+    it loads, and converts back, with no flags, as the model it was made from."""
     folder, pipe, path = xl["base"]
-    assert convert.main([str(folder), str(tmp_path / "xl.safetensors")]) == 0
+    (tmp_path / "src").mkdir()
+    for item in folder.iterdir():  # the folder with an sdjax.json
+        (tmp_path / "src" / item.name).symlink_to(item)
+    defaults = {"num_inference_steps": 3, "guidance_scale": 4.5, "guidance_interval": [0.5, 9]}
+    (tmp_path / "src" / "sdjax.json").write_text(json.dumps(defaults))
+    assert convert.main([str(tmp_path / "src"), str(tmp_path / "xl.safetensors")]) == 0
     ours = _tensors(path)
     written = _tensors(tmp_path / "xl.safetensors")
     assert written.keys() == ours.keys()
     assert all(np.array_equal(written[k], ours[k]) for k in ours)
-    assert convert.main([str(path), str(tmp_path / "xl"), "--config", str(folder)]) == 0
-    assert json.loads((tmp_path / "xl" / "model_index.json").read_text())["_class_name"] == \
+    # back to a folder with no --config: the same model (its sdjax.json too)
+    assert convert.main([str(tmp_path / "xl.safetensors"), str(tmp_path / "back")]) == 0
+    assert json.loads((tmp_path / "back" / "model_index.json").read_text())["_class_name"] == \
         "StableDiffusionXLPipeline"
+    assert json.loads((tmp_path / "back" / "sdjax.json").read_text()) == defaults
     for part in ("unet/diffusion_pytorch_model", "text_encoder_2/model"):
-        a, b = (_tensors(f / f"{part}.safetensors") for f in (folder, tmp_path / "xl"))
+        a, b = (_tensors(f / f"{part}.safetensors") for f in (folder, tmp_path / "back"))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    def settings(path):  # a folder's JSON, less the writer's version
+        return {k: v for k, v in json.loads(path.read_text()).items()
+                if k != "_diffusers_version"}
+
+    for name in ("model_index.json", "scheduler/scheduler_config.json",
+                 "tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json"):
+        assert settings(tmp_path / "back" / name) == settings(folder / name), name
+    pipe.model_defaults = {**defaults, "guidance_interval": (0.5, 9.0)}
+    try:
+        _assert_same_model(_load(tmp_path / "xl.safetensors"), pipe)
+    finally:
+        pipe.model_defaults = {}
+    # the refiner's file too (one encoder, the aesthetic score): what its metadata completes
+    from sdjax.weights.single_file import _complete
+    _, refiner, refiner_file = xl["refiner"]
+    done = _complete(None, open_tensor_file(refiner_file), None, None)
+    assert sorted(done.configs) == ["text_encoder_2", "unet", "vae"]
+    assert done.configs["unet"] == refiner.unet_config
+    assert done.configs["text_encoder_2"] == refiner.text_encoder_config
+    assert done.extra == {"force_zeros_for_empty_prompt": False,
+                          "requires_aesthetics_score": True}
+    assert done.tokenizer.get_vocab() == refiner.tokenizer.get_vocab()
+    assert done.scheduler_config == refiner.scheduler_config
 
 
 def _distinct(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

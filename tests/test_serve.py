@@ -267,6 +267,14 @@ def test_options_switch_model(server, registry):
         assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny"
         r = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
         assert r.status_code == 404 and "'nope' not found" in r.json()["detail"]
+        # typed as override_settings are, nothing changed when one is wrong
+        for body, said in (({"sd_model_checkpoint": 5}, "sd_model_checkpoint: must be a "
+                            "model title (a string), got 5"),
+                           ({"sd_model_checkpoint": "toy", "CLIP_stop_at_last_layers": "x"},
+                            "CLIP_stop_at_last_layers: must be an integer, got 'x'")):
+            r = c.post("/sdapi/v1/options", json=body)
+            assert r.status_code == 422 and r.json()["detail"] == said
+        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny"
     finally:
         registry.select("toy")
 
@@ -305,6 +313,14 @@ def test_options_switch_model(server, registry):
     ({"steps": True}, 422, "steps: a number, not true"),
     ({"override_settings": {"CLIP_stop_at_last_layers": True}}, 422,
      "CLIP_stop_at_last_layers: must be an integer, got True"),
+    # fields this task does not use are checked by range all the same
+    ({"denoising_strength": 7}, 422, "denoising_strength must be in [0, 1], got 7"),
+    ({"hr_scale": -1}, 422, "hr_scale must be >= 0, got -1"),
+    ({"hr_second_pass_steps": -1}, 422, "hr_second_pass_steps must be >= 0, got -1"),
+    ({"refiner_switch_at": 5}, 422, "refiner_switch_at must be in [0, 1], got 5"),
+    ({"eta": -1}, 422, "eta must be >= 0, got -1"),
+    ({"seed_resize_from_w": -5}, 422, "seed_resize_from_w must be >= -1, got -5"),
+    ({"scheduler": "nope"}, 422, "unknown schedule_type 'nope'"),
 ])
 def test_bad_requests_get_a_one_line_4xx(server, body, status, message):
     c = server.client
@@ -328,17 +344,44 @@ def test_other_bad_input(server):
     r = c.post("/sdapi/v1/img2img", json={"prompt": "a cat"})
     assert r.status_code == 422 and "init_images" in r.json()["detail"]
     assert c.get("/sdapi/v1/txt2img").status_code == 405
-    r = c.head("/")  # uptime checkers
-    assert r.status_code == 200 and r.text == "" and int(r.headers["content-length"]) > 0
-    r = c.options("/")
-    assert r.status_code == 204 and "HEAD" in r.headers["allow"]
     # the server still serves after all of that
+    assert c.get("/health").json()["status"] == "ok"
+
+
+def test_head_and_options_answer_on_every_route(server):
+    """HEAD: the GET's status and headers, no body (uptime checkers send it); OPTIONS: 204
+    with the path's methods in Allow; unknown paths and POST-only routes as a server does."""
+    c = server.client
+    schema = c.get("/openapi.json").json()  # the routes the app declares
+    gets = [path for path, ops in schema["paths"].items() if "get" in ops and "{" not in path]
+    gets += ["/"]  # the page (left out of the schema)
+    assert {"/", "/health", "/sdapi/v1/samplers", "/sdapi/v1/progress"} <= set(gets)
+    for path in gets:
+        params = {"model": "toy"} if path == "/sdjax/v1/model-defaults" else None
+        got, head = c.get(path, params=params), c.head(path, params=params)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and got.content, path
+        assert int(head.headers["content-length"]) == len(got.content), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        r = c.options(path)
+        assert r.status_code == 204 and r.content == b"", path
+        assert {"GET", "HEAD", "OPTIONS"} <= set(r.headers["allow"].split(", ")), path
+    r = c.options("/sdapi/v1/txt2img")
+    assert r.status_code == 204 and r.headers["allow"] == "OPTIONS, POST"
+    # a browser's CORS preflight: the same answer; no CORS options, so no Access-Control-*
+    r = c.options("/sdapi/v1/txt2img", headers={"Origin": "http://elsewhere.example",
+                                                "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 204 and not any(k.startswith("access-control") for k in r.headers)
+    r = c.head("/sdapi/v1/txt2img")
+    assert r.status_code == 405 and r.content == b""
+    assert c.head("/nope").status_code == 404 and c.options("/nope").status_code == 404
     assert c.get("/health").json()["status"] == "ok"
 
 
 def test_lora_tags_and_clip_skip_decide_the_call(registry, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    from sdjax.lora_tags import TagLoras
     from sdjax.serve.batcher import ImageSpec
     from sdjax.serve.generation import plan_txt2img, run_call
     from sdjax.serve.limits import BadRequest
@@ -373,12 +416,34 @@ def test_lora_tags_and_clip_skip_decide_the_call(registry, tmp_path, monkeypatch
             return SimpleNamespace(images=np.zeros((len(prompts), 1, 1, 3), np.uint8))
 
     stub = Stub()
-    run = run_call(SimpleNamespace(get=lambda title: stub, lora_dir=tmp_path))
+    tag_loras = TagLoras(stub, tmp_path)
+    run = run_call(SimpleNamespace(get=lambda title: stub, lora_dir=tmp_path,
+                                   tag_loras=lambda title: tag_loras))
     spec = ImageSpec("a <lora:glow:0.5> cat", "", 0, 7.0)
     run(tagged, [spec])
     run(shape("a cat"), [dataclasses.replace(spec, prompt="a cat")])
     glow = str((tmp_path / "sub" / "glow.safetensors").resolve())
     assert stub.calls == [(["a  cat"], {glow: 0.5}, 1), (["a cat"], {}, 1)]
+
+
+def test_png_text_names_the_loras_as_the_webui_and_png_info_reads_it(server, registry,
+                                                                     tmp_path, monkeypatch):
+    from sdjax.weights.safetensors_io import save_safetensors
+    from tests.test_adapters import _addnet_hash
+    rng = np.random.RandomState(0)
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # the toy's width is 64
+    lora = tmp_path / "ink.safetensors"
+    save_safetensors({f"{key}.lora_down.weight": rng.randn(2, 64).astype(np.float32),
+                      f"{key}.lora_up.weight": rng.randn(64, 2).astype(np.float32)}, lora)
+    monkeypatch.setattr(registry, "lora_dir", tmp_path)
+    out = _txt2img(server.client, prompt="a cat <lora:ink:0.5>", seed=4)
+    text = _decode(out["images"][0]).text["parameters"]
+    assert text.startswith("a cat <lora:ink:0.5>\n")
+    assert f'Lora hashes: "ink: {_addnet_hash(lora)[:12]}"' in text
+    assert json.loads(out["info"])["infotexts"] == [text]
+    r = server.client.post("/sdapi/v1/png-info", json={"image": out["images"][0]})
+    assert r.json()["parameters"]["Lora hashes"] == f"ink: {_addnet_hash(lora)[:12]}"
+    assert r.json()["parameters"]["Prompt"] == "a cat <lora:ink:0.5>"
 
 
 def _b64(image: np.ndarray, fmt: str = "PNG", prefix: bool = False) -> str:
@@ -511,6 +576,11 @@ def _too_large_png() -> str:
      "give mask_blur"),
     ({"mask_blur": -1, "mask": _b64(_square_mask()), "inpainting_fill": 1},
      "mask_blur must be >= 0, got -1"),
+    # without a mask the inpainting fields are unused, and checked all the same
+    ({"inpainting_fill": 9}, "inpainting_fill must be one of 0 (fill)"),
+    ({"mask_blur": -1}, "mask_blur must be >= 0, got -1"),
+    ({"inpaint_full_res_padding": -3}, "inpaint_full_res_padding must be >= 0, got -3"),
+    ({"inpainting_mask_invert": 2}, "inpainting_mask_invert must be in [0, 1], got 2"),
 ])
 def test_bad_img2img_requests_get_a_one_line_4xx(server, fields, message):
     fields = {"init_images": [_b64(_pictures(1)[0])], **fields}

@@ -32,10 +32,18 @@ from sdjax.serve import hires_fields
 from sdjax.serve.batcher import Batcher, Job, JobResult, QueueFull, ShuttingDown
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.controlnet_api import add_controlnet_routes, parse_png_units
-from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, run_call
+from sdjax.serve.generation import (
+    adapters_of,
+    images_response,
+    plan_img2img,
+    plan_txt2img,
+    run_call,
+)
+from sdjax.serve.http_methods import HeadAndOptions
 from sdjax.serve.limits import REQUEST_FAULTS, BadRequest, Limits, request_fault
 from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
 from sdjax.serve.page_routes import add_page_routes
+from sdjax.serve.request_checks import check_settings
 from sdjax.serve.samplers import sampler_list, scheduler_list
 from sdjax.serve.schemas import (
     ImagesResponse,
@@ -223,6 +231,7 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     app = FastAPI(title="sdjax", version=__version__, lifespan=lifespan)
     app.state.batcher, app.state.registry, app.state.limits = batcher, registry, limits
     # The last added is the outermost: every request is logged, refused ones included.
+    app.add_middleware(HeadAndOptions, router=app.router)
     app.add_middleware(_Guard, credentials=credentials, max_body=limits.max_body_bytes)
     app.add_middleware(_LogRequests)
 
@@ -247,18 +256,9 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ pages
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse,
-                   include_in_schema=False)
-    async def page(request: Request):
-        html = PAGE.read_text(encoding="utf-8")
-        if request.method == "HEAD":  # uptime checkers: the headers, no body
-            return Response(headers={"content-length": str(len(html.encode()))},
-                            media_type="text/html")
-        return HTMLResponse(html)
-
-    @app.options("/", include_in_schema=False)
-    async def page_options():
-        return Response(status_code=204, headers={"Allow": "GET, HEAD, OPTIONS"})
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():  # HEAD and OPTIONS: http_methods.HeadAndOptions, as for every route
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():
@@ -286,7 +286,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
         if result is None:
             request.state.detail = f"job {job.id} given up: the client disconnected"
             return Response(status_code=499)  # nobody reads it; for the log line
-        body = await run_in_threadpool(images_response, plan.request, plan, result)
+        body = await run_in_threadpool(lambda: images_response(
+            plan.request, plan, result, adapters_of(registry, plan.shape.settings.model)))
         s = plan.shape.settings
         t = s.task
         kind = "" if t is None else " x4 upscaling" if isinstance(t, Upscaling) else (
@@ -339,9 +340,13 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     @app.post("/sdapi/v1/options")
     async def set_options(options: dict[str, Any]):
         noise_options = check_options(options)  # checked before anything changes
+        try:
+            check_settings(options)  # by type, as in a request's override_settings
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         wanted = options.get("sd_model_checkpoint")
         if wanted is not None:
-            title = registry.find(str(wanted))
+            title = registry.find(wanted)
             if title is None:
                 raise BadRequest(f"model {wanted!r} not found; GET /sdapi/v1/sd-models lists "
                                  "them", 404)

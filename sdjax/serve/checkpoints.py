@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from sdjax.lora_tags import TagLoras
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.serve.controlnets import ControlNetLibrary
 from sdjax.weights.resolve import TOY
@@ -57,6 +58,7 @@ class ModelRegistry:
         self.lora_dir = lora_dir  # where prompts' <lora:name:w> tags find their files
         self._load = load
         self._loaded: dict[str, StableDiffusionPipeline] = {}
+        self._tag_loras: dict[str, TagLoras] = {}
         self._lock = threading.Lock()
         self.current = next(iter(self.sources))
         # The one refiner requests may name (refiner_checkpoint). As in the WebUI it is one
@@ -98,6 +100,17 @@ class ModelRegistry:
             if title not in self._loaded:
                 self._loaded[title] = self._load(self.sources[title])
             return self._loaded[title]
+
+    def tag_loras(self, title: str) -> TagLoras:
+        """The LoRA state of model ``title`` across calls: the LoRAs it was loaded with, and
+        those its prompts' tags merge (made when first asked, after the load)."""
+        pipe = self.get(title)
+        with self._lock:
+            if title not in self._tag_loras:
+                self._tag_loras[title] = TagLoras(pipe, self.lora_dir)
+            found = self._tag_loras[title]
+            found.lora_dir = self.lora_dir  # the folder tags are found in now
+            return found
 
     def select(self, title: str) -> None:
         """Make ``title`` the default model, loading it now so errors reach the caller."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from sdjax import __version__, handoff, validation
 from sdjax import prompts as prompt_syntax
+from sdjax.adapter_text import Adapters
 from sdjax.call_settings import (
     SDXL,
     CallSettings,
@@ -28,7 +29,8 @@ from sdjax.call_settings import (
     Upscaling,
 )
 from sdjax.images import SAMPLER_LABELS, encode_png
-from sdjax.lora_tags import TagLoras, find_lora, split_tags, tag_key
+from sdjax.lora_tags import find_lora, split_tags, tag_key
+from sdjax.schedulers.webui_sigmas import schedule_type_label
 from sdjax.serve import controlnet_api, hires_fields, uploads
 from sdjax.serve.batcher import ImageSpec, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
@@ -64,7 +66,10 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
     pipe = registry.get(title)
     req = with_model_defaults(req, pipe)
     try:
-        # no sampler asked: the model's own scheduler (sdjax.json), as the CLIs run it
+        # no sampler asked: the model's own scheduler (sdjax.json), as the CLIs run it; a
+        # schedule type given with it is still one the WebUI knows
+        if not asked and req.scheduler:
+            schedule_type_label(req.scheduler)
         scheduler, schedule_type = (
             sampler_settings(asked, req.scheduler) if asked
             else (pipe.default_scheduler, None))
@@ -281,10 +286,7 @@ def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
                ) -> tuple[np.ndarray, Inpainting]:
     """The mask as the pipeline takes it (white = repaint) and the call's inpainting
     settings, in the WebUI's field names."""
-    if not 0 <= req.inpainting_fill < len(MASKED_CONTENT):
-        choices = ", ".join(f"{k} ({name})" for k, name in enumerate(MASKED_CONTENT))
-        raise BadRequest(f"inpainting_fill must be one of {choices}; got "
-                         f"{req.inpainting_fill}")
+    # inpainting_fill, mask_blur and the padding are in range (request_checks.RANGES)
     mask = uploads.decode(req.mask, "mask", limits.max_pixels, mask=True)
     for i, im in enumerate(images):
         if im.shape[:2] != mask.shape:
@@ -298,14 +300,7 @@ def _mask_task(req: Img2ImgRequest, images: list[np.ndarray], limits: Limits
     if blur_x != blur_y:
         raise BadRequest(f"mask_blur_x={blur_x} and mask_blur_y={blur_y}: sdjax.serve blurs "
                          "masks with one radius; give mask_blur")
-    if blur_x < 0:
-        raise BadRequest(f"mask_blur must be >= 0, got {blur_x}")
-    padding = None
-    if req.inpaint_full_res:
-        if req.inpaint_full_res_padding < 0:
-            raise BadRequest("inpaint_full_res_padding must be >= 0, got "
-                             f"{req.inpaint_full_res_padding}")
-        padding = req.inpaint_full_res_padding
+    padding = req.inpaint_full_res_padding if req.inpaint_full_res else None
     return mask, Inpainting(req.denoising_strength, blur_x, padding,
                             MASKED_CONTENT[req.inpainting_fill],
                             invert_mask=bool(req.inpainting_mask_invert))
@@ -326,17 +321,19 @@ def _prepare(pipe, settings: CallSettings, image: np.ndarray, mask: np.ndarray |
         raise BadRequest(str(e)) from None
 
 
+def adapters_of(registry: ModelRegistry, title: str) -> Adapters:
+    """Model ``title``'s LoRAs and embeddings as its images' PNG text names them."""
+    return Adapters.of(registry.get(title), registry.lora_dir,
+                       fixed=registry.tag_loras(title).fixed)
+
+
 def run_call(registry: ModelRegistry):
     """The batcher's ``run``: one compiled call for images of one shape."""
-    loras: dict[str, TagLoras] = {}  # per model: its LoRA state across calls
-
     def run(shape: Shape, specs: list[ImageSpec]) -> np.ndarray:
         settings = shape.settings
         pipe = registry.get(settings.model)
-        if settings.model not in loras:
-            loras[settings.model] = TagLoras(pipe, registry.lora_dir)
         try:
-            loras[settings.model].use(dict(shape.loras))
+            registry.tag_loras(settings.model).use(dict(shape.loras))
         except ValueError as e:  # a LoRA file that does not fit this model: the request's 422
             raise BadRequest(str(e)) from None
         names = () if settings.controlnet is None else settings.controlnet.models
@@ -361,12 +358,15 @@ def run_call(registry: ModelRegistry):
     return run
 
 
-def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: JobResult) -> dict:
+def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: JobResult,
+                    adapters: Adapters | None = None) -> dict:
     """The WebUI's TextToImageResponse (or ImageToImageResponse) for a finished job (PNG
-    encoding happens here, so call it off the event loop)."""
+    encoding happens here, so call it off the event loop). ``adapters``: the model's LoRAs
+    and embeddings, for the PNG text (:func:`adapters_of`)."""
     settings = plan.shape.settings
     texts = [settings.parameters(spec.prompt, spec.negative_prompt, spec.seed,
-                                 guidance_scale=spec.guidance_scale, subseed=spec.subseed)
+                                 guidance_scale=spec.guidance_scale, subseed=spec.subseed,
+                                 adapters=adapters)
              for spec in result.specs]
     images = [base64.b64encode(encode_png(im, text)).decode("ascii")
               for im, text in zip(result.images, texts, strict=True)] if req.send_images else []

@@ -172,8 +172,8 @@ def _complete(config, tensors, explicit: str | None, from_yaml: str | None) -> _
     kind = sdxl_kind(tensors)
     if str(config) == TOY:  # the bundled toy's folder, as --model toy names it
         config = toy_path()
-    if config is None and kind is None and (data := file_configs.read(tensors)) is not None:
-        return _from_metadata(data, explicit, from_yaml)
+    if config is None and (data := file_configs.read(tensors)) is not None:
+        return _from_metadata(data, kind, explicit, from_yaml)
     if config is not None and str(config) not in PRESETS:
         folder = Path(config).expanduser()
         if not folder.is_dir():
@@ -211,15 +211,33 @@ def _complete(config, tensors, explicit: str | None, from_yaml: str | None) -> _
                        family.scheduler_config(pt), f"{family.label} ({how})", why, extra)
 
 
-def _from_metadata(data: dict, explicit: str | None, from_yaml: str | None) -> _Completion:
-    """What a single file sdjax wrote says of itself (weights.file_configs)."""
+def _from_metadata(data: dict, kind: str | None, explicit: str | None,
+                   from_yaml: str | None) -> _Completion:
+    """What a single file sdjax wrote says of itself (weights.file_configs); an SDXL file's
+    options and second tokenizer too."""
+    if ("sdxl" in data) != (kind is not None):
+        said = "an SDXL" if "sdxl" in data else "a Stable Diffusion 1.x/2.x"
+        found = f"an SDXL {kind}" if kind else "a Stable Diffusion 1.x/2.x"
+        raise WeightsError(f"the file's sdjax metadata describes {said} model, its tensors "
+                           f"{found} checkpoint; pass --config to say which model it is")
     sched = dict(data["scheduler_config"])
     pt, why = _prediction(explicit, from_yaml, sched.get("prediction_type", "epsilon"),
                           "from the file's sdjax metadata")
     tok, tok_dir = file_configs.tokenizer(data)
-    return _Completion(file_configs.configs(data), tok, tok_dir,
-                       {**sched, "prediction_type": pt},
-                       "Stable Diffusion (configs from the file's sdjax metadata)", why)
+    configs, extra = file_configs.configs(data), {}
+    if kind is not None:
+        options = data["sdxl"]
+        extra = {k: bool(options.get(k, default)) for k, default in (
+            ("force_zeros_for_empty_prompt", kind != SDXL_REFINER),
+            ("requires_aesthetics_score", kind == SDXL_REFINER))}
+        if kind == SDXL_REFINER:  # its one encoder, under its folder name
+            configs["text_encoder_2"] = configs.pop("text_encoder")
+        else:
+            tok_2, tok_2_dir = file_configs.tokenizer(data, second=True)
+            extra.update(tokenizer_2=tok_2, tokenizer_2_dir=tok_2_dir)
+    what = "Stable Diffusion" if kind is None else f"SDXL {kind}"
+    return _Completion(configs, tok, tok_dir, {**sched, "prediction_type": pt},
+                       f"{what} (configs from the file's sdjax metadata)", why, extra)
 
 
 def _text_encoder_views(tensors, kind: str | None, configs: dict) -> dict:
