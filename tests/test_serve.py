@@ -544,6 +544,70 @@ def test_queue_full_and_interrupt(server):
     assert c.get("/health").json()["queued"] == 0
 
 
+def test_queue_position_of_each_request(server, registry):
+    """The WebUI's task progress (POST /internal/progress by force_task_id): a request waits
+    behind the call on the devices and the requests queued before it, runs, completes."""
+    import threading
+
+    from sdjax.serve.batcher import Batcher
+    from sdjax.serve.generation import plan_txt2img
+    from sdjax.serve.schemas import Txt2ImgRequest
+    plan = plan_txt2img(Txt2ImgRequest(prompt="a cat", **SHAPE), registry, Limits())
+    go = threading.Event()
+
+    def held(shape, specs):
+        go.wait(30)
+        return np.zeros((len(specs), 1, 1, 3), np.uint8)
+
+    b = Batcher(held, window_s=0)
+    try:
+        first = b.submit(plan.shape, plan.specs, task_id="task(a)")
+        deadline = time.monotonic() + 30
+        while not b.task("task(a)")["active"]:  # on the "devices"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        b.submit(plan.shape, plan.specs, task_id="task(b)")
+        b.submit(plan.shape, plan.specs, task_id="task(c)")
+        assert b.task("task(a)") == {"active": True, "queued": False, "completed": False,
+                                     "ahead": 0}
+        assert [(b.task(t)["queued"], b.task(t)["ahead"]) for t in ("task(b)", "task(c)")] == [
+            (True, 1), (True, 2)]
+        assert b.task("task(zzz)") == {"active": False, "queued": False, "completed": False,
+                                       "ahead": None}
+        go.set()
+        first.future.result(30)
+        b.stop(30)
+        assert all(b.task(t)["completed"] for t in ("task(a)", "task(b)", "task(c)"))
+    finally:
+        go.set()
+        b.stop()
+    # Over HTTP: requests held in the queue (a long merge window) and their positions.
+    c, sb = server.client, server.batcher
+    sb.window_s = 60
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            waiting = [ex.submit(c.post, "/sdapi/v1/txt2img",
+                                 json={**SHAPE, "seed": k, "force_task_id": f"task(h{k})"})
+                       for k in range(2)]
+            deadline = time.monotonic() + 30
+            while c.get("/health").json()["queued"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            seen = [c.post("/internal/progress", json={"id_task": f"task(h{k})"}).json()
+                    for k in range(2)]
+            assert c.post("/sdapi/v1/interrupt").status_code == 200
+            assert [w.result(30).status_code for w in waiting] == [200, 200]
+    finally:
+        sb.window_s = 0.05
+    assert sorted((p["queued"], p["active"], p["queue_position"], p["textinfo"])
+                  for p in seen) == [(True, False, 0, "Queued: 0 ahead"),
+                                     (True, False, 1, "Queued: 1 ahead")]
+    done = c.post("/internal/progress", json={"id_task": "task(h0)"}).json()
+    assert (done["completed"], done["queued"], done["active"]) == (True, False, False)
+    unknown = c.post("/internal/progress", json={"id_task": "task(nope)"}).json()
+    assert (unknown["completed"], unknown["textinfo"]) == (False, "Waiting...")
+
+
 def test_a_client_that_leaves_costs_nothing_and_stops_nobody(server):
     c, b = server.client, server.batcher
     images_before = b.images

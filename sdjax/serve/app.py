@@ -36,6 +36,7 @@ from sdjax.serve.generation import images_response, plan_img2img, plan_txt2img, 
 from sdjax.serve.limits import REQUEST_FAULTS, BadRequest, Limits, request_fault
 from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
 from sdjax.serve.page_routes import add_page_routes
+from sdjax.serve.progress_routes import PREVIEW_OPTIONS, add_progress_routes, check_preview_options
 from sdjax.serve.samplers import sampler_list, scheduler_list
 from sdjax.serve.schemas import (
     ImagesResponse,
@@ -267,13 +268,14 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                 "running": p["running"], "calls": batcher.calls, "images": batcher.images}
 
     # ------------------------------------------------------------------ generation
-    webui_options = dict(DEFAULT_OPTIONS)  # the noise options /sdapi/v1/options sets
+    # the noise and preview options /sdapi/v1/options sets
+    webui_options = {**DEFAULT_OPTIONS, **PREVIEW_OPTIONS}
 
     async def generate(req: Txt2ImgRequest | Img2ImgRequest, request: Request, plan_for):
         plan = await run_in_threadpool(request_fault, plan_for, req, registry, limits,
                                        webui_options)
         try:
-            job = batcher.submit(plan.shape, plan.specs)
+            job = batcher.submit(plan.shape, plan.specs, task_id=req.force_task_id)
         except QueueFull as e:
             return _error(503, f"busy: {e}; retry in {RETRY_AFTER_S}s",
                           {"Retry-After": str(RETRY_AFTER_S)})
@@ -338,7 +340,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
 
     @app.post("/sdapi/v1/options")
     async def set_options(options: dict[str, Any]):
-        noise_options = check_options(options)  # checked before anything changes
+        # checked before anything changes
+        noise_options = {**check_options(options), **check_preview_options(options)}
         wanted = options.get("sd_model_checkpoint")
         if wanted is not None:
             title = registry.find(str(wanted))
@@ -347,24 +350,10 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                                  "them", 404)
             await run_in_threadpool(registry.select, title)
         webui_options.update(noise_options)
-        ignored = sorted(set(options) - {"sd_model_checkpoint", *DEFAULT_OPTIONS})
+        ignored = sorted(set(options) - {"sd_model_checkpoint", *webui_options})
         if ignored:
             log.info("options ignored (sdjax has no such setting): %s", ", ".join(ignored))
         return None
-
-    @app.get("/sdapi/v1/progress")
-    async def progress(skip_current_image: bool = False):  # accepted; there are no previews
-        p = batcher.progress()
-        steps = p["shape"].settings.sampling.steps if p["shape"] else 0
-        jobs = len(p["jobs"]) + p["queued"]
-        return {"progress": p["fraction"], "eta_relative": p["eta"], "current_image": None,
-                "textinfo": None,
-                "state": {"skipped": False, "interrupted": False, "stopping_generation": False,
-                          "job": f"jobs {p['jobs']}" if p["running"] else "",
-                          "job_count": jobs, "job_no": 0, "job_timestamp": "0",
-                          # an estimate, as progress is (no step reports from the loop)
-                          "sampling_step": int(p["fraction"] * steps),
-                          "sampling_steps": steps}}
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt(request: Request):
@@ -397,5 +386,6 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                 "parameters": params}
 
     add_page_routes(app, registry)
+    add_progress_routes(app, batcher, webui_options)
     add_controlnet_routes(app, registry, limits.max_pixels)
     return app

@@ -23,6 +23,7 @@ import numpy as np
 from sdjax.call_settings import CallSettings
 
 FIRST_CALL_S = 20.0  # how /progress guesses a first call's length (compile included)
+FINISHED_TASKS = 64  # task ids remembered as completed (the WebUI keeps 16)
 
 
 class QueueFull(Exception):
@@ -75,8 +76,10 @@ class JobResult:
 class Job:
     """One request: its images are scheduled in order, possibly over several calls."""
 
-    def __init__(self, job_id: int, shape: Shape, specs: Sequence[ImageSpec]):
+    def __init__(self, job_id: int, shape: Shape, specs: Sequence[ImageSpec],
+                 task_id: str | None = None):
         self.id, self.shape, self.specs = job_id, shape, list(specs)
+        self.task_id = task_id  # the client's name for it (the WebUI's force_task_id)
         self.arrived = time.monotonic()
         self.future: concurrent.futures.Future[JobResult] = concurrent.futures.Future()
         self._images: list[np.ndarray | None] = [None] * len(self.specs)
@@ -125,6 +128,7 @@ class Batcher:
         self._running_shape: Shape | None = None
         self._last_seconds: dict[tuple[Shape, int], float] = {}
         self._next_id = 0
+        self._finished_tasks: deque[str] = deque(maxlen=FINISHED_TASKS)
         self.calls = 0                        # compiled calls made so far
         self.images = 0
         self._stopping = False
@@ -132,15 +136,17 @@ class Batcher:
         self._thread.start()
 
     # ------------------------------------------------------------------ HTTP side
-    def submit(self, shape: Shape, specs: Sequence[ImageSpec]) -> Job:
-        """Queue a job; raises QueueFull or ShuttingDown instead of waiting."""
+    def submit(self, shape: Shape, specs: Sequence[ImageSpec],
+               task_id: str | None = None) -> Job:
+        """Queue a job; raises QueueFull or ShuttingDown instead of waiting. ``task_id``:
+        the client's name for it, which ``task`` answers about."""
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting")
             self._next_id += 1
-            job = Job(self._next_id, shape, specs)
+            job = Job(self._next_id, shape, specs, task_id)
             self._pending.append(job)
             self._cond.notify_all()
             return job
@@ -162,7 +168,7 @@ class Batcher:
             for job in jobs:
                 job.interrupted = True
                 if job.outstanding == 0:
-                    job._finish()
+                    self._end(job)
             self._cond.notify_all()
             return len(jobs)
 
@@ -186,6 +192,23 @@ class Batcher:
             return {"running": True, "fraction": fraction, "eta": eta, "queued": waiting,
                     "shape": self._running_shape, "jobs": [j.id for j in self._running]}
 
+    def task(self, task_id: str) -> dict:
+        """Where the job a client named ``task_id`` is: ``active`` (images of it on the
+        devices now), ``queued`` (waiting) with ``ahead``, the requests that run before it
+        starts (those on the devices, then those queued before it), or ``completed``."""
+        with self._cond:
+            running = [j for j in self._running if j.outstanding > 0]
+            for job in running:
+                if job.task_id == task_id:
+                    return {"active": True, "queued": False, "completed": False, "ahead": 0}
+            for k, job in enumerate(self._pending):
+                if job.task_id == task_id:
+                    before = set(running) | set(list(self._pending)[:k])
+                    return {"active": False, "queued": True, "completed": False,
+                            "ahead": len(before - {job})}
+            return {"active": False, "queued": False,
+                    "completed": task_id in self._finished_tasks, "ahead": None}
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish every accepted job, then end the worker (graceful shutdown)."""
         with self._cond:
@@ -194,6 +217,15 @@ class Batcher:
         self._thread.join(timeout)
 
     # ------------------------------------------------------------------ worker
+    def _end(self, job: Job, error: BaseException | None = None) -> None:
+        """Answer the job (under the lock), and remember its task id as completed."""
+        if error is None:
+            job._finish()
+        else:
+            job._settle(error)
+        if job.task_id is not None:
+            self._finished_tasks.append(job.task_id)
+
     def _waiting_images(self, shape: Shape) -> int:
         return sum(len(j.specs) - j.next for j in self._pending if j.shape == shape)
 
@@ -251,7 +283,7 @@ class Batcher:
                 for job, a, b in parts:
                     job.outstanding -= b - a
                     if error is not None:
-                        job._settle(error)
+                        self._end(job, error)
                         if job in self._pending:
                             self._pending.remove(job)
                         continue
@@ -260,7 +292,7 @@ class Batcher:
                     job.calls.append((call_id, len(specs)))
                     finished = job.next == len(job.specs) or job.interrupted
                     if finished and job.outstanding == 0:
-                        job._finish()
+                        self._end(job)
                 self._running = []
                 self._running_shape = None
                 self._cond.notify_all()
