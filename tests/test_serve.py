@@ -569,7 +569,7 @@ def test_queue_position_of_each_request(server, registry):
         b.submit(plan.shape, plan.specs, task_id="task(b)")
         b.submit(plan.shape, plan.specs, task_id="task(c)")
         assert b.task("task(a)") == {"active": True, "queued": False, "completed": False,
-                                     "ahead": 0}
+                                     "ahead": 0, "row": 0}
         assert [(b.task(t)["queued"], b.task(t)["ahead"]) for t in ("task(b)", "task(c)")] == [
             (True, 1), (True, 2)]
         assert b.task("task(zzz)") == {"active": False, "queued": False, "completed": False,
@@ -606,6 +606,127 @@ def test_queue_position_of_each_request(server, registry):
     assert (done["completed"], done["queued"], done["active"]) == (True, False, False)
     unknown = c.post("/internal/progress", json={"id_task": "task(nope)"}).json()
     assert (unknown["completed"], unknown["textinfo"]) == (False, "Waiting...")
+
+
+def _callbacks(compiled) -> int:
+    """Host callbacks in a compiled call's program (jax.debug.callback's custom calls)."""
+    return len(re.findall(r'custom_call_target="[^"]*callback', compiled.as_text()))
+
+
+def test_live_previews_change_nothing_else(server, pipe, monkeypatch):
+    """The WebUI's "Approx cheap" preview: a call without on_step has no host callback and
+    makes the same image as one with it; the server reports each step's previews while
+    live_previews_enable is on."""
+    from sdjax.serve.samplers import sampler_settings
+    c, b = server.client, server.batcher
+    body = {**SHAPE, "prompt": "a cat", "seed": 3, "cfg_scale": 7}
+    plain = _txt2img(c, **body)["images"][0]
+    seen = []
+    report = b.report
+    monkeypatch.setattr(b, "report", lambda *a: seen.append(a) or report(*a))
+    assert c.post("/sdapi/v1/options", json={"live_previews_enable": True}).status_code == 200
+    try:
+        assert c.get("/sdapi/v1/options").json()["live_previews_enable"] is True
+        shown = _txt2img(c, **body)["images"][0]
+    finally:
+        c.post("/sdapi/v1/options", json={"live_previews_enable": False})
+    np.testing.assert_array_equal(np.asarray(_decode(shown)), np.asarray(_decode(plain)))
+    # one report per evaluation of the 2 steps, each with the call's image at latent size
+    assert [(step, total) for step, total, _ in seen] == [(1, 2), (2, 2)]
+    h, w, _ = pipe.latent_shape(16, 16)
+    assert all(im.shape == (1, h, w, 3) and im.dtype == np.uint8 for *_, im in seen)
+    assert not np.array_equal(seen[0][2], seen[1][2])  # each its own step's estimate
+    scheduler, schedule_type = sampler_settings("Euler a")
+    call = dict(prompt=["a cat"], seeds=[3], image_indices=[0], height=16, width=16,
+                num_inference_steps=2, scheduler=scheduler, guidance_scale=[7.0], rng="nv",
+                **({} if schedule_type is None else {"schedule_type": schedule_type}))
+    # the server's two programs (compiled above; fetched here, not compiled again)
+    compiled = pipe.compile_seconds
+    assert _callbacks(pipe.compile(**call)) == 0
+    assert _callbacks(pipe.compile(**call, on_step=print)) > 0
+    assert pipe.compile_seconds == compiled
+    with pytest.raises(TypeError, match="on_step must be a function"):
+        pipe.compile(**call, on_step=3)
+    r = c.post("/sdapi/v1/options", json={"live_previews_enable": "yes"})
+    assert r.status_code == 422 and "live_previews_enable" in r.json()["detail"]
+
+
+def test_preview_is_the_cheap_map_of_the_denoised_estimate():
+    """sdjax.previews: the clean latents recovered from a variance-preserving model input for
+    each prediction type, then the WebUI's coefficients."""
+    from sdjax import previews
+    rng = np.random.default_rng(0)
+    x0, noise = rng.normal(size=(2, 3, 3, 4)), rng.normal(size=(2, 3, 3, 4))
+    sigma = 1.7
+    a = 1 / (1 + sigma ** 2)
+    xin = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+    v = np.sqrt(a) * noise - np.sqrt(1 - a) * x0  # diffusers' v target
+    for kind, out in (("epsilon", noise), ("v_prediction", v), ("sample", x0)):
+        np.testing.assert_allclose(previews.denoised(xin, out, sigma, kind), x0, atol=1e-5)
+    inputs = {}
+    previews.call_inputs(print, 2, (3, 3, 4), False, inputs)
+    assert inputs["preview_map"].shape == (2, 4, 3) and len(set(inputs["preview_token"])) == 1
+    np.testing.assert_array_equal(inputs["preview_map"][1], np.float32(previews.SD_COEFFICIENTS))
+    got = []
+    token = int(inputs["preview_token"][0])
+    # two devices of one row each; the first device's report calls on_step
+    previews.SINKS._calls[token] = (lambda *a: got.append(a), np.zeros((2, 3, 3, 3), np.uint8))
+    previews.SINKS.deliver(2, 5, np.array([token]), np.full((1, 3, 3, 3), 9, np.uint8), 1)
+    assert got == []
+    previews.SINKS.deliver(2, 5, np.array([token]), np.full((1, 3, 3, 3), 4, np.uint8), 0)
+    (step, total, images), = got
+    assert (step, total) == (2, 5) and images[0].max() == 4 and images[1].min() == 9
+    with pytest.raises(ValueError, match="4 latent channels"):
+        previews.call_inputs(print, 1, (3, 3, 16), False, {})
+
+
+def test_progress_routes_serve_the_running_calls_preview(server, registry):
+    """While a call runs, its reported step and its rows' previews: each request's own first
+    image in /internal/progress (once per new preview), the call's first in /progress."""
+    import threading
+    c, b = server.client, server.batcher
+    go, running = threading.Event(), threading.Event()
+    frames = np.zeros((3, 2, 2, 3), np.uint8)
+    frames[1] = 200  # the second request's image
+
+    def held(shape, specs):
+        b.report(2, 4, frames)
+        running.set()
+        go.wait(30)
+        return np.zeros((len(specs), 16, 16, 3), np.uint8)
+
+    run, b._run = b._run, held
+    c.post("/sdapi/v1/options", json={"live_previews_enable": True})
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            waiting = [ex.submit(c.post, "/sdapi/v1/txt2img", json={
+                **SHAPE, "batch_size": k + 1, "force_task_id": f"task(p{k})"}) for k in range(2)]
+            assert running.wait(30)
+            deadline = time.monotonic() + 30
+            while len(b.progress()["jobs"]) < 2:  # both in the one call (a 50 ms window)
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            rows = [b.task(f"task(p{k})")["row"] for k in range(2)]
+            p = c.post("/internal/progress", json={"id_task": "task(p1)"}).json()
+            again = c.post("/internal/progress", json={
+                "id_task": "task(p1)", "id_live_preview": p["id_live_preview"]}).json()
+            old = c.get("/sdapi/v1/progress").json()
+            go.set()
+            assert [w.result(30).status_code for w in waiting] == [200, 200]
+    finally:
+        go.set()
+        b._run = run
+        c.post("/sdapi/v1/options", json={"live_previews_enable": False})
+    assert (p["active"], p["sampling_step"], p["sampling_steps"], p["progress"]) == (
+        True, 1, 2, 0.5)
+    assert p["live_preview"].startswith("data:image/png;base64,")
+    # each request's first row in the merged call: 1 and 2 images, in either order
+    assert rows in ([0, 1], [2, 0])
+    image = np.asarray(_decode(p["live_preview"].split(",", 1)[1]))
+    np.testing.assert_array_equal(image, frames[rows[1]])
+    assert again["live_preview"] is None  # the client has it already
+    np.testing.assert_array_equal(np.asarray(_decode(old["current_image"])), frames[0])
+    assert old["state"]["sampling_step"] == 1
 
 
 def test_a_client_that_leaves_costs_nothing_and_stops_nobody(server):

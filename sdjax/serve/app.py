@@ -210,8 +210,11 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     """The server's app. ``max_batch``: images in one compiled call; ``window_s``: how long
     the first request of a call waits for others of its shape."""
     limits = limits or Limits()
-    batcher = Batcher(run_call(registry), window_s=window_s, max_batch=max_batch,
-                      max_queue=limits.max_queue)
+    # the noise and preview options /sdapi/v1/options sets
+    webui_options = {**DEFAULT_OPTIONS, **PREVIEW_OPTIONS}
+    batcher = Batcher(run_call(registry, lambda *a: batcher.report(*a),
+                               lambda: webui_options["live_previews_enable"]),
+                      window_s=window_s, max_batch=max_batch, max_queue=limits.max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -268,9 +271,6 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                 "running": p["running"], "calls": batcher.calls, "images": batcher.images}
 
     # ------------------------------------------------------------------ generation
-    # the noise and preview options /sdapi/v1/options sets
-    webui_options = {**DEFAULT_OPTIONS, **PREVIEW_OPTIONS}
-
     async def generate(req: Txt2ImgRequest | Img2ImgRequest, request: Request, plan_for):
         plan = await run_in_threadpool(request_fault, plan_for, req, registry, limits,
                                        webui_options)

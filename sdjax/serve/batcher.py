@@ -126,6 +126,9 @@ class Batcher:
         self._running: list[Job] = []
         self._running_since = 0.0
         self._running_shape: Shape | None = None
+        self._rows: dict[int, int] = {}       # job id -> its first row in the running call
+        self._reported: tuple | None = None   # the running call's last report (see report)
+        self.reports = 0                      # step reports received so far
         self._last_seconds: dict[tuple[Shape, int], float] = {}
         self._next_id = 0
         self._finished_tasks: deque[str] = deque(maxlen=FINISHED_TASKS)
@@ -172,6 +175,13 @@ class Batcher:
             self._cond.notify_all()
             return len(jobs)
 
+    def report(self, step: int, total: int, images: np.ndarray) -> None:
+        """The running call has done ``step`` of its ``total`` evaluations; ``images`` are
+        its rows' live previews (sdjax.previews, when the call makes them)."""
+        with self._cond:
+            self.reports += 1
+            self._reported = (self.reports, step, total, images)
+
     def progress(self) -> dict:
         """How far the running call is, estimated from the last call of the same shape (the
         compiled loop reports no steps while it runs)."""
@@ -183,14 +193,21 @@ class Batcher:
             elapsed = time.monotonic() - self._running_since
             n = sum(j.outstanding for j in self._running)
             expected = self._last_seconds.get((self._running_shape, n))
-            if expected:
+            reported = self._reported
+            if reported is not None:  # the loop's own count (previews on)
+                _, step, total, _ = reported
+                fraction = step / total
+                eta = elapsed * (total - step) / step
+            elif expected:
                 fraction, eta = min(elapsed / expected, 0.99), max(expected - elapsed, 0.0)
             else:  # the first call of this shape (it compiles too): no measure to go by, so a
                 # fraction that rises with time and never reaches 1 (half-way at FIRST_CALL_S)
                 fraction = min(elapsed / (elapsed + FIRST_CALL_S), 0.99)
                 eta = max(FIRST_CALL_S - elapsed, 1.0)
             return {"running": True, "fraction": fraction, "eta": eta, "queued": waiting,
-                    "shape": self._running_shape, "jobs": [j.id for j in self._running]}
+                    "shape": self._running_shape, "jobs": [j.id for j in self._running],
+                    "evaluations": None if reported is None else reported[1:3],
+                    "preview": None if reported is None else (reported[0], reported[3])}
 
     def task(self, task_id: str) -> dict:
         """Where the job a client named ``task_id`` is: ``active`` (images of it on the
@@ -200,7 +217,8 @@ class Batcher:
             running = [j for j in self._running if j.outstanding > 0]
             for job in running:
                 if job.task_id == task_id:
-                    return {"active": True, "queued": False, "completed": False, "ahead": 0}
+                    return {"active": True, "queued": False, "completed": False, "ahead": 0,
+                            "row": self._rows.get(job.id, 0)}
             for k, job in enumerate(self._pending):
                 if job.task_id == task_id:
                     before = set(running) | set(list(self._pending)[:k])
@@ -268,6 +286,10 @@ class Batcher:
                 self.calls += 1
                 call_id = self.calls
                 self._running = [job for job, _, _ in parts]
+                starts = np.cumsum([0] + [b - a for _, a, b in parts])
+                self._rows = {job.id: int(r)
+                              for (job, _, _), r in zip(parts, starts[:-1], strict=True)}
+                self._reported = None
                 self._running_shape, self._running_since = shape, time.monotonic()
             specs = [s for job, a, b in parts for s in job.specs[a:b]]
             error, images = None, None
@@ -294,5 +316,5 @@ class Batcher:
                     if finished and job.outstanding == 0:
                         self._end(job)
                 self._running = []
-                self._running_shape = None
+                self._running_shape, self._reported = None, None
                 self._cond.notify_all()

@@ -11,7 +11,7 @@ import base64
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -326,8 +326,11 @@ def _prepare(pipe, settings: CallSettings, image: np.ndarray, mask: np.ndarray |
         raise BadRequest(str(e)) from None
 
 
-def run_call(registry: ModelRegistry):
-    """The batcher's ``run``: one compiled call for images of one shape."""
+def run_call(registry: ModelRegistry, on_step: Callable | None = None,
+             previews: Callable[[], bool] = lambda: False):
+    """The batcher's ``run``: one compiled call for images of one shape. ``on_step``: where
+    the call's live previews go while ``previews()`` (sdjax.previews; not for the refiner's
+    two calls)."""
     loras: dict[str, TagLoras] = {}  # per model: its LoRA state across calls
 
     def run(shape: Shape, specs: list[ImageSpec]) -> np.ndarray:
@@ -357,6 +360,8 @@ def run_call(registry: ModelRegistry):
         if settings.sdxl.refiner is not None:  # txt2img only (_refiner_settings)
             return handoff.refine(pipe, registry.get(settings.sdxl.refiner), prompts,
                                   **call).images
+        if on_step is not None and previews():
+            call["on_step"] = on_step
         return pipe(prompts, **call, **images).images
     return run
 

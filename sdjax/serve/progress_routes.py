@@ -50,11 +50,14 @@ def png_base64(image: np.ndarray) -> str:
 
 
 def _steps(p: Mapping[str, Any]) -> tuple[int, int]:
-    """(the step, the steps) of the running call: reported by the loop when it reports
-    (previews on), else estimated from the time, as the fraction is."""
+    """(the step, the steps) of the running call: counted by the loop when it reports
+    (previews on: its evaluations, in the request's steps), else estimated from the time, as
+    the fraction is."""
     steps = p["shape"].settings.sampling.steps if p["shape"] else 0
-    step = p.get("step")
-    return (int(p["fraction"] * steps) if step is None else step), steps
+    done = p.get("evaluations")
+    if done is None:
+        return int(p["fraction"] * steps), steps
+    return round(done[0] * steps / done[1]), steps
 
 
 def add_progress_routes(app: FastAPI, batcher: Batcher, options: Mapping[str, Any]) -> None:
@@ -66,7 +69,7 @@ def add_progress_routes(app: FastAPI, batcher: Batcher, options: Mapping[str, An
         step, steps = _steps(p)
         jobs = len(p["jobs"]) + p["queued"]
         preview = p.get("preview")
-        image = (png_base64(preview[1]) if preview is not None and not skip_current_image
+        image = (png_base64(preview[1][0]) if preview is not None and not skip_current_image
                  and options.get("live_previews_enable") else None)
         return {"progress": p["fraction"], "eta_relative": p["eta"], "current_image": image,
                 "textinfo": None,
@@ -96,6 +99,7 @@ def add_progress_routes(app: FastAPI, batcher: Batcher, options: Mapping[str, An
         preview = p.get("preview")
         if (preview is not None and req.live_preview and options.get("live_previews_enable")
                 and preview[0] != req.id_live_preview):
-            body.update(live_preview="data:image/png;base64," + png_base64(preview[1]),
+            row = min(t["row"], len(preview[1]) - 1)  # this request's first image
+            body.update(live_preview="data:image/png;base64," + png_base64(preview[1][row]),
                         id_live_preview=preview[0])
         return body
