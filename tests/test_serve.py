@@ -1066,6 +1066,56 @@ def test_web_page_reads_a_dropped_png(page, tmp_path):
 
 
 @needs_chromium
+def test_web_page_sends_a_pngs_variation_and_hires_fields_to_txt2img(page, server, tmp_path):
+    """PNG info's "Send to txt2img" with the WebUI's variation-seed and hires fields: the form
+    takes them, and Generate sends them (answered here without generating)."""
+    from sdjax.images import encode_png
+    text = ("a green square\nNegative prompt: blur\nSteps: 4, Sampler: Euler a, CFG scale: 5, "
+            "Seed: 42, Variation seed: 77, Variation seed strength: 0.25, Seed resize from: "
+            "40x24, Size: 32x32, Model: toy, Denoising strength: 0.4, Hires upscale: 2, "
+            "Hires steps: 3, Hires upscaler: Latent (nearest), Version: v1.10.1")
+    (tmp_path / "varied.png").write_bytes(encode_png(_pictures(1)[0], text))
+    page.click("#tab-pnginfo")
+    page.set_input_files("#png_file", str(tmp_path / "varied.png"))
+    page.wait_for_function("document.getElementById('png_text').textContent.startsWith("
+                           "'a green square')")
+    page.click("#png_to_txt2img")
+    fields = ("#seed", "#subseed", "#subseed_strength", "#seed_resize_from_w",
+              "#seed_resize_from_h", "#hr_scale", "#hr_second_pass_steps", "#hr_upscaler",
+              "#hr_denoising_strength")
+    assert {k: page.input_value(k) for k in fields} == {
+        "#seed": "42", "#subseed": "77", "#subseed_strength": "0.25",
+        "#seed_resize_from_w": "40", "#seed_resize_from_h": "24", "#hr_scale": "2",
+        "#hr_second_pass_steps": "3", "#hr_upscaler": "Latent (nearest)",
+        "#hr_denoising_strength": "0.4"}
+    assert page.is_checked("#enable_hr") and page.is_visible("#variation_box")
+    answer = json.dumps({"images": [], "parameters": {}, "info": json.dumps(
+        {"all_seeds": [], "infotexts": [], "width": 32, "height": 32})})
+    pattern = re.compile(r".*/sdapi/v1/txt2img$")
+    page.route(pattern, lambda route: route.fulfill(status=200, body=answer,
+                                                    content_type="application/json"))
+    try:
+        with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/txt2img")) as req:
+            page.click("#generate")
+        body = req.value.post_data_json
+        page.wait_for_function("!document.getElementById('generate').disabled")
+    finally:
+        page.unroute(pattern)
+        page.uncheck("#enable_hr")
+        page.fill("#subseed_strength", "0")
+    sent = {k: body[k] for k in ("prompt", "seed", "subseed", "subseed_strength",
+                                 "seed_resize_from_w", "seed_resize_from_h", "enable_hr",
+                                 "hr_scale", "hr_second_pass_steps", "hr_upscaler",
+                                 "denoising_strength", "steps", "sampler_name")}
+    assert sent == {"prompt": "a green square", "seed": 42, "subseed": 77,
+                    "subseed_strength": 0.25, "seed_resize_from_w": 40,
+                    "seed_resize_from_h": 24, "enable_hr": True, "hr_scale": 2,
+                    "hr_second_pass_steps": 3, "hr_upscaler": "Latent (nearest)",
+                    "denoising_strength": 0.4, "steps": 4, "sampler_name": "Euler a"}
+    assert body["force_task_id"].startswith("task(")
+
+
+@needs_chromium
 def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, server):
     """The page's side of features other branches serve: hidden above (this server refuses
     them); here the routes that report them are answered as a server that serves them would,
