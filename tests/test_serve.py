@@ -848,6 +848,11 @@ needs_chromium = pytest.mark.skipif(
 PHONE, DESKTOP = {"width": 390, "height": 844}, {"width": 1024, "height": 768}
 # SDJAX_PAGE_SCREENSHOTS=docs/images writes the docs' screenshots (small palette PNGs)
 SCREENSHOTS = os.environ.get("SDJAX_PAGE_SCREENSHOTS")
+# The page's generations: the toy's own defaults (its sdjax.json: 32x32, 15 steps of DPM++
+# 2M) when writing the docs' screenshots, else the small shape the API tests compile too.
+PAGE_SHAPE = ({"width": 32, "height": 32, "steps": 15, "sampler_name": "DPM++ 2M"}
+              if SCREENSHOTS else SHAPE)
+S = PAGE_SHAPE["width"]
 WEBUI_INFOTEXT = ("a blue cat, sitting\nNegative prompt: red, blurry\nSteps: 3, Sampler: "
                   "DPM++ 2M, Schedule type: Karras, CFG scale: 4.5, Seed: 1234, Size: 24x16, "
                   "Model hash: abc, Model: sd15, Denoising strength: 0.55, Hires upscale: 1.5, "
@@ -905,11 +910,12 @@ def _circle(size: int) -> np.ndarray:
     return np.where(disc[..., None], [220, 40, 40], [40, 70, 200]).astype(np.uint8)
 
 
-def _small_shape(page, tab: str) -> None:
+def _shape(page, tab: str) -> None:
+    """The mode's tab, and the size, steps and sampler of PAGE_SHAPE in the form."""
     page.click(f"#tab-{tab}")
-    for field, value in (("#width", "16"), ("#height", "16"), ("#steps", "2")):
-        page.fill(field, value)
-    page.select_option("#sampler_name", "Euler a")
+    for field in ("width", "height", "steps"):
+        page.fill(f"#{field}", str(PAGE_SHAPE[field]))
+    page.select_option("#sampler_name", PAGE_SHAPE["sampler_name"])
 
 
 @needs_chromium
@@ -963,14 +969,15 @@ def test_web_page_opens_with_the_models_defaults(page, server, registry, pipe, t
 
 @needs_chromium
 def test_web_page_txt2img(page, tmp_path):
-    _small_shape(page, "txt2img")
+    _shape(page, "txt2img")
     page.fill("#seed", "7")
     page.fill("#batch_size", "2")
     body = _run(page, "/sdapi/v1/txt2img", 2)
-    assert (body["width"], body["steps"], body["sampler_name"]) == (16, 2, "Euler a")
+    assert (body["width"], body["steps"], body["sampler_name"]) == (
+        S, PAGE_SHAPE["steps"], PAGE_SHAPE["sampler_name"])
     sizes = page.eval_on_selector_all("#gallery img", "imgs => imgs.slice(0, 2).map(i => "
                                       "[i.naturalWidth, i.naturalHeight])")
-    assert sizes == [[16, 16], [16, 16]]
+    assert sizes == [[S, S], [S, S]]
     params = page.inner_text("#parameters")
     assert "Seed: 7," in params and "Seed: 8," in params
     assert re.fullmatch(r"sdjax-\d{4}-7\.png", page.get_attribute("#gallery a", "download"))
@@ -980,7 +987,7 @@ def test_web_page_txt2img(page, tmp_path):
     page.click("#gallery figure >> nth=1 >> button:has-text('img2img')")
     page.wait_for_function(  # once the image has loaded
         "document.getElementById('tab-img2img').getAttribute('aria-selected') === 'true'")
-    assert page.evaluate("document.getElementById('init_image').naturalWidth") == 16
+    assert page.evaluate("document.getElementById('init_image').naturalWidth") == S
     assert page.get_attribute("#init_image", "src") == page.get_attribute(
         "#gallery a >> nth=1", "href")
 
@@ -989,14 +996,14 @@ def test_web_page_txt2img(page, tmp_path):
 def test_web_page_img2img_from_an_upload(page, tmp_path):
     picture = _circle(32)
     Image.fromarray(picture).save(tmp_path / "input.png")
-    _small_shape(page, "img2img")
+    _shape(page, "img2img")
     page.set_input_files("#init_file", str(tmp_path / "input.png"))
     page.wait_for_function("document.getElementById('mask_canvas').width === 32")  # loaded
     page.fill("#batch_size", "1")
     page.fill("#denoising_strength", "0.6")
     body = _run(page, "/sdapi/v1/img2img", 1)
     np.testing.assert_array_equal(np.asarray(_decode(body["init_images"][0])), picture)
-    assert (body["denoising_strength"], body["resize_mode"], body["width"]) == (0.6, 0, 16)
+    assert (body["denoising_strength"], body["resize_mode"], body["width"]) == (0.6, 0, S)
     assert "mask" not in body
     assert "Denoising strength: 0.6" in page.inner_text("#parameters")
     _screenshots(page, "img2img", tmp_path)
@@ -1004,11 +1011,11 @@ def test_web_page_img2img_from_an_upload(page, tmp_path):
 
 @needs_chromium
 def test_web_page_inpaints_a_painted_mask(page, tmp_path):
-    Image.fromarray(_circle(16)).save(tmp_path / "input.png")
-    _small_shape(page, "inpaint")
+    Image.fromarray(_circle(S)).save(tmp_path / "input.png")
+    _shape(page, "inpaint")
     page.fill("#batch_size", "1")
     page.set_input_files("#init_file", str(tmp_path / "input.png"))
-    page.wait_for_function("document.getElementById('mask_canvas').width === 16")
+    page.wait_for_function(f"document.getElementById('mask_canvas').width === {S}")
     # a stroke across the middle
     page.fill("#brush_size", "100")
     page.select_option("#inpainting_fill", "1")
@@ -1022,8 +1029,8 @@ def test_web_page_inpaints_a_painted_mask(page, tmp_path):
     _screenshots(page, "inpaint", tmp_path)
     body = _run(page, "/sdapi/v1/img2img", 1)
     mask = np.asarray(_decode(body["mask"]).convert("L"))
-    assert mask.shape == (16, 16) and len(body["init_images"]) == 1
-    assert (mask[7:9, 5:11] == 255).all()  # painted: white
+    assert mask.shape == (S, S) and len(body["init_images"]) == 1
+    assert (mask[S // 2 - 1:S // 2 + 1, S * 5 // 16:S * 11 // 16] == 255).all()  # painted: white
     assert (mask[:3] == 0).all() and (mask[-3:] == 0).all()  # untouched: black
     assert (body["inpainting_fill"], body["inpaint_full_res"], body["mask_blur"]) == (1, False, 4)
     assert "Mask blur: 4" in page.inner_text("#parameters")
@@ -1162,7 +1169,15 @@ def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, s
         page.unroute(pattern)
 
 
-def test_controlnet_units_through_the_webui_api(server, registry, sd1_controlnets):
+@pytest.fixture(scope="module")
+def sd1_library(sd1_controlnets):
+    """The ControlNets of this module's tests: one library, so that its programs (kept per
+    set of ControlNets attached) serve the page's test too."""
+    from sdjax.serve.controlnets import ControlNetLibrary
+    return ControlNetLibrary({"cn0": str(sd1_controlnets[0]), "cn1": str(sd1_controlnets[1])})
+
+
+def test_controlnet_units_through_the_webui_api(server, registry, sd1_library):
     """The ControlNet extension's API: its routes' shapes, a txt2img unit made bit for bit as
     ``pipe(...)`` makes it (with the extension's infotext, read back by png-info), the planned
     calls of other units (no compile), and bad units as one-line 422s."""
@@ -1171,8 +1186,7 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_controlnet
     from sdjax.serve.controlnets import ControlNetLibrary
     from sdjax.serve.samplers import sampler_settings
     c, tiny = server.client, registry.get("tiny")
-    registry.controlnets = ControlNetLibrary({"cn0": str(sd1_controlnets[0]),
-                                              "cn1": str(sd1_controlnets[1])})
+    registry.controlnets = sd1_library
     try:
         assert c.get("/controlnet/version").json() == {"version": 2}
         titles = c.get("/controlnet/model_list").json()["model_list"]
@@ -1250,7 +1264,7 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_controlnet
         finally:
             del tiny.submit
         two, one = seen
-        assert tiny.controlnets == [str(sd1_controlnets[0])]  # the last call's set
+        assert tiny.controlnets == [sd1_library.sources["cn0"]]  # the last call's set
         np.testing.assert_array_equal(two.control_image[0][0], 255 - image)
         # pixel perfect: canny at 40 * max(16/40, 16/56) = 16 (16x22), then "Crop and
         # Resize" keeps the centre at the output's aspect ratio
@@ -1299,3 +1313,76 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_controlnet
     finally:
         registry.controlnets.use(tiny, ())
         registry.controlnets = ControlNetLibrary({})
+
+
+@needs_chromium
+def test_web_page_runs_a_controlnet_unit(page, server, registry, sd1_library, tmp_path):
+    """A server with a (tiny, random) ControlNet: the page's unit uploads a control image,
+    shows its preprocessor's map (/controlnet/detect), and sends the unit with its weight,
+    window and control mode; the image that comes back is the pipeline's ControlNet call's."""
+    from sdjax.controlnet import preprocess
+    from sdjax.serve.controlnets import ControlNetLibrary
+    from sdjax.serve.samplers import sampler_settings
+    if SCREENSHOTS:  # the toy at its defaults, with a ControlNet made from its UNet
+        from tests.tiny_models import save_tiny_controlnet
+        toy = Path(__file__).parents[1] / "sdjax" / "assets" / "toy"
+        model, library = "toy", ControlNetLibrary({"cn0": str(save_tiny_controlnet(
+            tmp_path / "toy-cn", toy, embedding_channels=(8, 16, 32)))})
+    else:  # the program test_controlnet_units_through_the_webui_api compiled
+        model, library = "tiny", sd1_library
+    target = registry.get(model)
+    control = _circle(S)
+    Image.fromarray(control).save(tmp_path / "control.png")
+    registry.controlnets = library
+    try:
+        page.reload()
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('toy:')")
+        if model != "toy":
+            page.select_option("#model", model)
+            page.wait_for_function("document.getElementById('status').textContent"
+                                   f".startsWith('{model}:')", timeout=60_000)
+        _shape(page, "txt2img")
+        page.wait_for_function("!document.getElementById('controlnet_box').hidden")
+        for field, value in (("#prompt", "a cat"), ("#seed", "3"), ("#cfg_scale", "7"),
+                             ("#batch_size", "1")):
+            page.fill(field, value)
+        page.check("#cn_enabled")
+        page.set_input_files("#cn_file", str(tmp_path / "control.png"))
+        page.select_option("#cn_module", "invert")
+        page.wait_for_function("document.getElementById('cn_file').files.length === 1")
+        page.click("#cn_detect")
+        page.wait_for_function("!document.getElementById('cn_map').hidden && "
+                               "document.getElementById('cn_map').naturalWidth > 0")
+        shown = page.get_attribute("#cn_map", "src").split(",", 1)[1]
+        np.testing.assert_array_equal(np.asarray(_decode(shown).convert("RGB")),
+                                      preprocess("invert", control))
+        page.fill("#cn_weight", "0.7")
+        page.fill("#cn_end", "0.5")
+        page.select_option("#cn_control_mode", "My prompt is more important")
+        body = _run(page, "/sdapi/v1/txt2img", 1)
+        unit, = body["alwayson_scripts"]["controlnet"]["args"]
+        assert (unit["module"], unit["weight"], unit["guidance_start"], unit["guidance_end"],
+                unit["control_mode"]) == ("invert", 0.7, 0, 0.5, "My prompt is more important")
+        assert re.fullmatch(r"cn0 \[[0-9a-f]{8}\]", unit["model"])
+        np.testing.assert_array_equal(np.asarray(_decode(unit["image"]).convert("RGB")),
+                                      control)
+        assert 'ControlNet 0: "Module: invert, Model: cn0' in page.inner_text("#parameters")
+        _screenshots(page, "controlnet", tmp_path)
+        scheduler, schedule_type = sampler_settings(PAGE_SHAPE["sampler_name"])
+        expected = target(["a cat"], seeds=[3], image_indices=[0], height=S, width=S,
+                          num_inference_steps=PAGE_SHAPE["steps"], scheduler=scheduler,
+                          guidance_scale=[7.0], rng="nv", control_image=255 - control,
+                          controlnet_conditioning_scale=0.7, control_guidance_end=0.5,
+                          control_mode="prompt",
+                          **({} if schedule_type is None else {"schedule_type": schedule_type}))
+        made = page.get_attribute("#gallery a >> nth=0", "href").split(",", 1)[1]
+        np.testing.assert_array_equal(np.asarray(_decode(made).convert("RGB")),
+                                      expected.images[0])
+    finally:
+        registry.controlnets.use(target, ())
+        registry.controlnets = ControlNetLibrary({})
+        if model != "toy":
+            page.select_option("#model", "toy")
+            page.wait_for_function("document.getElementById('status').textContent"
+                                   ".startsWith('toy:')", timeout=60_000)
