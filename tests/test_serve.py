@@ -1026,8 +1026,8 @@ def test_web_page_inpaints_a_painted_mask(page, tmp_path):
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.8, y, steps=6)
     page.mouse.up()
-    _screenshots(page, "inpaint", tmp_path)
     body = _run(page, "/sdapi/v1/img2img", 1)
+    _screenshots(page, "inpaint", tmp_path)  # the painted mask and its result
     mask = np.asarray(_decode(body["mask"]).convert("L"))
     assert mask.shape == (S, S) and len(body["init_images"]) == 1
     assert (mask[S // 2 - 1:S // 2 + 1, S * 5 // 16:S * 11 // 16] == 255).all()  # painted: white
@@ -1386,3 +1386,47 @@ def test_web_page_runs_a_controlnet_unit(page, server, registry, sd1_library, tm
             page.select_option("#model", "toy")
             page.wait_for_function("document.getElementById('status').textContent"
                                    ".startsWith('toy:')", timeout=60_000)
+
+
+@needs_chromium
+def test_web_page_shows_its_queue_position_then_step_and_preview(page, server):
+    """The page asks /internal/progress about its own request (its force_task_id): "queued:
+    N ahead" while it waits, then the loop's step and the live preview (the call here is a
+    stand-in that reports one step, so nothing compiles)."""
+    import threading
+    b, c = server.batcher, server.client
+    go = threading.Event()
+    frames = np.zeros((1, 4, 4, 3), np.uint8)
+    frames[..., 0] = 255
+
+    def held(shape, specs):
+        b.report(1, 2, frames)
+        go.wait(30)
+        return np.zeros((len(specs), 16, 16, 3), np.uint8)
+
+    run, b._run, b.window_s = b._run, held, 60
+    c.post("/sdapi/v1/options", json={"live_previews_enable": True})
+    try:
+        _shape(page, "txt2img")
+        page.fill("#batch_size", "1")
+        before = page.locator("#gallery img").count()
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status').textContent === "
+                               "'queued: 0 ahead'", timeout=30_000)
+        with b._cond:  # a full batch: the call starts now, not after the 60 s window
+            b.max_batch = 1
+            b._cond.notify_all()
+        page.wait_for_function("!document.getElementById('preview').hidden", timeout=30_000)
+        steps = PAGE_SHAPE["steps"]  # 1 of the call's 2 evaluations, in the request's steps
+        assert f"step {round(steps / 2)}/{steps}" in page.inner_text("#status")
+        shown = page.get_attribute("#preview", "src")
+        assert shown.startswith("data:image/png;base64,")
+        np.testing.assert_array_equal(np.asarray(_decode(shown.split(",", 1)[1])), frames[0])
+        go.set()
+        page.wait_for_function(f"document.querySelectorAll('#gallery img').length === "
+                               f"{before + 1}", timeout=30_000)
+        assert page.is_hidden("#preview")
+    finally:
+        go.set()
+        b._run, b.window_s, b.max_batch = run, 0.05, 8
+        c.post("/sdapi/v1/options", json={"live_previews_enable": False})
