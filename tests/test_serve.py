@@ -1382,10 +1382,9 @@ def test_web_page_runs_a_controlnet_unit(page, server, registry, sd1_library, tm
     finally:
         registry.controlnets.use(target, ())
         registry.controlnets = ControlNetLibrary({})
-        if model != "toy":
-            page.select_option("#model", "toy")
-            page.wait_for_function("document.getElementById('status').textContent"
-                                   ".startsWith('toy:')", timeout=60_000)
+        page.reload()  # the server's model, and no ControlNet unit any more
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('toy:')", timeout=60_000)
 
 
 @needs_chromium
@@ -1405,8 +1404,10 @@ def test_web_page_shows_its_queue_position_then_step_and_preview(page, server):
         return np.zeros((len(specs), 16, 16, 3), np.uint8)
 
     run, b._run, b.window_s = b._run, held, 60
-    c.post("/sdapi/v1/options", json={"live_previews_enable": True})
     try:
+        with page.expect_response(lambda r: r.url.endswith("/sdapi/v1/options")):
+            page.check("#live_previews")  # the server's option, as the WebUI's settings
+        assert c.get("/sdapi/v1/options").json()["live_previews_enable"] is True
         _shape(page, "txt2img")
         page.fill("#batch_size", "1")
         before = page.locator("#gallery img").count()
@@ -1426,6 +1427,7 @@ def test_web_page_shows_its_queue_position_then_step_and_preview(page, server):
         page.wait_for_function(f"document.querySelectorAll('#gallery img').length === "
                                f"{before + 1}", timeout=30_000)
         assert page.is_hidden("#preview")
+        page.uncheck("#live_previews")
     finally:
         go.set()
         b._run, b.window_s, b.max_batch = run, 0.05, 8
