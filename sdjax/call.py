@@ -44,6 +44,10 @@ class Call(TaskOptions):
     decode_chunk: int | None = None
     output_type: str = "uint8"  # "uint8" | "float" | "latent"
     nan_check: bool = True
+    # Live previews (sdjax.previews): on_step(step, total, images) on the host after each
+    # evaluation, images the WebUI's "Approx cheap" of each image's denoised estimate
+    # (uint8, the latents' size). None: no callback in the compiled call.
+    on_step: Any = None
     # The WebUI's noise (sdjax.noise): the source ("jax" | "nv" | "cpu"), variation seeds
     # (image i's subseed is subseed + i; strength one or one per image), the size in pixels
     # (height, width) the seed's noise is drawn at, and ENSD (the seed offset of the WebUI

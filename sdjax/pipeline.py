@@ -24,6 +24,7 @@ from sdjax import (
     model_defaults,
     noise_call,
     parallel,
+    previews,
     prompt_editing,
     sampling,
     task_inputs,
@@ -503,6 +504,7 @@ class StableDiffusionPipeline:
         image_indices = range(n) if c.image_indices is None else c.image_indices
         lat_shape = self.latent_shape(height, width)
         rng, seed_resize = self._noise_inputs(c, n, lat_shape, inputs)
+        previews.call_inputs(c.on_step, n, lat_shape, self.SDXL, inputs)
         # The noise given or not, one program (sdjax.sampling: bit for bit either way).
         inputs["latents"] = (np.zeros((n, *lat_shape), np.float32) if c.latents is None else
                              validation.check_latents(c.latents, (n, *lat_shape)))

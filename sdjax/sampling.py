@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sdjax import noise as noise_sources
-from sdjax import parallel, prompts, step_noise, tasks, vae_tiling, validation
+from sdjax import parallel, previews, prompts, step_noise, tasks, vae_tiling, validation
 from sdjax.models.layers import circular_padding
 from sdjax.schedulers.start import start_table
 
@@ -305,14 +305,17 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             x, state, gens = carry
             step = Step(i, state.timesteps[i], sched.step_sigma(state, i), first)
             step_cond = cond if nets.select is None else nets.select(params, inputs, step, cond)
-            xin = sched.scale_model_input(state, x, i).astype(dtype)
-            eps = nets.denoise(params, inputs, step, _rows(xin, reps),
+            xin = sched.scale_model_input(state, x, i)
+            eps = nets.denoise(params, inputs, step, _rows(xin.astype(dtype), reps),
                                None if extra is None else extra.astype(dtype),
                                step_cond).astype(jnp.float32)
             if nets.guide is not None:
                 eps = nets.guide(params, inputs, step, eps, guidance)
             elif spec.cfg:
                 eps = combine_guidance(eps[:b], eps[b:], guidance, step.sigma)
+            if "preview_token" in inputs:  # a call with on_step (sdjax.previews); else none
+                previews.report(inputs, i, first, end, xin, eps, step.sigma,
+                                getattr(sched, "prediction_type", "epsilon"), parallel.AXIS)
             key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
                    if sched.stochastic and not follows else None)
             drawn = {}

@@ -615,6 +615,191 @@ def test_queue_full_and_interrupt(server):
     assert c.get("/health").json()["queued"] == 0
 
 
+def test_queue_position_of_each_request(server, registry):
+    """The WebUI's task progress (POST /internal/progress by force_task_id): a request waits
+    behind the call on the devices and the requests queued before it, runs, completes."""
+    import threading
+
+    from sdjax.serve.batcher import Batcher
+    from sdjax.serve.generation import plan_txt2img
+    from sdjax.serve.schemas import Txt2ImgRequest
+    plan = plan_txt2img(Txt2ImgRequest(prompt="a cat", **SHAPE), registry, Limits())
+    go = threading.Event()
+
+    def held(shape, specs):
+        go.wait(30)
+        return np.zeros((len(specs), 1, 1, 3), np.uint8)
+
+    b = Batcher(held, window_s=0)
+    try:
+        first = b.submit(plan.shape, plan.specs, task_id="task(a)")
+        deadline = time.monotonic() + 30
+        while not b.task("task(a)")["active"]:  # on the "devices"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        b.submit(plan.shape, plan.specs, task_id="task(b)")
+        b.submit(plan.shape, plan.specs, task_id="task(c)")
+        assert b.task("task(a)") == {"active": True, "queued": False, "completed": False,
+                                     "ahead": 0, "row": 0}
+        assert [(b.task(t)["queued"], b.task(t)["ahead"]) for t in ("task(b)", "task(c)")] == [
+            (True, 1), (True, 2)]
+        assert b.task("task(zzz)") == {"active": False, "queued": False, "completed": False,
+                                       "ahead": None}
+        go.set()
+        first.future.result(30)
+        b.stop(30)
+        assert all(b.task(t)["completed"] for t in ("task(a)", "task(b)", "task(c)"))
+    finally:
+        go.set()
+        b.stop()
+    # Over HTTP: requests held in the queue (a long merge window) and their positions.
+    c, sb = server.client, server.batcher
+    sb.window_s = 60
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            waiting = [ex.submit(c.post, "/sdapi/v1/txt2img",
+                                 json={**SHAPE, "seed": k, "force_task_id": f"task(h{k})"})
+                       for k in range(2)]
+            deadline = time.monotonic() + 30
+            while c.get("/health").json()["queued"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            seen = [c.post("/internal/progress", json={"id_task": f"task(h{k})"}).json()
+                    for k in range(2)]
+            assert c.post("/sdapi/v1/interrupt").status_code == 200
+            assert [w.result(30).status_code for w in waiting] == [200, 200]
+    finally:
+        sb.window_s = 0.05
+    assert sorted((p["queued"], p["active"], p["queue_position"], p["textinfo"])
+                  for p in seen) == [(True, False, 0, "Queued: 0 ahead"),
+                                     (True, False, 1, "Queued: 1 ahead")]
+    done = c.post("/internal/progress", json={"id_task": "task(h0)"}).json()
+    assert (done["completed"], done["queued"], done["active"]) == (True, False, False)
+    unknown = c.post("/internal/progress", json={"id_task": "task(nope)"}).json()
+    assert (unknown["completed"], unknown["textinfo"]) == (False, "Waiting...")
+
+
+def _callbacks(compiled) -> int:
+    """Host callbacks in a compiled call's program (jax.debug.callback's custom calls)."""
+    return len(re.findall(r'custom_call_target="[^"]*callback', compiled.as_text()))
+
+
+def test_live_previews_change_nothing_else(server, pipe, monkeypatch):
+    """The WebUI's "Approx cheap" preview: a call without on_step has no host callback and
+    makes the same image as one with it; the server reports each step's previews while
+    live_previews_enable is on."""
+    from sdjax.serve.samplers import sampler_settings
+    c, b = server.client, server.batcher
+    body = {**SHAPE, "prompt": "a cat", "seed": 3, "cfg_scale": 7}
+    plain = _txt2img(c, **body)["images"][0]
+    seen = []
+    report = b.report
+    monkeypatch.setattr(b, "report", lambda *a: seen.append(a) or report(*a))
+    assert c.post("/sdapi/v1/options", json={"live_previews_enable": True}).status_code == 200
+    try:
+        assert c.get("/sdapi/v1/options").json()["live_previews_enable"] is True
+        shown = _txt2img(c, **body)["images"][0]
+    finally:
+        c.post("/sdapi/v1/options", json={"live_previews_enable": False})
+    np.testing.assert_array_equal(np.asarray(_decode(shown)), np.asarray(_decode(plain)))
+    # one report per evaluation of the 2 steps, each with the call's image at latent size
+    assert [(step, total) for step, total, _ in seen] == [(1, 2), (2, 2)]
+    h, w, _ = pipe.latent_shape(16, 16)
+    assert all(im.shape == (1, h, w, 3) and im.dtype == np.uint8 for *_, im in seen)
+    assert not np.array_equal(seen[0][2], seen[1][2])  # each its own step's estimate
+    scheduler, schedule_type = sampler_settings("Euler a")
+    call = dict(prompt=["a cat"], seeds=[3], image_indices=[0], height=16, width=16,
+                num_inference_steps=2, scheduler=scheduler, guidance_scale=[7.0], rng="nv",
+                **({} if schedule_type is None else {"schedule_type": schedule_type}))
+    # the server's two programs (compiled above; fetched here, not compiled again)
+    compiled = pipe.compile_seconds
+    assert _callbacks(pipe.compile(**call)) == 0
+    assert _callbacks(pipe.compile(**call, on_step=print)) > 0
+    assert pipe.compile_seconds == compiled
+    with pytest.raises(TypeError, match="on_step must be a function"):
+        pipe.compile(**call, on_step=3)
+    r = c.post("/sdapi/v1/options", json={"live_previews_enable": "yes"})
+    assert r.status_code == 422 and "live_previews_enable" in r.json()["detail"]
+
+
+def test_preview_is_the_cheap_map_of_the_denoised_estimate():
+    """sdjax.previews: the clean latents recovered from a variance-preserving model input for
+    each prediction type, then the WebUI's coefficients."""
+    from sdjax import previews
+    rng = np.random.default_rng(0)
+    x0, noise = rng.normal(size=(2, 3, 3, 4)), rng.normal(size=(2, 3, 3, 4))
+    sigma = 1.7
+    a = 1 / (1 + sigma ** 2)
+    xin = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+    v = np.sqrt(a) * noise - np.sqrt(1 - a) * x0  # diffusers' v target
+    for kind, out in (("epsilon", noise), ("v_prediction", v), ("sample", x0)):
+        np.testing.assert_allclose(previews.denoised(xin, out, sigma, kind), x0, atol=1e-5)
+    inputs = {}
+    previews.call_inputs(print, 2, (3, 3, 4), False, inputs)
+    assert inputs["preview_map"].shape == (2, 4, 3) and len(set(inputs["preview_token"])) == 1
+    np.testing.assert_array_equal(inputs["preview_map"][1], np.float32(previews.SD_COEFFICIENTS))
+    got = []
+    token = int(inputs["preview_token"][0])
+    # two devices of one row each; the first device's report calls on_step
+    previews.SINKS._calls[token] = (lambda *a: got.append(a), np.zeros((2, 3, 3, 3), np.uint8))
+    previews.SINKS.deliver(2, 5, np.array([token]), np.full((1, 3, 3, 3), 9, np.uint8), 1)
+    assert got == []
+    previews.SINKS.deliver(2, 5, np.array([token]), np.full((1, 3, 3, 3), 4, np.uint8), 0)
+    (step, total, images), = got
+    assert (step, total) == (2, 5) and images[0].max() == 4 and images[1].min() == 9
+    with pytest.raises(ValueError, match="4 latent channels"):
+        previews.call_inputs(print, 1, (3, 3, 16), False, {})
+
+
+def test_progress_routes_serve_the_running_calls_preview(server, registry):
+    """While a call runs, its reported step and its rows' previews: each request's own first
+    image in /internal/progress (once per new preview), the call's first in /progress."""
+    import threading
+    c, b = server.client, server.batcher
+    go, running = threading.Event(), threading.Event()
+    frames = np.zeros((3, 2, 2, 3), np.uint8)
+    frames[1] = 200  # the second request's image
+
+    def held(shape, specs):
+        b.report(2, 4, frames)
+        running.set()
+        go.wait(30)
+        return np.zeros((len(specs), 16, 16, 3), np.uint8)
+
+    run, b._run = b._run, held
+    c.post("/sdapi/v1/options", json={"live_previews_enable": True})
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            waiting = [ex.submit(c.post, "/sdapi/v1/txt2img", json={
+                **SHAPE, "batch_size": k + 1, "force_task_id": f"task(p{k})"}) for k in range(2)]
+            assert running.wait(30)
+            deadline = time.monotonic() + 30
+            while len(b.progress()["jobs"]) < 2:  # both in the one call (a 50 ms window)
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            rows = [b.task(f"task(p{k})")["row"] for k in range(2)]
+            p = c.post("/internal/progress", json={"id_task": "task(p1)"}).json()
+            again = c.post("/internal/progress", json={
+                "id_task": "task(p1)", "id_live_preview": p["id_live_preview"]}).json()
+            old = c.get("/sdapi/v1/progress").json()
+            go.set()
+            assert [w.result(30).status_code for w in waiting] == [200, 200]
+    finally:
+        go.set()
+        b._run = run
+        c.post("/sdapi/v1/options", json={"live_previews_enable": False})
+    assert (p["active"], p["sampling_step"], p["sampling_steps"], p["progress"]) == (
+        True, 1, 2, 0.5)
+    assert p["live_preview"].startswith("data:image/png;base64,")
+    # each request's first row in the merged call: 1 and 2 images, in either order
+    assert rows in ([0, 1], [2, 0])
+    image = np.asarray(_decode(p["live_preview"].split(",", 1)[1]))
+    np.testing.assert_array_equal(image, frames[rows[1]])
+    assert again["live_preview"] is None  # the client has it already
+    np.testing.assert_array_equal(np.asarray(_decode(old["current_image"])), frames[0])
+    assert old["state"]["sampling_step"] == 1
+
+
 def test_a_client_that_leaves_costs_nothing_and_stops_nobody(server):
     c, b = server.client, server.batcher
     images_before = b.images
@@ -734,6 +919,11 @@ needs_chromium = pytest.mark.skipif(
 PHONE, DESKTOP = {"width": 390, "height": 844}, {"width": 1024, "height": 768}
 # SDJAX_PAGE_SCREENSHOTS=docs/images writes the docs' screenshots (small palette PNGs)
 SCREENSHOTS = os.environ.get("SDJAX_PAGE_SCREENSHOTS")
+# The page's generations: the toy's own defaults (its sdjax.json: 32x32, 15 steps of DPM++
+# 2M) when writing the docs' screenshots, else the small shape the API tests compile too.
+PAGE_SHAPE = ({"width": 32, "height": 32, "steps": 15, "sampler_name": "DPM++ 2M"}
+              if SCREENSHOTS else SHAPE)
+S = PAGE_SHAPE["width"]
 WEBUI_INFOTEXT = ("a blue cat, sitting\nNegative prompt: red, blurry\nSteps: 3, Sampler: "
                   "DPM++ 2M, Schedule type: Karras, CFG scale: 4.5, Seed: 1234, Size: 24x16, "
                   "Model hash: abc, Model: sd15, Denoising strength: 0.55, Hires upscale: 1.5, "
@@ -791,11 +981,12 @@ def _circle(size: int) -> np.ndarray:
     return np.where(disc[..., None], [220, 40, 40], [40, 70, 200]).astype(np.uint8)
 
 
-def _small_shape(page, tab: str) -> None:
+def _shape(page, tab: str) -> None:
+    """The mode's tab, and the size, steps and sampler of PAGE_SHAPE in the form."""
     page.click(f"#tab-{tab}")
-    for field, value in (("#width", "16"), ("#height", "16"), ("#steps", "2")):
-        page.fill(field, value)
-    page.select_option("#sampler_name", "Euler a")
+    for field in ("width", "height", "steps"):
+        page.fill(f"#{field}", str(PAGE_SHAPE[field]))
+    page.select_option("#sampler_name", PAGE_SHAPE["sampler_name"])
 
 
 @needs_chromium
@@ -849,14 +1040,15 @@ def test_web_page_opens_with_the_models_defaults(page, server, registry, pipe, t
 
 @needs_chromium
 def test_web_page_txt2img(page, tmp_path):
-    _small_shape(page, "txt2img")
+    _shape(page, "txt2img")
     page.fill("#seed", "7")
     page.fill("#batch_size", "2")
     body = _run(page, "/sdapi/v1/txt2img", 2)
-    assert (body["width"], body["steps"], body["sampler_name"]) == (16, 2, "Euler a")
+    assert (body["width"], body["steps"], body["sampler_name"]) == (
+        S, PAGE_SHAPE["steps"], PAGE_SHAPE["sampler_name"])
     sizes = page.eval_on_selector_all("#gallery img", "imgs => imgs.slice(0, 2).map(i => "
                                       "[i.naturalWidth, i.naturalHeight])")
-    assert sizes == [[16, 16], [16, 16]]
+    assert sizes == [[S, S], [S, S]]
     params = page.inner_text("#parameters")
     assert "Seed: 7," in params and "Seed: 8," in params
     assert re.fullmatch(r"sdjax-\d{4}-7\.png", page.get_attribute("#gallery a", "download"))
@@ -866,7 +1058,7 @@ def test_web_page_txt2img(page, tmp_path):
     page.click("#gallery figure >> nth=1 >> button:has-text('img2img')")
     page.wait_for_function(  # once the image has loaded
         "document.getElementById('tab-img2img').getAttribute('aria-selected') === 'true'")
-    assert page.evaluate("document.getElementById('init_image').naturalWidth") == 16
+    assert page.evaluate("document.getElementById('init_image').naturalWidth") == S
     assert page.get_attribute("#init_image", "src") == page.get_attribute(
         "#gallery a >> nth=1", "href")
 
@@ -875,14 +1067,14 @@ def test_web_page_txt2img(page, tmp_path):
 def test_web_page_img2img_from_an_upload(page, tmp_path):
     picture = _circle(32)
     Image.fromarray(picture).save(tmp_path / "input.png")
-    _small_shape(page, "img2img")
+    _shape(page, "img2img")
     page.set_input_files("#init_file", str(tmp_path / "input.png"))
     page.wait_for_function("document.getElementById('mask_canvas').width === 32")  # loaded
     page.fill("#batch_size", "1")
     page.fill("#denoising_strength", "0.6")
     body = _run(page, "/sdapi/v1/img2img", 1)
     np.testing.assert_array_equal(np.asarray(_decode(body["init_images"][0])), picture)
-    assert (body["denoising_strength"], body["resize_mode"], body["width"]) == (0.6, 0, 16)
+    assert (body["denoising_strength"], body["resize_mode"], body["width"]) == (0.6, 0, S)
     assert "mask" not in body
     assert "Denoising strength: 0.6" in page.inner_text("#parameters")
     _screenshots(page, "img2img", tmp_path)
@@ -890,11 +1082,11 @@ def test_web_page_img2img_from_an_upload(page, tmp_path):
 
 @needs_chromium
 def test_web_page_inpaints_a_painted_mask(page, tmp_path):
-    Image.fromarray(_circle(16)).save(tmp_path / "input.png")
-    _small_shape(page, "inpaint")
+    Image.fromarray(_circle(S)).save(tmp_path / "input.png")
+    _shape(page, "inpaint")
     page.fill("#batch_size", "1")
     page.set_input_files("#init_file", str(tmp_path / "input.png"))
-    page.wait_for_function("document.getElementById('mask_canvas').width === 16")
+    page.wait_for_function(f"document.getElementById('mask_canvas').width === {S}")
     # a stroke across the middle
     page.fill("#brush_size", "100")
     page.select_option("#inpainting_fill", "1")
@@ -905,11 +1097,11 @@ def test_web_page_inpaints_a_painted_mask(page, tmp_path):
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.8, y, steps=6)
     page.mouse.up()
-    _screenshots(page, "inpaint", tmp_path)
     body = _run(page, "/sdapi/v1/img2img", 1)
+    _screenshots(page, "inpaint", tmp_path)  # the painted mask and its result
     mask = np.asarray(_decode(body["mask"]).convert("L"))
-    assert mask.shape == (16, 16) and len(body["init_images"]) == 1
-    assert (mask[7:9, 5:11] == 255).all()  # painted: white
+    assert mask.shape == (S, S) and len(body["init_images"]) == 1
+    assert (mask[S // 2 - 1:S // 2 + 1, S * 5 // 16:S * 11 // 16] == 255).all()  # painted: white
     assert (mask[:3] == 0).all() and (mask[-3:] == 0).all()  # untouched: black
     assert (body["inpainting_fill"], body["inpaint_full_res"], body["mask_blur"]) == (1, False, 4)
     assert "Mask blur: 4" in page.inner_text("#parameters")
@@ -949,6 +1141,56 @@ def test_web_page_reads_a_dropped_png(page, tmp_path):
                      "#hr_upscaler": "Latent (bicubic)", "#hr_denoising_strength": "0.55"}
     page.uncheck("#enable_hr")
     page.uncheck("#tiling")
+
+
+@needs_chromium
+def test_web_page_sends_a_pngs_variation_and_hires_fields_to_txt2img(page, server, tmp_path):
+    """PNG info's "Send to txt2img" with the WebUI's variation-seed and hires fields: the form
+    takes them, and Generate sends them (answered here without generating)."""
+    from sdjax.images import encode_png
+    text = ("a green square\nNegative prompt: blur\nSteps: 4, Sampler: Euler a, CFG scale: 5, "
+            "Seed: 42, Variation seed: 77, Variation seed strength: 0.25, Seed resize from: "
+            "40x24, Size: 32x32, Model: toy, Denoising strength: 0.4, Hires upscale: 2, "
+            "Hires steps: 3, Hires upscaler: Latent (nearest), Version: v1.10.1")
+    (tmp_path / "varied.png").write_bytes(encode_png(_pictures(1)[0], text))
+    page.click("#tab-pnginfo")
+    page.set_input_files("#png_file", str(tmp_path / "varied.png"))
+    page.wait_for_function("document.getElementById('png_text').textContent.startsWith("
+                           "'a green square')")
+    page.click("#png_to_txt2img")
+    fields = ("#seed", "#subseed", "#subseed_strength", "#seed_resize_from_w",
+              "#seed_resize_from_h", "#hr_scale", "#hr_second_pass_steps", "#hr_upscaler",
+              "#hr_denoising_strength")
+    assert {k: page.input_value(k) for k in fields} == {
+        "#seed": "42", "#subseed": "77", "#subseed_strength": "0.25",
+        "#seed_resize_from_w": "40", "#seed_resize_from_h": "24", "#hr_scale": "2",
+        "#hr_second_pass_steps": "3", "#hr_upscaler": "Latent (nearest)",
+        "#hr_denoising_strength": "0.4"}
+    assert page.is_checked("#enable_hr") and page.is_visible("#variation_box")
+    answer = json.dumps({"images": [], "parameters": {}, "info": json.dumps(
+        {"all_seeds": [], "infotexts": [], "width": 32, "height": 32})})
+    pattern = re.compile(r".*/sdapi/v1/txt2img$")
+    page.route(pattern, lambda route: route.fulfill(status=200, body=answer,
+                                                    content_type="application/json"))
+    try:
+        with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/txt2img")) as req:
+            page.click("#generate")
+        body = req.value.post_data_json
+        page.wait_for_function("!document.getElementById('generate').disabled")
+    finally:
+        page.unroute(pattern)
+        page.uncheck("#enable_hr")
+        page.fill("#subseed_strength", "0")
+    sent = {k: body[k] for k in ("prompt", "seed", "subseed", "subseed_strength",
+                                 "seed_resize_from_w", "seed_resize_from_h", "enable_hr",
+                                 "hr_scale", "hr_second_pass_steps", "hr_upscaler",
+                                 "denoising_strength", "steps", "sampler_name")}
+    assert sent == {"prompt": "a green square", "seed": 42, "subseed": 77,
+                    "subseed_strength": 0.25, "seed_resize_from_w": 40,
+                    "seed_resize_from_h": 24, "enable_hr": True, "hr_scale": 2,
+                    "hr_second_pass_steps": 3, "hr_upscaler": "Latent (nearest)",
+                    "denoising_strength": 0.4, "steps": 4, "sampler_name": "Euler a"}
+    assert body["force_task_id"].startswith("task(")
 
 
 @needs_chromium
@@ -998,7 +1240,15 @@ def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, s
         page.unroute(pattern)
 
 
-def test_controlnet_units_through_the_webui_api(server, registry, sd1_controlnets):
+@pytest.fixture(scope="module")
+def sd1_library(sd1_controlnets):
+    """The ControlNets of this module's tests: one library, so that its programs (kept per
+    set of ControlNets attached) serve the page's test too."""
+    from sdjax.serve.controlnets import ControlNetLibrary
+    return ControlNetLibrary({"cn0": str(sd1_controlnets[0]), "cn1": str(sd1_controlnets[1])})
+
+
+def test_controlnet_units_through_the_webui_api(server, registry, sd1_library):
     """The ControlNet extension's API: its routes' shapes, a txt2img unit made bit for bit as
     ``pipe(...)`` makes it (with the extension's infotext, read back by png-info), the planned
     calls of other units (no compile), and bad units as one-line 422s."""
@@ -1007,8 +1257,7 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_controlnet
     from sdjax.serve.controlnets import ControlNetLibrary
     from sdjax.serve.samplers import sampler_settings
     c, tiny = server.client, registry.get("tiny")
-    registry.controlnets = ControlNetLibrary({"cn0": str(sd1_controlnets[0]),
-                                              "cn1": str(sd1_controlnets[1])})
+    registry.controlnets = sd1_library
     try:
         assert c.get("/controlnet/version").json() == {"version": 2}
         titles = c.get("/controlnet/model_list").json()["model_list"]
@@ -1086,7 +1335,7 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_controlnet
         finally:
             del tiny.submit
         two, one = seen
-        assert tiny.controlnets == [str(sd1_controlnets[0])]  # the last call's set
+        assert tiny.controlnets == [sd1_library.sources["cn0"]]  # the last call's set
         np.testing.assert_array_equal(two.control_image[0][0], 255 - image)
         # pixel perfect: canny at 40 * max(16/40, 16/56) = 16 (16x22), then "Crop and
         # Resize" keeps the centre at the output's aspect ratio
@@ -1135,3 +1384,122 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_controlnet
     finally:
         registry.controlnets.use(tiny, ())
         registry.controlnets = ControlNetLibrary({})
+
+
+@needs_chromium
+def test_web_page_runs_a_controlnet_unit(page, server, registry, sd1_library, tmp_path):
+    """A server with a (tiny, random) ControlNet: the page's unit uploads a control image,
+    shows its preprocessor's map (/controlnet/detect), and sends the unit with its weight,
+    window and control mode; the image that comes back is the pipeline's ControlNet call's."""
+    from sdjax.controlnet import preprocess
+    from sdjax.serve.controlnets import ControlNetLibrary
+    from sdjax.serve.samplers import sampler_settings
+    if SCREENSHOTS:  # the toy at its defaults, with a ControlNet made from its UNet
+        from tests.tiny_models import save_tiny_controlnet
+        toy = Path(__file__).parents[1] / "sdjax" / "assets" / "toy"
+        model, library = "toy", ControlNetLibrary({"cn0": str(save_tiny_controlnet(
+            tmp_path / "toy-cn", toy, embedding_channels=(8, 16, 32)))})
+    else:  # the program test_controlnet_units_through_the_webui_api compiled
+        model, library = "tiny", sd1_library
+    target = registry.get(model)
+    control = _circle(S)
+    Image.fromarray(control).save(tmp_path / "control.png")
+    registry.controlnets = library
+    try:
+        page.reload()
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('toy:')")
+        if model != "toy":
+            page.select_option("#model", model)
+            page.wait_for_function("document.getElementById('status').textContent"
+                                   f".startsWith('{model}:')", timeout=60_000)
+        _shape(page, "txt2img")
+        page.wait_for_function("!document.getElementById('controlnet_box').hidden")
+        for field, value in (("#prompt", "a cat"), ("#seed", "3"), ("#cfg_scale", "7"),
+                             ("#batch_size", "1")):
+            page.fill(field, value)
+        page.check("#cn_enabled")
+        page.set_input_files("#cn_file", str(tmp_path / "control.png"))
+        page.select_option("#cn_module", "invert")
+        page.wait_for_function("document.getElementById('cn_file').files.length === 1")
+        page.click("#cn_detect")
+        page.wait_for_function("!document.getElementById('cn_map').hidden && "
+                               "document.getElementById('cn_map').naturalWidth > 0")
+        shown = page.get_attribute("#cn_map", "src").split(",", 1)[1]
+        np.testing.assert_array_equal(np.asarray(_decode(shown).convert("RGB")),
+                                      preprocess("invert", control))
+        page.fill("#cn_weight", "0.7")
+        page.fill("#cn_end", "0.5")
+        page.select_option("#cn_control_mode", "My prompt is more important")
+        body = _run(page, "/sdapi/v1/txt2img", 1)
+        unit, = body["alwayson_scripts"]["controlnet"]["args"]
+        assert (unit["module"], unit["weight"], unit["guidance_start"], unit["guidance_end"],
+                unit["control_mode"]) == ("invert", 0.7, 0, 0.5, "My prompt is more important")
+        assert re.fullmatch(r"cn0 \[[0-9a-f]{8}\]", unit["model"])
+        np.testing.assert_array_equal(np.asarray(_decode(unit["image"]).convert("RGB")),
+                                      control)
+        assert 'ControlNet 0: "Module: invert, Model: cn0' in page.inner_text("#parameters")
+        _screenshots(page, "controlnet", tmp_path)
+        scheduler, schedule_type = sampler_settings(PAGE_SHAPE["sampler_name"])
+        expected = target(["a cat"], seeds=[3], image_indices=[0], height=S, width=S,
+                          num_inference_steps=PAGE_SHAPE["steps"], scheduler=scheduler,
+                          guidance_scale=[7.0], rng="nv", control_image=255 - control,
+                          controlnet_conditioning_scale=0.7, control_guidance_end=0.5,
+                          control_mode="prompt",
+                          **({} if schedule_type is None else {"schedule_type": schedule_type}))
+        made = page.get_attribute("#gallery a >> nth=0", "href").split(",", 1)[1]
+        np.testing.assert_array_equal(np.asarray(_decode(made).convert("RGB")),
+                                      expected.images[0])
+    finally:
+        registry.controlnets.use(target, ())
+        registry.controlnets = ControlNetLibrary({})
+        page.reload()  # the server's model, and no ControlNet unit any more
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('toy:')", timeout=60_000)
+
+
+@needs_chromium
+def test_web_page_shows_its_queue_position_then_step_and_preview(page, server):
+    """The page asks /internal/progress about its own request (its force_task_id): "queued:
+    N ahead" while it waits, then the loop's step and the live preview (the call here is a
+    stand-in that reports one step, so nothing compiles)."""
+    import threading
+    b, c = server.batcher, server.client
+    go = threading.Event()
+    frames = np.zeros((1, 4, 4, 3), np.uint8)
+    frames[..., 0] = 255
+
+    def held(shape, specs):
+        b.report(1, 2, frames)
+        go.wait(30)
+        return np.zeros((len(specs), 16, 16, 3), np.uint8)
+
+    run, b._run, b.window_s = b._run, held, 60
+    try:
+        with page.expect_response(lambda r: r.url.endswith("/sdapi/v1/options")):
+            page.check("#live_previews")  # the server's option, as the WebUI's settings
+        assert c.get("/sdapi/v1/options").json()["live_previews_enable"] is True
+        _shape(page, "txt2img")
+        page.fill("#batch_size", "1")
+        before = page.locator("#gallery img").count()
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status').textContent === "
+                               "'queued: 0 ahead'", timeout=30_000)
+        with b._cond:  # a full batch: the call starts now, not after the 60 s window
+            b.max_batch = 1
+            b._cond.notify_all()
+        page.wait_for_function("!document.getElementById('preview').hidden", timeout=30_000)
+        steps = PAGE_SHAPE["steps"]  # 1 of the call's 2 evaluations, in the request's steps
+        assert f"step {round(steps / 2)}/{steps}" in page.inner_text("#status")
+        shown = page.get_attribute("#preview", "src")
+        assert shown.startswith("data:image/png;base64,")
+        np.testing.assert_array_equal(np.asarray(_decode(shown.split(",", 1)[1])), frames[0])
+        go.set()
+        page.wait_for_function(f"document.querySelectorAll('#gallery img').length === "
+                               f"{before + 1}", timeout=30_000)
+        assert page.is_hidden("#preview")
+        page.uncheck("#live_previews")
+    finally:
+        go.set()
+        b._run, b.window_s, b.max_batch = run, 0.05, 8
+        c.post("/sdapi/v1/options", json={"live_previews_enable": False})

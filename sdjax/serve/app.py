@@ -43,6 +43,7 @@ from sdjax.serve.http_methods import HeadAndOptions
 from sdjax.serve.limits import REQUEST_FAULTS, BadRequest, Limits, request_fault
 from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
 from sdjax.serve.page_routes import add_page_routes
+from sdjax.serve.progress_routes import PREVIEW_OPTIONS, add_progress_routes, check_preview_options
 from sdjax.serve.request_checks import check_settings
 from sdjax.serve.samplers import sampler_list, scheduler_list
 from sdjax.serve.schemas import (
@@ -217,8 +218,11 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     """The server's app. ``max_batch``: images in one compiled call; ``window_s``: how long
     the first request of a call waits for others of its shape."""
     limits = limits or Limits()
-    batcher = Batcher(run_call(registry), window_s=window_s, max_batch=max_batch,
-                      max_queue=limits.max_queue)
+    # the noise and preview options /sdapi/v1/options sets
+    webui_options = {**DEFAULT_OPTIONS, **PREVIEW_OPTIONS}
+    batcher = Batcher(run_call(registry, lambda *a: batcher.report(*a),
+                               lambda: webui_options["live_previews_enable"]),
+                      window_s=window_s, max_batch=max_batch, max_queue=limits.max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -267,13 +271,11 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                 "running": p["running"], "calls": batcher.calls, "images": batcher.images}
 
     # ------------------------------------------------------------------ generation
-    webui_options = dict(DEFAULT_OPTIONS)  # the noise options /sdapi/v1/options sets
-
     async def generate(req: Txt2ImgRequest | Img2ImgRequest, request: Request, plan_for):
         plan = await run_in_threadpool(request_fault, plan_for, req, registry, limits,
                                        webui_options)
         try:
-            job = batcher.submit(plan.shape, plan.specs)
+            job = batcher.submit(plan.shape, plan.specs, task_id=req.force_task_id)
         except QueueFull as e:
             return _error(503, f"busy: {e}; retry in {RETRY_AFTER_S}s",
                           {"Retry-After": str(RETRY_AFTER_S)})
@@ -339,7 +341,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
 
     @app.post("/sdapi/v1/options")
     async def set_options(options: dict[str, Any]):
-        noise_options = check_options(options)  # checked before anything changes
+        # checked before anything changes
+        noise_options = {**check_options(options), **check_preview_options(options)}
         try:
             check_settings(options)  # by type, as in a request's override_settings
         except ValueError as e:
@@ -352,24 +355,10 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                                  "them", 404)
             await run_in_threadpool(registry.select, title)
         webui_options.update(noise_options)
-        ignored = sorted(set(options) - {"sd_model_checkpoint", *DEFAULT_OPTIONS})
+        ignored = sorted(set(options) - {"sd_model_checkpoint", *webui_options})
         if ignored:
             log.info("options ignored (sdjax has no such setting): %s", ", ".join(ignored))
         return None
-
-    @app.get("/sdapi/v1/progress")
-    async def progress(skip_current_image: bool = False):  # accepted; there are no previews
-        p = batcher.progress()
-        steps = p["shape"].settings.sampling.steps if p["shape"] else 0
-        jobs = len(p["jobs"]) + p["queued"]
-        return {"progress": p["fraction"], "eta_relative": p["eta"], "current_image": None,
-                "textinfo": None,
-                "state": {"skipped": False, "interrupted": False, "stopping_generation": False,
-                          "job": f"jobs {p['jobs']}" if p["running"] else "",
-                          "job_count": jobs, "job_no": 0, "job_timestamp": "0",
-                          # an estimate, as progress is (no step reports from the loop)
-                          "sampling_step": int(p["fraction"] * steps),
-                          "sampling_steps": steps}}
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt(request: Request):
@@ -402,5 +391,6 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                 "parameters": params}
 
     add_page_routes(app, registry)
+    add_progress_routes(app, batcher, webui_options)
     add_controlnet_routes(app, registry, limits.max_pixels)
     return app

@@ -23,6 +23,7 @@ import numpy as np
 from sdjax.call_settings import CallSettings
 
 FIRST_CALL_S = 20.0  # how /progress guesses a first call's length (compile included)
+FINISHED_TASKS = 64  # task ids remembered as completed (the WebUI keeps 16)
 
 
 class QueueFull(Exception):
@@ -75,8 +76,10 @@ class JobResult:
 class Job:
     """One request: its images are scheduled in order, possibly over several calls."""
 
-    def __init__(self, job_id: int, shape: Shape, specs: Sequence[ImageSpec]):
+    def __init__(self, job_id: int, shape: Shape, specs: Sequence[ImageSpec],
+                 task_id: str | None = None):
         self.id, self.shape, self.specs = job_id, shape, list(specs)
+        self.task_id = task_id  # the client's name for it (the WebUI's force_task_id)
         self.arrived = time.monotonic()
         self.future: concurrent.futures.Future[JobResult] = concurrent.futures.Future()
         self._images: list[np.ndarray | None] = [None] * len(self.specs)
@@ -123,8 +126,12 @@ class Batcher:
         self._running: list[Job] = []
         self._running_since = 0.0
         self._running_shape: Shape | None = None
+        self._rows: dict[int, int] = {}       # job id -> its first row in the running call
+        self._reported: tuple | None = None   # the running call's last report (see report)
+        self.reports = 0                      # step reports received so far
         self._last_seconds: dict[tuple[Shape, int], float] = {}
         self._next_id = 0
+        self._finished_tasks: deque[str] = deque(maxlen=FINISHED_TASKS)
         self.calls = 0                        # compiled calls made so far
         self.images = 0
         self._stopping = False
@@ -132,15 +139,17 @@ class Batcher:
         self._thread.start()
 
     # ------------------------------------------------------------------ HTTP side
-    def submit(self, shape: Shape, specs: Sequence[ImageSpec]) -> Job:
-        """Queue a job; raises QueueFull or ShuttingDown instead of waiting."""
+    def submit(self, shape: Shape, specs: Sequence[ImageSpec],
+               task_id: str | None = None) -> Job:
+        """Queue a job; raises QueueFull or ShuttingDown instead of waiting. ``task_id``:
+        the client's name for it, which ``task`` answers about."""
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting")
             self._next_id += 1
-            job = Job(self._next_id, shape, specs)
+            job = Job(self._next_id, shape, specs, task_id)
             self._pending.append(job)
             self._cond.notify_all()
             return job
@@ -162,9 +171,16 @@ class Batcher:
             for job in jobs:
                 job.interrupted = True
                 if job.outstanding == 0:
-                    job._finish()
+                    self._end(job)
             self._cond.notify_all()
             return len(jobs)
+
+    def report(self, step: int, total: int, images: np.ndarray) -> None:
+        """The running call has done ``step`` of its ``total`` evaluations; ``images`` are
+        its rows' live previews (sdjax.previews, when the call makes them)."""
+        with self._cond:
+            self.reports += 1
+            self._reported = (self.reports, step, total, images)
 
     def progress(self) -> dict:
         """How far the running call is, estimated from the last call of the same shape (the
@@ -177,14 +193,39 @@ class Batcher:
             elapsed = time.monotonic() - self._running_since
             n = sum(j.outstanding for j in self._running)
             expected = self._last_seconds.get((self._running_shape, n))
-            if expected:
+            reported = self._reported
+            if reported is not None:  # the loop's own count (previews on)
+                _, step, total, _ = reported
+                fraction = step / total
+                eta = elapsed * (total - step) / step
+            elif expected:
                 fraction, eta = min(elapsed / expected, 0.99), max(expected - elapsed, 0.0)
             else:  # the first call of this shape (it compiles too): no measure to go by, so a
                 # fraction that rises with time and never reaches 1 (half-way at FIRST_CALL_S)
                 fraction = min(elapsed / (elapsed + FIRST_CALL_S), 0.99)
                 eta = max(FIRST_CALL_S - elapsed, 1.0)
             return {"running": True, "fraction": fraction, "eta": eta, "queued": waiting,
-                    "shape": self._running_shape, "jobs": [j.id for j in self._running]}
+                    "shape": self._running_shape, "jobs": [j.id for j in self._running],
+                    "evaluations": None if reported is None else reported[1:3],
+                    "preview": None if reported is None else (reported[0], reported[3])}
+
+    def task(self, task_id: str) -> dict:
+        """Where the job a client named ``task_id`` is: ``active`` (images of it on the
+        devices now), ``queued`` (waiting) with ``ahead``, the requests that run before it
+        starts (those on the devices, then those queued before it), or ``completed``."""
+        with self._cond:
+            running = [j for j in self._running if j.outstanding > 0]
+            for job in running:
+                if job.task_id == task_id:
+                    return {"active": True, "queued": False, "completed": False, "ahead": 0,
+                            "row": self._rows.get(job.id, 0)}
+            for k, job in enumerate(self._pending):
+                if job.task_id == task_id:
+                    before = set(running) | set(list(self._pending)[:k])
+                    return {"active": False, "queued": True, "completed": False,
+                            "ahead": len(before - {job})}
+            return {"active": False, "queued": False,
+                    "completed": task_id in self._finished_tasks, "ahead": None}
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish every accepted job, then end the worker (graceful shutdown)."""
@@ -194,6 +235,15 @@ class Batcher:
         self._thread.join(timeout)
 
     # ------------------------------------------------------------------ worker
+    def _end(self, job: Job, error: BaseException | None = None) -> None:
+        """Answer the job (under the lock), and remember its task id as completed."""
+        if error is None:
+            job._finish()
+        else:
+            job._settle(error)
+        if job.task_id is not None:
+            self._finished_tasks.append(job.task_id)
+
     def _waiting_images(self, shape: Shape) -> int:
         return sum(len(j.specs) - j.next for j in self._pending if j.shape == shape)
 
@@ -236,6 +286,10 @@ class Batcher:
                 self.calls += 1
                 call_id = self.calls
                 self._running = [job for job, _, _ in parts]
+                starts = np.cumsum([0] + [b - a for _, a, b in parts])
+                self._rows = {job.id: int(r)
+                              for (job, _, _), r in zip(parts, starts[:-1], strict=True)}
+                self._reported = None
                 self._running_shape, self._running_since = shape, time.monotonic()
             specs = [s for job, a, b in parts for s in job.specs[a:b]]
             error, images = None, None
@@ -251,7 +305,7 @@ class Batcher:
                 for job, a, b in parts:
                     job.outstanding -= b - a
                     if error is not None:
-                        job._settle(error)
+                        self._end(job, error)
                         if job in self._pending:
                             self._pending.remove(job)
                         continue
@@ -260,7 +314,7 @@ class Batcher:
                     job.calls.append((call_id, len(specs)))
                     finished = job.next == len(job.specs) or job.interrupted
                     if finished and job.outstanding == 0:
-                        job._finish()
+                        self._end(job)
                 self._running = []
-                self._running_shape = None
+                self._running_shape, self._reported = None, None
                 self._cond.notify_all()

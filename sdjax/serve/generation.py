@@ -11,7 +11,7 @@ import base64
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -327,8 +327,11 @@ def adapters_of(registry: ModelRegistry, title: str) -> Adapters:
                        fixed=registry.tag_loras(title).fixed)
 
 
-def run_call(registry: ModelRegistry):
-    """The batcher's ``run``: one compiled call for images of one shape."""
+def run_call(registry: ModelRegistry, on_step: Callable | None = None,
+             previews: Callable[[], bool] = lambda: False):
+    """The batcher's ``run``: one compiled call for images of one shape. ``on_step``: where
+    the call's live previews go while ``previews()`` (sdjax.previews; not for the refiner's
+    two calls)."""
     def run(shape: Shape, specs: list[ImageSpec]) -> np.ndarray:
         settings = shape.settings
         pipe = registry.get(settings.model)
@@ -354,6 +357,8 @@ def run_call(registry: ModelRegistry):
         if settings.sdxl.refiner is not None:  # txt2img only (_refiner_settings)
             return handoff.refine(pipe, registry.get(settings.sdxl.refiner), prompts,
                                   **call).images
+        if on_step is not None and previews():
+            call["on_step"] = on_step
         return pipe(prompts, **call, **images).images
     return run
 
