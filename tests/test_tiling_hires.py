@@ -122,11 +122,21 @@ def test_hires_sizes_are_the_webuis():
 
 
 @pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
-def test_hires_fix_is_the_composition_of_its_two_calls(pipe, upscaler):
-    prompts, seed, strength = ["a red circle", "a blue square"], 7, 0.6
+def test_hires_fix_is_the_composition_of_its_two_calls(pipe, upscaler, monkeypatch):
+    """With edited prompts (latent) the second call takes first_pass_steps: its schedules
+    count on from the first pass's steps, fractions from 1.0, as the WebUI's hires pass's."""
+    x, y = "a red circle", "a blue square"
+    prompts = [f"[{x}:{y}:0.5]", f"[{x}:{y}:1.5]"] if upscaler == "latent" else [x, y]
+    seed, strength = 7, 0.6
     kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, seed=seed)
+    submitted = []
+    submit = pipe.submit
+    monkeypatch.setattr(pipe, "submit", lambda c: submitted.append(c) or submit(c))
     out = pipe(prompts, hires_scale=2, hires_upscaler=upscaler, hires_denoising_strength=strength,
                **kw)
+    monkeypatch.undo()
+    order = pipe._schedule(STEPS, None)[1].order  # the WebUI's firstpass_steps
+    assert [c.first_pass_steps for c in submitted] == [None, None, STEPS * order]
     count = pipe.compile_count
     if upscaler == "latent":
         first = pipe(prompts, output_type="latent", **kw).images
@@ -138,7 +148,16 @@ def test_hires_fix_is_the_composition_of_its_two_calls(pipe, upscaler):
         image = [np.asarray(Image.fromarray(a).resize((2 * SIZE, 2 * SIZE),
                                                        Image.Resampling.LANCZOS))
                  for a in first]
-    second = pipe(prompts, image=image, strength=strength, num_inference_steps=STEPS, seed=seed)
+    again = dict(image=image, strength=strength, num_inference_steps=STEPS, seed=seed,
+                 first_pass_steps=STEPS * order if upscaler == "latent" else None)
+    second = pipe(prompts, **again)
+    if upscaler == "latent":  # [x:y:0.5] is all y in the hires pass: y, in the same program
+        np.testing.assert_array_equal(pipe([y, prompts[1]], **again).images[0],
+                                      second.images[0])
+        with pytest.raises(ValueError, match="^first_pass_steps is the hires pass's own"):
+            pipe(prompts, hires_scale=2, first_pass_steps=3, **kw)
+        with pytest.raises(ValueError, match="^first_pass_steps must be"):
+            pipe(prompts, **{**again, "first_pass_steps": 0})
     assert pipe.compile_count == count  # both passes' executables were cached
     assert out.images.shape == (2, 2 * SIZE, 2 * SIZE, 3) and out.seeds == second.seeds
     # uint8 images; the latents resized by torch differ from ours by float rounding (1e-6)
