@@ -165,6 +165,28 @@ def test_hires_fix_is_the_composition_of_its_two_calls(pipe, upscaler, monkeypat
     assert diff <= (1 if upscaler == "latent" else 0)
 
 
+def test_eight_devices_give_the_one_device_images(pipe, sd1_folder):
+    """Every WebUI option in one call, its batch of 3 sharded over 8 fake devices (5 of them
+    padding), against one device: prompt editing, alternation and AND (prompts and negative
+    prompts), variation seeds with seed resize, tiling; then the hires fix's second pass."""
+    eight = StableDiffusionPipeline.from_pretrained(str(sd1_folder), dtype="float32",
+                                                    num_devices=8)
+    x, y = "a red circle", "a blue square"
+    call = dict(negative_prompt=["", f"[{y}::2]", ""], seed=5, subseed=11,
+                subseed_strength=[0.3, 0.0, 1.0], seed_resize_from=(12, 20), tiling=True,
+                num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    prompts = [f"[{x}:{y}:0.5] AND {y} :0.7", f"[{x}|{y}]", f"[{x}:{y}:1.5]"]
+    # Float rounding between programs of other batch shapes: the tiny model's latents reach
+    # 13 (4e-5 measured); its images are in [0, 1] (4e-6 measured).
+    for kw, atol in ((dict(output_type="latent"), 1e-4),  # the hires fix's first pass
+                     (dict(hires_scale=2, hires_denoising_strength=0.6, output_type="float"),
+                      1e-5)):
+        one, many = (p(prompts, **call, **kw).images for p in (pipe, eight))
+        assert np.abs(one[0] - one[1]).max() > 1e-2 and np.abs(one[1] - one[2]).max() > 1e-2
+        np.testing.assert_allclose(many, one, atol=atol)
+    assert eight.compile_count == 2
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"hires_scale": 1.0}, "hires_scale must be above 1"),
     ({"hires_scale": 2, "hires_size": (32, 32)}, "hires_scale or hires_size"),
