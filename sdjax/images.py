@@ -71,8 +71,10 @@ def _value(v: object) -> str:
     :func:`quote`)."""
     text = str(v)
     if len(text) > 1 and text[0] == text[-1] == '"':
+        if '"' not in text[1:-1]:
+            return text
         try:
-            if isinstance(json.loads(text), str):
+            if isinstance(json.loads(text), str):  # quote()'s, with quotes inside
                 return text
         except ValueError:
             pass
