@@ -98,6 +98,11 @@ class Call(TaskOptions):
     hires_prompt: str | Sequence[str] | None = None
     hires_negative_prompt: str | Sequence[str] | None = None
     hires_scheduler: str | None = None
+    # This call is a hires fix's second pass after a first pass of that many schedule steps
+    # (the WebUI's firstpass_steps: steps, doubled for samplers with two evaluations per
+    # step): prompt editing's `when` counts on from there (sdjax.prompts.prompt_schedules'
+    # hires_steps). sdjax.hires sets it; None: a call of its own.
+    first_pass_steps: int | None = None
 
     def sdxl_arguments(self) -> dict[str, Any]:
         """The SDXL conditioning arguments given (not None)."""

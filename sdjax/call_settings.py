@@ -23,7 +23,7 @@ from sdjax import handoff, hires_settings
 from sdjax.adapter_text import Adapters
 from sdjax.controlnet.settings import ControlNets
 from sdjax.hires_settings import Hires
-from sdjax.images import SAMPLER_LABELS, format_parameters, guidance_parameters
+from sdjax.images import format_parameters, guidance_parameters
 
 
 def _number(value: float | int) -> str:
@@ -276,15 +276,17 @@ class CallSettings:
             out.update(self.controlnet.pipeline_kwargs())
         return out
 
-    def extra_parameters(self, subseed: int | None = None) -> dict[str, str]:
+    def extra_parameters(self, subseed: int | None = None, prompt: str | None = None,
+                         negative_prompt: str | None = None) -> dict[str, str]:
         """The metadata fields after ``Model``: the noise's, guidance options, the task's,
-        SDXL's."""
+        SDXL's, tiling's, the hires fix's (``prompt``, ``negative_prompt``: the image's, which
+        its ``Hires prompt`` is written where it differs from)."""
         return {**self.noise.parameters(subseed), **self.sampling.parameters(),
                 **(self.task.parameters() if self.task is not None else {}),
                 **self.sdxl.parameters(),
                 **({"Tiling": "True"} if self.tiling else {}),
                 **({} if self.hires is None else self.hires.parameters(
-                    lambda name: SAMPLER_LABELS.get(name, name))),
+                    self.sampling, prompt, negative_prompt)),
                 **({} if self.controlnet is None else self.controlnet.parameters())}
 
     def parameters(self, prompt: str, negative_prompt: str, seed: int, *,
@@ -295,7 +297,7 @@ class CallSettings:
         ``adapters``: the pipeline's LoRAs and embeddings, written as the WebUI writes them
         (tags in the prompt, ``Lora hashes``, ``TI hashes``: :mod:`sdjax.adapter_text`)."""
         scale = self.sampling.guidance_scale if guidance_scale is None else guidance_scale
-        extra = self.extra_parameters(subseed)
+        extra = self.extra_parameters(subseed, prompt, negative_prompt)
         if adapters is not None:
             extra.update(adapters.parameters(prompt, negative_prompt))
             prompt = adapters.prompt(prompt)

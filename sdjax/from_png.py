@@ -41,6 +41,7 @@ _QUIET = {"Model hash", "Model", "Seed index", "Lora hashes", "TI hashes", "Vers
           "Variation seed", "Variation seed strength", "Seed resize from", "RNG", "ENSD",
           "Tiling", "Denoising strength", "Hires upscale", "Hires resize", "Hires steps",
           "Hires upscaler", "Hires sampler", "Hires prompt", "Hires negative prompt",
+          "Hires schedule type",
           "Guidance rescale", "Guidance interval"}
 _IMAGE_FIELDS = {"Mask blur", "Masked content", "Inpaint area", "Masked area padding",
                  "Mask mode", "Noise level", "Image CFG scale"}
@@ -88,12 +89,13 @@ def parse(text: str) -> dict[str, str]:
         (negative if in_negative else prompt).append(line)
     out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
     for key, value in _PAIR.findall(last):
+        value = value.strip()
         if len(value) > 1 and value[0] == value[-1] == '"':
             try:
-                value = json.loads(value)
+                value = json.loads(value)  # a quoted value keeps its spaces
             except ValueError:
                 pass
-        out[key.strip()] = value.strip() if isinstance(value, str) else value
+        out[key.strip()] = value
     return out
 
 
@@ -213,6 +215,8 @@ def settings(text: str) -> tuple[dict[str, Any], list[str]]:
             scheduler, _ = _sampler(p["Hires sampler"], None, ours, lines)
             if scheduler is not None:
                 flags["hires_scheduler"] = scheduler
+        if "Hires schedule type" in p:
+            _hires_schedule(p["Hires schedule type"], flags, lines)
         for key, flag in (("Hires prompt", "hires_prompt"),
                           ("Hires negative prompt", "hires_negative_prompt")):
             if p.get(key):
@@ -243,6 +247,18 @@ def _hashes(value: str) -> dict[str, str]:
         if name.strip() and short.strip():
             out[name.strip()] = short.strip().lower()
     return out
+
+
+def _hires_schedule(label: str, flags: dict[str, Any], lines: list[str]) -> None:
+    """A ``Hires schedule type``: the one the hires pass runs with the first pass's schedule
+    type (sdjax has one schedule type for both passes), or a line saying it is not."""
+    from sdjax.schedulers.webui import infotext_schedule
+    sampler = flags.get("hires_scheduler", flags.get("scheduler"))
+    runs = None if sampler is None else infotext_schedule(sampler, flags.get("schedule_type"))
+    if runs != label:
+        own = runs or "the sampler's own"
+        lines.append(f"Hires schedule type: {label}: sdjax's hires pass takes the first "
+                     f"pass's schedule type ({own})")
 
 
 def _short(value: Any) -> str:

@@ -2,10 +2,13 @@
 
 The second pass is exactly ``pipe(prompt, image=<the first pass, upscaled>,
 strength=hires_denoising_strength, num_inference_steps=hires_steps or the first pass's,
-scheduler=hires_scheduler or the first pass's, seeds=<the first pass's seeds>)`` at the hires
-size. Latent upscalers resize the first pass's latents as torch's ``F.interpolate`` does for
-their mode (:mod:`sdjax.latent_resize`); image upscalers resize its uint8 images with PIL
-(the WebUI's Lanczos and Nearest) and the second call encodes them. Each pass is an ordinary
+scheduler=hires_scheduler or the first pass's, seeds=<the first pass's seeds>,
+first_pass_steps=<the first pass's steps, doubled for second-order samplers>)`` at the hires
+size: ``first_pass_steps`` schedules edited prompts as the WebUI's hires pass does
+(``[a:b:0.5]`` is all ``b``, ``[a:b:1.5]`` switches halfway through it). Latent upscalers
+resize the first pass's latents as torch's ``F.interpolate`` does for their mode
+(:mod:`sdjax.latent_resize`); image upscalers resize its uint8 images with PIL (the WebUI's
+Lanczos and Nearest) and the second call encodes them. Each pass is an ordinary
 call of the pipeline, so each has its own cached executable and is sharded like any call; the
 first pass's result comes to the host between the two.
 
@@ -47,6 +50,9 @@ def check(pipe, c) -> tuple[str, Sizes]:
     if c.output_type not in ("uint8", "float", "latent"):
         raise ValueError(f"output_type must be 'uint8', 'float' or 'latent', not "
                          f"{c.output_type!r}")
+    if c.first_pass_steps is not None:
+        raise ValueError("first_pass_steps is the hires pass's own (sdjax.hires sets it): "
+                         "leave it out of a call with hires_scale or hires_size")
     upscaler = check_upscaler(c.hires_upscaler)
     check_strength(c.hires_denoising_strength)
     if c.hires_steps is not None:
@@ -91,6 +97,9 @@ def submit(pipe, c):
     first = dataclasses.replace(c, **cleared,
                                 output_type="latent" if is_latent(upscaler) else "uint8")
     out = pipe.submit(first).result()
+    # The WebUI schedules the hires pass's prompts after the first pass's steps (doubled for
+    # samplers with two evaluations per step, as its firstpass_steps are).
+    steps, sched = pipe._schedule(c.num_inference_steps, c.scheduler, c.schedule_type)
     image = upscale(out.images, upscaler, s)
     latent = is_latent(upscaler)
     second = dataclasses.replace(
@@ -102,7 +111,7 @@ def submit(pipe, c):
         scheduler=c.hires_scheduler or c.scheduler,
         image=image, strength=float(c.hires_denoising_strength),
         height=None if latent else s.pixels[0], width=None if latent else s.pixels[1],
-        seeds=out.seeds, latents=None)
+        seeds=out.seeds, latents=None, first_pass_steps=steps * sched.order)
     return pipe.submit(second)
 
 
@@ -112,6 +121,8 @@ def check_one_pass(c) -> None:
     without it."""
     if not isinstance(c.tiling, (bool, np.bool_)):
         raise TypeError(f"tiling must be True or False, got {c.tiling!r}")
+    if c.first_pass_steps is not None:
+        validation.check_int(c.first_pass_steps, "first_pass_steps", minimum=1)
     if c.hires_scale is not None or c.hires_size is not None:
         raise ValueError("the hires fix is two calls: compile or lower each pass on its own "
                          "(the second is img2img on the first's upscaled output)")

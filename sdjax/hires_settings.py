@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sdjax import validation
+from sdjax.images import SAMPLER_LABELS, quote
 
 # sdjax's names -> (F.interpolate mode, antialias) for latents, or PIL's filter for images.
 UPSCALERS: Mapping[str, tuple[str, bool] | str] = {
@@ -139,8 +140,14 @@ class Hires:
                 "hires_prompt": self.prompt, "hires_negative_prompt": self.negative_prompt,
                 "hires_scheduler": self.scheduler}
 
-    def parameters(self, sampler_label: Any = str) -> dict[str, str]:
-        """The WebUI's infotext fields (``Hires resize`` is width x height, as it writes it)."""
+    def parameters(self, sampling: Any = None, prompt: str | None = None,
+                   negative_prompt: str | None = None) -> dict[str, str]:
+        """The WebUI's infotext fields (``Hires resize`` is width x height, as it writes it).
+        ``sampling``: the first pass's (``call_settings.Sampling``); ``prompt`` and
+        ``negative_prompt``: the image's. As the WebUI's ``create_infotext``: ``Hires
+        sampler`` where it is not the first pass's, ``Hires schedule type`` where the hires
+        pass's schedule is not the first pass's ``Schedule type``, ``Hires prompt`` and
+        ``Hires negative prompt`` where not the image's, quoted as it quotes them."""
         fields = {"Denoising strength": f"{self.denoising_strength:g}"}
         if self.scale is not None:
             fields["Hires upscale"] = f"{self.scale:g}"
@@ -149,8 +156,19 @@ class Hires:
         if self.steps:
             fields["Hires steps"] = str(self.steps)
         fields["Hires upscaler"] = WEBUI_NAMES[self.upscaler]
-        if self.scheduler is not None:
-            fields["Hires sampler"] = sampler_label(self.scheduler)
+        first = None if sampling is None else sampling.scheduler
+        if self.scheduler is not None and self.scheduler != first:
+            fields["Hires sampler"] = SAMPLER_LABELS.get(self.scheduler, self.scheduler)
+            if sampling is not None:
+                from sdjax.schedulers.webui import infotext_schedule
+                label = infotext_schedule(self.scheduler, sampling.schedule_type)
+                if label not in (None, "Automatic", sampling.schedule_label()):
+                    fields["Hires schedule type"] = label
+        for name, value, image in (("Hires prompt", self.prompt, prompt),
+                                   ("Hires negative prompt", self.negative_prompt,
+                                    negative_prompt)):
+            if value is not None and value != image:
+                fields[name] = quote(value)
         return fields
 
     def flags(self) -> dict[str, Any]:

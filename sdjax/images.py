@@ -57,12 +57,27 @@ def guidance_parameters(rescale: float, interval: tuple[float, float] | None,
     return fields
 
 
+def quote(text: str) -> str:
+    """A field's value as the WebUI's ``infotext_utils.quote`` writes it: as it is, or a JSON
+    string where it holds a comma, a colon or a line break."""
+    if not any(c in text for c in ",:\n"):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _value(v: object) -> str:
     """A field's text: commas would end it, so they become spaces, unless the value is
-    quoted as the WebUI quotes one with commas in it (``ControlNet 0: "Module: ..., ..."``)."""
+    quoted as the WebUI quotes one with commas in it (``ControlNet 0: "Module: ..., ..."``,
+    :func:`quote`)."""
     text = str(v)
-    if len(text) > 1 and text[0] == text[-1] == '"' and '"' not in text[1:-1]:
-        return text
+    if len(text) > 1 and text[0] == text[-1] == '"':
+        if '"' not in text[1:-1]:
+            return text
+        try:
+            if isinstance(json.loads(text), str):  # quote()'s, with quotes inside
+                return text
+        except ValueError:
+            pass
     return text.replace(",", " ")
 
 

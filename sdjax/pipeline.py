@@ -484,7 +484,8 @@ class StableDiffusionPipeline:
         height, width = prepared.height, prepared.width
         # Prompt editing, alternation and AND (None: no prompt uses them; the WebUI doubles the
         # steps of samplers with two evaluations per step).
-        stack = prompt_editing.plan(prompts, negatives, steps * sched.order)
+        stack = prompt_editing.plan(prompts, negatives, steps * sched.order,
+                                    c.first_pass_steps)
         inputs = dict(prepared.arrays)
         if stack is None:
             # One chunk count for prompts and negative prompts alike (sdjax.prompts).

@@ -120,6 +120,48 @@ def test_lora_tags_load_where_found_and_the_rest_is_named(tmp_path, capsys):
     assert len(lines) == 3
 
 
+HIRES_PROMPT = 'a castle, "big": at night\n BREAK  detailed'
+
+
+def _hires_text(**hires) -> str:
+    """sdjax's PNG text of an image of "a castle" made with the hires fix."""
+    from sdjax.call_settings import CallSettings, Sampling, Size
+    from sdjax.hires_settings import Hires
+    settings = CallSettings("toy", Sampling(4, "Euler", 7.0), Size(16, 16),
+                            hires=Hires(scale=2, **hires))
+    return settings.parameters("a castle", "blurry", 5)
+
+
+def test_hires_prompts_sampler_and_schedule_type_as_the_webui_writes_them():
+    """As the WebUI's create_infotext: each only where it differs from the first pass's (the
+    image's prompts, the sampler, its Schedule type), a value with a comma, colon or line
+    break quoted as JSON; read back by --from_png (sdjax.from_png)."""
+    text = _hires_text(prompt=HIRES_PROMPT, negative_prompt="blurry, lowres",
+                       scheduler="DPM++ 2M")
+    assert text.endswith(
+        "Hires upscale: 2, Hires upscaler: Latent, Hires sampler: DPM++ 2M, "
+        "Hires schedule type: Karras, "  # DPM++ 2M's own schedule; Euler's is the model's
+        'Hires prompt: "a castle, \\"big\\": at night\\n BREAK  detailed", '
+        'Hires negative prompt: "blurry, lowres"')
+    flags, lines = settings(text)
+    assert (flags["hires_prompt"], flags["hires_negative_prompt"], flags["hires_scheduler"],
+            flags["scheduler"], flags["schedule_type"]) == (
+        HIRES_PROMPT, "blurry, lowres", "DPM++ 2M", "Euler", "Automatic")
+    assert lines == []
+    # The first pass's own: not written.
+    same = _hires_text(prompt="a castle", negative_prompt="blurry", scheduler="Euler")
+    assert "Hires prompt" not in same and "Hires negative" not in same
+    assert "Hires sampler" not in same and "Hires schedule" not in same
+    plain = _hires_text(prompt="a tower at dawn")  # nothing to quote: as it is
+    assert plain.endswith("Hires prompt: a tower at dawn")
+    assert settings(plain)[0]["hires_prompt"] == "a tower at dawn"
+    # A hires schedule type sdjax's hires pass would not run (one schedule type for both).
+    flags, lines = settings(text.replace("schedule type: Karras", "schedule type: Exponential"))
+    assert flags["hires_scheduler"] == "DPM++ 2M" and len(lines) == 1
+    assert lines[0].startswith("Hires schedule type: Exponential: sdjax's hires pass takes the "
+                               "first pass's schedule type (Karras)")
+
+
 @pytest.mark.parametrize("case", ["no text", "not a PNG", "missing"])
 def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys):
     path = {"no text": lambda: _png(tmp_path / "a.png"),
@@ -153,6 +195,12 @@ def test_png_info_reads_quoted_values_with_the_webui_names(tmp_path):
         "512", "768", "1.5", "Karras")
     assert (p["Clip skip"], p["RNG"]) == ("2", "GPU")  # RNG: the WebUI's default, as it says
     assert p["Lora hashes"] == "detail: 1a2b3c4d5e6f"
+    png = _png(tmp_path / "hires.png", _hires_text(prompt=HIRES_PROMPT, scheduler="DPM++ 2M"))
+    r = TestClient(app).post("/sdapi/v1/png-info",
+                             json={"image": base64.b64encode(png.read_bytes()).decode()})
+    p = r.json()["parameters"]
+    assert (p["Hires prompt"], p["Hires sampler"], p["Hires schedule type"]) == (
+        HIRES_PROMPT, "DPM++ 2M", "Karras")
 
 
 def test_from_png_makes_the_same_image(sd1_folder, tmp_path, capsys):

@@ -68,11 +68,32 @@ SCHEDULES = [  # (prompt, its schedule over 10 steps)
      [[s, _PHOTO.format("cat" if s <= 4 else "dog", "red" if s % 2 else "blue")]
       for s in range(1, 11)]),
 ]
-HIRES = [  # (prompt, its schedule in a 10-step hires pass after 10 steps)
-    ("a [b:.5] c", [[10, "a b c"]]),
-    ("a [b:1.5] c", [[5, "a  c"], [10, "a b c"]]),
-    ("[a:b:12]", [[2, "a"], [10, "b"]]),
-    ("[a:b:3]", [[10, "b"]]),
+# A hires fix's second pass of H steps after a first pass of B (the WebUI's
+# get_learned_conditioning_prompt_schedules(prompts, B, H), use_old_scheduling off): a `when`
+# with "." becomes int((when - 1.0) * H), one without it when - B; capped at H, an end kept
+# if >= 1, and step s of the pass uses the first part while s <= that end.
+HIRES = [  # (prompt, B, H, its schedule in the hires pass)
+    ("a [b:.5] c", 10, 10, [[10, "a b c"]]),  # the WebUI's docstring
+    ("a [b:1.5] c", 10, 10, [[5, "a  c"], [10, "a b c"]]),
+    ("[a:b:12]", 10, 10, [[2, "a"], [10, "b"]]),
+    ("[a:b:3]", 10, 10, [[10, "b"]]),
+    ("[a:b:0.5]", 20, 10, [[10, "b"]]),  # the first pass's fractions are all over
+    ("[a:b:1.25]", 20, 10, [[2, "a"], [10, "b"]]),  # int(0.25 * 10)
+    ("[a:b:1.]", 20, 10, [[10, "b"]]),  # a fraction: (1 - 1) * 10 = 0, dropped
+    ("[a:b:2.0]", 20, 10, [[10, "a"]]),  # the whole pass
+    ("[a:b:20]", 20, 10, [[10, "b"]]),  # 20 - 20 = 0: dropped
+    ("[a:b:21]", 20, 10, [[1, "a"], [10, "b"]]),
+    ("[a:b:25]", 20, 10, [[5, "a"], [10, "b"]]),
+    ("[a:b:99]", 20, 10, [[10, "a"]]),  # capped at H
+    ("[a:b:-1]", 20, 10, [[10, "b"]]),
+    ("[a:b:1e1]", 5, 10, [[5, "a"], [10, "b"]]),  # no ".": a step number, 10 - 5
+    ("[a:b:2.5e-1]", 5, 10, [[10, "b"]]),  # ".": (0.25 - 1) * 10 < 1
+    ("[a::1.5]", 4, 6, [[3, "a"], [6, ""]]),
+    ("[:b:6]", 4, 6, [[2, ""], [6, "b"]]),
+    ("[a|b]", 20, 4, _alternating("a", "b", steps=4)),  # every hires step, from 1
+    # An alternation anywhere ends an entry at every step, as the WebUI's does.
+    ("[a [c|d]:b:1.5]", 10, 4, [[1, "a c"], [2, "a d"], [3, "b"], [4, "b"]]),
+    ("[x:y:3] BREAK [a:b:1.5]", 2, 4, [[1, "x BREAK a"], [2, "y BREAK a"], [4, "y BREAK b"]]),
 ]
 AND = [
     ("a AND b", [("a", 1.0), (" b", 1.0)]),
@@ -89,7 +110,9 @@ AND = [
 def test_schedules_and_and_split_are_the_webuis():
     prompts = [p for p, _ in SCHEDULES]
     assert prompt_schedules(prompts, 10) == [s for _, s in SCHEDULES]
-    assert prompt_schedules([p for p, _ in HIRES], 10, 10) == [s for _, s in HIRES]
+    for prompt, base, steps, schedule in HIRES:
+        assert prompt_schedules([prompt], base, steps) == [schedule], (prompt, base, steps)
+        assert prompt_schedules([prompt], base, hires_steps=steps) == [schedule]
     for prompt, parts in AND:
         assert split_and(prompt) == parts, prompt
     # Deep nesting is text, never an error.
@@ -108,6 +131,11 @@ def test_plan_tables_buckets_and_limits():
     assert stack.table[2, 0].tolist() == [0, 0, 0, 1, 1]
     assert [stack.texts[i] for i in stack.neg[2]] == ["n", "m", "n", "n"]
     assert stack.weights.tolist() == [[1, 0], [1, 0.5], [1, 0]]
+    # A hires pass after a first pass of 4: step numbers count on from 4, fractions from 1.0.
+    hires = prompt_editing.plan(["[a:b:5]", "[a:b:0.5]"], ["", ""], 4, first_pass_steps=4)
+    assert [[hires.texts[i] for i in row] for row in hires.pos] == [["a", "b"], ["b", "b"]]
+    assert hires.table[:, 1].tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]]
+    assert prompt_editing.plan(["[a:b:0.5]"], [""], 4).table[0, 1].tolist() == [0, 0, 0, 1, 1]
     # A trailing weight alone is composable (the WebUI scales that prompt's guidance).
     assert prompt_editing.plan(["a :0.5"], [""], 4).spec_fields() == {
         "prompt_entries": 1, "prompt_parts": 1, "composable": True}

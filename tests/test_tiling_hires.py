@@ -121,12 +121,31 @@ def test_hires_sizes_are_the_webuis():
     assert hires.centre_crop(x, (3, 0))[0, :, 0].tolist() == [1, 2, 3, 4, 5, 6, 7]
 
 
+X, Y = "a red circle", "a blue square"
+# Every WebUI option in one call: prompt editing, alternation and AND (prompts and negative
+# prompts), variation seeds with seed resize, tiling. The latent hires fix's composition test
+# and the 8-device test share its programs.
+EDITED = [f"[{X}:{Y}:0.5] AND {Y} :0.7", f"[{X}|{Y}]", f"[{X}:{Y}:1.5]"]
+OPTIONS = dict(negative_prompt=["", f"[{Y}::2]", ""], subseed=11,
+               subseed_strength=[0.3, 0.0, 1.0], seed_resize_from=(12, 20), tiling=True)
+
+
 @pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
-def test_hires_fix_is_the_composition_of_its_two_calls(pipe, upscaler):
-    prompts, seed, strength = ["a red circle", "a blue square"], 7, 0.6
-    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, seed=seed)
+def test_hires_fix_is_the_composition_of_its_two_calls(pipe, upscaler, monkeypatch):
+    """With every option (latent) the second call takes them all and first_pass_steps: its
+    schedules count on from the first pass's steps, fractions from 1.0, as the WebUI's."""
+    x, y = X, Y
+    prompts, options = (EDITED, OPTIONS) if upscaler == "latent" else ([x, y], {})
+    seed, strength = 7, 0.6
+    kw = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, seed=seed, **options)
+    submitted = []
+    submit = pipe.submit
+    monkeypatch.setattr(pipe, "submit", lambda c: submitted.append(c) or submit(c))
     out = pipe(prompts, hires_scale=2, hires_upscaler=upscaler, hires_denoising_strength=strength,
                **kw)
+    monkeypatch.undo()
+    order = pipe._schedule(STEPS, None)[1].order  # the WebUI's firstpass_steps
+    assert [c.first_pass_steps for c in submitted] == [None, None, STEPS * order]
     count = pipe.compile_count
     if upscaler == "latent":
         first = pipe(prompts, output_type="latent", **kw).images
@@ -138,12 +157,40 @@ def test_hires_fix_is_the_composition_of_its_two_calls(pipe, upscaler):
         image = [np.asarray(Image.fromarray(a).resize((2 * SIZE, 2 * SIZE),
                                                        Image.Resampling.LANCZOS))
                  for a in first]
-    second = pipe(prompts, image=image, strength=strength, num_inference_steps=STEPS, seed=seed)
+    again = dict(image=image, strength=strength, num_inference_steps=STEPS, seed=seed,
+                 first_pass_steps=STEPS * order if upscaler == "latent" else None, **options)
+    second = pipe(prompts, **again)
+    if upscaler == "latent":  # [x:y:0.5] is all y in the hires pass: y, in the same program
+        np.testing.assert_array_equal(pipe([f"{y} AND {y} :0.7", *prompts[1:]],
+                                           **again).images[0], second.images[0])
+        with pytest.raises(ValueError, match="^first_pass_steps is the hires pass's own"):
+            pipe(prompts, hires_scale=2, first_pass_steps=3, **kw)
+        with pytest.raises(ValueError, match="^first_pass_steps must be"):
+            pipe(prompts, **{**again, "first_pass_steps": 0})
     assert pipe.compile_count == count  # both passes' executables were cached
-    assert out.images.shape == (2, 2 * SIZE, 2 * SIZE, 3) and out.seeds == second.seeds
+    assert out.images.shape == (len(prompts), 2 * SIZE, 2 * SIZE, 3)
+    assert out.seeds == second.seeds
     # uint8 images; the latents resized by torch differ from ours by float rounding (1e-6)
     diff = np.abs(out.images.astype(int) - second.images).max()
     assert diff <= (1 if upscaler == "latent" else 0)
+
+
+def test_eight_devices_give_the_one_device_images(pipe, sd1_folder):
+    """Every WebUI option in one call (EDITED, OPTIONS), its batch of 3 sharded over 8 fake
+    devices (5 of them padding), against one device: the first pass, then the hires fix."""
+    eight = StableDiffusionPipeline.from_pretrained(str(sd1_folder), dtype="float32",
+                                                    num_devices=8)
+    call = dict(seed=7, num_inference_steps=STEPS, height=SIZE, width=SIZE, **OPTIONS)
+    # The 1-device programs are the composition test's. Float rounding between programs of
+    # other batch shapes: the tiny model's first-pass latents reach 13 (4e-5 measured).
+    one, many = (p(EDITED, output_type="latent", **call).images for p in (pipe, eight))
+    assert np.abs(one[0] - one[1]).max() > 1e-2 and np.abs(one[1] - one[2]).max() > 1e-2
+    np.testing.assert_allclose(many, one, atol=1e-4)
+    one, many = (p(EDITED, hires_scale=2, hires_upscaler="latent", hires_denoising_strength=0.6,
+                   **call).images.astype(int) for p in (pipe, eight))
+    assert np.abs(one[0] - one[1]).max() > 0 and np.abs(one[1] - one[2]).max() > 0
+    assert np.abs(many - one).max() <= 1
+    assert eight.compile_count == 2
 
 
 @pytest.mark.parametrize("fields, message", [
