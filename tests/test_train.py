@@ -262,7 +262,8 @@ def test_recipes_load_and_override(tmp_path):
     for stage in ("clip", "vae", "unet"):
         cfg = load_config(configs / f"toy_{stage}.py")
         assert cfg.task == stage
-    for recipe, task in (("ti", "textual_inversion"), ("lora", "lora")):
+    for recipe, task in (("ti", "textual_inversion"), ("lora", "lora"),
+                         ("controlnet", "controlnet")):
         adapter = load_config(configs / f"toy_{recipe}.py")
         assert adapter.task == task and adapter.pretrained == "toy"
     cfg = override(cfg, {"optim.learning_rate": 5e-4, "steps": 7})
