@@ -1,4 +1,5 @@
-"""Child process: the same workload in diffusers (PyTorch), from the same folder. Prints one
+"""Child process: the same workload in diffusers (PyTorch), from the same folder (with a
+ControlNet: ``StableDiffusionControlNetPipeline``). Prints one
 JSON line and saves the last call's pixels for the parity check.
 
     python -m benchmarks.diffusers_bench --workload JSON --repeats 5 --out pixels.npy
@@ -40,7 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if cuda else "cpu"
     dtype = getattr(torch, a.dtype or ("float16" if cuda else "float32"))
     t0 = time.perf_counter()
-    if (Path(w.folder) / "text_encoder_2").is_dir():  # SDXL
+    control = {}
+    if w.controlnet is not None:
+        from PIL import Image
+
+        net = diffusers.ControlNetModel.from_pretrained(w.controlnet, torch_dtype=dtype)
+        pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+            w.folder, controlnet=net, torch_dtype=dtype, safety_checker=None,
+            requires_safety_checker=False)
+        control = {"image": Image.fromarray(w.control_image())}
+    elif (Path(w.folder) / "text_encoder_2").is_dir():  # SDXL
         pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(w.folder, torch_dtype=dtype)
     else:
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.inference_mode():
             out = pipe(w.prompts(), negative_prompt=[""] * w.batch, latents=latents,
                        num_inference_steps=w.steps, guidance_scale=w.guidance,
-                       height=w.height, width=w.width, output_type="np").images
+                       height=w.height, width=w.width, output_type="np", **control).images
         if cuda:
             torch.cuda.synchronize()
         return out

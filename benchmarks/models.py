@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -126,6 +127,38 @@ def ensure_folder(shape: str, root: Path | None = None) -> Path:
     return folder
 
 
+def ensure_controlnet(folder: Path, root: Path | None = None) -> Path:
+    """A random ControlNet for the model ``folder``, made by diffusers'
+    ``ControlNetModel.from_unet`` with every weight randomized (its zero convolutions too, so
+    it changes the images) and written (in a child process) beside the shapes on first use."""
+    root = root or default_root()
+    out = root / f"{folder.name}-controlnet-{VERSION}"
+    if not (out / "config.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.models", "--controlnet_for",
+                        str(folder), "--root", str(root)], check=True)
+    return out
+
+
+def build_controlnet(folder: Path, out: Path) -> None:
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+    vae_levels = len(json.loads((folder / "vae" / "config.json").read_text())
+                     ["block_out_channels"])
+    torch.manual_seed(0)
+    net = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[:vae_levels])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    net.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 def _kwargs(cfg) -> dict:
     # sdjax's config fields carry diffusers' names; None means "diffusers' default".
     return {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
@@ -192,10 +225,19 @@ def build(shape: str, folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write a random-weight benchmark model folder.")
-    p.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    p.add_argument("--shape", choices=sorted(SHAPES))
+    p.add_argument("--controlnet_for", type=Path, default=None,
+                   help="instead: write a random ControlNet for this model folder")
     p.add_argument("--root", type=Path, default=default_root())
     a = p.parse_args(argv)
     a.root.mkdir(parents=True, exist_ok=True)
+    if a.controlnet_for is not None:
+        out = a.root / f"{a.controlnet_for.name}-controlnet-{VERSION}"
+        build_controlnet(a.controlnet_for, out)
+        print(out)
+        return
+    if a.shape is None:
+        p.error("give --shape or --controlnet_for")
     folder = a.root / f"{a.shape}-{VERSION}"
     build(a.shape, folder)
     print(folder)

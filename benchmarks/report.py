@@ -27,7 +27,8 @@ memory, max batch and MFU on CPU) or switched off for that run.
 
 # (key, label), in the order they print.
 FIELDS: list[tuple[str, str]] = [
-    ("model", "model"), ("device", "device"), ("devices", "devices"),
+    ("model", "model"), ("controlnet", "ControlNet"), ("device", "device"),
+    ("devices", "devices"),
     ("xla_cpu_threads", "XLA:CPU threads"), ("load_avg", "load average (1/5/15 min)"),
     ("dtype", "dtype"), ("matmul_precision", "matmul precision"), ("size", "image size"),
     ("steps", "steps"),
@@ -76,7 +77,10 @@ def append_row(path: Path, fields: dict, *, command: str, versions: dict[str, st
     usual = resolve_matmul_precision(None, fields["dtype"]) or "default"
     dtype = fields["dtype"] + (f" ({precision} matmuls)" if precision not in (None, usual)
                                else "")
-    workload = (f"{fields['model']} {dtype} {fields['size']} {fields['steps']} steps "
+    net = fields.get("controlnet")
+    model = fields["model"] + ("" if net is None else
+                               f" + ControlNet ({'random' if net == 'random' else net})")
+    workload = (f"{model} {dtype} {fields['size']} {fields['steps']} steps "
                 f"({fields['scheduler']}, {fields['unet_evaluations']} evals) batch "
                 f"{fields['batch']} on {fields['devices']} device(s)")
     memory = fields.get("peak_memory")

@@ -40,11 +40,13 @@ class SdjaxResult:
 
 def load(w: Workload, cache_dir: str | None, *,
          background_load: bool = False) -> StableDiffusionPipeline:
+    control = {} if w.controlnet is None else {"controlnet": w.controlnet}
     return pipeline_class(w.folder).from_pretrained(w.folder, dtype=w.dtype,
                                                     num_devices=w.num_devices,
                                                     compilation_cache=cache_dir,
                                                     matmul_precision=w.matmul_precision,
-                                                    background_load=background_load)
+                                                    background_load=background_load,
+                                                    **control)
 
 
 def run(w: Workload, *, cache_dir: str | None, repeats: int, search_max_batch: bool,
@@ -108,7 +110,8 @@ def network_flops(pipe: StableDiffusionPipeline, name: str, method: str | None,
 def flops_per_call(pipe: StableDiffusionPipeline, w: Workload, per_device: int, evals: int,
                    compiled: jax.stages.Compiled) -> dict[str, float]:
     """FLOPs of one device's share of one call: text encoder on 2B prompts (cond + uncond),
-    UNet on 2B latents times the number of evaluations, VAE decoder on B latents, each counted
+    UNet (and each ControlNet) on 2B latents times the number of evaluations, VAE decoder on
+    B latents, each counted
     at the per-device shapes. The scheduler's elementwise update is noise next to these.
 
     ``whole_program`` is XLA's cost analysis of the compiled sampler, kept as a cross-check
@@ -133,10 +136,18 @@ def flops_per_call(pipe: StableDiffusionPipeline, w: Workload, per_device: int, 
                          sds((2 * per_device,), jnp.float32),
                          sds((2 * per_device, tokens, ctx), dtype), None, added)
     vae = network_flops(pipe, "vae", "decode", sds((per_device, h, wd, c), vae_dtype))
+    parts = {"text_encoder": te, "unet_evaluation": unet}
+    for k, (_, cfg) in enumerate(pipe._controlnets):  # each evaluation: the UNet's batch
+        control = sds((2 * per_device, w.height, w.width, cfg.conditioning_channels), dtype)
+        parts[f"controlnet_{k}_evaluation"] = network_flops(
+            pipe, f"controlnet_{k}", None, sds((2 * per_device, h, wd, c), dtype),
+            sds((2 * per_device,), jnp.float32), sds((2 * per_device, tokens, ctx), dtype),
+            control, added)
+    per_eval = sum(v for name, v in parts.items() if name.endswith("_evaluation"))
     cost = compiled.cost_analysis()
     whole = float(cost.get("flops", 0.0)) if cost else 0.0
-    return {"text_encoder": te, "unet_evaluation": unet, "vae_decode": vae,
-            "total": te + evals * unet + vae, "whole_program": whole}
+    return {**parts, "vae_decode": vae, "total": te + evals * per_eval + vae,
+            "whole_program": whole}
 
 
 def max_batch_per_device(pipe: StableDiffusionPipeline, w: Workload, start: int,

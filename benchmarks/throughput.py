@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scheduler", default=None, help="default: the model's own")
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--batch", type=int, default=1, help="images per call over all devices")
+    p.add_argument("--controlnet", nargs="?", const="random", default=None,
+                   help="txt2img through a ControlNet: a ControlNet folder, 'toy-edges', or "
+                        "with no value a random one made from the model's UNet (diffusers' "
+                        "from_unet, every weight randomized); diffusers runs its "
+                        "StableDiffusionControlNetPipeline")
     p.add_argument("--num_devices", type=int, default=None, help="default: all")
     p.add_argument("--repeats", type=int, default=5, help="timed warm calls (median)")
     p.add_argument("--compare", choices=["diffusers", "none"], default="diffusers")
@@ -115,9 +120,16 @@ def main(argv: list[str] | None = None) -> dict:
     default = sample * 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
     height = a.height or a.size or default
     width = a.width or a.size or default
+    controlnet = None
+    if a.controlnet == "random":
+        controlnet = str(models.ensure_controlnet(folder, a.models_dir))
+    elif a.controlnet is not None:
+        from sdjax.weights.controlnet_files import resolve
+        controlnet = str(resolve(a.controlnet))
     w = Workload(folder=str(folder), dtype=dtype, height=height, width=width, steps=a.steps,
                  batch=a.batch, num_devices=a.num_devices, scheduler=a.scheduler,
-                 guidance=a.guidance_scale, matmul_precision=a.matmul_precision)
+                 guidance=a.guidance_scale, matmul_precision=a.matmul_precision,
+                 controlnet=controlnet)
 
     with tempfile.TemporaryDirectory(prefix="sdjax-bench-") as tmp:
         cache = a.compilation_cache or os.path.join(tmp, "jax_cache")
@@ -144,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     achieved = total / s / 1e12 if total else None  # per device: each runs its own shard
     peak = a.peak_tflops or hardware.default_peak_tflops(dtype, full_float32=w.full_float32)
     fields = {
-        "model": a.model, "device": hardware.device_kind(), "devices": devices,
+        "model": a.model, "controlnet": a.controlnet, "device": hardware.device_kind(),
+        "devices": devices,
         "xla_cpu_threads": hardware.cpu_count() if cpu else None,
         "load_avg": hardware.load_average(), "dtype": dtype,
         "matmul_precision": resolve_matmul_precision(a.matmul_precision, dtype) or "default",

@@ -26,6 +26,7 @@ class Workload:
     guidance: float = 7.5
     seed: int = 0
     matmul_precision: str | None = None  # None: sdjax's default for the dtype
+    controlnet: str | None = None   # a ControlNet folder: txt2img through it, one control image
 
     @property
     def full_float32(self) -> bool:
@@ -56,7 +57,18 @@ class Workload:
         multiplies by its scheduler's initial sigma), so their outputs can be compared."""
         return np.random.RandomState(self.seed).randn(*self.latent_shape()).astype(np.float32)
 
+    def control_image(self) -> np.ndarray:
+        """A uint8 (H, W, 3) edge-like control image (white lines on black) of the output
+        size, the same in both libraries."""
+        rng = np.random.RandomState(self.seed + 1)
+        lines = np.zeros((self.height, self.width), np.uint8)
+        lines[rng.randint(0, self.height, 4), :] = 255
+        lines[:, rng.randint(0, self.width, 4)] = 255
+        return np.repeat(lines[..., None], 3, axis=-1)
+
     def sdjax_kwargs(self) -> dict:
+        control = {} if self.controlnet is None else {"control_image": self.control_image()}
         return dict(negative_prompt="", num_inference_steps=self.steps,
                     guidance_scale=self.guidance, height=self.height, width=self.width,
-                    latents=self.latents(), scheduler=self.scheduler, output_type="float")
+                    latents=self.latents(), scheduler=self.scheduler, output_type="float",
+                    **control)

@@ -25,6 +25,8 @@ def _fields(stdout: str) -> dict[str, str]:
 
 
 def test_throughput_runs_on_the_tiny_model_and_records_a_row(tmp_path):
+    """With ``--controlnet``: the plain workload plus the ControlNet's inputs, so one run
+    covers both (the plain path is the same code without the control image)."""
     results = tmp_path / "RESULTS.md"
     # A subprocess, as users run it: the benchmark turns on a persistent compilation cache
     # and changes JAX settings that must not leak into the other tests of this process. One
@@ -35,13 +37,17 @@ def test_throughput_runs_on_the_tiny_model_and_records_a_row(tmp_path):
         [sys.executable, "-m", "benchmarks.throughput", "--model", "tiny", "--models_dir",
          str(tmp_path / "models"), "--size", "32", "--steps", "2", "--repeats", "2",
          "--num_devices", "1", "--no-warm_start", "--results", str(results),
-         "--note", "smoke test"],
+         "--controlnet", "--note", "smoke test"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fields = _fields(proc.stdout)
     assert set(fields) == {label for _, label in FIELDS}, proc.stdout
 
+    # Through a random ControlNet made from the tiny UNet: diffusers runs its
+    # StableDiffusionControlNetPipeline, and the ControlNet's FLOPs count per evaluation.
     assert fields["model"] == "tiny" and fields["image size"] == "32x32"
+    assert fields["ControlNet"] == "random"
+    assert "controlnet_0_evaluation" in fields["GFLOP per device call by part"]
     assert fields["UNet evaluations per call"] == "3"  # PNDM: one extra evaluation
     assert fields["warm start s (fresh process to first image)"] == "n/a"  # switched off
     for label in ("cold compile s", "s/batch (median)", "images/s", "UNet steps/s",
@@ -56,6 +62,7 @@ def test_throughput_runs_on_the_tiny_model_and_records_a_row(tmp_path):
 
     row = results.read_text().splitlines()[-1]
     assert row.startswith("| ") and "--model tiny" in row and "smoke test" in row
+    assert "tiny + ControlNet (random)" in row
     assert results.read_text().count("| date |") == 1
 
 

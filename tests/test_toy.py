@@ -13,7 +13,7 @@ import pytest
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.train import shapes
 from sdjax.train.toy import EVAL_PROMPTS
-from sdjax.weights.resolve import toy_path
+from sdjax.weights.resolve import toy_controlnet_path, toy_path
 
 PROMPTS = shapes.prompt_grid(EVAL_PROMPTS)
 SEEDS = range(4)  # issue 13's target is averaged over seeds 0-3
@@ -100,3 +100,18 @@ def test_img2img_turns_a_red_circle_green(pipe):
     print(f"mean RGB inside the circle: prompted green {green.round()}, red {kept.round()}")
     assert green[1] > 150 and green[0] < 80, green
     assert kept[0] > 150 and kept[1] < 80, kept
+
+
+def test_toy_controlnet_puts_the_shape_where_the_edge_map_says():
+    """The bundled ControlNet, by its name and offline: on the first two evaluation shapes
+    (python -m sdjax.train.toy_controlnet measures 32), the shape the toy draws overlaps the
+    region the edge map encloses far more than the same seeds draw without it."""
+    from sdjax.train import toy_controlnet
+
+    result = toy_controlnet.evaluate("toy-edges", n=2)
+    print(f"toy-edges on 2 shapes: {result}")
+    assert result["with"]["placed"] == 1.0, result
+    assert result["with"]["mean_iou"] > result["without"]["mean_iou"] + 0.25, result
+    folder = toy_controlnet_path("toy-edges")
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size < 8 * 2**20, size

@@ -25,6 +25,7 @@ from sdjax.train.checkpoint import Checkpoints
 from sdjax.train.config import (
     AutoencoderConfig,
     ContrastiveConfig,
+    ControlNetTrainConfig,
     DataConfig,
     DiffusionConfig,
     LoraConfig,
@@ -261,7 +262,8 @@ def test_recipes_load_and_override(tmp_path):
     for stage in ("clip", "vae", "unet"):
         cfg = load_config(configs / f"toy_{stage}.py")
         assert cfg.task == stage
-    for recipe, task in (("ti", "textual_inversion"), ("lora", "lora")):
+    for recipe, task in (("ti", "textual_inversion"), ("lora", "lora"),
+                         ("controlnet", "controlnet")):
         adapter = load_config(configs / f"toy_{recipe}.py")
         assert adapter.task == task and adapter.pretrained == "toy"
     cfg = override(cfg, {"optim.learning_rate": 5e-4, "steps": 7})
@@ -426,3 +428,128 @@ def test_exported_adapters_load_in_diffusers_with_the_same_images(adapter_runs, 
     assert err < 2e-4
     # each trained adapter does change the image
     assert min(np.abs(ti_only - base).max(), np.abs(want - ti_only).max()) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def control_data(tmp_path_factory):
+    """8 shapes with their edge maps beside them (x.png, x.control.png, x.txt)."""
+    folder = tmp_path_factory.mktemp("control-data")
+    for i in range(8):
+        image, caption = shapes.sample(5, i, RES, control="edges", jitter=0.25)
+        Image.fromarray(image[..., :3]).save(folder / f"{i}.png")
+        Image.fromarray(image[..., 3:]).save(folder / f"{i}.control.png")
+        (folder / f"{i}.txt").write_text(caption)
+    return folder
+
+
+def controlnet_recipe(out, uninterrupted, data, **kw) -> TrainConfig:
+    cfg = TrainConfig(
+        task="controlnet", output_dir=str(out), pretrained=str(uninterrupted.export_dir),
+        controlnet=ControlNetTrainConfig(conditioning_embedding_out_channels=(8, 16),
+                                         name="edges"),
+        data=DataConfig(source="folder", path=str(data), resolution=RES, control="control",
+                        prefetch=1),
+        diffusion=DiffusionConfig(caption_dropout=0.2),
+        optim=OptimConfig(learning_rate=1e-2, weight_decay=0.0), batch_size=4, steps=4,
+        ema_decay=0.5, num_devices=2, checkpoint_every=2, log_every=1, progress=False)
+    return override(cfg, kw)
+
+
+@pytest.fixture(scope="module")
+def controlnet_runs(tmp_path_factory, uninterrupted, control_data):
+    """(uninterrupted run, the same resumed from its step-2 checkpoint)."""
+    whole = train(controlnet_recipe(tmp_path_factory.mktemp("cn"), uninterrupted,
+                                    control_data))
+    folder = interrupted_copy(whole, 2, tmp_path_factory.mktemp("cn-resumed") / "run")
+    return whole, train(controlnet_recipe(folder, uninterrupted, control_data))
+
+
+def test_controlnet_task_starts_from_the_unet_resumes_exactly_and_exports(
+        controlnet_runs, uninterrupted, control_data, tmp_path):
+    """A ControlNet made from the UNet's encoder (its weights copied, the zero convolutions
+    and the conditioning embedding's last conv zero), trained on 2 devices with EMA; resuming
+    is bitwise the uninterrupted run; the export (a diffusers folder with the original
+    single file inside) loads into the pipeline, both forms to the same weights, and
+    steers its images."""
+    from sdjax.pipeline import StableDiffusionPipeline
+    from sdjax.train.controlnet import COPIED, ZEROED
+    from sdjax.train.loop import SETUPS
+    from sdjax.weights.controlnet_files import load_controlnet
+
+    whole, resumed = controlnet_runs
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, whole.params)
+    jax.tree.map(np.testing.assert_array_equal, resumed.ema, whole.ema)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in whole.history]
+    assert resumed.history[:2] == whole.history[:2]
+
+    setup = SETUPS["controlnet"](controlnet_recipe(tmp_path, uninterrupted, control_data),
+                                 jnp.asarray)
+    start, unet = setup.params["controlnet"], setup.frozen["unet"]
+    assert list(setup.params) == ["controlnet"] and set(setup.frozen) == {
+        "unet", "vae", "text_encoder"}
+    for name in COPIED:
+        if name in unet:
+            jax.tree.map(np.testing.assert_array_equal, start[name], unet[name])
+    trained = whole.params["controlnet"]
+    for path in ZEROED:
+        assert all(not np.any(x) for x in jax.tree.leaves(_at(start, path))), path
+        assert any(np.any(x) for x in jax.tree.leaves(_at(trained, path))), path
+
+    folder = whole.export_dir
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "edges.safetensors"]
+    pipe = StableDiffusionPipeline.from_pretrained(str(uninterrupted.export_dir),
+                                                   dtype="float32", num_devices=1,
+                                                   controlnet=str(folder))
+    base = pipe.unet_config
+    loaded = [nnx.to_pure_dict(nnx.state(load_controlnet(src, base)))
+              for src in (folder, folder / "edges.safetensors")]
+    jax.tree.map(np.testing.assert_array_equal, loaded[0], loaded[1])
+    jax.tree.map(np.testing.assert_array_equal, loaded[0], whole.ema["controlnet"])
+    control = np.asarray(Image.open(control_data / "0.control.png"))
+    images = {scale: pipe("a red circle on a blue background", control_image=control,
+                          controlnet_conditioning_scale=scale, num_inference_steps=2, seed=0,
+                          output_type="float").images for scale in (0.0, 1.0)}
+    assert np.abs(images[1.0] - images[0.0]).max() > 1e-3
+
+
+def _at(tree, path):
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_control", "needs data.control"),
+    ("control_on_unet", "data.control is for task 'controlnet'"),
+    ("missing_map", "no control map beside it"),
+    ("wrong_size", "they must be the same size"),
+    ("unknown_shapes_map", "data.control must be edges or mask"),
+    ("embedding_factor", "downsamples the control image 4x, the model's VAE 2x"),
+])
+def test_controlnet_bad_input_is_one_line_and_exit_2(case, message, tmp_path, uninterrupted,
+                                                     control_data, capsys):
+    from sdjax.train.__main__ import main
+
+    data = tmp_path / "data"
+    shutil.copytree(control_data, data)
+    cfg = json.loads(json.dumps(dataclasses.asdict(controlnet_recipe(
+        tmp_path / "out", uninterrupted, data))))
+    if case == "no_control":
+        cfg["data"]["control"] = None
+    elif case == "control_on_unet":
+        cfg.update(task="unet", controlnet=dataclasses.asdict(ControlNetTrainConfig()))
+    elif case == "missing_map":
+        (data / "3.control.png").unlink()
+    elif case == "wrong_size":
+        Image.new("RGB", (RES + 2, RES)).save(data / "3.control.png")
+    elif case == "unknown_shapes_map":
+        cfg["data"].update(source="shapes", path=None, control="depth")
+    else:
+        cfg["controlnet"]["conditioning_embedding_out_channels"] = [8, 16, 32]
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(cfg))
+    assert main(["--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out").exists()

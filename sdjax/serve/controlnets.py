@@ -15,12 +15,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sdjax.controlnet import attach
+from sdjax.weights.errors import WeightsError
+from sdjax.weights.resolve import TOY_CONTROLNETS, toy_controlnet_path
 
 _WEIGHTS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
 
 def discover(paths: Iterable[str | Path], folder: str | Path | None) -> dict[str, str]:
-    """name -> source: each ``--controlnet`` (named by its file's or folder's stem), then
+    """name -> source: each ``--controlnet`` (named by its file's or folder's stem; the toy's
+    by their names, e.g. "toy-edges"), then
     every file with weights or folder inside ``--controlnet_dir``. ValueError: a path that
     is not there, or two ControlNets of one name."""
     found: dict[str, str] = {}
@@ -32,7 +35,7 @@ def discover(paths: Iterable[str | Path], folder: str | Path | None) -> dict[str
         found[name] = str(path)
 
     for p in paths:
-        path = Path(p).expanduser()
+        path = _toy(str(p)) if str(p) in TOY_CONTROLNETS else Path(p).expanduser()
         if not path.exists():
             raise ValueError(f"--controlnet not found: {p}")
         add(path)
@@ -46,6 +49,13 @@ def discover(paths: Iterable[str | Path], folder: str | Path | None) -> dict[str
             if path.is_dir() or path.suffix.lower() in _WEIGHTS:
                 add(path)
     return found
+
+
+def _toy(name: str) -> Path:
+    try:
+        return toy_controlnet_path(name)
+    except WeightsError as e:
+        raise ValueError(str(e)) from None
 
 
 def model_hash(source: str | Path) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-TASKS = ("unet", "vae", "clip", "textual_inversion", "lora")
+TASKS = ("unet", "vae", "clip", "textual_inversion", "lora", "controlnet")
 
 
 class ConfigError(ValueError):
@@ -29,6 +29,10 @@ class DataConfig:
     center_crop: bool = True      # False: random crop after resizing the short side
     random_flip: bool = False
     prefetch: int = 2             # batches prepared ahead on a host thread
+    # task="controlnet": each sample's control map. shapes: "edges" (the shape's outline) or
+    # "mask" (the shape filled); folder/webdataset: the tag of the control map stored beside
+    # each image, e.g. "control" reads x.control.png for x.png (same size as the image).
+    control: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,20 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ControlNetTrainConfig:
+    """task="controlnet": a ControlNet for a frozen model (Zhang et al. 2023), trained on
+    (image, control map, caption) triples with the denoising loss; the UNet, VAE and text
+    encoder stay fixed."""
+    # An existing ControlNet (folder or single file) to train on; None: a new one made from
+    # the UNet's encoder, with zero convolutions.
+    pretrained: str | None = None
+    # The conditioning embedding's channels, one stride-2 conv per step after the first;
+    # None: diffusers' (16, 32, 96, 256), its first entries as many as the VAE's factor needs.
+    conditioning_embedding_out_channels: tuple[int, ...] | None = None
+    name: str = "controlnet"      # the single file's stem (the original layout, for the WebUI)
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
     """A fresh byte-level BPE vocabulary in which each of ``words`` is one token."""
     words: tuple[str, ...] = ()
@@ -121,6 +139,7 @@ class TrainConfig:
     contrastive: ContrastiveConfig = ContrastiveConfig()
     textual_inversion: TextualInversionConfig = TextualInversionConfig()
     lora: LoraConfig = LoraConfig()
+    controlnet: ControlNetTrainConfig = ControlNetTrainConfig()
     batch_size: int = 32          # global images per micro-step, split over the devices
     steps: int = 1000             # optimizer steps
     seed: int = 0

@@ -7,6 +7,7 @@ each checkpoint, and a resumed run reads exactly the samples the interrupted one
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import queue
@@ -32,33 +33,56 @@ class Source(Protocol):
 
 
 def _fit(img: Image.Image, size: int, rng: np.random.Generator, *, center: bool,
-         flip: bool) -> np.ndarray:
-    """Resize the short side to ``size``, crop a square (centre or random), maybe flip."""
-    img = img.convert("RGB")
-    w, h = img.size
+         flip: bool, control: Image.Image | None = None) -> np.ndarray:
+    """Resize the short side to ``size``, crop a square (centre or random), maybe flip.
+    ``control``: a control map of the image's size, fitted the same way and appended as
+    three more channels."""
+    images = [img.convert("RGB")] + ([control.convert("RGB")] if control is not None else [])
+    w, h = images[0].size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        images = [im.resize((nw, nh), Image.Resampling.BICUBIC) for im in images]
     x0 = (nw - size) // 2 if center else int(rng.integers(nw - size + 1))
     y0 = (nh - size) // 2 if center else int(rng.integers(nh - size + 1))
-    arr = np.asarray(img.crop((x0, y0, x0 + size, y0 + size)), np.uint8)
+    arr = np.concatenate([np.asarray(im.crop((x0, y0, x0 + size, y0 + size)), np.uint8)
+                          for im in images], axis=-1)
     if flip and rng.random() < 0.5:
         arr = arr[:, ::-1]
     return np.ascontiguousarray(arr)
 
 
+def _check_control_size(image: Image.Image, control: Image.Image, what: str) -> None:
+    if control.size != image.size:
+        raise ValueError(f"{what}: the control map is {control.size[0]}x{control.size[1]}, "
+                         f"its image {image.size[0]}x{image.size[1]}; they must be the same "
+                         "size")
+
+
+# Centre jitter of the shapes with control maps: wider than the toy's own 10%, so that where
+# the shape goes is the control map's to say, not the prompt's.
+CONTROL_JITTER = 0.25
+
+
 class ShapesSource:
-    """The toy model's synthetic shapes; an endless stream."""
+    """The toy model's synthetic shapes; an endless stream. With ``cfg.control`` ("edges" |
+    "mask"), each image carries its control map as three more channels and its shape is
+    placed anywhere within CONTROL_JITTER of the centre."""
 
     def __init__(self, cfg: DataConfig, seed: int):
-        self.size, self.seed = cfg.resolution, seed
+        self.size, self.seed, self.control = cfg.resolution, seed, cfg.control
+        if self.control is not None and self.control not in shapes.CONTROLS:
+            raise ValueError(f"data.control must be one of {', '.join(shapes.CONTROLS)} for "
+                             f"data.source 'shapes', got {self.control!r}")
 
     def __len__(self) -> int:
         return 2**62
 
     def get(self, index: int) -> tuple[np.ndarray, str]:
-        return shapes.sample(self.seed, index, self.size)
+        if self.control is None:
+            return shapes.sample(self.seed, index, self.size)
+        return shapes.sample(self.seed, index, self.size, control=self.control,
+                             jitter=CONTROL_JITTER)
 
 
 class _Epochs:
@@ -78,15 +102,37 @@ class _Epochs:
         return int(self._perm[index % self.n])
 
 
+def control_file(image: Path, tag: str) -> Path | None:
+    """The control map stored beside ``image``: ``x.<tag>.<ext>`` for ``x.<ext>``."""
+    stem = image.name[: -len(image.suffix)]
+    return next((p for e in IMAGE_EXTS for p in (image.with_name(f"{stem}.{tag}{e}"),)
+                 if p.exists()), None)
+
+
 class FolderSource:
     """Images under ``path`` (recursively), each with a same-named ``.txt`` caption (a
-    missing caption is an empty one)."""
+    missing caption is an empty one). With ``cfg.control``, each image ``x.png`` has its
+    control map ``x.<control>.png`` beside it (checked for every image at start)."""
 
     def __init__(self, cfg: DataConfig, seed: int):
         root = Path(cfg.path or "")
         if not root.is_dir():
             raise FileNotFoundError(f"data folder not found: {cfg.path}")
-        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        self.controls: list[Path] | None = None
+        if cfg.control is not None:
+            tag = f".{cfg.control}"
+            files = [p for p in files if not p.name[: -len(p.suffix)].endswith(tag)]
+            self.controls = []
+            for p in files:
+                found = control_file(p, cfg.control)
+                if found is None:
+                    raise ValueError(f"{p}: no control map beside it (data.control "
+                                     f"{cfg.control!r} expects {p.stem}{tag}{p.suffix})")
+                with Image.open(p) as img, Image.open(found) as ctl:
+                    _check_control_size(img, ctl, str(found))
+                self.controls.append(found)
+        self.files = files
         self.cfg, self.seed = cfg, seed
         self.order = _Epochs(len(self.files), seed)
 
@@ -94,14 +140,20 @@ class FolderSource:
         return len(self.files)
 
     def get(self, index: int) -> tuple[np.ndarray, str]:
-        path = self.files[self.order.item(index)]
+        item = self.order.item(index)
+        path = self.files[item]
         cap = next((path.with_suffix(e) for e in CAPTION_EXTS
                     if path.with_suffix(e).exists()), None)
         text = cap.read_text(encoding="utf-8").strip() if cap else ""
         rng = np.random.default_rng([self.seed, index, 1])
-        with Image.open(path) as img:
+        with contextlib.ExitStack() as stack:
+            img = stack.enter_context(Image.open(path))
+            control = None
+            if self.controls is not None:
+                control = stack.enter_context(Image.open(self.controls[item]))
+                _check_control_size(img, control, str(self.controls[item]))
             arr = _fit(img, self.cfg.resolution, rng, center=self.cfg.center_crop,
-                       flip=self.cfg.random_flip)
+                       flip=self.cfg.random_flip, control=control)
         return arr, text
 
 
@@ -121,15 +173,16 @@ class WebDatasetSource:
             raise FileNotFoundError(f"no .tar shards at {path}")
         self.cfg, self.seed = cfg, seed
         self.shards = shards
-        self.samples = [self._index(s) for s in shards]  # per shard: [(img, cap)] members
+        self.samples = [self._index(s) for s in shards]  # per shard: [(img, cap, ctl)]
         self.sizes = np.array([len(s) for s in self.samples])
         self.total = int(self.sizes.sum())
         if self.total == 0:
             raise ValueError(f"no image+caption samples in the shards at {path}")
         self._files: dict[int, io.BufferedReader] = {}
 
-    @staticmethod
-    def _index(shard: str) -> list[tuple[tuple[int, int], tuple[int, int] | None]]:
+    def _index(self, shard: str) -> list[tuple]:
+        """(image, caption or None, control map or None) member (offset, size) per sample.
+        With data.control, each image member ``key.png`` needs ``key.<control>.png``."""
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         with tarfile.open(shard) as tar:
             for m in tar.getmembers():
@@ -138,14 +191,23 @@ class WebDatasetSource:
                 head, _, base = m.name.rpartition("/")
                 key, dot, ext = base.partition(".")
                 groups.setdefault(f"{head}/{key}", {})["." + ext.lower() if dot else ""] = m
+        tag = self.cfg.control
         out = []
         for key in sorted(groups):
             g = groups[key]
             img = next((g[e] for e in IMAGE_EXTS if e in g), None)
             cap = next((g[e] for e in CAPTION_EXTS if e in g), None)
-            if img is not None:
-                out.append(((img.offset_data, img.size),
-                            (cap.offset_data, cap.size) if cap is not None else None))
+            if img is None:
+                continue
+            ctl = None
+            if tag is not None:
+                ctl = next((g[f".{tag}{e}"] for e in IMAGE_EXTS if f".{tag}{e}" in g), None)
+                if ctl is None:
+                    raise ValueError(f"{shard}: sample {key.lstrip('/')} has no control map "
+                                     f"(data.control {tag!r} expects a member "
+                                     f"{key.rpartition('/')[2]}.{tag}.png)")
+            out.append(tuple(None if m is None else (m.offset_data, m.size)
+                             for m in (img, cap, ctl)))
         return out
 
     def __len__(self) -> int:
@@ -168,11 +230,16 @@ class WebDatasetSource:
         within = k - (int(ends[pos - 1]) if pos else 0)
         item = int(np.random.default_rng([self.seed, epoch, shard]).permutation(
             int(self.sizes[shard]))[within])
-        img_at, cap_at = self.samples[shard][item]
+        img_at, cap_at, ctl_at = self.samples[shard][item]
         text = self._read(shard, cap_at).decode("utf-8").strip() if cap_at else ""
-        with Image.open(io.BytesIO(self._read(shard, img_at))) as img:
+        with contextlib.ExitStack() as stack:
+            img = stack.enter_context(Image.open(io.BytesIO(self._read(shard, img_at))))
+            control = None
+            if ctl_at is not None:
+                control = stack.enter_context(Image.open(io.BytesIO(self._read(shard, ctl_at))))
+                _check_control_size(img, control, f"{self.shards[shard]} sample {item}")
             arr = _fit(img, self.cfg.resolution, np.random.default_rng([self.seed, index, 1]),
-                       center=self.cfg.center_crop, flip=self.cfg.random_flip)
+                       center=self.cfg.center_crop, flip=self.cfg.random_flip, control=control)
         return arr, text
 
 

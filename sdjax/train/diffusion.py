@@ -44,6 +44,9 @@ class DiffusionTask:
     # None: the trained networks are ``params`` themselves; adapter tasks (textual inversion,
     # LoRA) train something smaller and build the networks from it inside the loss.
     compose: Compose | None = None
+    # task="controlnet": the ControlNet whose residuals (from ``batch["control"]``) the UNet
+    # takes; its weights are ``nets["controlnet"]``.
+    controlnet: nnx.GraphDef | None = None
 
     def loss(self, params, frozen, batch, key) -> tuple[jax.Array, Metrics]:
         if self.compose is None:
@@ -61,12 +64,17 @@ class DiffusionTask:
         t = jax.random.randint(k_t, (b,), 0, self.scheduler.num_train_timesteps)
         noisy = self.scheduler.add_noise(latents, noise, t)
 
-        def forward(unet_params, te_params, noisy, t, ids):
+        def forward(unet_params, te_params, cn_params, noisy, t, ids, control):
             context = nnx.merge(self.text_encoder, te_params)(ids)
-            return nnx.merge(self.unet, unet_params)(noisy, t, context)
+            residuals = {}
+            if self.controlnet is not None:
+                down, mid = nnx.merge(self.controlnet, cn_params)(noisy, t, context, control)
+                residuals = {"down_residuals": down, "mid_residual": mid}
+            return nnx.merge(self.unet, unet_params)(noisy, t, context, **residuals)
 
-        pred = remat(forward, self.remat_policy)(nets["unet"], nets["text_encoder"], noisy, t,
-                                                 batch["input_ids"]).astype(jnp.float32)
+        pred = remat(forward, self.remat_policy)(
+            nets["unet"], nets["text_encoder"], nets.get("controlnet"), noisy, t,
+            batch["input_ids"], batch.get("control")).astype(jnp.float32)
         target = (noise if self.prediction_type == "epsilon"
                   else self.scheduler.get_velocity(latents, noise, t))
         per_sample = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
@@ -151,10 +159,12 @@ def frozen_model(cfg: TrainConfig, place) -> FrozenModel:
     return FrozenModel(nets, tok, scheduler_config(cfg))
 
 
-def adapter_task(cfg: TrainConfig, model: FrozenModel, compose: Compose,
-                 text_encoder: nnx.GraphDef | None = None) -> DiffusionTask:
-    """The denoising loss of ``model`` with the networks built by ``compose``
-    (``text_encoder``: a graph other than the model's, e.g. with a grown token table)."""
+def adapter_task(cfg: TrainConfig, model: FrozenModel, compose: Compose | None,
+                 text_encoder: nnx.GraphDef | None = None,
+                 controlnet: nnx.GraphDef | None = None) -> DiffusionTask:
+    """The denoising loss of ``model`` with the networks built by ``compose`` (None: the
+    trained weights are networks of their own, such as ``controlnet``'s) (``text_encoder``: a
+    graph other than the model's, e.g. with a grown token table)."""
     conf = model.scheduler_config
     nets = model.nets
     return DiffusionTask(
@@ -163,7 +173,7 @@ def adapter_task(cfg: TrainConfig, model: FrozenModel, compose: Compose,
         scheduler=get_scheduler(default_scheduler_name(conf), conf),
         prediction_type=conf["prediction_type"], min_snr_gamma=cfg.diffusion.min_snr_gamma,
         scaling_factor=float(nets["vae"].config.scaling_factor), dtype=cfg.compute_dtype,
-        remat_policy=cfg.remat_policy, compose=compose)
+        remat_policy=cfg.remat_policy, compose=compose, controlnet=controlnet)
 
 
 def caption_batch(cfg: TrainConfig, tokenize) -> Prepare:

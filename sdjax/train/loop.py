@@ -20,7 +20,14 @@ from tqdm import tqdm
 
 from sdjax import parallel
 from sdjax.runtime import resolve_matmul_precision
-from sdjax.train import autoencoder, contrastive, diffusion, lora, textual_inversion
+from sdjax.train import (
+    autoencoder,
+    contrastive,
+    controlnet,
+    diffusion,
+    lora,
+    textual_inversion,
+)
 from sdjax.train.checkpoint import Checkpoints
 from sdjax.train.config import OptimConfig, TrainConfig, to_dict
 from sdjax.train.data import batches, make_source
@@ -31,6 +38,7 @@ from sdjax.train.validate import check_config
 SETUPS: dict[str, Callable[[TrainConfig, Callable], Setup]] = {
     "unet": diffusion.setup, "vae": autoencoder.setup, "clip": contrastive.setup,
     "textual_inversion": textual_inversion.setup, "lora": lora.setup,
+    "controlnet": controlnet.setup,
 }
 
 

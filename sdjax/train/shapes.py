@@ -62,18 +62,76 @@ def render(colour: str, shape: str, background: str, *, size: int, cx: float, cy
 
 
 def sample(seed: int, index: int, size: int, *, colour: str | None = None,
-           word: str | None = None) -> tuple[np.ndarray, str]:
+           word: str | None = None, control: str | None = None,
+           jitter: float = 0.1) -> tuple[np.ndarray, str]:
     """Sample ``index`` of the stream ``seed``: (uint8 image, caption). Side 35-60% of the
-    image, centre jittered by up to 10% of the image side. ``colour`` (e.g. one of
-    NEW_COLOURS) replaces the drawn shape colour, and ``word`` names it in the caption."""
+    image, centre jittered by up to ``jitter`` (10%) of the image side. ``colour`` (e.g. one
+    of NEW_COLOURS) replaces the drawn shape colour, and ``word`` names it in the caption.
+    ``control`` ("edges" | "mask"): the image has the shape's :func:`control_map` as three
+    more channels."""
     rng = np.random.default_rng([seed, index])
     drawn, background = rng.choice(len(_NAMES), size=2, replace=False)
     shape = SHAPES[rng.integers(len(SHAPES))]
     side = rng.uniform(0.35, 0.60) * size
-    cx, cy = size / 2 + rng.uniform(-0.1, 0.1, size=2) * size
+    cx, cy = size / 2 + rng.uniform(-jitter, jitter, size=2) * size
     fg, bg = colour or _NAMES[drawn], _NAMES[background]
     image = render(fg, shape, bg, size=size, cx=cx, cy=cy, side=side)
+    if control is not None:
+        image = np.concatenate([image, control_map(control, shape, size, cx, cy, side)], -1)
     return image, caption(word or fg, shape, bg)
+
+
+CONTROLS = ("edges", "mask")
+
+
+def control_map(kind: str, shape: str, size: int, cx: float, cy: float,
+                side: float) -> np.ndarray:
+    """The control map of a shape, uint8 (size, size, 3), white on black: "mask" the pixels
+    the shape covers at least half, "edges" those of them next to one it does not (a
+    one-pixel outline, as an edge detector draws it)."""
+    if kind not in CONTROLS:
+        raise ValueError(f"unknown control map {kind!r}; choose one of {', '.join(CONTROLS)}")
+    inside = shape_mask(shape, size, cx, cy, side) >= 0.5
+    if kind == "edges":
+        pad = np.pad(inside, 1, constant_values=False)
+        interior = (pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:])
+        inside = inside & ~interior
+    return np.repeat(inside[..., None].astype(np.uint8) * 255, 3, axis=-1)
+
+
+def filled(control: np.ndarray) -> np.ndarray:
+    """The region a control map (edges or mask, uint8 or [0, 1]) outlines, as a boolean
+    (H, W) mask: its white pixels with every hole they enclose filled."""
+    c = np.asarray(control, np.float32)
+    white = (c.mean(-1) if c.ndim == 3 else c) > (127.5 if c.max() > 1 else 0.5)
+    outside = np.zeros_like(white)  # flood fill of the background from the border
+    outside[0], outside[-1], outside[:, 0], outside[:, -1] = (~white[0], ~white[-1],
+                                                              ~white[:, 0], ~white[:, -1])
+    while True:
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= ~white
+        if (grown == outside).all():
+            return ~outside
+        outside = grown
+
+
+def shape_region(image: np.ndarray) -> np.ndarray:
+    """The boolean (H, W) mask of a generated image's shape: the pixels whose nearest palette
+    colour is not the background's (the border's most frequent one)."""
+    img = np.asarray(image, np.float32)
+    nearest = np.argmin(((img[..., None, :] - _PALETTE) ** 2).sum(-1), axis=-1)
+    border = np.concatenate([nearest[0], nearest[-1], nearest[1:-1, 0], nearest[1:-1, -1]])
+    return nearest != np.bincount(border, minlength=len(_NAMES)).argmax()
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 def classify(image: np.ndarray) -> tuple[str, str, str]:

@@ -136,8 +136,13 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "textual_inversion.num_vectors": (_at_least(1), "at least 1"),
     "lora.rank": (_at_least(1), "at least 1"),
     "lora.alpha": (_above(0), "above 0 (or null for alpha = rank)"),
+    "controlnet.conditioning_embedding_out_channels": (
+        lambda v: v is None or (len(v) > 0 and min(v) >= 1),
+        "a non-empty list of positive integers (or null for diffusers')"),
+    "controlnet.name": (bool, "a file name stem, not empty"),
 }
-ADAPTER_TASKS = ("textual_inversion", "lora")  # a pretrained model, frozen, and a small part
+# A pretrained model, frozen, and a small part (or, for a ControlNet, a network beside it).
+ADAPTER_TASKS = ("textual_inversion", "lora", "controlnet")
 
 
 def _get(cfg: Any, dotted: str) -> tuple[bool, Any]:
@@ -167,7 +172,8 @@ def _sources(cfg: TrainConfig) -> dict[str, str]:
     frozen_all = {"unet": False, "vae": False, "text_encoder": False}
     needs = {"unet": {"unet": True, "vae": False, "text_encoder": not frozen_te},
              "vae": {"vae": True}, "clip": {"text_encoder": True},
-             "textual_inversion": frozen_all, "lora": frozen_all}[cfg.task]
+             "textual_inversion": frozen_all, "lora": frozen_all,
+             "controlnet": frozen_all}[cfg.task]
     out = {}
     for name, trainable in needs.items():
         if getattr(cfg, name) is not None:
@@ -217,6 +223,32 @@ def _check_networks(cfg: TrainConfig) -> None:
         _check_textual_inversion(cfg, folder)
     if cfg.task == "lora":
         _check_lora(cfg, folder)
+    if cfg.task == "controlnet":
+        _check_controlnet(cfg, folder)
+
+
+def _check_controlnet(cfg: TrainConfig, folder: Path) -> None:
+    """The control maps are there (each image's, of its size), and the ControlNet to go on
+    training fits the model (the new one's embedding downsamples as the VAE does)."""
+    from sdjax.train.controlnet import embedding_channels, vae_factor
+    from sdjax.train.data import make_source
+    from sdjax.weights import controlnet_files
+    from sdjax.weights.diffusers_folder import read_config
+    from sdjax.weights.errors import WeightsError
+
+    data, cn = cfg.data, cfg.controlnet
+    try:
+        make_source(data, cfg.seed)  # a folder's or shards' control maps, each checked
+        if cn.pretrained is not None:
+            controlnet_files.open_controlnet(controlnet_files.resolve(cn.pretrained),
+                                             read_config(folder, "unet"))
+        else:
+            embedding_channels(cn.conditioning_embedding_out_channels,
+                               vae_factor(read_config(folder, "vae")))
+    except WeightsError as e:
+        raise ConfigError(f"controlnet.pretrained: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_textual_inversion(cfg: TrainConfig, folder: Path) -> None:
@@ -256,6 +288,28 @@ def _check_lora(cfg: TrainConfig, folder: Path) -> None:
         raise ConfigError(str(e)) from None
 
 
+def _check_control(cfg: TrainConfig) -> None:
+    """data.control: a ControlNet run's, and only its; for shapes one of the maps drawn."""
+    from sdjax.train.shapes import CONTROLS
+
+    control = cfg.data.control
+    if cfg.task != "controlnet":
+        if control is not None:
+            raise ConfigError(f"data.control is for task 'controlnet', not {cfg.task!r}; "
+                              "remove it")
+        return
+    if control is None:
+        raise ConfigError("a 'controlnet' run needs data.control: the control map of each "
+                          "image (for data.source 'shapes': " + " or ".join(CONTROLS) +
+                          "; for a folder or shards: the tag of the map beside each image, "
+                          "e.g. 'control' for x.control.png)")
+    if cfg.data.source == "shapes" and control not in CONTROLS:
+        raise ConfigError(f"data.control must be {' or '.join(CONTROLS)} for data.source "
+                          f"'shapes', got {_show(control)}")
+    if not control or "/" in control or "\\" in control:
+        raise ConfigError(f"data.control must be a tag such as 'control', got {_show(control)}")
+
+
 def _check_paths(cfg: TrainConfig) -> None:
     for key in ("output_dir", "export_dir"):
         path = getattr(cfg, key)
@@ -284,5 +338,6 @@ def check_config(cfg: TrainConfig, *, stop_at: int | None = None) -> None:
     _check_ranges(cfg)
     if stop_at is not None and stop_at < 1:
         raise ConfigError(f"--stop_at must be at least 1, got {stop_at}")
+    _check_control(cfg)
     _check_paths(cfg)
     _check_networks(cfg)

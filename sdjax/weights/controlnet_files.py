@@ -28,7 +28,13 @@ from sdjax.weights.diffusers_folder import _ShapeOnlyRngs
 from sdjax.weights.errors import WeightsError
 from sdjax.weights.files import open_component_weights, open_tensor_file, read_json
 from sdjax.weights.loader import load_state
-from sdjax.weights.resolve import SINGLE_FILE_SUFFIXES, is_hub_id, snapshot
+from sdjax.weights.resolve import (
+    SINGLE_FILE_SUFFIXES,
+    TOY_CONTROLNETS,
+    is_hub_id,
+    snapshot,
+    toy_controlnet_path,
+)
 
 PREFIX = "control_model."
 _HINT = "input_hint_block."
@@ -78,7 +84,10 @@ def check_fits(cfg: ControlNetConfig, base: UNetConfig, what: str) -> None:
 
 
 def resolve(source: str | Path) -> Path:
-    """A local ControlNet folder or file, or a hub id (downloaded when online)."""
+    """A bundled toy ControlNet's name ("toy-edges"), a local ControlNet folder or file, or a
+    hub id (downloaded when online)."""
+    if str(source) in TOY_CONTROLNETS:
+        return toy_controlnet_path(str(source))
     path = Path(source).expanduser()
     if path.is_dir() or path.is_file():
         return path
@@ -86,7 +95,8 @@ def resolve(source: str | Path) -> Path:
     if is_hub_id(name):
         return _download(name)
     raise WeightsError(f"ControlNet not found: {name} (expected a diffusers ControlNetModel "
-                       "folder, a .pth/.safetensors file or a hub id)")
+                       "folder, a .pth/.safetensors file, a hub id or the toy's "
+                       f"{', '.join(TOY_CONTROLNETS)})")
 
 
 def _download(repo_id: str) -> Path:

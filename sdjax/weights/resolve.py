@@ -20,8 +20,21 @@ _ALLOW = ["model_index.json", "scheduler/*.json", "low_res_scheduler/*.json", "t
           "tokenizer_2/*", "text_encoder_2/*.safetensors*"]  # SDXL's second encoder
 
 
+# The ControlNets bundled for the toy model (sdjax/assets/<name>), passed by name.
+TOY_CONTROLNETS = ("toy-edges",)
+
+
 def toy_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "toy"
+
+
+def toy_controlnet_path(name: str) -> Path:
+    """The folder of the bundled toy ControlNet ``name`` (one of TOY_CONTROLNETS)."""
+    path = toy_path().with_name(name)
+    if not (path / "config.json").exists():
+        raise WeightsError(f"the bundled toy ControlNet {name!r} is missing from this install "
+                           f"({path})")
+    return path
 
 
 def resolve_model(model: str) -> Path:
