@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from PIL import Image
 
 import sdjax
@@ -313,6 +314,50 @@ def test_single_file_in_the_original_layout_loads_to_the_same_images(sd1, sd1_fo
     other._compiled = ours._compiled  # the same program: no second compile of it
     out = _ours(other, "pndm", _noise(0), control_image=_control(1))
     assert np.array_equal(out, _ours(ours, "pndm", _noise(0), control_image=_control(1)))
+
+
+def test_pth_bin_and_fp16_files_load_the_same_weights(sd1, sd1_controlnets, tmp_path):
+    """The files people have besides safetensors: an original-layout ``.pth`` (a pickled
+    state dict, read by the restricted unpickler), a diffusers folder with
+    ``diffusion_pytorch_model.bin`` and one with only the ``fp16`` variant: the same
+    parameters as the safetensors folder (fp16: rounded to half). A ``.pth`` whose pickle
+    calls code is refused, naming the file, without running it."""
+    from sdjax.weights.controlnet_files import load_controlnet, original_tensors
+    from tests.pickles import hostile_checkpoint, payload
+
+    ours, _ = sd1
+    net = ours.store.network("controlnet_0")
+    want = jax.tree.leaves(ours.params["controlnet_0"])
+    base = ours.unet_config
+
+    def leaves(source, **kw):
+        return jax.tree.leaves(nnx.state(load_controlnet(source, base, **kw), nnx.Param))
+
+    pth = tmp_path / "control_tiny.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in original_tensors(net).items()}, pth)
+    folders = {}
+    for name, stem in (("bin", "diffusion_pytorch_model.bin"),
+                       ("fp16", "diffusion_pytorch_model.fp16.safetensors")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_bytes((sd1_controlnets[0] / "config.json").read_bytes())
+        folders[name] = folder / stem
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(sd1_controlnets[0] / "diffusion_pytorch_model.safetensors")
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, folders["bin"])
+    save_file({k: v.astype(np.float16) for k, v in tensors.items()}, folders["fp16"])
+
+    for got in (leaves(pth), leaves(folders["bin"].parent)):
+        assert all(np.array_equal(x, y) for x, y in zip(got, want, strict=True))
+    half = leaves(folders["fp16"].parent, variant="fp16")
+    assert all(np.array_equal(x, np.asarray(y).astype(np.float16).astype(np.float32))
+               for x, y in zip(half, want, strict=True))
+
+    marker = tmp_path / "ran"
+    bad = hostile_checkpoint(tmp_path / "evil.pth", payload("os", "system", f"touch {marker}"))
+    with pytest.raises(WeightsError, match="evil.pth"):
+        load_controlnet(bad, base)
+    assert not marker.exists()
 
 
 def test_bad_controlnet_files_and_arguments(sd1, sd1_folder, sdxl_controlnet, tmp_path):
