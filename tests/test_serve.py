@@ -1387,6 +1387,40 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_library):
 
 
 @needs_chromium
+def test_webuiapi_client_sends_a_controlnet_unit(server, registry, sd1_library):
+    """A real WebUI client (the ``webuiapi`` package, as scripts and bots use it) sends its
+    whole txt2img body (every field it always sends, eta and the hires ones included) with a
+    ControlNet unit of its own making: the image is ``pipe(...)``'s ControlNet call, the same
+    compiled shape as test_controlnet_units_through_the_webui_api's."""
+    webuiapi = pytest.importorskip("webuiapi")
+    from sdjax.serve.controlnets import ControlNetLibrary
+    from sdjax.serve.samplers import sampler_settings
+    tiny = registry.get("tiny")
+    registry.controlnets = sd1_library
+    try:
+        api = webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1")
+        title = server.client.get("/controlnet/model_list").json()["model_list"][0]
+        image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)
+        unit = webuiapi.ControlNetUnit(image=Image.fromarray(image), module="invert",
+                                       model=title, weight=0.7, guidance_end=0.5,
+                                       control_mode=1, resize_mode="Just Resize")
+        result = api.txt2img(prompt="a cat", seed=3, cfg_scale=7, steps=2, width=16,
+                             height=16, sampler_name="Euler a", controlnet_units=[unit],
+                             override_settings={"sd_model_checkpoint": "tiny"})
+    finally:
+        registry.controlnets.use(tiny, ())
+        registry.controlnets = ControlNetLibrary({})
+    scheduler, schedule_type = sampler_settings("Euler a")
+    expected = tiny(["a cat"], seeds=[3], image_indices=[0], height=16, width=16,
+                    num_inference_steps=2, scheduler=scheduler, guidance_scale=[7.0],
+                    rng="nv", control_image=255 - image, controlnet_conditioning_scale=0.7,
+                    control_guidance_end=0.5, control_mode="prompt",
+                    **({} if schedule_type is None else {"schedule_type": schedule_type}))
+    np.testing.assert_array_equal(np.asarray(result.image.convert("RGB")), expected.images[0])
+    assert result.info["all_seeds"] == [3]
+    assert 'ControlNet 0: "Module: invert, Model: ' + title in result.info["infotexts"][0]
+
+
 def test_web_page_runs_a_controlnet_unit(page, server, registry, sd1_library, tmp_path):
     """A server with a (tiny, random) ControlNet: the page's unit uploads a control image,
     shows its preprocessor's map (/controlnet/detect), and sends the unit with its weight,
