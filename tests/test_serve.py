@@ -321,6 +321,9 @@ def test_options_switch_model(server, registry):
     ({"eta": -1}, 422, "eta must be >= 0, got -1"),
     ({"seed_resize_from_w": -5}, 422, "seed_resize_from_w must be >= -1, got -5"),
     ({"scheduler": "nope"}, 422, "unknown schedule_type 'nope'"),
+    # the hires pass's own prompt meets the limits before the first pass runs
+    ({"enable_hr": True, "hr_prompt": " AND ".join(["a cat"] * 9)}, 422,
+     "hr_prompt: prompt has 9 AND parts; the limit is 8"),
 ])
 def test_bad_requests_get_a_one_line_4xx(server, body, status, message):
     c = server.client

@@ -113,13 +113,19 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
                        else (seed + k) % m, float(req.cfg_scale),
                        subseed=None if subseed is None else (subseed + k) % m)
              for k in range(n)]
+    hires = hires_fields.hires(req, pipe, limits, refiner)
+    if hires is not None and (hires.prompt or hires.negative_prompt):
+        try:  # the hires pass's own prompts meet the same limits, before any work
+            pipe.prompt_layout([split_tags(hires.prompt or req.prompt)[0]],
+                               [hires.negative_prompt or req.negative_prompt],
+                               hires.steps or req.steps, hires.scheduler or scheduler)
+        except ValueError as e:
+            raise BadRequest(f"hr_prompt: {e}") from None
     settings = CallSettings(
         title, request_sampling(pipe, req.steps, scheduler, clip_skip, schedule_type),
         Size(req.height, req.width),
         sdxl=SDXL() if refiner is None else SDXL(refiner=refiner, refiner_switch_at=switch_at),
-        tiling=hires_fields.tiling(req, pipe),
-        hires=hires_fields.hires(req, pipe, limits, refiner),
-        noise=noise)
+        tiling=hires_fields.tiling(req, pipe), hires=hires, noise=noise)
     if not isinstance(req, Img2ImgRequest):  # img2img's units take its images (plan_img2img)
         settings, specs = _with_units(req, registry, pipe, settings, specs, limits)
     return Plan(Shape(settings, loras=loras, prompt_layout=layout), specs, seed, req)
