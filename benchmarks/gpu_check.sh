@@ -7,7 +7,9 @@
 #   3. SD 1.5 shape, 512x512, 50 steps, batch 16: sdjax bfloat16 against diffusers float16, cold
 #      compile, warm start of a fresh process through the compilation cache, FLOPs and MFU
 #   4. the same at batch 1
-#   5. (XL=1) the MLPerf-like SDXL workload: SDXL base shape, 1024x1024, 20 Euler steps, CFG 8,
+#   5. (CN=1) the SD 1.5 shape at batch 1 through a random ControlNet, against diffusers'
+#      StableDiffusionControlNetPipeline (issue 25)
+#   6. (XL=1) the MLPerf-like SDXL workload: SDXL base shape, 1024x1024, 20 Euler steps, CFG 8,
 #      sdjax bfloat16 against diffusers float16 ($XL_SHAPE, $XL_SIZE, $XL_STEPS, $XL_BATCH)
 # then prints the table (benchmarks/gpu_table.py). Each step has its own timeout, cut to the
 # time left, and logs to $OUT/all.log, so a step that runs long still leaves the others'
@@ -19,7 +21,8 @@
 # A dry run on a CPU (about 4 minutes on 2 busy cores):
 #   OUT=/tmp/gpucheck SHAPE=tiny SIZE=32 STEPS=2 B16=2 TOY_STEPS=2 TOY_BATCH=2 \
 #       bash benchmarks/gpu_check.sh
-# (add XL=1 XL_SHAPE=sdxl-tiny XL_SIZE=32 XL_STEPS=2 for the SDXL step on a tiny shape)
+# (add XL=1 XL_SHAPE=sdxl-tiny XL_SIZE=32 XL_STEPS=2 for the SDXL step on a tiny shape, CN=1 for
+# the ControlNet step)
 set -u
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 OUT=${OUT:-/tmp/gpucheck}; mkdir -p "$OUT"; LOG="$OUT/all.log"
@@ -84,6 +87,12 @@ step 300 "$SHAPE batch $B16" bench --model "$SHAPE" --models_dir "$MODELS" --siz
 step 200 "$SHAPE batch 1" bench --model "$SHAPE" --models_dir "$MODELS" --size "$SIZE" \
   --steps "$STEPS" --batch 1 --dtype bfloat16 --no-max_batch --no-warm_start --repeats 3 \
   --json "$OUT/b1.json" --note "sdjax bf16 vs diffusers fp16, batch 1"
+if [ "${CN:-0}" = 1 ]; then  # issue 25: ControlNet txt2img (a random ControlNet of the shape)
+  step 200 "$SHAPE + ControlNet batch 1" bench --model "$SHAPE" --models_dir "$MODELS" \
+    --size "$SIZE" --steps "$STEPS" --batch 1 --dtype bfloat16 --no-max_batch --no-warm_start \
+    --repeats 3 --controlnet --json "$OUT/cn1.json" \
+    --note "ControlNet: sdjax bf16 vs diffusers fp16 StableDiffusionControlNetPipeline, batch 1"
+fi
 if [ "${XL:-0}" = 1 ]; then
   XL_SHAPE=${XL_SHAPE:-sdxl}; XL_SIZE=${XL_SIZE:-1024}; XL_STEPS=${XL_STEPS:-20}
   XL_BATCH=${XL_BATCH:-1}
