@@ -53,9 +53,12 @@ def runs(sd1_folder, tmp_path_factory):
     sample = [*model, "--num_images", str(K), "--outdir", "out", "--grid", *SAMPLING]
     for prompt in PROMPTS:
         sample += ["--prompt", prompt]
-    # The reference is a subprocess like the others: XLA:CPU's code in a process of 8 fake
-    # devices (pytest's) can differ in the last bit from that in a process of 2, and this test
-    # is about processes, not that.
+    # The reference is a subprocess like the others: XLA:CPU splits loops by the process's
+    # device count (outer_dimension_partitions), so a process of 8 fake devices (pytest's)
+    # rounds differently from one of 2 (docs/tpu-gpu.md#reproducibility), and this test is
+    # about processes, not that. Its one-device program is compiled without XLA's SPMD
+    # pipeline, unlike the runs of 4 devices; the samplers used here (PNDM, 2 steps) compile
+    # alike in both, Euler and DPM++ 2M do not.
     started = {
         "reference": [_start("sdjax.generate", [*generate, "--outdir", str(tmp / "reference"),
                                                 "--num_devices", "1"], tmp, {})],
