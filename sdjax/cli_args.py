@@ -75,7 +75,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "num_devices", type=int, default=None, help="devices to use (default: all)")
     add_flag(p, "batch_size", type=int, default=None,
              help="images per device per compiled call (default: just enough for one call, at "
-                  "most 8)")
+                  "most 8). Runs of 2 or more devices with the same batch per device make "
+                  "bitwise equal images; against 1 device bitwise where tested, and across "
+                  "batch sizes, up to float rounding (docs/tpu-gpu.md#reproducibility)")
     add_flag(p, "steps", type=int, default=None, help=f"denoising steps, 1 to {MAX_STEPS} "
              "(default: the model's sdjax.json, else 50)")
     add_flag(p, "guidance_scale", type=float, default=None, help="classifier-free guidance "

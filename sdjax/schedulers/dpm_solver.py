@@ -195,7 +195,7 @@ class DPMSolverMultistep(Scheduler):
         out = model_output.astype(jnp.float32)
         x = sample.astype(jnp.float32)
         if self.prediction_type == "epsilon":
-            x0 = (x - sigma * out) / alpha
+            x0 = (x - sigma * out) * (1 / alpha)  # docs/tpu-gpu.md#reproducibility
         elif self.prediction_type == "v_prediction":
             x0 = alpha * x - sigma * out
         else:

@@ -35,7 +35,9 @@ def euler_step(
     x = sample.astype(jnp.float32)
     out = model_output.astype(jnp.float32)
     x0 = sig.x0_from_sigma(sched.prediction_type, out, x, sigma, state.v[i])
-    prev = x + (x - x0) / sigma * state.dt[i]
+    # Scalars first: XLA rewrites a division by a broadcast scalar in some compilations
+    # and not others (docs/tpu-gpu.md#reproducibility).
+    prev = x + (x - x0) * (state.dt[i] / sigma)
     if noise is not None:
         prev = prev + noise.astype(jnp.float32) * state.noise_std[i]
     return prev.astype(sample.dtype)

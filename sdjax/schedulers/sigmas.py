@@ -137,7 +137,7 @@ def x0_from_sigma(
     if prediction_type == "epsilon":
         return x - sigma * out
     if prediction_type == "v_prediction":
-        return out * v[0] + x / v[1]
+        return out * v[0] + x * (1 / v[1])
     return out
 
 
@@ -146,7 +146,7 @@ class SigmaScheduler(Scheduler):
     """Schedulers whose sample is x0 + sigma * noise: the UNet input must be rescaled."""
 
     def scale_model_input(self, state: Any, sample: jax.Array, i: jax.Array) -> jax.Array:
-        return (sample.astype(jnp.float32) / state.input_div[i]).astype(sample.dtype)
+        return (sample.astype(jnp.float32) * (1 / state.input_div[i])).astype(sample.dtype)
 
     def noise_levels(self, state: Any) -> np.ndarray:
         sigma = np.asarray(state.sigma, np.float32)
