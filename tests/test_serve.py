@@ -1120,6 +1120,8 @@ def test_web_page_inpaints_a_painted_mask(page, tmp_path):
 def test_web_page_reads_a_dropped_png(page, tmp_path):
     from sdjax.images import encode_png
     png = base64.b64encode(encode_png(_pictures(1)[0], WEBUI_INFOTEXT)).decode()
+    page.evaluate("for (const k of ['hr_prompt', 'hr_negative_prompt']) "
+                  "document.getElementById(k).value = 'from before'")
     data = page.evaluate_handle("""(b64) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
         const dt = new DataTransfer();
@@ -1142,6 +1144,9 @@ def test_web_page_reads_a_dropped_png(page, tmp_path):
                                               "#hr_upscaler", "#hr_denoising_strength")}
     assert hires == {"#hr_scale": "1.5", "#hr_second_pass_steps": "4",
                      "#hr_upscaler": "Latent (bicubic)", "#hr_denoising_strength": "0.55"}
+    # no Hires sampler / prompt / negative prompt in the text: the first pass's (empty)
+    assert [page.input_value(k) for k in ("#hr_sampler_name", "#hr_prompt",
+                                          "#hr_negative_prompt")] == ["", "", ""]
     page.uncheck("#enable_hr")
     page.uncheck("#tiling")
 
@@ -1154,7 +1159,9 @@ def test_web_page_sends_a_pngs_variation_and_hires_fields_to_txt2img(page, serve
     text = ("a green square\nNegative prompt: blur\nSteps: 4, Sampler: Euler a, CFG scale: 5, "
             "Seed: 42, Variation seed: 77, Variation seed strength: 0.25, Seed resize from: "
             "40x24, Size: 32x32, Model: toy, Denoising strength: 0.4, Hires upscale: 2, "
-            "Hires steps: 3, Hires upscaler: Latent (nearest), Version: v1.10.1")
+            "Hires steps: 3, Hires upscaler: Latent (nearest), Hires sampler: DPM++ 2M, "
+            "Hires schedule type: Karras, Hires prompt: \"a green square, sharp\", "
+            "Hires negative prompt: \"blur, noise\", Version: v1.10.1")
     (tmp_path / "varied.png").write_bytes(encode_png(_pictures(1)[0], text))
     page.click("#tab-pnginfo")
     page.set_input_files("#png_file", str(tmp_path / "varied.png"))
@@ -1163,12 +1170,13 @@ def test_web_page_sends_a_pngs_variation_and_hires_fields_to_txt2img(page, serve
     page.click("#png_to_txt2img")
     fields = ("#seed", "#subseed", "#subseed_strength", "#seed_resize_from_w",
               "#seed_resize_from_h", "#hr_scale", "#hr_second_pass_steps", "#hr_upscaler",
-              "#hr_denoising_strength")
+              "#hr_denoising_strength", "#hr_sampler_name", "#hr_prompt", "#hr_negative_prompt")
     assert {k: page.input_value(k) for k in fields} == {
         "#seed": "42", "#subseed": "77", "#subseed_strength": "0.25",
         "#seed_resize_from_w": "40", "#seed_resize_from_h": "24", "#hr_scale": "2",
         "#hr_second_pass_steps": "3", "#hr_upscaler": "Latent (nearest)",
-        "#hr_denoising_strength": "0.4"}
+        "#hr_denoising_strength": "0.4", "#hr_sampler_name": "DPM++ 2M Karras",
+        "#hr_prompt": "a green square, sharp", "#hr_negative_prompt": "blur, noise"}
     assert page.is_checked("#enable_hr") and page.is_visible("#variation_box")
     answer = json.dumps({"images": [], "parameters": {}, "info": json.dumps(
         {"all_seeds": [], "infotexts": [], "width": 32, "height": 32})})
@@ -1187,12 +1195,15 @@ def test_web_page_sends_a_pngs_variation_and_hires_fields_to_txt2img(page, serve
     sent = {k: body[k] for k in ("prompt", "seed", "subseed", "subseed_strength",
                                  "seed_resize_from_w", "seed_resize_from_h", "enable_hr",
                                  "hr_scale", "hr_second_pass_steps", "hr_upscaler",
-                                 "denoising_strength", "steps", "sampler_name")}
+                                 "denoising_strength", "steps", "sampler_name",
+                                 "hr_sampler_name", "hr_prompt", "hr_negative_prompt")}
     assert sent == {"prompt": "a green square", "seed": 42, "subseed": 77,
                     "subseed_strength": 0.25, "seed_resize_from_w": 40,
                     "seed_resize_from_h": 24, "enable_hr": True, "hr_scale": 2,
                     "hr_second_pass_steps": 3, "hr_upscaler": "Latent (nearest)",
-                    "denoising_strength": 0.4, "steps": 4, "sampler_name": "Euler a"}
+                    "denoising_strength": 0.4, "steps": 4, "sampler_name": "Euler a",
+                    "hr_sampler_name": "DPM++ 2M Karras", "hr_prompt": "a green square, sharp",
+                    "hr_negative_prompt": "blur, noise"}
     assert body["force_task_id"].startswith("task(")
 
 
@@ -1232,6 +1243,9 @@ def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, s
             page.click("#generate")
         body = req.value.post_data_json
         assert (body["enable_hr"], body["hr_scale"], body["hr_upscaler"]) == (True, 1.5, "Latent")
+        # left empty: the first pass's sampler and prompts, as the WebUI's API defaults
+        assert (body["hr_sampler_name"], body["hr_prompt"], body["hr_negative_prompt"]) == (
+            None, "", "")
         assert (body["subseed"], body["subseed_strength"], body["tiling"]) == (99, 0.3, True)
         unit = body["alwayson_scripts"]["controlnet"]["args"][0]
         assert (unit["module"], unit["model"], unit["weight"], unit["control_mode"]) == (
