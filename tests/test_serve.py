@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdjax.dispatch import pipeline_class
 from sdjax.images import parse_parameters
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.serve.app import create_app
@@ -62,7 +63,8 @@ def registry(pipe, sd1_folder):
     loaded = {"toy": pipe}
 
     def load(source):
-        return loaded.get(source) or StableDiffusionPipeline.from_pretrained(
+        # the pipeline class by the folder, as python -m sdjax.serve loads (the x4 upscaler)
+        return loaded.get(source) or pipeline_class(source).from_pretrained(
             source, dtype="float32", num_devices=1)
 
     return ModelRegistry({"toy": "toy", "tiny": str(sd1_folder)}, load)
@@ -1554,3 +1556,72 @@ def test_web_page_shows_its_queue_position_then_step_and_preview(page, server):
         go.set()
         b._run, b.window_s, b.max_batch = run, 0.05, 8
         c.post("/sdapi/v1/options", json={"live_previews_enable": False})
+
+
+@needs_chromium
+def test_web_page_upscales_with_the_x4_upscaler(page, server, registry, request, tmp_path):
+    """A model that is the x4 upscaler: its own tab instead of the three generation tabs, and
+    Upscale sends img2img with the image only (its size the image's; no mask, no strength).
+    SDJAX_PAGE_SCREENSHOTS runs the tiny upscaler (8x8 -> 32x32, 2 steps) for the docs'
+    screenshot; the suite answers its model list, defaults and request as such a server would
+    (no load, no compile: no other test of this module compiles the upscaler)."""
+    real = bool(SCREENSHOTS)
+    picture = _circle(8)
+    Image.fromarray(picture).save(tmp_path / "low.png")
+    models = server.client.get("/sdapi/v1/sd-models").json()
+    fakes = {"/sdapi/v1/sd-models": json.dumps(models + [{**models[0], "title": "upscaler",
+                                                          "model_name": "upscaler"}]),
+             "/sdjax/v1/model-defaults?model=upscaler": json.dumps(
+                 {"model": "upscaler", "width": None, "height": None, "steps": 75,
+                  "cfg_scale": 9.0, "sampler_name": "DDIM", "upscaler": True, "sdxl": False}),
+             "/sdapi/v1/img2img": json.dumps({"images": [], "parameters": {}, "info": json.dumps(
+                 {"all_seeds": [], "infotexts": [], "width": 32, "height": 32})})}
+    pattern = re.compile(r".*/(sdapi/v1/sd-models|sdjax/v1/model-defaults\?model=upscaler|"
+                         r"sdapi/v1/img2img)$")
+    if real:
+        registry.sources["upscaler"] = str(request.getfixturevalue("upscaler_folder"))
+    else:
+        page.route(pattern, lambda route: route.fulfill(
+            status=200, content_type="application/json",
+            body=fakes[route.request.url.split(server.url)[1]]))
+    try:
+        page.reload()
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('toy:')")
+        assert page.is_hidden("#tab-upscale")
+        page.select_option("#model", "upscaler")
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('upscaler: x4 upscaler')", timeout=60_000)
+        assert page.get_attribute("#tab-upscale", "aria-selected") == "true"
+        for tab in ("txt2img", "img2img", "inpaint"):
+            assert page.is_hidden(f"#tab-{tab}"), tab
+        for box in ("#width", "#denoising_strength", "#hires_box", "#mask_tools"):
+            assert page.is_hidden(box), box
+        assert page.inner_text("#generate") == "Upscale"
+        page.set_input_files("#init_file", str(tmp_path / "low.png"))
+        page.wait_for_function("document.getElementById('init_image').naturalWidth === 8")
+        page.fill("#prompt", "a red circle on a blue background")
+        page.fill("#steps", "2")
+        page.fill("#seed", "1")
+        page.fill("#batch_size", "1")
+        if real:
+            body = _run(page, "/sdapi/v1/img2img", 1)
+            assert page.evaluate("document.querySelector('#gallery img').naturalWidth") == 32
+            _screenshots(page, "upscale", tmp_path)
+        else:
+            with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/img2img")) as req:
+                page.click("#generate")
+            body = req.value.post_data_json
+            page.wait_for_function("!document.getElementById('generate').disabled")
+        np.testing.assert_array_equal(np.asarray(_decode(body["init_images"][0])), picture)
+        assert (body["width"], body["height"], body["steps"]) == (8, 8, 2)
+        assert body["override_settings"]["sd_model_checkpoint"] == "upscaler"
+        assert "mask" not in body and "denoising_strength" not in body
+    finally:
+        if real:
+            del registry.sources["upscaler"]
+        else:
+            page.unroute(pattern)
+        page.reload()
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('toy:')")
