@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdjax.dispatch import pipeline_class
 from sdjax.images import parse_parameters
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.serve.app import create_app
@@ -62,7 +63,8 @@ def registry(pipe, sd1_folder):
     loaded = {"toy": pipe}
 
     def load(source):
-        return loaded.get(source) or StableDiffusionPipeline.from_pretrained(
+        # the pipeline class by the folder, as python -m sdjax.serve loads (the x4 upscaler)
+        return loaded.get(source) or pipeline_class(source).from_pretrained(
             source, dtype="float32", num_devices=1)
 
     return ModelRegistry({"toy": "toy", "tiny": str(sd1_folder)}, load)
@@ -1120,6 +1122,8 @@ def test_web_page_inpaints_a_painted_mask(page, tmp_path):
 def test_web_page_reads_a_dropped_png(page, tmp_path):
     from sdjax.images import encode_png
     png = base64.b64encode(encode_png(_pictures(1)[0], WEBUI_INFOTEXT)).decode()
+    page.evaluate("for (const k of ['hr_prompt', 'hr_negative_prompt']) "
+                  "document.getElementById(k).value = 'from before'")
     data = page.evaluate_handle("""(b64) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
         const dt = new DataTransfer();
@@ -1142,6 +1146,9 @@ def test_web_page_reads_a_dropped_png(page, tmp_path):
                                               "#hr_upscaler", "#hr_denoising_strength")}
     assert hires == {"#hr_scale": "1.5", "#hr_second_pass_steps": "4",
                      "#hr_upscaler": "Latent (bicubic)", "#hr_denoising_strength": "0.55"}
+    # no Hires sampler / prompt / negative prompt in the text: the first pass's (empty)
+    assert [page.input_value(k) for k in ("#hr_sampler_name", "#hr_prompt",
+                                          "#hr_negative_prompt")] == ["", "", ""]
     page.uncheck("#enable_hr")
     page.uncheck("#tiling")
 
@@ -1154,7 +1161,9 @@ def test_web_page_sends_a_pngs_variation_and_hires_fields_to_txt2img(page, serve
     text = ("a green square\nNegative prompt: blur\nSteps: 4, Sampler: Euler a, CFG scale: 5, "
             "Seed: 42, Variation seed: 77, Variation seed strength: 0.25, Seed resize from: "
             "40x24, Size: 32x32, Model: toy, Denoising strength: 0.4, Hires upscale: 2, "
-            "Hires steps: 3, Hires upscaler: Latent (nearest), Version: v1.10.1")
+            "Hires steps: 3, Hires upscaler: Latent (nearest), Hires sampler: DPM++ 2M, "
+            "Hires schedule type: Karras, Hires prompt: \"a green square, sharp\", "
+            "Hires negative prompt: \"blur, noise\", Version: v1.10.1")
     (tmp_path / "varied.png").write_bytes(encode_png(_pictures(1)[0], text))
     page.click("#tab-pnginfo")
     page.set_input_files("#png_file", str(tmp_path / "varied.png"))
@@ -1163,12 +1172,13 @@ def test_web_page_sends_a_pngs_variation_and_hires_fields_to_txt2img(page, serve
     page.click("#png_to_txt2img")
     fields = ("#seed", "#subseed", "#subseed_strength", "#seed_resize_from_w",
               "#seed_resize_from_h", "#hr_scale", "#hr_second_pass_steps", "#hr_upscaler",
-              "#hr_denoising_strength")
+              "#hr_denoising_strength", "#hr_sampler_name", "#hr_prompt", "#hr_negative_prompt")
     assert {k: page.input_value(k) for k in fields} == {
         "#seed": "42", "#subseed": "77", "#subseed_strength": "0.25",
         "#seed_resize_from_w": "40", "#seed_resize_from_h": "24", "#hr_scale": "2",
         "#hr_second_pass_steps": "3", "#hr_upscaler": "Latent (nearest)",
-        "#hr_denoising_strength": "0.4"}
+        "#hr_denoising_strength": "0.4", "#hr_sampler_name": "DPM++ 2M Karras",
+        "#hr_prompt": "a green square, sharp", "#hr_negative_prompt": "blur, noise"}
     assert page.is_checked("#enable_hr") and page.is_visible("#variation_box")
     answer = json.dumps({"images": [], "parameters": {}, "info": json.dumps(
         {"all_seeds": [], "infotexts": [], "width": 32, "height": 32})})
@@ -1187,12 +1197,15 @@ def test_web_page_sends_a_pngs_variation_and_hires_fields_to_txt2img(page, serve
     sent = {k: body[k] for k in ("prompt", "seed", "subseed", "subseed_strength",
                                  "seed_resize_from_w", "seed_resize_from_h", "enable_hr",
                                  "hr_scale", "hr_second_pass_steps", "hr_upscaler",
-                                 "denoising_strength", "steps", "sampler_name")}
+                                 "denoising_strength", "steps", "sampler_name",
+                                 "hr_sampler_name", "hr_prompt", "hr_negative_prompt")}
     assert sent == {"prompt": "a green square", "seed": 42, "subseed": 77,
                     "subseed_strength": 0.25, "seed_resize_from_w": 40,
                     "seed_resize_from_h": 24, "enable_hr": True, "hr_scale": 2,
                     "hr_second_pass_steps": 3, "hr_upscaler": "Latent (nearest)",
-                    "denoising_strength": 0.4, "steps": 4, "sampler_name": "Euler a"}
+                    "denoising_strength": 0.4, "steps": 4, "sampler_name": "Euler a",
+                    "hr_sampler_name": "DPM++ 2M Karras", "hr_prompt": "a green square, sharp",
+                    "hr_negative_prompt": "blur, noise"}
     assert body["force_task_id"].startswith("task(")
 
 
@@ -1232,6 +1245,9 @@ def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, s
             page.click("#generate")
         body = req.value.post_data_json
         assert (body["enable_hr"], body["hr_scale"], body["hr_upscaler"]) == (True, 1.5, "Latent")
+        # left empty: the first pass's sampler and prompts, as the WebUI's API defaults
+        assert (body["hr_sampler_name"], body["hr_prompt"], body["hr_negative_prompt"]) == (
+            None, "", "")
         assert (body["subseed"], body["subseed_strength"], body["tiling"]) == (99, 0.3, True)
         unit = body["alwayson_scripts"]["controlnet"]["args"][0]
         assert (unit["module"], unit["model"], unit["weight"], unit["control_mode"]) == (
@@ -1540,3 +1556,72 @@ def test_web_page_shows_its_queue_position_then_step_and_preview(page, server):
         go.set()
         b._run, b.window_s, b.max_batch = run, 0.05, 8
         c.post("/sdapi/v1/options", json={"live_previews_enable": False})
+
+
+@needs_chromium
+def test_web_page_upscales_with_the_x4_upscaler(page, server, registry, request, tmp_path):
+    """A model that is the x4 upscaler: its own tab instead of the three generation tabs, and
+    Upscale sends img2img with the image only (its size the image's; no mask, no strength).
+    SDJAX_PAGE_SCREENSHOTS runs the tiny upscaler (8x8 -> 32x32, 2 steps) for the docs'
+    screenshot; the suite answers its model list, defaults and request as such a server would
+    (no load, no compile: no other test of this module compiles the upscaler)."""
+    real = bool(SCREENSHOTS)
+    picture = _circle(8)
+    Image.fromarray(picture).save(tmp_path / "low.png")
+    models = server.client.get("/sdapi/v1/sd-models").json()
+    fakes = {"/sdapi/v1/sd-models": json.dumps(models + [{**models[0], "title": "upscaler",
+                                                          "model_name": "upscaler"}]),
+             "/sdjax/v1/model-defaults?model=upscaler": json.dumps(
+                 {"model": "upscaler", "width": None, "height": None, "steps": 75,
+                  "cfg_scale": 9.0, "sampler_name": "DDIM", "upscaler": True, "sdxl": False}),
+             "/sdapi/v1/img2img": json.dumps({"images": [], "parameters": {}, "info": json.dumps(
+                 {"all_seeds": [], "infotexts": [], "width": 32, "height": 32})})}
+    pattern = re.compile(r".*/(sdapi/v1/sd-models|sdjax/v1/model-defaults\?model=upscaler|"
+                         r"sdapi/v1/img2img)$")
+    if real:
+        registry.sources["upscaler"] = str(request.getfixturevalue("upscaler_folder"))
+    else:
+        page.route(pattern, lambda route: route.fulfill(
+            status=200, content_type="application/json",
+            body=fakes[route.request.url.split(server.url)[1]]))
+    try:
+        page.reload()
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('toy:')")
+        assert page.is_hidden("#tab-upscale")
+        page.select_option("#model", "upscaler")
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('upscaler: x4 upscaler')", timeout=60_000)
+        assert page.get_attribute("#tab-upscale", "aria-selected") == "true"
+        for tab in ("txt2img", "img2img", "inpaint"):
+            assert page.is_hidden(f"#tab-{tab}"), tab
+        for box in ("#width", "#denoising_strength", "#hires_box", "#mask_tools"):
+            assert page.is_hidden(box), box
+        assert page.inner_text("#generate") == "Upscale"
+        page.set_input_files("#init_file", str(tmp_path / "low.png"))
+        page.wait_for_function("document.getElementById('init_image').naturalWidth === 8")
+        page.fill("#prompt", "a red circle on a blue background")
+        page.fill("#steps", "2")
+        page.fill("#seed", "1")
+        page.fill("#batch_size", "1")
+        if real:
+            body = _run(page, "/sdapi/v1/img2img", 1)
+            assert page.evaluate("document.querySelector('#gallery img').naturalWidth") == 32
+            _screenshots(page, "upscale", tmp_path)
+        else:
+            with page.expect_request(lambda r: r.url.endswith("/sdapi/v1/img2img")) as req:
+                page.click("#generate")
+            body = req.value.post_data_json
+            page.wait_for_function("!document.getElementById('generate').disabled")
+        np.testing.assert_array_equal(np.asarray(_decode(body["init_images"][0])), picture)
+        assert (body["width"], body["height"], body["steps"]) == (8, 8, 2)
+        assert body["override_settings"]["sd_model_checkpoint"] == "upscaler"
+        assert "mask" not in body and "denoising_strength" not in body
+    finally:
+        if real:
+            del registry.sources["upscaler"]
+        else:
+            page.unroute(pattern)
+        page.reload()
+        page.wait_for_function("document.getElementById('status').textContent"
+                               ".startsWith('toy:')")
