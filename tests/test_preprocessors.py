@@ -199,3 +199,27 @@ def test_preprocessor_params_are_checked_in_one_line():
     assert set(sdjax.controlnet.PREPROCESSORS) >= {
         "none", "invert", "canny", "tile_resample", "blur_gaussian", "threshold", "color",
         "lineart_standard", "scribble_xdog", "shuffle", "binary"}
+
+
+def test_sample_runs_the_preprocessors_as_the_extension(tmp_path):
+    """sdjax.sample's --control_preprocessor: at the image's own resolution, the extension's
+    default thresholds (in the PNG text too), shuffle's NumPy seed the WebUI's seed + subseed
+    (none: the seed again)."""
+    from PIL import Image
+
+    from sdjax.controlnet import cli
+    from sdjax.controlnet.settings import ControlNets
+    from sdjax.sample import build_parser
+    img = _image(6, (40, 48))
+    Image.fromarray(img).save(tmp_path / "c.png")
+    for flags, seed in (([], 14), (["--subseed", "5"], 12)):
+        args = build_parser().parse_args([
+            "--controlnet", "a", "--controlnet", "b", "--control_image", str(tmp_path / "c.png"),
+            "--control_image", str(tmp_path / "c.png"), "--control_preprocessor", "shuffle",
+            "--control_preprocessor", "tile_resample", "--seed", "7", *flags])
+        made = cli.load_images(args, lambda path, what: Image.open(path))
+        np.testing.assert_array_equal(made[0], ext_shuffle(img, 40, seed))
+        np.testing.assert_array_equal(made[1], img)  # tile_resample's default rate 1
+    units = ControlNets.from_args(args).units
+    assert "Module: tile_resample, Model: b, Weight: 1.0, Resize Mode: Just Resize, " \
+        "Threshold A: 1, Guidance Start" in units[1].infotext()
