@@ -1371,6 +1371,15 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_library):
                 merged["control_mode"]) == ([[0.7, 0.2]], [[0.0, 0.25]],
                                             [["prompt", "prompt"]])
         assert [a.shape for a in merged["control_image"]] == [(16, 16, 3), (40, 56, 3)]
+        # shuffle's flow from the extension's NumPy seed: the request's seed + its subseed
+        # (-1: the seed again), at its fixed 512 (the unit's processor_res is not its)
+        for extra, numpy_seed in (({}, 6), ({"subseed": 10}, 13)):
+            plan = plan_txt2img(Txt2ImgRequest(**{**body, **extra, "alwayson_scripts": {
+                "controlnet": {"args": [{**other, "module": "shuffle", "processor_res": 64}]}}}),
+                registry, Limits())
+            np.testing.assert_array_equal(
+                plan.specs[0].control_images[0][0],
+                preprocess("shuffle", big, processor_res=512, seed=numpy_seed))
         # Bad units: one-line 422s naming the field.
         bad = [({"module": "depth"}, "unknown module 'depth'"),
                ({"model": "nope [12345678]"}, "unknown model 'nope [12345678]'"),
