@@ -433,6 +433,10 @@ def test_preprocessors_are_the_webui_extensions(monkeypatch):
     (["--controlnet", "a", "--control_image", "c.png", "--control_start", "0.6",
       "--control_end", "0.5"], "start below end"),
     (["--controlnet", "a:-1"], "must be a finite number >= 0"),
+    (["--controlnet", "a", "--control_image", "c.png", "--control_preprocessor", "shuffle",
+      "--seed", "-1"], "shuffle needs a --seed >= 0"),
+    (["--controlnet", "a", "--control_image", "c.png", "--control_preprocessor", "depth"],
+     "invalid choice: 'depth'"),
 ])
 def test_sample_flags_are_checked_before_loading(flags, message, capsys):
     from sdjax.sample import main

@@ -1282,7 +1282,7 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_library):
         titles = c.get("/controlnet/model_list").json()["model_list"]
         assert [re.fullmatch(r"(cn\d) \[[0-9a-f]{8}\]", t).group(1) for t in titles] == [
             "cn0", "cn1"]
-        assert c.get("/controlnet/module_list").json()["module_list"] == [
+        assert c.get("/controlnet/module_list").json()["module_list"][:3] == [
             "none", "invert", "canny"]
         assert "invert (from white bg & black line)" in c.get(
             "/controlnet/module_list", params={"alias_names": True}).json()["module_list"]
@@ -1387,6 +1387,15 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_library):
                 merged["control_mode"]) == ([[0.7, 0.2]], [[0.0, 0.25]],
                                             [["prompt", "prompt"]])
         assert [a.shape for a in merged["control_image"]] == [(16, 16, 3), (40, 56, 3)]
+        # shuffle's flow from the extension's NumPy seed: the request's seed + its subseed
+        # (-1: the seed again), at its fixed 512 (the unit's processor_res is not its)
+        for extra, numpy_seed in (({}, 6), ({"subseed": 10}, 13)):
+            plan = plan_txt2img(Txt2ImgRequest(**{**body, **extra, "alwayson_scripts": {
+                "controlnet": {"args": [{**other, "module": "shuffle", "processor_res": 64}]}}}),
+                registry, Limits())
+            np.testing.assert_array_equal(
+                plan.specs[0].control_images[0][0],
+                preprocess("shuffle", big, processor_res=512, seed=numpy_seed))
         # Bad units: one-line 422s naming the field.
         bad = [({"module": "depth"}, "unknown module 'depth'"),
                ({"model": "nope [12345678]"}, "unknown model 'nope [12345678]'"),
@@ -1403,6 +1412,52 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_library):
     finally:
         registry.controlnets.use(tiny, ())
         registry.controlnets = ControlNetLibrary({})
+
+
+def test_controlnet_detect_runs_the_extensions_model_free_preprocessors(server):
+    """/controlnet/module_list lists the extension's preprocessors that need no network (its
+    UI's names with alias_names=true, its sliders in module_detail); /controlnet/detect runs
+    them with the extension's reading of its parameters: -1 or a threshold outside its
+    slider's range (webuiapi sends 64 for every module) is the default; a threshold that is
+    not a number is a one-line 422."""
+    from sdjax.controlnet import preprocess
+    c = server.client
+    listed = c.get("/controlnet/module_list").json()
+    assert listed["module_list"] == [
+        "none", "invert", "canny", "tile_resample", "blur_gaussian", "threshold", "color",
+        "lineart_standard", "scribble_xdog", "shuffle", "binary"]
+    aliases = c.get("/controlnet/module_list", params={"alias_names": True}).json()
+    assert {"t2ia_color_grid", "lineart_standard (from white bg & black line)"} <= set(
+        aliases["module_list"])
+    assert listed["module_detail"]["blur_gaussian"]["sliders"] == [
+        {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
+        {"name": "Sigma", "value": 9.0, "min": 0.01, "max": 64.0, "step": 0.01}]
+    big = np.random.default_rng(1).integers(0, 256, (40, 56, 3), np.uint8)
+    calls = [({"controlnet_module": "t2ia_color_grid", "controlnet_processor_res": 64},
+              preprocess("color", big, processor_res=64)),
+             ({"controlnet_module": "tile_resample", "controlnet_threshold_a": 2.0},
+              preprocess("tile_resample", big, threshold_a=2.0)),
+             ({"controlnet_module": "tile_resample", "controlnet_threshold_a": 64},
+              big),  # out of the rate's [1, 8]: its default 1, the image as it is
+             ({"controlnet_module": "scribble_xdog", "controlnet_processor_res": 48,
+               "controlnet_threshold_a": -1, "controlnet_threshold_b": 64},
+              preprocess("scribble_xdog", big, processor_res=48, threshold_a=32))]
+    for fields, expected in calls:
+        r = c.post("/controlnet/detect", json={**fields, "controlnet_input_images": [
+            _b64(big)]})
+        assert r.status_code == 200, (fields, r.text)
+        np.testing.assert_array_equal(
+            np.asarray(_decode(r.json()["images"][0]).convert("RGB")), expected)
+    for fields, message in (({"controlnet_module": "threshold", "controlnet_threshold_a": "x"},
+                             "controlnet_threshold_a must be a number"),
+                            ({"controlnet_module": "blur_gaussian",
+                              "controlnet_processor_res": 1.5}, "processor_res must be a "
+                             "whole number"),
+                            ({"controlnet_module": "depth_midas"}, "unknown module")):
+        r = c.post("/controlnet/detect", json={**fields, "controlnet_input_images": [
+            _b64(big)]})
+        assert r.status_code == 422 and message in r.json()["detail"], (fields, r.text)
+        assert "\n" not in r.json()["detail"]
 
 
 @needs_chromium

@@ -11,8 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sdjax.controlnet.preprocessors import PREPROCESSORS
+
 CONTROL_MODES = ("balanced", "prompt", "controlnet")  # sdjax.controlnet.inputs.CONTROL_MODES
-PREPROCESSORS = ("none", "invert", "canny")  # sdjax.controlnet.preprocessors.PREPROCESSORS
 
 
 def parse_controlnet(value: str) -> tuple[str, float]:
@@ -30,6 +31,16 @@ def parse_controlnet(value: str) -> tuple[str, float]:
     return value, 1.0
 
 
+def shuffle_seed(args: argparse.Namespace) -> int | None:
+    """The shuffle preprocessor's NumPy seed, as the WebUI extension's for a generation with
+    this --seed and --subseed (none: the seed again): their sum modulo 2**32."""
+    seed = getattr(args, "seed", 0)
+    if seed is None or seed < 0:
+        return None
+    sub = getattr(args, "subseed", None)
+    return (seed + (seed if sub is None else sub)) & 0xFFFFFFFF
+
+
 def add_arguments(p: argparse.ArgumentParser, add_flag) -> None:
     add_flag(p, "controlnet", type=parse_controlnet, action="append", default=None,
              help="a ControlNet PATH[:SCALE] (a diffusers folder or hub id, or an original "
@@ -38,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser, add_flag) -> None:
              help="the control image of each --controlnet, in order (default with --image: "
              "the init image)")
     add_flag(p, "control_preprocessor", choices=PREPROCESSORS, action="append", default=None,
-             help="what each control image goes through first (default: none)")
+             help="what each control image goes through first, as the WebUI ControlNet "
+             "extension's preprocessor of that name with its default thresholds, at the image's "
+             "own resolution (default: none)")
     add_flag(p, "control_start", type=float, action="append", default=None,
              help="each ControlNet's start, a fraction of the steps (default 0)")
     add_flag(p, "control_end", type=float, action="append", default=None,
@@ -64,6 +77,9 @@ def check(args: argparse.Namespace, usage_error) -> None:
         if given > nets:
             raise usage_error(f"{given} --{flag} for {nets} --controlnet (more than "
                               "ControlNets): give at most one per --controlnet")
+    if "shuffle" in (args.control_preprocessor or []) and shuffle_seed(args) is None:
+        raise usage_error("--control_preprocessor shuffle needs a --seed >= 0 (its flow is "
+                          "drawn from the seed, as the WebUI extension's)")
     images = len(args.control_image or [])
     if images < nets and (images or args.image is None):
         raise usage_error(f"{nets} --controlnet need {nets} --control_image (only with "
@@ -89,7 +105,7 @@ def load_images(args: argparse.Namespace, open_image) -> list | None:
         image = open_image(path, "control_image").convert("RGB")
         # At the image's own resolution, so that the output takes its size.
         out.append(preprocess(names[k] if k < len(names) else "none", image,
-                              processor_res=min(image.size)))
+                              processor_res=min(image.size), seed=shuffle_seed(args)))
     return out
 
 

@@ -57,6 +57,12 @@ class ControlUnit:
                          for k, v in fields)
 
 
+def _default(module: str, which: str) -> float | None:
+    from sdjax.controlnet.preprocessors import SPECS
+    slider = getattr(SPECS[module], which) if module in SPECS else None
+    return None if slider is None else slider.value
+
+
 @dataclasses.dataclass(frozen=True)
 class ControlNets:
     """The call's units, in the order of the pipeline's ControlNets."""
@@ -81,9 +87,9 @@ class ControlNets:
                 str(path), scale, starts[k] if k < len(starts) else 0.0,
                 ends[k] if k < len(ends) else 1.0, mode, module=module,
                 title=Path(str(path).rstrip("/\\")).stem,
-                # the CLIs run canny at the image's own resolution, OpenCV's thresholds
-                threshold_a=100 if module == "canny" else None,
-                threshold_b=200 if module == "canny" else None))
+                # the CLIs run the preprocessors at the image's own resolution, with the
+                # extension's default thresholds
+                threshold_a=_default(module, "a"), threshold_b=_default(module, "b")))
         return cls(tuple(units), bool(getattr(args, "guess_mode", False)))
 
     @property

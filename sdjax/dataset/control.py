@@ -76,6 +76,7 @@ class ControlImages:
         self.names = [n for n, _ in args.controlnet or []]
         pre = args.control_preprocessor or []
         self.modules = [pre[k] if k < len(pre) else "none" for k in range(len(self.names))]
+        self.seed = controlnet_cli.shuffle_seed(args)
         self.table = table
         given = args.control_image or []
         self.defaults = [self._made(str(given[k]), k, "--control_image")
@@ -91,7 +92,8 @@ class ControlImages:
     def _made(self, location: str, k: int, what: str) -> np.ndarray:
         image = _read(location, what)
         # at the image's own resolution, as sample runs the preprocessors
-        return self._preprocess(self.modules[k], image, processor_res=min(image.size))
+        return self._preprocess(self.modules[k], image, processor_res=min(image.size),
+                                seed=self.seed)
 
     def for_row(self, name: str | None, row: int) -> list[np.ndarray]:
         if name is None:

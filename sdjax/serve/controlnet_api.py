@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sdjax import validation
 from sdjax.controlnet import inputs as control_inputs
-from sdjax.controlnet.preprocessors import PREPROCESSORS, preprocess
+from sdjax.controlnet.preprocessors import ALIASES, PREPROCESSORS, RESOLUTION, SPECS, preprocess
 from sdjax.controlnet.settings import MODE_LABELS, ControlNets, ControlUnit
 from sdjax.images import encode_png
 from sdjax.serve import uploads
@@ -27,11 +27,7 @@ from sdjax.serve.limits import BadRequest
 
 API_VERSION = 2  # the extension's external_code.get_api_version() its clients check
 # The extension's module names (and the long names its UI shows, alias_names=true).
-MODULE_ALIASES = {"none": "none", "invert": "invert (from white bg & black line)",
-                  "canny": "canny"}
-_SLIDERS = {"canny": [{"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048},
-                      {"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255},
-                      {"name": "Canny High Threshold", "value": 200, "min": 1, "max": 255}]}
+MODULE_ALIASES = ALIASES
 _MODES = {0: "balanced", 1: "prompt", 2: "controlnet",
           **{label.lower(): mode for mode, label in MODE_LABELS.items()},
           **{mode: mode for mode in MODE_LABELS}}
@@ -41,6 +37,56 @@ RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill",
                 "resize and fill": "Resize and Fill",
                 "scale to fit (inner fit)": "Crop and Resize",
                 "envelope (outer fit)": "Resize and Fill"}
+
+
+def _sliders(name: str) -> list[dict]:
+    """module_detail's sliders of ``name``, as the extension's api_json."""
+    spec = SPECS[name]
+    shown = ([RESOLUTION] if spec.resolution and name != "shuffle" else []) + [
+        s for s in (spec.a, spec.b) if s is not None]
+    return [{"name": s.label, "value": s.value, "min": s.minimum, "max": s.maximum,
+             "step": s.step} for s in shown]
+
+
+def unit_params(module: str, res: Any, a: Any, b: Any, where: str
+                ) -> tuple[int | None, float | None, float | None]:
+    """(processor_res, threshold_a, threshold_b) of a unit or a detect call, as the extension
+    reads them: -1 or missing is the default; a threshold outside its slider's range is its
+    default too (the extension's bound check: clients such as webuiapi send 64 for every
+    module); one that is not a number, or a processor_res that is not a whole number >= 1,
+    is a 422. Those ``module`` does not use are None."""
+    spec = SPECS[module]
+
+    def number(value, field):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value):
+            raise BadRequest(f"{where}{field} must be a number, got {value!r}")
+        return value
+
+    out_res = None
+    if spec.resolution:
+        res = RESOLUTION.value if res in (None, -1) else number(res, "processor_res")
+        if res != int(res) or res < 1:
+            raise BadRequest(f"{where}processor_res must be a whole number >= 1, got {res!r}")
+        # shuffle's resolution slider is hidden, with a [0, 1] range: always its 512
+        out_res = RESOLUTION.value if module == "shuffle" else int(res)
+    out = []
+    for field, slider, value in (("threshold_a", spec.a, a), ("threshold_b", spec.b, b)):
+        if slider is None:
+            out.append(None)
+            continue
+        value = slider.value if value in (None, -1) else number(value, field)
+        if not slider.minimum <= value <= slider.maximum:
+            value = slider.value
+        out.append(value)
+    return out_res, out[0], out[1]
+
+
+def shuffle_seed(seed: int, subseed: Any) -> int:
+    """The NumPy seed the extension's set_numpy_seed gives a generation: its first seed plus
+    its subseed (-1: the first seed again), modulo 2**32."""
+    sub = seed if subseed in (None, -1) else max(int(subseed), 0)
+    return (int(seed) + sub) & 0xFFFFFFFF
 
 
 def _module(value: Any, where: str) -> str:
@@ -117,11 +163,12 @@ def _unit_image(unit: dict, where: str, max_pixels: int) -> np.ndarray | None:
 
 
 def plan_units(req, registry, pipe, size: tuple[int, int], max_pixels: int, n: int,
-               init_images: list[np.ndarray] | None = None
+               init_images: list[np.ndarray] | None = None, seed: int = 0
                ) -> tuple[ControlNets | None, list[tuple[np.ndarray, ...]] | None]:
     """(the call's ControlNet settings, each of the ``n`` images' control images), or
     (None, None) without enabled units. ``init_images``: img2img's, one or one per image,
-    which stand in for a unit without an image. Raises BadRequest."""
+    which stand in for a unit without an image; ``seed``: the first image's (shuffle's
+    NumPy seed, with the request's subseed). Raises BadRequest."""
     units = script_units(req)
     if not units:
         return None, None
@@ -154,19 +201,9 @@ def plan_units(req, registry, pipe, size: tuple[int, int], max_pixels: int, n: i
         pixel_perfect = unit.get("pixel_perfect", False)
         if not isinstance(pixel_perfect, bool):
             raise BadRequest(f"{where}.pixel_perfect must be true or false")
-        res, low, high = None, None, None
-        if module == "canny":
-            res = unit.get("processor_res", 512)
-            low, high = unit.get("threshold_a", 100), unit.get("threshold_b", 200)
-            res, low, high = (512 if res in (None, -1) else res, 100 if low in (None, -1)
-                              else low, 200 if high in (None, -1) else high)
-            for field, v in (("processor_res", res), ("threshold_a", low),
-                             ("threshold_b", high)):
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or \
-                        not math.isfinite(v) or v != int(v) or v < (1 if field[0] == "p"
-                                                                   else 0):
-                    raise BadRequest(f"{where}.{field} must be a whole number >= "
-                                     f"{1 if field[0] == 'p' else 0}, got {v!r}")
+        res, low, high = unit_params(module, unit.get("processor_res"),
+                                     unit.get("threshold_a"), unit.get("threshold_b"),
+                                     f"{where}.")
         try:
             library.entry(pipe, name)  # read once, checked against this model's family
         except (ValueError, OSError) as e:
@@ -185,9 +222,10 @@ def plan_units(req, registry, pipe, size: tuple[int, int], max_pixels: int, n: i
                 if pixel_perfect and res is not None:
                     r = _pixel_perfect(src.shape[:2], (height, width), resize)
                 try:
-                    out = preprocess(module, src, **({} if r is None else dict(
-                        processor_res=int(r), low_threshold=int(low),
-                        high_threshold=int(high))))
+                    out = preprocess(module, src, processor_res=512 if r is None else r,
+                                     threshold_a=low,
+                                     threshold_b=high, seed=shuffle_seed(
+                                         seed, getattr(req, "subseed", -1)))
                 except (ImportError, ValueError, TypeError) as e:
                     raise BadRequest(f"{where}: {e}") from None
                 cache[id(src)] = _crop_to(out, height, width) if resize == "Crop and Resize" \
@@ -227,15 +265,12 @@ def _detect(body: dict, max_pixels: int) -> dict:
     images = body.get("controlnet_input_images") or body.get("controlnet_images") or []
     if not isinstance(images, list) or not images:
         raise BadRequest("controlnet_input_images: give a list of base64 images")
-    res = field("processor_res", 512)
-    low, high = field("threshold_a", 100), field("threshold_b", 200)
-    params = {} if module != "canny" else dict(
-        processor_res=512 if res in (None, -1) else res,
-        low_threshold=100 if low in (None, -1) else low,
-        high_threshold=200 if high in (None, -1) else high)
-    for key, v in list(params.items()):  # the extension's sliders send floats
-        if isinstance(v, float) and v.is_integer():
-            params[key] = int(v)
+    res, low, high = unit_params(module, field("processor_res", None),
+                                 field("threshold_a", None), field("threshold_b", None),
+                                 "controlnet_")
+    # the extension's detect seeds nothing: shuffle draws from NumPy's state as it is
+    params = dict(processor_res=512 if res is None else res, threshold_a=low, threshold_b=high,
+                  seed=int(np.random.randint(0, 2**31)) if module == "shuffle" else None)
     out = []
     for i, data in enumerate(images):
         if not isinstance(data, str):
@@ -287,8 +322,8 @@ def add_controlnet_routes(app: FastAPI, registry, max_pixels: int) -> None:
     async def module_list(alias_names: bool = False):
         names = list(PREPROCESSORS)
         return {"module_list": [MODULE_ALIASES[m] for m in names] if alias_names else names,
-                "module_detail": {m: {"model_free": False, "sliders": _SLIDERS.get(m, [])}
-                                  for m in names}}
+                "module_detail": {MODULE_ALIASES[m] if alias_names else m: {
+                    "model_free": False, "sliders": _sliders(m)} for m in names}}
 
     @app.post("/controlnet/detect")
     async def detect(body: dict[str, Any]):

@@ -138,7 +138,7 @@ def _with_units(req, registry: ModelRegistry, pipe, settings: CallSettings,
     weights and windows are the call's) and each image's control images in its spec."""
     units, control = controlnet_api.plan_units(
         req, registry, pipe, (settings.size.height, settings.size.width), limits.max_pixels,
-        len(specs), init_images)
+        len(specs), init_images, seed=specs[0].seed if specs else 0)
     if units is None:
         return settings, specs
     if settings.sdxl.refiner is not None or settings.hires is not None:
