@@ -460,6 +460,8 @@ def test_front_ends_name_them():
     assert sampler_settings("plms", None) == ("PLMS", "Automatic")
     assert sampler_settings("k_lcm", None) == ("LCM", "Automatic")
     assert sampler_settings("k_dpm_fast", None) == ("DPM fast", "Automatic")
+    assert sampler_settings("UniPC", None) == sampler_settings("unipc", "") == (
+        "UniPC", "Automatic")
     assert sampler_settings("DDPM", None) == ("ddpm", None)
     for name in ("DPM adaptive", "k_dpm_ad"):
         with pytest.raises(ValueError, match="^sampler 'DPM adaptive' is not supported: an "
@@ -488,6 +490,12 @@ def test_front_ends_name_them():
     assert text("Euler", "Beta").startswith("Steps: 20, Sampler: Euler, Schedule type: Beta,")
     assert text("euler", None).startswith("Steps: 20, Sampler: Euler, CFG scale")
     assert text("DDIM", None).startswith("Steps: 20, Sampler: DDIM, Schedule type: Automatic,")
+    unipc = text("UniPC", None)
+    assert unipc.startswith("Steps: 20, Sampler: UniPC, Schedule type: Automatic,")
+    from sdjax.from_png import settings as png_settings  # --from_png reads it back
+    flags, lines = png_settings("a cat\n" + unipc)
+    assert (flags["scheduler"], flags["schedule_type"], flags["steps"], lines) == (
+        "UniPC", "Automatic", 20, [])
 
 
 # -- the WebUI's DDIM and PLMS (over timesteps) and LCM: restated here from its
@@ -802,7 +810,8 @@ def test_timestep_samplers_match_the_webui(model):
 def test_pipeline_runs_the_timestep_samplers(model):
     """Through the pipeline (the compiled loop, img2img's start table with the timesteps
     samplers' own img2img states): SD 1.x img2img with "DDIM" at denoising strength 0.6 (the
-    WebUI's t_enc = 3 of 5 steps) against the WebUI's loop. (The step is the one the UNet
+    WebUI's t_enc = 3 of 5 steps) and with "UniPC" at 0.75 (t_enc = 4 of 6) against the
+    WebUI's loops. (The step is the one the UNet
     tests above drive, LCM and v-prediction included.)"""
     pipe = model["pipe"]
     rng = np.random.default_rng(9)
@@ -823,6 +832,16 @@ def test_pipeline_runs_the_timestep_samplers(model):
     diff = np.abs(np.asarray(out) - ref).max()
     assert np.abs(ref).max() > 0.1
     assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
+    # UniPC img2img at strength 0.75 of 6 steps: the WebUI's t_enc = 4 UniPC steps
+    out = pipe("a red circle", scheduler="UniPC", image=image, strength=0.75,
+               num_inference_steps=6, guidance_scale=CFG, height=size, width=size,
+               latents=noise, output_type="latent").images
+    with torch.no_grad():
+        ref = _ref_unipc(webui_eps, ac, 6, nchw(image), nchw(noise), t_enc=4)
+    ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+    diff = np.abs(np.asarray(out) - ref).max()
+    assert np.abs(ref).max() > 0.1
+    assert diff <= 1e-4, (diff, np.abs(ref).max())
 
 
 @pytest.mark.parametrize("model", ["sd1"], indirect=True)
