@@ -1,4 +1,5 @@
-"""The WebUI's own DDIM, PLMS and LCM samplers as steps of the one sampling loop.
+"""The WebUI's own DDIM, PLMS and LCM samplers (and UniPC, ``webui_unipc``) as steps of the
+one sampling loop.
 
 The WebUI runs DDIM and PLMS over integer timesteps (``modules/sd_samplers_timesteps.py`` and
 ``sd_samplers_timesteps_impl.py``, not k-diffusion): the timesteps ``range(0, 1000, 1000 //
