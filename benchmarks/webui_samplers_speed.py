@@ -21,7 +21,7 @@ import time
 PAIRS = (("Euler", "euler"), ("Euler a", "euler_a"), ("DPM++ 2M", "dpmpp_2m_karras"),
          ("LMS", "lms"), ("Heun", "heun"), ("DDIM", "ddim"), ("PLMS", "pndm"),
          ("LCM", "lcm"), ("DPM++ SDE", "heun"), ("DPM++ 2M SDE", "dpmpp_2m"),
-         ("DPM fast", "euler"), ("UniPC", None))
+         ("DPM fast", "euler"), ("UniPC", "dpmpp_2m"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--size", type=int, default=None, help="pixels (default: the model's)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", nargs="+", default=None, metavar="SAMPLER",
+                   help="time only these WebUI samplers (default: all)")
     a = p.parse_args(argv)
 
     import jax
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for webui, peer in PAIRS:
+        if a.only and webui not in a.only:
+            continue
         if webui not in ALL_SCHEDULER_NAMES or peer is None:
             rows.append({"webui": webui, "peer": peer, "note": "not built"})
             continue

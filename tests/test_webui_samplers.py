@@ -460,6 +460,8 @@ def test_front_ends_name_them():
     assert sampler_settings("plms", None) == ("PLMS", "Automatic")
     assert sampler_settings("k_lcm", None) == ("LCM", "Automatic")
     assert sampler_settings("k_dpm_fast", None) == ("DPM fast", "Automatic")
+    assert sampler_settings("UniPC", None) == sampler_settings("unipc", "") == (
+        "UniPC", "Automatic")
     assert sampler_settings("DDPM", None) == ("ddpm", None)
     for name in ("DPM adaptive", "k_dpm_ad"):
         with pytest.raises(ValueError, match="^sampler 'DPM adaptive' is not supported: an "
@@ -488,6 +490,12 @@ def test_front_ends_name_them():
     assert text("Euler", "Beta").startswith("Steps: 20, Sampler: Euler, Schedule type: Beta,")
     assert text("euler", None).startswith("Steps: 20, Sampler: Euler, CFG scale")
     assert text("DDIM", None).startswith("Steps: 20, Sampler: DDIM, Schedule type: Automatic,")
+    unipc = text("UniPC", None)
+    assert unipc.startswith("Steps: 20, Sampler: UniPC, Schedule type: Automatic,")
+    from sdjax.from_png import settings as png_settings  # --from_png reads it back
+    flags, lines = png_settings("a cat\n" + unipc)
+    assert (flags["scheduler"], flags["schedule_type"], flags["steps"], lines) == (
+        "UniPC", "Automatic", 20, [])
 
 
 # -- the WebUI's DDIM and PLMS (over timesteps) and LCM: restated here from its
@@ -533,6 +541,70 @@ def _ref_timesteps(eps_fn, sampler, ac, steps, x0, noise, t_enc=None, eta=0.0, n
             e_p = (55 * e_t - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
         x = x_prev(e_p)
         old = (old + [e_t])[-3:]
+    return x
+
+
+def _ref_unipc(eps_fn, ac, steps, x0, noise, t_enc=None):
+    """The WebUI's ``unipc`` with its default options (bh1, order 3, time_uniform, lower
+    order final) restated in float32 torch: ``UniPC.sample(method="multistep",
+    predict_x0=True)`` over ``NoiseScheduleVP('discrete', alphas_cumprod)``, the model at
+    ``(t - 1/1000) * 1000``; txt2img or its img2img (``t_enc`` as for DDIM)."""
+    full = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    x, t_start = noise, 1.0
+    if t_enc is not None:
+        a = ac[full[t_enc]]
+        x = x0 * a.sqrt() + noise * (1 - a).sqrt()
+        full = full[:t_enc]
+        t_start = (full[-1] / 1000 + 1 / 1000).item()
+    t_knots, log_a = torch.linspace(0.0, 1.0, 1001)[1:], 0.5 * torch.log(ac)
+
+    def log_alpha(t):  # interpolate_fn: piecewise linear over the knots
+        i = torch.clamp(torch.searchsorted(t_knots, t.reshape(1), right=True) - 1, 0, 998)[0]
+        return log_a[i] + (t - t_knots[i]) * (log_a[i + 1] - log_a[i]) / (
+            t_knots[i + 1] - t_knots[i])
+
+    def alpha_sigma_lambda(t):
+        la = log_alpha(t)
+        return la.exp(), (1 - (2 * la).exp()).sqrt(), la - 0.5 * (1 - (2 * la).exp()).log()
+
+    def data(x, t):  # data_prediction_fn around the CFG-combined eps
+        al, sg, _ = alpha_sigma_lambda(t)
+        return (x - sg * eps_fn(x, ((t - 1 / 1000) * 1000).item())) / al
+
+    def update(x, ms, tps, t, order, corrector):
+        al_t, sg_t, lam_t = alpha_sigma_lambda(t)
+        _, sg_0, lam_0 = alpha_sigma_lambda(tps[-1])
+        h = lam_t - lam_0
+        rks = [(alpha_sigma_lambda(tps[-1 - i])[2] - lam_0) / h for i in range(1, order)]
+        d1s = [(ms[-1 - i] - ms[-1]) / rk for i, rk in enumerate(rks, 1)]
+        rks = torch.stack(rks + [torch.tensor(1.0)])
+        hh = -h
+        phi, phi_k, fact, rows, b = torch.expm1(hh), torch.expm1(hh) / hh - 1, 1, [], []
+        for i in range(1, order + 1):
+            rows.append(rks ** (i - 1))
+            b.append(phi_k * fact / hh)  # B(h) = hh (bh1)
+            fact *= i + 1
+            phi_k = phi_k / hh - 1 / fact
+        r, b = torch.stack(rows), torch.stack(b)
+        base = sg_t / sg_0 * x - al_t * phi * ms[-1]
+        rho_p = (torch.tensor([0.5]) if order == 2
+                 else torch.linalg.solve(r[:-1, :-1], b[:-1]) if order > 2 else [])
+        x_t = base - al_t * hh * sum((c * d for c, d in zip(rho_p, d1s, strict=True)),
+                                     torch.zeros_like(x))
+        if not corrector:
+            return x_t, None
+        rho_c = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(r, b)
+        m_t = data(x_t, t)
+        res = sum((c * d for c, d in zip(rho_c[:-1], d1s, strict=True)), torch.zeros_like(x))
+        return base - al_t * hh * (res + rho_c[-1] * (m_t - ms[-1])), m_t
+
+    n = len(full)
+    ts = torch.linspace(t_start, 1 / 1000, n + 1)
+    ms, tps = [data(x, ts[0])], [ts[0]]
+    for step in range(1, n + 1):
+        order = step if step < 3 else min(3, n + 1 - step)
+        x, m = update(x, ms, tps, ts[step], order, step < n)
+        ms, tps = (ms + [m])[-3:], (tps + [ts[step]])[-3:]
     return x
 
 
@@ -621,6 +693,9 @@ def _timesteps_case(sampler, config, eps_np, eps_torch, steps, begin, rng, eta=0
     with torch.no_grad():
         if sampler == "LCM":
             ref = _ref_lcm(eps_torch, ac, steps, xs[0], xs[1], begin or 0, xs[2])
+        elif sampler == "UniPC":
+            t_enc = None if begin is None else steps - 1 - begin
+            ref = _ref_unipc(eps_torch, ac, steps, xs[0], xs[1], t_enc)
         else:
             t_enc = None if begin is None else steps - 1 - begin
             ref = _ref_timesteps(eps_torch, sampler, ac, steps, xs[0], xs[1], t_enc, eta,
@@ -633,7 +708,7 @@ def _fake_eps(x, t):
     return x * 0.5 + 0.05 * (float(t) / 1000) - 0.2
 
 
-@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "LCM"])
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "LCM", "UniPC"])
 def test_timestep_samplers_restate_the_webui(sampler):
     """The WebUI's DDIM (eta 0 and its eta), PLMS and LCM over a stand-in eps, against the
     WebUI's own loops restated: step counts that divide 1000 and that do not (one timestep
@@ -656,7 +731,7 @@ def test_timestep_samplers_restate_the_webui(sampler):
             if not vpred:
                 return out
             # the UNet's v whose eps (the WebUI's predict_eps_from_z_and_v) is _fake_eps
-            a = float(ac[int(round(float(t)))])
+            a = float(ac[int(float(t))])  # (the WebUI truncates UniPC's fractional t)
             return (out - (1 - a) ** 0.5 * x) / a ** 0.5
 
         def eps_torch(x, t):
@@ -705,13 +780,15 @@ def _unet_eps(model):
 
 
 TIMESTEP_CASES = {  # model -> (sampler, steps, img2img start step (k-diffusion rule) or None)
-    "sd1": [("DDIM", 6, None), ("PLMS", 5, 1)],  # (and DDIM img2img through the pipeline)
-    "sd2": [("DDIM", 8, 2), ("PLMS", 7, None), ("LCM", 4, 1), ("LCM", 5, None)],
+    "sd1": [("DDIM", 6, None), ("PLMS", 5, 1),  # (and DDIM img2img through the pipeline)
+            ("UniPC", 6, None), ("UniPC", 8, 2)],
+    "sd2": [("DDIM", 8, 2), ("PLMS", 7, None), ("LCM", 4, 1), ("LCM", 5, None),
+            ("UniPC", 7, None), ("UniPC", 5, 0)],
 }
 
 
 def test_timestep_samplers_match_the_webui(model):
-    """The WebUI's DDIM, PLMS and LCM around our UNet (our step loop) against the WebUI's
+    """The WebUI's DDIM, PLMS, LCM and UniPC around our UNet (our step loop) against the WebUI's
     loops restated around the diffusers UNet: SD 1.x and v-prediction SD 2.x, txt2img and
     img2img by the WebUI's timesteps rule; within 1e-5 of the latents' scale."""
     rng = np.random.default_rng(7)
@@ -733,7 +810,8 @@ def test_timestep_samplers_match_the_webui(model):
 def test_pipeline_runs_the_timestep_samplers(model):
     """Through the pipeline (the compiled loop, img2img's start table with the timesteps
     samplers' own img2img states): SD 1.x img2img with "DDIM" at denoising strength 0.6 (the
-    WebUI's t_enc = 3 of 5 steps) against the WebUI's loop. (The step is the one the UNet
+    WebUI's t_enc = 3 of 5 steps) and with "UniPC" at 0.75 (t_enc = 4 of 6) against the
+    WebUI's loops. (The step is the one the UNet
     tests above drive, LCM and v-prediction included.)"""
     pipe = model["pipe"]
     rng = np.random.default_rng(9)
@@ -754,6 +832,16 @@ def test_pipeline_runs_the_timestep_samplers(model):
     diff = np.abs(np.asarray(out) - ref).max()
     assert np.abs(ref).max() > 0.1
     assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
+    # UniPC img2img at strength 0.75 of 6 steps: the WebUI's t_enc = 4 UniPC steps
+    out = pipe("a red circle", scheduler="UniPC", image=image, strength=0.75,
+               num_inference_steps=6, guidance_scale=CFG, height=size, width=size,
+               latents=noise, output_type="latent").images
+    with torch.no_grad():
+        ref = _ref_unipc(webui_eps, ac, 6, nchw(image), nchw(noise), t_enc=4)
+    ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+    diff = np.abs(np.asarray(out) - ref).max()
+    assert np.abs(ref).max() > 0.1
+    assert diff <= 1e-4, (diff, np.abs(ref).max())
 
 
 @pytest.mark.parametrize("model", ["sd1"], indirect=True)

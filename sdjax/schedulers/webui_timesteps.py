@@ -1,4 +1,5 @@
-"""The WebUI's own DDIM, PLMS and LCM samplers as steps of the one sampling loop.
+"""The WebUI's own DDIM, PLMS and LCM samplers (and UniPC, ``webui_unipc``) as steps of the
+one sampling loop.
 
 The WebUI runs DDIM and PLMS over integer timesteps (``modules/sd_samplers_timesteps.py`` and
 ``sd_samplers_timesteps_impl.py``, not k-diffusion): the timesteps ``range(0, 1000, 1000 //
@@ -32,6 +33,7 @@ import numpy as np
 from sdjax.schedulers import sigmas as sig
 from sdjax.schedulers import webui
 from sdjax.schedulers import webui_sigmas as ws
+from sdjax.schedulers import webui_unipc as unipc
 from sdjax.schedulers.common import check_steps, start_index, torch_linspace_f32
 
 # LCM's denoiser: its timesteps are every SKIP-th from SKIP - 1 (LCM's 50 original steps).
@@ -168,6 +170,7 @@ def _lcm(ev: _Evals, run_sigmas: list[float], log_sigmas: np.ndarray) -> None:
 
 TIMESTEP_SAMPLERS: dict[str, tuple[int, tuple[str, ...]]] = {  # name -> (memory, aliases)
     "DDIM": (1, ("ddim",)), "PLMS": (4, ("plms",)), "LCM": (1, ("k_lcm",)),
+    "UniPC": (unipc.MEMORY, ("unipc",)),
 }
 
 
@@ -215,6 +218,10 @@ class WebUITimestepSampler(webui.WebUISampler):
         descending (their evaluations are at all but the first)."""
         if self.sampler == "LCM":
             return lcm_sigmas(steps, self.model_sigmas)[0]
+        if self.sampler == "UniPC":
+            ns = unipc.NoiseScheduleVP(self._alphas())
+            la = ns.log_alpha_t(unipc.run_times(ns, len(webui_timesteps(steps)), None))
+            return _f32(np.sqrt(np.expm1(-2 * la)))
         ac = self._alphas()[webui_timesteps(steps)][::-1].astype(np.float64)
         return np.sqrt((1 - ac) / ac).astype(np.float32)
 
@@ -229,6 +236,8 @@ class WebUITimestepSampler(webui.WebUISampler):
         begin = start_index(n, strength)
         img2img = begin > 0 if img2img is None else img2img
         ev = _Evals(self.memory)
+        if self.sampler == "UniPC":
+            return self._unipc_state(n, begin, img2img, sample_shape)
         if self.sampler == "LCM":
             sigmas, log_sigmas = lcm_sigmas(n, self.model_sigmas)
             run = [float(s) for s in sigmas[begin:]]
@@ -264,5 +273,38 @@ class WebUITimestepSampler(webui.WebUISampler):
             upd=jnp.asarray(np.asarray(t.upd, np.float32).reshape(m, 3 + k)),
             mem=jnp.asarray(np.asarray(t.mem, np.float32).reshape(m, k, 2 + k)),
             draw=jnp.asarray(np.asarray(t.draw, np.int32)),
+            memory=jnp.zeros(shape, jnp.float32),
+        )
+
+    def _unipc_state(self, n: int, begin: int, img2img: bool,
+                     sample_shape: tuple[int, ...] | None) -> webui.WebUIState:
+        """UniPC's run (``sdjax.schedulers.webui_unipc``): txt2img over all the WebUI's
+        timesteps of n steps, img2img over the first ``t_enc`` from the noised image."""
+        ac = self._alphas()
+        ac64 = ac.astype(np.float64)
+        sqrt_ac = (_f32(np.sqrt(ac64)), _f32(np.sqrt(1 - ac64)))
+        ns = unipc.NoiseScheduleVP(ac)
+        full = webui_timesteps(n)
+        t_enc = n - 1 - begin
+        steps = t_enc if img2img else len(full)
+        table = webui._Table(unipc.MEMORY)
+        t_start = unipc.img2img_start(full[:t_enc]) if img2img and t_enc else None
+        run = unipc.build(table, ns, sqrt_ac, steps, t_start) if steps else None
+        a_enc = float(ac[full[t_enc]]) if img2img else 0.0
+        scale = 1 / run["alpha0"] if run else 1.0  # the first evaluation's VE scale
+        m, k = len(table.sigma), unipc.MEMORY
+        shape = (k, *(sample_shape if sample_shape is not None else (0,)))
+        empty = np.zeros((0,), np.float32)
+        return webui.WebUIState(
+            timesteps=jnp.asarray(run["t"] if run else empty),
+            init_sigma=jnp.asarray(np.float32(scale)),
+            start_coefs=jnp.asarray(np.array([math.sqrt(a_enc) * scale,
+                                              math.sqrt(1 - a_enc) * scale], np.float32)),
+            input_div=jnp.asarray(run["div"] if run else empty),
+            sigma=jnp.asarray(run["sigma"] if run else empty),
+            v=jnp.asarray(run["v"] if run else np.zeros((0, 2), np.float32)),
+            upd=jnp.asarray(np.asarray(table.upd, np.float32).reshape(m, 3 + k)),
+            mem=jnp.asarray(np.asarray(table.mem, np.float32).reshape(m, k, 2 + k)),
+            draw=jnp.asarray(np.asarray(table.draw, np.int32)),
             memory=jnp.zeros(shape, jnp.float32),
         )
