@@ -1481,15 +1481,16 @@ def test_webuiapi_client_sends_a_controlnet_unit(server, registry, sd1_library):
         result = api.txt2img(prompt="a cat", seed=3, cfg_scale=7, steps=2, width=16,
                              height=16, sampler_name="Euler a", controlnet_units=[unit],
                              override_settings={"sd_model_checkpoint": "tiny"})
+        scheduler, schedule_type = sampler_settings("Euler a")
+        expected = tiny(["a cat"], seeds=[3], image_indices=[0], height=16, width=16,
+                        num_inference_steps=2, scheduler=scheduler, guidance_scale=[7.0],
+                        rng="nv", control_image=255 - image,
+                        controlnet_conditioning_scale=0.7, control_guidance_end=0.5,
+                        control_mode="prompt",
+                        **({} if schedule_type is None else {"schedule_type": schedule_type}))
     finally:
         registry.controlnets.use(tiny, ())
         registry.controlnets = ControlNetLibrary({})
-    scheduler, schedule_type = sampler_settings("Euler a")
-    expected = tiny(["a cat"], seeds=[3], image_indices=[0], height=16, width=16,
-                    num_inference_steps=2, scheduler=scheduler, guidance_scale=[7.0],
-                    rng="nv", control_image=255 - image, controlnet_conditioning_scale=0.7,
-                    control_guidance_end=0.5, control_mode="prompt",
-                    **({} if schedule_type is None else {"schedule_type": schedule_type}))
     np.testing.assert_array_equal(np.asarray(result.image.convert("RGB")), expected.images[0])
     assert result.info["all_seeds"] == [3]
     assert 'ControlNet 0: "Module: invert, Model: ' + title in result.info["infotexts"][0]

@@ -234,8 +234,8 @@ def _png(b64: str) -> tuple[np.ndarray, str]:
 
 def test_server_hires_and_tiling_requests(server, pipe):
     """The WebUI's fields through HTTP: a hires request is the pipeline's hires call (with
-    the server's noise source, nv), with the WebUI's infotext read back by png-info; a tiling
-    request is the pipeline's tiling call."""
+    the server's noise source, nv, and the WebUI's own PLMS), with the WebUI's infotext read
+    back by png-info; a tiling request is the pipeline's tiling call."""
     shape = {"prompt": "a red circle", "width": SIZE, "height": SIZE, "steps": STEPS,
              "sampler_name": "PLMS", "cfg_scale": 7.5, "seed": 7}
     r = server.client.post("/sdapi/v1/txt2img", json={
@@ -243,7 +243,7 @@ def test_server_hires_and_tiling_requests(server, pipe):
         "denoising_strength": 0.6, "hr_sampler_name": "Use same sampler"})
     assert r.status_code == 200, r.text
     expected = pipe(["a red circle"] * 2, seeds=[7, 8], image_indices=[0, 0], height=SIZE,
-                    width=SIZE, num_inference_steps=STEPS, scheduler="pndm", hires_scale=2,
+                    width=SIZE, num_inference_steps=STEPS, scheduler="PLMS", hires_scale=2,
                     hires_denoising_strength=0.6, rng="nv").images  # the server's GPU source
     for k, b64 in enumerate(r.json()["images"]):
         image, text = _png(b64)
