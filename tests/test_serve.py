@@ -1209,6 +1209,16 @@ def test_web_page_sends_a_pngs_variation_and_hires_fields_to_txt2img(page, serve
     assert body["force_task_id"].startswith("task(")
 
 
+
+def _answer_from(page, server, fakes: dict[str, str]):
+    """The page's requests to ``fakes``' paths (path and query) answered with their JSON
+    bodies by the browser, the server never asked; returns the route's pattern (unroute it)."""
+    pattern = re.compile(".*(" + "|".join(re.escape(server.url + p) for p in fakes) + ")$")
+    page.route(pattern, lambda route: route.fulfill(
+        status=200, content_type="application/json",
+        body=fakes[route.request.url.split(server.url)[1]]))
+    return pattern
+
 @needs_chromium
 def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, server):
     """The page's side of features other branches serve: hidden above (this server refuses
@@ -1222,10 +1232,7 @@ def test_web_page_shows_hires_variations_and_controlnet_only_when_served(page, s
              "/controlnet/model_list": json.dumps({"model_list": ["control_canny [abc]"]}),
              "/controlnet/module_list": json.dumps({"module_list": ["none", "canny"]}),
              "/sdapi/v1/txt2img": answer}
-    pattern = re.compile(r".*/(sdjax/v1/features|controlnet/\w+|sdapi/v1/txt2img)$")
-    page.route(pattern, lambda route: route.fulfill(
-        status=200, content_type="application/json",
-        body=fakes[route.request.url.split(server.url)[1]]))
+    pattern = _answer_from(page, server, fakes)
     try:
         page.reload()
         page.wait_for_function("document.getElementById('status').textContent"
@@ -1632,14 +1639,10 @@ def test_web_page_upscales_with_the_x4_upscaler(page, server, registry, request,
                   "cfg_scale": 9.0, "sampler_name": "DDIM", "upscaler": True, "sdxl": False}),
              "/sdapi/v1/img2img": json.dumps({"images": [], "parameters": {}, "info": json.dumps(
                  {"all_seeds": [], "infotexts": [], "width": 32, "height": 32})})}
-    pattern = re.compile(r".*/(sdapi/v1/sd-models|sdjax/v1/model-defaults\?model=upscaler|"
-                         r"sdapi/v1/img2img)$")
     if real:
         registry.sources["upscaler"] = str(request.getfixturevalue("upscaler_folder"))
     else:
-        page.route(pattern, lambda route: route.fulfill(
-            status=200, content_type="application/json",
-            body=fakes[route.request.url.split(server.url)[1]]))
+        pattern = _answer_from(page, server, fakes)
     try:
         page.reload()
         page.wait_for_function("document.getElementById('status').textContent"

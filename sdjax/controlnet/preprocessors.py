@@ -245,8 +245,8 @@ def _lineart_standard(img, res, a, b, seed):
 def _scribble_xdog(img, res, level, b, seed):
     cv2 = _cv2()
     padded, crop = resize_with_pad(img, res)
-    g1 = cv2.GaussianBlur(padded.astype(np.float32), (0, 0), 0.5)
-    g2 = cv2.GaussianBlur(padded.astype(np.float32), (0, 0), 5.0)
+    x = padded.astype(np.float32)
+    g1, g2 = cv2.GaussianBlur(x, (0, 0), 0.5), cv2.GaussianBlur(x, (0, 0), 5.0)
     dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
     result = np.zeros_like(padded, dtype=np.uint8)
     # uint8 arithmetic, as the extension's (2 * (255 - dog) wraps past 255)

@@ -9,16 +9,17 @@ programs compiled for each set are kept, so switching back and forth never recom
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 from sdjax.controlnet import attach
 from sdjax.weights.errors import WeightsError
+from sdjax.weights.files import TORCH_SUFFIXES
+from sdjax.weights.hashes import model_hash
 from sdjax.weights.resolve import TOY_CONTROLNETS, toy_controlnet_path
 
-_WEIGHTS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+_WEIGHTS = (".safetensors", *TORCH_SUFFIXES)
 
 
 def discover(paths: Iterable[str | Path], folder: str | Path | None) -> dict[str, str]:
@@ -56,22 +57,6 @@ def _toy(name: str) -> Path:
         return toy_controlnet_path(name)
     except WeightsError as e:
         raise ValueError(str(e)) from None
-
-
-def model_hash(source: str | Path) -> str:
-    """The WebUI's short model hash (sha256 of 64 KiB at 1 MiB, 8 hex digits), of the file
-    or of a folder's weights file."""
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in _WEIGHTS)
-        if not files:
-            return "00000000"
-        path = files[0]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        h.update(f.read(0x10000))
-    return h.hexdigest()[:8]
 
 
 class ControlNetLibrary:

@@ -48,6 +48,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 STAGES = ("clip", "vae", "unet", "unet_tune")
@@ -71,6 +72,24 @@ def evaluate(folder: Path, steps: int | None = None, seed: int = 0) -> dict:
         images = pipe(prompts, num_inference_steps=steps, guidance_scale=g, seed=seed).images
         out[f"guidance_{g}"] = shapes.accuracy(images, prompts)
     return out
+
+
+def final_record(history: list[dict]) -> dict[str, float]:
+    """A training run's last log record's numbers, rounded for a summary."""
+    return {k: round(v, 5) for k, v in history[-1].items() if isinstance(v, float)}
+
+
+def install(out: Path, fill: Callable[[Path], None], summary: dict, label: str) -> None:
+    """Writes an asset into a staging folder beside ``out`` (``fill`` it, then its
+    ``training/summary.json``) and only then puts it in the place of ``out``: an interrupted
+    install leaves the old asset whole."""
+    staging = out.with_name(out.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    fill(staging)
+    (staging / "training" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    print(f"[{label}] installed {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["stages"][stage] = {
             "steps": cfg.steps, "batch_size": cfg.batch_size,
             "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
-            "train_s": last["elapsed_s"], "final": {k: round(v, 5) for k, v in last.items()
-                                                    if isinstance(v, float)}}
+            "train_s": last["elapsed_s"], "final": final_record(result.history)}
         print(f"[toy] {stage}: {cfg.steps} steps in {last['elapsed_s']:.0f} s, "
               f"final loss {last['loss']:.4f}", flush=True)
     summary["train_s_total"] = round(sum(s["train_s"] for s in summary["stages"].values()), 1)
@@ -116,16 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[toy] prompt following: {json.dumps(summary['accuracy'])}", flush=True)
     if args.no_install:
         return 0
-    staging = args.out.with_name(args.out.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(model, staging)
-    (staging / "training").mkdir()
-    for stage in STAGES:
-        shutil.copyfile(args.work / stage / "log.jsonl", staging / "training" / f"{stage}.jsonl")
-    (staging / "training" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(args.out, ignore_errors=True)
-    staging.rename(args.out)
-    print(f"[toy] installed {args.out}")
+
+    def fill(staging: Path) -> None:
+        shutil.copytree(model, staging)
+        (staging / "training").mkdir()
+        for stage in STAGES:
+            shutil.copyfile(args.work / stage / "log.jsonl",
+                            staging / "training" / f"{stage}.jsonl")
+
+    install(args.out, fill, summary, "toy")
     return 0
 
 

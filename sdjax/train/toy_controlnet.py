@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sdjax.train.config import load_config, override
     from sdjax.train.loop import train
+    from sdjax.train.toy import final_record, install
 
     cfg = override(load_config(args.config), {"output_dir": str(args.work)})
     start = time.perf_counter()
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = evaluate(result.export_dir, args.seeds)
     summary = {"command": "python -m sdjax.train.toy_controlnet", "steps": cfg.steps,
                "batch_size": cfg.batch_size, "train_s": last["elapsed_s"],
-               "final": {k: round(v, 5) for k, v in last.items() if isinstance(v, float)},
+               "final": final_record(result.history),
                "placement": accuracy,
                "eval": {"shapes": args.seeds, "stream": EVAL_STREAM, "seed": 0,
                         "placed_iou": PLACED_IOU, "model": "toy (its sampling defaults)"},
@@ -118,18 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[toy-edges] placement: {json.dumps(accuracy)}", flush=True)
     if args.no_install:
         return 0
-    staging = args.out.with_name(args.out.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for f in ("config.json", "diffusion_pytorch_model.safetensors"):
-        shutil.copyfile(result.export_dir / f, staging / f)
-    (staging / "training").mkdir()
-    shutil.copyfile(args.work / "log.jsonl", staging / "training" / "log.jsonl")
-    (staging / "training" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_examples(staging / "examples")
-    shutil.rmtree(args.out, ignore_errors=True)
-    staging.rename(args.out)
-    print(f"[toy-edges] installed {args.out}")
+
+    def fill(staging: Path) -> None:
+        (staging / "training").mkdir(parents=True)
+        for f in ("config.json", "diffusion_pytorch_model.safetensors"):
+            shutil.copyfile(result.export_dir / f, staging / f)
+        shutil.copyfile(args.work / "log.jsonl", staging / "training" / "log.jsonl")
+        write_examples(staging / "examples")
+
+    install(args.out, fill, summary, NAME)
     return 0
 
 

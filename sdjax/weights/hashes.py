@@ -5,8 +5,10 @@
   write), else kohya's "addnet" hash, the sha256 of the bytes after the header, so that
   editing the metadata does not change it (the WebUI's ``hashes.addnet_hash_safetensors``).
 - An embedding: the sha256 of the whole file.
+- A model's old-style short hash (``name [hash]`` titles, e.g. the ControlNet extension's):
+  the sha256 of 64 KiB at 1 MiB, 8 hex digits.
 
-The short form is the first 12 hex digits, as the WebUI's ``shorthash``.
+The short form of the others is the first 12 hex digits, as the WebUI's ``shorthash``.
 """
 
 from __future__ import annotations
@@ -60,3 +62,21 @@ def lora_hash(path: str | Path) -> str:
 def file_hash(path: str | Path) -> str:
     """The sha256 (hex) of a whole file: the WebUI's hash of an embedding."""
     return _file_hash(*_version(path))
+
+
+def model_hash(source: str | Path) -> str:
+    """The WebUI's old short model hash (sha256 of 64 KiB at 1 MiB, 8 hex digits) of a weights
+    file, or of a folder's first weights file ("00000000" when it has none)."""
+    from sdjax.weights.files import TORCH_SUFFIXES
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir()
+                       if f.suffix.lower() in (".safetensors", *TORCH_SUFFIXES))
+        if not files:
+            return "00000000"
+        path = files[0]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        h.update(f.read(0x10000))
+    return h.hexdigest()[:8]
