@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -117,13 +118,21 @@ def next_index(outdir: Path) -> int:
     return max(taken, default=-1) + 1
 
 
-def encode_png(image: np.ndarray, parameters: str) -> bytes:
-    """PNG bytes of a uint8 (H, W, 3) image with its ``parameters`` text chunk."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+def encode_png(image: np.ndarray, parameters: str | None = None) -> bytes:
+    """PNG bytes of a uint8 (H, W, 3) image with its ``parameters`` text chunk (none when
+    None: a preview, a preprocessor's map)."""
+    info = None
+    if parameters is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
+
+def png_base64(image: np.ndarray, parameters: str | None = None) -> str:
+    """:func:`encode_png` as the WebUI's API sends images: base64 text."""
+    return base64.b64encode(encode_png(image, parameters)).decode("ascii")
 
 
 def save_png(image: np.ndarray, path: Path, parameters: str) -> None:

@@ -9,7 +9,6 @@ request's 422 and merged calls only take prepared images.
 
 from __future__ import annotations
 
-import base64
 import math
 from typing import Any
 
@@ -21,7 +20,7 @@ from sdjax import validation
 from sdjax.controlnet import inputs as control_inputs
 from sdjax.controlnet.preprocessors import ALIASES, PREPROCESSORS, RESOLUTION, SPECS, preprocess
 from sdjax.controlnet.settings import MODE_LABELS, ControlNets, ControlUnit
-from sdjax.images import encode_png
+from sdjax.images import png_base64
 from sdjax.serve import uploads
 from sdjax.serve.limits import BadRequest
 
@@ -280,7 +279,7 @@ def _detect(body: dict, max_pixels: int) -> dict:
             made = preprocess(module, image, **params)
         except (ImportError, ValueError, TypeError) as e:
             raise BadRequest(str(e)) from None
-        out.append(base64.b64encode(encode_png(made, "")).decode("ascii"))
+        out.append(png_base64(made))
     return {"images": out, "info": "Success"}
 
 

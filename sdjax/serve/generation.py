@@ -7,7 +7,6 @@ seed+k`` makes its first image: key (seed + k, index 0).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import time
@@ -28,7 +27,7 @@ from sdjax.call_settings import (
     Size,
     Upscaling,
 )
-from sdjax.images import SAMPLER_LABELS, encode_png
+from sdjax.images import SAMPLER_LABELS, png_base64
 from sdjax.lora_tags import find_lora, split_tags, tag_key
 from sdjax.schedulers.webui_sigmas import schedule_type_label
 from sdjax.serve import controlnet_api, hires_fields, uploads
@@ -379,7 +378,7 @@ def images_response(req: Txt2ImgRequest | Img2ImgRequest, plan: Plan, result: Jo
                                  guidance_scale=spec.guidance_scale, subseed=spec.subseed,
                                  adapters=adapters)
              for spec in result.specs]
-    images = [base64.b64encode(encode_png(im, text)).decode("ascii")
+    images = [png_base64(im, text)
               for im, text in zip(result.images, texts, strict=True)] if req.send_images else []
     seeds = [s.seed for s in result.specs] or [plan.seed]
     subseeds = [s.subseed if s.subseed is not None else req.subseed

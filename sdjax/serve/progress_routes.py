@@ -6,16 +6,13 @@ requests, or runs, at which step, with its live preview when ``live_previews_ena
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI
-from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from sdjax.images import png_base64
 from sdjax.serve.batcher import Batcher
 from sdjax.serve.limits import BadRequest
 
@@ -41,12 +38,6 @@ class ProgressRequest(BaseModel):
     id_task: str | None = None
     id_live_preview: int = -1
     live_preview: bool = True
-
-
-def png_base64(image: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _steps(p: Mapping[str, Any]) -> tuple[int, int]:
