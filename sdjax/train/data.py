@@ -105,8 +105,8 @@ class _Epochs:
 def control_file(image: Path, tag: str) -> Path | None:
     """The control map stored beside ``image``: ``x.<tag>.<ext>`` for ``x.<ext>``."""
     stem = image.name[: -len(image.suffix)]
-    return next((p for e in IMAGE_EXTS for p in (image.with_name(f"{stem}.{tag}{e}"),)
-                 if p.exists()), None)
+    candidates = (image.with_name(f"{stem}.{tag}{e}") for e in IMAGE_EXTS)
+    return next((p for p in candidates if p.exists()), None)
 
 
 class FolderSource:
@@ -149,9 +149,8 @@ class FolderSource:
         with contextlib.ExitStack() as stack:
             img = stack.enter_context(Image.open(path))
             control = None
-            if self.controls is not None:
+            if self.controls is not None:  # its size checked at start
                 control = stack.enter_context(Image.open(self.controls[item]))
-                _check_control_size(img, control, str(self.controls[item]))
             arr = _fit(img, self.cfg.resolution, rng, center=self.cfg.center_crop,
                        flip=self.cfg.random_flip, control=control)
         return arr, text
