@@ -322,6 +322,7 @@ def test_options_switch_model(server, registry):
     ({"refiner_switch_at": 5}, 422, "refiner_switch_at must be in [0, 1], got 5"),
     ({"eta": -1}, 422, "eta must be >= 0, got -1"),
     ({"seed_resize_from_w": -5}, 422, "seed_resize_from_w must be >= -1, got -5"),
+    ({"subseed_strength": 2}, 422, "subseed_strength must be in [0, 1], got 2"),
     ({"scheduler": "nope"}, 422, "unknown schedule_type 'nope'"),
     # the hires pass's own prompt meets the limits before the first pass runs
     ({"enable_hr": True, "hr_prompt": " AND ".join(["a cat"] * 9)}, 422,

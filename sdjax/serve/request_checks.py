@@ -31,9 +31,11 @@ OVERRIDE_SETTINGS: dict[str, tuple[tuple[type, ...], str]] = {
 # field -> (lowest, highest or None): the range a value must be in whatever the task, so that
 # a field the task does not use (a txt2img's denoising_strength without the hires fix, an
 # img2img's mask_blur without a mask) is checked all the same. Where a task uses a field it
-# may ask for more (img2img's strength above 0, the hires fix's hr_scale above 1).
+# may ask for more (img2img's strength above 0, the hires fix's hr_scale above 1). A field every
+# request's plan checks with its own rule is not here (subseed_strength:
+# validation.check_subseed_strength).
 RANGES: dict[str, tuple[float, float | None]] = {
-    "denoising_strength": (0, 1), "subseed_strength": (0, 1), "refiner_switch_at": (0, 1),
+    "denoising_strength": (0, 1), "refiner_switch_at": (0, 1),
     "eta": (0, None), "image_cfg_scale": (0, None), "initial_noise_multiplier": (0, None),
     "hr_scale": (0, None), "hr_second_pass_steps": (0, None), "hr_resize_x": (0, None),
     "hr_resize_y": (0, None), "mask_blur": (0, None), "mask_blur_x": (0, None),
