@@ -466,6 +466,7 @@ class StableDiffusionPipeline:
         n = len(prompts) * c.num_images_per_prompt
         guidance, cfg = sampling.guidance_array(guidance, settings["guidance_rescale"],
                                                 settings["guidance_interval"], n)
+        cfg = cfg or getattr(sched, "needs_uncond", False)  # DDIM CFG++: always
         if c.denoising_start is not None and c.latents is not None:
             raise ValueError("with denoising_start no noise is added to the image, so "
                              "latents= (that noise) does not apply; pass the latents to "

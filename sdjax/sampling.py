@@ -247,6 +247,8 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
     # (sdjax.schedulers.webui), not the noised latents after each step.
     webui_blend = getattr(sched, "blends_denoised", False)
     follows = step_noise.follows_generators(spec.rng, sched)
+    # DDIM CFG++ steps with the unconditional prediction as well as the guided one.
+    needs_uncond = getattr(sched, "needs_uncond", False) and spec.cfg
 
     def per_device(*args):
         # Read while the networks are traced: tiling is compiled in.
@@ -309,6 +311,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             eps = nets.denoise(params, inputs, step, _rows(xin.astype(dtype), reps),
                                None if extra is None else extra.astype(dtype),
                                step_cond).astype(jnp.float32)
+            drawn = {"uncond": eps[:b]} if needs_uncond else {}
             if nets.guide is not None:
                 eps = nets.guide(params, inputs, step, eps, guidance)
             elif spec.cfg:
@@ -318,7 +321,6 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
                                 getattr(sched, "prediction_type", "epsilon"), parallel.AXIS)
             key = (jax.vmap(lambda k: jax.random.fold_in(k, i))(step_keys)
                    if sched.stochastic and not follows else None)
-            drawn = {}
             if follows:
                 drawn["noise"], gens = step_noise.take(spec.rng, lat_shape, gens,
                                                        state.draw[i])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import math
 import sys
 import types
 
@@ -544,9 +545,10 @@ def _ref_timesteps(eps_fn, sampler, ac, steps, x0, noise, t_enc=None, eta=0.0, n
     return x
 
 
-def _ref_unipc(eps_fn, ac, steps, x0, noise, t_enc=None):
-    """The WebUI's ``unipc`` with its default options (bh1, order 3, time_uniform, lower
-    order final) restated in float32 torch: ``UniPC.sample(method="multistep",
+def _ref_unipc(eps_fn, ac, steps, x0, noise, t_enc=None, variant="bh1",
+               skip_type="time_uniform", order=3, lower_order_final=True):
+    """The WebUI's ``unipc`` restated in float32 torch with its options (defaults: bh1,
+    time_uniform, order 3, lower order final): ``UniPC.sample(method="multistep",
     predict_x0=True)`` over ``NoiseScheduleVP('discrete', alphas_cumprod)``, the model at
     ``(t - 1/1000) * 1000``; txt2img or its img2img (``t_enc`` as for DDIM)."""
     full = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
@@ -555,21 +557,27 @@ def _ref_unipc(eps_fn, ac, steps, x0, noise, t_enc=None):
         a = ac[full[t_enc]]
         x = x0 * a.sqrt() + noise * (1 - a).sqrt()
         full = full[:t_enc]
-        t_start = (full[-1] / 1000 + 1 / 1000).item()
+        t_start = full[-1] / 1000 + 1 / 1000  # a float32 tensor, as the WebUI's
     t_knots, log_a = torch.linspace(0.0, 1.0, 1001)[1:], 0.5 * torch.log(ac)
 
-    def log_alpha(t):  # interpolate_fn: piecewise linear over the knots
-        i = torch.clamp(torch.searchsorted(t_knots, t.reshape(1), right=True) - 1, 0, 998)[0]
-        return log_a[i] + (t - t_knots[i]) * (log_a[i + 1] - log_a[i]) / (
-            t_knots[i + 1] - t_knots[i])
+    def interp(t, xp, yp):  # interpolate_fn: piecewise linear, the end segments extended
+        i = torch.clamp(torch.searchsorted(xp, t.reshape(1), right=True) - 1, 0, 998)[0]
+        return yp[i] + (t - xp[i]) * (yp[i + 1] - yp[i]) / (xp[i + 1] - xp[i])
 
     def alpha_sigma_lambda(t):
-        la = log_alpha(t)
+        la = interp(t, t_knots, log_a)
         return la.exp(), (1 - (2 * la).exp()).sqrt(), la - 0.5 * (1 - (2 * la).exp()).log()
 
     def data(x, t):  # data_prediction_fn around the CFG-combined eps
         al, sg, _ = alpha_sigma_lambda(t)
         return (x - sg * eps_fn(x, ((t - 1 / 1000) * 1000).item())) / al
+
+    def phis(hh, count):  # h_phi_1, then each h_phi_k / hh - 1 / k!
+        out, fact = [torch.expm1(hh)], 1
+        for k in range(1, count):
+            out.append(out[-1] / hh - 1 / fact)
+            fact *= k + 1
+        return out
 
     def update(x, ms, tps, t, order, corrector):
         al_t, sg_t, lam_t = alpha_sigma_lambda(t)
@@ -579,32 +587,60 @@ def _ref_unipc(eps_fn, ac, steps, x0, noise, t_enc=None):
         d1s = [(ms[-1 - i] - ms[-1]) / rk for i, rk in enumerate(rks, 1)]
         rks = torch.stack(rks + [torch.tensor(1.0)])
         hh = -h
-        phi, phi_k, fact, rows, b = torch.expm1(hh), torch.expm1(hh) / hh - 1, 1, [], []
+        hp = phis(hh, order + 2)
+        base = sg_t / sg_0 * x - al_t * hp[0] * ms[-1]
+        zero = torch.zeros_like(x)
+        if variant == "vary_coeff":  # multistep_uni_pc_vary_update
+            k_ = len(rks)
+            c = torch.stack([rks ** j / math.factorial(j + 1) for j in range(k_)], dim=1)
+            x_t = base
+            if d1s:
+                a_p = torch.linalg.inv(c[:-1, :-1])
+                for j in range(k_ - 1):
+                    x_t = x_t - al_t * hp[j + 1] * sum(
+                        (w * d for w, d in zip(a_p[j], d1s, strict=True)), zero)
+            if not corrector:
+                return x_t, None
+            a_c = torch.linalg.inv(c)
+            m_t = data(x_t, t)
+            x_t, j = base, 0
+            for j in range(k_ - 1):
+                x_t = x_t - al_t * hp[j + 1] * sum(
+                    (w * d for w, d in zip(a_c[j][:-1], d1s, strict=True)), zero)
+            return x_t - al_t * hp[k_] * ((m_t - ms[-1]) * a_c[j][-1]), m_t
+        b_h = hh if variant == "bh1" else torch.expm1(hh)
+        rows, b, fact = [], [], 1
         for i in range(1, order + 1):
             rows.append(rks ** (i - 1))
-            b.append(phi_k * fact / hh)  # B(h) = hh (bh1)
+            b.append(hp[i] * fact / b_h)
             fact *= i + 1
-            phi_k = phi_k / hh - 1 / fact
         r, b = torch.stack(rows), torch.stack(b)
-        base = sg_t / sg_0 * x - al_t * phi * ms[-1]
         rho_p = (torch.tensor([0.5]) if order == 2
                  else torch.linalg.solve(r[:-1, :-1], b[:-1]) if order > 2 else [])
-        x_t = base - al_t * hh * sum((c * d for c, d in zip(rho_p, d1s, strict=True)),
-                                     torch.zeros_like(x))
+        x_t = base - al_t * b_h * sum((c * d for c, d in zip(rho_p, d1s, strict=True)), zero)
         if not corrector:
             return x_t, None
         rho_c = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(r, b)
         m_t = data(x_t, t)
-        res = sum((c * d for c, d in zip(rho_c[:-1], d1s, strict=True)), torch.zeros_like(x))
-        return base - al_t * hh * (res + rho_c[-1] * (m_t - ms[-1])), m_t
+        res = sum((c * d for c, d in zip(rho_c[:-1], d1s, strict=True)), zero)
+        return base - al_t * b_h * (res + rho_c[-1] * (m_t - ms[-1])), m_t
 
-    n = len(full)
-    ts = torch.linspace(t_start, 1 / 1000, n + 1)
+    n, t_0 = len(full), 1 / 1000
+    if skip_type == "time_quadratic":
+        ts = torch.linspace(t_start ** 0.5, t_0 ** 0.5, n + 1).pow(2)
+    elif skip_type == "logSNR":
+        lams = [alpha_sigma_lambda(torch.as_tensor(t))[2].item() for t in (t_start, t_0)]
+        lam = torch.linspace(lams[0], lams[1], n + 1)
+        ts = torch.stack([interp(-0.5 * torch.logaddexp(torch.zeros(()), -2 * v),
+                                 log_a.flip(0), t_knots.flip(0)) for v in lam])
+    else:
+        ts = torch.linspace(float(t_start), t_0, n + 1)
     ms, tps = [data(x, ts[0])], [ts[0]]
     for step in range(1, n + 1):
-        order = step if step < 3 else min(3, n + 1 - step)
-        x, m = update(x, ms, tps, ts[step], order, step < n)
-        ms, tps = (ms + [m])[-3:], (tps + [ts[step]])[-3:]
+        o = step if step < order else (min(order, n + 1 - step) if lower_order_final
+                                       else order)
+        x, m = update(x, ms, tps, ts[step], o, step < n)
+        ms, tps = (ms + [m])[-order:], (tps + [ts[step]])[-order:]
     return x
 
 
@@ -887,3 +923,55 @@ def test_pipeline_inpaints_as_the_webui(model, monkeypatch):
     assert np.abs(ref - np.transpose(init.numpy(), (0, 2, 3, 1))).max() > 0.1
     diff = np.abs(out - ref).max()
     assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
+
+
+# -- the WebUI's UniPC options, DDIM CFG++ and Restart -------------------------------------------
+
+UNIPC_OPTION_CASES = (  # (config, steps, img2img start step or None, the WebUI's options)
+    (SD15_SCHEDULER, 6, None, dict(uni_pc_variant="bh2")),
+    (SD15_SCHEDULER, 8, 2, dict(uni_pc_variant="vary_coeff", uni_pc_order=2)),
+    (SD21_SCHEDULER, 7, None, dict(uni_pc_skip_type="time_quadratic",
+                                   uni_pc_lower_order_final=False)),
+    (SD21_SCHEDULER, 8, 1, dict(uni_pc_skip_type="logSNR", uni_pc_variant="vary_coeff")),
+    (SD15_SCHEDULER, 5, None, dict(uni_pc_skip_type="logSNR", uni_pc_order=1)),
+    (SD15_SCHEDULER, 7, 1, dict(uni_pc_skip_type="time_quadratic", uni_pc_order=4,
+                                uni_pc_variant="bh2")),
+)
+
+
+def _vpred_eps(config, eps):
+    """``eps(x, t)`` as the UNet output of ``config``'s prediction type: on a v-prediction
+    model the v whose eps (the WebUI's predict_eps_from_z_and_v at the truncated t) it is."""
+    ac = np.asarray(ws.webui_alphas_cumprod(get_scheduler("Euler", config).schedule),
+                    np.float32)
+    if config.get("prediction_type") != "v_prediction":
+        return eps
+
+    def v(x, t):
+        a = float(ac[int(float(t))])
+        return (eps(x, t) - (1 - a) ** 0.5 * x) / a ** 0.5
+    return v
+
+
+def test_unipc_options_restate_the_webui():
+    """The WebUI's UniPC options (variants bh2 and vary_coeff, skip types time_quadratic and
+    logSNR, orders 1, 2 and 4, lower order final off) over a stand-in eps against its
+    UniPC restated: txt2img and img2img, epsilon and v-prediction, within 1e-5."""
+    rng = np.random.default_rng(5)
+    shape = (2, 3, 3, 2)
+    for config, steps, begin, opts in UNIPC_OPTION_CASES:
+        sched = dataclasses.replace(get_scheduler("UniPC", config), **opts)
+        ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(sched.schedule), np.float32))
+        noise = rng.standard_normal(shape).astype(np.float32)
+        x0 = None if begin is None else rng.standard_normal(shape).astype(np.float32)
+        ours = _ours_timesteps(_vpred_eps(config, _fake_eps), sched, steps, x0, noise, begin,
+                               np.zeros((1, *shape), np.float32))
+        nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+        with torch.no_grad():
+            ref = _ref_unipc(_fake_eps, ac, steps, None if x0 is None else nchw(x0),
+                             nchw(noise), None if begin is None else steps - 1 - begin,
+                             **{k[len("uni_pc_"):]: v for k, v in opts.items()})
+        ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+        assert np.abs(ref).max() > 0.1
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"UniPC {opts} {steps} from {begin}")

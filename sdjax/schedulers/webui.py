@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers import sigmas as sig
+from sdjax.schedulers import webui_restart as restart
 from sdjax.schedulers import webui_sigmas as ws
 from sdjax.schedulers.common import check_steps, normal_like, start_index, torch_linspace_f32
 from sdjax.schedulers.start import strength_for_start
@@ -118,14 +119,7 @@ def _table_euler_a(t, sig_, o):
 
 def _table_heun(t, sig_, o):
     for s, to in zip(sig_[:-1], sig_[1:], strict=True):
-        dt = to - s
-        if to == 0:
-            _euler(t, s, to)
-            continue
-        # predictor: B0 = x, B1 = d = (x - D) / s; x2 = x + d dt
-        t.add(s, x=1 + dt / s, d=-dt / s, mem=[(1, 0, ()), (1 / s, -1 / s, ())])
-        # corrector at `to`: x = B0 + dt (B1 + (x2 - D2) / to) / 2
-        t.add(to, x=dt / (2 * to), d=-dt / (2 * to), b=(1, dt / 2))
+        restart.heun_step(t, s, to)
 
 
 def _mid(a: float, b: float) -> float:
@@ -335,6 +329,7 @@ class SamplerInfo:
     scheduler: str | None = None  # "Automatic" resolves to this schedule type (None: Uniform)
     discard_next_to_last_sigma: bool = False
     eta: bool = False  # takes the WebUI's eta (its "Eta for ancestral samplers")
+    draws: bool = False  # draws noise whatever the eta (Restart: scaled by s_noise)
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
@@ -352,6 +347,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "DPM++ 3M SDE": SamplerInfo(_table_dpmpp_3m_sde, 2, "Exponential",
                                 discard_next_to_last_sigma=True, eta=True),
     "DPM fast": SamplerInfo(_table_dpm_fast, 2, eta=True),
+    "Restart": SamplerInfo(restart.table_restart, 2, "Karras", draws=True),
 }
 WEBUI_SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 # The WebUI's aliases (k-diffusion function names) of each sampler.
@@ -361,6 +357,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "DPM2 a": ("k_dpm_2_a",), "DPM++ 2S a": ("k_dpmpp_2s_a",), "LMS": ("k_lms",),
     "DPM++ SDE": ("k_dpmpp_sde",), "DPM++ 2M SDE": ("k_dpmpp_2m_sde",),
     "DPM++ 3M SDE": ("k_dpmpp_3m_sde",), "DPM fast": ("k_dpm_fast",),
+    "Restart": ("restart",),
 }
 # The WebUI's samplers that cannot run as a fixed number of loop evaluations.
 NOT_FIXED_STEP: dict[str, str] = {
@@ -435,7 +432,19 @@ class WebUISampler(sig.SigmaScheduler):
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
-        return self.info.eta and self.eta != 0
+        return (self.info.eta and self.eta != 0) or (self.info.draws and self.s_noise != 0)
+
+    @property
+    def needs_uncond(self) -> bool:
+        """Whether :meth:`step` takes the unconditional prediction apart (``uncond=``): the
+        loop then always runs the unconditional pass (DDIM CFG++)."""
+        return False
+
+    @property
+    def uncond_scale(self) -> float:
+        """With ``needs_uncond``: the factor of the guidance (the denoised estimate is
+        uncond + uncond_scale * (guided - uncond))."""
+        return 1.0
 
     @property
     def info(self) -> SamplerInfo:
@@ -448,7 +457,8 @@ class WebUISampler(sig.SigmaScheduler):
 
     @property
     def order(self) -> int:  # type: ignore[override]
-        return 2 if self.sampler in ("Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE") else 1
+        return 2 if self.sampler in ("Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE",
+                                     "Restart") else 1
 
     @property
     def resolved_schedule(self) -> str:
@@ -517,11 +527,14 @@ class WebUISampler(sig.SigmaScheduler):
     def step(self, state: WebUIState, i: jax.Array, model_output: jax.Array,
              sample: jax.Array, key: jax.Array | None = None, *,
              noise: jax.Array | None = None,
-             blend: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, WebUIState]:
+             blend: tuple[jax.Array, jax.Array] | None = None,
+             uncond: jax.Array | None = None) -> tuple[jax.Array, WebUIState]:
         """One evaluation's update. ``noise`` replaces the hook's draw; ``blend`` = (clean
         image latents, repaint mask): the WebUI's inpainting keeps the image's denoised
         estimate outside the mask (``CFGDenoiser``'s ``init_latent * mask + nmask *
-        denoised``)."""
+        denoised``); ``uncond`` (samplers that ``needs_uncond``): the unconditional model
+        output, whose denoised estimate becomes B0 and scales the guidance by
+        ``uncond_scale``."""
         x = sample.astype(jnp.float32)
         memory = state.memory
         if memory.shape[1:] != x.shape:
@@ -531,6 +544,11 @@ class WebUISampler(sig.SigmaScheduler):
             memory = jnp.zeros((memory.shape[0], *x.shape), jnp.float32)
         den = sig.x0_from_sigma(self.denoiser_prediction, model_output.astype(jnp.float32), x,
                                 state.sigma[i], state.v[i])
+        if uncond is not None:
+            den_u = sig.x0_from_sigma(self.denoiser_prediction, uncond.astype(jnp.float32), x,
+                                      state.sigma[i], state.v[i])
+            den = den_u + self.uncond_scale * (den - den_u)
+            memory = memory.at[0].set(den_u)
         if blend is not None:
             image, repaint = blend
             den = image.astype(jnp.float32) * (1 - repaint) + repaint * den

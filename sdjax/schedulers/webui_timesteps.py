@@ -82,9 +82,11 @@ class _Evals:
         self.table.add(sigma, **kw)
 
 
-def _ddim(ev: _Evals, run: _Run, eta: float) -> None:
+def _ddim(ev: _Evals, run: _Run, eta: float, cfgpp: bool = False) -> None:
     """``ddim``: x' = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s N, with the WebUI's
-    eta sigma s; written in the next evaluation's VE scale (the VP sample after the last)."""
+    eta sigma s; written in the next evaluation's VE scale (the VP sample after the last).
+    ``cfgpp`` (``ddim_cfgpp``): the direction term takes the unconditional eps, (x - B0) / s
+    with B0 the unconditional denoised estimate, which the step writes (``uncond=``)."""
     n = len(run.ts)
     for index in range(n - 1, 0, -1):
         a_t, a_p = float(run.alphas[index]), float(run.prev[index])
@@ -92,9 +94,13 @@ def _ddim(ev: _Evals, run: _Run, eta: float) -> None:
         noise_sd = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
         c = math.sqrt(1 - a_p - noise_sd ** 2)
         k = 1.0 if index == 1 else 1 / math.sqrt(a_p)  # to the next evaluation's scale
+        noise = k * noise_sd if eta else 0.0
+        if cfgpp:
+            ev.add(run.ts[index], s, x=k * c / s, d=k * math.sqrt(a_p), b=(-k * c / s,),
+                   noise=noise)
+            continue
         # eps = (x - D) / s
-        ev.add(run.ts[index], s, x=k * c / s, d=k * (math.sqrt(a_p) - c / s),
-               noise=k * noise_sd if eta else 0.0)
+        ev.add(run.ts[index], s, x=k * c / s, d=k * (math.sqrt(a_p) - c / s), noise=noise)
 
 
 _AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
@@ -169,33 +175,68 @@ def _lcm(ev: _Evals, run_sigmas: list[float], log_sigmas: np.ndarray) -> None:
 
 
 TIMESTEP_SAMPLERS: dict[str, tuple[int, tuple[str, ...]]] = {  # name -> (memory, aliases)
-    "DDIM": (1, ("ddim",)), "PLMS": (4, ("plms",)), "LCM": (1, ("k_lcm",)),
-    "UniPC": (unipc.MEMORY, ("unipc",)),
+    "DDIM": (1, ("ddim",)), "DDIM CFG++": (1, ("ddim_cfgpp",)), "PLMS": (4, ("plms",)),
+    "LCM": (1, ("k_lcm",)), "UniPC": (0, ("unipc",)),  # UniPC's: its order
+}
+# DDIM CFG++ scales the guidance by this (the WebUI's cond_scale_miltiplier, mapping CFG
+# scales 0..12.5 to 0..1).
+CFGPP_SCALE = 1 / 12.5
+# The WebUI's sampler options (Settings > Sampler parameters) these samplers read, under the
+# WebUI's option names; the scheduler fields of the same names hold them.
+OPTION_DEFAULTS: dict[str, Any] = {
+    "eta_ddim": 0.0, "uni_pc_variant": "bh1", "uni_pc_skip_type": "time_uniform",
+    "uni_pc_order": 3, "uni_pc_lower_order_final": True,
+}
+# Which sampler reads which option.
+OPTION_SAMPLERS: dict[str, tuple[str, ...]] = {
+    "eta_ddim": ("DDIM", "DDIM CFG++"), "uni_pc_variant": ("UniPC",),
+    "uni_pc_skip_type": ("UniPC",), "uni_pc_order": ("UniPC",),
+    "uni_pc_lower_order_final": ("UniPC",),
 }
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WebUITimestepSampler(webui.WebUISampler):
-    """The WebUI's DDIM / PLMS (its timesteps samplers) and LCM. ``eta_ddim`` is the WebUI's
-    "Eta for DDIM" (default 0: deterministic); LCM draws fresh noise every step but the last.
-    ``schedule_type`` is ignored by DDIM and PLMS, as by the WebUI; LCM runs its own
-    schedule (Automatic only)."""
+    """The WebUI's DDIM, DDIM CFG++, PLMS, UniPC (its timesteps samplers) and LCM.
+    ``eta_ddim`` is the WebUI's "Eta for DDIM" (default 0: deterministic; DDIM CFG++ reads
+    it too); the ``uni_pc_*`` fields are its UniPC options (``webui_unipc.Options``); LCM
+    draws fresh noise every step but the last. ``schedule_type`` is ignored by the
+    timesteps samplers, as by the WebUI; LCM runs its own schedule (Automatic only)."""
 
     eta_ddim: float
+    uni_pc_variant: str
+    uni_pc_skip_type: str
+    uni_pc_order: int
+    uni_pc_lower_order_final: bool
 
     name: ClassVar[str] = "webui_timesteps"
     known: ClassVar[dict[str, Any]] = TIMESTEP_SAMPLERS
-    defaults: ClassVar[dict[str, Any]] = {**webui.WebUISampler.defaults, "eta_ddim": 0.0}
+    defaults: ClassVar[dict[str, Any]] = {**webui.WebUISampler.defaults, **OPTION_DEFAULTS}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.sampler == "LCM" and self.schedule_type != "Automatic":
             raise ValueError(f"the WebUI's LCM sampler runs its own schedule: schedule_type "
                              f"{self.schedule_type!r} is not supported (use Automatic)")
+        self.unipc_options  # noqa: B018  (checks the UniPC options)
+
+    @property
+    def unipc_options(self) -> unipc.Options:
+        return unipc.Options(self.uni_pc_variant, self.uni_pc_skip_type, self.uni_pc_order,
+                             self.uni_pc_lower_order_final)
+
+    @property
+    def needs_uncond(self) -> bool:  # type: ignore[override]
+        return self.sampler == "DDIM CFG++"
+
+    @property
+    def uncond_scale(self) -> float:  # type: ignore[override]
+        return CFGPP_SCALE
 
     @property
     def stochastic(self) -> bool:  # type: ignore[override]
-        return self.sampler == "LCM" or (self.sampler == "DDIM" and self.eta_ddim != 0)
+        return self.sampler == "LCM" or (self.sampler in ("DDIM", "DDIM CFG++")
+                                         and self.eta_ddim != 0)
 
     @property
     def order(self) -> int:  # type: ignore[override]
@@ -208,7 +249,8 @@ class WebUITimestepSampler(webui.WebUISampler):
 
     @property
     def memory(self) -> int:
-        return TIMESTEP_SAMPLERS[self.sampler][0]
+        return self.uni_pc_order if self.sampler == "UniPC" else TIMESTEP_SAMPLERS[
+            self.sampler][0]
 
     def _alphas(self) -> np.ndarray:
         return np.asarray(ws.webui_alphas_cumprod(self.schedule), np.float32)
@@ -220,7 +262,8 @@ class WebUITimestepSampler(webui.WebUISampler):
             return lcm_sigmas(steps, self.model_sigmas)[0]
         if self.sampler == "UniPC":
             ns = unipc.NoiseScheduleVP(self._alphas())
-            la = ns.log_alpha_t(unipc.run_times(ns, len(webui_timesteps(steps)), None))
+            la = ns.log_alpha_t(unipc.run_times(ns, len(webui_timesteps(steps)), None,
+                                                self.uni_pc_skip_type))
             return _f32(np.sqrt(np.expm1(-2 * la)))
         ac = self._alphas()[webui_timesteps(steps)][::-1].astype(np.float64)
         return np.sqrt((1 - ac) / ac).astype(np.float32)
@@ -249,8 +292,8 @@ class WebUITimestepSampler(webui.WebUISampler):
             t_enc = n - 1 - begin
             ts = full[:t_enc] if img2img else full
             r = _Run.of(ac, ts)
-            if self.sampler == "DDIM":
-                _ddim(ev, r, self.eta_ddim)
+            if self.sampler in ("DDIM", "DDIM CFG++"):
+                _ddim(ev, r, self.eta_ddim, cfgpp=self.sampler == "DDIM CFG++")
             else:
                 _plms(ev, r)
             # txt2img: VP noise in the first evaluation's VE scale; img2img: the image noised
@@ -287,12 +330,14 @@ class WebUITimestepSampler(webui.WebUISampler):
         full = webui_timesteps(n)
         t_enc = n - 1 - begin
         steps = t_enc if img2img else len(full)
-        table = webui._Table(unipc.MEMORY)
+        k = self.memory
+        table = webui._Table(k)
         t_start = unipc.img2img_start(full[:t_enc]) if img2img and t_enc else None
-        run = unipc.build(table, ns, sqrt_ac, steps, t_start) if steps else None
+        run = (unipc.build(table, ns, sqrt_ac, steps, t_start, self.unipc_options) if steps
+               else None)
         a_enc = float(ac[full[t_enc]]) if img2img else 0.0
         scale = 1 / run["alpha0"] if run else 1.0  # the first evaluation's VE scale
-        m, k = len(table.sigma), unipc.MEMORY
+        m = len(table.sigma)
         shape = (k, *(sample_shape if sample_shape is not None else (0,)))
         empty = np.zeros((0,), np.float32)
         return webui.WebUIState(
