@@ -975,3 +975,172 @@ def test_unipc_options_restate_the_webui():
         assert np.abs(ref).max() > 0.1
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5,
                                    err_msg=f"UniPC {opts} {steps} from {begin}")
+
+
+def _ref_ddim_cfgpp(cond_fn, uncond_fn, scale, ac, steps, x0, noise, t_enc=None, eta=0.0,
+                    noises=()):
+    """The WebUI's ``ddim_cfgpp`` (sd_samplers_timesteps_impl.py, 1.10) restated: DDIM whose
+    eps is the CFG combination at ``scale / 12.5`` (its ``cond_scale_miltiplier``) and whose
+    direction term takes the unconditional eps (``last_noise_uncond``); ``cond_fn`` and
+    ``uncond_fn`` give eps at an integer timestep."""
+    full = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    x = noise
+    if t_enc is not None:
+        a = ac[full[t_enc]]
+        x = x0 * a.sqrt() + noise * (1 - a).sqrt()
+        full = full[:t_enc]
+    ts = full
+    alphas = ac[ts]
+    prev = ac[torch.nn.functional.pad(ts[:-1], (1, 0))].double()
+    sig = eta * np.sqrt((1 - prev.numpy()) / (1 - alphas.numpy()) * (1 - alphas.numpy()
+                                                                    / prev.numpy()))
+    draws = iter(noises)
+    for i in range(len(ts) - 1):
+        index = len(ts) - 1 - i
+        t = ts[index].item()
+        u, c = uncond_fn(x, t), cond_fn(x, t)
+        e_t = u + (c - u) * (scale / 12.5)
+        a_t, a_p, s = alphas[index].item(), prev[index].item(), float(sig[index])
+        pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
+        x = a_p ** 0.5 * pred_x0 + (1 - a_p - s ** 2) ** 0.5 * u + (s * next(draws) if eta
+                                                                    else 0)
+    return x
+
+
+def _nchw(a):
+    return torch.tensor(np.transpose(a, (0, 3, 1, 2)))
+
+
+def _fake_uncond_eps(x, t):
+    """A second stand-in eps, for the unconditional half."""
+    return x * 0.3 + 0.1 * (float(t) / 1000) + 0.05
+
+
+def test_ddim_cfgpp_restates_the_webui():
+    """"DDIM CFG++" over stand-in conditional and unconditional eps (the step given the
+    loop's guided output and the unconditional one) against the WebUI's ddim_cfgpp
+    restated: txt2img and img2img, eta_ddim 0 and 0.6, epsilon and v-prediction, the
+    guidance above and at 1."""
+    rng = np.random.default_rng(6)
+    shape = (2, 3, 3, 2)
+    step = jax.jit(lambda sched, state, i, out, unc, x, n: sched.step(
+        state, i, out, x, noise=n, uncond=unc), static_argnums=0)
+    for config, steps, begin, eta, scale in ((SD15_SCHEDULER, 5, None, 0.0, 7.0),
+                                             (SD15_SCHEDULER, 8, 2, 0.6, 7.0),
+                                             (SD21_SCHEDULER, 6, None, 0.6, 1.0),
+                                             (SD21_SCHEDULER, 7, 1, 0.0, 4.5)):
+        sched = dataclasses.replace(get_scheduler("DDIM CFG++", config), eta_ddim=eta)
+        assert sched.needs_uncond and sched.stochastic == bool(eta)
+        cond, uncond = _vpred_eps(config, _fake_eps), _vpred_eps(config, _fake_uncond_eps)
+        noise = rng.standard_normal(shape).astype(np.float32)
+        x0 = None if begin is None else rng.standard_normal(shape).astype(np.float32)
+        noises = rng.standard_normal((steps + 1, *shape)).astype(np.float32)
+        if x0 is None:
+            state = sched.set_timesteps(steps, sample_shape=shape)
+            x = jnp.asarray(noise * np.asarray(state.init_sigma))
+        else:
+            state = sched.img2img_state(steps, begin)
+            c = np.asarray(state.start_coefs)
+            x = jnp.asarray(x0 * c[0] + noise * c[1])
+        div, ts, draws = (np.asarray(a) for a in (state.input_div, state.timesteps,
+                                                  state.draw))
+        for i in range(sched.num_evaluations(state)):
+            xin = np.asarray(x) / div[i]
+            u, c_ = uncond(xin, ts[i]), cond(xin, ts[i])
+            guided = u + max(scale, 1.0) * (c_ - u) if scale > 1 else c_  # the loop's CFG
+            n = noises[draws[i]] if draws[i] >= 0 else np.zeros(shape, np.float32)
+            x, state = step(sched, state, i, jnp.asarray(guided), jnp.asarray(u), x, n)
+        ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(sched.schedule), np.float32))
+        nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+        with torch.no_grad():
+            ref = _ref_ddim_cfgpp(_fake_eps, _fake_uncond_eps, scale, ac, steps,
+                                  None if x0 is None else nchw(x0), nchw(noise),
+                                  None if begin is None else steps - 1 - begin, eta,
+                                  [nchw(n) for n in noises])
+        ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+        assert np.abs(ref).max() > 0.1
+        np.testing.assert_allclose(np.asarray(x), ref, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"DDIM CFG++ {steps} from {begin} eta {eta}")
+
+
+def _ref_restart(model, x, sigmas, s_noise, noise):
+    """The WebUI's ``restart_sampler`` (sd_samplers_extra.py) restated over k-diffusion's
+    ``to_d`` and ``get_sigmas_karras`` with its automatic restart list; ``noise()`` is its
+    ``torch.randn_like``."""
+    to_d, karras = KD[0].to_d, KD[0].get_sigmas_karras
+    s_in = x.new_ones([x.shape[0]])
+
+    def heun_step(x, old, new):
+        d = to_d(x, old, model(x, old * s_in))
+        if new == 0:
+            return x + d * (new - old)
+        x_2 = x + d * (new - old)
+        d_2 = to_d(x_2, new, model(x_2, new * s_in))
+        return x + (d + d_2) / 2 * (new - old)
+
+    steps = sigmas.shape[0] - 1
+    restart_list = {}
+    if steps >= 20:
+        r_steps, r_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        sigmas = karras(steps - r_steps * r_times, sigmas[-2].item(), sigmas[0].item())
+        restart_list = {0.1: [r_steps + 1, r_times, 2]}
+    restart_list = {int(torch.argmin(abs(sigmas - k), dim=0)): v
+                    for k, v in restart_list.items()}
+    step_list = []
+    for i in range(len(sigmas) - 1):
+        step_list.append((sigmas[i], sigmas[i + 1]))
+        if i + 1 in restart_list:
+            r_steps, r_times, r_max = restart_list[i + 1]
+            min_idx, max_idx = i + 1, int(torch.argmin(abs(sigmas - r_max), dim=0))
+            if max_idx < min_idx:
+                up = karras(r_steps, sigmas[min_idx].item(), sigmas[max_idx].item())[:-1]
+                step_list += list(zip(up[:-1], up[1:], strict=True)) * r_times
+    last = None
+    for old, new in step_list:
+        if last is None:
+            last = old
+        elif last < old:
+            x = x + noise() * s_noise * (old ** 2 - last ** 2) ** 0.5
+        x = heun_step(x, old, new)
+        last = new
+    return x
+
+
+def test_restart_restates_the_webui():
+    """"Restart" over a stand-in denoiser against the WebUI's restart_sampler restated: under
+    20 steps (Heun over the schedule), at 20 (one restart of 9 steps) and at 36 (two of 9),
+    txt2img and img2img (the restart list built over the cut schedule, as the WebUI's),
+    several schedule types and s_noise, the jumps' noise fed to both."""
+    rng = np.random.default_rng(8)
+    shape = (2, 3, 3, 2)
+    for schedule, steps, start, s_noise in (("Automatic", 6, 0, 1.0), ("Automatic", 20, 0, 1.0),
+                                            ("Exponential", 36, 0, 0.9),
+                                            ("Uniform", 24, 3, 1.0), ("Karras", 7, 2, 1.0)):
+        sched = dataclasses.replace(
+            get_scheduler("Restart", SD15_SCHEDULER, schedule_type=schedule), s_noise=s_noise)
+        sigmas = sched.sigmas(steps)
+        noise = rng.standard_normal(shape).astype(np.float32)
+        x0 = rng.standard_normal(shape).astype(np.float32) if start else None
+        step_noises = rng.standard_normal((4, *shape)).astype(np.float32)
+        state = sched.set_timesteps(steps, strength_for_start(steps, start), sample_shape=shape)
+        x = (jnp.asarray(noise) * state.init_sigma if x0 is None
+             else sched.add_noise_for_start(state, jnp.asarray(x0), jnp.asarray(noise)))
+        # 2 steps - 1 evaluations, as Heun; a jump's noise is drawn after the 2 restarts
+        assert sched.num_evaluations(state) == 2 * (steps - start) - 1
+        assert int(np.asarray(state.draw).max()) + 1 == (
+            0 if steps - start < 20 else 1 if steps - start < 36 else 2)
+        for i in range(sched.num_evaluations(state)):
+            sigma = state.sigma[i]
+            eps = (x - _fake_denoiser(x, sigma[None])) / sigma
+            draw = int(state.draw[i])
+            x, state = sched.step(state, i, eps, x, noise=jnp.asarray(
+                step_noises[draw] if draw >= 0 else np.zeros(shape, np.float32)))
+        run = torch.tensor(sigmas[start:])
+        draws = iter([_nchw(n) for n in step_noises])
+        with torch.no_grad():
+            x_ref = _nchw(noise) * run[0] + (0 if x0 is None else _nchw(x0))
+            ref = _ref_restart(_fake_denoiser, x_ref, run, s_noise,
+                               functools.partial(next, draws))
+        ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+        np.testing.assert_allclose(np.asarray(x), ref, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"Restart {schedule} {steps} from {start}")
