@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sdjax.task_inputs import TaskInputs, TaskOptions
@@ -66,6 +66,10 @@ class Call(TaskOptions):
     # The WebUI's schedule type for a WebUI sampler name in scheduler= ("Karras", ...;
     # None: "Automatic", the sampler's own default).
     schedule_type: str | None = None
+    # The WebUI's sampler parameters by its option names (sdjax.schedulers.SAMPLER_OPTIONS:
+    # eta_ddim, uni_pc_variant, uni_pc_skip_type, uni_pc_order, uni_pc_lower_order_final);
+    # each WebUI sampler reads those it uses (compiled in), the others are checked only.
+    sampler_options: Mapping[str, Any] | None = None
     # SDXL's conditioning (StableDiffusionXLPipeline; refused by the others).
     prompt_2: str | Sequence[str] | None = None
     negative_prompt_2: str | Sequence[str] | None = None

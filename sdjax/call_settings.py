@@ -42,6 +42,9 @@ class Sampling:
     guidance_interval: tuple[float, float] | None = None
     clip_skip: int | None = None
     schedule_type: str | None = None  # a WebUI sampler's schedule type (None: Automatic)
+    # The WebUI's sampler options that differ from its defaults, as (name, value) pairs
+    # (sdjax.schedulers.SAMPLER_OPTIONS; the server's /sdapi/v1/options and override_settings).
+    options: tuple[tuple[str, Any], ...] = ()
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         out = {"num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
@@ -49,6 +52,8 @@ class Sampling:
                "guidance_interval": self.guidance_interval, "clip_skip": self.clip_skip}
         if self.schedule_type is not None:
             out["schedule_type"] = self.schedule_type
+        if self.options:
+            out["sampler_options"] = dict(self.options)
         return out
 
     def schedule_label(self) -> str | None:

@@ -99,7 +99,8 @@ def submit(pipe, c):
     out = pipe.submit(first).result()
     # The WebUI schedules the hires pass's prompts after the first pass's steps (doubled for
     # samplers with two evaluations per step, as its firstpass_steps are).
-    steps, sched = pipe._schedule(c.num_inference_steps, c.scheduler, c.schedule_type)
+    steps, sched = pipe._schedule(c.num_inference_steps, c.scheduler, c.schedule_type,
+                                  c.sampler_options)
     image = upscale(out.images, upscaler, s)
     latent = is_latent(upscaler)
     second = dataclasses.replace(

@@ -356,16 +356,16 @@ class StableDiffusionPipeline:
     def prepare(self, num_prompts: int = 1, num_images_per_prompt: int = 1, *,
                 num_inference_steps: int | None = None, scheduler: str | None = None,
                 height: int | None = None, width: int | None = None,
-                schedule_type: str | None = None, **options) -> TaskInputs:
+                schedule_type: str | None = None, sampler_options=None, **options) -> TaskInputs:
         """The host side of a call's task (:class:`sdjax.task_inputs.TaskInputs`: the task,
         its batched arrays, the span of the schedule, the output size, the post-processing)
         for ``num_prompts * num_images_per_prompt`` images; ``options`` are the fields of
         :class:`sdjax.task_inputs.TaskOptions` (``image``, ``mask_image``, ``strength``, ...),
         with :meth:`submit`'s meanings. Raises ``ValueError``/``TypeError`` naming the
-        argument. A call takes the value as ``task_inputs=`` and does not prepare again;
-        several requests' values that share task, size and span join with
-        ``TaskInputs.concat``."""
-        steps, sched = self._schedule(num_inference_steps, scheduler, schedule_type)
+        argument. A call takes the value as ``task_inputs=`` and does not prepare again; several
+        requests' values that share task, size and span join with ``TaskInputs.concat``."""
+        steps, sched = self._schedule(num_inference_steps, scheduler, schedule_type,
+                                      sampler_options)
         return self._prepare_request(build(
             task_inputs.TaskRequest, "prepare", num_prompts=num_prompts,
             num_images_per_prompt=num_images_per_prompt, steps=steps, scheduler=sched,
@@ -383,10 +383,10 @@ class StableDiffusionPipeline:
             self.vae_scale_factor, self.default_hw)
         return task_inputs.prepare(model, request)
 
-    def _schedule(self, steps: int | None, scheduler: str | None,
-                  schedule_type: str | None = None) -> tuple[int, Any]:
+    def _schedule(self, steps: int | None, scheduler: str | None, schedule_type: str | None = None,
+                  sampler_options=None) -> tuple[int, Any]:
         """(steps, the scheduler object) a call with these arguments uses; a WebUI sampler
-        name takes a WebUI ``schedule_type``."""
+        name takes a WebUI ``schedule_type`` and the WebUI's ``sampler_options``."""
         settings = self.sampling_settings(num_inference_steps=steps, scheduler=scheduler)
         steps = validation.check_int(settings["num_inference_steps"], "num_inference_steps",
                                      minimum=1)
@@ -394,7 +394,7 @@ class StableDiffusionPipeline:
                                        allow_none=True)
         return steps, get_scheduler(name or default_scheduler_name(self.scheduler_config),
                                     self.scheduler_config, schedule_type=schedule_type,
-                                    sdxl=self.SDXL)
+                                    sdxl=self.SDXL, options=sampler_options)
 
     @takes_call
     def __call__(self, call: Call) -> PipelineOutput:
@@ -459,7 +459,8 @@ class StableDiffusionPipeline:
             num_images_per_prompt=c.num_images_per_prompt, seed=c.seed, seeds=c.seeds,
             image_indices=c.image_indices, scheduler=settings["scheduler"],
             scheduler_names=ALL_SCHEDULER_NAMES, factor=self.vae_scale_factor)
-        steps, sched = self._schedule(steps, settings["scheduler"], c.schedule_type)
+        steps, sched = self._schedule(steps, settings["scheduler"], c.schedule_type,
+                                      c.sampler_options)
         clip_skip = validation.check_int(
             1 if settings["clip_skip"] is None else settings["clip_skip"], "clip_skip", minimum=1,
             maximum=self.text_encoder_config.num_hidden_layers)

@@ -1144,3 +1144,136 @@ def test_restart_restates_the_webui():
         ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
         np.testing.assert_allclose(np.asarray(x), ref, rtol=1e-5, atol=1e-5,
                                    err_msg=f"Restart {schedule} {steps} from {start}")
+
+
+def test_unipc_options_around_the_unet(model):
+    """UniPC with non-default options (SD 1.x: bh2, logSNR, order 2; v-prediction SD 2.x:
+    vary_coeff, time_quadratic, lower order final off, img2img) around our UNet (our step
+    loop) against the WebUI's UniPC restated around the diffusers UNet."""
+    opts = (dict(uni_pc_variant="bh2", uni_pc_skip_type="logSNR", uni_pc_order=2)
+            if model["kind"] == "sd1" else
+            dict(uni_pc_variant="vary_coeff", uni_pc_skip_type="time_quadratic",
+                 uni_pc_lower_order_final=False))
+    steps, begin = (6, None) if model["kind"] == "sd1" else (7, 1)
+    rng = np.random.default_rng(12)
+    shape = (1, 8, 8, 4)
+    ours_eps, webui_eps = _unet_eps(model)
+    sched = get_scheduler("UniPC", model["config"], options=opts)
+    ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(sched.schedule), np.float32))
+    noise = rng.standard_normal(shape).astype(np.float32)
+    x0 = None if begin is None else rng.standard_normal(shape).astype(np.float32)
+    ours = _ours_timesteps(ours_eps, sched, steps, x0, noise, begin,
+                           np.zeros((1, *shape), np.float32))
+    with torch.no_grad():
+        ref = _ref_unipc(webui_eps, ac, steps, None if x0 is None else _nchw(x0), _nchw(noise),
+                         None if begin is None else steps - 1 - begin,
+                         **{k[len("uni_pc_"):]: v for k, v in opts.items()})
+    ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+    diff = np.abs(ours - ref).max()
+    assert np.abs(ref).max() > 0.1
+    assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_pipeline_runs_ddim_cfgpp_and_restart(model):
+    """Through the pipeline with the WebUI's NV noise (start noise and step noise from the
+    per-image generators): "DDIM CFG++" (6 steps, sampler_options eta_ddim 0.5, its guidance
+    at 3 / 12.5 and at 1 / 12.5: the unconditional pass runs at guidance 1 too, in the same
+    program) and "Restart" (20 steps: one restart, its jump's noise the generator's next
+    draw) against the WebUI's ddim_cfgpp and restart_sampler restated around the diffusers
+    UNet (SD 1.x, txt2img)."""
+    pipe = model["pipe"]
+    size = 8 * pipe.vae_scale_factor
+    h, w, c = pipe.latent_shape(size, size)
+    seed = 77
+    sched = get_scheduler("DDIM CFG++", model["config"])
+    ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(sched.schedule), np.float32))
+    ctx = model["cfg"].ctx
+
+    def parts(x, t):  # (cond, uncond) eps of the diffusers UNet
+        out = model["ref"].unet(torch.cat([x, x]), torch.tensor(float(t)),
+                                encoder_hidden_states=torch.cat([ctx[1:], ctx[:1]])).sample
+        return out[:1], out[1:]
+
+    compiled = None
+    for scale in (CFG, 1.0):
+        got = np.asarray(pipe("a red circle", scheduler="DDIM CFG++", num_inference_steps=6,
+                              guidance_scale=scale, height=size, width=size, seed=seed,
+                              rng="nv", sampler_options={"eta_ddim": 0.5},
+                              output_type="latent").images)
+        compiled = compiled or pipe.compile_count
+        gen = _WebUIImageRNG("nv", (c, h, w), [seed])
+        start = gen.next()
+        with torch.no_grad():
+            ref = _ref_ddim_cfgpp(lambda x, t: parts(x, t)[0], lambda x, t: parts(x, t)[1],
+                                  scale, ac, 6, None, start, eta=0.5,
+                                  noises=iter(gen.next, None))
+        ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+        diff = np.abs(got - ref).max()
+        assert np.abs(ref).max() > 0.1
+        assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), ("DDIM CFG++", scale, diff)
+    assert pipe.compile_count == compiled
+    steps = 20
+    got = np.asarray(pipe("a red circle", scheduler="Restart", num_inference_steps=steps,
+                          guidance_scale=CFG, height=size, width=size, seed=seed, rng="nv",
+                          output_type="latent").images)
+    sigmas = torch.tensor(get_scheduler("Restart", model["config"]).sigmas(steps))
+    gen = _WebUIImageRNG("nv", (c, h, w), [seed])
+    with torch.no_grad():
+        ref = _ref_restart(model["cfg"], gen.next() * sigmas[0], sigmas, 1.0, gen.next)
+    ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+    diff = np.abs(got - ref).max()
+    assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), ("Restart", diff, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_server_reads_the_sampler_options(model):
+    """The server: "DDIM CFG++" and "Restart" listed and mapped under their names and
+    aliases; the WebUI's sampler options from /sdapi/v1/options (the server's) and
+    override_settings (the request's, on top) reach the call as sampler_options (those
+    that differ from the defaults), bad ones a 422 naming them; and the Python API refuses
+    an unknown option in one line."""
+    from types import SimpleNamespace
+
+    from sdjax.serve.generation import plan_txt2img
+    from sdjax.serve.limits import BadRequest, Limits
+    from sdjax.serve.samplers import check_options, sampler_list, sampler_settings
+    from sdjax.serve.schemas import Txt2ImgRequest
+
+    listed = {item["name"]: item for item in sampler_list()}
+    assert listed["DDIM CFG++"]["aliases"] == ["ddim_cfgpp"]
+    assert listed["Restart"] == {"name": "Restart", "aliases": ["restart"],
+                                 "options": {"scheduler": "karras"}}
+    assert sampler_settings("ddim_cfgpp", None) == ("DDIM CFG++", "Automatic")
+    assert sampler_settings("restart", "") == ("Restart", "Automatic")
+    pipe = model["pipe"]
+    registry = SimpleNamespace(find=lambda wanted: "toy", get=lambda title: pipe,
+                               find_refiner=lambda name: None, lora_dir=None)
+
+    def plan(options=None, **fields):
+        req = Txt2ImgRequest(**{"prompt": "a cat", "seed": 1, "steps": 4, "width": 64,
+                                "height": 64, "sampler_name": "UniPC", **fields})
+        return plan_txt2img(req, registry, Limits(), options).shape.settings
+
+    assert plan().sampling.options == ()
+    assert "sampler_options" not in plan().pipeline_kwargs()
+    settings = plan({"uni_pc_order": 2, "uni_pc_variant": "bh1", "eta_ddim": 0.25},
+                    override_settings={"uni_pc_variant": "vary_coeff",
+                                       "uni_pc_lower_order_final": False})
+    assert settings.pipeline_kwargs()["sampler_options"] == {
+        "eta_ddim": 0.25, "uni_pc_variant": "vary_coeff", "uni_pc_order": 2,
+        "uni_pc_lower_order_final": False}
+    steps, sched = pipe._schedule(4, "UniPC", None, settings.pipeline_kwargs()[
+        "sampler_options"])
+    assert (sched.uni_pc_variant, sched.uni_pc_order, sched.uni_pc_lower_order_final,
+            sched.memory) == ("vary_coeff", 2, False, 2)
+    for bad, match in (({"uni_pc_skip_type": "linear"}, "uni_pc_skip_type must be one of"),
+                       ({"uni_pc_order": 0}, "uni_pc_order must be an integer from 1"),
+                       ({"eta_ddim": -1}, "eta_ddim must be a number >= 0")):
+        with pytest.raises(BadRequest, match=match):
+            plan(override_settings=bad)
+        with pytest.raises(BadRequest, match=match):
+            check_options(bad)
+    with pytest.raises(ValueError, match="^unknown sampler option 'uni_pc_steps'; choose "
+                                         "from eta_ddim, "):
+        pipe("a cat", scheduler="UniPC", sampler_options={"uni_pc_steps": 2})

@@ -35,7 +35,13 @@ from sdjax.schedulers.lms import LMS
 from sdjax.schedulers.pndm import PNDM
 from sdjax.schedulers.webui import WebUISampler
 from sdjax.schedulers.webui_sigmas import SCHEDULE_TYPES, schedule_type_label
-from sdjax.schedulers.webui_timesteps import TIMESTEP_SAMPLERS, WebUITimestepSampler
+from sdjax.schedulers.webui_timesteps import (
+    OPTION_DEFAULTS,
+    OPTION_SAMPLERS,
+    TIMESTEP_SAMPLERS,
+    WebUITimestepSampler,
+)
+from sdjax.schedulers.webui_unipc import Options as UniPCOptions
 
 # name -> (our class, the diffusers class it reproduces, options forced on top of the model's
 # config: ours take them, and so does the diffusers class when built as the reference).
@@ -82,6 +88,38 @@ def refuse_not_fixed_step(name: str | None, what: str = "sampler") -> None:
                              f"(a fixed number of steps) or another sampler")
 
 
+# The WebUI's sampler parameters a call can set (``sampler_options=``), by the WebUI's option
+# names, with its defaults.
+SAMPLER_OPTIONS: dict[str, Any] = dict(OPTION_DEFAULTS)
+
+
+def check_sampler_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The WebUI sampler options given (``SAMPLER_OPTIONS``' names), checked: a one-line
+    ValueError names an unknown option or a bad value."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(f"sampler_options must be a mapping of the WebUI's option names to "
+                        f"values, got {type(options).__name__}")
+    out = dict(options)
+    for key in out:
+        if key not in SAMPLER_OPTIONS:
+            raise ValueError(f"unknown sampler option {key!r}; choose from "
+                             f"{', '.join(SAMPLER_OPTIONS)}")
+    if "eta_ddim" in out:
+        eta = out["eta_ddim"]
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < 1e3:
+            raise ValueError(f"eta_ddim must be a number >= 0, got {eta!r}")
+        out["eta_ddim"] = float(eta)
+    order = out.get("uni_pc_order")
+    if isinstance(order, float) and order.is_integer():  # a JSON client's 3.0
+        out["uni_pc_order"] = int(order)
+    unipc = {k: out.get(f"uni_pc_{k}", SAMPLER_OPTIONS[f"uni_pc_{k}"])
+             for k in ("variant", "skip_type", "order", "lower_order_final")}
+    UniPCOptions(**unipc)  # raises on a bad UniPC option
+    return out
+
+
 def webui_sampler_label(name: str | None) -> str | None:
     """``name`` if it is a WebUI sampler's label ("DPM++ 2M"), else None (a
     diffusers-equivalent name, or unknown). The server also takes the WebUI's aliases
@@ -101,17 +139,21 @@ def _entry(name: str) -> tuple[type[Scheduler], str, dict[str, Any]]:
 
 
 def get_scheduler(name: str, config: Mapping[str, Any], *, schedule_type: str | None = None,
-                  sdxl: bool = False) -> Scheduler:
+                  sdxl: bool = False, options: Mapping[str, Any] | None = None) -> Scheduler:
     """The scheduler `name` configured from a parsed scheduler_config.json. A WebUI sampler
     name takes the WebUI's ``schedule_type`` (None: "Automatic"; ``sdxl`` picks SDXL's
-    "Align Your Steps" table); the other names take none."""
+    "Align Your Steps" table) and reads the WebUI sampler ``options`` it uses
+    (``SAMPLER_OPTIONS``; all are checked, as the WebUI's global settings, whatever the
+    sampler); the other names take no schedule type."""
     refuse_not_fixed_step(name, "scheduler")
+    options = check_sampler_options(options)
     label = webui_sampler_label(name)
     if label is not None:
         cls = WebUITimestepSampler if label in TIMESTEP_SAMPLERS else WebUISampler
+        used = {k: v for k, v in options.items() if label in OPTION_SAMPLERS[k]}
         return cls.from_config(config, sampler=label,
-                                        schedule_type=schedule_type_label(schedule_type),
-                                        sdxl=bool(sdxl))
+                               schedule_type=schedule_type_label(schedule_type),
+                               sdxl=bool(sdxl), **used)
     if schedule_type not in (None, "Automatic"):
         raise ValueError(f"schedule_type={schedule_type!r} is for the WebUI's samplers "
                          f"({', '.join(WEBUI_SAMPLER_NAMES)}), not scheduler={name!r}")
@@ -137,11 +179,13 @@ def default_scheduler_name(config: Mapping[str, Any]) -> str:
 __all__ = [
     "ALL_SCHEDULER_NAMES",
     "SCHEDULER_NAMES",
+    "SAMPLER_OPTIONS",
     "SCHEDULE_TYPES",
     "WEBUI_ALIASES",
     "WEBUI_SAMPLER_NAMES",
     "WebUISampler",
     "WebUITimestepSampler",
+    "check_sampler_options",
     "webui_sampler_label",
     "NoiseSchedule",
     "Scheduler",

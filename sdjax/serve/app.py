@@ -45,7 +45,8 @@ from sdjax.serve.noise_fields import DEFAULT_OPTIONS, check_options
 from sdjax.serve.page_routes import add_page_routes
 from sdjax.serve.progress_routes import PREVIEW_OPTIONS, add_progress_routes, check_preview_options
 from sdjax.serve.request_checks import check_settings
-from sdjax.serve.samplers import sampler_list, scheduler_list
+from sdjax.serve.samplers import SAMPLER_OPTIONS, sampler_list, scheduler_list
+from sdjax.serve.samplers import check_options as check_sampler_options
 from sdjax.serve.schemas import (
     ImagesResponse,
     Img2ImgRequest,
@@ -218,8 +219,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     """The server's app. ``max_batch``: images in one compiled call; ``window_s``: how long
     the first request of a call waits for others of its shape."""
     limits = limits or Limits()
-    # the noise and preview options /sdapi/v1/options sets
-    webui_options = {**DEFAULT_OPTIONS, **PREVIEW_OPTIONS}
+    # the noise, preview and sampler options /sdapi/v1/options sets
+    webui_options = {**DEFAULT_OPTIONS, **PREVIEW_OPTIONS, **SAMPLER_OPTIONS}
     batcher = Batcher(run_call(registry, lambda *a: batcher.report(*a),
                                lambda: webui_options["live_previews_enable"]),
                       window_s=window_s, max_batch=max_batch, max_queue=limits.max_queue)
@@ -342,7 +343,8 @@ def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
     @app.post("/sdapi/v1/options")
     async def set_options(options: dict[str, Any]):
         # checked before anything changes
-        noise_options = {**check_options(options), **check_preview_options(options)}
+        noise_options = {**check_options(options), **check_preview_options(options),
+                         **check_sampler_options(options)}
         try:
             check_settings(options)  # by type, as in a request's override_settings
         except ValueError as e:

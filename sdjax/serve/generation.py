@@ -35,7 +35,7 @@ from sdjax.serve.batcher import ImageSpec, JobResult, Shape
 from sdjax.serve.checkpoints import ModelRegistry
 from sdjax.serve.limits import BadRequest, Limits, check_generation
 from sdjax.serve.noise_fields import request_noise
-from sdjax.serve.samplers import sampler_settings, scheduler_for
+from sdjax.serve.samplers import request_options, sampler_settings, scheduler_for
 from sdjax.serve.schemas import Img2ImgRequest, Txt2ImgRequest, unsupported
 from sdjax.task_inputs import TaskInputs
 from sdjax.tasks import MASKED_CONTENT
@@ -121,7 +121,8 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
         except ValueError as e:
             raise BadRequest(f"hr_prompt: {e}") from None
     settings = CallSettings(
-        title, request_sampling(pipe, req.steps, scheduler, clip_skip, schedule_type),
+        title, request_sampling(pipe, req.steps, scheduler, clip_skip, schedule_type,
+                                request_options(req, options)),
         Size(req.height, req.width),
         sdxl=SDXL() if refiner is None else SDXL(refiner=refiner, refiner_switch_at=switch_at),
         tiling=hires_fields.tiling(req, pipe), hires=hires, noise=noise)
@@ -181,12 +182,13 @@ def _check_prompt_lengths(req: Txt2ImgRequest | Img2ImgRequest, pipe) -> None:
 
 
 def request_sampling(pipe, steps: int, scheduler: str, clip_skip: int,
-                     schedule_type: str | None = None) -> Sampling:
+                     schedule_type: str | None = None, options: tuple = ()) -> Sampling:
     """A request's sampling settings: each image has its own guidance scale, and the model's
-    sdjax.json guidance options apply (requests have no fields for them)."""
+    sdjax.json guidance options apply (requests have no fields for them); ``options``: the
+    WebUI sampler options (``samplers.request_options``)."""
     defaults = pipe.sampling_settings()
     return Sampling(steps, scheduler, None, defaults["guidance_rescale"],
-                    defaults["guidance_interval"], clip_skip, schedule_type)
+                    defaults["guidance_interval"], clip_skip, schedule_type, options)
 
 
 def _refiner_settings(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,

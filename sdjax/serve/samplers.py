@@ -7,14 +7,20 @@ image's ``parameters`` are the same string.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from sdjax.images import SAMPLER_LABELS
 from sdjax.schedulers import (
+    SAMPLER_OPTIONS,
     WEBUI_ALIASES,
     WEBUI_SAMPLER_NAMES,
+    check_sampler_options,
     refuse_not_fixed_step,
     webui,
     webui_sigmas,
 )
+from sdjax.serve.limits import BadRequest
 
 # Other spellings clients send: the WebUI's own aliases (k-diffusion names), "PNDM" (which the
 # WebUI calls PLMS), and our names themselves.
@@ -110,3 +116,22 @@ def scheduler_list() -> list[dict]:
              "aliases": ["SGMUniform"] if label == "SGM Uniform" else None,
              "default_rho": rho.get(label, -1.0), "need_inner_model": label in inner}
             for label in webui_sigmas.SCHEDULE_TYPES]
+
+
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The WebUI sampler options (``eta_ddim``, ``uni_pc_variant``, ``uni_pc_skip_type``,
+    ``uni_pc_order``, ``uni_pc_lower_order_final``) of an options or override_settings
+    object, checked (422 if bad); other keys are not these."""
+    try:
+        return check_sampler_options({k: options[k] for k in SAMPLER_OPTIONS if k in options})
+    except (TypeError, ValueError) as e:
+        raise BadRequest(str(e)) from None
+
+
+def request_options(req, options: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """The sampler options a request runs with: the server's (``POST /sdapi/v1/options``),
+    then its ``override_settings``; those that differ from the WebUI's defaults, as
+    ``Sampling.options`` holds them (so requests at the defaults still merge)."""
+    merged = {**SAMPLER_OPTIONS, **check_options(options or {}),
+              **check_options(req.override_settings or {})}
+    return tuple((k, v) for k, v in merged.items() if v != SAMPLER_OPTIONS[k])
