@@ -66,8 +66,12 @@ class Sampling:
         return infotext_schedule(self.scheduler, self.schedule_type)
 
     def parameters(self) -> dict[str, str]:
-        return guidance_parameters(self.guidance_rescale, self.guidance_interval,
-                                   self.clip_skip)
+        fields = guidance_parameters(self.guidance_rescale, self.guidance_interval,
+                                     self.clip_skip)
+        eta = dict(self.options).get("eta_ddim", 0)
+        if eta and self.scheduler in ("DDIM", "DDIM CFG++"):
+            fields["Eta DDIM"] = f"{eta:g}"  # the WebUI's: where its DDIM runs with one
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +239,14 @@ class SDXL:
         return fields
 
 
+def _sampler_options(args: argparse.Namespace) -> tuple[tuple[str, Any], ...]:
+    """``--sampler_option`` pairs as ``Sampling.options`` holds them (the last of a name
+    wins), checked."""
+    from sdjax.schedulers import SAMPLER_OPTIONS, check_sampler_options
+    checked = check_sampler_options(dict(getattr(args, "sampler_option", None) or ()))
+    return tuple((k, checked[k]) for k in SAMPLER_OPTIONS if k in checked)
+
+
 @dataclasses.dataclass(frozen=True)
 class CallSettings:
     """What one call of a front end makes, apart from the per-image values. Hashable: the
@@ -256,7 +268,8 @@ class CallSettings:
         filled the sampling ones in, and the size (and task) it worked out."""
         return cls(args.model, Sampling(args.steps, args.scheduler, args.guidance_scale,
                                         args.guidance_rescale, args.guidance_interval,
-                                        args.clip_skip, getattr(args, "schedule_type", None)),
+                                        args.clip_skip, getattr(args, "schedule_type", None),
+                                        _sampler_options(args)),
                    size, task, SDXL.from_args(args), bool(getattr(args, "tiling", False)),
                    hires_settings.from_args(args), Noise.from_args(args),
                    ControlNets.from_args(args))

@@ -14,7 +14,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sdjax import cli_checks, hires_settings, validation
 
@@ -66,6 +66,23 @@ def add_flag(p: argparse.ArgumentParser, name: str, **kw) -> None:
                    **kw)
 
 
+def parse_sampler_option(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` of ``--sampler_option``: the value as true/false, an integer, a number
+    or else the text (sdjax.schedulers.check_sampler_options checks both)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    value = value.strip()
+    if value.lower() in ("true", "false"):
+        return name.strip(), value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return name.strip(), kind(value)
+        except ValueError:
+            pass
+    return name.strip(), value
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """The model, sampling and device flags of every sdjax command that generates images."""
     add_flag(p, "model", default="toy", help="'toy' (the small bundled demo model), a diffusers "
@@ -93,6 +110,10 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "schedule_type", default=None, help="the WebUI's schedule type for a WebUI "
              "sampler: Automatic (its own), Uniform, Karras, Exponential, Polyexponential, "
              "\"SGM Uniform\", \"KL Optimal\", \"Align Your Steps\", Simple, Normal, DDIM, Beta")
+    add_flag(p, "sampler_option", action="append", type=parse_sampler_option, default=None,
+             metavar="NAME=VALUE", help="one of the WebUI's sampler parameters by its option "
+             "name (repeatable): eta_ddim, uni_pc_variant, uni_pc_skip_type, uni_pc_order, "
+             "uni_pc_lower_order_final; see docs/webui-samplers.md")
     add_flag(p, "seed", type=int, default=0, help="image i of the run uses noise from (seed, i); "
              "0 to 2**32-1, or -1 for a random seed (reported and written in the metadata)")
     add_flag(p, "rng", default=None, choices=list(validation.RNG_NAMES),
@@ -258,6 +279,7 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
     from sdjax.schedulers import (
         ALL_SCHEDULER_NAMES,
         SCHEDULE_TYPES,
+        check_sampler_options,
         refuse_not_fixed_step,
         webui_sampler_label,
     )
@@ -302,6 +324,7 @@ def check_common_args(args: argparse.Namespace, *, allow_random_seed: bool = Tru
         if args.clip_skip is not None:
             validation.check_int(args.clip_skip, "--clip_skip", minimum=1)
         check_noise_args(args)
+        check_sampler_options(dict(getattr(args, "sampler_option", None) or ()))
         hires = hires_settings.from_args(args)
         if hires is not None and getattr(args, "refiner", None) is not None:
             raise ValueError("the hires fix does not go with --refiner")

@@ -42,7 +42,8 @@ _QUIET = {"Model hash", "Model", "Seed index", "Lora hashes", "TI hashes", "Vers
           "Tiling", "Denoising strength", "Hires upscale", "Hires resize", "Hires steps",
           "Hires upscaler", "Hires sampler", "Hires prompt", "Hires negative prompt",
           "Hires schedule type",
-          "Guidance rescale", "Guidance interval"}
+          "Guidance rescale", "Guidance interval", "Eta DDIM", "UniPC variant",
+          "UniPC skip type", "UniPC order", "UniPC lower order final"}
 _IMAGE_FIELDS = {"Mask blur", "Masked content", "Inpaint area", "Masked area padding",
                  "Mask mode", "Noise level", "Image CFG scale"}
 _RNG = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
@@ -190,6 +191,11 @@ def settings(text: str) -> tuple[dict[str, Any], list[str]]:
             flags["subseed"] += index  # nv/cpu: image i is subseed + i
         else:
             flags["seed"] += index  # nv/cpu: image i is seed + i
+    # The WebUI's sampler options by their infotext names (the WebUI reads them back so).
+    options = [(name, num(key, kind)) for key, (name, kind) in _SAMPLER_OPTIONS.items()
+               if key in p]
+    if options:
+        flags["sampler_option"] = options
     if p.get("Tiling") == "True":
         flags["tiling"] = True
     # The hires fix, whose "Denoising strength" is its own; without it, img2img's.
@@ -266,12 +272,20 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# infotext name -> (the WebUI's option name, its type)
+_SAMPLER_OPTIONS = {"Eta DDIM": ("eta_ddim", float), "UniPC variant": ("uni_pc_variant", str),
+                    "UniPC skip type": ("uni_pc_skip_type", str),
+                    "UniPC order": ("uni_pc_order", int),
+                    "UniPC lower order final": ("uni_pc_lower_order_final",
+                                                "True".__eq__)}
+
+
 def _why(key: str) -> str:
     if key.startswith("ControlNet"):
         return "a ControlNet unit (give --controlnet with its model and image to use one)"
     if key.startswith("ADetailer"):
         return "the ADetailer extension's; sdjax has no ADetailer"
-    if key in ("Eta", "Eta DDIM", "Schedule max sigma", "Schedule min sigma", "Schedule rho",
+    if key in ("Eta", "Schedule max sigma", "Schedule min sigma", "Schedule rho",
                "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise", "s_noise"):
         return "a sampler option sdjax does not take; its default is used"
     if key in _IMAGE_FIELDS:

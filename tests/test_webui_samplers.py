@@ -1277,3 +1277,34 @@ def test_server_reads_the_sampler_options(model):
     with pytest.raises(ValueError, match="^unknown sampler option 'uni_pc_steps'; choose "
                                          "from eta_ddim, "):
         pipe("a cat", scheduler="UniPC", sampler_options={"uni_pc_steps": 2})
+
+
+def test_cli_and_png_text_take_the_sampler_options():
+    """``--sampler_option NAME=VALUE`` (repeatable) checked before loading, into the call's
+    sampler_options; the PNG text's ``Eta DDIM`` (the WebUI's, with DDIM and DDIM CFG++);
+    ``--from_png`` reads it and the WebUI's UniPC infotext names back."""
+    import argparse
+
+    from sdjax import cli_args
+    from sdjax.call_settings import CallSettings, Size
+    from sdjax.from_png import settings as png_settings
+
+    p = argparse.ArgumentParser()
+    cli_args.add_common_arguments(p)
+    args = p.parse_args(["--scheduler", "DDIM CFG++", "--sampler_option", "eta_ddim=0.5",
+                         "--sampler_option", "uni_pc_lower_order_final=false", "--steps", "8",
+                         "--guidance_scale", "7"])
+    cli_args.check_common_args(args)
+    call = CallSettings.from_args(args, Size(64, 64))
+    assert call.pipeline_kwargs()["sampler_options"] == {"eta_ddim": 0.5,
+                                                         "uni_pc_lower_order_final": False}
+    text = call.parameters("a cat", "", 3)
+    assert text.endswith("Eta DDIM: 0.5"), text
+    flags, lines = png_settings(text + ", UniPC variant: bh2, UniPC order: 2")
+    assert flags["scheduler"] == "DDIM CFG++" and not lines
+    assert flags["sampler_option"] == [("eta_ddim", 0.5), ("uni_pc_variant", "bh2"),
+                                       ("uni_pc_order", 2)]
+    for bad, message in (("uni_pc_order=0", "uni_pc_order must be an integer from 1"),
+                         ("uni_pc_steps=2", "unknown sampler option 'uni_pc_steps'")):
+        with pytest.raises(Exception, match=message):
+            cli_args.check_common_args(p.parse_args(["--sampler_option", bad]))
