@@ -277,7 +277,19 @@ def test_options_switch_model(server, registry):
             r = c.post("/sdapi/v1/options", json=body)
             assert r.status_code == 422 and r.json()["detail"] == said
         assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny"
+        # the WebUI's sampler options: listed with its defaults, set, checked
+        assert {k: v for k, v in c.get("/sdapi/v1/options").json().items()
+                if k.startswith("uni_pc") or k == "eta_ddim"} == {
+            "eta_ddim": 0.0, "uni_pc_variant": "bh1", "uni_pc_skip_type": "time_uniform",
+            "uni_pc_order": 3, "uni_pc_lower_order_final": True}
+        assert c.post("/sdapi/v1/options", json={"uni_pc_order": 2}).status_code == 200
+        assert c.get("/sdapi/v1/options").json()["uni_pc_order"] == 2
+        r = c.post("/sdapi/v1/options", json={"uni_pc_variant": "bh3", "uni_pc_order": 4})
+        assert r.status_code == 422 and r.json()["detail"].startswith(
+            "uni_pc_variant must be one of bh1, bh2, vary_coeff")
+        assert c.get("/sdapi/v1/options").json()["uni_pc_order"] == 2
     finally:
+        c.post("/sdapi/v1/options", json={"uni_pc_order": 3})
         registry.select("toy")
 
 
