@@ -136,6 +136,8 @@ class Settings:
             fields["guidance_interval"] = ",".join(f"{v:g}" for v in sampling.guidance_interval)
         if sampling.clip_skip is not None:
             fields["clip_skip"] = sampling.clip_skip
+        if sampling.options:  # --sampler_option
+            fields["sampler_options"] = dict(sampling.options)
         if self.lora_dir is not None:
             fields["lora_dir"] = self.lora_dir
         fields.update(self.sdxl_json())

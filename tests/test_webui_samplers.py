@@ -1300,6 +1300,13 @@ def test_cli_and_png_text_take_the_sampler_options():
                                                          "uni_pc_lower_order_final": False}
     text = call.parameters("a cat", "", 3)
     assert text.endswith("Eta DDIM: 0.5"), text
+    # sdjax.generate's manifest records them (a resumed dataset keeps its options)
+    from sdjax.dataset.prompts import PromptsInfo
+    from sdjax.dataset.shards import Layout
+    from sdjax.generate import Settings
+    manifest = Settings(call, "float32", 0, "", "png", None).manifest(
+        Layout(1, 1, 1), PromptsInfo(1, "0"))
+    assert manifest["sampler_options"] == {"eta_ddim": 0.5, "uni_pc_lower_order_final": False}
     flags, lines = png_settings(text + ", UniPC variant: bh2, UniPC order: 2")
     assert flags["scheduler"] == "DDIM CFG++" and not lines
     assert flags["sampler_option"] == [("eta_ddim", 0.5), ("uni_pc_variant", "bh2"),
