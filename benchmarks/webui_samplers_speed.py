@@ -21,7 +21,8 @@ import time
 PAIRS = (("Euler", "euler"), ("Euler a", "euler_a"), ("DPM++ 2M", "dpmpp_2m_karras"),
          ("LMS", "lms"), ("Heun", "heun"), ("DDIM", "ddim"), ("PLMS", "pndm"),
          ("LCM", "lcm"), ("DPM++ SDE", "heun"), ("DPM++ 2M SDE", "dpmpp_2m"),
-         ("DPM fast", "euler"), ("UniPC", "dpmpp_2m"))
+         ("DPM fast", "euler"), ("UniPC", "dpmpp_2m"), ("DDIM CFG++", "ddim"),
+         ("Restart", "heun"))
 
 
 def main(argv: list[str] | None = None) -> None:
