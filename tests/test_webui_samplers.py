@@ -637,14 +637,15 @@ class _RefLCM:
         return c_out * (x - sigma * eps) + c_skip * x
 
 
-def _ref_lcm(eps_fn, ac, steps, x0, noise, start, noises):
-    """``sample_lcm`` from the WebUI's k-diffusion start (txt2img: noise * sigmas[0])."""
+def _ref_lcm(eps_fn, ac, steps, x0, noise, start, noises, blend=lambda out: out):
+    """``sample_lcm`` from the WebUI's k-diffusion start (txt2img: noise * sigmas[0]);
+    ``blend``: what CFGDenoiserLCM does to its denoiser's output (inpainting's mask blend)."""
     den = _RefLCM(eps_fn, ac)
     sigmas = den.get_sigmas(steps)[start:]
     x = noise * sigmas[0] + (0 if x0 is None else x0)
     draws = iter(noises)
     for s, to in zip(sigmas[:-1], sigmas[1:], strict=True):
-        x = den(x, s)
+        x = blend(den(x, s))
         if to > 0:
             x = x + to * next(draws)
     return x
@@ -887,3 +888,63 @@ def test_pipeline_inpaints_as_the_webui(model, monkeypatch):
     assert np.abs(ref - np.transpose(init.numpy(), (0, 2, 3, 1))).max() > 0.1
     diff = np.abs(out - ref).max()
     assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_pipeline_inpaints_with_the_timestep_samplers_as_the_webui(model, monkeypatch):
+    """Inpainting with the WebUI's DDIM, PLMS, UniPC and LCM (SD 1.x, 4 steps at denoising
+    strength 0.75: t_enc = 3) through the pipeline against the WebUI's loops restated
+    around its mask blends: DDIM, PLMS and UniPC run under ``CFGDenoiserTimesteps``, whose
+    ``mask_before_denoising`` gives the UNet ``x * nmask + init_latent * mask`` while the
+    sampler moves its own x by that eps; LCM's ``CFGDenoiserLCM`` blends its denoiser's
+    consistency-scaled output; then processing.py's final blend of the samples."""
+    pipe, ref_pipe = model["pipe"], model["ref"]
+    f = pipe.vae_scale_factor
+    size, steps, strength = 8 * f, 4, 0.75
+    rng = np.random.default_rng(13)
+    shape = (1, 8, 8, 4)
+    noise = rng.standard_normal(shape).astype(np.float32)
+    step_noises = rng.standard_normal((8, *shape)).astype(np.float32)
+    monkeypatch.setattr(webui_mod, "step_noise",
+                        lambda key, draw, like: jnp.asarray(step_noises)[draw])
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[1 * f:5 * f, 2 * f:6 * f] = 255  # whole latent cells
+    nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+    _, webui_eps = _unet_eps(model)
+    ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(
+        get_scheduler("DDIM", model["config"]).schedule), np.float32))
+    with torch.no_grad():
+        signed = torch.tensor(pixels.astype(np.float32) / 255 * 2 - 1).permute(2, 0, 1)[None]
+        init = (ref_pipe.vae.encode(signed).latent_dist.mean
+                * ref_pipe.vae.config.scaling_factor)
+    nmask = torch.tensor(mask[::f, ::f] / 255.0, dtype=torch.float32)[None, None]
+    keep = 1 - nmask
+    t_enc = int(strength * steps)
+    worst = {}
+    for sampler in ("DDIM", "PLMS", "UniPC", "LCM"):
+        out = np.asarray(pipe("a red circle", image=pixels, mask_image=mask, strength=strength,
+                              scheduler=sampler, num_inference_steps=steps,
+                              guidance_scale=CFG, height=size, width=size, latents=noise,
+                              output_type="latent").images)
+        with torch.no_grad():
+            if sampler == "LCM":
+                ref = _ref_lcm(functools.partial(webui_eps, raw=True), ac, steps, init,
+                               nchw(noise), steps - t_enc - 1,
+                               [nchw(n) for n in step_noises],
+                               blend=lambda den: init * keep + nmask * den)
+            else:
+                def masked(x, t):  # the UNet sees the blended sample
+                    return webui_eps(x * nmask + init * keep, t)
+
+                ref = (_ref_unipc(masked, ac, steps, init, nchw(noise), t_enc=t_enc)
+                       if sampler == "UniPC" else
+                       _ref_timesteps(masked, sampler, ac, steps, init, nchw(noise),
+                                      t_enc=t_enc))
+            ref = init * keep + nmask * ref
+            # what the old rule (the denoised estimate blended) would differ by
+        ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+        assert np.abs(ref - np.transpose(init.numpy(), (0, 2, 3, 1))).max() > 0.1
+        worst[sampler] = (float(np.abs(out - ref).max()), float(np.abs(ref).max()))
+    bad = {k: v for k, v in worst.items() if not v[0] <= 1e-5 * max(10.0, v[1])}
+    assert not bad, f"(max |ours - WebUI|, max |WebUI|) off: {bad} (all: {worst})"

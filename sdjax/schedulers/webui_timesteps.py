@@ -207,6 +207,11 @@ class WebUITimestepSampler(webui.WebUISampler):
         return "epsilon" if self.sampler == "LCM" else self.prediction_type
 
     @property
+    def inpaint_blend(self) -> str:  # type: ignore[override]
+        # CFGDenoiserTimesteps masks before denoising; CFGDenoiserLCM blends its output.
+        return "output" if self.sampler == "LCM" else "input"
+
+    @property
     def memory(self) -> int:
         return TIMESTEP_SAMPLERS[self.sampler][0]
 
