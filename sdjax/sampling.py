@@ -334,7 +334,7 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
                               + feed.repaint * x)
             else:
                 x, state = sched.step(state, i, eps, x, key=key, **drawn)
-            if feed.repaint is not None and not webui_blend:
+            if task.blend and not webui_blend:
                 # Ordinary models inpaint by putting the kept region back, noised to the
                 # next evaluation's level (clean after the last that runs), as diffusers does.
                 level = noise_levels[jnp.minimum(i + 1, total - 1)]

@@ -1014,3 +1014,60 @@ def test_timestep_samplers_inpaint_as_the_webui():
         if sampler == "LCM":  # its output blend keeps the image exactly before the noise
             kept = (ours - (1 - repaint) * image)  # the noise of the last step is none
             assert np.abs(kept * (1 - repaint)).max() < 1e-6
+
+
+def test_inpainting_model_blends_as_the_webui(sd1_inpaint_folder):
+    """A 9-channel inpainting model with a WebUI sampler ("Euler", 4 steps at denoising
+    strength 0.75): the WebUI sets its mask blend for every model (processing.py's
+    ``self.mask`` / ``nmask`` whatever the UNet), so the UNet takes [x, mask, masked-image
+    latents] (its ``c_concat``) and ``CFGDenoiser`` still blends the denoised estimate with
+    the image's latents, then the final blend; against k-diffusion around the diffusers
+    9-channel UNet, within 1e-5 of the latents' scale."""
+    from diffusers import StableDiffusionPipeline as Ref
+
+    ref_pipe = Ref.from_pretrained(str(sd1_inpaint_folder), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd1_inpaint_folder), dtype="float32",
+                                                   num_devices=1)
+    f = pipe.vae_scale_factor
+    size, steps, strength = 8 * f, 4, 0.75
+    rng = np.random.default_rng(19)
+    noise = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[2 * f:6 * f, 1 * f:5 * f] = 255  # whole latent cells
+    out = np.asarray(pipe("a red circle", image=pixels, mask_image=mask, strength=strength,
+                          scheduler="Euler", num_inference_steps=steps, guidance_scale=CFG,
+                          height=size, width=size, latents=noise,
+                          output_type="latent").images)
+    nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+    scaling = ref_pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        cond, uncond = ref_pipe.encode_prompt("a red circle", "cpu", 1, True, "")
+        signed = torch.tensor(pixels.astype(np.float32) / 255 * 2 - 1).permute(2, 0, 1)[None]
+        init = ref_pipe.vae.encode(signed).latent_dist.mean * scaling
+        nmask = torch.tensor(mask[::f, ::f] / 255.0, dtype=torch.float32)[None, None]
+        hole = torch.tensor(mask < 128, dtype=torch.float32)[None, None]
+        masked = ref_pipe.vae.encode(signed * hole).latent_dist.mean * scaling
+        concat = torch.cat([nmask, masked], dim=1)
+
+        class Inner(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.alphas_cumprod = torch.tensor(ws.webui_alphas_cumprod(
+                    get_scheduler("Euler", SD15_SCHEDULER).schedule))
+
+            def apply_model(self, x, t, cond):
+                rows = torch.cat([x, concat.expand(x.shape[0], -1, -1, -1)], dim=1)
+                return ref_pipe.unet(rows, t, encoder_hidden_states=cond).sample
+
+        cfg = _CFG(KD[1].CompVisDenoiser(Inner()), torch.cat([uncond, cond]))
+        keep = 1 - nmask
+        sigmas = torch.tensor(get_scheduler("Euler", SD15_SCHEDULER).sigmas(steps))
+        run = sigmas[steps - int(strength * steps) - 1:]
+        ref = KD[0].sample_euler(lambda x, s: init * keep + nmask * cfg(x, s),
+                                 init + nchw(noise) * run[0], run, disable=True)
+        ref = init * keep + nmask * ref
+    ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+    assert np.abs(ref - np.transpose(init.numpy(), (0, 2, 3, 1))).max() > 0.1
+    diff = np.abs(out - ref).max()
+    assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
