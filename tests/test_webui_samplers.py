@@ -900,25 +900,26 @@ def test_pipeline_inpaints_as_the_webui(model, monkeypatch):
 
 
 @pytest.mark.parametrize("model", ["sd1"], indirect=True)
-def test_pipeline_inpaints_with_the_timestep_samplers_as_the_webui(model, monkeypatch):
-    """Inpainting with the WebUI's DDIM and LCM (SD 1.x, 4 steps at denoising strength 0.75:
-    t_enc = 3) through the pipeline against the WebUI's loops restated
-    around its mask blends: DDIM, PLMS and UniPC run under ``CFGDenoiserTimesteps``, whose
-    ``mask_before_denoising`` gives the UNet ``x * nmask + init_latent * mask`` while the
-    sampler moves its own x by that eps; LCM's ``CFGDenoiserLCM`` blends its denoiser's
-    consistency-scaled output; then processing.py's final blend of the samples."""
+def test_pipeline_inpaints_with_the_timestep_samplers_as_the_webui(model):
+    """Inpainting with the WebUI's DDIM (SD 1.x, 4 steps at denoising strength 0.75:
+    t_enc = 3) through the pipeline against the WebUI's ``ddim`` restated under
+    ``CFGDenoiserTimesteps``, whose ``mask_before_denoising`` gives the UNet
+    ``x * nmask + init_latent * mask`` while the sampler moves its own x by that eps, then
+    processing.py's final blend of the samples. (PLMS, UniPC and LCM take the same loop; their
+    blends are checked step by step below: LCM's output blend differs from a denoised-estimate
+    blend by its c_skip, under 7e-6 of the sample, which no pipeline test can tell apart.)"""
     pipe, ref_pipe = model["pipe"], model["ref"]
     f = pipe.vae_scale_factor
     size, steps, strength = 8 * f, 4, 0.75
     rng = np.random.default_rng(13)
-    shape = (1, 8, 8, 4)
-    noise = rng.standard_normal(shape).astype(np.float32)
-    step_noises = rng.standard_normal((8, *shape)).astype(np.float32)
-    monkeypatch.setattr(webui_mod, "step_noise",
-                        lambda key, draw, like: jnp.asarray(step_noises)[draw])
+    noise = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
     pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     mask = np.zeros((size, size), np.uint8)
     mask[1 * f:5 * f, 2 * f:6 * f] = 255  # whole latent cells
+    out = np.asarray(pipe("a red circle", image=pixels, mask_image=mask, strength=strength,
+                          scheduler="DDIM", num_inference_steps=steps, guidance_scale=CFG,
+                          height=size, width=size, latents=noise,
+                          output_type="latent").images)
     nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
     _, webui_eps = _unet_eps(model)
     ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(
@@ -927,35 +928,15 @@ def test_pipeline_inpaints_with_the_timestep_samplers_as_the_webui(model, monkey
         signed = torch.tensor(pixels.astype(np.float32) / 255 * 2 - 1).permute(2, 0, 1)[None]
         init = (ref_pipe.vae.encode(signed).latent_dist.mean
                 * ref_pipe.vae.config.scaling_factor)
-    nmask = torch.tensor(mask[::f, ::f] / 255.0, dtype=torch.float32)[None, None]
-    keep = 1 - nmask
-    t_enc = int(strength * steps)
-    worst = {}
-    for sampler in ("DDIM", "LCM"):  # (PLMS and UniPC: the same loop; their steps below)
-        out = np.asarray(pipe("a red circle", image=pixels, mask_image=mask, strength=strength,
-                              scheduler=sampler, num_inference_steps=steps,
-                              guidance_scale=CFG, height=size, width=size, latents=noise,
-                              output_type="latent").images)
-        with torch.no_grad():
-            if sampler == "LCM":
-                ref = _ref_lcm(functools.partial(webui_eps, raw=True), ac, steps, init,
-                               nchw(noise), steps - t_enc - 1,
-                               [nchw(n) for n in step_noises],
-                               blend=lambda den: init * keep + nmask * den)
-            else:
-                def masked(x, t):  # the UNet sees the blended sample
-                    return webui_eps(x * nmask + init * keep, t)
-
-                ref = (_ref_unipc(masked, ac, steps, init, nchw(noise), t_enc=t_enc)
-                       if sampler == "UniPC" else
-                       _ref_timesteps(masked, sampler, ac, steps, init, nchw(noise),
-                                      t_enc=t_enc))
-            ref = init * keep + nmask * ref
-        ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
-        assert np.abs(ref - np.transpose(init.numpy(), (0, 2, 3, 1))).max() > 0.1
-        worst[sampler] = (float(np.abs(out - ref).max()), float(np.abs(ref).max()))
-    bad = {k: v for k, v in worst.items() if not v[0] <= 1e-5 * max(10.0, v[1])}
-    assert not bad, f"(max |ours - WebUI|, max |WebUI|) off: {bad} (all: {worst})"
+        nmask = torch.tensor(mask[::f, ::f] / 255.0, dtype=torch.float32)[None, None]
+        keep = 1 - nmask
+        ref = _ref_timesteps(lambda x, t: webui_eps(x * nmask + init * keep, t), "DDIM", ac,
+                             steps, init, nchw(noise), t_enc=int(strength * steps))
+        ref = init * keep + nmask * ref
+    ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+    assert np.abs(ref - np.transpose(init.numpy(), (0, 2, 3, 1))).max() > 0.1
+    diff = np.abs(out - ref).max()
+    assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
 
 
 def test_timestep_samplers_inpaint_as_the_webui():
