@@ -243,8 +243,9 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         state0 = sched.set_timesteps(spec.steps, sample_shape=sample_shape)
         total = sched.num_evaluations(state0)
     dtype, scaling = nets.dtype, nets.vae_scaling
-    # The WebUI's samplers inpaint by blending the denoised estimate with the image's
-    # (sdjax.schedulers.webui), not the noised latents after each step.
+    # The WebUI's samplers inpaint by blending the image's latents in at every evaluation
+    # (the denoised estimate, the UNet's input or LCM's output: sdjax.schedulers.webui), not
+    # the noised latents after each step.
     webui_blend = getattr(sched, "blends_denoised", False)
     follows = step_noise.follows_generators(spec.rng, sched)
     # DDIM CFG++ steps with the unconditional prediction as well as the guided one.
@@ -302,12 +303,16 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
         # carried through the loop; None (today's program) for every other call.
         gens = (step_noise.start(spec.rng, lat_shape, seeds, indices, inputs)
                 if follows else None)
+        # The WebUI's inpainting blend, where its sampler says (sched.inpaint_blend)
+        blend = ((feed.image_latents, feed.repaint)
+                 if webui_blend and feed.repaint is not None else None)
 
         def body(i, carry):
             x, state, gens = carry
             step = Step(i, state.timesteps[i], sched.step_sigma(state, i), first)
             step_cond = cond if nets.select is None else nets.select(params, inputs, step, cond)
-            xin = sched.scale_model_input(state, x, i)
+            seen = x if blend is None else sched.blend_input(state, i, x, blend)
+            xin = sched.scale_model_input(state, seen, i)
             eps = nets.denoise(params, inputs, step, _rows(xin.astype(dtype), reps),
                                None if extra is None else extra.astype(dtype),
                                step_cond).astype(jnp.float32)
@@ -324,15 +329,14 @@ def build(spec: CoreSpec, nets: Networks, mesh: Mesh,
             if follows:
                 drawn["noise"], gens = step_noise.take(spec.rng, lat_shape, gens,
                                                        state.draw[i])
-            if webui_blend and feed.repaint is not None:
-                x, state = sched.step(state, i, eps, x, key=key,
-                                      blend=(feed.image_latents, feed.repaint), **drawn)
+            if blend is not None:
+                x, state = sched.step(state, i, eps, x, key=key, blend=blend, **drawn)
                 # and the image's latents outside the mask after the last step, as the WebUI
                 x = jnp.where(i < end - 1, x, (1 - feed.repaint) * feed.image_latents
                               + feed.repaint * x)
             else:
                 x, state = sched.step(state, i, eps, x, key=key, **drawn)
-            if feed.repaint is not None and not webui_blend:
+            if task.blend and not webui_blend:
                 # Ordinary models inpaint by putting the kept region back, noised to the
                 # next evaluation's level (clean after the last that runs), as diffusers does.
                 level = noise_levels[jnp.minimum(i + 1, total - 1)]

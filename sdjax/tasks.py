@@ -96,7 +96,7 @@ class Feed(NamedTuple):
     image_latents: jax.Array | None  # (B, h, w, C) scaled clean latents of the init image
     extra: jax.Array | None  # (B, h, w, k) channels appended to the UNet input every step
     class_labels: jax.Array | None  # (B,) int32
-    repaint: jax.Array | None  # (B, h, w, 1) 1 where new content goes (4-channel inpainting)
+    repaint: jax.Array | None  # (B, h, w, 1) 1 where new content goes (inpainting)
 
 
 def _signed(pixels: jax.Array) -> jax.Array:
@@ -137,8 +137,8 @@ def feed(task: Task, vae, scaling: float, inputs: Mapping[str, jax.Array],
             if task.mask_channels:
                 masked = encode(vae, pixels * (mask < 0.5), scaling, chunk)
                 extra = jnp.concatenate([small, masked], axis=-1)
-            else:
-                repaint = small
+            # (9-channel UNets too: the WebUI's samplers blend with it whatever the model)
+            repaint = small
     if task.low_res is not None:
         low = _signed(inputs["image"])
         labels = inputs["noise_level"].astype(jnp.int32)

@@ -259,3 +259,76 @@ def test_wrong_pipeline_and_strict_loading_name_the_sdxl_parts(sdxl_folder, sd1_
     save_safetensors(tensors, weights)
     with pytest.raises(WeightsError, match=r"text_encoder_2.*text_projection\.kernel"):
         sdjax.StableDiffusionXLPipeline.from_pretrained(str(broken), num_devices=1)
+
+
+def test_webui_samplers_match_k_diffusion(pipes):
+    """SDXL with the WebUI's k-diffusion samplers: "DPM++ 2M" on Karras (from given noise)
+    and "Euler a" with rng="nv" (start and per-step noise from the WebUI's per-image NV
+    generators, seed + i), 4 steps, against k-diffusion's samplers over CompVisDenoiser
+    around diffusers' SDXL UNet with its added text and time conditioning (the embeddings
+    diffusers' pipeline makes for the same prompts) and the WebUI's CFG combination in the
+    denoised space: within 1e-5 of the latents' scale."""
+    from sdjax.schedulers import get_scheduler
+    from sdjax.schedulers import webui_sigmas as ws
+    from tests.test_webui_samplers import KD, _WebUIImageRNG
+
+    ref, ours = pipes
+    steps, cfg, negative = 4, 5.0, "low quality"
+    b = len(PROMPTS)
+    with torch.no_grad():
+        pe, npe, pooled, npooled = ref.encode_prompt(
+            PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=[negative] * b)
+        time_ids = ref._get_add_time_ids(
+            (SIZE, SIZE), (0, 0), (SIZE, SIZE), dtype=pe.dtype,
+            text_encoder_projection_dim=ref.text_encoder_2.config.projection_dim)
+    cond = {"ctx": torch.cat([pe, npe]), "pooled": torch.cat([pooled, npooled]),
+            "time_ids": time_ids.repeat(2 * b, 1)}  # the WebUI's rows: [cond; uncond]
+    sched = get_scheduler("Euler", dict(ours.scheduler_config))
+
+    class Inner(torch.nn.Module):  # what CompVisDenoiser wraps: the SDXL UNet, its conds
+        def __init__(self):
+            super().__init__()
+            self.alphas_cumprod = torch.tensor(ws.webui_alphas_cumprod(sched.schedule))
+
+        def apply_model(self, x, t, cond):
+            return ref.unet(x, t, encoder_hidden_states=cond["ctx"], added_cond_kwargs={
+                "text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}).sample
+
+    wrap = KD[1].CompVisDenoiser(Inner())
+
+    def denoiser(x, sigma):
+        out = wrap(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=cond)
+        c, u = out[:b], out[b:]
+        return u + (c - u) * cfg
+
+    call = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg,
+                height=SIZE, width=SIZE, output_type="latent")
+    shape = (b, 4, SIZE // 2, SIZE // 2)
+    noise = np.random.RandomState(4).randn(*shape).astype(np.float32)
+    seed = 2**32 - 1  # image 1's NV seed crosses 2**32
+    runs = {
+        "DPM++ 2M": (dict(scheduler="DPM++ 2M", schedule_type="Karras",
+                          latents=noise.transpose(0, 2, 3, 1)), "sample_dpmpp_2m"),
+        "Euler a": (dict(scheduler="Euler a", rng="nv", seed=seed), "sample_euler_ancestral"),
+    }
+    for name, (kwargs, func) in runs.items():
+        out = np.asarray(ours(PROMPTS, **call, **kwargs).images)
+        sigmas = torch.tensor(get_scheduler(name, dict(ours.scheduler_config),
+                                            schedule_type=kwargs.get("schedule_type",
+                                                                     "Automatic"),
+                                            sdxl=True).sigmas(steps))
+        with torch.no_grad():
+            if name == "Euler a":
+                gen = _WebUIImageRNG("nv", shape[1:], [seed + i for i in range(b)])
+                x = KD[0].sample_euler_ancestral(denoiser, gen.next() * sigmas[0], sigmas,
+                                                 disable=True,
+                                                 noise_sampler=lambda s, t, g=gen: g.next())
+            else:
+                x = getattr(KD[0], func)(denoiser, torch.from_numpy(noise) * sigmas[0],
+                                         sigmas, disable=True)
+        expected = x.numpy().transpose(0, 2, 3, 1)
+        diff = np.abs(out - expected).max()
+        print(f"sdxl {name}: max |ours - k-diffusion| {diff:.2e} of {np.abs(expected).max():.1f}")
+        assert np.abs(expected).max() > 1.0
+        assert diff <= 1e-5 * max(10.0, np.abs(expected).max()), (name, diff)

@@ -673,21 +673,23 @@ class _RefLCM:
         return c_out * (x - sigma * eps) + c_skip * x
 
 
-def _ref_lcm(eps_fn, ac, steps, x0, noise, start, noises):
-    """``sample_lcm`` from the WebUI's k-diffusion start (txt2img: noise * sigmas[0])."""
+def _ref_lcm(eps_fn, ac, steps, x0, noise, start, noises, blend=lambda out: out):
+    """``sample_lcm`` from the WebUI's k-diffusion start (txt2img: noise * sigmas[0]);
+    ``blend``: what CFGDenoiserLCM does to its denoiser's output (inpainting's mask blend)."""
     den = _RefLCM(eps_fn, ac)
     sigmas = den.get_sigmas(steps)[start:]
     x = noise * sigmas[0] + (0 if x0 is None else x0)
     draws = iter(noises)
     for s, to in zip(sigmas[:-1], sigmas[1:], strict=True):
-        x = den(x, s)
+        x = blend(den(x, s))
         if to > 0:
             x = x + to * next(draws)
     return x
 
 
-def _ours_timesteps(eps_fn, sched, steps, x0, noise, begin, step_noises):
-    """Our WebUI timesteps sampler's loop, step by step, around ``eps_fn(xin, t)`` (numpy)."""
+def _ours_timesteps(eps_fn, sched, steps, x0, noise, begin, step_noises, blend=None):
+    """Our WebUI timesteps sampler's loop, step by step, around ``eps_fn(xin, t)`` (numpy);
+    ``blend``: (image latents, repaint mask) of inpainting (no final blend)."""
     shape = noise.shape
     if x0 is None:
         state = sched.set_timesteps(steps, sample_shape=shape)
@@ -700,10 +702,18 @@ def _ours_timesteps(eps_fn, sched, steps, x0, noise, begin, step_noises):
     step = _stepper_any()
     div, ts, draws = (np.asarray(a) for a in (state.input_div, state.timesteps, state.draw))
     for i in range(sched.num_evaluations(state)):
-        eps = eps_fn(np.asarray(x) / div[i], ts[i])
+        seen = x if blend is None else sched.blend_input(state, i, x, blend)
+        eps = eps_fn(np.asarray(seen) / div[i], ts[i])
         n = step_noises[draws[i]] if draws[i] >= 0 else np.zeros(shape, np.float32)
-        x, state = step(sched, state, i, jnp.asarray(eps), x, n)
+        x, state = (step(sched, state, i, jnp.asarray(eps), x, n) if blend is None else
+                    _blend_stepper()(sched, state, i, jnp.asarray(eps), x, n, blend))
     return np.asarray(x)
+
+
+@functools.cache
+def _blend_stepper():
+    return jax.jit(lambda sched, state, i, eps, x, n, blend: sched.step(
+        state, i, eps, x, noise=n, blend=blend), static_argnums=0)
 
 
 @functools.cache
@@ -1315,3 +1325,157 @@ def test_cli_and_png_text_take_the_sampler_options():
                          ("uni_pc_steps=2", "unknown sampler option 'uni_pc_steps'")):
         with pytest.raises(Exception, match=message):
             cli_args.check_common_args(p.parse_args(["--sampler_option", bad]))
+
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_pipeline_inpaints_with_the_timestep_samplers_as_the_webui(model):
+    """Inpainting with the WebUI's DDIM (SD 1.x, 4 steps at denoising strength 0.75:
+    t_enc = 3) through the pipeline against the WebUI's ``ddim`` restated under
+    ``CFGDenoiserTimesteps``, whose ``mask_before_denoising`` gives the UNet
+    ``x * nmask + init_latent * mask`` while the sampler moves its own x by that eps, then
+    processing.py's final blend of the samples. (PLMS, UniPC and LCM take the same loop; their
+    blends are checked step by step below: LCM's output blend differs from a denoised-estimate
+    blend by its c_skip, under 7e-6 of the sample, which no pipeline test can tell apart.)"""
+    pipe, ref_pipe = model["pipe"], model["ref"]
+    f = pipe.vae_scale_factor
+    size, steps, strength = 8 * f, 4, 0.75
+    rng = np.random.default_rng(13)
+    noise = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[1 * f:5 * f, 2 * f:6 * f] = 255  # whole latent cells
+    out = np.asarray(pipe("a red circle", image=pixels, mask_image=mask, strength=strength,
+                          scheduler="DDIM", num_inference_steps=steps, guidance_scale=CFG,
+                          height=size, width=size, latents=noise,
+                          output_type="latent").images)
+    nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+    _, webui_eps = _unet_eps(model)
+    ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(
+        get_scheduler("DDIM", model["config"]).schedule), np.float32))
+    with torch.no_grad():
+        signed = torch.tensor(pixels.astype(np.float32) / 255 * 2 - 1).permute(2, 0, 1)[None]
+        init = (ref_pipe.vae.encode(signed).latent_dist.mean
+                * ref_pipe.vae.config.scaling_factor)
+        nmask = torch.tensor(mask[::f, ::f] / 255.0, dtype=torch.float32)[None, None]
+        keep = 1 - nmask
+        ref = _ref_timesteps(lambda x, t: webui_eps(x * nmask + init * keep, t), "DDIM", ac,
+                             steps, init, nchw(noise), t_enc=int(strength * steps))
+        ref = init * keep + nmask * ref
+    ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+    assert np.abs(ref - np.transpose(init.numpy(), (0, 2, 3, 1))).max() > 0.1
+    diff = np.abs(out - ref).max()
+    assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())
+
+
+def test_timestep_samplers_inpaint_as_the_webui():
+    """The inpainting blends of the WebUI's timesteps samplers and LCM step by step over a
+    stand-in eps, the kept region included (before processing.py's final blend), against
+    its loops restated: v-prediction DDIM and UniPC (``mask_before_denoising``: the UNet's
+    v at the blended input becomes eps by that input, ``predict_eps_from_z_and_v``, and moves
+    the unblended sample) and LCM (its output blended, then the next sigma's noise), SD 1.x
+    PLMS (its second evaluation of the first step blended too); 4 steps, txt2img and
+    img2img starts."""
+    rng = np.random.default_rng(17)
+    shape = (1, 3, 3, 2)
+    repaint = np.zeros((1, 3, 3, 1), np.float32)
+    repaint[:, 1:, :2] = 1.0
+    nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+    nmask = nchw(repaint)
+    keep = 1 - nmask
+    for sampler, config, begin in (("DDIM", SD21_SCHEDULER, 0), ("UniPC", SD21_SCHEDULER, 0),
+                                   ("PLMS", SD15_SCHEDULER, 0), ("LCM", SD15_SCHEDULER, 0),
+                                   ("LCM", SD15_SCHEDULER, 1)):
+        sched = get_scheduler(sampler, config)
+        vpred = config.get("prediction_type") == "v_prediction"
+        ac = np.asarray(ws.webui_alphas_cumprod(sched.schedule), np.float32)
+
+        def eps_np(x, t, vpred=vpred, ac=ac):
+            out = _fake_eps(x, t)
+            if not vpred:
+                return out
+            a = float(ac[int(float(t))])
+            return (out - (1 - a) ** 0.5 * x) / a ** 0.5
+
+        image = rng.standard_normal(shape).astype(np.float32)
+        noise = rng.standard_normal(shape).astype(np.float32)
+        step_noises = rng.standard_normal((6, *shape)).astype(np.float32)
+        ours = _ours_timesteps(eps_np, sched, 4, image, noise, begin, step_noises,
+                               blend=(jnp.asarray(image), jnp.asarray(repaint)))
+        init = nchw(image)
+        with torch.no_grad():
+            if sampler == "LCM":
+                ref = _ref_lcm(_fake_eps, torch.tensor(ac), 4, init, nchw(noise), begin,
+                               [nchw(n) for n in step_noises],
+                               blend=lambda den, init=init: init * keep + nmask * den)
+            else:
+                def masked(x, t, init=init):
+                    return _fake_eps(x * nmask + init * keep, t)
+
+                t_enc = 4 - 1 - begin
+                ref = (_ref_unipc(masked, torch.tensor(ac), 4, init, nchw(noise), t_enc)
+                       if sampler == "UniPC" else
+                       _ref_timesteps(masked, sampler, torch.tensor(ac), 4, init,
+                                      nchw(noise), t_enc))
+        ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+        assert np.abs(ref - image).max() > 0.1
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{sampler} inpainting from {begin}")
+        if sampler == "LCM":  # its output blend keeps the image exactly before the noise
+            kept = (ours - (1 - repaint) * image)  # the noise of the last step is none
+            assert np.abs(kept * (1 - repaint)).max() < 1e-6
+
+
+def test_inpainting_model_blends_as_the_webui(sd1_inpaint_folder):
+    """A 9-channel inpainting model with a WebUI sampler ("Euler", 4 steps at denoising
+    strength 0.75): the WebUI sets its mask blend for every model (processing.py's
+    ``self.mask`` / ``nmask`` whatever the UNet), so the UNet takes [x, mask, masked-image
+    latents] (its ``c_concat``) and ``CFGDenoiser`` still blends the denoised estimate with
+    the image's latents, then the final blend; against k-diffusion around the diffusers
+    9-channel UNet, within 1e-5 of the latents' scale."""
+    from diffusers import StableDiffusionPipeline as Ref
+
+    ref_pipe = Ref.from_pretrained(str(sd1_inpaint_folder), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd1_inpaint_folder), dtype="float32",
+                                                   num_devices=1)
+    f = pipe.vae_scale_factor
+    size, steps, strength = 8 * f, 4, 0.75
+    rng = np.random.default_rng(19)
+    noise = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[2 * f:6 * f, 1 * f:5 * f] = 255  # whole latent cells
+    out = np.asarray(pipe("a red circle", image=pixels, mask_image=mask, strength=strength,
+                          scheduler="Euler", num_inference_steps=steps, guidance_scale=CFG,
+                          height=size, width=size, latents=noise,
+                          output_type="latent").images)
+    nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+    scaling = ref_pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        cond, uncond = ref_pipe.encode_prompt("a red circle", "cpu", 1, True, "")
+        signed = torch.tensor(pixels.astype(np.float32) / 255 * 2 - 1).permute(2, 0, 1)[None]
+        init = ref_pipe.vae.encode(signed).latent_dist.mean * scaling
+        nmask = torch.tensor(mask[::f, ::f] / 255.0, dtype=torch.float32)[None, None]
+        hole = torch.tensor(mask < 128, dtype=torch.float32)[None, None]
+        masked = ref_pipe.vae.encode(signed * hole).latent_dist.mean * scaling
+        concat = torch.cat([nmask, masked], dim=1)
+
+        class Inner(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.alphas_cumprod = torch.tensor(ws.webui_alphas_cumprod(
+                    get_scheduler("Euler", SD15_SCHEDULER).schedule))
+
+            def apply_model(self, x, t, cond):
+                rows = torch.cat([x, concat.expand(x.shape[0], -1, -1, -1)], dim=1)
+                return ref_pipe.unet(rows, t, encoder_hidden_states=cond).sample
+
+        cfg = _CFG(KD[1].CompVisDenoiser(Inner()), torch.cat([uncond, cond]))
+        keep = 1 - nmask
+        sigmas = torch.tensor(get_scheduler("Euler", SD15_SCHEDULER).sigmas(steps))
+        run = sigmas[steps - int(strength * steps) - 1:]
+        ref = KD[0].sample_euler(lambda x, s: init * keep + nmask * cfg(x, s),
+                                 init + nchw(noise) * run[0], run, disable=True)
+        ref = init * keep + nmask * ref
+    ref = np.transpose(ref.numpy(), (0, 2, 3, 1))
+    assert np.abs(ref - np.transpose(init.numpy(), (0, 2, 3, 1))).max() > 0.1
+    diff = np.abs(out - ref).max()
+    assert diff <= 1e-5 * max(10.0, np.abs(ref).max()), (diff, np.abs(ref).max())

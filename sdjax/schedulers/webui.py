@@ -414,7 +414,7 @@ class WebUISampler(sig.SigmaScheduler):
 
     name: ClassVar[str] = "webui"
     known: ClassVar[dict[str, Any]] = SAMPLERS  # the sampler names this class runs
-    blends_denoised: ClassVar[bool] = True  # inpainting blends the denoised estimate
+    blends_denoised: ClassVar[bool] = True  # inpainting the WebUI's way (its CFGDenoiser)
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
     defaults: ClassVar[dict[str, Any]] = {
         **sig.SIGMA_DEFAULTS, "beta_start": 0.00085, "beta_end": 0.012,
@@ -524,17 +524,38 @@ class WebUISampler(sig.SigmaScheduler):
         fast, DDIM and PLMS it differs from txt2img's at the same start)."""
         return self.set_timesteps(steps, strength_for_start(steps, begin), img2img=True)
 
+    @property
+    def inpaint_blend(self) -> str:
+        """Where the WebUI's inpainting puts the image's latents back outside the mask at
+        every evaluation: "denoised" (the k-diffusion samplers: ``CFGDenoiser`` blends the
+        denoised estimate), "input" (its timesteps samplers: the sample before the UNet,
+        ``mask_before_denoising``) or "output" (LCM: its denoiser's consistency-scaled
+        output)."""
+        return "denoised"
+
+    def blend_input(self, state: WebUIState, i: jax.Array, sample: jax.Array,
+                    blend: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """The sample the UNet sees (before ``scale_model_input``) when inpainting: with
+        "input" blending the image's clean latents outside the mask, in the loop's scale
+        (the UNet's input times ``input_div``); else ``sample`` itself."""
+        if self.inpaint_blend != "input":
+            return sample
+        image, repaint = blend
+        x = sample.astype(jnp.float32)
+        return repaint * x + (1 - repaint) * (image.astype(jnp.float32) * state.input_div[i])
+
     def step(self, state: WebUIState, i: jax.Array, model_output: jax.Array,
              sample: jax.Array, key: jax.Array | None = None, *,
              noise: jax.Array | None = None,
              blend: tuple[jax.Array, jax.Array] | None = None,
              uncond: jax.Array | None = None) -> tuple[jax.Array, WebUIState]:
         """One evaluation's update. ``noise`` replaces the hook's draw; ``blend`` = (clean
-        image latents, repaint mask): the WebUI's inpainting keeps the image's denoised
-        estimate outside the mask (``CFGDenoiser``'s ``init_latent * mask + nmask *
-        denoised``); ``uncond`` (samplers that ``needs_uncond``): the unconditional model
-        output, whose denoised estimate becomes B0 and scales the guidance by
-        ``uncond_scale``."""
+        image latents, repaint mask): the WebUI's inpainting, as :attr:`inpaint_blend` says
+        (``init_latent * mask + nmask * ...``; with "input" the UNet saw
+        :meth:`blend_input`'s sample, and the step, as the WebUI's, still moves the
+        unblended sample by the eps that UNet output means); ``uncond`` (samplers that
+        ``needs_uncond``): the unconditional model output, whose denoised estimate becomes B0
+        and scales the guidance by ``uncond_scale``."""
         x = sample.astype(jnp.float32)
         memory = state.memory
         if memory.shape[1:] != x.shape:
@@ -542,19 +563,27 @@ class WebUISampler(sig.SigmaScheduler):
                 raise ValueError(f"the state was built for samples {memory.shape[1:]}, "
                                  f"not {x.shape}")
             memory = jnp.zeros((memory.shape[0], *x.shape), jnp.float32)
-        den = sig.x0_from_sigma(self.denoiser_prediction, model_output.astype(jnp.float32), x,
-                                state.sigma[i], state.v[i])
+        mode = None if blend is None else self.inpaint_blend
+        seen = x if mode != "input" else self.blend_input(state, i, x, blend)
+        den = sig.x0_from_sigma(self.denoiser_prediction, model_output.astype(jnp.float32),
+                                seen, state.sigma[i], state.v[i])
         if uncond is not None:
-            den_u = sig.x0_from_sigma(self.denoiser_prediction, uncond.astype(jnp.float32), x,
-                                      state.sigma[i], state.v[i])
+            den_u = sig.x0_from_sigma(self.denoiser_prediction, uncond.astype(jnp.float32),
+                                      seen, state.sigma[i], state.v[i])
             den = den_u + self.uncond_scale * (den - den_u)
-            memory = memory.at[0].set(den_u)
-        if blend is not None:
+            memory = memory.at[0].set(den_u + (x - seen))
+        if mode == "input":
+            # the WebUI's eps of the blended input, applied to the sample: x - sigma * eps
+            den = den + (x - seen)
+        elif mode == "denoised":
             image, repaint = blend
             den = image.astype(jnp.float32) * (1 - repaint) + repaint * den
         terms = jnp.concatenate([x[None], den[None], memory], axis=0)
         upd = state.upd[i]
         new = jnp.tensordot(upd[:-1], terms, axes=1)
+        if mode == "output":
+            image, repaint = blend
+            new = image.astype(jnp.float32) * (1 - repaint) + repaint * new
         if noise is None and key is not None:
             noise = step_noise(key, state.draw[i], x)
         if noise is not None:

@@ -248,6 +248,11 @@ class WebUITimestepSampler(webui.WebUISampler):
         return "epsilon" if self.sampler == "LCM" else self.prediction_type
 
     @property
+    def inpaint_blend(self) -> str:  # type: ignore[override]
+        # CFGDenoiserTimesteps masks before denoising; CFGDenoiserLCM blends its output.
+        return "output" if self.sampler == "LCM" else "input"
+
+    @property
     def memory(self) -> int:
         return self.uni_pc_order if self.sampler == "UniPC" else TIMESTEP_SAMPLERS[
             self.sampler][0]
