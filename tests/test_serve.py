@@ -179,6 +179,7 @@ def test_mixed_prompt_lengths_each_get_what_they_would_alone(server, pipe):
             {"prompt": words(5), "negative_prompt": words(7), "seed": 3},
             {"prompt": "red " * 100_000, "seed": 4}]
     server.batcher.window_s = 1.0
+    calls = server.batcher.calls
     try:
         with ThreadPoolExecutor(3) as ex:
             answers = list(ex.map(lambda r: server.client.post(
@@ -186,6 +187,8 @@ def test_mixed_prompt_lengths_each_get_what_they_would_alone(server, pipe):
     finally:
         server.batcher.window_s = 0.05
     assert answers[2].status_code == 422 and "past the limit of 24 chunks" in answers[2].text
+    # contexts of 1 and 7 chunks: two calls, so merging changed neither request's context
+    assert server.batcher.calls - calls == 2
     for r, answer in zip(reqs[:2], answers, strict=False):
         assert answer.status_code == 200, answer.text
         alone = pipe(r["prompt"], negative_prompt=r.get("negative_prompt", ""), seed=r["seed"],
