@@ -125,9 +125,16 @@ def test_a_lora_tag_whose_name_is_not_found_finds_its_file_by_hash(tmp_path, cap
     """As the WebUI pastes an infotext: a tag whose name finds no file (or one of another
     hash) names the --lora_dir file of its ``Lora hashes`` hash instead, said in one line;
     each file is hashed once however many names are looked up."""
+    import hashlib
+
     from sdjax.weights import hashes
     from sdjax.weights.safetensors_io import save_safetensors
-    from tests.test_adapters import _addnet_hash
+
+    def _addnet_hash(path) -> str:
+        """The WebUI's LoRA hash, as tests/test_adapters.py's (not imported: it loads torch)."""
+        data = path.read_bytes()
+        return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
     loras = tmp_path / "loras"
     (loras / "sub").mkdir(parents=True)
     for i, name in enumerate(("a", "sub/glow_v2", "detail", "z")):
