@@ -265,10 +265,11 @@ def parse_lora(value: str) -> tuple[str, float]:
 def apply_adapters(args: argparse.Namespace, pipe) -> list[str]:
     """Merge the ``--lora`` files and add the ``--embedding`` tokens to a loaded pipeline;
     returns a line per file for the log. A file that does not fit stops the run (exit 2)."""
+    from sdjax.lora_tags import lora_line
     done = []
     for value in args.lora or []:
         path, scale = parse_lora(value)
-        done.append(f"LoRA {pipe.load_lora(path, scale)} x{scale:g}")
+        done.append(lora_line(pipe.load_lora(path, scale), scale))
     for path in args.embedding or []:
         done.append(f"embedding {pipe.load_textual_inversion(path)}")
     return done

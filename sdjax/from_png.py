@@ -295,10 +295,12 @@ def _why(key: str) -> str:
     return "not a parameter sdjax knows (an extension's?); ignored"
 
 
-def apply(args, explicit: set[str], flags: dict[str, Any]) -> list[str]:
+def apply(args, explicit: set[str], flags: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Put ``flags`` into ``args`` under the ones the command line gave (``explicit``: their
-    dest names); returns notes for the log (the model, LoRA tags, a strength kept aside)."""
-    notes = []
+    dest names); returns (notes on what is not honoured: LoRA tags, a strength kept aside;
+    notes on what was changed to honour it: a LoRA tag renamed to the file of its hash)."""
+    notes: list[str] = []
+    changed: list[str] = []
     for dest, value in flags.items():
         if dest.startswith("_") or dest in explicit:
             continue
@@ -308,45 +310,108 @@ def apply(args, explicit: set[str], flags: dict[str, Any]) -> list[str]:
             continue
         setattr(args, dest, value)
     if flags.get("_lora_tags") and "prompt" not in explicit:
-        notes += _lora_notes(args, flags["_lora_tags"], flags.get("_lora_hashes", {}))
+        lines, changed = _lora_notes(args, flags["_lora_tags"], flags.get("_lora_hashes", {}))
+        notes += lines
     notes += _embedding_notes(args, flags.get("_ti_hashes", {}))
-    return notes
+    return notes, changed
 
 
-def _lora_notes(args, names: list[str], hashes: dict[str, str]) -> list[str]:
+def _lora_notes(args, names: list[str], hashes: dict[str, str]
+                ) -> tuple[list[str], list[str]]:
     """The PNG's LoRA tags: kept in the prompt where ``--lora_dir`` has the file (which then
-    loads), left out (and said) where not; a file whose hash is not the PNG's is said too."""
+    loads); where its name finds no file, or one of another hash, and the PNG's ``Lora
+    hashes`` gives the hash, the file of that hash (as the WebUI finds a renamed LoRA: the
+    tag is rewritten to its name, and said); else left out (and said), or, a file of that
+    name but another hash, kept and said. Returns (not honoured, changed) lines."""
     from sdjax.lora_tags import find_lora
-    from sdjax.weights.hashes import lora_hash
     lora_dir = getattr(args, "lora_dir", None)
+    missing, notes, changed, renamed = [], [], [], {}
     if lora_dir is None:
-        missing, notes = list(names), []
+        missing = list(dict.fromkeys(names))
         where = "no --lora_dir to find the files in"
     else:
-        missing, notes = [], []
         where = f"not in --lora_dir {lora_dir}"
+        by_hash = _LorasByHash(lora_dir)
         for name in dict.fromkeys(names):
-            try:
-                path = find_lora(name, lora_dir)
-            except ValueError:
-                missing.append(name)
-                continue
             want = hashes.get(name.replace(":", "").replace(",", ""))
             try:
-                have = lora_hash(path)
-            except (OSError, ValueError):
-                continue  # the run says what is wrong with the file when it loads it
-            if want and not have.startswith(want):
-                notes.append(f"Lora hashes: {name}: {path} has hash {have[:len(want)]}, the "
-                             f"PNG's LoRA had {want} (another file of that name: not the "
-                             "same image)")
+                path, problem = find_lora(name, lora_dir), None
+            except ValueError:
+                path, problem = None, where
+            if path is not None:
+                have = by_hash.of(path)
+                if have is None:
+                    continue  # the run says what is wrong with the file when it loads it
+                if not want or have.startswith(want):
+                    continue
+                problem = f"{path} has hash {have[:len(want)]}, the PNG's LoRA had {want}"
+            found = by_hash.find(want, lambda p: _finds(p, lora_dir)) if want else None
+            if found is not None:
+                renamed[name] = found.stem
+                changed.append(f"Lora: {name}: {problem}; its hash {want} is {found}: the "
+                               f"tag now names <lora:{found.stem}>")
+            elif path is None:
+                missing.append(name)
+            else:
+                notes.append(f"Lora hashes: {name}: {problem} (another file of that name: "
+                             "not the same image)")
     if missing:
-        notes.insert(0, f"Lora: {', '.join(dict.fromkeys(missing))}: {where}; the tags are "
-                        "left out of the prompt")
-        gone = set(missing)
-        args.prompt = [_LORA_TAG.sub(lambda m: "" if m.group(1) in gone else m.group(0), p)
-                       for p in args.prompt]
-    return notes
+        notes.insert(0, f"Lora: {', '.join(missing)}: {where}; the tags are left out of the "
+                        "prompt")
+    gone = set(missing)
+
+    def tag(m: re.Match) -> str:
+        name = m.group(1)
+        if name in gone:
+            return ""
+        if name in renamed:
+            return "<lora:" + renamed[name] + m.group(0)[len("<lora:") + len(name):]
+        return m.group(0)
+
+    if gone or renamed:
+        args.prompt = [_LORA_TAG.sub(tag, p) for p in args.prompt]
+    return notes, changed
+
+
+def _finds(path: Path, lora_dir) -> bool:
+    """Whether a tag of ``path``'s name loads ``path`` (not another file of that name)."""
+    from sdjax.lora_tags import find_lora
+    try:
+        return find_lora(path.stem, lora_dir).resolve() == path.resolve()
+    except ValueError:
+        return False
+
+
+class _LorasByHash:
+    """The LoRA files of a folder and their WebUI hashes: each file hashed at most once per
+    run, and only as far as a search needs (a large folder is not hashed per name)."""
+
+    def __init__(self, folder):
+        self._folder = Path(folder).expanduser()
+        self._files: list[Path] | None = None
+        self._hashes: dict[Path, str | None] = {}
+
+    def of(self, path: Path) -> str | None:
+        """``path``'s hash (None: not a file the WebUI could hash either)."""
+        from sdjax.weights.errors import WeightsError
+        from sdjax.weights.hashes import lora_hash
+        key = path.resolve()
+        if key not in self._hashes:
+            try:
+                self._hashes[key] = lora_hash(path)
+            except (OSError, ValueError, WeightsError):
+                self._hashes[key] = None
+        return self._hashes[key]
+
+    def find(self, short: str, usable) -> Path | None:
+        """The first file whose hash starts with ``short`` and that ``usable`` accepts."""
+        if self._files is None:
+            self._files = sorted(self._folder.rglob("*.safetensors"))
+        for path in self._files:
+            full = self.of(path)
+            if full is not None and full.startswith(short) and usable(path):
+                return path
+        return None
 
 
 def _embedding_notes(args, hashes: dict[str, str]) -> list[str]:
@@ -386,7 +451,8 @@ def use(args, parser, argv: list[str] | None, out=None) -> None:
     explicit = given_flags(parser, argv)
     if "prompts_file" in explicit:
         explicit.add("prompt")
-    lines += apply(args, explicit, flags)
+    unhonoured, changed = apply(args, explicit, flags)
+    lines += unhonoured
     named = parse(text)
     made = ", ".join(f"{k} {named[key]}" for k, key in (("model", "Model"),
                                                        ("hash", "Model hash")) if key in named)
@@ -394,5 +460,7 @@ def use(args, parser, argv: list[str] | None, out=None) -> None:
         decides = ("--model " + str(args.model) if "model" in explicit
                    else "the default model, toy (give --model for the PNG's)")
         print(f"from_png: the PNG was made with {made}; this run uses {decides}", file=out)
+    for line in changed:
+        print(f"from_png: {line}", file=out)
     for line in lines:
         print(f"from_png: not honoured: {line}", file=out)

@@ -241,21 +241,23 @@ def generate_shards(pipe, settings: Settings, layout: Layout, samples: Iterator[
                     shard_stats: dict | None = None,
                     on_written: Callable[[int], None] | None = None,
                     on_compiled: Callable[[], None] | None = None,
-                    refiner=None, control=None) -> list[dict]:
+                    refiner=None, control=None,
+                    say: Callable[[str], None] | None = None) -> list[dict]:
     """Generate and write the given samples (whole shards, in index order); returns the stats
     of the shards written. Batch k+1 is submitted before batch k's images are taken, so the
     devices never wait while the host encodes and writes. ``on_compiled`` is called once the
     first batch is dispatched (its compilation, if any, is over). ``refiner``: an SDXL
     refiner that finishes every image (``settings.call.sdxl`` has the switch point); the
     hand-off brings the base's latents to the host, so those batches run one at a time.
-    ``control``: the samples' control images (``sdjax.dataset.control.ControlImages``)."""
+    ``control``: the samples' control images (``sdjax.dataset.control.ControlImages``).
+    ``say``: where a prompt tag's LoRA line goes, once per LoRA (``lora_tags.TagLoras``)."""
     def encode(sample: Sample, image: np.ndarray) -> dict[str, bytes]:
         return sample_files(sample, layout.key(sample.index), image, settings)
 
     writer = AsyncShardWriter(store, layout, encode, threads=encode_threads,
                               shard_stats=shard_stats, on_written=on_written)
     batch_size = per_device * pipe.num_devices
-    tag_loras = TagLoras(pipe, settings.lora_dir)
+    tag_loras = TagLoras(pipe, settings.lora_dir, say=say)  # as --lora says its own
     call_kwargs = settings.call.pipeline_kwargs()
 
     def submit(batch: list[Sample]) -> Callable[[], np.ndarray]:
@@ -482,6 +484,7 @@ def run(args) -> int:
                     pipe, settings, layout, plan_samples(rows, layout, todo, settings), store,
                     per_device=per_device, encode_threads=threads, on_written=bar.update,
                     refiner=refiner, control=control,
+                    say=lambda line: tqdm.write(line, file=sys.stderr),  # a tag's "LoRA ..."
                     on_compiled=bar.reset,  # restart the clock: compile time is not throughput
                     shard_stats={"job_index": job, "num_jobs": num_jobs,
                                  "host": socket.gethostname(), "devices": pipe.num_devices,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import glob
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from sdjax import validation
@@ -44,6 +44,11 @@ def split_tags(prompt: str) -> tuple[str, dict[str, float]]:
         return ""
 
     return _TAG.sub(take, prompt), tags
+
+
+def lora_line(name: str, scale: float) -> str:
+    """What the CLIs print for a LoRA they merge, from ``--lora`` or a prompt's tag alike."""
+    return f"LoRA {name} x{scale:g}"
 
 
 def tag_key(tags: Mapping[str, float]) -> LoraSet:
@@ -82,11 +87,15 @@ def find_lora(name: str, lora_dir: str | Path | None) -> Path:
 
 class TagLoras:
     """A pipeline's LoRAs: the fixed ones (``--lora``) plus the tags of the batch in hand.
-    :meth:`use` merges exactly that set (one re-merge when it changes, never a recompile)."""
+    :meth:`use` merges exactly that set (one re-merge when it changes, never a recompile).
+    ``say``: told :func:`lora_line` of each tag's LoRA and multiplier the first time a
+    batch uses it (the line ``--lora`` prints), once per run, not per batch."""
 
-    def __init__(self, pipe, lora_dir: str | Path | None):
-        self.pipe, self.lora_dir = pipe, lora_dir
+    def __init__(self, pipe, lora_dir: str | Path | None,
+                 say: Callable[[str], None] | None = None):
+        self.pipe, self.lora_dir, self._say = pipe, lora_dir, say
         self._fixed = dict(pipe.loras)  # what was loaded before tags came into play
+        self._said: set[tuple[str, float]] = set()
 
     @property
     def fixed(self) -> dict[str, float]:
@@ -102,3 +111,7 @@ class TagLoras:
         """Merge the fixed LoRAs and those of ``tags``, nothing else. A LoRA that does not fit
         raises ValueError and leaves the merged set as it was."""
         self.pipe.set_loras({**self._fixed, **self.files(tags)})
+        for pair in tags.items():
+            if self._say is not None and pair not in self._said:
+                self._said.add(pair)
+                self._say(lora_line(*pair))

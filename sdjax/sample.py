@@ -245,7 +245,7 @@ def run(args, written: list[Path]) -> int:
     sampling = apply_sampling_defaults(args, pipe)
     from sdjax.adapter_text import Adapters
     from sdjax.lora_tags import TagLoras, group_by_tags
-    tag_loras = TagLoras(pipe, args.lora_dir)
+    tag_loras = TagLoras(pipe, args.lora_dir, say=lambda line: print(line, file=sys.stderr))
     seed = random_seed(args.seed)  # after loading: a multi-host run has started by then
     report_seed(args.seed, seed)
     controlnet_cli.default_size(args, control, pipe.vae_scale_factor)
@@ -265,9 +265,7 @@ def run(args, written: list[Path]) -> int:
     images = {} if image is None else {
         "image": image, **({} if mask is None else {"mask_image": mask})}
     for key in groups:  # every tag's LoRA is checked against the model before any image
-        tag_loras.use(dict(key))
-    for name, scale in dict.fromkeys(pair for key in groups for pair in key):
-        print(f"LoRA {name} x{scale:g}", file=sys.stderr)  # as --lora says its own
+        tag_loras.use(dict(key))  # (and said, as --lora says its own)
     adapters = Adapters.of(pipe, args.lora_dir, fixed=tag_loras.fixed)
 
     t_gen = 0.0

@@ -120,6 +120,50 @@ def test_lora_tags_load_where_found_and_the_rest_is_named(tmp_path, capsys):
     assert len(lines) == 3
 
 
+def test_a_lora_tag_whose_name_is_not_found_finds_its_file_by_hash(tmp_path, capsys,
+                                                                   monkeypatch):
+    """As the WebUI pastes an infotext: a tag whose name finds no file (or one of another
+    hash) names the --lora_dir file of its ``Lora hashes`` hash instead, said in one line;
+    each file is hashed once however many names are looked up."""
+    import hashlib
+
+    from sdjax.weights import hashes
+    from sdjax.weights.safetensors_io import save_safetensors
+
+    def _addnet_hash(path) -> str:
+        """The WebUI's LoRA hash, as tests/test_adapters.py's (not imported: it loads torch)."""
+        data = path.read_bytes()
+        return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+
+    loras = tmp_path / "loras"
+    (loras / "sub").mkdir(parents=True)
+    for i, name in enumerate(("a", "sub/glow_v2", "detail", "z")):
+        save_safetensors({"w": np.full(2, i, np.float32)}, loras / f"{name}.safetensors")
+    (loras / "broken.safetensors").write_bytes(b"not a safetensors file")
+    glow, z = (_addnet_hash(loras / n)[:12] for n in ("sub/glow_v2.safetensors", "z.safetensors"))
+    text = ("a <lora:glow:0.6> castle <lora:detail> <lora:gone:1>\nSteps: 4, Sampler: Euler, "
+            f'CFG scale: 7, Seed: 1, Size: 64x64, Lora hashes: "glow: {glow}, detail: {z}, '
+            'gone: 0123456789ab"')
+    hashed = []
+    monkeypatch.setattr(hashes, "lora_hash",
+                        lambda path, real=hashes.lora_hash: hashed.append(path) or real(path))
+    parser = build_parser()
+    argv = ["--from_png", str(_png(tmp_path / "p.png", text)), "--lora_dir", str(loras)]
+    args = parser.parse_args(argv)
+    use(args, parser, argv)
+    err = capsys.readouterr().err.splitlines()
+    assert args.prompt == ["a <lora:glow_v2:0.6> castle <lora:z> "]
+    assert err == [
+        f"from_png: Lora: glow: not in --lora_dir {loras}; its hash {glow} is "
+        f"{loras / 'sub' / 'glow_v2.safetensors'}: the tag now names <lora:glow_v2>",
+        f"from_png: Lora: detail: {loras / 'detail.safetensors'} has hash "
+        f"{_addnet_hash(loras / 'detail.safetensors')[:12]}, the PNG's LoRA had {z}; its hash "
+        f"{z} is {loras / 'z.safetensors'}: the tag now names <lora:z>",
+        f"from_png: not honoured: Lora: gone: not in --lora_dir {loras}; the tags are left "
+        "out of the prompt"]
+    assert len(hashed) == len(set(hashed)) == 5  # every file once (broken: unreadable)
+
+
 HIRES_PROMPT = 'a castle, "big": at night\n BREAK  detailed'
 
 

@@ -179,7 +179,11 @@ def test_lora_tags_split_a_batch_into_calls(sd1_folder, tmp_path, capsys):
     write_kohya_lora(tmp_path / "loras" / "glow.safetensors")
     tagged = ["a cat <lora:glow:0.5>", "a cat"]
     one = ["--images_per_prompt", "1", "--lora_dir", tmp_path / "loras"]
-    _make(capsys, sd1_folder, _txt(tmp_path / "a.txt", tagged), tmp_path / "a", *one)
+    rc, _, err = _run(capsys, "--model", sd1_folder, "--prompts", _txt(tmp_path / "a.txt", tagged),
+                      "--outdir", tmp_path / "a", "--num_devices", 1, *COMMON, *one)
+    assert rc == 0, err
+    # the tag says what it merges as --lora says its own (issue 28: generate said nothing)
+    assert err.splitlines().count("LoRA glow x0.5") == 1
     _make(capsys, sd1_folder, _txt(tmp_path / "b.txt", ["a cat", "a cat"]), tmp_path / "b", *one)
     a, b = read_dataset(tmp_path / "a"), read_dataset(tmp_path / "b")
 
@@ -196,6 +200,25 @@ def test_lora_tags_split_a_batch_into_calls(sd1_folder, tmp_path, capsys):
     assert f'Lora hashes: "glow: {glow}"' in texts[0] and "Lora hashes" not in texts[1]
     assert not np.array_equal(pixels(a["000000000"]), pixels(b["000000000"]))
     assert np.array_equal(pixels(a["000000001"]), pixels(b["000000001"]))
+
+
+def test_a_tags_lora_line_is_said_once_per_lora_as_lora_says_it(tmp_path):
+    from types import SimpleNamespace
+
+    from sdjax.cli_args import apply_adapters
+    from sdjax.lora_tags import TagLoras
+
+    (tmp_path / "glow.safetensors").write_bytes(b"")
+    (tmp_path / "ink.safetensors").write_bytes(b"")
+    pipe = SimpleNamespace(loras={}, set_loras=lambda wanted: None,
+                           load_lora=lambda path, scale: "glow")
+    said = []
+    tags = TagLoras(pipe, tmp_path, say=said.append)
+    for batch in ({"glow": 0.5}, {}, {"glow": 0.5, "ink": 1.0}, {"glow": 0.5}, {"glow": 1.0}):
+        tags.use(batch)
+    assert said == ["LoRA glow x0.5", "LoRA ink x1", "LoRA glow x1"]
+    given = SimpleNamespace(lora=[f"{tmp_path / 'glow.safetensors'}:0.5"], embedding=None)
+    assert apply_adapters(given, pipe) == [said[0]]
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(sd1_folder, tmp_path, capsys):

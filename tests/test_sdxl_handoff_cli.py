@@ -209,7 +209,7 @@ SHAPE = {"width": 16, "height": 16, "steps": 4, "sampler_name": "Euler a", "cfg_
 def test_server_refiner_fields(registry, one_device):
     """txt2img with refiner_checkpoint over HTTP is the API's hand-off with the WebUI's seeds
     (seed + k, index 0); the fields decide the call; bad ones are a 422."""
-    app = create_app(registry, window_s=0.05, max_batch=8)
+    app = create_app(registry, window_s=0.05, max_batch=2)  # every call's batch: 2 images
     server = BackgroundServer(app)
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:

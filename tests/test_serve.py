@@ -179,6 +179,7 @@ def test_mixed_prompt_lengths_each_get_what_they_would_alone(server, pipe):
             {"prompt": words(5), "negative_prompt": words(7), "seed": 3},
             {"prompt": "red " * 100_000, "seed": 4}]
     server.batcher.window_s = 1.0
+    calls = server.batcher.calls
     try:
         with ThreadPoolExecutor(3) as ex:
             answers = list(ex.map(lambda r: server.client.post(
@@ -186,12 +187,65 @@ def test_mixed_prompt_lengths_each_get_what_they_would_alone(server, pipe):
     finally:
         server.batcher.window_s = 0.05
     assert answers[2].status_code == 422 and "past the limit of 24 chunks" in answers[2].text
+    # contexts of 1 and 7 chunks: two calls, so merging changed neither request's context
+    assert server.batcher.calls - calls == 2
     for r, answer in zip(reqs[:2], answers, strict=False):
         assert answer.status_code == 200, answer.text
         alone = pipe(r["prompt"], negative_prompt=r.get("negative_prompt", ""), seed=r["seed"],
                      num_inference_steps=2, height=16, width=16, scheduler="Euler a",
                      guidance_scale=7.0, rng="nv").images[0]
         np.testing.assert_array_equal(np.asarray(_decode(answer.json()["images"][0])), alone)
+
+
+def test_one_compiled_batch_per_shape_and_only_alike_requests_merge(registry):
+    """Every call of a shape runs at one batch (padded to max_batch), so a request's pixels
+    never depend on how many others share its call: XLA picks kernels by shape, and on one
+    CPU device the toy's image moved by 1.7e-5 between 1 and 2 images per device (issue 28).
+    At one batch, rows never mix: test_eight_concurrent_requests_share_one_call (a full
+    call) and test_mixed_prompt_lengths_each_get_what_they_would_alone (two calls of one
+    image padded to 8 rows) are bitwise the requests alone. What a call compiles in from its
+    prompts (the context length) and guidance (whether the unconditional pass runs) is part
+    of the shape: requests that differ there never merge."""
+    from types import SimpleNamespace
+
+    from sdjax.lora_tags import TagLoras
+    from sdjax.serve.generation import plan_txt2img, run_call
+    from sdjax.serve.schemas import Txt2ImgRequest
+
+    def plan(**fields):
+        return plan_txt2img(Txt2ImgRequest(**{**SHAPE, **fields}), registry, Limits())
+
+    alone = plan(prompt="a red circle", seed=1, cfg_scale=7)
+    others = [plan(prompt="a blue square", negative_prompt="red", seed=2, cfg_scale=3,
+                   batch_size=3),
+              plan(prompt="(a green:1.3) cat", seed=9, cfg_scale=12, batch_size=12)]
+    assert all(p.shape == alone.shape for p in others)
+
+    class Stub:  # what run_call needs of a pipeline, recording each call's batch
+        num_devices, loras, calls = 8, {}, []
+
+        def set_loras(self, wanted):
+            pass
+
+        def __call__(self, prompts, **kw):
+            self.calls.append((len(prompts), kw["batch_size_per_device"]))
+            return SimpleNamespace(images=np.zeros((len(prompts), 1, 1, 3), np.uint8))
+
+    stub = Stub()
+    fake = SimpleNamespace(get=lambda title: stub, lora_dir=None,
+                           tag_loras=lambda title: TagLoras(stub, None))
+    for max_batch, per_device in ((16, 2), (12, 2), (8, 1), (None, None)):
+        stub.calls.clear()
+        run = run_call(fake, max_batch=max_batch)
+        for specs in (alone.specs, others[0].specs + alone.specs,
+                      (others[1].specs + alone.specs + others[0].specs)[:max_batch or 16]):
+            run(alone.shape, specs)
+        assert stub.calls == [(1, per_device), (4, per_device), (max_batch or 16, per_device)]
+    # Unguided and guided requests, and prompts of other context lengths, run apart.
+    assert plan(prompt="a red circle", cfg_scale=1).shape != alone.shape
+    long = "red " * 20  # 2 chunks of the toy's 14 tokens: a context of 6
+    assert plan(prompt=long).shape.prompt_layout != alone.shape.prompt_layout
+    assert plan(prompt=long).shape == plan(prompt="a cat", negative_prompt=long).shape
 
 
 def test_a_request_that_gives_no_size_or_sampling_takes_the_models(registry):

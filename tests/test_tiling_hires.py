@@ -224,8 +224,9 @@ def server(pipe):
     from sdjax.serve.app import create_app
     from sdjax.serve.background import BackgroundServer
     from sdjax.serve.checkpoints import ModelRegistry
+    # (every call runs max_batch images: the 2 of a request, the batch pipe(...) gives them)
     app = create_app(ModelRegistry({"tiny": "tiny"}, lambda source: pipe), window_s=0.05,
-                     max_batch=8)
+                     max_batch=2)
     s = BackgroundServer(app)
     s.client = httpx.Client(base_url=s.url, timeout=300)
     yield s

@@ -201,7 +201,7 @@ def test_the_server_dispatches_and_runs_an_upscaler_folder(upscalers, upscaler_f
 
     from sdjax.serve.app import create_app
     from sdjax.serve.background import BackgroundServer
-    server = BackgroundServer(create_app(registry, window_s=0.01))
+    server = BackgroundServer(create_app(registry, window_s=0.01, max_batch=2))  # 2 a call
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             r = client.post("/sdapi/v1/img2img", json={**fields, "init_images": images})

@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
              help="compute dtype; auto = float32 on CPU, bfloat16 on TPU/GPU")
     add_flag(p, "max_batch", type=int, default=None,
-             help="images in one compiled call (default: 8 per device)")
+             help="images in one compiled call, and the batch every call runs (padded, so "
+                  "a request's pixels never depend on what shares its call; default: one "
+                  "per device): raise it for throughput under concurrent load, at the cost "
+                  "of a lone request's time and memory")
     add_flag(p, "batch_window_ms", type=float, default=30.0,
              help="how long a request waits for others of the same shape to share its call")
     add_flag(p, "max_pixels", type=int, default=d.max_pixels, help="width*height of an image")
@@ -158,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = registry.get(registry.current)
     if registry.refiner is not None:
         registry.get(registry.refiner)  # loaded once, now: a request never waits for it
-    max_batch = 8 * pipe.num_devices if args.max_batch is None else args.max_batch
+    max_batch = pipe.num_devices if args.max_batch is None else args.max_batch
     for w, h, steps, sampler in warmups:
         from sdjax.call_settings import CallSettings, Size
         from sdjax.serve.batcher import ImageSpec, Shape
@@ -168,8 +171,10 @@ def run(args: argparse.Namespace) -> int:
         clip_skip = pipe.sampling_settings()["clip_skip"] or 1
         sampling = request_sampling(pipe, steps, *sampler_settings(sampler)[:1], clip_skip,
                                     sampler_settings(sampler)[1])
-        run_call(registry)(Shape(CallSettings(registry.current, sampling, Size(h, w))),
-                           [ImageSpec("", "", 0, 7.0)])
+        # (the one batch every call of the shape runs: run_call pads to max_batch)
+        run_call(registry, max_batch=max_batch)(
+            Shape(CallSettings(registry.current, sampling, Size(h, w))),
+            [ImageSpec("", "", 0, 7.0)])
     for title in (registry.current, registry.refiner):
         if title is not None:  # a file that fails to read stops the start, not a request
             registry.get(title).wait_for_weights()

@@ -216,13 +216,14 @@ async def _wait(job: Job, request: Request, batcher: Batcher) -> JobResult | Non
 def create_app(registry: ModelRegistry, *, limits: Limits | None = None,
                window_s: float = 0.03, max_batch: int = 8,
                credentials: dict[str, str] | None = None) -> FastAPI:
-    """The server's app. ``max_batch``: images in one compiled call; ``window_s``: how long
-    the first request of a call waits for others of its shape."""
+    """The server's app. ``max_batch``: images in one compiled call, and the batch every
+    call is padded to (one compiled batch per shape); ``window_s``: how long the first
+    request of a call waits for others of its shape."""
     limits = limits or Limits()
     # the noise, preview and sampler options /sdapi/v1/options sets
     webui_options = {**DEFAULT_OPTIONS, **PREVIEW_OPTIONS, **SAMPLER_OPTIONS}
     batcher = Batcher(run_call(registry, lambda *a: batcher.report(*a),
-                               lambda: webui_options["live_previews_enable"]),
+                               lambda: webui_options["live_previews_enable"], max_batch),
                       window_s=window_s, max_batch=max_batch, max_queue=limits.max_queue)
 
     @contextlib.asynccontextmanager

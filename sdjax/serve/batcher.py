@@ -4,7 +4,10 @@ Requests that share a compiled shape (model, size, steps, sampler, and for img2i
 inpainting the task and its per-call settings) and arrive within a short window run as one
 sharded call over all devices, up to ``max_batch`` images. Each image carries its own prompt,
 negative prompt, seed, guidance scale and input images: those are runtime inputs of the
-compiled call, so merging never recompiles and never changes an image. One worker thread owns
+compiled call, so merging never recompiles. Every call of a shape runs at one batch (the
+server's ``run`` pads it to ``max_batch``, sdjax.serve.generation.run_call), and what a call
+compiles in from its prompts and guidance is part of the shape, so merging never changes an
+image either: a request's pixels are bit for bit those it gets alone. One worker thread owns
 the devices; the HTTP side only enqueues and waits on a future.
 """
 
@@ -42,11 +45,16 @@ class Shape:
     tags, merged into the shared weights, so one set per call. ``source_size``: "only
     masked" inpainting pastes back into the input's size, one per call. ``prompt_layout``:
     what its prompts compile to (``pipe.prompt_layout``: chunk bucket, prompt editing's and
-    AND's buckets), so that merged prompts never need another program or fail to share one."""
+    AND's buckets), so that merged prompts never need another program or fail to share one,
+    and each prompt gets the context length it gets alone. ``guided``: whether its guidance
+    scale is above 1; a call with no guided image compiles without the unconditional pass
+    (sdjax.sampling.guidance_array), and an unguided image in a guided call would be
+    ``uncond + 1 * (cond - uncond)``: the same value, not the same bits."""
     settings: CallSettings
     loras: tuple[tuple[str, float], ...] = ()
     source_size: tuple[int, int] | None = None
     prompt_layout: tuple = ()
+    guided: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

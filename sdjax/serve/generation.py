@@ -128,7 +128,8 @@ def plan_txt2img(req: Txt2ImgRequest | Img2ImgRequest, registry: ModelRegistry,
         tiling=hires_fields.tiling(req, pipe), hires=hires, noise=noise)
     if not isinstance(req, Img2ImgRequest):  # img2img's units take its images (plan_img2img)
         settings, specs = _with_units(req, registry, pipe, settings, specs, limits)
-    return Plan(Shape(settings, loras=loras, prompt_layout=layout), specs, seed, req)
+    return Plan(Shape(settings, loras=loras, prompt_layout=layout,
+                      guided=float(req.cfg_scale) > 1), specs, seed, req)
 
 
 def _with_units(req, registry: ModelRegistry, pipe, settings: CallSettings,
@@ -335,13 +336,17 @@ def adapters_of(registry: ModelRegistry, title: str) -> Adapters:
 
 
 def run_call(registry: ModelRegistry, on_step: Callable | None = None,
-             previews: Callable[[], bool] = lambda: False):
+             previews: Callable[[], bool] = lambda: False, max_batch: int | None = None):
     """The batcher's ``run``: one compiled call for images of one shape. ``on_step``: where
     the call's live previews go while ``previews()`` (sdjax.previews; not for the refiner's
-    two calls)."""
+    two calls). ``max_batch``: every call is padded to it (rounded up to a multiple of the
+    devices), so a shape has one compiled batch and an image's pixels never depend on how
+    many others share its call (XLA picks kernels by shape: another batch per device may
+    round differently); None: just enough rows for the call's images."""
     def run(shape: Shape, specs: list[ImageSpec]) -> np.ndarray:
         settings = shape.settings
         pipe = registry.get(settings.model)
+        per_device = None if max_batch is None else -(-max_batch // pipe.num_devices)
         try:
             registry.tag_loras(settings.model).use(dict(shape.loras))
         except ValueError as e:  # a LoRA file that does not fit this model: the request's 422
@@ -357,7 +362,8 @@ def run_call(registry: ModelRegistry, on_step: Callable | None = None,
         call = {**settings.pipeline_kwargs(task=False),
                 "negative_prompt": [s.negative_prompt for s in specs],
                 "guidance_scale": [s.guidance_scale for s in specs],
-                "seeds": [s.seed for s in specs], "image_indices": [0] * len(specs)}
+                "seeds": [s.seed for s in specs], "image_indices": [0] * len(specs),
+                "batch_size_per_device": per_device}
         if settings.noise.subseed_strength:  # the WebUI's subseed + k, one per image
             call["subseeds"] = [s.subseed for s in specs]
         call.update(controlnet_api.call_images(specs))  # each image's units
