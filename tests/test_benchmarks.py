@@ -31,13 +31,15 @@ def test_throughput_runs_on_the_tiny_model_and_records_a_row(tmp_path):
     # A subprocess, as users run it: the benchmark turns on a persistent compilation cache
     # and changes JAX settings that must not leak into the other tests of this process. One
     # device, compiled as fast as the tests' own (conftest.FAST_COMPILE): the smoke test
-    # checks the fields, not the speed, and its compile is most of its time.
+    # checks the fields, not the speed, and its compile is most of its time. One torch
+    # thread: the other xdist worker keeps the other core busy, and diffusers' two threads
+    # spinning against it made its tiny calls 50 times slower (6-9 s instead of 0.12 s).
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--model", "tiny", "--models_dir",
          str(tmp_path / "models"), "--size", "32", "--steps", "2", "--repeats", "2",
          "--num_devices", "1", "--no-warm_start", "--results", str(results),
-         "--controlnet", "--note", "smoke test"],
+         "--controlnet", "--threads", "1", "--note", "smoke test"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fields = _fields(proc.stdout)
@@ -54,6 +56,7 @@ def test_throughput_runs_on_the_tiny_model_and_records_a_row(tmp_path):
                   "GFLOP/image", "diffusers s/batch (median)", "sdjax speedup vs diffusers"):
         assert float(fields[label]) > 0, label
     assert len(fields["s/batch runs"].split()) == 2
+    assert "1 torch threads" in fields["diffusers setup"]  # --threads reaches diffusers
     # Both libraries ran the same workload on the same weights: the same pixels.
     assert float(fields["max |pixel| diff vs diffusers"]) < 1e-4
     # CPU: no allocator counters, so no peak memory, batch search or MFU without a peak.
