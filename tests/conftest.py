@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # Multi-device behaviour is tested on fake CPU devices; this must be set before jax starts.
@@ -31,6 +32,28 @@ from tests.tiny_models import (  # noqa: E402
     save_tiny_sdxl_refiner,
     save_tiny_upscaler,
 )
+
+
+@contextlib.contextmanager
+def optimized_compiles():
+    """Programs compiled inside get XLA's default LLVM optimisation (level 3) instead of the
+    suite's FAST_COMPILE level 0: for the few tests that run far longer than they compile.
+    The toy's 192-image accuracy run: 60 s of CPU at level 0, 46 s at level 3 (its guided
+    96-image call runs in 9.5 s instead of 26 s; the compile takes a few seconds longer)."""
+    import jax
+
+    lowered = jax.stages.Lowered
+    original = lowered.compile
+
+    def compile(self, compiler_options=None, **kwargs):
+        options = {"xla_backend_optimization_level": 3, **(compiler_options or {})}
+        return original(self, options, **kwargs)
+
+    lowered.compile = compile
+    try:
+        yield
+    finally:
+        lowered.compile = original
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
