@@ -184,8 +184,8 @@ def test_one_two_four_and_eight_devices_give_the_same_latents_bitwise(sd1_folder
     (docs/tpu-gpu.md#reproducibility): 2, 4 and 8 run XLA's partitioned program, 1 a program
     compiled without the SPMD pipeline. Euler and Heun divide by each step's sigma, which
     XLA compiled differently in the two until the schedulers multiplied by a reciprocal
-    (schedulers.common.scalar_divide; before it this test saw 3.2e-5 for Euler, and Heun's
-    [0, 1] pixels were 2.2e-6 apart at 3 steps). The partitioned programs agreed among
+    (schedulers.common.scalar_divide; without it this test sees 3.2e-5 for Euler and
+    1.4e-5 for Heun in the latents). The partitioned programs agreed among
     themselves for every sampler and task measured, so Heun runs on 1 and 2 devices only."""
     pipes = {n: StableDiffusionPipeline.from_pretrained(str(sd1_folder), dtype="float32",
                                                         num_devices=n) for n in (1, 2, 4, 8)}
