@@ -89,12 +89,16 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
              "folder, a single .safetensors/.ckpt checkpoint (A1111 layout), or a Hugging Face "
              "hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
     add_flag(p, "negative_prompt", default="", help="what the images should not show")
-    add_flag(p, "num_devices", type=int, default=None, help="devices to use (default: all)")
+    add_flag(p, "num_devices", type=int, default=None,
+             help="devices to use (default: all); at the same --batch_size the images do not "
+                  "depend on it (docs/tpu-gpu.md#reproducibility)")
     add_flag(p, "batch_size", type=int, default=None,
              help="images per device per compiled call (default: just enough for one call, at "
-                  "most 8). Runs of 2 or more devices with the same batch per device make "
-                  "bitwise equal images; against 1 device bitwise where tested, and across "
-                  "batch sizes, up to float rounding (docs/tpu-gpu.md#reproducibility)")
+                  "most 8). At the same batch per device, runs of 2 or more devices and any "
+                  "number of processes make bitwise equal images, and 1 device too with XLA's "
+                  "default flags for every sampler compared; across batch sizes they may "
+                  "differ by float rounding, one 8-bit level in rare pixels "
+                  "(docs/tpu-gpu.md#reproducibility)")
     add_flag(p, "steps", type=int, default=None, help=f"denoising steps, 1 to {MAX_STEPS} "
              "(default: the model's sdjax.json, else 50)")
     add_flag(p, "guidance_scale", type=float, default=None, help="classifier-free guidance "

@@ -10,7 +10,11 @@ import os
 # on 1 and 8 devices: 19-22 s of XLA compile -> 12 s; tests/test_tasks.py: 101-127 s of CPU ->
 # 75 s). Neither changes what the tests rely on (no fast-math either way; the images move by
 # ~3e-6, far inside the parity tolerances, and the sdjax-vs-sdjax checks compare programs
-# compiled alike); the benchmarks and users compile with XLA's defaults. (Should a jaxlib
+# compiled alike), but for one thing: under the two together a one-device program whose
+# loop draws fresh noise each step (Euler a and the like) rounds differently from the
+# partitioned program of 2+ devices, which it equals bitwise under XLA's defaults, so the
+# tests compare those samplers between partitioned runs only (docs/tpu-gpu.md
+# #reproducibility). The benchmarks and users compile with XLA's defaults. (Should a jaxlib
 # drop the emitters flag, XLA refuses to start: drop it here too.)
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")

@@ -2,11 +2,13 @@
 gloo collectives, 2 fake CPU devices each), started the way a cluster that no launcher
 describes starts them (JAX_COORDINATOR_ADDRESS, SDJAX_NUM_PROCESSES, SDJAX_PROCESS_ID).
 
-Both CLIs must produce what one process on one device produces: sdjax.sample the same pixels,
+Both CLIs must produce what one process of 2 devices produces: sdjax.sample the same pixels,
 written by the first process only; sdjax.generate the same shard bytes. The reference is one
-single-process sdjax.generate run, started together with the two-process runs; sample's image
-i and generate's sample i share their prompt and their noise key (seed, i), and every run
-uses 2 images per device per call, so the pixels are comparable bit for bit.
+single-process sdjax.generate run on 2 devices, started together with the two-process runs;
+sample's image i and generate's sample i share their prompt and their noise key (seed, i),
+and every run uses 2 images per device per call, so the pixels are comparable bit for bit.
+The sampler is Euler a, whose fresh noise each step is drawn inside the loop: every run here
+compiles the partitioned program (docs/tpu-gpu.md#reproducibility).
 """
 
 import io
@@ -28,7 +30,7 @@ from tests.conftest import FAST_COMPILE
 
 PROMPTS = ["a red circle", "a blue square", "a green cat", "a photo", "a cat on a blue background"]
 K = 2  # images per prompt
-SAMPLING = ["--steps", "2", "--batch_size", "2", "--seed", "3", "--scheduler", "euler"]
+SAMPLING = ["--steps", "2", "--batch_size", "2", "--seed", "3", "--scheduler", "euler_a"]
 GENERATE = ["--images_per_prompt", str(K), "--samples_per_shard", "4", *SAMPLING]
 TIMEOUT_S = 300  # a hang (a process waiting for its peer forever) fails the test instead
 _ENV = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
@@ -56,12 +58,13 @@ def runs(sd1_folder, tmp_path_factory):
     # The reference is a subprocess like the others: XLA:CPU compiles the same program
     # differently by the process's device count (outer_dimension_partitions in its HLO), so
     # a process of 8 fake devices (pytest's) rounds differently from one of 2, and this test
-    # is about processes, not that. Its one-device program is compiled without XLA's SPMD
-    # pipeline, unlike the runs of 4 devices; the two agree bit for bit where the program
-    # leaves XLA nothing to rewrite differently (docs/tpu-gpu.md#reproducibility).
+    # is about processes, not that. It runs on 2 devices, so it compiles the partitioned
+    # per-device program the two-process runs compile (a one-device program is compiled
+    # without XLA's SPMD pipeline; under the tests' compile flags Euler a's differs by
+    # float rounding, docs/tpu-gpu.md#reproducibility).
     started = {
         "reference": [_start("sdjax.generate", [*generate, "--outdir", str(tmp / "reference"),
-                                                "--num_devices", "1"], tmp, {})],
+                                                "--num_devices", "2"], tmp, {})],
         "sample": _start_pair("sdjax.sample", sample, hosts),
         "generate": _start_pair("sdjax.generate", [*generate, "--outdir", str(tmp / "data")],
                                 [tmp, tmp]),

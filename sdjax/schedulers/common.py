@@ -150,6 +150,16 @@ def start_index(num_inference_steps: int, strength: float) -> int:
     return num_inference_steps - kept
 
 
+def scalar_divide(x: jax.Array, s: jax.Array) -> jax.Array:
+    """``x / s`` for a scalar (or per-image) divisor, as a multiplication by ``1 / s``
+    computed on the scalar first. XLA's algebraic simplifier rewrote a division by a
+    broadcast scalar into a multiplication by its reciprocal in the partitioned program of
+    two or more devices and not in the one-device one, so the two rounded differently
+    (docs/tpu-gpu.md#reproducibility); with the reciprocal taken here there is no division
+    left to rewrite, and every program rounds alike."""
+    return x * (1 / s)
+
+
 def normal_like(key: jax.Array | None, sample: jax.Array) -> jax.Array:
     """Standard normal float32 noise shaped like `sample`. A batch of keys (leading dim ==
     sample.shape[0]) draws each sample's noise from its own key, so an image's noise does not

@@ -15,6 +15,7 @@ from sdjax.schedulers.common import (
     check_steps,
     f32,
     leading_trailing_linspace,
+    scalar_divide,
     start_index,
 )
 
@@ -32,9 +33,9 @@ def x0_and_eps(
 ) -> tuple[jax.Array, jax.Array]:
     """Predicted clean sample and noise from a model output, for x = sqrt_a x0 + sqrt_b eps."""
     if prediction_type == "epsilon":
-        return (x - sqrt_b * out) / sqrt_a, out
+        return scalar_divide(x - sqrt_b * out, sqrt_a), out
     if prediction_type == "sample":
-        return out, (x - sqrt_a * out) / sqrt_b
+        return out, scalar_divide(x - sqrt_a * out, sqrt_b)
     return sqrt_a * x - sqrt_b * out, sqrt_a * out + sqrt_b * x
 
 

@@ -16,7 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers import sigmas as sig
-from sdjax.schedulers.common import Scheduler, check_history, check_steps, f32, history, start_index
+from sdjax.schedulers.common import (
+    Scheduler,
+    check_history,
+    check_steps,
+    f32,
+    history,
+    scalar_divide,
+    start_index,
+)
 
 # The reference drops to first order at the end of short schedules.
 LOWER_ORDER_FINAL_BELOW = 15
@@ -195,7 +203,7 @@ class DPMSolverMultistep(Scheduler):
         out = model_output.astype(jnp.float32)
         x = sample.astype(jnp.float32)
         if self.prediction_type == "epsilon":
-            x0 = (x - sigma * out) * (1 / alpha)  # docs/tpu-gpu.md#reproducibility
+            x0 = scalar_divide(x - sigma * out, alpha)
         elif self.prediction_type == "v_prediction":
             x0 = alpha * x - sigma * out
         else:

@@ -16,7 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers import sigmas as sig
-from sdjax.schedulers.common import check_history, check_steps, history, start_index
+from sdjax.schedulers.common import (
+    check_history,
+    check_steps,
+    history,
+    scalar_divide,
+    start_index,
+)
 
 
 @flax.struct.dataclass
@@ -97,9 +103,9 @@ class Heun(sig.SigmaScheduler):
         x0 = sig.x0_from_sigma(self.prediction_type, out, x, sigma, state.v[i])
         if self.clip_sample:
             x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
-        slope = (x - x0) / sigma
+        slope = scalar_divide(x - x0, sigma)
         predictor = state.predictor[i]
-        derivative = jnp.where(predictor, slope, (state.derivative[0] + slope) / 2)
+        derivative = jnp.where(predictor, slope, (state.derivative[0] + slope) * 0.5)
         origin = jnp.where(predictor, x, state.origin[0])
         prev = origin + derivative * state.dt[i]
         state = state.replace(

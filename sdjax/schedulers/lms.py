@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers import sigmas as sig
-from sdjax.schedulers.common import check_history, check_steps, history, start_index
+from sdjax.schedulers.common import (
+    check_history,
+    check_steps,
+    history,
+    scalar_divide,
+    start_index,
+)
 
 LMS_ORDER = 4
 
@@ -94,7 +100,7 @@ class LMS(sig.SigmaScheduler):
         x = sample.astype(jnp.float32)
         out = model_output.astype(jnp.float32)
         x0 = sig.x0_from_sigma(self.prediction_type, out, x, sigma, state.v[i])
-        derivative = (x - x0) / sigma
+        derivative = scalar_divide(x - x0, sigma)
         history_ = jnp.concatenate([state.derivatives[1:], derivative[None]])
         c = state.lms_coefs[i]
         total = c[0] * history_[3]

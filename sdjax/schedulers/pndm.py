@@ -186,6 +186,6 @@ class PNDM(Scheduler):
         sqrt_a, sqrt_b, x_coef, num, den = (state.coefs[i, k] for k in range(5))
         if self.prediction_type == "v_prediction":
             eps = sqrt_a * eps + sqrt_b * origin
-        prev = x_coef * origin - num * eps / den
+        prev = x_coef * origin - eps * (num / den)
         state = state.replace(ets=ets, kept=kept, acc=acc)
         return prev.astype(sample.dtype), state

@@ -18,6 +18,7 @@ from sdjax.schedulers.common import (
     Scheduler,
     f32,
     leading_trailing_linspace,
+    scalar_divide,
     torch_linspace_f32,
 )
 
@@ -137,7 +138,7 @@ def x0_from_sigma(
     if prediction_type == "epsilon":
         return x - sigma * out
     if prediction_type == "v_prediction":
-        return out * v[0] + x * (1 / v[1])
+        return out * v[0] + scalar_divide(x, v[1])
     return out
 
 
@@ -146,7 +147,7 @@ class SigmaScheduler(Scheduler):
     """Schedulers whose sample is x0 + sigma * noise: the UNet input must be rescaled."""
 
     def scale_model_input(self, state: Any, sample: jax.Array, i: jax.Array) -> jax.Array:
-        return (sample.astype(jnp.float32) * (1 / state.input_div[i])).astype(sample.dtype)
+        return scalar_divide(sample.astype(jnp.float32), state.input_div[i]).astype(sample.dtype)
 
     def noise_levels(self, state: Any) -> np.ndarray:
         sigma = np.asarray(state.sigma, np.float32)
