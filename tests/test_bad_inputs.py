@@ -114,7 +114,7 @@ CASES: list[Case] = [
     _c(S, "num-devices-too-many", ["--num_devices", "99"], "only 8 CPU device(s)"),
     _c(S, "scheduler", ["--scheduler", "plms2"], "unknown --scheduler 'plms2'"),
     _c(S, "dtype", ["--dtype", "float8"], "invalid choice"),
-    _c(S, "unknown-flag", ["--sampler", "euler"], "unrecognized arguments"),
+    _c(S, "unknown-flag", ["--sampler_name", "euler"], "unrecognized arguments"),
     _c(S, "flag-without-value", ["--prompt"], "expected one argument"),
     # files and folders
     _c(S, "prompts-file-empty", ["--prompts_file", "{in}/empty.txt"], "has no prompts"),
