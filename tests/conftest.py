@@ -27,6 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # instead of 0.5 s (8 steps, 32x32, measured on this 2-core machine while it was busy).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.tiny_models import (  # noqa: E402
@@ -36,6 +41,25 @@ from tests.tiny_models import (  # noqa: E402
     save_tiny_sdxl_refiner,
     save_tiny_upscaler,
 )
+
+
+def _compilation_cache() -> None:
+    """One persistent compilation cache per test process, in a fresh folder removed at exit:
+    the test modules build the same tiny models and compile many of the same programs, and a
+    program compiled once loads from the cache after that. JAX keys an entry by the program,
+    its compile options and XLA's flags, so what loads is what the compile would make (the
+    tests that count compiles count sdjax's own, which a cache hit does not change).
+    ``SDJAX_TEST_COMPILATION_CACHE=off`` compiles everything."""
+    if os.environ.get("SDJAX_TEST_COMPILATION_CACHE", "").lower() in ("0", "off", "false"):
+        return
+    folder = tempfile.mkdtemp(prefix="sdjax-test-jax-cache-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+_compilation_cache()
 
 
 @contextlib.contextmanager
