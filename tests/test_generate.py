@@ -16,6 +16,7 @@ import sys
 import tarfile
 import time
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -227,9 +228,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(sd1_folder, tmp_path,
     out = tmp_path / "killed"
     argv = ["--model", str(sd1_folder), "--prompts", str(txt), "--outdir", str(out),
             "--num_devices", "1", *COMMON]
-    # A real process, killed without warning as soon as its first shard is published.
+    # A real process, killed without warning as soon as its first shard is published. It
+    # writes its sampler into this process's compilation cache (tests/conftest.py), from
+    # which the re-run below loads it instead of compiling it again.
+    cache = jax.config.jax_compilation_cache_dir or "off"
     proc = subprocess.Popen([sys.executable, "-m", "sdjax.generate", *argv],
-                            env={**os.environ, "SDJAX_COMPILATION_CACHE": "off"},
+                            env={**os.environ, "SDJAX_COMPILATION_CACHE": cache},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -244,7 +248,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(sd1_folder, tmp_path,
     shards_before = len(list(out.glob("*.tar")))
     assert 0 < shards_before < 30, "the run finished before it was killed; nothing was tested"
 
-    # The re-run starts from what is on disk (in this process, to skip a second compile).
+    # The re-run starts from what is on disk (in this process, its sampler from the cache).
     rc, stdout, err = _run(capsys, *argv)
     assert rc == 0, err
     assert f"{shards_before} of this job's 30 already complete" in stdout

@@ -1289,6 +1289,25 @@ def test_server_reads_the_sampler_options(model):
         pipe("a cat", scheduler="UniPC", sampler_options={"uni_pc_steps": 2})
 
 
+def _inpaint_8x8(pipe, scheduler: str, seed: int, cells: tuple[int, int, int, int],
+                 steps: int, strength: float):
+    """An 8x8-latent inpainting call from seeded noise, image and a mask of whole latent
+    cells (rows cells[0]:cells[1], columns cells[2]:cells[3]): (noise, pixels, mask, its
+    latents)."""
+    f = pipe.vae_scale_factor
+    size = 8 * f
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[cells[0] * f:cells[1] * f, cells[2] * f:cells[3] * f] = 255
+    out = np.asarray(pipe("a red circle", image=pixels, mask_image=mask, strength=strength,
+                          scheduler=scheduler, num_inference_steps=steps, guidance_scale=CFG,
+                          height=size, width=size, latents=noise,
+                          output_type="latent").images)
+    return noise, pixels, mask, out
+
+
 def test_cli_and_png_text_take_the_sampler_options():
     """``--sampler_option NAME=VALUE`` (repeatable) checked before loading, into the call's
     sampler_options; the PNG text's ``Eta DDIM`` (the WebUI's, with DDIM and DDIM CFG++);
@@ -1336,17 +1355,8 @@ def test_pipeline_inpaints_with_the_timestep_samplers_as_the_webui(model):
     blends are checked step by step below: LCM's output blend differs from a denoised-estimate
     blend by its c_skip, under 7e-6 of the sample, which no pipeline test can tell apart.)"""
     pipe, ref_pipe = model["pipe"], model["ref"]
-    f = pipe.vae_scale_factor
-    size, steps, strength = 8 * f, 4, 0.75
-    rng = np.random.default_rng(13)
-    noise = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
-    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    mask = np.zeros((size, size), np.uint8)
-    mask[1 * f:5 * f, 2 * f:6 * f] = 255  # whole latent cells
-    out = np.asarray(pipe("a red circle", image=pixels, mask_image=mask, strength=strength,
-                          scheduler="DDIM", num_inference_steps=steps, guidance_scale=CFG,
-                          height=size, width=size, latents=noise,
-                          output_type="latent").images)
+    f, steps, strength = pipe.vae_scale_factor, 4, 0.75
+    noise, pixels, mask, out = _inpaint_8x8(pipe, "DDIM", 13, (1, 5, 2, 6), steps, strength)
     nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
     _, webui_eps = _unet_eps(model)
     ac = torch.tensor(np.asarray(ws.webui_alphas_cumprod(
@@ -1436,17 +1446,8 @@ def test_inpainting_model_blends_as_the_webui(sd1_inpaint_folder):
     ref_pipe = Ref.from_pretrained(str(sd1_inpaint_folder), safety_checker=None)
     pipe = StableDiffusionPipeline.from_pretrained(str(sd1_inpaint_folder), dtype="float32",
                                                    num_devices=1)
-    f = pipe.vae_scale_factor
-    size, steps, strength = 8 * f, 4, 0.75
-    rng = np.random.default_rng(19)
-    noise = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
-    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    mask = np.zeros((size, size), np.uint8)
-    mask[2 * f:6 * f, 1 * f:5 * f] = 255  # whole latent cells
-    out = np.asarray(pipe("a red circle", image=pixels, mask_image=mask, strength=strength,
-                          scheduler="Euler", num_inference_steps=steps, guidance_scale=CFG,
-                          height=size, width=size, latents=noise,
-                          output_type="latent").images)
+    f, steps, strength = pipe.vae_scale_factor, 4, 0.75
+    noise, pixels, mask, out = _inpaint_8x8(pipe, "Euler", 19, (2, 6, 1, 5), steps, strength)
     nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
     scaling = ref_pipe.vae.config.scaling_factor
     with torch.no_grad():
