@@ -48,7 +48,8 @@ def _compilation_cache() -> None:
     the test modules build the same tiny models and compile many of the same programs, and a
     program compiled once loads from the cache after that. JAX keys an entry by the program,
     its compile options and XLA's flags, so what loads is what the compile would make (the
-    tests that count compiles count sdjax's own, which a cache hit does not change).
+    tests that count compiles count sdjax's own, which a cache hit does not change). The
+    full suite on a 2-core machine: 806 s without it, 731 s with it.
     ``SDJAX_TEST_COMPILATION_CACHE=off`` compiles everything."""
     if os.environ.get("SDJAX_TEST_COMPILATION_CACHE", "").lower() in ("0", "off", "false"):
         return
@@ -68,8 +69,6 @@ def optimized_compiles():
     suite's FAST_COMPILE level 0: for the few tests that run far longer than they compile.
     The toy's 192-image accuracy run: 60 s of CPU at level 0, 46 s at level 3 (its guided
     96-image call runs in 9.5 s instead of 26 s; the compile takes a few seconds longer)."""
-    import jax
-
     lowered = jax.stages.Lowered
     original = lowered.compile
 
