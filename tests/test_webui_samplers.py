@@ -502,10 +502,10 @@ def test_front_ends_name_them():
 # -- the WebUI's DDIM and PLMS (over timesteps) and LCM: restated here from its
 # modules/sd_samplers_timesteps_impl.py and sd_samplers_lcm.py (k-diffusion has none) ----------
 
-def _ref_timesteps(eps_fn, sampler, ac, steps, x0, noise, t_enc=None, eta=0.0, noises=()):
-    """The WebUI's ``ddim`` / ``plms`` over ``CompVisSampler.get_timesteps`` (txt2img) or
-    its img2img (``t_enc``: the image noised to timestep t_enc's level, the first t_enc
-    timesteps run). ``eps_fn(x, t)``: the CFG-combined eps; ``ac`` float32 alphas_cumprod."""
+def _timesteps_start(ac, steps, x0, noise, t_enc, eta):
+    """What the WebUI's timestep samplers start from (``CompVisSampler.get_timesteps``, its
+    img2img with ``t_enc``): (x, timesteps, their alphas, the previous alphas in float64,
+    DDIM's eta sigmas)."""
     full = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
     x = noise
     if t_enc is not None:
@@ -517,6 +517,14 @@ def _ref_timesteps(eps_fn, sampler, ac, steps, x0, noise, t_enc=None, eta=0.0, n
     prev = ac[torch.nn.functional.pad(ts[:-1], (1, 0))].double()
     sig = eta * np.sqrt((1 - prev.numpy()) / (1 - alphas.numpy()) * (1 - alphas.numpy()
                                                                     / prev.numpy()))
+    return x, ts, alphas, prev, sig
+
+
+def _ref_timesteps(eps_fn, sampler, ac, steps, x0, noise, t_enc=None, eta=0.0, noises=()):
+    """The WebUI's ``ddim`` / ``plms`` over ``CompVisSampler.get_timesteps`` (txt2img) or
+    its img2img (``t_enc``: the image noised to timestep t_enc's level, the first t_enc
+    timesteps run). ``eps_fn(x, t)``: the CFG-combined eps; ``ac`` float32 alphas_cumprod."""
+    x, ts, alphas, prev, sig = _timesteps_start(ac, steps, x0, noise, t_enc, eta)
     draws, old = iter(noises), []
     for i in range(len(ts) - 1):
         index = len(ts) - 1 - i
@@ -993,17 +1001,7 @@ def _ref_ddim_cfgpp(cond_fn, uncond_fn, scale, ac, steps, x0, noise, t_enc=None,
     eps is the CFG combination at ``scale / 12.5`` (its ``cond_scale_miltiplier``) and whose
     direction term takes the unconditional eps (``last_noise_uncond``); ``cond_fn`` and
     ``uncond_fn`` give eps at an integer timestep."""
-    full = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
-    x = noise
-    if t_enc is not None:
-        a = ac[full[t_enc]]
-        x = x0 * a.sqrt() + noise * (1 - a).sqrt()
-        full = full[:t_enc]
-    ts = full
-    alphas = ac[ts]
-    prev = ac[torch.nn.functional.pad(ts[:-1], (1, 0))].double()
-    sig = eta * np.sqrt((1 - prev.numpy()) / (1 - alphas.numpy()) * (1 - alphas.numpy()
-                                                                    / prev.numpy()))
+    x, ts, alphas, prev, sig = _timesteps_start(ac, steps, x0, noise, t_enc, eta)
     draws = iter(noises)
     for i in range(len(ts) - 1):
         index = len(ts) - 1 - i
