@@ -1277,7 +1277,7 @@ def test_server_reads_the_sampler_options(model):
             sched.memory) == ("vary_coeff", 2, False, 2)
     for bad, match in (({"uni_pc_skip_type": "linear"}, "uni_pc_skip_type must be one of"),
                        ({"uni_pc_order": 0}, "uni_pc_order must be an integer from 1"),
-                       ({"eta_ddim": -1}, "eta_ddim must be a number >= 0")):
+                       ({"eta_ddim": -1}, "eta_ddim must not be negative")):
         with pytest.raises(BadRequest, match=match):
             plan(override_settings=bad)
         with pytest.raises(BadRequest, match=match):

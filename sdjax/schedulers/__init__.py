@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sdjax import validation
 from sdjax.schedulers import webui as _webui
 from sdjax.schedulers.common import NoiseSchedule, Scheduler
 from sdjax.schedulers.ddim import DDIM
@@ -107,10 +108,7 @@ def check_sampler_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
             raise ValueError(f"unknown sampler option {key!r}; choose from "
                              f"{', '.join(SAMPLER_OPTIONS)}")
     if "eta_ddim" in out:
-        eta = out["eta_ddim"]
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < 1e3:
-            raise ValueError(f"eta_ddim must be a number >= 0, got {eta!r}")
-        out["eta_ddim"] = float(eta)
+        out["eta_ddim"] = validation.check_number(out["eta_ddim"], "eta_ddim", minimum=0)
     order = out.get("uni_pc_order")
     if isinstance(order, float) and order.is_integer():  # a JSON client's 3.0
         out["uni_pc_order"] = int(order)
