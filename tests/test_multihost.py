@@ -2,11 +2,14 @@
 gloo collectives, 2 fake CPU devices each), started the way a cluster that no launcher
 describes starts them (JAX_COORDINATOR_ADDRESS, SDJAX_NUM_PROCESSES, SDJAX_PROCESS_ID).
 
-Both CLIs must produce what one process of 2 devices produces, bit for bit: sdjax.sample
-(inpainting, so the image, the mask and the blend go through the two-process program too) the
-same pixels, written by the first process only; sdjax.generate (text to image) the same shard
-bytes. The references are single-process runs of each on 2 devices, started together with the
-two-process runs; every run uses 2 images per device per call.
+Both CLIs must produce what one process of 2 devices produces, bit for bit: sdjax.sample the
+same pixels, written by the first process only, for inpainting with a ControlNet (the image,
+the mask, the blend and the control image go through the two-process program too), the x4
+upscaler and SDXL; sdjax.generate (text to image) the same shard bytes. The references are
+single-process runs of each on 2 devices, started together with the two-process runs; every
+run uses 2 images per device per call. The three sdjax.sample runs of a process are three
+calls of ``sample.main`` in one Python process (what ``python -m sdjax.sample`` calls), so
+that they cost one start-up and one jax.distributed join instead of three.
 The sampler is Euler a, whose fresh noise each step is drawn inside the loop: every run here
 compiles the partitioned program (docs/tpu-gpu.md#reproducibility).
 """
@@ -37,8 +40,16 @@ _ENV = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
         "JAX_PLATFORMS": "cpu", "SDJAX_COMPILATION_CACHE": "off"}
 
 
+# ``python -m sdjax.sample`` once per argument list given as JSON, in one process; it stops
+# at the first run that fails, with its exit status.
+_SAMPLE_RUNS = ("import json, sys\nfrom sdjax import sample\n"
+                "for argv in json.loads(sys.argv[1]):\n"
+                "    if rc := sample.main(argv):\n        sys.exit(rc)")
+SAMPLE_TASKS = ("inpaint", "upscale", "sdxl")
+
+
 @pytest.fixture(scope="module")
-def runs(sd1_folder, tmp_path_factory):
+def runs(sd1_folder, sd1_controlnets, upscaler_folder, sdxl_folder, tmp_path_factory):
     """Start the single-process reference and both two-process runs at once, then wait for
     all: they are independent, and a process spends part of its time waiting (start-up, its
     peer), so together they take far less than one after another. Returns the folder and
@@ -57,10 +68,21 @@ def runs(sd1_folder, tmp_path_factory):
     mask = np.zeros((16, 16), np.uint8)
     mask[:, 8:] = 255  # repaint the right half
     Image.fromarray(mask).save(tmp / "mask.png")
-    sample = [*model, "--num_images", str(K), "--grid", "--image", str(tmp / "image.png"),
-              "--mask", str(tmp / "mask.png"), *SAMPLING]
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(tmp / "low.png")
+    inpaint = [*model, "--num_images", str(K), "--grid", "--image", str(tmp / "image.png"),
+               "--mask", str(tmp / "mask.png"), "--controlnet", str(sd1_controlnets[0]),
+               *SAMPLING]
     for prompt in PROMPTS:
-        sample += ["--prompt", prompt]
+        inpaint += ["--prompt", prompt]
+    two = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num_images", str(K), *SAMPLING]
+    sample = {"inpaint": inpaint,
+              "upscale": ["--model", str(upscaler_folder), "--image", str(tmp / "low.png"),
+                          *two],
+              "sdxl": ["--model", str(sdxl_folder), *two]}
+
+    def sample_runs(outdir: str, *extra: str) -> list[str]:
+        return [json.dumps([[*argv, "--outdir", f"{outdir}/{task}", *extra]
+                            for task, argv in sample.items()])]
     # The reference is a subprocess like the others: XLA:CPU compiles the same program
     # differently by the process's device count (outer_dimension_partitions in its HLO), so
     # a process of 8 fake devices (pytest's) rounds differently from one of 2, and this test
@@ -71,9 +93,9 @@ def runs(sd1_folder, tmp_path_factory):
     started = {
         "reference": [_start("sdjax.generate", [*generate, "--outdir", str(tmp / "reference"),
                                                 "--num_devices", "2"], tmp, {})],
-        "sample reference": [_start("sdjax.sample", [*sample, "--outdir", "sample_reference",
-                                                     "--num_devices", "2"], tmp, {})],
-        "sample": _start_pair("sdjax.sample", [*sample, "--outdir", "out"], hosts),
+        "sample reference": [_start(None, sample_runs("sample_reference", "--num_devices",
+                                                      "2"), tmp, {})],
+        "sample": _start_pair(None, sample_runs("out"), hosts),
         "generate": _start_pair("sdjax.generate", [*generate, "--outdir", str(tmp / "data")],
                                 [tmp, tmp]),
     }
@@ -89,14 +111,17 @@ def runs(sd1_folder, tmp_path_factory):
     return tmp, {name: [(rc, out, err) for out, err, rc in r] for name, r in results.items()}
 
 
-def _start(module: str, argv: list[str], cwd: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *argv], cwd=cwd,
+def _start(module: str | None, argv: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    """``python -m module argv``; with no module, the sdjax.sample runs of ``argv[0]``."""
+    command = ["-m", module] if module else ["-c", _SAMPLE_RUNS]
+    return subprocess.Popen([sys.executable, *command, *argv], cwd=cwd,
                             env={**os.environ, **_ENV, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def _start_pair(module: str, argv: list[str], cwds: list[Path]) -> list[subprocess.Popen]:
-    """``python -m module argv`` as processes 0 and 1 of one jax.distributed run."""
+def _start_pair(module: str | None, argv: list[str],
+                cwds: list[Path]) -> list[subprocess.Popen]:
+    """:func:`_start` as processes 0 and 1 of one jax.distributed run."""
     port = _free_port()
     return [_start(module, argv, cwd, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                                        "SDJAX_NUM_PROCESSES": "2", "SDJAX_PROCESS_ID": str(i)})
@@ -132,22 +157,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_sample_the_single_process_images(runs):
+@pytest.mark.parametrize("task", SAMPLE_TASKS)
+def test_two_processes_sample_the_single_process_images(runs, task):
     _outputs(runs, "sample reference")
     out0, out1 = _outputs(runs, "sample")
     tmp = runs[0]
-    assert "devices: 4 x cpu" in out0  # one global mesh over both processes' devices
+    assert out0.count("devices: 4 x cpu") == 3  # one global mesh over both processes' devices
     assert "wrote" not in out1
     assert not (tmp / "host1" / "out").exists()
-    pngs = [f"{i:05d}-3-{i}.png" for i in range(len(PROMPTS) * K)]
-    written = sorted(p.name for p in (tmp / "host0" / "out").iterdir())
-    assert written == sorted(pngs + ["00000-grid.png"])
-    assert sorted(p.name for p in (tmp / "sample_reference").iterdir()) == written
+    made, reference = tmp / "host0" / "out" / task, tmp / "sample_reference" / task
+    n = len(PROMPTS) * K if task == "inpaint" else 2 * K
+    pngs = [f"{i:05d}-3-{i}.png" for i in range(n)]
+    written = sorted(p.name for p in made.iterdir())
+    assert written == sorted(pngs + (["00000-grid.png"] if task == "inpaint" else []))
+    assert sorted(p.name for p in reference.iterdir()) == written
     for name in pngs:
-        got = Image.open(tmp / "host0" / "out" / name)
-        assert "Mask blur" in got.text["parameters"], name  # it inpainted
-        want = np.asarray(Image.open(tmp / "sample_reference" / name))
-        np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)
+        got = Image.open(made / name)
+        parameters = got.text["parameters"]
+        if task == "inpaint":  # it inpainted, with the ControlNet
+            assert "Mask blur" in parameters and "ControlNet 0" in parameters, name
+        want = np.asarray(Image.open(reference / name))
+        assert got.size == {"inpaint": (16, 16), "upscale": (32, 32)}.get(task, got.size)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{task} {name}")
 
 
 def test_two_processes_make_the_single_process_shards(runs):

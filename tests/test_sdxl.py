@@ -181,8 +181,10 @@ def test_lcm_without_guidance_runs_b_latents_and_matches_diffusers(pipes, monkey
 
 
 def test_eight_devices(sdxl_folder, pipes, monkeypatch):
-    """Two images over 8 fake devices (6 of them padding) give the one-device images (the
-    euler_a program of test_matches_diffusers, other seeds). Then, with the same program,
+    """Two images over 8 fake devices (14 of 16 rows padding) at the one-device call's 2
+    images per device give the one-device images bitwise (the euler_a program of
+    test_matches_diffusers, other seeds; docs/tpu-gpu.md#reproducibility). Then, with the
+    same 8-device program,
     negative size time ids against diffusers: one prompt only, because diffusers pairs them
     with the wrong rows when a batch has several images (it repeats [negative, positive]
     row pairs where its embeddings are [negatives..., positives...])."""
@@ -192,13 +194,15 @@ def test_eight_devices(sdxl_folder, pipes, monkeypatch):
     call = dict(num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
                 scheduler="euler_a", output_type="float", seed=7)
     a = pipes[1](PROMPTS, latents=latents, **call, **CASES["euler_a"]).images
-    b = eight(PROMPTS, latents=latents, **call, **CASES["euler_a"]).images
+    b = eight(PROMPTS, latents=latents, batch_size_per_device=2, **call,
+              **CASES["euler_a"]).images
     assert np.abs(a[0] - a[1]).max() > 0.01
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_array_equal(a, b)
 
     sizes = dict(negative_original_size=(16, 16), negative_target_size=(32, 24),
                  negative_crops_coords_top_left=(2, 2), negative_prompt="low quality")
-    out = eight(PROMPTS[:1], latents=latents[:1], **call, **sizes).images
+    out = eight(PROMPTS[:1], latents=latents[:1], batch_size_per_device=2, **call,
+                **sizes).images
     expected = _reference(pipes[0], monkeypatch, "euler_a", PROMPTS[:1], latents[:1], 7, sizes)
     assert np.abs(out - expected).max() < TOL
 
