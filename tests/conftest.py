@@ -10,13 +10,16 @@ import os
 # on 1 and 8 devices: 19-22 s of XLA compile -> 12 s; tests/test_tasks.py: 101-127 s of CPU ->
 # 75 s). Neither changes what the tests rely on (no fast-math either way; the images move by
 # ~3e-6, far inside the parity tolerances, and the sdjax-vs-sdjax checks compare programs
-# compiled alike), but for one thing: under the two together a one-device program whose
-# loop draws fresh noise each step (Euler a and the like) rounds differently from the
-# partitioned program of 2+ devices, which it equals bitwise under XLA's defaults, so the
-# tests compare those samplers between partitioned runs only (docs/tpu-gpu.md
-# #reproducibility). The benchmarks and users compile with XLA's defaults. (Should a jaxlib
-# drop the emitters flag, XLA refuses to start: drop it here too.)
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# compiled alike). XLA:CPU also splits each program's LLVM module into parts it generates
+# code for in parallel; with two cores that gains nothing, and at optimisation level 0 the
+# split made a one-device program round differently from the partitioned program of 2+
+# devices (up to 9.2e-6 in [0, 1] pixels: Euler a and the other samplers that draw noise in
+# the loop, the inpainting blend, the upscaler, ControlNet at 2 images per device), so the
+# tests keep one part and those programs agree bitwise, as they do under XLA's defaults
+# (docs/tpu-gpu.md#reproducibility). The benchmarks and users compile with XLA's defaults.
+# (Should a jaxlib drop one of these flags, XLA refuses to start: drop it here too.)
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                "--xla_cpu_parallel_codegen_split_count=1")
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("SDJAX_COMPILATION_CACHE", "off")
@@ -44,20 +47,31 @@ from tests.tiny_models import (  # noqa: E402
 
 
 def _compilation_cache() -> None:
-    """One persistent compilation cache per test process, in a fresh folder removed at exit:
-    the test modules build the same tiny models and compile many of the same programs, and a
-    program compiled once loads from the cache after that. JAX keys an entry by the program,
-    its compile options and XLA's flags, so what loads is what the compile would make (the
-    tests that count compiles count sdjax's own, which a cache hit does not change). The
-    full suite on a 2-core machine: 806 s without it, 731 s with it.
+    """One persistent compilation cache for the whole test run, in a fresh folder removed at
+    exit: the test modules build the same tiny models and compile many of the same programs,
+    and a program compiled once, by any xdist worker or any subprocess the tests start,
+    loads from the cache after that. The first process of the run (pytest, or xdist's
+    controller) makes the folder and hands it down through JAX's own environment variables,
+    which every Python process started from here reads when it imports jax. JAX keys an
+    entry by the program, its compile options and XLA's flags (the fake-device count
+    included, which changes XLA:CPU's code), so what loads is what the compile would make;
+    the tests that count compiles count sdjax's own, which a cache hit does not change. A
+    size limit turns on JAX's file lock, so processes never read an entry half-written.
     ``SDJAX_TEST_COMPILATION_CACHE=off`` compiles everything."""
     if os.environ.get("SDJAX_TEST_COMPILATION_CACHE", "").lower() in ("0", "off", "false"):
         return
-    folder = tempfile.mkdtemp(prefix="sdjax-test-jax-cache-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    folder = os.environ.get("SDJAX_TEST_JAX_CACHE")
+    if not folder:
+        folder = os.environ["SDJAX_TEST_JAX_CACHE"] = tempfile.mkdtemp(
+            prefix="sdjax-test-jax-cache-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    settings = {"jax_compilation_cache_dir": folder,
+                "jax_persistent_cache_min_compile_time_secs": 0.2,
+                "jax_persistent_cache_min_entry_size_bytes": 0,
+                "jax_compilation_cache_max_size": 1 << 40}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
 
 
 _compilation_cache()
@@ -126,9 +140,11 @@ def sd2_folder(tmp_path_factory):
 def toy_run_env(tmp_path_factory) -> dict[str, str]:
     """Environment variables for the processes that run the bundled toy model outside pytest
     (the installed wheel, the docs' runnable blocks, the notebooks' kernels): one device, and
-    one persistent compilation cache for all of them, so a sampler one has compiled the next
-    loads instead of compiling again."""
-    return {"SDJAX_COMPILATION_CACHE": str(tmp_path_factory.mktemp("jax_cache")),
+    the run's persistent compilation cache (:func:`_compilation_cache`; a folder of their
+    own where that is off), so a sampler one has compiled the next loads instead of
+    compiling again."""
+    cache = jax.config.jax_compilation_cache_dir or str(tmp_path_factory.mktemp("jax_cache"))
+    return {"SDJAX_COMPILATION_CACHE": cache,
             "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"}
 

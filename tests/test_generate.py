@@ -229,7 +229,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(sd1_folder, tmp_path,
     argv = ["--model", str(sd1_folder), "--prompts", str(txt), "--outdir", str(out),
             "--num_devices", "1", *COMMON]
     # A real process, killed without warning as soon as its first shard is published. It
-    # writes its sampler into this process's compilation cache (tests/conftest.py), from
+    # writes its sampler into the test run's compilation cache (tests/conftest.py), from
     # which the re-run below loads it instead of compiling it again.
     cache = jax.config.jax_compilation_cache_dir or "off"
     proc = subprocess.Popen([sys.executable, "-m", "sdjax.generate", *argv],

@@ -10,8 +10,7 @@ single-process runs of each on 2 devices, started together with the two-process 
 run uses 2 images per device per call. The three sdjax.sample runs of a process are three
 calls of ``sample.main`` in one Python process (what ``python -m sdjax.sample`` calls), so
 that they cost one start-up and one jax.distributed join instead of three.
-The sampler is Euler a, whose fresh noise each step is drawn inside the loop: every run here
-compiles the partitioned program (docs/tpu-gpu.md#reproducibility).
+The sampler is Euler a, whose fresh noise each step is drawn inside the loop.
 """
 
 import io
@@ -87,9 +86,7 @@ def runs(sd1_folder, sd1_controlnets, upscaler_folder, sdxl_folder, tmp_path_fac
     # differently by the process's device count (outer_dimension_partitions in its HLO), so
     # a process of 8 fake devices (pytest's) rounds differently from one of 2, and this test
     # is about processes, not that. It runs on 2 devices, so it compiles the partitioned
-    # per-device program the two-process runs compile (a one-device program is compiled
-    # without XLA's SPMD pipeline; under the tests' compile flags Euler a's differs by
-    # float rounding, docs/tpu-gpu.md#reproducibility).
+    # per-device program the two-process runs compile.
     started = {
         "reference": [_start("sdjax.generate", [*generate, "--outdir", str(tmp / "reference"),
                                                 "--num_devices", "2"], tmp, {})],
