@@ -27,7 +27,12 @@ def _fields(stdout: str) -> dict[str, str]:
 def test_throughput_runs_on_the_tiny_model_and_records_a_row(tmp_path):
     """With ``--controlnet``: the plain workload plus the ControlNet's inputs, so one run
     covers both (the plain path is the same code without the control image)."""
-    results = tmp_path / "RESULTS.md"
+    results, root = tmp_path / "RESULTS.md", tmp_path / "models"
+    # The random model and ControlNet are written here, by the command the benchmark would
+    # run in a child process of its own (which would import torch and diffusers once more).
+    from benchmarks import models
+    models.main(["--shape", "tiny", "--root", str(root)])
+    models.main(["--controlnet_for", str(root / f"tiny-{models.VERSION}"), "--root", str(root)])
     # A subprocess, as users run it: the benchmark turns on a persistent compilation cache
     # and changes JAX settings that must not leak into the other tests of this process. One
     # device, compiled as fast as the tests' own (conftest.FAST_COMPILE): the smoke test
@@ -37,7 +42,7 @@ def test_throughput_runs_on_the_tiny_model_and_records_a_row(tmp_path):
     env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--model", "tiny", "--models_dir",
-         str(tmp_path / "models"), "--size", "32", "--steps", "2", "--repeats", "2",
+         str(root), "--size", "32", "--steps", "2", "--repeats", "2",
          "--num_devices", "1", "--no-warm_start", "--results", str(results),
          "--controlnet", "--threads", "1", "--note", "smoke test"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

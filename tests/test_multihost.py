@@ -2,14 +2,14 @@
 gloo collectives, 2 fake CPU devices each), started the way a cluster that no launcher
 describes starts them (JAX_COORDINATOR_ADDRESS, SDJAX_NUM_PROCESSES, SDJAX_PROCESS_ID).
 
-Both CLIs must produce what one process of 2 devices produces, bit for bit: sdjax.sample the
-same pixels, written by the first process only, for inpainting with a ControlNet (the image,
-the mask, the blend and the control image go through the two-process program too), the x4
-upscaler and SDXL; sdjax.generate (text to image) the same shard bytes. The references are
-single-process runs of each on 2 devices, started together with the two-process runs; every
-run uses 2 images per device per call. The three sdjax.sample runs of a process are three
-calls of ``sample.main`` in one Python process (what ``python -m sdjax.sample`` calls), so
-that they cost one start-up and one jax.distributed join instead of three.
+Both CLIs must produce what one process of 2 devices produces, bit for bit: sdjax.generate
+(text to image) the same shard bytes; sdjax.sample the same pixels, written by the first
+process only, for inpainting with a ControlNet (the image, the mask, the blend and the control
+image go through the two-process program too), the x4 upscaler and SDXL. Each process runs
+``generate.main`` and then ``sample.main`` once per task (what ``python -m`` runs), so the
+four runs cost one start-up and one jax.distributed join; the reference, one process of 2
+devices, runs the same and starts together with the two-process run. Every run uses 2 images
+per device per call.
 The sampler is Euler a, whose fresh noise each step is drawn inside the loop.
 """
 
@@ -39,26 +39,27 @@ _ENV = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
         "JAX_PLATFORMS": "cpu", "SDJAX_COMPILATION_CACHE": "off"}
 
 
-# ``python -m sdjax.sample`` once per argument list given as JSON, in one process; it stops
-# at the first run that fails, with its exit status.
-_SAMPLE_RUNS = ("import json, sys\nfrom sdjax import sample\n"
-                "for argv in json.loads(sys.argv[1]):\n"
-                "    if rc := sample.main(argv):\n        sys.exit(rc)")
+# ``python -m MODULE ARGV...`` for each [MODULE, ARGV] of the JSON list given, in one process;
+# it stops at the first run that fails, with its exit status.
+_RUNS = ("import importlib, json, sys\n"
+         "for module, argv in json.loads(sys.argv[1]):\n"
+         "    if rc := importlib.import_module(module).main(argv):\n        sys.exit(rc)")
 SAMPLE_TASKS = ("inpaint", "upscale", "sdxl")
 
 
 @pytest.fixture(scope="module")
 def runs(sd1_folder, sd1_controlnets, upscaler_folder, sdxl_folder, tmp_path_factory):
-    """Start the single-process reference and both two-process runs at once, then wait for
-    all: they are independent, and a process spends part of its time waiting (start-up, its
-    peer), so together they take far less than one after another. Returns the folder and
+    """Start the single-process reference and the two-process run at once, then wait for
+    both: each runs sdjax.generate, then sdjax.sample's three tasks. Returns the folder and
     {run: [(returncode, stdout, stderr) per process]}."""
     tmp = tmp_path_factory.mktemp("multihost")
     prompts = tmp / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     model = ["--model", str(sd1_folder)]
     generate = [*model, "--prompts", str(prompts), *GENERATE]
-    # Separate working folders stand for two hosts' disks: only the first may be written.
+    # Separate working folders stand for two hosts' disks: only the first may be written
+    # (sdjax.sample's --outdir is relative). sdjax.generate's dataset folder stands for
+    # storage both hosts write: each process writes its own shards.
     hosts = [tmp / "host0", tmp / "host1"]
     for h in hosts:
         h.mkdir()
@@ -79,22 +80,19 @@ def runs(sd1_folder, sd1_controlnets, upscaler_folder, sdxl_folder, tmp_path_fac
                           *two],
               "sdxl": ["--model", str(sdxl_folder), *two]}
 
-    def sample_runs(outdir: str, *extra: str) -> list[str]:
-        return [json.dumps([[*argv, "--outdir", f"{outdir}/{task}", *extra]
-                            for task, argv in sample.items()])]
+    def all_runs(dataset: Path, outdir: str, *extra: str) -> str:
+        return json.dumps([["sdjax.generate", [*generate, "--outdir", str(dataset), *extra]]]
+                          + [["sdjax.sample", [*argv, "--outdir", f"{outdir}/{task}", *extra]]
+                             for task, argv in sample.items()])
     # The reference is a subprocess like the others: XLA:CPU compiles the same program
     # differently by the process's device count (outer_dimension_partitions in its HLO), so
     # a process of 8 fake devices (pytest's) rounds differently from one of 2, and this test
     # is about processes, not that. It runs on 2 devices, so it compiles the partitioned
     # per-device program the two-process runs compile.
     started = {
-        "reference": [_start("sdjax.generate", [*generate, "--outdir", str(tmp / "reference"),
-                                                "--num_devices", "2"], tmp, {})],
-        "sample reference": [_start(None, sample_runs("sample_reference", "--num_devices",
-                                                      "2"), tmp, {})],
-        "sample": _start_pair(None, sample_runs("out"), hosts),
-        "generate": _start_pair("sdjax.generate", [*generate, "--outdir", str(tmp / "data")],
-                                [tmp, tmp]),
+        "reference": [_start([all_runs(tmp / "reference", "sample_reference", "--num_devices",
+                                       "2")], tmp, {})],
+        "two processes": _start_pair([all_runs(tmp / "data", "out")], hosts),
     }
     results = {}
     try:
@@ -108,20 +106,18 @@ def runs(sd1_folder, sd1_controlnets, upscaler_folder, sdxl_folder, tmp_path_fac
     return tmp, {name: [(rc, out, err) for out, err, rc in r] for name, r in results.items()}
 
 
-def _start(module: str | None, argv: list[str], cwd: Path, env: dict) -> subprocess.Popen:
-    """``python -m module argv``; with no module, the sdjax.sample runs of ``argv[0]``."""
-    command = ["-m", module] if module else ["-c", _SAMPLE_RUNS]
-    return subprocess.Popen([sys.executable, *command, *argv], cwd=cwd,
+def _start(argv: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    """The runs of ``argv[0]`` (:data:`_RUNS`) in a process of 2 fake devices."""
+    return subprocess.Popen([sys.executable, "-c", _RUNS, *argv], cwd=cwd,
                             env={**os.environ, **_ENV, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def _start_pair(module: str | None, argv: list[str],
-                cwds: list[Path]) -> list[subprocess.Popen]:
+def _start_pair(argv: list[str], cwds: list[Path]) -> list[subprocess.Popen]:
     """:func:`_start` as processes 0 and 1 of one jax.distributed run."""
     port = _free_port()
-    return [_start(module, argv, cwd, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                                       "SDJAX_NUM_PROCESSES": "2", "SDJAX_PROCESS_ID": str(i)})
+    return [_start(argv, cwd, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                               "SDJAX_NUM_PROCESSES": "2", "SDJAX_PROCESS_ID": str(i)})
             for i, cwd in enumerate(cwds)]
 
 
@@ -156,11 +152,11 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("task", SAMPLE_TASKS)
 def test_two_processes_sample_the_single_process_images(runs, task):
-    _outputs(runs, "sample reference")
-    out0, out1 = _outputs(runs, "sample")
+    _outputs(runs, "reference")
+    out0, out1 = _outputs(runs, "two processes")
     tmp = runs[0]
     assert out0.count("devices: 4 x cpu") == 3  # one global mesh over both processes' devices
-    assert "wrote" not in out1
+    assert "file(s)" not in out1  # only the first process writes images
     assert not (tmp / "host1" / "out").exists()
     made, reference = tmp / "host0" / "out" / task, tmp / "sample_reference" / task
     n = len(PROMPTS) * K if task == "inpaint" else 2 * K
@@ -180,7 +176,7 @@ def test_two_processes_sample_the_single_process_images(runs, task):
 
 def test_two_processes_make_the_single_process_shards(runs):
     _outputs(runs, "reference")
-    out0, out1 = _outputs(runs, "generate")
+    out0, out1 = _outputs(runs, "two processes")
     tmp = runs[0]
     # Each process makes its own shards on its own two devices: 0 and 2 here, 1 there.
     assert "wrote 2 shard(s)" in out0 and "wrote 1 shard(s)" in out1
