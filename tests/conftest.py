@@ -11,12 +11,13 @@ import os
 # 75 s). Neither changes what the tests rely on (no fast-math either way; the images move by
 # ~3e-6, far inside the parity tolerances, and the sdjax-vs-sdjax checks compare programs
 # compiled alike). XLA:CPU also splits each program's LLVM module into parts it generates
-# code for in parallel; with two cores that gains nothing, and at optimisation level 0 the
-# split made a one-device program round differently from the partitioned program of 2+
-# devices (up to 9.2e-6 in [0, 1] pixels: Euler a and the other samplers that draw noise in
-# the loop, the inpainting blend, the upscaler, ControlNet at 2 images per device), so the
-# tests keep one part and those programs agree bitwise, as they do under XLA's defaults
-# (docs/tpu-gpu.md#reproducibility). The benchmarks and users compile with XLA's defaults.
+# code for in parallel; at optimisation level 0 the split made a one-device program round
+# differently from the partitioned program of 2+ devices (up to 9.2e-6 in [0, 1] pixels:
+# Euler a and the other samplers that draw noise in the loop, the inpainting blend, the
+# upscaler, ControlNet at 2 images per device), so the tests keep one part, and those
+# programs agree bitwise as they do under XLA's defaults (docs/tpu-gpu.md#reproducibility).
+# One part compiles no slower on a 2-core machine (six tiny SD 1.x programs: 10.5 s of XLA
+# compile against 10.7 s). The benchmarks and users compile with XLA's defaults.
 # (Should a jaxlib drop one of these flags, XLA refuses to start: drop it here too.)
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
                 "--xla_cpu_parallel_codegen_split_count=1")
@@ -31,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import atexit  # noqa: E402
+import hashlib  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -47,31 +49,30 @@ from tests.tiny_models import (  # noqa: E402
 
 
 def _compilation_cache() -> None:
-    """One persistent compilation cache for the whole test run, in a fresh folder removed at
-    exit: the test modules build the same tiny models and compile many of the same programs,
-    and a program compiled once, by any xdist worker or any subprocess the tests start,
-    loads from the cache after that. The first process of the run (pytest, or xdist's
-    controller) makes the folder and hands it down through JAX's own environment variables,
-    which every Python process started from here reads when it imports jax. JAX keys an
-    entry by the program, its compile options and XLA's flags (the fake-device count
-    included, which changes XLA:CPU's code), so what loads is what the compile would make;
+    """One persistent compilation cache for the test run's pytest processes (the xdist
+    workers share it), in a fresh folder removed at exit: the test modules build the same
+    tiny models and compile many of the same programs, and a program compiled once loads
+    from the cache after that. The first process of the run (pytest, or xdist's controller)
+    makes the folder and hands it down in ``SDJAX_TEST_JAX_CACHE``; each process uses the
+    subfolder of its XLA flags. JAX keys an entry by the program, its compile options and
+    XLA's flags, but not by ``--xla_force_host_platform_device_count``, and the fake-device
+    count of a process changes XLA:CPU's code (docs/tpu-gpu.md#reproducibility): processes
+    with other flags must not share entries. So what loads is what the compile would make;
     the tests that count compiles count sdjax's own, which a cache hit does not change. A
-    size limit turns on JAX's file lock, so processes never read an entry half-written.
+    size limit turns on JAX's file lock, so no process reads an entry half-written.
     ``SDJAX_TEST_COMPILATION_CACHE=off`` compiles everything."""
     if os.environ.get("SDJAX_TEST_COMPILATION_CACHE", "").lower() in ("0", "off", "false"):
         return
-    folder = os.environ.get("SDJAX_TEST_JAX_CACHE")
-    if not folder:
-        folder = os.environ["SDJAX_TEST_JAX_CACHE"] = tempfile.mkdtemp(
+    root = os.environ.get("SDJAX_TEST_JAX_CACHE")
+    if not root:
+        root = os.environ["SDJAX_TEST_JAX_CACHE"] = tempfile.mkdtemp(
             prefix="sdjax-test-jax-cache-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    settings = {"jax_compilation_cache_dir": folder,
-                "jax_persistent_cache_min_compile_time_secs": 0.2,
-                "jax_persistent_cache_min_entry_size_bytes": 0,
-                "jax_compilation_cache_max_size": 1 << 40}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-        os.environ[name.upper()] = str(value)
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+    flags = hashlib.sha256(os.environ.get("XLA_FLAGS", "").encode()).hexdigest()[:16]
+    jax.config.update("jax_compilation_cache_dir", os.path.join(root, flags))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", 1 << 40)
 
 
 _compilation_cache()
@@ -140,11 +141,10 @@ def sd2_folder(tmp_path_factory):
 def toy_run_env(tmp_path_factory) -> dict[str, str]:
     """Environment variables for the processes that run the bundled toy model outside pytest
     (the installed wheel, the docs' runnable blocks, the notebooks' kernels): one device, and
-    the run's persistent compilation cache (:func:`_compilation_cache`; a folder of their
-    own where that is off), so a sampler one has compiled the next loads instead of
-    compiling again."""
-    cache = jax.config.jax_compilation_cache_dir or str(tmp_path_factory.mktemp("jax_cache"))
-    return {"SDJAX_COMPILATION_CACHE": cache,
+    one persistent compilation cache for all of them (not the pytest processes': their
+    fake-device count differs, :func:`_compilation_cache`), so a sampler one has compiled
+    the next loads instead of compiling again."""
+    return {"SDJAX_COMPILATION_CACHE": str(tmp_path_factory.mktemp("jax_cache")),
             "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"}
 
