@@ -58,6 +58,12 @@ def calls(pipe):
     del pipe.submit
 
 
+# The test server's batch (one device): every call runs this many images, padded, so the
+# pipeline calls that give a request's expected pixels bit for bit run at this batch too (at
+# another batch they may differ by float rounding, docs/tpu-gpu.md#reproducibility).
+MAX_BATCH = 8
+
+
 @pytest.fixture(scope="module")
 def registry(pipe, sd1_folder):
     loaded = {"toy": pipe}
@@ -72,7 +78,7 @@ def registry(pipe, sd1_folder):
 
 @pytest.fixture(scope="module")
 def server(registry, calls):
-    app = create_app(registry, window_s=0.05, max_batch=8)
+    app = create_app(registry, window_s=0.05, max_batch=MAX_BATCH)
     s = BackgroundServer(app)
     s.batcher = app.state.batcher
     s.client = httpx.Client(base_url=s.url, timeout=120)
@@ -1393,6 +1399,7 @@ def test_controlnet_units_through_the_webui_api(server, registry, sd1_library):
                         num_inference_steps=2, scheduler=scheduler, guidance_scale=[7.0],
                         rng="nv", control_image=255 - image, controlnet_conditioning_scale=0.7,
                         control_guidance_end=0.5, control_mode="prompt",
+                        batch_size_per_device=MAX_BATCH,
                         **({} if schedule_type is None else {"schedule_type": schedule_type}))
         png = _decode(r.json()["images"][0])
         np.testing.assert_array_equal(np.asarray(png.convert("RGB")), expected.images[0])
@@ -1628,7 +1635,7 @@ def test_web_page_runs_a_controlnet_unit(page, server, registry, sd1_library, tm
                           num_inference_steps=PAGE_SHAPE["steps"], scheduler=scheduler,
                           guidance_scale=[7.0], rng="nv", control_image=255 - control,
                           controlnet_conditioning_scale=0.7, control_guidance_end=0.5,
-                          control_mode="prompt",
+                          control_mode="prompt", batch_size_per_device=MAX_BATCH,
                           **({} if schedule_type is None else {"schedule_type": schedule_type}))
         made = page.get_attribute("#gallery a >> nth=0", "href").split(",", 1)[1]
         np.testing.assert_array_equal(np.asarray(_decode(made).convert("RGB")),
