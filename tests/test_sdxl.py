@@ -184,10 +184,10 @@ def test_eight_devices(sdxl_folder, pipes, monkeypatch):
     """Two images over 8 fake devices (14 of 16 rows padding) at the one-device call's 2
     images per device give the one-device images bitwise (the euler_a program of
     test_matches_diffusers, other seeds; docs/tpu-gpu.md#reproducibility). Then, with the
-    same 8-device program,
-    negative size time ids against diffusers: one prompt only, because diffusers pairs them
-    with the wrong rows when a batch has several images (it repeats [negative, positive]
-    row pairs where its embeddings are [negatives..., positives...])."""
+    same 8-device program, negative size time ids against diffusers: one prompt only,
+    because diffusers pairs them with the wrong rows when a batch has several images (it
+    repeats [negative, positive] row pairs where its embeddings are [negatives...,
+    positives...])."""
     eight = sdjax.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), dtype="float32",
                                                            num_devices=8)
     latents = np.random.RandomState(1).randn(2, SIZE // 2, SIZE // 2, 4).astype(np.float32)
