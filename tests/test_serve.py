@@ -107,7 +107,8 @@ def test_txt2img_matches_sdjax_sample(server, pipe, tmp_path, monkeypatch):
     assert info["all_prompts"] == ["a red circle"] * 2 and info["sampler_name"] == "Euler a"
     assert (info["width"], info["height"], info["steps"], info["cfg_scale"]) == (16, 16, 2, 6)
     assert body["parameters"]["seed"] == 5 and body["parameters"]["batch_size"] == 2
-    # sdjax.sample with --seed s (the same compiled call: from_pretrained hands it our pipe)
+    # sdjax.sample with --seed s at the server's batch (the same compiled call:
+    # from_pretrained hands it our pipe)
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained",
                         classmethod(lambda cls, *a, **k: pipe))
     for k, seed in enumerate((5, 6)):
@@ -115,7 +116,8 @@ def test_txt2img_matches_sdjax_sample(server, pipe, tmp_path, monkeypatch):
         assert sample.main(["--model", "toy", "--prompt", "a red circle", "--negative_prompt",
                             "green", "--seed", str(seed), "--steps", "2", "--width", "16",
                             "--height", "16", "--scheduler", "Euler a", "--guidance_scale",
-                            "6", "--rng", "nv", "--outdir", str(out)]) == 0
+                            "6", "--rng", "nv", "--batch_size", str(MAX_BATCH),
+                            "--outdir", str(out)]) == 0
         written = Image.open(next(out.glob("*.png")))
         served = _decode(body["images"][k])
         np.testing.assert_array_equal(np.asarray(served), np.asarray(written))
@@ -1567,7 +1569,7 @@ def test_webuiapi_client_sends_a_controlnet_unit(server, registry, sd1_library):
                         num_inference_steps=2, scheduler=scheduler, guidance_scale=[7.0],
                         rng="nv", control_image=255 - image,
                         controlnet_conditioning_scale=0.7, control_guidance_end=0.5,
-                        control_mode="prompt",
+                        control_mode="prompt", batch_size_per_device=MAX_BATCH,
                         **({} if schedule_type is None else {"schedule_type": schedule_type}))
     finally:
         registry.controlnets.use(tiny, ())
