@@ -44,7 +44,10 @@ _ENV = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
 _RUNS = ("import importlib, json, sys\n"
          "for module, argv in json.loads(sys.argv[1]):\n"
          "    if rc := importlib.import_module(module).main(argv):\n        sys.exit(rc)")
-SAMPLE_TASKS = ("inpaint", "upscale", "sdxl")
+# sdjax.sample's tasks: their prompts and the side of the images they write (the x4
+# upscaler makes 32x32 of an 8x8 input; the tiny SD 1.x and SDXL models' default is 16).
+SAMPLE_TASKS = {"inpaint": (PROMPTS, 16), "upscale": (PROMPTS[:2], 32),
+                "sdxl": (PROMPTS[:2], 16)}
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +72,14 @@ def runs(sd1_folder, sd1_controlnets, upscaler_folder, sdxl_folder, tmp_path_fac
     mask[:, 8:] = 255  # repaint the right half
     Image.fromarray(mask).save(tmp / "mask.png")
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(tmp / "low.png")
-    inpaint = [*model, "--num_images", str(K), "--grid", "--image", str(tmp / "image.png"),
-               "--mask", str(tmp / "mask.png"), "--controlnet", str(sd1_controlnets[0]),
-               *SAMPLING]
-    for prompt in PROMPTS:
-        inpaint += ["--prompt", prompt]
-    two = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--num_images", str(K), *SAMPLING]
-    sample = {"inpaint": inpaint,
-              "upscale": ["--model", str(upscaler_folder), "--image", str(tmp / "low.png"),
-                          *two],
-              "sdxl": ["--model", str(sdxl_folder), *two]}
+    sample = {"inpaint": [*model, "--grid", "--image", str(tmp / "image.png"), "--mask",
+                          str(tmp / "mask.png"), "--controlnet", str(sd1_controlnets[0])],
+              "upscale": ["--model", str(upscaler_folder), "--image", str(tmp / "low.png")],
+              "sdxl": ["--model", str(sdxl_folder)]}
+    for task, (prompts, _) in SAMPLE_TASKS.items():
+        sample[task] += ["--num_images", str(K), *SAMPLING]
+        for prompt in prompts:
+            sample[task] += ["--prompt", prompt]
 
     def all_runs(dataset: Path, outdir: str, *extra: str) -> str:
         return json.dumps([["sdjax.generate", [*generate, "--outdir", str(dataset), *extra]]]
@@ -159,8 +160,8 @@ def test_two_processes_sample_the_single_process_images(runs, task):
     assert "file(s)" not in out1  # only the first process writes images
     assert not (tmp / "host1" / "out").exists()
     made, reference = tmp / "host0" / "out" / task, tmp / "sample_reference" / task
-    n = len(PROMPTS) * K if task == "inpaint" else 2 * K
-    pngs = [f"{i:05d}-3-{i}.png" for i in range(n)]
+    prompts, side = SAMPLE_TASKS[task]
+    pngs = [f"{i:05d}-3-{i}.png" for i in range(len(prompts) * K)]
     written = sorted(p.name for p in made.iterdir())
     assert written == sorted(pngs + (["00000-grid.png"] if task == "inpaint" else []))
     assert sorted(p.name for p in reference.iterdir()) == written
@@ -170,7 +171,7 @@ def test_two_processes_sample_the_single_process_images(runs, task):
         if task == "inpaint":  # it inpainted, with the ControlNet
             assert "Mask blur" in parameters and "ControlNet 0" in parameters, name
         want = np.asarray(Image.open(reference / name))
-        assert got.size == {"inpaint": (16, 16), "upscale": (32, 32)}.get(task, got.size)
+        assert got.size == (side, side), name
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{task} {name}")
 
 
